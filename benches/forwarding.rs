@@ -1,0 +1,127 @@
+//! The hot forwarding path.
+//!
+//! - `prepare`: everything the proxy decides about a request without I/O: target
+//!   check, limits, identity match, token load, URI and header rewrite.
+//! - `round_trip`: a full request through the proxy to a loopback upstream and
+//!   back, over pooled keep-alive connections, beside the same request sent to
+//!   the upstream directly (the difference is the proxy's cost).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tallyfy_proxy::app::{self, Listeners};
+use tallyfy_proxy::config::{Config, CredentialKind};
+use tallyfy_proxy::proxy::Proxy;
+use tallyfy_proxy::tokens::{CredentialId, Token, TokenStore};
+use tokio::net::TcpListener;
+
+fn config(base_url: &str) -> Config {
+    let text = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{base_url}\"\n\
+         [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"T\" }}\n\
+         [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
+    );
+    Config::parse(&text, Path::new("bench.toml"), &|_| {
+        Some("a-personal-access-token-of-typical-length-0123456789".to_owned())
+    })
+    .expect("bench config is valid")
+}
+
+fn typical_request() -> Request<()> {
+    Request::builder()
+        .method("GET")
+        .uri("/api/organizations/3f2c8d0e9a1b4c5d6e7f8091a2b3c4d5/me/tasks?status=active&per_page=50&deadline_before=2025-06-30")
+        .header("host", "127.0.0.1:8080")
+        .header("authorization", "Bearer legacy-app-key-0123456789")
+        .header("accept", "application/json")
+        .header("content-type", "application/json")
+        .header("user-agent", "LegacyApp/1.0")
+        .header("x-tallyfy-client", "TallyfySDK")
+        .header("accept-encoding", "gzip, deflate")
+        .header("connection", "keep-alive")
+        .body(())
+        .expect("valid request")
+}
+
+fn prepare(c: &mut Criterion) {
+    let _runtime_for_client = tokio::runtime::Runtime::new().expect("runtime");
+    let _guard = _runtime_for_client.enter();
+    let config = config("https://go.tallyfy.com");
+    let tokens = TokenStore::new(vec!["ops".into()]);
+    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind;
+    tokens.publish(CredentialId::new(0), Token::bearer(token, None).expect("token"));
+    let proxy = Proxy::new(&config, tokens).expect("proxy");
+    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+    c.bench_function("prepare/typical_get", |b| {
+        b.iter_batched(
+            || typical_request().into_parts().0,
+            |mut head| {
+                proxy.prepare(&mut head, peer).expect("prepared");
+                head
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// A minimal upstream: answers every request with a small JSON body.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_request| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(br#"{"data":{"id":1}}"#))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn round_trip(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let (proxy_addr, upstream_addr, _running) = runtime.block_on(async {
+        let upstream_addr = upstream().await;
+        let config = config(&format!("http://{upstream_addr}"));
+        let listeners = Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        };
+        let running = app::start(&config, listeners).await.expect("proxy starts");
+        running.ready().await;
+        (running.proxy_addr(), upstream_addr, running)
+    });
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let get = |addr: SocketAddr| {
+        let client = client.clone();
+        async move {
+            let request = Request::get(format!("http://{addr}/api/me")).body(Empty::new()).expect("request");
+            let response = client.request(request).await.expect("response");
+            assert!(response.status().is_success());
+            response.into_body().collect().await.expect("body").to_bytes()
+        }
+    };
+    let mut group = c.benchmark_group("round_trip");
+    group.bench_function("through_proxy", |b| b.to_async(&runtime).iter(|| get(proxy_addr)));
+    group.bench_function("direct_to_upstream", |b| b.to_async(&runtime).iter(|| get(upstream_addr)));
+    group.finish();
+}
+
+criterion_group!(benches, prepare, round_trip);
+criterion_main!(benches);

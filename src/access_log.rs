@@ -1,0 +1,72 @@
+//! One structured log line per request, written when its response head is ready.
+//!
+//! Fields: method, path (never the query, which may hold personal data), status,
+//! upstream status, latency, identity, and for failures the error code and detail.
+//! Header values and bodies are never logged.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::{Method, Request, StatusCode};
+
+use crate::error::{ErrorClass, ProxyError};
+
+pub struct AccessLog<'a> {
+    started: Instant,
+    method: Method,
+    path: String,
+    peer: SocketAddr,
+    pub identity: Option<&'a str>,
+    pub upstream_status: Option<StatusCode>,
+    error: Option<ProxyError>,
+}
+
+impl<'a> AccessLog<'a> {
+    pub fn start<B>(request: &Request<B>, peer: SocketAddr) -> Self {
+        AccessLog {
+            started: Instant::now(),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            peer,
+            identity: None,
+            upstream_status: None,
+            error: None,
+        }
+    }
+
+    pub fn failed(&mut self, error: ProxyError) {
+        self.error = Some(error);
+    }
+
+    pub fn finish(self, status: StatusCode) {
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_status = self.upstream_status.map(|s| s.as_u16());
+        let identity = self.identity.unwrap_or("-");
+        let (error_code, error_detail) = match &self.error {
+            Some(e) => (e.code(), e.to_string()),
+            None => ("", String::new()),
+        };
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "tallyfy_proxy::access",
+                    method = %self.method,
+                    path = %self.path,
+                    status = status.as_u16(),
+                    upstream_status,
+                    latency_ms,
+                    identity,
+                    peer = %self.peer,
+                    error_code,
+                    error_detail,
+                    "request"
+                )
+            };
+        }
+        match self.error.as_ref().map(ProxyError::class) {
+            None | Some(ErrorClass::Caller) => line!(info),
+            Some(ErrorClass::Upstream) => line!(warn),
+            Some(ErrorClass::Internal) => line!(error),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The admin listener: `/livez` (the process is up) and `/readyz` (every credential
+//! holds a valid token). Kept off the proxy port so probes never reach Tallyfy.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::tokens::TokenStore;
+
+#[derive(Clone)]
+pub struct Admin {
+    tokens: Arc<TokenStore>,
+}
+
+impl Admin {
+    pub fn new(tokens: Arc<TokenStore>) -> Self {
+        Admin { tokens }
+    }
+
+    pub fn handle<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error":{"code":"method_not_allowed","message":"use GET"}}),
+            );
+        }
+        match request.uri().path() {
+            "/livez" => reply(StatusCode::OK, json!({"status":"live"})),
+            "/readyz" => {
+                let waiting = self.tokens.not_ready(Instant::now());
+                if waiting.is_empty() {
+                    reply(StatusCode::OK, json!({"status":"ready"}))
+                } else {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status":"not_ready","reason":"no valid token yet","credentials":waiting}),
+                    )
+                }
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                json!({"error":{"code":"not_found","message":"admin serves /livez and /readyz"}}),
+            ),
+        }
+    }
+}
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

@@ -1,0 +1,155 @@
+//! Wiring: from a validated [`Config`] and two bound listeners to a running proxy.
+//!
+//! The binary, the sandbox command, the integration tests and the benches all start
+//! the proxy through [`start`], so they run the very same code.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::admin::Admin;
+use crate::config::{Config, CredentialKind, Listen};
+use crate::headers::CALLER_CREDENTIALS;
+use crate::proxy::Proxy;
+use crate::server::{self, ConnectionLimits};
+use crate::tokens::{CredentialId, Token, TokenStore};
+
+/// The proxy and admin listeners, bound before anything starts, so a port
+/// conflict is reported at once and tests can bind `127.0.0.1:0`.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(listen: &Listen) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            proxy: TcpListener::bind(listen.proxy).await?,
+            admin: TcpListener::bind(listen.admin).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS setup for the upstream failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("credential {0}: its token cannot be sent in an HTTP header")]
+    BadToken(String),
+    #[error("listener address: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running proxy. Dropping it does not stop it: call [`Running::shutdown`].
+pub struct Running {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    tokens: Arc<TokenStore>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenStore> {
+        &self.tokens
+    }
+
+    /// Resolves once every credential holds a valid token (what `/readyz` reports).
+    pub async fn ready(&self) {
+        self.tokens.ready().await
+    }
+
+    /// Starts the drain: listeners close at once, in-flight requests finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Drains and waits until both listeners have finished.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until the servers stop (after [`Running::begin_shutdown`]).
+    pub async fn stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts the proxy and admin servers on `listeners`.
+pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
+    let tokens = TokenStore::new(config.credentials.iter().map(|c| c.name.clone()).collect());
+    publish_static_tokens(config, &tokens)?;
+    let proxy = Proxy::new(config, tokens.clone())?;
+    let admin = Admin::new(tokens.clone());
+    let shutdown = CancellationToken::new();
+    let grace = config.server.shutdown_grace;
+    let proxy_addr = listeners.proxy.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(server::serve(
+        listeners.proxy,
+        ConnectionLimits::for_proxy(&config.server),
+        move |peer| {
+            let proxy = proxy.clone();
+            ServiceBuilder::new().layer(SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS)).service_fn(
+                move |request: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                },
+            )
+        },
+        shutdown.clone(),
+        grace,
+    ));
+    tasks.spawn(server::serve(
+        listeners.admin,
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_head_bytes: 16 * 1024,
+            max_header_fields: 64,
+        },
+        move |_peer| {
+            let admin = admin.clone();
+            tower::service_fn(move |request: Request<Incoming>| {
+                std::future::ready(Ok::<_, Infallible>(admin.handle(&request)))
+            })
+        },
+        shutdown.clone(),
+        grace,
+    ));
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, upstream = %config.upstream.base_url, "listening");
+    Ok(Running { proxy_addr, admin_addr, tokens, shutdown, tasks })
+}
+
+/// Personal access tokens need no token endpoint: they are usable at once.
+fn publish_static_tokens(config: &Config, tokens: &TokenStore) -> Result<(), StartError> {
+    for (index, credential) in config.credentials.iter().enumerate() {
+        match &credential.kind {
+            CredentialKind::PersonalToken { token } => {
+                let token =
+                    Token::bearer(token, None).map_err(|_| StartError::BadToken(credential.name.clone()))?;
+                tokens.publish(CredentialId::new(index), token);
+            }
+        }
+    }
+    Ok(())
+}

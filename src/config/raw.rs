@@ -1,0 +1,87 @@
+//! The file as written: serde types that mirror `proxy.toml` key for key.
+//!
+//! Nothing here is trusted yet. Every table denies unknown keys, and values that
+//! later validation may reject are `Spanned` so the error can name their line.
+//! [`super::validate`] turns these into the typed [`super::Config`].
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::secret_source::SecretSource;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: RawListen,
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub credentials: Vec<Spanned<RawCredential>>,
+    #[serde(default)]
+    pub identities: Vec<Spanned<RawIdentity>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub proxy: Spanned<String>,
+    pub admin: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub base_url: Spanned<String>,
+    pub token_url: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub client_header: Option<Spanned<String>>,
+    pub connect_timeout_ms: Option<Spanned<u64>>,
+    pub request_timeout_ms: Option<Spanned<u64>>,
+    pub pool_idle_timeout_ms: Option<Spanned<u64>>,
+    pub pool_max_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub header_read_timeout_ms: Option<Spanned<u64>>,
+    pub max_header_bytes: Option<Spanned<usize>>,
+    pub max_headers: Option<Spanned<usize>>,
+    pub max_request_body_bytes: Option<Spanned<u64>>,
+    pub shutdown_grace_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<Spanned<String>>,
+    pub level: Option<Spanned<String>>,
+}
+
+/// One `[[credentials]]` table. Fields of every kind live side by side here;
+/// validation rejects the ones the chosen `kind` does not use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub name: Spanned<String>,
+    pub kind: Spanned<String>,
+    pub token: Option<Spanned<SecretSource>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub name: Spanned<String>,
+    pub credential: Spanned<String>,
+    #[serde(rename = "match")]
+    pub matcher: Spanned<RawMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub any: Option<bool>,
+}

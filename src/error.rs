@@ -1,0 +1,185 @@
+//! Every way a request can fail, classified, and the one place that turns a failure
+//! into a response: JSON `{"error":{"code":"...","message":"..."}}` with a fitting
+//! status. Messages are written for the caller: no internals, never a secret.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// Whose fault it is: decides the log level and, later, the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The calling app sent something the proxy will not forward.
+    Caller,
+    /// Tallyfy (or its token endpoint) failed, was unreachable or too slow.
+    Upstream,
+    /// A bug or resource problem in the proxy itself.
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("only /api/* is proxied to Tallyfy")]
+    NotProxied,
+    #[error("{0}")]
+    BadTarget(&'static str),
+    #[error("request headers exceed {limit}")]
+    HeadersTooLarge { limit: &'static str, value: usize },
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("no identity matches this caller")]
+    UnknownCaller,
+    #[error("no valid Tallyfy token for credential {credential}")]
+    TokenUnavailable { credential: String, retry_after: Duration },
+    #[error("Tallyfy could not be reached: {0}")]
+    UpstreamUnreachable(String),
+    #[error("Tallyfy's connection failed: {0}")]
+    UpstreamBroken(String),
+    #[error("Tallyfy did not answer within {} ms", .0.as_millis())]
+    UpstreamTimeout(Duration),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::NotProxied
+            | Self::BadTarget(_)
+            | Self::HeadersTooLarge { .. }
+            | Self::BodyTooLarge { .. }
+            | Self::BodyRead(_)
+            | Self::UnknownCaller => ErrorClass::Caller,
+            Self::TokenUnavailable { .. }
+            | Self::UpstreamUnreachable(_)
+            | Self::UpstreamBroken(_)
+            | Self::UpstreamTimeout(_) => ErrorClass::Upstream,
+            Self::Internal(_) => ErrorClass::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotProxied => StatusCode::NOT_FOUND,
+            Self::BadTarget(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnknownCaller => StatusCode::UNAUTHORIZED,
+            Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable(_) | Self::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable, machine-readable code for the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotProxied => "not_proxied",
+            Self::BadTarget(_) => "bad_request",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyRead(_) => "request_body_error",
+            Self::UnknownCaller => "unknown_caller",
+            Self::TokenUnavailable { .. } => "token_unavailable",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamBroken(_) => "upstream_error",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The sentence the caller reads. Upstream and internal details stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            Self::UpstreamUnreachable(_) => "Tallyfy could not be reached".to_owned(),
+            Self::UpstreamBroken(_) => "the connection to Tallyfy failed".to_owned(),
+            Self::Internal(_) => "the proxy failed to handle this request".to_owned(),
+            Self::TokenUnavailable { .. } => {
+                "no valid Tallyfy token is available for this caller yet; retry later".to_owned()
+            }
+            Self::HeadersTooLarge { limit, value } => format!("request headers exceed {limit} ({value})"),
+            other => other.to_string(),
+        }
+    }
+
+    /// The response the caller gets. The only place errors become HTTP.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.public_message() }
+        });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::UnknownCaller => {
+                headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="tallyfy-proxy""#));
+            }
+            Self::TokenUnavailable { retry_after, .. } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_of(error: ProxyError) -> (StatusCode, serde_json::Value) {
+        let response = error.to_response();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("Full never fails").to_bytes();
+        (status, serde_json::from_slice(&bytes).expect("JSON body"))
+    }
+
+    #[tokio::test]
+    async fn upstream_details_stay_out_of_the_body() {
+        let (status, body) =
+            body_of(ProxyError::UpstreamUnreachable("tcp connect to 10.0.0.7:443 refused".into())).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(body["error"]["code"], "upstream_unreachable");
+        assert!(!body.to_string().contains("10.0.0.7"));
+    }
+
+    #[tokio::test]
+    async fn token_unavailable_says_when_to_retry() {
+        let error =
+            ProxyError::TokenUnavailable { credential: "ops".into(), retry_after: Duration::from_secs(5) };
+        let response = error.to_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn every_caller_error_is_4xx_and_every_upstream_error_5xx() {
+        let errors = [
+            ProxyError::NotProxied,
+            ProxyError::BadTarget("x"),
+            ProxyError::HeadersTooLarge { limit: "max_headers", value: 1 },
+            ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::BodyRead("x".into()),
+            ProxyError::UnknownCaller,
+            ProxyError::TokenUnavailable { credential: "c".into(), retry_after: Duration::from_secs(1) },
+            ProxyError::UpstreamUnreachable("x".into()),
+            ProxyError::UpstreamBroken("x".into()),
+            ProxyError::UpstreamTimeout(Duration::from_secs(1)),
+            ProxyError::Internal("x".into()),
+        ];
+        for error in errors {
+            let expected_client = error.class() == ErrorClass::Caller;
+            assert_eq!(error.status().is_client_error(), expected_client, "{error:?}");
+            assert_eq!(error.status().is_server_error(), !expected_client, "{error:?}");
+        }
+    }
+}

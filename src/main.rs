@@ -1,0 +1,184 @@
+//! The `tallyfy-proxy` command: parses the command line, loads the config, binds,
+//! and hands over to the library. Bad configuration exits 64 (EX_USAGE).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tallyfy_proxy::app::{self, Listeners};
+use tallyfy_proxy::config::{Config, ConfigError};
+use tallyfy_proxy::telemetry;
+
+/// Exit status for a configuration the proxy refuses (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when the proxy cannot start or fails while running.
+const EXIT_RUNTIME: u8 = 1;
+
+/// An authenticating reverse proxy for Tallyfy's REST API.
+///
+/// Legacy apps send /api/* requests to the proxy; it identifies the app, swaps its
+/// credentials for a fresh Tallyfy bearer token, adds X-Tallyfy-Client and
+/// forwards to Tallyfy.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(clap::Args, Clone)]
+struct ConfigArg {
+    /// Path of the configuration file.
+    #[arg(long, short, global = true, env = "TALLYFY_PROXY_CONFIG", default_value = "proxy.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default when no command is given).
+    Run,
+    /// Validate the configuration, resolve its secrets, print a summary and exit:
+    /// 0 when it is valid, 64 with one line naming file, line and key when not.
+    Check,
+    /// Start an embedded fake Tallyfy and a proxy configured against it, for trying
+    /// the proxy with no Tallyfy account and no internet access.
+    Sandbox {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where /livez and /readyz are served.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("tallyfy-proxy: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => runtime.block_on(run(&cli.config.config)),
+        Command::Check => check(&cli.config.config),
+        Command::Sandbox { listen, admin } => runtime.block_on(sandbox(listen, admin)),
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|error: ConfigError| {
+        eprintln!("{error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
+    println!("{}: ok", config.file.display());
+    println!("  listen.proxy  {}", config.listen.proxy);
+    println!("  listen.admin  {}", config.listen.admin);
+    println!("  upstream      {}", config.upstream.base_url);
+    println!("  token_url     {}", config.upstream.token_url);
+    for credential in &config.credentials {
+        let sources: Vec<String> = credential
+            .sources
+            .iter()
+            .map(|(field, source)| format!("{field} from {}", source.describe()))
+            .collect();
+        println!("  credential    {} ({}; {})", credential.name, credential.kind.name(), sources.join(", "));
+    }
+    for identity in &config.identities {
+        println!(
+            "  identity      {} -> {} ({:?})",
+            identity.name,
+            config.credential(identity.credential).name,
+            identity.matcher
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    telemetry::init(config.log.format, &config.log.level);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let listeners = match Listeners::bind(&config.listen).await {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            tracing::error!(%error, "cannot bind the listeners");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut running = match app::start(&config, listeners).await {
+        Ok(running) => running,
+        Err(error) => {
+            tracing::error!(%error, "cannot start");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    shutdown_signal().await;
+    tracing::info!(
+        grace_ms = config.server.shutdown_grace.as_millis() as u64,
+        "shutting down: draining in-flight requests"
+    );
+    running.begin_shutdown();
+    running.stopped().await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn sandbox(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+    telemetry::init(tallyfy_proxy::config::LogFormat::Text, "info");
+    let mut mode = match demo::start(listen, admin).await {
+        Ok(mode) => mode,
+        Err(error) => {
+            eprintln!("tallyfy-proxy sandbox: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    mode.proxy.ready().await;
+    println!("{}", mode.banner());
+    shutdown_signal().await;
+    mode.proxy.begin_shutdown();
+    mode.proxy.stopped().await;
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,107 @@
+//! Accepting connections: HTTP/1.1 and HTTP/2 (h2c or over TLS) on one listener,
+//! header-read timeouts, header limits, and a graceful drain on shutdown.
+//!
+//! `serve` takes its listener and shutdown token as parameters (as mini-redis does),
+//! so tests bind `127.0.0.1:0` and decide when to stop.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Per-connection protocol settings.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// A client must deliver a complete request head within this time.
+    pub header_read_timeout: Duration,
+    /// Hard ceiling for a request head in bytes. The pipeline answers a friendlier
+    /// JSON 431 below it; above it hyper closes with a bare 431.
+    pub max_head_bytes: usize,
+    /// Hard ceiling for the number of header fields (same split as above).
+    pub max_header_fields: usize,
+}
+
+impl ConnectionLimits {
+    /// Hyper's hard limits at twice the configured ones, so the pipeline's JSON
+    /// 431 answers every request between the two.
+    pub fn for_proxy(server: &crate::config::Server) -> Self {
+        ConnectionLimits {
+            header_read_timeout: server.header_read_timeout,
+            max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
+            max_header_fields: server.max_headers * 2,
+        }
+    }
+}
+
+/// Serves connections from `listener` until `shutdown` fires, then stops accepting
+/// (the listener is closed, so new connections are refused), lets in-flight
+/// requests finish for at most `grace`, and returns.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    make_service: M,
+    shutdown: CancellationToken,
+    grace: Duration,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_head_bytes.max(8192))
+        .max_headers(limits.max_header_fields);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::debug!(%peer, %error, "set_nodelay failed");
+                    }
+                    let service = TowerToHyperService::new(make_service(peer));
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = graceful.watch(connection);
+                    tokio::spawn(async move {
+                        if let Err(error) = connection.await {
+                            tracing::debug!(%peer, error = %error, "connection ended with an error");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "drain grace period elapsed; closing remaining connections"
+        );
+    }
+}

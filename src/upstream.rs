@@ -1,0 +1,186 @@
+//! The connection to Tallyfy: one pooled hyper client over rustls (HTTP/1.1 and
+//! HTTP/2 chosen by ALPN), the upstream URI for a request, and timeouts.
+//!
+//! This is the only place requests leave the proxy for the API, and the URI it
+//! builds always names the configured upstream: the caller's target contributes its
+//! path and query, byte for byte, and nothing else.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config;
+use crate::error::ProxyError;
+
+/// The body sent upstream: the caller's body, streamed, cut off at the size limit.
+pub type RequestBody = Limited<Incoming>;
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    scheme: Scheme,
+    authority: Authority,
+    path_prefix: String,
+    request_timeout: Duration,
+    body_limit: u64,
+}
+
+impl Upstream {
+    /// Builds the client. `body_limit` is only used to word the 413 when a streamed
+    /// body turns out too large.
+    pub fn new(config: &config::Upstream, body_limit: u64) -> Result<Upstream, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config(&config.extra_roots)?)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(https);
+        Ok(Upstream {
+            client,
+            scheme: config.scheme.clone(),
+            authority: config.authority.clone(),
+            path_prefix: config.path_prefix.clone(),
+            request_timeout: config.request_timeout,
+            body_limit,
+        })
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The upstream URI for a caller's target: configured scheme and host, the
+    /// caller's path and query exactly as received.
+    pub fn uri_for(&self, target: &Uri) -> Result<Uri, ProxyError> {
+        let received =
+            target.path_and_query().ok_or(ProxyError::BadTarget("the request target has no path"))?;
+        let path_and_query = if self.path_prefix.is_empty() {
+            received.clone()
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.path_prefix, received.as_str()))
+                .map_err(|e| ProxyError::Internal(format!("prefixed path: {e}")))?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("upstream URI: {e}")))
+    }
+
+    /// Sends `request` (whose URI came from [`Upstream::uri_for`]) and waits for the
+    /// response head, at most `upstream.request_timeout_ms`. The response body
+    /// streams on afterwards.
+    pub async fn send(&self, mut request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
+        *request.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.request_timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(self.classify(&error)),
+        }
+    }
+
+    fn classify(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
+        if find_source::<LengthLimitError>(error).is_some() {
+            return ProxyError::BodyTooLarge { limit: self.body_limit };
+        }
+        let detail = chain(error);
+        if error.is_connect() {
+            return ProxyError::UpstreamUnreachable(detail);
+        }
+        // A failing request body is the caller's (it hung up mid-upload); hyper
+        // reports it as a "user" error of the body.
+        if find_source::<hyper::Error>(error).is_some_and(hyper::Error::is_user) {
+            return ProxyError::BodyRead(detail);
+        }
+        ProxyError::UpstreamBroken(detail)
+    }
+}
+
+/// rustls with the ring provider, webpki roots plus the configured extra roots,
+/// ALPN filled in by the connector builder.
+fn tls_config(
+    extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    for cert in extra_roots {
+        roots.add(cert.clone())?;
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn find_source<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// `outer: inner: innermost`, for the log line.
+fn chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        current = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base: &str) -> Upstream {
+        let source = format!(
+            "[listen]\nproxy = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\n[upstream]\nbase_url = \"{base}\"\n\
+             [[credentials]]\nname = \"c\"\nkind = \"personal_token\"\ntoken = \"t\"\n\
+             [[identities]]\nname = \"i\"\ncredential = \"c\"\nmatch = {{ any = true }}\n"
+        );
+        let config = config::Config::parse(&source, "t.toml".as_ref(), &|_| None).expect("valid config");
+        Upstream::new(&config.upstream, 1).expect("TLS config builds")
+    }
+
+    #[tokio::test]
+    async fn the_upstream_uri_keeps_path_and_query_byte_for_byte() {
+        let up = upstream("https://go.tallyfy.com");
+        let target: Uri = "/api/organizations/o/tasks?q=a%20b&x=%2F&empty=".parse().expect("uri");
+        let uri = up.uri_for(&target).expect("builds");
+        assert_eq!(uri.to_string(), "https://go.tallyfy.com/api/organizations/o/tasks?q=a%20b&x=%2F&empty=");
+    }
+
+    #[tokio::test]
+    async fn absolute_form_targets_never_choose_the_host() {
+        let up = upstream("http://127.0.0.1:9000/prefix/");
+        let target: Uri = "http://evil.example/api/me?x=1".parse().expect("uri");
+        let uri = up.uri_for(&target).expect("builds");
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9000/prefix/api/me?x=1");
+    }
+}

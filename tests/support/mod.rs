@@ -1,0 +1,151 @@
+//! Shared test helpers: start the sandbox Tallyfy and the proxy on 127.0.0.1:0,
+//! speak raw HTTP/1.1 where byte-exactness matters.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tallyfy_proxy::app::{self, Listeners, Running};
+use tallyfy_proxy::config::Config;
+use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, fixtures};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const TOKEN_ENV: &str = "TEST_TALLYFY_TOKEN";
+
+/// A proxy config pointed at `base_url`, with one personal-token credential and an
+/// `any` identity. `extra` is appended verbatim (more tables or keys).
+pub fn config_text(base_url: &str, upstream_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[upstream]
+base_url = "{base_url}"
+{upstream_extra}
+
+[[credentials]]
+name = "ops"
+kind = "personal_token"
+token = {{ env = "{TOKEN_ENV}" }}
+
+[[identities]]
+name = "local-app"
+credential = "ops"
+match = {{ any = true }}
+{extra}
+"#
+    )
+}
+
+/// Parses `text` as the proxy config, with the sandbox's personal token behind
+/// `TOKEN_ENV`; `dir` anchors relative paths.
+pub fn parse_config(text: &str, dir: &Path) -> Config {
+    Config::parse(text, &dir.join("proxy.toml"), &|name| {
+        (name == TOKEN_ENV).then(|| fixtures::PERSONAL_TOKEN.to_owned())
+    })
+    .unwrap_or_else(|e| panic!("test config is valid: {e}"))
+}
+
+/// Starts the proxy on ephemeral loopback ports and waits until it is ready.
+pub async fn start_proxy(config: &Config) -> Running {
+    let listeners = Listeners {
+        proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
+        admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
+    };
+    let running = app::start(config, listeners).await.expect("proxy starts");
+    running.ready().await;
+    running
+}
+
+pub async fn start_sandbox() -> Sandbox {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sandbox");
+    Sandbox::start(listener, SandboxConfig::default()).await.expect("sandbox starts")
+}
+
+/// The sandbox and a proxy in front of it.
+pub struct Stack {
+    pub sandbox: Sandbox,
+    pub proxy: Running,
+    pub client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with("", "").await
+    }
+
+    pub async fn start_with(upstream_extra: &str, extra: &str) -> Stack {
+        let sandbox = start_sandbox().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = parse_config(&config_text(&sandbox.base_url(), upstream_extra, extra), dir.path());
+        let proxy = start_proxy(&config).await;
+        Stack { sandbox, proxy, client: client(), _dir: dir }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.proxy.proxy_addr())
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().build().expect("reqwest client")
+}
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("JSON body ({e}): {}", self.body))
+    }
+}
+
+/// Writes `request` verbatim (it must ask for `Connection: close`) and reads the
+/// whole response. For targets a normal client would normalise.
+pub async fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.expect("read response");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    RawResponse { status, head: head.to_owned(), body: dechunk(head, body) }
+}
+
+fn dechunk(head: &str, body: &str) -> String {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_owned();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    out
+}
+
+/// An address nothing listens on: bound, then released.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}

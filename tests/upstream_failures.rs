@@ -1,0 +1,156 @@
+//! When Tallyfy is down, silent, or behind TLS; and a drain that finishes what it started.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{client, closed_port, config_text, parse_config, start_proxy};
+use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+async fn error_code(response: reqwest::Response) -> String {
+    let body: serde_json::Value = response.json().await.expect("JSON error body");
+    body["error"]["code"].as_str().expect("error.code").to_owned()
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502() {
+    let down = closed_port().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config =
+        parse_config(&config_text(&format!("http://{down}"), "connect_timeout_ms = 500", ""), dir.path());
+    let proxy = start_proxy(&config).await;
+    let response =
+        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(response.status(), 502);
+    assert_eq!(error_code(response).await, "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_a_504() {
+    // Accepts connections and reads requests, but never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let config =
+        parse_config(&config_text(&format!("http://{addr}"), "request_timeout_ms = 300", ""), dir.path());
+    let proxy = start_proxy(&config).await;
+    let response =
+        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(response.status(), 504);
+    assert_eq!(error_code(response).await, "upstream_timeout");
+    holder.abort();
+}
+
+/// A CA and a server certificate for 127.0.0.1, made fresh for the test.
+fn local_pki() -> (String, rustls::ServerConfig) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tallyfy-proxy test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("leaf params");
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
+    let mut server =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .expect("server cert");
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), server)
+}
+
+#[tokio::test]
+async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
+    let (ca_pem, server_tls) = local_pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
+        .await
+        .expect("TLS sandbox");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
+
+    let trusting = parse_config(&config_text(&base, "ca_file = \"ca.pem\"", ""), dir.path());
+    let proxy = start_proxy(&trusting).await;
+    let response =
+        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+    let received = sandbox.received();
+    assert_eq!(received.last().expect("forwarded").version, http::Version::HTTP_2, "ALPN chose h2");
+
+    let untrusting = parse_config(&config_text(&base, "", ""), dir.path());
+    let proxy = start_proxy(&untrusting).await;
+    let response =
+        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(response.status(), 502, "an unknown CA is never trusted");
+    assert_eq!(received.len(), sandbox.received().len(), "nothing was delivered");
+}
+
+/// An upstream that reports each request on `arrived`, then answers after `delay`.
+async fn slow_upstream(delay: Duration) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (arrived, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| {
+                    let _ = arrived.send(());
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"{\"done\":true}",
+                        ))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
+    let (upstream, mut arrived) = slow_upstream(Duration::from_millis(400)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = parse_config(
+        &config_text(&format!("http://{upstream}"), "", "[server]\nshutdown_grace_ms = 5000\n"),
+        dir.path(),
+    );
+    let mut proxy = start_proxy(&config).await;
+    let addr = proxy.proxy_addr();
+
+    let in_flight = tokio::spawn(async move { client().get(format!("http://{addr}/api/slow")).send().await });
+    arrived.recv().await.expect("the request reached the upstream");
+    proxy.begin_shutdown();
+
+    let response = in_flight.await.expect("task").expect("the in-flight request was not cut");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("body"), "{\"done\":true}");
+    proxy.stopped().await;
+    assert!(TcpStream::connect(addr).await.is_err(), "new connections are refused");
+}
