@@ -18,6 +18,8 @@ pub struct AccessLog<'a> {
     peer: SocketAddr,
     pub identity: Option<&'a str>,
     pub upstream_status: Option<StatusCode>,
+    /// The request was sent a second time with a refreshed token.
+    pub replayed: bool,
     error: Option<ProxyError>,
 }
 
@@ -30,6 +32,7 @@ impl<'a> AccessLog<'a> {
             peer,
             identity: None,
             upstream_status: None,
+            replayed: false,
             error: None,
         }
     }
@@ -42,6 +45,7 @@ impl<'a> AccessLog<'a> {
         let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let upstream_status = self.upstream_status.map(|s| s.as_u16());
         let identity = self.identity.unwrap_or("-");
+        let replayed = self.replayed;
         let (error_code, error_detail) = match &self.error {
             Some(e) => (e.code(), e.to_string()),
             None => ("", String::new()),
@@ -56,6 +60,7 @@ impl<'a> AccessLog<'a> {
                     upstream_status,
                     latency_ms,
                     identity,
+                    replayed,
                     peer = %self.peer,
                     error_code,
                     error_detail,

@@ -17,11 +17,13 @@ use tower::ServiceBuilder;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin::Admin;
-use crate::config::{Config, CredentialKind, Listen};
+use crate::config::{Config, Listen};
 use crate::headers::CALLER_CREDENTIALS;
 use crate::proxy::Proxy;
-use crate::server::{self, ConnectionLimits};
-use crate::tokens::{CredentialId, Token, TokenStore};
+use crate::server::{self, ConnectionInfo, ConnectionLimits};
+use crate::tokens::TokenStore;
+use crate::tokens::issuer::{Issuer, IssuerSetupError};
+use crate::tokens::refresh::Refresher;
 
 /// The proxy and admin listeners, bound before anything starts, so a port
 /// conflict is reported at once and tests can bind `127.0.0.1:0`.
@@ -43,8 +45,10 @@ impl Listeners {
 pub enum StartError {
     #[error("TLS setup for the upstream failed: {0}")]
     Tls(#[from] rustls::Error),
-    #[error("credential {0}: its token cannot be sent in an HTTP header")]
-    BadToken(String),
+    #[error(transparent)]
+    Issuer(#[from] IssuerSetupError),
+    #[error("{0}")]
+    Credential(String),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -93,41 +97,46 @@ impl Running {
     }
 }
 
-/// Starts the proxy and admin servers on `listeners`.
+/// Starts the refresher and the proxy and admin servers on `listeners`.
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
     let tokens = TokenStore::new(config.credentials.iter().map(|c| c.name.clone()).collect());
-    publish_static_tokens(config, &tokens)?;
-    let proxy = Proxy::new(config, tokens.clone())?;
+    let (refresher, refresh_handle) =
+        Refresher::new(config, tokens.clone(), Issuer::new(config)?).map_err(StartError::Credential)?;
+    let proxy = Proxy::new(config, tokens.clone(), refresh_handle)?;
     let admin = Admin::new(tokens.clone());
     let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
+    let sensitive = SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS);
 
     let mut tasks = JoinSet::new();
+    tasks.spawn(refresher.run(shutdown.clone()));
     tasks.spawn(server::serve(
         listeners.proxy,
+        config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
         ConnectionLimits::for_proxy(&config.server),
-        move |peer| {
+        move |connection: ConnectionInfo| {
             let proxy = proxy.clone();
-            ServiceBuilder::new().layer(SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS)).service_fn(
-                move |request: Request<Incoming>| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
-                },
-            )
+            let connection = Arc::new(connection);
+            ServiceBuilder::new().layer(sensitive.clone()).service_fn(move |request: Request<Incoming>| {
+                let proxy = proxy.clone();
+                let connection = connection.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
+            })
         },
         shutdown.clone(),
         grace,
     ));
     tasks.spawn(server::serve(
         listeners.admin,
+        None,
         ConnectionLimits {
             header_read_timeout: Duration::from_secs(5),
             max_head_bytes: 16 * 1024,
             max_header_fields: 64,
         },
-        move |_peer| {
+        move |_connection| {
             let admin = admin.clone();
             tower::service_fn(move |request: Request<Incoming>| {
                 std::future::ready(Ok::<_, Infallible>(admin.handle(&request)))
@@ -136,20 +145,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         shutdown.clone(),
         grace,
     ));
-    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, upstream = %config.upstream.base_url, "listening");
+    let scheme = if config.listen.tls.is_some() { "https" } else { "http" };
+    tracing::info!(proxy = %format!("{scheme}://{proxy_addr}"), admin = %admin_addr, upstream = %config.upstream.base_url, "listening");
     Ok(Running { proxy_addr, admin_addr, tokens, shutdown, tasks })
-}
-
-/// Personal access tokens need no token endpoint: they are usable at once.
-fn publish_static_tokens(config: &Config, tokens: &TokenStore) -> Result<(), StartError> {
-    for (index, credential) in config.credentials.iter().enumerate() {
-        match &credential.kind {
-            CredentialKind::PersonalToken { token } => {
-                let token =
-                    Token::bearer(token, None).map_err(|_| StartError::BadToken(credential.name.clone()))?;
-                tokens.publish(CredentialId::new(index), token);
-            }
-        }
-    }
-    Ok(())
 }

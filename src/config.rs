@@ -5,25 +5,31 @@
 //! and produces a [`Config`] the rest of the proxy can trust without re-checking.
 //! Any problem is a [`ConfigError`]: one line naming the file, the line and the key.
 
+mod credentials;
 mod error;
+mod identities;
+mod listen_tls;
 mod raw;
 mod secret_source;
 mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
 use http::uri::{Authority, Scheme};
+use http::{HeaderValue, StatusCode};
 use rustls_pki_types::CertificateDer;
 
 pub use error::ConfigError;
 pub use secret_source::SecretSource;
 
 use crate::identity::Matcher;
+use crate::policy::Policy;
 use crate::secret::Secret;
 use crate::tokens::CredentialId;
+use crate::tokens::schedule::Schedule;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -33,6 +39,7 @@ pub struct Config {
     pub listen: Listen,
     pub upstream: Upstream,
     pub server: Server,
+    pub tokens: Tokens,
     pub log: Log,
     /// Indexed by [`CredentialId`].
     pub credentials: Vec<Credential>,
@@ -42,12 +49,22 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Listen {
     /// Legacy apps send `/api/*` here.
     pub proxy: SocketAddr,
     /// `/livez`, `/readyz`.
     pub admin: SocketAddr,
+    /// TLS (and optionally mTLS) on the proxy listener; plain HTTP without it.
+    pub tls: Option<ListenTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    /// Certificate, key, ALPN (h2, http/1.1) and the client-certificate verifier.
+    pub server_config: Arc<rustls::ServerConfig>,
+    /// Whether callers must present a client certificate (`client_auth = "required"`).
+    pub client_cert_required: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +105,20 @@ pub struct Server {
     pub shutdown_grace: Duration,
 }
 
+/// How tokens are obtained and kept fresh (`[tokens]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub schedule: Schedule,
+    /// Timeout of one call to the token endpoint or the user-token route.
+    pub fetch_timeout: Duration,
+    /// Lifetime assumed when Tallyfy gives neither `expires_in` nor a JWT `exp`.
+    pub default_lifetime: Duration,
+    /// Upstream statuses that mean "this token is dead": refresh and replay once.
+    pub dead_token_statuses: Vec<StatusCode>,
+    /// Bodies up to this size are kept so a request can be replayed after a refresh.
+    pub replay_max_body_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Log {
     pub format: LogFormat,
@@ -113,6 +144,12 @@ pub struct Credential {
 pub enum CredentialKind {
     /// A personal access token from Tallyfy's Settings > Integrations > REST API.
     PersonalToken { token: Secret },
+    /// An application token from the `client_credentials` grant.
+    ClientCredentials { client: OAuthClient, scope: Option<String> },
+    /// A user token from the `password` grant, kept fresh with its refresh token.
+    Password { client: OAuthClient, username: String, password: Secret, scope: Option<String> },
+    /// A user token minted by an application for one of its org's users.
+    ApplicationUser { application: CredentialId, org: String, email: String, provision: Option<Provision> },
 }
 
 impl CredentialKind {
@@ -120,8 +157,27 @@ impl CredentialKind {
     pub fn name(&self) -> &'static str {
         match self {
             Self::PersonalToken { .. } => "personal_token",
+            Self::ClientCredentials { .. } => "client_credentials",
+            Self::Password { .. } => "password",
+            Self::ApplicationUser { .. } => "application_user",
         }
     }
+}
+
+/// An OAuth client of Tallyfy's (Laravel Passport) token endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthClient {
+    pub id: String,
+    pub secret: Secret,
+}
+
+/// How to create the user of an `application_user` credential when it is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provision {
+    pub first_name: String,
+    pub last_name: String,
+    pub role: Option<String>,
+    pub timezone: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +185,7 @@ pub struct Identity {
     pub name: String,
     pub credential: CredentialId,
     pub matcher: Matcher,
+    pub policy: Policy,
 }
 
 impl Config {

@@ -34,6 +34,8 @@ pub enum ProxyError {
     BodyRead(String),
     #[error("no identity matches this caller")]
     UnknownCaller,
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("no valid Tallyfy token for credential {credential}")]
     TokenUnavailable { credential: String, retry_after: Duration },
     #[error("Tallyfy could not be reached: {0}")]
@@ -54,7 +56,8 @@ impl ProxyError {
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
-            | Self::UnknownCaller => ErrorClass::Caller,
+            | Self::UnknownCaller
+            | Self::Forbidden(_) => ErrorClass::Caller,
             Self::TokenUnavailable { .. }
             | Self::UpstreamUnreachable(_)
             | Self::UpstreamBroken(_)
@@ -70,6 +73,7 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownCaller => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -86,6 +90,7 @@ impl ProxyError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyRead(_) => "request_body_error",
             Self::UnknownCaller => "unknown_caller",
+            Self::Forbidden(_) => "forbidden",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamBroken(_) => "upstream_error",
@@ -170,6 +175,7 @@ mod tests {
             ProxyError::BodyTooLarge { limit: 1 },
             ProxyError::BodyRead("x".into()),
             ProxyError::UnknownCaller,
+            ProxyError::Forbidden("x"),
             ProxyError::TokenUnavailable { credential: "c".into(), retry_after: Duration::from_secs(1) },
             ProxyError::UpstreamUnreachable("x".into()),
             ProxyError::UpstreamBroken("x".into()),

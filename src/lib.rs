@@ -42,11 +42,13 @@
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod client_cert;
 pub mod config;
 //pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod identity;
+pub mod policy;
 pub mod proxy;
 //pub mod sandbox;
 pub mod secret;

@@ -2,19 +2,19 @@
 //! through [`ProxyError::to_response`], and every request ends in one access-log line.
 //!
 //! ```text
-//! check target -> check limits -> identify caller -> take token -> rewrite head -> send -> clean response
-//!   404 / 400        431 / 413          401              503                          502 / 504 / 413
+//! target -> limits -> identity -> policy -> token -> rewrite head -> send -> dead token? refresh + replay once
+//! 404/400   431/413     401        403      503                     502/504/413
 //! ```
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response};
-use http_body_util::{Either, Full, Limited};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 
 use crate::access_log::AccessLog;
@@ -22,8 +22,10 @@ use crate::config::{self, Config, Identity};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::identity::{Caller, Identities};
+use crate::server::ConnectionInfo;
 use crate::target;
-use crate::tokens::TokenStore;
+use crate::tokens::refresh::RefreshHandle;
+use crate::tokens::{Lease, TokenStore};
 use crate::upstream::Upstream;
 
 /// What callers receive: Tallyfy's streamed body, or a local JSON error.
@@ -42,27 +44,54 @@ struct Shared {
     upstream: Upstream,
     identities: Identities,
     tokens: Arc<TokenStore>,
-    client_header: HeaderValue,
+    refresher: RefreshHandle,
+    client_header: http::HeaderValue,
     limits: config::Server,
+    token_rules: config::Tokens,
+}
+
+/// A request whose head has been rewritten for Tallyfy.
+pub struct Prepared<'p> {
+    pub identity: &'p Identity,
+    pub lease: Lease,
+}
+
+/// A kept copy of a request, so it can be sent again with a fresh token.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Proxy {
-    pub fn new(config: &Config, tokens: Arc<TokenStore>) -> Result<Proxy, rustls::Error> {
+    pub fn new(
+        config: &Config,
+        tokens: Arc<TokenStore>,
+        refresher: RefreshHandle,
+    ) -> Result<Proxy, rustls::Error> {
         Ok(Proxy {
             shared: Arc::new(Shared {
                 upstream: Upstream::new(&config.upstream, config.server.max_request_body_bytes)?,
                 identities: Identities::new(config.identities.clone()),
                 tokens,
+                refresher,
                 client_header: config.upstream.client_header.clone(),
                 limits: config.server.clone(),
+                token_rules: config.tokens.clone(),
             }),
         })
     }
 
-    /// Handles one request from `peer` to the end: Tallyfy's response or a JSON error.
-    pub async fn handle(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let mut log = AccessLog::start(&request, peer);
-        let response = match self.forward(request, peer, &mut log).await {
+    /// Handles one request to the end: Tallyfy's response or a JSON error.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        connection: &ConnectionInfo,
+    ) -> Response<ProxyBody> {
+        let mut log = AccessLog::start(&request, connection.peer);
+        let response = match self.forward(request, connection, &mut log).await {
             Ok(response) => response.map(Either::Left),
             Err(error) => {
                 let response = error.to_response().map(Either::Right);
@@ -77,45 +106,131 @@ impl Proxy {
     async fn forward<'a>(
         &'a self,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        connection: &ConnectionInfo,
         log: &mut AccessLog<'a>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let identity = self.prepare(&mut head, peer)?;
+        let Prepared { identity, lease } = self.prepare(&mut head, connection)?;
         log.identity = Some(&identity.name);
-        let body = Limited::new(
-            body,
-            usize::try_from(self.shared.limits.max_request_body_bytes).unwrap_or(usize::MAX),
-        );
-        let mut response = self.shared.upstream.send(Request::from_parts(head, body)).await?;
+        let credential = identity.credential;
+
+        // Keep small bodies when the token could be refreshed, so a request whose
+        // token Tallyfy rejects can be sent once more.
+        let (body, replay) = if shared.refresher.is_refreshable(credential) {
+            match self.keep_if_small(&head, body).await? {
+                Ok(bytes) => {
+                    let replay = Replay {
+                        method: head.method.clone(),
+                        uri: head.uri.clone(),
+                        version: head.version,
+                        headers: head.headers.clone(),
+                        body: bytes.clone(),
+                    };
+                    (Either::Left(Full::new(bytes)), Some(replay))
+                }
+                Err(streaming) => (Either::Right(streaming), None),
+            }
+        } else {
+            (Either::Right(self.limited(body)), None)
+        };
+
+        let response = shared.upstream.send(Request::from_parts(head, body)).await?;
         log.upstream_status = Some(response.status());
-        headers::to_caller(response.headers_mut());
-        Ok(response)
+        if !shared.token_rules.dead_token_statuses.contains(&response.status())
+            || !shared.refresher.token_rejected(credential, lease.generation)
+        {
+            return Ok(clean(response));
+        }
+        // Tallyfy rejected the token. One refresh runs however many requests saw it;
+        // a kept request waits for it and goes again, a streamed one cannot.
+        let Some(replay) = replay else {
+            return Ok(clean(response));
+        };
+        let wait = shared.token_rules.fetch_timeout + Duration::from_secs(1);
+        let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, wait).await else {
+            return Ok(clean(response));
+        };
+        drop(response);
+        log.replayed = true;
+        let mut request = Request::new(Either::Left(Full::new(replay.body)));
+        *request.method_mut() = replay.method;
+        *request.uri_mut() = replay.uri;
+        *request.version_mut() = replay.version;
+        *request.headers_mut() = replay.headers;
+        request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
+        let response = shared.upstream.send(request).await?;
+        log.upstream_status = Some(response.status());
+        Ok(clean(response))
     }
 
     /// Every decision about a request that needs no I/O: checks the target and
-    /// limits, identifies the caller, takes its token (one atomic load) and rewrites
-    /// the head into the upstream request's. The hot path measured by the benches.
-    pub fn prepare(&self, head: &mut Parts, peer: SocketAddr) -> Result<&Identity, ProxyError> {
+    /// limits, identifies the caller, applies its policy, takes its token (one
+    /// atomic load) and rewrites the head into the upstream request's. The hot
+    /// path measured by the benches.
+    pub fn prepare(&self, head: &mut Parts, connection: &ConnectionInfo) -> Result<Prepared<'_>, ProxyError> {
         let shared = &*self.shared;
         target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
         headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
         if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
             return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
         }
-        let caller = Caller { headers: &head.headers, peer };
+        let caller =
+            Caller { headers: &head.headers, peer: connection.peer, cert_names: &connection.cert_names };
         let identity = shared.identities.identify(&caller).ok_or(ProxyError::UnknownCaller)?;
-        let authorization =
-            shared.tokens.authorization(identity.credential, Instant::now()).map_err(|_| {
-                ProxyError::TokenUnavailable {
-                    credential: shared.tokens.name(identity.credential).to_owned(),
-                    retry_after: TOKEN_RETRY_AFTER,
-                }
-            })?;
+        if !identity.policy.is_unrestricted() {
+            if let Some(aliased) = head.uri.path_and_query().and_then(|pq| identity.policy.resolve_alias(pq))
+            {
+                let mut parts = head.uri.clone().into_parts();
+                parts.path_and_query = Some(aliased);
+                head.uri =
+                    Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("aliased URI: {e}")))?;
+            }
+            identity
+                .policy
+                .authorize(&head.method, head.uri.path())
+                .map_err(|denied| ProxyError::Forbidden(denied.reason()))?;
+        }
+        let lease = shared.tokens.lease(identity.credential, Instant::now()).map_err(|_| {
+            ProxyError::TokenUnavailable {
+                credential: shared.tokens.name(identity.credential).to_owned(),
+                retry_after: TOKEN_RETRY_AFTER,
+            }
+        })?;
         head.uri = shared.upstream.uri_for(&head.uri)?;
-        headers::to_upstream(&mut head.headers, authorization, &shared.client_header);
-        Ok(identity)
+        headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
+        Ok(Prepared { identity, lease })
     }
+
+    /// The whole body when it is known to fit `replay_max_body_bytes` (or empty),
+    /// else the body to stream.
+    async fn keep_if_small(
+        &self,
+        head: &Parts,
+        body: Incoming,
+    ) -> Result<Result<Bytes, Limited<Incoming>>, ProxyError> {
+        let max = self.shared.token_rules.replay_max_body_bytes;
+        if body.is_end_stream() {
+            return Ok(Ok(Bytes::new()));
+        }
+        match declared_length(&head.headers) {
+            Some(length) if length <= max => {
+                let collected = Limited::new(body, length as usize).collect().await;
+                let bytes = collected.map_err(|e| ProxyError::BodyRead(e.to_string()))?.to_bytes();
+                Ok(Ok(bytes))
+            }
+            _ => Ok(Err(self.limited(body))),
+        }
+    }
+
+    fn limited(&self, body: Incoming) -> Limited<Incoming> {
+        Limited::new(body, usize::try_from(self.shared.limits.max_request_body_bytes).unwrap_or(usize::MAX))
+    }
+}
+
+fn clean(mut response: Response<Incoming>) -> Response<Incoming> {
+    headers::to_caller(response.headers_mut());
+    response
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

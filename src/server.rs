@@ -6,15 +6,19 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::client_cert;
 use tokio_util::sync::CancellationToken;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,17 +47,28 @@ impl ConnectionLimits {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` fires, then stops accepting
-/// (the listener is closed, so new connections are refused), lets in-flight
-/// requests finish for at most `grace`, and returns.
+/// What the proxy knows about a connection before any request arrives.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// Names of the verified client certificate (URI SANs, DNS SANs, CN); empty
+    /// for plain HTTP or a TLS client without a certificate.
+    pub cert_names: Arc<[String]>,
+}
+
+/// Serves connections from `listener` (over TLS when `tls` is given) until
+/// `shutdown` fires, then stops accepting (the listener is closed, so new
+/// connections are refused), lets in-flight requests finish for at most `grace`,
+/// and returns.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
     make_service: M,
     shutdown: CancellationToken,
     grace: Duration,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
@@ -71,6 +86,8 @@ pub async fn serve<M, S, B>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
+    let acceptor = tls.map(TlsAcceptor::from);
+    let make_service = Arc::new(make_service);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -79,13 +96,30 @@ pub async fn serve<M, S, B>(
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %error, "set_nodelay failed");
                     }
-                    let service = TowerToHyperService::new(make_service(peer));
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let connection = graceful.watch(connection);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let make_service = make_service.clone();
+                    let acceptor = acceptor.clone();
+                    let handshake_timeout = limits.header_read_timeout;
                     tokio::spawn(async move {
-                        if let Err(error) = connection.await {
-                            tracing::debug!(%peer, error = %error, "connection ended with an error");
-                        }
+                        let Some(acceptor) = acceptor else {
+                            let service = make_service(ConnectionInfo { peer, cert_names: Arc::from([]) });
+                            return serve_io(&builder, TokioIo::new(stream), service, watcher, peer).await;
+                        };
+                        let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                        };
+                        let cert_names = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(client_cert::names)
+                            .unwrap_or_default();
+                        let service = make_service(ConnectionInfo { peer, cert_names: cert_names.into() });
+                        serve_io(&builder, TokioIo::new(stream), service, watcher, peer).await
                     });
                 }
                 Err(error) => {
@@ -103,5 +137,25 @@ pub async fn serve<M, S, B>(
             grace_ms = grace.as_millis() as u64,
             "drain grace period elapsed; closing remaining connections"
         );
+    }
+}
+
+async fn serve_io<I, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    if let Err(error) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(%peer, error = %error, "connection ended with an error");
     }
 }

@@ -8,13 +8,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::sync::watch;
 
 use crate::secret::Secret;
+
+pub mod issuer;
+pub mod jwt;
+pub mod refresh;
+pub mod schedule;
 
 /// Index of a `[[credentials]]` table, fixed when the config is validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -37,6 +42,16 @@ pub struct Token {
     authorization: HeaderValue,
     /// `None` for tokens with no known expiry (personal access tokens).
     expires_at: Option<Instant>,
+    /// Counts the tokens published for this credential; set by the store.
+    generation: u64,
+}
+
+/// What a request takes from the store: the header value, and which token it
+/// was, so a rejection can be reported without refreshing twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub authorization: HeaderValue,
+    pub generation: u64,
 }
 
 impl Token {
@@ -45,7 +60,7 @@ impl Token {
         let mut authorization =
             HeaderValue::try_from(format!("Bearer {}", access_token.expose())).map_err(|_| InvalidToken)?;
         authorization.set_sensitive(true);
-        Ok(Token { authorization, expires_at })
+        Ok(Token { authorization, expires_at, generation: 0 })
     }
 
     pub fn is_valid_at(&self, now: Instant) -> bool {
@@ -105,24 +120,59 @@ impl TokenStore {
         })
     }
 
-    /// The hot path: the `Authorization` value for `id`, if a token valid at `now` is held.
-    pub fn authorization(&self, id: CredentialId, now: Instant) -> Result<HeaderValue, Unavailable> {
+    /// The hot path: the token for `id`, if one valid at `now` is held. One atomic
+    /// load and a reference-count bump; no lock, no allocation, no `.await`.
+    pub fn lease(&self, id: CredentialId, now: Instant) -> Result<Lease, Unavailable> {
         let snapshot = self.current.load();
         match &snapshot.tokens[id.0] {
-            Some(token) if token.is_valid_at(now) => Ok(token.authorization.clone()),
+            Some(token) if token.is_valid_at(now) => {
+                Ok(Lease { authorization: token.authorization.clone(), generation: token.generation })
+            }
             Some(_) => Err(Unavailable::Expired),
             None => Err(Unavailable::NeverObtained),
         }
     }
 
-    /// The writer side: replaces the token of `id` in a new snapshot.
-    pub fn publish(&self, id: CredentialId, token: Token) {
+    /// The generation of the token held for `id` (0 when none was ever published).
+    pub fn generation(&self, id: CredentialId) -> u64 {
+        self.current.load().tokens[id.0].as_ref().map_or(0, |t| t.generation)
+    }
+
+    /// When the token held for `id` expires, if one is held and its expiry is known.
+    pub fn expires_at(&self, id: CredentialId) -> Option<Instant> {
+        self.current.load().tokens[id.0].as_ref().and_then(|t| t.expires_at)
+    }
+
+    /// The writer side: replaces the token of `id` in a new snapshot, one
+    /// generation above the last. Only the refresher calls it.
+    pub fn publish(&self, id: CredentialId, mut token: Token) {
         self.current.rcu(|old| {
             let mut next = Snapshot::clone(old);
+            token.generation = old.tokens[id.0].as_ref().map_or(0, |t| t.generation) + 1;
             next.tokens[id.0] = Some(token.clone());
             next
         });
         self.published.send_modify(|version| *version += 1);
+    }
+
+    /// Waits until a token newer than `generation` is published for `id` and
+    /// valid, or `timeout` passes. How requests that saw a rejected token share
+    /// the one refresh it triggered.
+    pub async fn newer_than(&self, id: CredentialId, generation: u64, timeout: Duration) -> Option<Lease> {
+        let mut published = self.published.subscribe();
+        let wait = async {
+            loop {
+                if let Ok(lease) = self.lease(id, Instant::now())
+                    && lease.generation > generation
+                {
+                    return Some(lease);
+                }
+                if published.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
     pub fn name(&self, id: CredentialId) -> &str {
@@ -155,7 +205,6 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn token(value: &str, expires_at: Option<Instant>) -> Token {
         Token::bearer(&Secret::new(value), expires_at).expect("ASCII token")
@@ -166,9 +215,11 @@ mod tests {
         let store = TokenStore::new(vec!["ops".into()]);
         let id = CredentialId::new(0);
         let now = Instant::now();
-        assert_eq!(store.authorization(id, now), Err(Unavailable::NeverObtained));
+        assert_eq!(store.lease(id, now), Err(Unavailable::NeverObtained));
         store.publish(id, token("abc", None));
-        let value = store.authorization(id, now).expect("published");
+        let lease = store.lease(id, now).expect("published");
+        assert_eq!(lease.generation, 1);
+        let value = lease.authorization;
         assert_eq!(value, "Bearer abc");
         assert!(value.is_sensitive());
         assert!(!format!("{value:?}").contains("abc"));
@@ -179,9 +230,9 @@ mod tests {
         let store = TokenStore::new(vec!["a".into(), "b".into()]);
         let now = Instant::now();
         store.publish(CredentialId::new(0), token("t", Some(now + Duration::from_secs(5))));
-        assert!(store.authorization(CredentialId::new(0), now).is_ok());
+        assert!(store.lease(CredentialId::new(0), now).is_ok());
         assert_eq!(
-            store.authorization(CredentialId::new(0), now + Duration::from_secs(5)),
+            store.lease(CredentialId::new(0), now + Duration::from_secs(5)),
             Err(Unavailable::Expired)
         );
         assert_eq!(store.not_ready(now), vec!["b"]);
@@ -203,5 +254,24 @@ mod tests {
         store.publish(CredentialId::new(0), token("t", None));
         waiter.await.expect("ready() resolves once published");
         assert!(store.not_ready(Instant::now()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn waiters_get_the_next_generation() {
+        let store = TokenStore::new(vec!["a".into()]);
+        let id = CredentialId::new(0);
+        store.publish(id, token("old", None));
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.newer_than(id, 1, Duration::from_secs(5)).await }
+        });
+        store.publish(id, token("new", None));
+        let lease = waiter.await.expect("task").expect("a newer token arrived");
+        assert_eq!((lease.authorization.to_str().ok(), lease.generation), (Some("Bearer new"), 2));
+        assert_eq!(
+            store.newer_than(id, 2, Duration::from_millis(20)).await,
+            None,
+            "times out without a newer one"
+        );
     }
 }

@@ -9,9 +9,10 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -21,8 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::config;
 use crate::error::ProxyError;
 
-/// The body sent upstream: the caller's body, streamed, cut off at the size limit.
-pub type RequestBody = Limited<Incoming>;
+/// The body sent upstream: a kept (replayable) body, or the caller's body
+/// streamed and cut off at the size limit.
+pub type RequestBody = Either<Full<Bytes>, Limited<Incoming>>;
 
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, RequestBody>,
@@ -116,9 +118,10 @@ impl Upstream {
     }
 }
 
-/// rustls with the ring provider, webpki roots plus the configured extra roots,
-/// ALPN filled in by the connector builder.
-fn tls_config(
+/// rustls with the ring provider, webpki roots plus the configured extra roots.
+/// No ALPN: the upstream connector builder sets h2 + http/1.1 itself, and the
+/// token endpoint is spoken to over HTTP/1.1.
+pub fn tls_config(
     extra_roots: &[rustls_pki_types::CertificateDer<'static>],
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };

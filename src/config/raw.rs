@@ -17,6 +17,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
     #[serde(default)]
+    pub tokens: RawTokens,
+    #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
     pub credentials: Vec<Spanned<RawCredential>>,
@@ -29,6 +31,16 @@ pub struct RawConfig {
 pub struct RawListen {
     pub proxy: Spanned<String>,
     pub admin: Spanned<String>,
+    pub tls: Option<Spanned<RawListenTls>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenTls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +68,18 @@ pub struct RawServer {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    pub refresh_leeway_ms: Option<Spanned<u64>>,
+    pub retry_min_ms: Option<Spanned<u64>>,
+    pub retry_max_ms: Option<Spanned<u64>>,
+    pub fetch_timeout_ms: Option<Spanned<u64>>,
+    pub default_lifetime_ms: Option<Spanned<u64>>,
+    pub dead_token_statuses: Option<Spanned<Vec<u16>>>,
+    pub replay_max_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub format: Option<Spanned<String>>,
     pub level: Option<Spanned<String>>,
@@ -69,6 +93,24 @@ pub struct RawCredential {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
     pub token: Option<Spanned<SecretSource>>,
+    pub client_id: Option<Spanned<String>>,
+    pub client_secret: Option<Spanned<SecretSource>>,
+    pub scope: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<SecretSource>>,
+    pub application: Option<Spanned<String>>,
+    pub org: Option<Spanned<String>>,
+    pub email: Option<Spanned<String>>,
+    pub provision: Option<Spanned<RawProvision>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvision {
+    pub first_name: String,
+    pub last_name: String,
+    pub role: Option<String>,
+    pub timezone: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,10 +120,26 @@ pub struct RawIdentity {
     pub credential: Spanned<String>,
     #[serde(rename = "match")]
     pub matcher: Spanned<RawMatch>,
+    pub orgs: Option<Spanned<Vec<String>>>,
+    pub methods: Option<Spanned<Vec<String>>>,
+    pub paths: Option<Spanned<Vec<String>>>,
+    pub org_alias: Option<Spanned<String>>,
 }
 
+/// `match = { ... }`: exactly one of these.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMatch {
     pub any: Option<bool>,
+    pub api_key_sha256: Option<String>,
+    pub basic: Option<RawBasic>,
+    pub client_cert: Option<String>,
+    pub source: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBasic {
+    pub user: String,
+    pub password_sha256: String,
 }

@@ -52,7 +52,7 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(config.upstream.request_timeout, Duration::from_secs(30));
     assert_eq!(config.server.max_headers, 100);
     assert_eq!(config.log.format, LogFormat::Text);
-    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind;
+    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else { panic!("a personal token") };
     assert_eq!(token.expose(), "tok-from-env", "a trailing newline is trimmed");
 }
 
@@ -101,7 +101,7 @@ fn secret_files_are_read_relative_to_the_config() {
     std::fs::write(dir.path().join("token"), "file-token\n").expect("write");
     let source = MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", "{ file = \"token\" }");
     let config = Config::parse(&source, &dir.path().join("proxy.toml"), &env).expect("valid");
-    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind;
+    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else { panic!("a personal token") };
     assert_eq!(token.expose(), "file-token");
 }
 
@@ -109,4 +109,92 @@ fn secret_files_are_read_relative_to_the_config() {
 fn a_config_without_identities_is_refused() {
     let source = MINIMAL.split("[[identities]]").next().expect("has identities").to_owned();
     assert_eq!(error_of(&source).key, "identities");
+}
+
+const FULL: &str = r#"
+[listen]
+proxy = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+
+[upstream]
+base_url = "https://go.tallyfy.com"
+
+[tokens]
+dead_token_statuses = [401, 419]
+
+[[credentials]]
+name = "app"
+kind = "client_credentials"
+client_id = "1001"
+client_secret = { env = "TALLYFY_TOKEN" }
+scope = "*"
+
+[[credentials]]
+name = "user"
+kind = "password"
+client_id = "1002"
+client_secret = { env = "TALLYFY_TOKEN" }
+username = "ops@example.com"
+password = { env = "TALLYFY_TOKEN" }
+
+[[credentials]]
+name = "minted"
+kind = "application_user"
+application = "app"
+org = "3F2C8D0E9A1B4C5D6E7F8091A2B3C4D5"
+email = "jane@example.com"
+provision = { first_name = "Jane", last_name = "Doe", role = "light" }
+
+[[identities]]
+name = "billing"
+credential = "minted"
+match = { api_key_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }
+orgs = ["3f2c8d0e9a1b4c5d6e7f8091a2b3c4d5"]
+methods = ["get", "POST"]
+paths = ["/api/organizations/{org}/tasks"]
+org_alias = "3f2c8d0e9a1b4c5d6e7f8091a2b3c4d5"
+
+[[identities]]
+name = "reports"
+credential = "user"
+match = { basic = { user = "reports", password_sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" } }
+
+[[identities]]
+name = "office"
+credential = "app"
+match = { source = ["10.0.0.0/8", "127.0.0.1"] }
+"#;
+
+#[test]
+fn every_credential_kind_and_matcher_validates() {
+    let config = parse(FULL).expect("valid");
+    let kinds: Vec<_> = config.credentials.iter().map(|c| c.kind.name()).collect();
+    assert_eq!(kinds, ["client_credentials", "password", "application_user"]);
+    let CredentialKind::ApplicationUser { application, org, .. } = &config.credentials[2].kind else {
+        panic!("application_user")
+    };
+    assert_eq!((application.index(), org.as_str()), (0, "3f2c8d0e9a1b4c5d6e7f8091a2b3c4d5"));
+    assert_eq!(config.identities[0].policy.methods.as_ref().map(Vec::len), Some(2));
+    assert_eq!(config.tokens.dead_token_statuses, [http::StatusCode::UNAUTHORIZED, http::StatusCode::from_u16(419).expect("419")]);
+    assert!(!format!("{config:?}").contains("tok-from-env"), "no secret in Debug");
+}
+
+#[test]
+fn credential_and_identity_mistakes_name_the_key() {
+    let cases = [
+        (FULL.replace("scope = \"*\"", "scope = \"*\"\nusername = \"x\""), "credentials[0].username"),
+        (FULL.replace("application = \"app\"", "application = \"user\""), "credentials[2].application"),
+        (FULL.replace("3F2C8D0E9A1B4C5D6E7F8091A2B3C4D5", "acme"), "credentials[2].org"),
+        (FULL.replace("match = { source", "match = { any = true, source"), "identities[2].match"),
+        (FULL.replace("\"10.0.0.0/8\"", "\"10.0.0.0/99\""), "identities[2].match.source"),
+        (FULL.replace("2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\" }\norgs", "abc\" }\norgs"), "identities[0].match.api_key_sha256"),
+        (FULL.replace("methods = [\"get\"", "methods = [\"g e t\""), "identities[0].methods"),
+        (FULL.replace("paths = [\"/api", "paths = [\"/v2"), "identities[0].paths"),
+        (FULL.replace("[401, 419]", "[200]"), "tokens.dead_token_statuses"),
+    ];
+    for (source, key) in cases {
+        let error = error_of(&source);
+        assert_eq!(error.key, key, "{error}");
+        assert!(error.line.is_some(), "{error}");
+    }
 }

@@ -1,6 +1,5 @@
 //! Raw file types -> validated [`Config`], with a line number for every complaint.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -13,25 +12,28 @@ use rustls_pki_types::pem::PemObject;
 use toml::Spanned;
 
 use super::error::line_of;
-use super::raw::{RawConfig, RawCredential, RawIdentity, RawServer, RawUpstream};
-use super::{
-    Config, ConfigError, Credential, CredentialKind, Identity, Listen, Log, LogFormat, Server, Upstream,
-};
-use crate::identity::Matcher;
-use crate::tokens::CredentialId;
+use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
+use super::{Config, ConfigError, Listen, Log, LogFormat, Server, Tokens, Upstream};
+use super::{credentials, identities, listen_tls};
+use crate::tokens::schedule::Schedule;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth/token";
 pub const DEFAULT_CLIENT_HEADER: &str = "APIClient";
 
 /// Parsing context: turns spans into lines and builds errors.
-struct Ctx<'a> {
-    file: &'a Path,
-    source: &'a str,
-    env: &'a dyn Fn(&str) -> Option<String>,
+pub(super) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub source: &'a str,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Ctx<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    pub fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_owned(),
             line: span.map(|s| line_of(self.source, s.start)),
@@ -40,11 +42,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn at<T>(&self, value: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    pub fn at<T>(&self, value: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
         self.err(Some(value.span()), key, msg)
     }
 
-    fn base_dir(&self) -> PathBuf {
+    pub fn base_dir(&self) -> PathBuf {
         self.file.parent().map(Path::to_owned).unwrap_or_default()
     }
 }
@@ -57,12 +59,14 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     let listen = Listen {
         proxy: socket_addr(&ctx, &raw.listen.proxy, "listen.proxy")?,
         admin: socket_addr(&ctx, &raw.listen.admin, "listen.admin")?,
+        tls: raw.listen.tls.as_ref().map(|tls| listen_tls::validate(&ctx, tls)).transpose()?,
     };
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         return Err(ctx.at(&raw.listen.admin, "listen.admin", "must differ from listen.proxy"));
     }
     let upstream = upstream(&ctx, &raw.upstream)?;
     let server = server(&ctx, &raw.server)?;
+    let tokens = tokens(&ctx, &raw.tokens)?;
     let log = Log {
         format: match raw.log.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "text")) => LogFormat::Text,
@@ -82,49 +86,20 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         },
     };
 
-    let mut credentials = Vec::with_capacity(raw.credentials.len());
-    let mut names = HashSet::new();
-    for (i, spanned) in raw.credentials.iter().enumerate() {
-        let raw_credential = spanned.get_ref();
-        let key = format!("credentials[{i}]");
-        let credential = credential(&ctx, raw_credential, &key, &mut warnings)?;
-        if !names.insert(credential.name.clone()) {
-            return Err(ctx.at(
-                &raw_credential.name,
-                format!("{key}.name"),
-                format!("duplicate credential name {:?}", credential.name),
-            ));
-        }
-        credentials.push(credential);
-    }
-    if credentials.is_empty() {
-        return Err(ctx.err(None, "credentials", "at least one [[credentials]] table is required"));
-    }
+    let credentials = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
+    let identities = identities::validate(&ctx, &raw.identities, &credentials)?;
 
-    let mut identities = Vec::with_capacity(raw.identities.len());
-    let mut names = HashSet::new();
-    for (i, spanned) in raw.identities.iter().enumerate() {
-        let raw_identity = spanned.get_ref();
-        let key = format!("identities[{i}]");
-        let identity = identity(&ctx, raw_identity, &key, &credentials)?;
-        if !names.insert(identity.name.clone()) {
-            return Err(ctx.at(
-                &raw_identity.name,
-                format!("{key}.name"),
-                format!("duplicate identity name {:?}", identity.name),
-            ));
-        }
-        identities.push(identity);
-    }
-    if identities.is_empty() {
-        return Err(ctx.err(
-            None,
-            "identities",
-            "at least one [[identities]] table is required: without one every caller is refused",
-        ));
-    }
-
-    Ok(Config { file: file.to_owned(), listen, upstream, server, log, credentials, identities, warnings })
+    Ok(Config {
+        file: file.to_owned(),
+        listen,
+        upstream,
+        server,
+        tokens,
+        log,
+        credentials,
+        identities,
+        warnings,
+    })
 }
 
 fn read_raw(ctx: &Ctx<'_>) -> Result<RawConfig, ConfigError> {
@@ -164,7 +139,7 @@ fn millis(
     }
 }
 
-fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
+pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
     let text = value.get_ref();
     let uri: Uri = text.parse().map_err(|e| ctx.at(value, key, format!("{text:?} is not a URL: {e}")))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
@@ -279,89 +254,104 @@ fn server(ctx: &Ctx<'_>, raw: &RawServer) -> Result<Server, ConfigError> {
     })
 }
 
-fn credential(
-    ctx: &Ctx<'_>,
-    raw: &RawCredential,
-    key: &str,
-    warnings: &mut Vec<String>,
-) -> Result<Credential, ConfigError> {
-    let name = nonempty_name(ctx, &raw.name, &format!("{key}.name"))?;
-    match raw.kind.get_ref().as_str() {
-        "personal_token" => {
-            let token_key = format!("{key}.token");
-            let Some(source) = &raw.token else {
-                return Err(ctx.at(
-                    &raw.kind,
-                    token_key,
-                    "kind personal_token needs token = { env = \"NAME\" } or { file = \"PATH\" }",
-                ));
-            };
-            let token = source
-                .get_ref()
-                .resolve(&ctx.base_dir(), ctx.env)
-                .map_err(|msg| ctx.at(source, &token_key, msg))?;
-            if token.expose().bytes().any(|b| !(0x21..0x7f).contains(&b)) {
-                return Err(ctx.at(
-                    source,
-                    &token_key,
-                    "the token holds characters a bearer token cannot (spaces or non-ASCII)",
-                ));
-            }
-            if source.get_ref().is_inline() {
-                warnings.push(format!(
-                    "{}:{}: {token_key} is written in the file; prefer {{ env = \"NAME\" }} or {{ file = \"PATH\" }}",
-                    ctx.file.display(),
-                    line_of(ctx.source, source.span().start)
-                ));
-            }
-            Ok(Credential {
-                name,
-                kind: CredentialKind::PersonalToken { token },
-                sources: vec![("token", source.get_ref().clone())],
-            })
-        }
-        other => Err(ctx.at(
-            &raw.kind,
-            format!("{key}.kind"),
-            format!("unknown credential kind {other:?} (expected \"personal_token\")"),
-        )),
-    }
-}
-
-fn identity(
-    ctx: &Ctx<'_>,
-    raw: &RawIdentity,
-    key: &str,
-    credentials: &[Credential],
-) -> Result<Identity, ConfigError> {
-    let name = nonempty_name(ctx, &raw.name, &format!("{key}.name"))?;
-    let wanted = raw.credential.get_ref();
-    let credential =
-        credentials.iter().position(|c| &c.name == wanted).map(CredentialId::new).ok_or_else(|| {
-            ctx.at(
-                &raw.credential,
-                format!("{key}.credential"),
-                format!("no [[credentials]] is named {wanted:?}"),
-            )
-        })?;
-    let matcher = match raw.matcher.get_ref().any {
-        Some(true) => Matcher::Any,
-        Some(false) | None => {
-            return Err(ctx.at(
-                &raw.matcher,
-                format!("{key}.match"),
-                "give a match rule, e.g. { any = true }",
-            ));
-        }
+fn tokens(ctx: &Ctx<'_>, raw: &RawTokens) -> Result<Tokens, ConfigError> {
+    let defaults = Schedule::default();
+    let schedule = Schedule {
+        min_leeway: millis(
+            ctx,
+            raw.refresh_leeway_ms.as_ref(),
+            "tokens.refresh_leeway_ms",
+            defaults.min_leeway.as_millis() as u64,
+        )?,
+        backoff_min: millis(
+            ctx,
+            raw.retry_min_ms.as_ref(),
+            "tokens.retry_min_ms",
+            defaults.backoff_min.as_millis() as u64,
+        )?,
+        backoff_max: millis(
+            ctx,
+            raw.retry_max_ms.as_ref(),
+            "tokens.retry_max_ms",
+            defaults.backoff_max.as_millis() as u64,
+        )?,
     };
-    Ok(Identity { name, credential, matcher })
+    if schedule.backoff_max < schedule.backoff_min {
+        let at = raw.retry_max_ms.as_ref().or(raw.retry_min_ms.as_ref()).map(Spanned::span);
+        return Err(ctx.err(at, "tokens.retry_max_ms", "must not be below tokens.retry_min_ms"));
+    }
+    let dead_token_statuses = match &raw.dead_token_statuses {
+        None => vec![http::StatusCode::UNAUTHORIZED],
+        Some(list) => list
+            .get_ref()
+            .iter()
+            .map(|&code| {
+                http::StatusCode::from_u16(code)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .ok_or_else(|| {
+                        ctx.at(
+                            list,
+                            "tokens.dead_token_statuses",
+                            format!("{code} is not a 4xx or 5xx status"),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(Tokens {
+        schedule,
+        fetch_timeout: millis(ctx, raw.fetch_timeout_ms.as_ref(), "tokens.fetch_timeout_ms", 10_000)?,
+        default_lifetime: millis(
+            ctx,
+            raw.default_lifetime_ms.as_ref(),
+            "tokens.default_lifetime_ms",
+            3_600_000,
+        )?,
+        dead_token_statuses,
+        replay_max_body_bytes: raw.replay_max_body_bytes.unwrap_or(1024 * 1024),
+    })
 }
 
-fn nonempty_name(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+/// A name for credentials and identities: also a metric label later, so tame.
+pub(super) fn name(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
     let name = value.get_ref();
     let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if !ok {
         return Err(ctx.at(value, key, "names use letters, digits, '-', '_' and '.' only"));
     }
     Ok(name.clone())
+}
+
+/// A 32-hex organization ID, lowercased.
+pub(super) fn org_id(
+    ctx: &Ctx<'_>,
+    value: &str,
+    span: Range<usize>,
+    key: &str,
+) -> Result<String, ConfigError> {
+    if value.len() == 32 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(ctx.err(Some(span), key, format!("{value:?} is not a 32-hex Tallyfy organization ID")))
+    }
+}
+
+/// A SHA-256 digest written as 64 hex digits (what `tallyfy-proxy hash-key` prints).
+pub(super) fn sha256_hex(
+    ctx: &Ctx<'_>,
+    value: &str,
+    span: Range<usize>,
+    key: &str,
+) -> Result<[u8; 32], ConfigError> {
+    let bad =
+        || ctx.err(Some(span.clone()), key, "must be 64 hex digits, as printed by `tallyfy-proxy hash-key`");
+    if value.len() != 64 {
+        return Err(bad());
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(digest)
 }

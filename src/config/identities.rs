@@ -1,0 +1,170 @@
+//! `[[identities]]`: the match rule and the optional policy of each caller identity.
+
+use std::collections::HashSet;
+
+use http::Method;
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::raw::{RawIdentity, RawMatch};
+use super::validate::{Ctx, name, org_id, sha256_hex};
+use super::{ConfigError, Credential, Identity};
+use crate::identity::Matcher;
+use crate::policy::{PathPattern, Policy};
+use crate::tokens::CredentialId;
+
+pub(super) fn validate(
+    ctx: &Ctx<'_>,
+    raw: &[Spanned<RawIdentity>],
+    credentials: &[Credential],
+) -> Result<Vec<Identity>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut identities = Vec::with_capacity(raw.len());
+    for (i, spanned) in raw.iter().enumerate() {
+        let raw_identity = spanned.get_ref();
+        let key = format!("identities[{i}]");
+        let identity = one(ctx, raw_identity, &key, credentials)?;
+        if !names.insert(identity.name.clone()) {
+            return Err(ctx.at(
+                &raw_identity.name,
+                format!("{key}.name"),
+                format!("duplicate identity name {:?}", identity.name),
+            ));
+        }
+        identities.push(identity);
+    }
+    if identities.is_empty() {
+        return Err(ctx.err(
+            None,
+            "identities",
+            "at least one [[identities]] table is required: without one every caller is refused",
+        ));
+    }
+    Ok(identities)
+}
+
+fn one(
+    ctx: &Ctx<'_>,
+    raw: &RawIdentity,
+    key: &str,
+    credentials: &[Credential],
+) -> Result<Identity, ConfigError> {
+    let name = name(ctx, &raw.name, &format!("{key}.name"))?;
+    let wanted = raw.credential.get_ref();
+    let credential =
+        credentials.iter().position(|c| &c.name == wanted).map(CredentialId::new).ok_or_else(|| {
+            ctx.at(
+                &raw.credential,
+                format!("{key}.credential"),
+                format!("no [[credentials]] is named {wanted:?}"),
+            )
+        })?;
+    let matcher = matcher(ctx, &raw.matcher, &format!("{key}.match"))?;
+    let policy = policy(ctx, raw, key)?;
+    Ok(Identity { name, credential, matcher, policy })
+}
+
+fn matcher(ctx: &Ctx<'_>, spanned: &Spanned<RawMatch>, key: &str) -> Result<Matcher, ConfigError> {
+    let raw = spanned.get_ref();
+    let given = [
+        raw.any.is_some(),
+        raw.api_key_sha256.is_some(),
+        raw.basic.is_some(),
+        raw.client_cert.is_some(),
+        raw.source.is_some(),
+    ];
+    if given.iter().filter(|g| **g).count() != 1 {
+        return Err(ctx.at(
+            spanned,
+            key,
+            "give exactly one of any, api_key_sha256, basic, client_cert or source",
+        ));
+    }
+    let span = spanned.span();
+    if let Some(any) = raw.any {
+        return if any {
+            Ok(Matcher::Any)
+        } else {
+            Err(ctx.at(spanned, key, "any = false matches no one; remove it"))
+        };
+    }
+    if let Some(hex) = &raw.api_key_sha256 {
+        return Ok(Matcher::ApiKey { sha256: sha256_hex(ctx, hex, span, &format!("{key}.api_key_sha256"))? });
+    }
+    if let Some(basic) = &raw.basic {
+        if basic.user.is_empty() || basic.user.contains(':') {
+            return Err(ctx.at(spanned, format!("{key}.basic.user"), "must be non-empty and hold no ':'"));
+        }
+        let password_sha256 =
+            sha256_hex(ctx, &basic.password_sha256, span, &format!("{key}.basic.password_sha256"))?;
+        return Ok(Matcher::Basic { user: basic.user.clone(), password_sha256 });
+    }
+    if let Some(name) = &raw.client_cert {
+        if name.is_empty() {
+            return Err(ctx.at(spanned, format!("{key}.client_cert"), "must name a URI SAN, DNS SAN or CN"));
+        }
+        return Ok(Matcher::ClientCert { name: name.clone() });
+    }
+    let sources = raw.source.as_deref().unwrap_or_default();
+    if sources.is_empty() {
+        return Err(ctx.at(
+            spanned,
+            format!("{key}.source"),
+            "list at least one network, e.g. [\"127.0.0.1/32\"]",
+        ));
+    }
+    let networks = sources
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                ctx.at(spanned, format!("{key}.source"), format!("{s:?} is not an address or CIDR network"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Matcher::Source { networks })
+}
+
+fn policy(ctx: &Ctx<'_>, raw: &RawIdentity, key: &str) -> Result<Policy, ConfigError> {
+    let orgs = match &raw.orgs {
+        None => None,
+        Some(list) => Some(
+            list.get_ref()
+                .iter()
+                .map(|org| org_id(ctx, org, list.span(), &format!("{key}.orgs")))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let methods = match &raw.methods {
+        None => None,
+        Some(list) => Some(
+            list.get_ref()
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        ctx.at(list, format!("{key}.methods"), format!("{m:?} is not an HTTP method"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let paths = match &raw.paths {
+        None => None,
+        Some(list) => Some(
+            list.get_ref()
+                .iter()
+                .map(|p| PathPattern::parse(p).map_err(|m| ctx.at(list, format!("{key}.paths"), m)))
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let org_alias = match &raw.org_alias {
+        None => None,
+        Some(org) => Some(org_id(ctx, org.get_ref(), org.span(), &format!("{key}.org_alias"))?),
+    };
+    if let (Some(alias), Some(orgs)) = (&org_alias, &orgs)
+        && !orgs.contains(alias)
+    {
+        let span = raw.org_alias.as_ref().map(Spanned::span);
+        return Err(ctx.err(span, format!("{key}.org_alias"), "must be one of the identity's orgs"));
+    }
+    Ok(Policy { orgs, methods, paths, org_alias })
+}

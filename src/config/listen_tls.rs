@@ -1,0 +1,79 @@
+//! `[listen] tls = { cert, key, client_ca, client_auth }`: TLS on the proxy
+//! listener, and mTLS when a client CA is given.
+
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use toml::Spanned;
+
+use super::raw::RawListenTls;
+use super::validate::Ctx;
+use super::{ConfigError, ListenTls};
+
+pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result<ListenTls, ConfigError> {
+    let raw = spanned.get_ref();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = read_certs(ctx, &raw.cert, "listen.tls.cert")?;
+    let key_path = ctx.base_dir().join(raw.key.get_ref());
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+        ctx.at(
+            &raw.key,
+            "listen.tls.key",
+            format!("cannot read a PEM private key from {}: {e}", key_path.display()),
+        )
+    })?;
+    let client_cert_required = match raw.client_auth.as_ref().map(|v| (v, v.get_ref().as_str())) {
+        None | Some((_, "optional")) => false,
+        Some((_, "required")) => true,
+        Some((v, other)) => {
+            return Err(ctx.at(
+                v,
+                "listen.tls.client_auth",
+                format!("must be \"optional\" or \"required\", not {other:?}"),
+            ));
+        }
+    };
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ctx.at(spanned, "listen.tls", e.to_string()))?;
+    let builder = match &raw.client_ca {
+        None if client_cert_required => {
+            return Err(ctx.at(spanned, "listen.tls.client_auth", "\"required\" needs client_ca"));
+        }
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(ctx, ca, "listen.tls.client_ca")? {
+                roots.add(cert).map_err(|e| ctx.at(ca, "listen.tls.client_ca", e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if client_cert_required { verifier } else { verifier.allow_unauthenticated() };
+            builder.with_client_cert_verifier(
+                verifier.build().map_err(|e| ctx.at(ca, "listen.tls.client_ca", e.to_string()))?,
+            )
+        }
+    };
+    let mut server_config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| ctx.at(&raw.cert, "listen.tls.cert", format!("certificate and key do not fit: {e}")))?;
+    server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(ListenTls { server_config: Arc::new(server_config), client_cert_required })
+}
+
+fn read_certs(
+    ctx: &Ctx<'_>,
+    path: &Spanned<String>,
+    key: &str,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let full = ctx.base_dir().join(path.get_ref());
+    let certs =
+        CertificateDer::pem_file_iter(&full).and_then(|iter| iter.collect::<Result<Vec<_>, _>>()).map_err(
+            |e| ctx.at(path, key, format!("cannot read PEM certificates from {}: {e}", full.display())),
+        )?;
+    if certs.is_empty() {
+        return Err(ctx.at(path, key, format!("{} holds no PEM certificate", full.display())));
+    }
+    Ok(certs)
+}

@@ -1,0 +1,378 @@
+//! Talks to Tallyfy's token endpoint (Laravel Passport, form-encoded grants) and
+//! to the application user-token and provisioning routes.
+//!
+//! Every answer is classified: a token, a refusal with its OAuth error code, a
+//! server error, or a malformed body (JSON, empty, HTML: all seen in the wild).
+//! Nothing here retries; the refresher decides when to try again. Errors carry
+//! no secret: bodies are reduced to their OAuth error code.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderValue, StatusCode};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::Deserialize;
+
+use super::{jwt, schedule};
+use crate::config::{self, OAuthClient, Provision};
+use crate::headers::X_TALLYFY_CLIENT;
+use crate::secret::Secret;
+
+/// A freshly issued token.
+#[derive(Debug)]
+pub struct Issued {
+    pub access_token: Secret,
+    /// Password and refresh grants only; Tallyfy may rotate it on every refresh.
+    pub refresh_token: Option<Secret>,
+    pub lifetime: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// A 4xx with an OAuth error code (`invalid_grant`, `invalid_client`, ...) or
+    /// `http_<status>` when the body named none.
+    #[error("refused with {status}: {code}")]
+    Refused { status: u16, code: String },
+    /// A 5xx (maintenance pages included).
+    #[error("server error {status}")]
+    ServerError { status: u16 },
+    /// A 2xx whose body is not a usable token.
+    #[error("malformed token response: {0}")]
+    Malformed(&'static str),
+    /// No answer: connection refused, reset, TLS failure.
+    #[error("transport failure: {0}")]
+    Transport(String),
+    #[error("timed out")]
+    Timeout,
+    /// `application_user`: the application credential has no valid token.
+    #[error("the application credential has no valid token")]
+    NoApplicationToken,
+}
+
+impl FetchError {
+    /// The refresh token (or password) was refused: try the next grant.
+    pub fn is_invalid_grant(&self) -> bool {
+        matches!(self, Self::Refused { code, .. } if code == "invalid_grant")
+    }
+
+    /// A bounded label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Refused { code, .. } if code == "invalid_grant" => "invalid_grant",
+            Self::Refused { code, .. } if code == "invalid_client" => "invalid_client",
+            Self::Refused { status: 404, .. } => "not_found",
+            Self::Refused { .. } => "refused",
+            Self::ServerError { .. } => "server_error",
+            Self::Malformed(_) => "malformed",
+            Self::Transport(_) => "transport",
+            Self::Timeout => "timeout",
+            Self::NoApplicationToken => "no_application_token",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerSetupError {
+    #[error("TLS setup for the token endpoint failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("HTTP client for the token endpoint: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+pub struct Issuer {
+    http: reqwest::Client,
+    token_url: String,
+    /// `scheme://authority[/prefix]` of the API, for the application routes.
+    api_base: String,
+    client_header: HeaderValue,
+    default_lifetime: Duration,
+}
+
+impl Issuer {
+    pub fn new(config: &config::Config) -> Result<Issuer, IssuerSetupError> {
+        let upstream = &config.upstream;
+        let tls = crate::upstream::tls_config(&upstream.extra_roots)?;
+        let builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(config.tokens.fetch_timeout)
+            .connect_timeout(upstream.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("tallyfy-proxy/", env!("CARGO_PKG_VERSION")));
+        Ok(Issuer {
+            http: builder.build()?,
+            token_url: upstream.token_url.to_string(),
+            api_base: format!("{}://{}{}", upstream.scheme, upstream.authority, upstream.path_prefix),
+            client_header: upstream.client_header.clone(),
+            default_lifetime: config.tokens.default_lifetime,
+        })
+    }
+
+    pub async fn client_credentials(
+        &self,
+        client: &OAuthClient,
+        scope: Option<&str>,
+    ) -> Result<Issued, FetchError> {
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client.id.as_str()),
+            ("client_secret", client.secret.expose()),
+        ];
+        form.extend(scope.map(|s| ("scope", s)));
+        self.grant(&form).await
+    }
+
+    pub async fn password(
+        &self,
+        client: &OAuthClient,
+        username: &str,
+        password: &Secret,
+        scope: Option<&str>,
+    ) -> Result<Issued, FetchError> {
+        let mut form = vec![
+            ("grant_type", "password"),
+            ("client_id", client.id.as_str()),
+            ("client_secret", client.secret.expose()),
+            ("username", username),
+            ("password", password.expose()),
+        ];
+        form.extend(scope.map(|s| ("scope", s)));
+        self.grant(&form).await
+    }
+
+    pub async fn refresh(&self, client: &OAuthClient, refresh_token: &Secret) -> Result<Issued, FetchError> {
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+            ("client_id", client.id.as_str()),
+            ("client_secret", client.secret.expose()),
+        ];
+        self.grant(&form).await
+    }
+
+    /// `POST /api/applications/{org}/users/{email}/token` with the application token.
+    pub async fn mint_user_token(
+        &self,
+        application_token: &HeaderValue,
+        org: &str,
+        email: &str,
+    ) -> Result<Issued, FetchError> {
+        let url = format!("{}/api/applications/{org}/users/{}/token", self.api_base, encode_segment(email));
+        let request = self.application_request(reqwest::Method::POST, &url, application_token);
+        self.token_from(request.send().await).await
+    }
+
+    /// `POST /api/applications/{org}/users`: creates the user a mint could not find.
+    pub async fn provision_user(
+        &self,
+        application_token: &HeaderValue,
+        org: &str,
+        email: &str,
+        provision: &Provision,
+    ) -> Result<(), FetchError> {
+        let url = format!("{}/api/applications/{org}/users", self.api_base);
+        let mut body = serde_json::json!({
+            "first_name": provision.first_name,
+            "last_name": provision.last_name,
+            "email": email,
+        });
+        if let Some(role) = &provision.role {
+            body["role"] = role.as_str().into();
+        }
+        if let Some(timezone) = &provision.timezone {
+            body["timezone"] = timezone.as_str().into();
+        }
+        let response = self
+            .application_request(reqwest::Method::POST, &url, application_token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        Err(refusal(status, &body))
+    }
+
+    fn application_request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: &HeaderValue,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, url)
+            .header(http::header::AUTHORIZATION, token.clone())
+            .header(X_TALLYFY_CLIENT, self.client_header.clone())
+            .header(http::header::ACCEPT, "application/json")
+    }
+
+    async fn grant(&self, form: &[(&str, &str)]) -> Result<Issued, FetchError> {
+        let request =
+            self.http.post(&self.token_url).header(http::header::ACCEPT, "application/json").form(form);
+        self.token_from(request.send().await).await
+    }
+
+    async fn token_from(
+        &self,
+        sent: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Issued, FetchError> {
+        let response = sent.map_err(transport)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            return Err(refusal(status, &body));
+        }
+        parse_token(&body, self.default_lifetime, unix_now())
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<serde_json::Value>,
+}
+
+/// A successful token response -> [`Issued`]. Pure; `now_unix` for the JWT `exp`.
+pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Result<Issued, FetchError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(FetchError::Malformed("empty body"));
+    }
+    let parsed: TokenBody =
+        serde_json::from_slice(body).map_err(|_| FetchError::Malformed("not a JSON token object"))?;
+    let access_token =
+        parsed.access_token.filter(|t| !t.is_empty()).ok_or(FetchError::Malformed("no access_token"))?;
+    if access_token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+        return Err(FetchError::Malformed("access_token is not a header-safe string"));
+    }
+    let expires_in = match parsed.expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let lifetime = schedule::lifetime(expires_in, jwt::expiry(&access_token), now_unix, default_lifetime);
+    Ok(Issued {
+        access_token: Secret::new(access_token),
+        refresh_token: parsed.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+        lifetime,
+    })
+}
+
+/// A non-2xx answer -> the error, keeping only the OAuth error code of its body.
+pub fn refusal(status: StatusCode, body: &[u8]) -> FetchError {
+    if status.is_server_error() {
+        return FetchError::ServerError { status: status.as_u16() };
+    }
+    let code = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|json| match &json["error"] {
+            serde_json::Value::String(code) => Some(code.clone()),
+            serde_json::Value::Object(inner) => inner.get("code").and_then(|c| c.as_str()).map(str::to_owned),
+            _ => None,
+        })
+        .filter(|code| code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .unwrap_or_else(|| format!("http_{}", status.as_u16()));
+    FetchError::Refused { status: status.as_u16(), code }
+}
+
+fn transport(error: reqwest::Error) -> FetchError {
+    if error.is_timeout() {
+        return FetchError::Timeout;
+    }
+    // reqwest errors name the URL, never the form body or headers.
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    FetchError::Transport(text)
+}
+
+fn encode_segment(segment: &str) -> String {
+    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_token_response_gives_token_refresh_token_and_lifetime() {
+        let issued = parse_token(
+            br#"{"token_type":"Bearer","expires_in":1800,"access_token":"abc","refresh_token":"r1"}"#,
+            HOUR,
+            0,
+        )
+        .expect("valid");
+        assert_eq!(issued.access_token.expose(), "abc");
+        assert_eq!(issued.refresh_token.expect("present").expose(), "r1");
+        assert_eq!(issued.lifetime, Duration::from_secs(1800));
+        let string_expiry =
+            parse_token(br#"{"access_token":"abc","expires_in":"60"}"#, HOUR, 0).expect("valid");
+        assert_eq!(string_expiry.lifetime, Duration::from_secs(60));
+        assert_eq!(parse_token(br#"{"access_token":"abc"}"#, HOUR, 0).expect("valid").lifetime, HOUR);
+    }
+
+    #[test]
+    fn malformed_successes_are_errors() {
+        for body in [
+            &b""[..],
+            b"  \n",
+            b"<html>maintenance</html>",
+            b"{}",
+            br#"{"access_token":""}"#,
+            br#"{"access_token":"a b"}"#,
+            b"[1]",
+        ] {
+            assert!(
+                matches!(parse_token(body, HOUR, 0), Err(FetchError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_keep_only_the_oauth_code() {
+        let invalid = refusal(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"invalid_grant","error_description":"The refresh token is invalid.","message":"x"}"#,
+        );
+        assert!(invalid.is_invalid_grant());
+        assert_eq!(
+            refusal(StatusCode::UNAUTHORIZED, br#"{"error":"invalid_client"}"#).reason(),
+            "invalid_client"
+        );
+        assert_eq!(
+            refusal(StatusCode::BAD_REQUEST, br#"{"error":true,"message":"bad"}"#),
+            FetchError::Refused { status: 400, code: "http_400".into() }
+        );
+        assert_eq!(
+            refusal(StatusCode::CONFLICT, br#"{"error":{"code":"SEAT_POOL_EXHAUSTED","message":"m"}}"#),
+            FetchError::Refused { status: 409, code: "SEAT_POOL_EXHAUSTED".into() }
+        );
+        assert_eq!(refusal(StatusCode::NOT_FOUND, b"").reason(), "not_found");
+        assert_eq!(refusal(StatusCode::SERVICE_UNAVAILABLE, b"<html>").reason(), "server_error");
+        let sneaky = refusal(StatusCode::BAD_REQUEST, br#"{"error":"secret value with spaces"}"#);
+        assert_eq!(
+            sneaky,
+            FetchError::Refused { status: 400, code: "http_400".into() },
+            "free text never passes"
+        );
+    }
+
+    #[test]
+    fn emails_are_encoded_as_one_path_segment() {
+        assert_eq!(encode_segment("jane.doe+ops@example.com"), "jane%2Edoe%2Bops%40example%2Ecom");
+    }
+}

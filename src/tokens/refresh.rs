@@ -1,0 +1,300 @@
+//! The refresher: the token store's single writer.
+//!
+//! One task owns every credential's refresh state. It fetches every token at
+//! start-up, then refreshes each at the time [`Schedule::refresh_at`] picks; a
+//! failed fetch is retried after [`Schedule::backoff`], forever, while the old
+//! token keeps serving until its real expiry. Requests never wait for it, except
+//! after Tallyfy rejected their token: they report the rejected generation
+//! through a [`RefreshHandle`], and however many report the same token, one fetch
+//! runs and all of them wait for its result ([`TokenStore::newer_than`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::issuer::{FetchError, Issued, Issuer};
+use super::schedule::Schedule;
+use super::{CredentialId, Token, TokenStore};
+use crate::config::{Config, Credential, CredentialKind};
+use crate::secret::Secret;
+
+/// "Tallyfy rejected generation `generation` of this credential's token."
+#[derive(Debug, Clone, Copy)]
+struct Rejected {
+    credential: CredentialId,
+    generation: u64,
+}
+
+/// The request side of the refresher. Cheap to clone.
+#[derive(Clone)]
+pub struct RefreshHandle {
+    rejected: mpsc::Sender<Rejected>,
+    /// Per credential: can a new token be fetched at all? (Not for personal tokens.)
+    refreshable: Arc<[bool]>,
+}
+
+impl RefreshHandle {
+    /// Reports a rejected token. Returns false when the credential cannot be
+    /// refreshed, so there is nothing to wait for. Never blocks: when the queue is
+    /// full, refreshes for this credential are already pending.
+    pub fn is_refreshable(&self, credential: CredentialId) -> bool {
+        self.refreshable[credential.index()]
+    }
+
+    pub fn token_rejected(&self, credential: CredentialId, generation: u64) -> bool {
+        if !self.refreshable[credential.index()] {
+            return false;
+        }
+        let _ = self.rejected.try_send(Rejected { credential, generation });
+        true
+    }
+}
+
+/// Refresh state of one credential.
+struct Slot {
+    credential: Credential,
+    /// The password grant's refresh token, if one is held and not yet redeemed.
+    refresh_token: Option<Secret>,
+    /// When to fetch next; `None` for static tokens.
+    due: Option<Instant>,
+    /// Consecutive failures, for the backoff.
+    failures: u32,
+    fetching: bool,
+    /// `application_user` credentials minted with this one's token.
+    dependents: Vec<usize>,
+}
+
+struct Outcome {
+    index: usize,
+    result: Result<Issued, FetchError>,
+}
+
+pub struct Refresher {
+    store: Arc<TokenStore>,
+    issuer: Arc<Issuer>,
+    schedule: Schedule,
+    slots: Vec<Slot>,
+    rejected: mpsc::Receiver<Rejected>,
+}
+
+impl Refresher {
+    /// Prepares the refresher and publishes static tokens at once (personal access
+    /// tokens need no token endpoint).
+    pub fn new(
+        config: &Config,
+        store: Arc<TokenStore>,
+        issuer: Issuer,
+    ) -> Result<(Refresher, RefreshHandle), String> {
+        let now = Instant::now();
+        let mut slots: Vec<Slot> = config
+            .credentials
+            .iter()
+            .map(|credential| Slot {
+                credential: credential.clone(),
+                refresh_token: None,
+                due: Some(now),
+                failures: 0,
+                fetching: false,
+                dependents: Vec::new(),
+            })
+            .collect();
+        for index in 0..slots.len() {
+            match &slots[index].credential.kind {
+                CredentialKind::PersonalToken { token } => {
+                    let token = Token::bearer(token, None).map_err(|_| {
+                        format!(
+                            "credential {}: the token cannot be sent in a header",
+                            slots[index].credential.name
+                        )
+                    })?;
+                    store.publish(CredentialId::new(index), token);
+                    slots[index].due = None;
+                }
+                CredentialKind::ApplicationUser { application, .. } => {
+                    let application = application.index();
+                    slots[application].dependents.push(index);
+                }
+                CredentialKind::ClientCredentials { .. } | CredentialKind::Password { .. } => {}
+            }
+        }
+        let refreshable: Arc<[bool]> = slots.iter().map(|s| s.due.is_some()).collect();
+        let (tx, rx) = mpsc::channel(1024);
+        let refresher = Refresher {
+            store,
+            issuer: Arc::new(issuer),
+            schedule: config.tokens.schedule,
+            slots,
+            rejected: rx,
+        };
+        Ok((refresher, RefreshHandle { rejected: tx, refreshable }))
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut fetches: JoinSet<Outcome> = JoinSet::new();
+        loop {
+            let now = Instant::now();
+            self.start_due(now, &mut fetches);
+            let next_due = self.slots.iter().filter(|s| !s.fetching).filter_map(|s| s.due).min();
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                next_due.unwrap_or(now + Duration::from_secs(3600)),
+            ));
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(rejected) = self.rejected.recv() => self.on_rejected(rejected),
+                Some(joined) = fetches.join_next(), if !fetches.is_empty() => match joined {
+                    Ok(outcome) => self.on_outcome(outcome),
+                    Err(error) => tracing::error!(%error, "a token fetch task failed"),
+                },
+                () = sleep => {}
+            }
+        }
+    }
+
+    fn start_due(&mut self, now: Instant, fetches: &mut JoinSet<Outcome>) {
+        for index in 0..self.slots.len() {
+            let slot = &mut self.slots[index];
+            if slot.fetching || !slot.due.is_some_and(|due| due <= now) {
+                continue;
+            }
+            slot.fetching = true;
+            // Taken, not copied: a refresh token is presented at most once, whatever
+            // the outcome (a timed-out redemption may still have rotated it).
+            let refresh_token = slot.refresh_token.take();
+            let kind = slot.credential.kind.clone();
+            let issuer = self.issuer.clone();
+            let store = self.store.clone();
+            fetches.spawn(async move {
+                let result = fetch(&issuer, &store, &kind, refresh_token).await;
+                Outcome { index, result }
+            });
+        }
+    }
+
+    fn on_rejected(&mut self, rejected: Rejected) {
+        let index = rejected.credential.index();
+        let current = self.store.generation(rejected.credential);
+        let slot = &mut self.slots[index];
+        if slot.fetching || current > rejected.generation {
+            return; // already being replaced, or already replaced
+        }
+        tracing::info!(credential = %slot.credential.name, "Tallyfy rejected the token; refreshing now");
+        slot.due = Some(Instant::now());
+    }
+
+    fn on_outcome(&mut self, Outcome { index, result }: Outcome) {
+        let now = Instant::now();
+        let jitter: f64 = rand::random();
+        let slot = &mut self.slots[index];
+        slot.fetching = false;
+        match result {
+            Ok(issued) => {
+                let expires_at = now + issued.lifetime;
+                match Token::bearer(&issued.access_token, Some(expires_at)) {
+                    Ok(token) => {
+                        slot.failures = 0;
+                        slot.refresh_token = issued.refresh_token;
+                        slot.due = Some(self.schedule.refresh_at(now, issued.lifetime, jitter));
+                        tracing::info!(
+                            credential = %slot.credential.name,
+                            lifetime_s = issued.lifetime.as_secs(),
+                            refresh_in_ms = slot.due.map_or(0, |d| d.saturating_duration_since(now).as_millis() as u64),
+                            "token obtained"
+                        );
+                        self.store.publish(CredentialId::new(index), token);
+                        // Mints that failed for want of this application token can go now.
+                        for &dependent in &self.slots[index].dependents.clone() {
+                            if self.slots[dependent].failures > 0 && !self.slots[dependent].fetching {
+                                self.slots[dependent].due = Some(now);
+                            }
+                        }
+                    }
+                    Err(_) => self.failed(
+                        index,
+                        now,
+                        jitter,
+                        &FetchError::Malformed("access_token is not header-safe"),
+                    ),
+                }
+            }
+            Err(error) => {
+                if let (Some(application), FetchError::Refused { status: 401, .. }) =
+                    (application_of(&slot.credential), &error)
+                {
+                    // The application token was refused while minting: renew it too.
+                    self.slots[application.index()].due = Some(now);
+                }
+                self.failed(index, now, jitter, &error);
+            }
+        }
+    }
+
+    fn failed(&mut self, index: usize, now: Instant, jitter: f64, error: &FetchError) {
+        let slot = &mut self.slots[index];
+        slot.failures = slot.failures.saturating_add(1);
+        let delay = self.schedule.backoff(slot.failures, jitter);
+        slot.due = Some(now + delay);
+        let still_valid = self.store.lease(CredentialId::new(index), now).is_ok();
+        tracing::warn!(
+            credential = %slot.credential.name,
+            reason = error.reason(),
+            error = %error,
+            failures = slot.failures,
+            retry_in_ms = delay.as_millis() as u64,
+            still_serving = still_valid,
+            "token fetch failed"
+        );
+    }
+}
+
+fn application_of(credential: &Credential) -> Option<CredentialId> {
+    match &credential.kind {
+        CredentialKind::ApplicationUser { application, .. } => Some(*application),
+        _ => None,
+    }
+}
+
+/// One fetch for one credential: the grant its kind calls for.
+async fn fetch(
+    issuer: &Issuer,
+    store: &TokenStore,
+    kind: &CredentialKind,
+    refresh_token: Option<Secret>,
+) -> Result<Issued, FetchError> {
+    match kind {
+        CredentialKind::PersonalToken { .. } => {
+            Err(FetchError::Malformed("personal tokens are never fetched"))
+        }
+        CredentialKind::ClientCredentials { client, scope } => {
+            issuer.client_credentials(client, scope.as_deref()).await
+        }
+        CredentialKind::Password { client, username, password, scope } => {
+            if let Some(refresh_token) = refresh_token {
+                match issuer.refresh(client, &refresh_token).await {
+                    Ok(issued) => return Ok(issued),
+                    Err(error) if error.is_invalid_grant() => {
+                        tracing::info!("refresh token refused; signing in with the password grant");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            issuer.password(client, username, password, scope.as_deref()).await
+        }
+        CredentialKind::ApplicationUser { application, org, email, provision } => {
+            let lease =
+                store.lease(*application, Instant::now()).map_err(|_| FetchError::NoApplicationToken)?;
+            match issuer.mint_user_token(&lease.authorization, org, email).await {
+                Err(FetchError::Refused { status: 404, .. }) if provision.is_some() => {
+                    let provision = provision.as_ref().expect("checked by the guard");
+                    tracing::info!(%org, "user not found; provisioning it");
+                    issuer.provision_user(&lease.authorization, org, email, provision).await?;
+                    issuer.mint_user_token(&lease.authorization, org, email).await
+                }
+                other => other,
+            }
+        }
+    }
+}
