@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
@@ -19,9 +20,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tallyfy_proxy::app::{self, Listeners};
-use tallyfy_proxy::config::{Config, CredentialKind};
+use tallyfy_proxy::config::Config;
 use tallyfy_proxy::proxy::Proxy;
-use tallyfy_proxy::tokens::{CredentialId, Token, TokenStore};
+use tallyfy_proxy::server::ConnectionInfo;
+use tallyfy_proxy::tokens::TokenStore;
+use tallyfy_proxy::tokens::issuer::Issuer;
+use tallyfy_proxy::tokens::refresh::Refresher;
 use tokio::net::TcpListener;
 
 fn config(base_url: &str) -> Config {
@@ -54,19 +58,21 @@ fn typical_request() -> Request<()> {
 }
 
 fn prepare(c: &mut Criterion) {
-    let _runtime_for_client = tokio::runtime::Runtime::new().expect("runtime");
-    let _guard = _runtime_for_client.enter();
+    // The upstream client and the token issuer are built inside a runtime.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let _entered = runtime.enter();
     let config = config("https://go.tallyfy.com");
     let tokens = TokenStore::new(vec!["ops".into()]);
-    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind;
-    tokens.publish(CredentialId::new(0), Token::bearer(token, None).expect("token"));
-    let proxy = Proxy::new(&config, tokens).expect("proxy");
-    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+    let issuer = Issuer::new(&config).expect("issuer");
+    // Creating the refresher publishes the static personal token; it is not run.
+    let (_refresher, handle) = Refresher::new(&config, tokens.clone(), issuer).expect("refresher");
+    let proxy = Proxy::new(&config, tokens, handle).expect("proxy");
+    let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(
             || typical_request().into_parts().0,
             |mut head| {
-                proxy.prepare(&mut head, peer).expect("prepared");
+                proxy.prepare(&mut head, &peer).expect("prepared");
                 head
             },
             BatchSize::SmallInput,

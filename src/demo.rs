@@ -49,10 +49,8 @@ match = {{ any = true }}
 /// and `admin`.
 pub async fn start(listen: SocketAddr, admin: SocketAddr) -> Result<SandboxMode, Box<dyn std::error::Error>> {
     let sandbox = Sandbox::start(TcpListener::bind("127.0.0.1:0").await?, SandboxConfig::default()).await?;
-    let listeners = Listeners {
-        proxy: TcpListener::bind(listen).await?,
-        admin: TcpListener::bind(admin).await?,
-    };
+    let listeners =
+        Listeners { proxy: TcpListener::bind(listen).await?, admin: TcpListener::bind(admin).await? };
     let text = config_text(&sandbox.base_url(), listeners.proxy.local_addr()?, listeners.admin.local_addr()?);
     let config = Config::parse(&text, Path::new("<sandbox>"), &|name| {
         (name == TOKEN_ENV).then(|| fixtures::PERSONAL_TOKEN.to_owned())

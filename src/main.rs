@@ -1,6 +1,7 @@
 //! The `tallyfy-proxy` command: parses the command line, loads the config, binds,
 //! and hands over to the library. Bad configuration exits 64 (EX_USAGE).
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::{Config, ConfigError};
-use tallyfy_proxy::telemetry;
+use tallyfy_proxy::{demo, telemetry};
 
 /// Exit status for a configuration the proxy refuses (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -53,6 +54,10 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: SocketAddr,
     },
+    /// Read an API key (or a Basic password) on standard input and print its
+    /// SHA-256, for `api_key_sha256` / `password_sha256` in the config. One
+    /// trailing newline is ignored.
+    HashKey,
 }
 
 fn main() -> ExitCode {
@@ -68,7 +73,26 @@ fn main() -> ExitCode {
         Command::Run => runtime.block_on(run(&cli.config.config)),
         Command::Check => check(&cli.config.config),
         Command::Sandbox { listen, admin } => runtime.block_on(sandbox(listen, admin)),
+        Command::HashKey => hash_key(),
     }
+}
+
+fn hash_key() -> ExitCode {
+    let mut key = Vec::new();
+    if let Err(error) = std::io::stdin().read_to_end(&mut key) {
+        eprintln!("tallyfy-proxy hash-key: cannot read standard input: {error}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let key = key.strip_suffix(b"\n").map(|k| k.strip_suffix(b"\r").unwrap_or(k)).unwrap_or(&key);
+    if key.is_empty() {
+        eprintln!(
+            "tallyfy-proxy hash-key: standard input is empty; pipe the key in, e.g. `printf %s \"$KEY\" | tallyfy-proxy hash-key`"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let digest = tallyfy_proxy::identity::sha256(key);
+    println!("{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    ExitCode::SUCCESS
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {

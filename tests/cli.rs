@@ -51,7 +51,7 @@ fn check_names_file_line_and_key_and_exits_64() {
     let stderr = text(&output.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(
-        stderr.starts_with(&format!("broken.toml:{line}: upstream: unknown field `retries`")),
+        stderr.starts_with(&format!("broken.toml:{line}: upstream.retries: unknown field `retries`")),
         "{stderr}"
     );
 }

@@ -30,12 +30,20 @@ async fn the_callers_credentials_are_swapped_for_the_tallyfy_token() {
     assert_eq!(h["authorization"], format!("Bearer {PERSONAL_TOKEN}").as_str());
     assert_eq!(h.get_all("authorization").iter().count(), 1);
     assert_eq!(h["x-tallyfy-client"], "APIClient");
-    assert_eq!(h["accept"], "application/json");
+    assert_eq!(h["accept"], "*/*", "the caller's Accept is kept");
     assert_eq!(h["x-custom"], "kept");
     assert_eq!(h["host"], stack.sandbox.addr().to_string().as_str());
     assert!(h.get("cookie").is_none() && h.get("x-api-key").is_none());
     let all_values = format!("{:?}", h.iter().map(|(_, v)| v.to_str().unwrap_or("")).collect::<Vec<_>>());
     assert!(!all_values.contains("legacy-app-key") && !all_values.contains("another-key"));
+}
+
+#[tokio::test]
+async fn accept_json_is_added_when_the_caller_sent_no_accept() {
+    let stack = Stack::start().await;
+    let response = raw_request(stack.proxy.proxy_addr(), "GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(stack.sandbox.received().last().expect("forwarded").headers["accept"], "application/json");
 }
 
 #[tokio::test]

@@ -52,7 +52,9 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(config.upstream.request_timeout, Duration::from_secs(30));
     assert_eq!(config.server.max_headers, 100);
     assert_eq!(config.log.format, LogFormat::Text);
-    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else { panic!("a personal token") };
+    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else {
+        panic!("a personal token")
+    };
     assert_eq!(token.expose(), "tok-from-env", "a trailing newline is trimmed");
 }
 
@@ -101,7 +103,9 @@ fn secret_files_are_read_relative_to_the_config() {
     std::fs::write(dir.path().join("token"), "file-token\n").expect("write");
     let source = MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", "{ file = \"token\" }");
     let config = Config::parse(&source, &dir.path().join("proxy.toml"), &env).expect("valid");
-    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else { panic!("a personal token") };
+    let CredentialKind::PersonalToken { token } = &config.credentials[0].kind else {
+        panic!("a personal token")
+    };
     assert_eq!(token.expose(), "file-token");
 }
 
@@ -175,7 +179,10 @@ fn every_credential_kind_and_matcher_validates() {
     };
     assert_eq!((application.index(), org.as_str()), (0, "3f2c8d0e9a1b4c5d6e7f8091a2b3c4d5"));
     assert_eq!(config.identities[0].policy.methods.as_ref().map(Vec::len), Some(2));
-    assert_eq!(config.tokens.dead_token_statuses, [http::StatusCode::UNAUTHORIZED, http::StatusCode::from_u16(419).expect("419")]);
+    assert_eq!(
+        config.tokens.dead_token_statuses,
+        [http::StatusCode::UNAUTHORIZED, http::StatusCode::from_u16(419).expect("419")]
+    );
     assert!(!format!("{config:?}").contains("tok-from-env"), "no secret in Debug");
 }
 
@@ -187,7 +194,13 @@ fn credential_and_identity_mistakes_name_the_key() {
         (FULL.replace("3F2C8D0E9A1B4C5D6E7F8091A2B3C4D5", "acme"), "credentials[2].org"),
         (FULL.replace("match = { source", "match = { any = true, source"), "identities[2].match"),
         (FULL.replace("\"10.0.0.0/8\"", "\"10.0.0.0/99\""), "identities[2].match.source"),
-        (FULL.replace("2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\" }\norgs", "abc\" }\norgs"), "identities[0].match.api_key_sha256"),
+        (
+            FULL.replace(
+                "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\" }\norgs",
+                "abc\" }\norgs",
+            ),
+            "identities[0].match.api_key_sha256",
+        ),
         (FULL.replace("methods = [\"get\"", "methods = [\"g e t\""), "identities[0].methods"),
         (FULL.replace("paths = [\"/api", "paths = [\"/v2"), "identities[0].paths"),
         (FULL.replace("[401, 419]", "[200]"), "tokens.dead_token_statuses"),

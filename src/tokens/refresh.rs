@@ -157,7 +157,7 @@ impl Refresher {
     fn start_due(&mut self, now: Instant, fetches: &mut JoinSet<Outcome>) {
         for index in 0..self.slots.len() {
             let slot = &mut self.slots[index];
-            if slot.fetching || !slot.due.is_some_and(|due| due <= now) {
+            if slot.fetching || slot.due.is_none_or(|due| due > now) {
                 continue;
             }
             slot.fetching = true;

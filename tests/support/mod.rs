@@ -40,29 +40,87 @@ match = {{ any = true }}
     )
 }
 
-/// Parses `text` as the proxy config, with the sandbox's personal token behind
-/// `TOKEN_ENV`; `dir` anchors relative paths.
-pub fn parse_config(text: &str, dir: &Path) -> Config {
-    Config::parse(text, &dir.join("proxy.toml"), &|name| {
-        (name == TOKEN_ENV).then(|| fixtures::PERSONAL_TOKEN.to_owned())
-    })
-    .unwrap_or_else(|e| panic!("test config is valid: {e}"))
+/// The secrets tests reference as `{ env = "..." }`, looked up without touching
+/// the process environment.
+pub fn env(name: &str) -> Option<String> {
+    let value = match name {
+        TOKEN_ENV => fixtures::PERSONAL_TOKEN,
+        "APP_SECRET" => fixtures::APP_CLIENT_SECRET,
+        "USER_SECRET" => fixtures::USER_CLIENT_SECRET,
+        "USER_PASSWORD" => fixtures::PASSWORD,
+        _ => return None,
+    };
+    Some(value.to_owned())
 }
 
-/// Starts the proxy on ephemeral loopback ports and waits until it is ready.
-pub async fn start_proxy(config: &Config) -> Running {
+/// `[listen]` on ephemeral ports and `[upstream]` at `base_url`, then `body`.
+pub fn proxy_toml(base_url: &str, body: &str) -> String {
+    format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{base_url}\"\n\n{body}"
+    )
+}
+
+/// A `client_credentials` credential named `app` and a `password` one named
+/// `user`, both against the sandbox's fixture clients.
+pub fn oauth_credentials() -> String {
+    format!(
+        r#"
+[[credentials]]
+name = "app"
+kind = "client_credentials"
+client_id = "{app_id}"
+client_secret = {{ env = "APP_SECRET" }}
+
+[[credentials]]
+name = "user"
+kind = "password"
+client_id = "{user_id}"
+client_secret = {{ env = "USER_SECRET" }}
+username = "{username}"
+password = {{ env = "USER_PASSWORD" }}
+"#,
+        app_id = fixtures::APP_CLIENT_ID,
+        user_id = fixtures::USER_CLIENT_ID,
+        username = fixtures::USERNAME,
+    )
+}
+
+/// Parses `text` as the proxy config, with secrets from [`env`]; `dir` anchors
+/// relative paths.
+pub fn parse_config(text: &str, dir: &Path) -> Config {
+    Config::parse(text, &dir.join("proxy.toml"), &env)
+        .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"))
+}
+
+/// Starts the proxy without waiting for readiness.
+pub async fn start_proxy_unready(config: &Config) -> Running {
     let listeners = Listeners {
         proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
         admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
     };
-    let running = app::start(config, listeners).await.expect("proxy starts");
-    running.ready().await;
+    app::start(config, listeners).await.expect("proxy starts")
+}
+
+/// Waits for readiness, at most `limit` (a bound, not a sleep: it returns as soon
+/// as the last token is published).
+pub async fn ready_within(proxy: &Running, limit: std::time::Duration) {
+    tokio::time::timeout(limit, proxy.ready()).await.expect("the proxy became ready in time");
+}
+
+/// Starts the proxy on ephemeral loopback ports and waits until it is ready.
+pub async fn start_proxy(config: &Config) -> Running {
+    let running = start_proxy_unready(config).await;
+    ready_within(&running, std::time::Duration::from_secs(10)).await;
     running
 }
 
 pub async fn start_sandbox() -> Sandbox {
+    start_sandbox_with(SandboxConfig::default()).await
+}
+
+pub async fn start_sandbox_with(config: SandboxConfig) -> Sandbox {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sandbox");
-    Sandbox::start(listener, SandboxConfig::default()).await.expect("sandbox starts")
+    Sandbox::start(listener, config).await.expect("sandbox starts")
 }
 
 /// The sandbox and a proxy in front of it.

@@ -1,0 +1,78 @@
+//! Response bodies and the fixed answers Tallyfy gives.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+pub(super) type Body = BoxBody<Bytes, Infallible>;
+pub(super) type Reply = Response<Body>;
+/// A handler's answer; `Err` short-circuits with an error reply via `?`.
+pub(super) type Outcome = Result<Reply, Reply>;
+
+pub(super) const UNAUTHENTICATED: &str = r#"{"message":"Unauthenticated."}"#;
+pub(super) const ENDPOINT_NOT_FOUND: &str =
+    r#"{"error":true,"message":"API endpoint not found","code":"ENDPOINT_NOT_FOUND"}"#;
+const UNAUTHORIZED: &str = r#"{"message":"This action is unauthorized."}"#;
+
+pub(super) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A reply with `body` and `content_type` (none when empty).
+pub(super) fn raw(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    if !content_type.is_empty() {
+        response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    response
+}
+
+pub(super) fn json(status: StatusCode, value: &Value) -> Reply {
+    raw(status, "application/json", value.to_string())
+}
+
+/// `{"data": value}`.
+pub(super) fn data(status: StatusCode, value: Value) -> Reply {
+    json(status, &serde_json::json!({ "data": value }))
+}
+
+/// 401 `{"message":"Unauthenticated."}`, byte for byte.
+pub(super) fn unauthenticated() -> Reply {
+    raw(StatusCode::UNAUTHORIZED, "application/json", UNAUTHENTICATED)
+}
+
+/// 404 for anything under `/api` that is no route (or lacks `X-Tallyfy-Client`).
+pub(super) fn endpoint_not_found() -> Reply {
+    raw(StatusCode::NOT_FOUND, "application/json", ENDPOINT_NOT_FOUND)
+}
+
+/// 403 for a token used on an organization it does not belong to.
+pub(super) fn unauthorized_action() -> Reply {
+    raw(StatusCode::FORBIDDEN, "application/json", UNAUTHORIZED)
+}
+
+/// 404 `{"error":true,"message":"<what> not found"}` for a missing record.
+pub(super) fn not_found(what: &str) -> Reply {
+    json(StatusCode::NOT_FOUND, &serde_json::json!({"error": true, "message": format!("{what} not found")}))
+}
+
+/// 400 `{"error":true,"message":...}`: a body that is not a JSON object, or that broke off.
+pub(super) fn bad_request(message: &str) -> Reply {
+    json(StatusCode::BAD_REQUEST, &serde_json::json!({"error": true, "message": message}))
+}
+
+/// 413 for a JSON body larger than the sandbox keeps.
+pub(super) fn too_large() -> Reply {
+    json(StatusCode::PAYLOAD_TOO_LARGE, &serde_json::json!({"error": true, "message": "Payload too large"}))
+}
+
+/// Outside `/api`: a plain 404, as a web server in front of Tallyfy would answer.
+pub(super) fn plain_not_found() -> Reply {
+    raw(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "Not Found")
+}

@@ -1,0 +1,283 @@
+//! Each credential kind end to end, and the background refresher under stress:
+//! short token lifetimes, a token endpoint that is down or answers garbage,
+//! rotating refresh tokens, and many requests rejected at once.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{
+    client, oauth_credentials, parse_config, proxy_toml, ready_within, start_proxy, start_proxy_unready,
+    start_sandbox_with,
+};
+use tallyfy_proxy::app::Running;
+use tallyfy_proxy::sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, USERNAME};
+use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, TokenFault};
+
+fn sandbox_config(lifetime: Duration) -> SandboxConfig {
+    SandboxConfig { token_lifetime: lifetime, user_token_lifetime: lifetime, ..SandboxConfig::default() }
+}
+
+/// Fast retries, so recovery tests finish quickly.
+const FAST_RETRIES: &str = "[tokens]\nretry_min_ms = 50\nretry_max_ms = 400\nfetch_timeout_ms = 2000\n";
+
+/// OAuth credentials plus an `application_user`, with one identity per credential
+/// chosen by an `X-Api-Key` (the key is the identity's name).
+fn config_text(base_url: &str, provision_email: Option<&str>) -> String {
+    let key = |name: &str| {
+        tallyfy_proxy::identity::sha256(name.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let (email, provision) = match provision_email {
+        Some(email) => {
+            (email, "provision = { first_name = \"New\", last_name = \"User\", role = \"light\" }")
+        }
+        None => (APP_USER_EMAIL, ""),
+    };
+    let mut text = proxy_toml(base_url, FAST_RETRIES);
+    text.push_str(&oauth_credentials());
+    text.push_str(&format!(
+        "\n[[credentials]]\nname = \"minted\"\nkind = \"application_user\"\napplication = \"app\"\norg = \"{ORG_ID}\"\nemail = \"{email}\"\n{provision}\n"
+    ));
+    for (identity, credential) in
+        [("app-caller", "app"), ("user-caller", "user"), ("minted-caller", "minted")]
+    {
+        text.push_str(&format!(
+            "\n[[identities]]\nname = \"{identity}\"\ncredential = \"{credential}\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n",
+            key(identity)
+        ));
+    }
+    text
+}
+
+struct Setup {
+    sandbox: Sandbox,
+    proxy: Running,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(lifetime: Duration, provision_email: Option<&str>, wait_ready: bool) -> Setup {
+        let sandbox = start_sandbox_with(sandbox_config(lifetime)).await;
+        Self::start_with(sandbox, provision_email, wait_ready).await
+    }
+
+    async fn start_with(sandbox: Sandbox, provision_email: Option<&str>, wait_ready: bool) -> Setup {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = parse_config(&config_text(&sandbox.base_url(), provision_email), dir.path());
+        let proxy = if wait_ready { start_proxy(&config).await } else { start_proxy_unready(&config).await };
+        Setup { sandbox, proxy, http: client(), _dir: dir }
+    }
+
+    async fn get(&self, caller: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("http://{}{path}", self.proxy.proxy_addr()))
+            .header("x-api-key", caller)
+            .send()
+            .await
+            .expect("the proxy answers")
+    }
+
+    fn token_calls(&self) -> usize {
+        self.sandbox.token_requests().len()
+    }
+}
+
+const ME: &str = "/api/me";
+
+fn my_tasks() -> String {
+    format!("/api/organizations/{ORG_ID}/me/tasks")
+}
+
+#[tokio::test]
+async fn each_credential_kind_works_end_to_end() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+
+    let me = setup.get("user-caller", ME).await;
+    assert_eq!(me.status(), 200);
+    let body = me.text().await.expect("body");
+    assert!(body.contains(USERNAME), "the password credential acts as its user: {body}");
+
+    let minted = setup.get("minted-caller", &my_tasks()).await;
+    assert_eq!(minted.status(), 200, "the application-minted user token works on user routes");
+
+    // The application token is for /applications routes; the proxy mints with it itself.
+    let grants: Vec<String> = setup.sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    for grant in ["client_credentials", "password", "user_token"] {
+        assert!(grants.iter().any(|g| g == grant), "{grant} in {grants:?}");
+    }
+    let app = setup
+        .http
+        .post(format!(
+            "http://{}/api/applications/{ORG_ID}/users/{}/token",
+            setup.proxy.proxy_addr(),
+            APP_USER_EMAIL.replace('@', "%40")
+        ))
+        .header("x-api-key", "app-caller")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(app.status(), 200, "the application token reaches application routes");
+}
+
+#[tokio::test]
+async fn a_missing_user_is_provisioned_then_minted() {
+    let setup = Setup::start(Duration::from_secs(3600), Some(NEW_USER_EMAIL), true).await;
+    assert_eq!(setup.get("minted-caller", ME).await.status(), 200);
+    let created = setup
+        .sandbox
+        .received()
+        .iter()
+        .any(|r| r.method == http::Method::POST && r.uri == format!("/api/applications/{ORG_ID}/users"));
+    assert!(created, "the proxy created the user before minting its token");
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_before_expiry_under_continuous_traffic() {
+    let setup = Setup::start(Duration::from_secs(2), None, true).await;
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut requests = 0;
+    while Instant::now() < until {
+        for (caller, path) in [("user-caller", ME.to_owned()), ("minted-caller", my_tasks())] {
+            let response = setup.get(caller, &path).await;
+            assert_eq!(response.status(), 200, "request {requests} by {caller} failed");
+            requests += 1;
+        }
+    }
+    let grants: Vec<String> = setup.sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    let refreshes = grants.iter().filter(|g| *g == "refresh_token").count();
+    assert!(refreshes >= 2, "the password token was refreshed with its refresh token: {grants:?}");
+    assert!(grants.iter().filter(|g| *g == "user_token").count() >= 3, "user tokens re-minted: {grants:?}");
+    assert_eq!(
+        grants.iter().filter(|g| *g == "password").count(),
+        1,
+        "no fallback to the password grant was needed"
+    );
+    assert_eq!(setup.sandbox.double_redemptions(), 0, "no refresh token was redeemed twice");
+    assert!(requests > 20, "traffic kept flowing ({requests} requests)");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_down_at_start_means_not_ready_then_ready() {
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+    sandbox.set_token_fault(Some(TokenFault::Maintenance));
+    let setup = Setup::start_with(sandbox, None, false).await;
+    let readyz = format!("http://{}/readyz", setup.proxy.admin_addr());
+
+    // The proxy keeps trying; every attempt so far has been refused.
+    wait_for(|| setup.token_calls() >= 3).await;
+    let response = setup.http.get(&readyz).send().await.expect("answered");
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert!(body["credentials"].as_array().expect("names").iter().any(|n| n == "user"), "{body}");
+
+    let refused = setup.get("user-caller", ME).await;
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "token_unavailable");
+
+    setup.sandbox.set_token_fault(None);
+    ready_within(&setup.proxy, Duration::from_secs(10)).await;
+    assert_eq!(setup.http.get(&readyz).send().await.expect("answered").status(), 200);
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200);
+}
+
+#[tokio::test]
+async fn mid_life_outage_serves_until_expiry_then_503_then_recovers() {
+    let setup = Setup::start(Duration::from_secs(2), None, true).await;
+    setup.sandbox.set_token_fault(Some(TokenFault::ServerError));
+    // The held token keeps serving while refreshes fail...
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200);
+    // ...until it really expires; then callers get 503, never an expired token.
+    let started = Instant::now();
+    loop {
+        let status = setup.get("user-caller", ME).await.status();
+        if status == 503 {
+            break;
+        }
+        assert_eq!(status, 200, "only 200 or, after expiry, 503");
+        assert!(started.elapsed() < Duration::from_secs(10), "the token should have expired by now");
+        tokio::time::sleep(Duration::from_millis(50)).await; // pacing the poll, not waiting for readiness
+    }
+    setup.sandbox.set_token_fault(None);
+    ready_within(&setup.proxy, Duration::from_secs(10)).await;
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200);
+}
+
+#[tokio::test]
+async fn garbage_empty_and_broken_token_responses_are_recovered_from() {
+    for fault in [
+        TokenFault::Garbage,
+        TokenFault::Empty,
+        TokenFault::MissingToken,
+        TokenFault::ServerError,
+        TokenFault::Drop,
+    ] {
+        let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+        sandbox.set_token_fault(Some(fault.clone()));
+        let setup = Setup::start_with(sandbox, None, false).await;
+        wait_for(|| setup.token_calls() >= 2).await;
+        assert_eq!(setup.get("user-caller", ME).await.status(), 503, "{fault:?}: nothing usable yet");
+        setup.sandbox.set_token_fault(None);
+        ready_within(&setup.proxy, Duration::from_secs(10)).await;
+        assert_eq!(setup.get("user-caller", ME).await.status(), 200, "{fault:?}: recovered");
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_rejected_requests_cause_one_refresh_and_all_succeed() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    let password_fetches = |s: &Setup| {
+        s.sandbox
+            .token_requests()
+            .iter()
+            .filter(|t| t.grant == "refresh_token" || t.grant == "password")
+            .count()
+    };
+    let before = password_fetches(&setup);
+    setup.sandbox.revoke_all_tokens();
+
+    let requests = (0..100).map(|_| setup.get("user-caller", ME));
+    let responses = futures_util::future::join_all(requests).await;
+    for response in &responses {
+        assert_eq!(response.status(), 200, "replayed with the fresh token");
+    }
+    assert_eq!(password_fetches(&setup) - before, 1, "exactly one refresh for 100 rejections");
+    assert_eq!(setup.sandbox.double_redemptions(), 0);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_not_replayed_and_the_401_goes_back() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    setup.sandbox.revoke_all_tokens();
+    let chunks = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"chunk"))),
+    );
+    let response = setup
+        .http
+        .post(format!("http://{}/api/organizations/{ORG_ID}/file", setup.proxy.proxy_addr()))
+        .header("x-api-key", "user-caller")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 401, "a body that was not kept cannot be sent twice");
+    // The rejection still triggered a refresh: the next request works.
+    ready_within(&setup.proxy, Duration::from_secs(10)).await;
+    let next = setup.get("user-caller", ME).await;
+    assert_eq!(next.status(), 200);
+}
+
+/// Polls `done` until it holds, at most 10 s. For conditions only the sandbox can
+/// observe (how many token calls it has seen).
+async fn wait_for(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "condition not reached in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,191 @@
+//! Who is calling, and what it may reach: every matcher, unknown callers, policy,
+//! the `current` org alias, and mTLS, against the sandbox Tallyfy.
+
+mod support;
+
+use support::{client, parse_config, proxy_toml, start_proxy, start_sandbox};
+use tallyfy_proxy::identity::sha256;
+use tallyfy_proxy::sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A personal-token credential and the given identities.
+fn identities_config(base_url: &str, identities: &str) -> String {
+    proxy_toml(
+        base_url,
+        &format!(
+            "[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n{identities}"
+        ),
+    )
+}
+
+fn identity(name: &str, matcher: &str, extra: &str) -> String {
+    format!("\n[[identities]]\nname = \"{name}\"\ncredential = \"ops\"\nmatch = {matcher}\n{extra}\n")
+}
+
+#[tokio::test]
+async fn api_keys_basic_and_source_rules_identify_callers() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ids = [
+        identity("billing", &format!("{{ api_key_sha256 = \"{}\" }}", hex(&sha256(b"billing-key"))), ""),
+        identity(
+            "reports",
+            &format!("{{ basic = {{ user = \"reports\", password_sha256 = \"{}\" }} }}", hex(&sha256(b"pw"))),
+            "",
+        ),
+        identity("elsewhere", "{ source = [\"10.0.0.0/8\"] }", ""),
+    ]
+    .concat();
+    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    let http = client();
+
+    for request in [
+        http.get(&url).bearer_auth("billing-key"),
+        http.get(&url).header("x-api-key", "billing-key"),
+        http.get(&url).basic_auth("reports", Some("pw")),
+    ] {
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.status(), 200);
+    }
+    let received = sandbox.received();
+    assert_eq!(received.len(), 3);
+    for upstream in &received {
+        assert_eq!(upstream.headers["authorization"], format!("Bearer {PERSONAL_TOKEN}").as_str());
+        assert!(upstream.headers.get("x-api-key").is_none());
+    }
+
+    for request in [
+        http.get(&url),
+        http.get(&url).bearer_auth("wrong-key"),
+        http.get(&url).basic_auth("reports", Some("guess")),
+    ] {
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.status(), 401);
+        assert!(response.headers().contains_key("www-authenticate"));
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "unknown_caller");
+    }
+    assert_eq!(sandbox.received().len(), 3, "unknown callers never reach Tallyfy");
+}
+
+#[tokio::test]
+async fn source_rules_match_the_peer_address() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let ids = identity("sidecar", "{ source = [\"127.0.0.1/32\"] }", "");
+    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let response =
+        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn policy_violations_are_403_and_never_forwarded() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let policy = format!(
+        "orgs = [\"{ORG_ID}\"]\nmethods = [\"GET\"]\npaths = [\"/api/organizations/{{org}}/tasks\", \"/api/me\"]\norg_alias = \"{ORG_ID}\""
+    );
+    let ids = identity("narrow", "{ any = true }", &policy);
+    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let base = format!("http://{}", proxy.proxy_addr());
+    let http = client();
+
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/api/organizations/{OTHER_ORG_ID}/tasks")),
+        (reqwest::Method::POST, format!("/api/organizations/{ORG_ID}/tasks")),
+        (reqwest::Method::GET, format!("/api/organizations/{ORG_ID}/runs")),
+        (reqwest::Method::GET, "/api/mentions".to_owned()), // "/api/me" is a segment prefix, not a string prefix
+    ] {
+        let response = http.request(method.clone(), format!("{base}{path}")).send().await.expect("answered");
+        assert_eq!(response.status(), 403, "{method} {path}");
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "forbidden");
+    }
+    assert!(sandbox.received().is_empty(), "no refused request reached Tallyfy");
+
+    let response = http
+        .get(format!("{base}/api/organizations/current/tasks?per_page=3"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    let forwarded = sandbox.received();
+    assert_eq!(
+        forwarded.last().expect("forwarded").uri,
+        format!("/api/organizations/{ORG_ID}/tasks?per_page=3")
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate with a
+/// SPIFFE URI SAN, all fresh for the test. Returns PEM texts.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    client_cert: String,
+    client_key: String,
+}
+
+fn pki() -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    client_params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/billing/sa/app").expect("ia5"),
+    )];
+    let client = client_params.signed_by(&client_key, &issuer).expect("client cert");
+    Pki {
+        ca: ca.pem(),
+        server_cert: server.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+#[tokio::test]
+async fn mtls_client_certificates_identify_callers() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = pki();
+    for (file, pem) in
+        [("ca.pem", &pki.ca), ("server.pem", &pki.server_cert), ("server.key", &pki.server_key)]
+    {
+        std::fs::write(dir.path().join(file), pem).expect("write");
+    }
+    let ids = identity("mesh", "{ client_cert = \"spiffe://cluster.local/ns/billing/sa/app\" }", "");
+    let text = identities_config(&sandbox.base_url(), &ids).replace(
+        "admin = \"127.0.0.1:0\"\n",
+        "admin = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\" }\n",
+    );
+    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(pki.ca.as_bytes()).expect("CA");
+    let identity = reqwest::Identity::from_pem(format!("{}{}", pki.client_cert, pki.client_key).as_bytes())
+        .expect("identity");
+    let with_cert =
+        reqwest::Client::builder().tls_certs_only([ca.clone()]).identity(identity).build().expect("client");
+    let response = with_cert.get(&url).send().await.expect("answered over mTLS");
+    assert_eq!(response.status(), 200);
+
+    let without_cert = reqwest::Client::builder().tls_certs_only([ca]).build().expect("client");
+    let response = without_cert.get(&url).send().await.expect("answered over TLS");
+    assert_eq!(response.status(), 401, "TLS without a client certificate matches no identity");
+    assert_eq!(sandbox.received().len(), 1);
+}
