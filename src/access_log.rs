@@ -42,14 +42,12 @@ impl<'a> AccessLog<'a> {
     }
 
     pub fn finish(self, status: StatusCode) {
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let upstream_status = self.upstream_status.map(|s| s.as_u16());
         let identity = self.identity.unwrap_or("-");
         let replayed = self.replayed;
-        let (error_code, error_detail) = match &self.error {
-            Some(e) => (e.code(), e.to_string()),
-            None => ("", String::new()),
-        };
+        let error_code = self.error.as_ref().map(ProxyError::code);
+        let error_detail = self.error.as_ref().map(ToString::to_string);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(

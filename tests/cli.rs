@@ -13,6 +13,33 @@ fn proxy(args: &[&str], dir: &Path) -> Output {
         .expect("the binary runs")
 }
 
+fn hash_key(input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child.stdin.take().expect("stdin").write_all(input).expect("write key");
+    child.wait_with_output().expect("exits")
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_stdin_ignoring_one_newline() {
+    // sha256("foo")
+    let expected = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n";
+    for input in [&b"foo"[..], b"foo\n", b"foo\r\n"] {
+        let output = hash_key(input);
+        assert!(output.status.success());
+        assert_eq!(text(&output.stdout), expected);
+    }
+    let empty = hash_key(b"");
+    assert_eq!(empty.status.code(), Some(64));
+    assert!(text(&empty.stderr).contains("standard input is empty"));
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -84,11 +111,34 @@ fn run_with_a_missing_config_exits_64() {
 fn help_explains_every_command_and_version_prints() {
     let dir = tempfile::tempdir().expect("dir");
     let help = text(&proxy(&["--help"], dir.path()).stdout);
-    for word in ["run", "check", "sandbox", "--config"] {
+    for word in ["run", "check", "sandbox", "hash-key", "--config"] {
         assert!(help.contains(word), "{word} in {help}");
     }
     let sandbox_help = text(&proxy(&["sandbox", "--help"], dir.path()).stdout);
     assert!(sandbox_help.contains("--listen") && sandbox_help.contains("--admin"), "{sandbox_help}");
     let version = text(&proxy(&["--version"], dir.path()).stdout);
     assert!(version.starts_with(&format!("tallyfy-proxy {}", env!("CARGO_PKG_VERSION"))), "{version}");
+}
+
+#[test]
+fn sigterm_stops_a_running_proxy_with_exit_0() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("dir");
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).expect("example");
+    let config = example.replace("127.0.0.1:8080", "127.0.0.1:0").replace("127.0.0.1:9901", "127.0.0.1:0");
+    std::fs::write(dir.path().join("proxy.toml"), config).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
+        .args(["run", "--config", "proxy.toml"])
+        .current_dir(dir.path())
+        .env("TALLYFY_TOKEN", "t")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let listening = lines.by_ref().map_while(Result::ok).any(|line| line.contains("listening"));
+    assert!(listening, "the proxy logged that it listens");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    assert!(status.success());
+    assert_eq!(child.wait().expect("exits").code(), Some(0));
 }

@@ -1,0 +1,54 @@
+//! Tallyfy's official Python SDK (`tallyfy==3.1.0`), pointed at the proxy with an
+//! internal API key, works unchanged. `./scripts/test` installs the SDK into a
+//! virtualenv and sets `TALLYFY_SDK_PYTHON` to its interpreter.
+
+mod support;
+
+use std::process::Command;
+
+use support::{parse_config, proxy_toml, start_proxy, start_sandbox};
+use tallyfy_proxy::identity::sha256;
+use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+
+#[tokio::test]
+async fn the_official_python_sdk_works_through_an_api_key_identity() {
+    let Some(python) = std::env::var_os("TALLYFY_SDK_PYTHON") else {
+        assert!(std::env::var_os("CI").is_none(), "CI must run this test: run it through ./scripts/test");
+        eprintln!("skipped: TALLYFY_SDK_PYTHON is not set (./scripts/test installs the SDK and sets it)");
+        return;
+    };
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let key_hash: String = sha256(b"legacy-sdk-key").iter().map(|b| format!("{b:02x}")).collect();
+    let text = proxy_toml(
+        &sandbox.base_url(),
+        &format!(
+            "[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n\n\
+             [[identities]]\nname = \"python-app\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{key_hash}\" }}\n"
+        ),
+    );
+    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let base_url = format!("http://{}/api", proxy.proxy_addr());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/sdk_through_proxy.py");
+
+    let output = tokio::process::Command::from(Command::new(python))
+        .args([script, &base_url, "legacy-sdk-key", ORG_ID])
+        .output()
+        .await
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).expect("the script prints JSON");
+    assert_eq!(seen["orgs"], 1, "{seen}");
+    assert_eq!(seen["tasks"], 5, "{seen}");
+    assert_eq!(seen["runs"], 5, "{seen}");
+    assert_eq!(seen["refused_status"], 401, "an unknown key is refused by the proxy: {seen}");
+
+    let received = sandbox.received();
+    assert!(received.len() >= 3);
+    for request in &received {
+        let client = request.headers["x-tallyfy-client"].to_str().expect("ascii");
+        assert_eq!(client, "APIClient", "the SDK's TallyfySDK value was replaced");
+        assert!(request.headers.get("authorization").is_some_and(|v| v != "Bearer legacy-sdk-key"));
+    }
+}
