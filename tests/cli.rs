@@ -124,7 +124,8 @@ fn help_explains_every_command_and_version_prints() {
 fn sigterm_stops_a_running_proxy_with_exit_0() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("dir");
-    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).expect("example");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).expect("example");
     let config = example.replace("127.0.0.1:8080", "127.0.0.1:0").replace("127.0.0.1:9901", "127.0.0.1:0");
     std::fs::write(dir.path().join("proxy.toml"), config).expect("write");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))

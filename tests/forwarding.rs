@@ -41,7 +41,9 @@ async fn the_callers_credentials_are_swapped_for_the_tallyfy_token() {
 #[tokio::test]
 async fn accept_json_is_added_when_the_caller_sent_no_accept() {
     let stack = Stack::start().await;
-    let response = raw_request(stack.proxy.proxy_addr(), "GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+    let response =
+        raw_request(stack.proxy.proxy_addr(), "GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await;
     assert_eq!(response.status, 200);
     assert_eq!(stack.sandbox.received().last().expect("forwarded").headers["accept"], "application/json");
 }

@@ -1,0 +1,124 @@
+//! A whole session at the most verbose log level (every crate at TRACE): token
+//! fetches of every kind, refreshes, a rejected token and its replay, callers with
+//! API keys and Basic passwords. Not one secret may appear in the output.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use support::{client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
+use tallyfy_proxy::identity::sha256;
+use tallyfy_proxy::sandbox::SandboxConfig;
+use tallyfy_proxy::sandbox::fixtures::{
+    APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID, PASSWORD, PERSONAL_TOKEN, USER_CLIENT_SECRET,
+};
+
+/// Everything logged, in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+const API_KEY: &str = "legacy-api-key-5f1e9a";
+const BASIC_PASSWORD: &str = "basic-password-8c2d";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_log_at_trace_level() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("trace")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let lifetime = Duration::from_secs(2);
+    let sandbox = start_sandbox_with(SandboxConfig {
+        token_lifetime: lifetime,
+        user_token_lifetime: lifetime,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut text = proxy_toml(&sandbox.base_url(), "");
+    text.push_str(&oauth_credentials());
+    text.push_str(&format!(
+        "\n[[credentials]]\nname = \"pat\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n\
+         \n[[credentials]]\nname = \"minted\"\nkind = \"application_user\"\napplication = \"app\"\norg = \"{ORG_ID}\"\nemail = \"{APP_USER_EMAIL}\"\n\
+         \n[[identities]]\nname = \"keyed\"\ncredential = \"user\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n\
+         \n[[identities]]\nname = \"basic\"\ncredential = \"minted\"\nmatch = {{ basic = {{ user = \"reports\", password_sha256 = \"{}\" }} }}\n\
+         \n[[identities]]\nname = \"sidecar\"\ncredential = \"pat\"\nmatch = {{ source = [\"127.0.0.1/32\"] }}\n",
+        hex(&sha256(API_KEY.as_bytes())),
+        hex(&sha256(BASIC_PASSWORD.as_bytes())),
+    ));
+    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let base = format!("http://{}", proxy.proxy_addr());
+    let http = client();
+
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut round = 0;
+    while Instant::now() < until {
+        if round == 3 {
+            sandbox.revoke_all_tokens(); // forces a rejected token, a refresh and a replay
+        }
+        let keyed = http.get(format!("{base}/api/me")).bearer_auth(API_KEY).send().await.expect("answered");
+        assert_eq!(keyed.status(), 200);
+        let basic = http
+            .get(format!("{base}/api/organizations/{ORG_ID}/me/tasks"))
+            .basic_auth("reports", Some(BASIC_PASSWORD))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(basic.status(), 200);
+        let sidecar = http
+            .get(format!("{base}/api/me"))
+            .header("cookie", "session=c00k1e-value")
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(sidecar.status(), 200);
+        round += 1;
+    }
+    proxy.shutdown().await;
+
+    let log = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
+    assert!(
+        log.contains("token obtained") && log.contains("Tallyfy rejected the token"),
+        "the session exercised refreshes"
+    );
+    assert!(log.lines().count() > 100, "TRACE output was captured");
+    let basic_header = base64::engine::general_purpose::STANDARD.encode(format!("reports:{BASIC_PASSWORD}"));
+    let forbidden = [
+        PERSONAL_TOKEN,
+        APP_CLIENT_SECRET,
+        USER_CLIENT_SECRET,
+        PASSWORD,
+        API_KEY,
+        BASIC_PASSWORD,
+        &basic_header,
+        "c00k1e-value",
+        "eyJ",      // every access token the sandbox issues is a JWT starting with this
+        "def50200", // every refresh token it issues starts with this
+    ];
+    for secret in forbidden {
+        if let Some(at) = log.find(secret) {
+            let line = log[..at].rsplit('\n').next().unwrap_or_default();
+            panic!("{secret:?} appears in the log: ...{line}{secret}...");
+        }
+    }
+}
