@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::Config;
+use tallyfy_proxy::metrics::Metrics;
 use tallyfy_proxy::proxy::Proxy;
 use tallyfy_proxy::server::ConnectionInfo;
 use tallyfy_proxy::tokens::TokenStore;
@@ -65,8 +66,10 @@ fn prepare(c: &mut Criterion) {
     let tokens = TokenStore::new(vec!["ops".into()]);
     let issuer = Issuer::new(&config).expect("issuer");
     // Creating the refresher publishes the static personal token; it is not run.
-    let (_refresher, handle) = Refresher::new(&config, tokens.clone(), issuer).expect("refresher");
-    let proxy = Proxy::new(&config, tokens, handle).expect("proxy");
+    let metrics = Arc::new(Metrics::new());
+    let (_refresher, handle) =
+        Refresher::new(&config, tokens.clone(), issuer, metrics.clone()).expect("refresher");
+    let proxy = Proxy::new(&config, tokens, handle, metrics).expect("proxy");
     let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(

@@ -10,12 +10,14 @@ use std::time::Instant;
 use http::{Method, Request, StatusCode};
 
 use crate::error::{ErrorClass, ProxyError};
+use crate::headers::X_REQUEST_ID;
 
 pub struct AccessLog<'a> {
     started: Instant,
     method: Method,
     path: String,
     peer: SocketAddr,
+    request_id: String,
     pub identity: Option<&'a str>,
     pub upstream_status: Option<StatusCode>,
     /// The request was sent a second time with a refreshed token.
@@ -30,11 +32,32 @@ impl<'a> AccessLog<'a> {
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             peer,
+            request_id: request
+                .headers()
+                .get(X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .chars()
+                .take(128)
+                .collect(),
             identity: None,
             upstream_status: None,
             replayed: false,
             error: None,
         }
+    }
+
+    /// The request's `X-Request-Id` (set by the server layer when the caller sent none).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
     }
 
     pub fn failed(&mut self, error: ProxyError) {
@@ -60,6 +83,7 @@ impl<'a> AccessLog<'a> {
                     identity,
                     replayed,
                     peer = %self.peer,
+                    request_id = %self.request_id,
                     error_code,
                     error_detail,
                     "request"

@@ -1,5 +1,5 @@
-//! The admin listener: `/livez` (the process is up) and `/readyz` (every credential
-//! holds a valid token). Kept off the proxy port so probes never reach Tallyfy.
+//! The admin listener: `/livez` (the process is up), `/readyz` (every credential
+//! holds a valid token) and `/metrics` (Prometheus). Kept off the proxy port so probes never reach Tallyfy.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,16 +10,18 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::metrics::Metrics;
 use crate::tokens::TokenStore;
 
 #[derive(Clone)]
 pub struct Admin {
     tokens: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(tokens: Arc<TokenStore>) -> Self {
-        Admin { tokens }
+    pub fn new(tokens: Arc<TokenStore>, metrics: Arc<Metrics>) -> Self {
+        Admin { tokens, metrics }
     }
 
     pub fn handle<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
@@ -31,6 +33,15 @@ impl Admin {
         }
         match request.uri().path() {
             "/livez" => reply(StatusCode::OK, json!({"status":"live"})),
+            "/metrics" => {
+                let text = self.metrics.render(&self.tokens, Instant::now());
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                );
+                response
+            }
             "/readyz" => {
                 let waiting = self.tokens.not_ready(Instant::now());
                 if waiting.is_empty() {
@@ -44,7 +55,7 @@ impl Admin {
             }
             _ => reply(
                 StatusCode::NOT_FOUND,
-                json!({"error":{"code":"not_found","message":"admin serves /livez and /readyz"}}),
+                json!({"error":{"code":"not_found","message":"admin serves /livez, /readyz and /metrics"}}),
             ),
         }
     }

@@ -14,11 +14,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin::Admin;
 use crate::config::{Config, Listen};
-use crate::headers::CALLER_CREDENTIALS;
+use crate::headers::{CALLER_CREDENTIALS, X_REQUEST_ID};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server::{self, ConnectionInfo, ConnectionLimits};
 use crate::tokens::TokenStore;
@@ -58,6 +60,7 @@ pub struct Running {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     tokens: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -73,6 +76,10 @@ impl Running {
 
     pub fn tokens(&self) -> &Arc<TokenStore> {
         &self.tokens
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Resolves once every credential holds a valid token (what `/readyz` reports).
@@ -99,11 +106,13 @@ impl Running {
 
 /// Starts the refresher and the proxy and admin servers on `listeners`.
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
     let tokens = TokenStore::new(config.credentials.iter().map(|c| c.name.clone()).collect());
     let (refresher, refresh_handle) =
-        Refresher::new(config, tokens.clone(), Issuer::new(config)?).map_err(StartError::Credential)?;
-    let proxy = Proxy::new(config, tokens.clone(), refresh_handle)?;
-    let admin = Admin::new(tokens.clone());
+        Refresher::new(config, tokens.clone(), Issuer::new(config)?, metrics.clone())
+            .map_err(StartError::Credential)?;
+    let proxy = Proxy::new(config, tokens.clone(), refresh_handle, metrics.clone())?;
+    let admin = Admin::new(tokens.clone(), metrics.clone());
     let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
@@ -119,11 +128,15 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         move |connection: ConnectionInfo| {
             let proxy = proxy.clone();
             let connection = Arc::new(connection);
-            ServiceBuilder::new().layer(sensitive.clone()).service_fn(move |request: Request<Incoming>| {
-                let proxy = proxy.clone();
-                let connection = connection.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
-            })
+            ServiceBuilder::new()
+                .layer(sensitive.clone())
+                .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+                .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+                .service_fn(move |request: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    let connection = connection.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
+                })
         },
         shutdown.clone(),
         grace,
@@ -147,5 +160,5 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     ));
     let scheme = if config.listen.tls.is_some() { "https" } else { "http" };
     tracing::info!(proxy = %format!("{scheme}://{proxy_addr}"), admin = %admin_addr, upstream = %config.upstream.base_url, "listening");
-    Ok(Running { proxy_addr, admin_addr, tokens, shutdown, tasks })
+    Ok(Running { proxy_addr, admin_addr, tokens, metrics, shutdown, tasks })
 }

@@ -15,6 +15,7 @@ use crate::error::ProxyError;
 
 pub const X_TALLYFY_CLIENT: HeaderName = HeaderName::from_static("x-tallyfy-client");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");

@@ -48,6 +48,7 @@ pub mod demo;
 pub mod error;
 pub mod headers;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;

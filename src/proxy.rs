@@ -16,12 +16,14 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::access_log::AccessLog;
 use crate::config::{self, Config, Identity};
-use crate::error::ProxyError;
+use crate::error::{ErrorClass, ProxyError};
 use crate::headers;
 use crate::identity::{Caller, Identities};
+use crate::metrics::Metrics;
 use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
@@ -45,6 +47,7 @@ struct Shared {
     identities: Identities,
     tokens: Arc<TokenStore>,
     refresher: RefreshHandle,
+    metrics: Arc<Metrics>,
     client_header: http::HeaderValue,
     limits: config::Server,
     token_rules: config::Tokens,
@@ -70,6 +73,7 @@ impl Proxy {
         config: &Config,
         tokens: Arc<TokenStore>,
         refresher: RefreshHandle,
+        metrics: Arc<Metrics>,
     ) -> Result<Proxy, rustls::Error> {
         Ok(Proxy {
             shared: Arc::new(Shared {
@@ -77,6 +81,7 @@ impl Proxy {
                 identities: Identities::new(config.identities.clone()),
                 tokens,
                 refresher,
+                metrics,
                 client_header: config.upstream.client_header.clone(),
                 limits: config.server.clone(),
                 token_rules: config.tokens.clone(),
@@ -90,15 +95,23 @@ impl Proxy {
         request: Request<Incoming>,
         connection: &ConnectionInfo,
     ) -> Response<ProxyBody> {
+        let metrics = &self.shared.metrics;
+        let _in_flight = InFlight::enter(&metrics.in_flight);
         let mut log = AccessLog::start(&request, connection.peer);
-        let response = match self.forward(request, connection, &mut log).await {
+        let span = tracing::info_span!("request", request_id = log.request_id());
+        let response = match self.forward(request, connection, &mut log).instrument(span).await {
             Ok(response) => response.map(Either::Left),
             Err(error) => {
                 let response = error.to_response().map(Either::Right);
+                if error.class() == ErrorClass::Caller || matches!(error, ProxyError::TokenUnavailable { .. })
+                {
+                    metrics.rejected(error.code());
+                }
                 log.failed(error);
                 response
             }
         };
+        metrics.request(log.identity, log.method(), response.status(), log.elapsed());
         log.finish(response.status());
         response
     }
@@ -135,7 +148,9 @@ impl Proxy {
             (Either::Right(self.limited(body)), None)
         };
 
+        let sent = Instant::now();
         let response = shared.upstream.send(Request::from_parts(head, body)).await?;
+        shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.refresher.token_rejected(credential, lease.generation)
@@ -147,19 +162,24 @@ impl Proxy {
         let Some(replay) = replay else {
             return Ok(clean(response));
         };
+        let credential_name = shared.tokens.name(credential);
+        Metrics::credential(&shared.metrics.single_flight_waiters, credential_name);
         let wait = shared.token_rules.fetch_timeout + Duration::from_secs(1);
         let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, wait).await else {
             return Ok(clean(response));
         };
         drop(response);
         log.replayed = true;
+        Metrics::credential(&shared.metrics.replays, credential_name);
         let mut request = Request::new(Either::Left(Full::new(replay.body)));
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;
         *request.version_mut() = replay.version;
         *request.headers_mut() = replay.headers;
         request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
+        let sent = Instant::now();
         let response = shared.upstream.send(request).await?;
+        shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         Ok(clean(response))
     }
@@ -225,6 +245,23 @@ impl Proxy {
 
     fn limited(&self, body: Incoming) -> Limited<Incoming> {
         Limited::new(body, usize::try_from(self.shared.limits.max_request_body_bytes).unwrap_or(usize::MAX))
+    }
+}
+
+/// Counts a request in flight for as long as it lives, even if the caller hangs
+/// up and the handler future is dropped.
+struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

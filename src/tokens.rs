@@ -175,6 +175,15 @@ impl TokenStore {
         tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
+    /// Number of credentials.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
     pub fn name(&self, id: CredentialId) -> &str {
         &self.names[id.0]
     }

@@ -19,6 +19,7 @@ use super::issuer::{FetchError, Issued, Issuer};
 use super::schedule::Schedule;
 use super::{CredentialId, Token, TokenStore};
 use crate::config::{Config, Credential, CredentialKind};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 
 /// "Tallyfy rejected generation `generation` of this credential's token."
@@ -74,6 +75,7 @@ struct Outcome {
 
 pub struct Refresher {
     store: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
     issuer: Arc<Issuer>,
     schedule: Schedule,
     slots: Vec<Slot>,
@@ -87,6 +89,7 @@ impl Refresher {
         config: &Config,
         store: Arc<TokenStore>,
         issuer: Issuer,
+        metrics: Arc<Metrics>,
     ) -> Result<(Refresher, RefreshHandle), String> {
         let now = Instant::now();
         let mut slots: Vec<Slot> = config
@@ -124,6 +127,7 @@ impl Refresher {
         let (tx, rx) = mpsc::channel(1024);
         let refresher = Refresher {
             store,
+            metrics,
             issuer: Arc::new(issuer),
             schedule: config.tokens.schedule,
             slots,
@@ -161,6 +165,7 @@ impl Refresher {
                 continue;
             }
             slot.fetching = true;
+            Metrics::credential(&self.metrics.refresh_attempts, &slot.credential.name);
             // Taken, not copied: a refresh token is presented at most once, whatever
             // the outcome (a timed-out redemption may still have rotated it).
             let refresh_token = slot.refresh_token.take();
@@ -234,6 +239,7 @@ impl Refresher {
 
     fn failed(&mut self, index: usize, now: Instant, jitter: f64, error: &FetchError) {
         let slot = &mut self.slots[index];
+        self.metrics.refresh_failed(&slot.credential.name, error.reason());
         slot.failures = slot.failures.saturating_add(1);
         let delay = self.schedule.backoff(slot.failures, jitter);
         slot.due = Some(now + delay);

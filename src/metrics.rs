@@ -1,0 +1,267 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+//!
+//! Label sets are bounded: identity and credential names come from the config,
+//! methods are folded to the standard ones, statuses to their class, reasons to
+//! fixed words. Paths and IDs never become labels.
+
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::tokens::{CredentialId, TokenStore};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub identity: String,
+    pub method: String,
+    pub status_class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabel {
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabel {
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub credential: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+/// Every metric the proxy keeps. One instance lives for the whole process (it
+/// survives config reloads), shared by the pipeline, the refresher and the admin
+/// listener.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<IdentityLabel, Histogram>,
+    pub upstream_seconds: Family<IdentityLabel, Histogram>,
+    pub in_flight: Gauge,
+    pub rejections: Family<ReasonLabel, Counter>,
+    pub token_expiry_seconds: Family<CredentialLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub refresh_attempts: Family<CredentialLabel, Counter>,
+    pub refresh_failures: Family<FailureLabels, Counter>,
+    pub single_flight_waiters: Family<CredentialLabel, Counter>,
+    pub replays: Family<CredentialLabel, Counter>,
+    pub dates_rewritten: Counter,
+    pub bodies_invalid: Counter,
+    pub links_rewritten: Counter,
+    pub config_reloads: Family<OutcomeLabel, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tallyfy_proxy");
+        let requests = Family::default();
+        let request_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let upstream_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let in_flight = Gauge::default();
+        let rejections = Family::default();
+        let token_expiry_seconds = Family::default();
+        let refresh_attempts = Family::default();
+        let refresh_failures = Family::default();
+        let single_flight_waiters = Family::default();
+        let replays = Family::default();
+        let dates_rewritten = Counter::default();
+        let bodies_invalid = Counter::default();
+        let links_rewritten = Counter::default();
+        let config_reloads = Family::default();
+        registry.register("requests", "Requests by identity, method and status class", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Whole request latency, until the response head is sent",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from sending to Tallyfy until its response head arrived",
+            upstream_seconds.clone(),
+        );
+        registry.register("requests_in_flight", "Requests being handled now", in_flight.clone());
+        registry.register(
+            "local_rejections",
+            "Requests answered by the proxy itself, by reason",
+            rejections.clone(),
+        );
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the held token expires (negative: expired; absent: no expiry known)",
+            token_expiry_seconds.clone(),
+        );
+        registry.register("token_refresh_attempts", "Token fetches started", refresh_attempts.clone());
+        registry.register(
+            "token_refresh_failures",
+            "Token fetches that failed, by reason",
+            refresh_failures.clone(),
+        );
+        registry.register(
+            "token_single_flight_waiters",
+            "Requests that waited for a refresh another request triggered",
+            single_flight_waiters.clone(),
+        );
+        registry.register("token_replays", "Requests replayed after a dead-token response", replays.clone());
+        registry.register("dates_rewritten", "Request date values rewritten", dates_rewritten.clone());
+        registry.register(
+            "bodies_invalid",
+            "JSON-typed request bodies forwarded untouched because they did not parse",
+            bodies_invalid.clone(),
+        );
+        registry.register(
+            "links_rewritten",
+            "Upstream URLs in responses rewritten to the proxy",
+            links_rewritten.clone(),
+        );
+        registry.register("config_reloads", "Configuration reloads by outcome", config_reloads.clone());
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            upstream_seconds,
+            in_flight,
+            rejections,
+            token_expiry_seconds,
+            refresh_attempts,
+            refresh_failures,
+            single_flight_waiters,
+            replays,
+            dates_rewritten,
+            bodies_invalid,
+            links_rewritten,
+            config_reloads,
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, identity: Option<&str>, method: &Method, status: StatusCode, elapsed: Duration) {
+        let identity = identity.unwrap_or("-").to_owned();
+        self.requests
+            .get_or_create(&RequestLabels {
+                identity: identity.clone(),
+                method: method_label(method).to_owned(),
+                status_class: format!("{}xx", status.as_u16() / 100),
+            })
+            .inc();
+        self.request_seconds.get_or_create(&IdentityLabel { identity }).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream(&self, identity: &str, elapsed: Duration) {
+        self.upstream_seconds
+            .get_or_create(&IdentityLabel { identity: identity.to_owned() })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejections.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    pub fn credential(family: &Family<CredentialLabel, Counter>, credential: &str) {
+        family.get_or_create(&CredentialLabel { credential: credential.to_owned() }).inc();
+    }
+
+    pub fn refresh_failed(&self, credential: &str, reason: &str) {
+        self.refresh_failures
+            .get_or_create(&FailureLabels { credential: credential.to_owned(), reason: reason.to_owned() })
+            .inc();
+    }
+
+    /// The Prometheus text exposition, with token expiry gauges read from `tokens` at `now`.
+    pub fn render(&self, tokens: &TokenStore, now: Instant) -> String {
+        self.token_expiry_seconds.clear();
+        for index in 0..tokens.len() {
+            let id = CredentialId::new(index);
+            if let Some(expires_at) = tokens.expires_at(id) {
+                let seconds = if expires_at >= now {
+                    (expires_at - now).as_secs_f64()
+                } else {
+                    -(now - expires_at).as_secs_f64()
+                };
+                self.token_expiry_seconds
+                    .get_or_create(&CredentialLabel { credential: tokens.name(id).to_owned() })
+                    .set(seconds);
+            }
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use crate::tokens::Token;
+
+    #[test]
+    fn render_counts_requests_and_reads_token_expiry_at_scrape_time() {
+        let metrics = Metrics::new();
+        metrics.request(Some("app"), &Method::GET, StatusCode::OK, Duration::from_millis(3));
+        metrics.request(
+            Some("app"),
+            &Method::from_bytes(b"BREW").expect("method"),
+            StatusCode::NOT_FOUND,
+            Duration::ZERO,
+        );
+        let tokens = TokenStore::new(vec!["ops".into()]);
+        let now = Instant::now();
+        let token = Token::bearer(&Secret::new("t"), Some(now + Duration::from_secs(100))).expect("token");
+        tokens.publish(CredentialId::new(0), token);
+        let text = metrics.render(&tokens, now);
+        assert!(
+            text.contains(
+                r#"tallyfy_proxy_requests_total{identity="app",method="GET",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"method="other",status_class="4xx"} 1"#), "{text}");
+        assert!(text.contains(r#"tallyfy_proxy_token_expiry_seconds{credential="ops"} 100.0"#), "{text}");
+        let later = metrics.render(&tokens, now + Duration::from_secs(40));
+        assert!(later.contains(r#"tallyfy_proxy_token_expiry_seconds{credential="ops"} 60.0"#), "{later}");
+    }
+}

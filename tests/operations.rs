@@ -1,0 +1,135 @@
+//! Running it like infrastructure: Prometheus metrics after a scripted session,
+//! and request ids kept, generated, sent upstream and returned.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Stack, client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
+use tallyfy_proxy::sandbox::SandboxConfig;
+use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_a_scripted_session() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    for _ in 0..3 {
+        assert_eq!(http.get(stack.url("/api/me")).send().await.expect("answered").status(), 200);
+    }
+    assert_eq!(http.get(stack.url("/nope")).send().await.expect("answered").status(), 404);
+    let created = http
+        .post(stack.url(&format!("/api/organizations/{ORG_ID}/tasks")))
+        .json(&serde_json::json!({"title": "t", "deadline": "not a date"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(created.status(), 422, "Tallyfy's own 4xx passes through");
+
+    let text = http
+        .get(format!("http://{}/metrics", stack.proxy.admin_addr()))
+        .send()
+        .await
+        .expect("scraped")
+        .text()
+        .await
+        .expect("text");
+    let requests = |labels: &str| sample(&text, &format!("tallyfy_proxy_requests_total{{{labels}}}"));
+    assert_eq!(requests(r#"identity="local-app",method="GET",status_class="2xx""#), Some(3.0), "{text}");
+    assert_eq!(requests(r#"identity="local-app",method="POST",status_class="4xx""#), Some(1.0), "{text}");
+    assert_eq!(requests(r#"identity="-",method="GET",status_class="4xx""#), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, r#"tallyfy_proxy_local_rejections_total{reason="not_proxied"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"tallyfy_proxy_upstream_duration_seconds_count{identity="local-app"}"#),
+        Some(4.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "tallyfy_proxy_requests_in_flight"), Some(0.0), "{text}");
+    assert!(!text.contains("/api/me"), "no paths in labels");
+}
+
+#[tokio::test]
+async fn the_token_expiry_gauge_moves_with_time_and_refreshes_are_counted() {
+    let sandbox = start_sandbox_with(SandboxConfig {
+        token_lifetime: Duration::from_secs(600),
+        ..SandboxConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let text = proxy_toml(&sandbox.base_url(), &oauth_credentials())
+        + "\n[[identities]]\nname = \"all\"\ncredential = \"user\"\nmatch = { any = true }\n";
+    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let scrape = || async {
+        client()
+            .get(format!("http://{}/metrics", proxy.admin_addr()))
+            .send()
+            .await
+            .expect("scraped")
+            .text()
+            .await
+            .expect("text")
+    };
+    let first = scrape().await;
+    let gauge = r#"tallyfy_proxy_token_expiry_seconds{credential="user"}"#;
+    let before = sample(&first, gauge).expect("the gauge is exported");
+    assert!(before > 590.0 && before <= 600.0, "{before}");
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the point: let time pass
+    let after = sample(&scrape().await, gauge).expect("exported");
+    assert!(after < before - 1.0, "{before} -> {after}");
+    assert_eq!(
+        sample(&first, r#"tallyfy_proxy_token_refresh_attempts_total{credential="user"}"#),
+        Some(1.0),
+        "{first}"
+    );
+
+    sandbox.revoke_all_tokens();
+    assert_eq!(
+        client()
+            .get(format!("http://{}/api/me", proxy.proxy_addr()))
+            .send()
+            .await
+            .expect("answered")
+            .status(),
+        200
+    );
+    let text = scrape().await;
+    assert_eq!(sample(&text, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, r#"tallyfy_proxy_token_refresh_attempts_total{credential="user"}"#),
+        Some(2.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_or_generated_sent_upstream_and_returned() {
+    let stack = Stack::start().await;
+    let kept = stack
+        .client
+        .get(stack.url("/api/me"))
+        .header("x-request-id", "legacy-42")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(kept.headers()["x-request-id"], "legacy-42");
+    assert_eq!(stack.sandbox.received().last().expect("forwarded").headers["x-request-id"], "legacy-42");
+
+    let generated = stack.client.get(stack.url("/api/me")).send().await.expect("answered");
+    let id = generated.headers()["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(stack.sandbox.received().last().expect("forwarded").headers["x-request-id"], id.as_str());
+
+    let refused = stack.client.get(stack.url("/nope")).send().await.expect("answered");
+    assert!(refused.headers().contains_key("x-request-id"), "local errors carry one too");
+}
