@@ -1,0 +1,51 @@
+//! The `proxy.toml` inside each Kubernetes kustomization passes `tallyfy-proxy
+//! check`, laid out as the pod mounts it (config/ and secrets/ side by side), and
+//! every secret file it names is a key of the kustomization's Secret.
+
+use std::path::Path;
+use std::process::Command;
+
+fn secret_files(config: &str) -> Vec<String> {
+    config
+        .split("file = \"../secrets/")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_deployed_config_passes_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&root).expect("deploy/kubernetes exists") {
+        let folder = entry.expect("entry").path();
+        let Ok(config) = std::fs::read_to_string(folder.join("proxy.toml")) else { continue };
+        let secret = std::fs::read_to_string(folder.join("secret.yaml")).expect("a secret.yaml beside proxy.toml");
+
+        let pod = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(pod.path().join("config")).expect("mkdir");
+        std::fs::create_dir_all(pod.path().join("secrets")).expect("mkdir");
+        std::fs::write(pod.path().join("config/proxy.toml"), &config).expect("write");
+        let files = secret_files(&config);
+        assert!(!files.is_empty(), "{}: the example reads its secrets from files", folder.display());
+        for file in &files {
+            assert!(secret.contains(&format!("\n  {file}: ")), "{}: secret.yaml lacks key {file}", folder.display());
+            std::fs::write(pod.path().join("secrets").join(file), "placeholder\n").expect("write");
+        }
+        let output = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
+            .args(["check", "--config", "config/proxy.toml"])
+            .current_dir(pod.path())
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{}: {}{}",
+            folder.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 2, "sidecar and gateway");
+}
