@@ -62,7 +62,12 @@ pub struct Running {
     tokens: Arc<TokenStore>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// The proxy and admin servers.
     tasks: JoinSet<()>,
+    /// Stopped only after the servers have drained, so tokens stay fresh (and
+    /// rejected ones are replaced) for the requests still finishing.
+    refresher_stop: CancellationToken,
+    refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -92,15 +97,20 @@ impl Running {
         self.shutdown.cancel();
     }
 
-    /// Drains and waits until both listeners have finished.
+    /// Drains and waits until everything has stopped.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        self.stopped().await;
     }
 
-    /// Waits until the servers stop (after [`Running::begin_shutdown`]).
+    /// Waits until the servers have drained (after [`Running::begin_shutdown`]),
+    /// then stops the refresher.
     pub async fn stopped(&mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.refresher_stop.cancel();
+        if let Some(refresher) = self.refresher.take() {
+            let _ = refresher.await;
+        }
     }
 }
 
@@ -119,8 +129,9 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let admin_addr = listeners.admin.local_addr()?;
     let sensitive = SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS);
 
+    let refresher_stop = CancellationToken::new();
+    let refresher = tokio::spawn(refresher.run(refresher_stop.clone()));
     let mut tasks = JoinSet::new();
-    tasks.spawn(refresher.run(shutdown.clone()));
     tasks.spawn(server::serve(
         listeners.proxy,
         config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
@@ -160,5 +171,14 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     ));
     let scheme = if config.listen.tls.is_some() { "https" } else { "http" };
     tracing::info!(proxy = %format!("{scheme}://{proxy_addr}"), admin = %admin_addr, upstream = %config.upstream.base_url, "listening");
-    Ok(Running { proxy_addr, admin_addr, tokens, metrics, shutdown, tasks })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        tokens,
+        metrics,
+        shutdown,
+        tasks,
+        refresher_stop,
+        refresher: Some(refresher),
+    })
 }

@@ -1,6 +1,7 @@
-//! The names a verified client certificate vouches for: URI SANs (SPIFFE IDs),
-//! DNS SANs and the subject CN, in that order. `client_cert` identity rules match
-//! against them.
+//! The names a verified client certificate vouches for: URI SANs (SPIFFE IDs) and
+//! DNS SANs; the subject CN only when the certificate has no SAN at all (as RFC
+//! 6125 treats CNs), so a CN cannot impersonate a SPIFFE ID. `client_cert`
+//! identity rules match against them.
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
@@ -25,9 +26,11 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
             }
         }
     }
-    for cn in parsed.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            names.push(cn.to_owned());
+    if names.is_empty() {
+        for cn in parsed.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                names.push(cn.to_owned());
+            }
         }
     }
     names

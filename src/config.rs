@@ -65,6 +65,8 @@ pub struct ListenTls {
     pub server_config: Arc<rustls::ServerConfig>,
     /// Whether callers must present a client certificate (`client_auth = "required"`).
     pub client_cert_required: bool,
+    /// Whether client certificates are verified at all (`client_ca` given).
+    pub verifies_client_certs: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,8 @@ pub struct Tokens {
     pub dead_token_statuses: Vec<StatusCode>,
     /// Bodies up to this size are kept so a request can be replayed after a refresh.
     pub replay_max_body_bytes: u64,
+    /// A rejection forces at most one refresh per credential in this interval.
+    pub min_forced_refresh_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

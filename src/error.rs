@@ -32,6 +32,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {} ms", .0.as_millis())]
+    BodyTimeout(Duration),
     #[error("no identity matches this caller")]
     UnknownCaller,
     #[error("{0}")]
@@ -56,6 +58,7 @@ impl ProxyError {
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
+            | Self::BodyTimeout(_)
             | Self::UnknownCaller
             | Self::Forbidden(_) => ErrorClass::Caller,
             Self::TokenUnavailable { .. }
@@ -70,6 +73,7 @@ impl ProxyError {
         match self {
             Self::NotProxied => StatusCode::NOT_FOUND,
             Self::BadTarget(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownCaller => StatusCode::UNAUTHORIZED,
@@ -89,6 +93,7 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyRead(_) => "request_body_error",
+            Self::BodyTimeout(_) => "request_body_timeout",
             Self::UnknownCaller => "unknown_caller",
             Self::Forbidden(_) => "forbidden",
             Self::TokenUnavailable { .. } => "token_unavailable",
@@ -105,6 +110,7 @@ impl ProxyError {
             Self::UpstreamUnreachable(_) => "Tallyfy could not be reached".to_owned(),
             Self::UpstreamBroken(_) => "the connection to Tallyfy failed".to_owned(),
             Self::Internal(_) => "the proxy failed to handle this request".to_owned(),
+            Self::BodyRead(_) => "the request body could not be read".to_owned(),
             Self::TokenUnavailable { .. } => {
                 "no valid Tallyfy token is available for this caller yet; retry later".to_owned()
             }
@@ -174,6 +180,7 @@ mod tests {
             ProxyError::HeadersTooLarge { limit: "max_headers", value: 1 },
             ProxyError::BodyTooLarge { limit: 1 },
             ProxyError::BodyRead("x".into()),
+            ProxyError::BodyTimeout(Duration::from_secs(1)),
             ProxyError::UnknownCaller,
             ProxyError::Forbidden("x"),
             ProxyError::TokenUnavailable { credential: "c".into(), retry_after: Duration::from_secs(1) },

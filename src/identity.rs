@@ -108,7 +108,11 @@ impl Matcher {
                 bool::from(user_ok & password_ok)
             }),
             Self::ClientCert { name } => caller.cert_names.iter().any(|n| n == name),
-            Self::Source { networks } => networks.iter().any(|net| net.contains(&caller.peer.ip())),
+            Self::Source { networks } => {
+                // An IPv4 caller on a dual-stack listener appears as ::ffff:a.b.c.d.
+                let ip = caller.peer.ip().to_canonical();
+                networks.iter().any(|net| net.contains(&ip))
+            }
         }
     }
 }
@@ -240,6 +244,7 @@ mod tests {
         assert_eq!(who(&ids, &[], "127.0.0.1:1", &spiffe), Some("mesh"));
         assert_eq!(who(&ids, &[], "10.1.2.3:5000", &[]), Some("office"));
         assert_eq!(who(&ids, &[], "10.2.0.1:5000", &[]), None);
+        assert_eq!(who(&ids, &[], "[::ffff:10.1.2.3]:5000", &[]), Some("office"), "IPv4-mapped IPv6 peers");
     }
 
     #[test]

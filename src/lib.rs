@@ -57,4 +57,5 @@ pub mod server;
 pub mod target;
 pub mod telemetry;
 pub mod tokens;
+pub mod upload;
 pub mod upstream;

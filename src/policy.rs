@@ -4,8 +4,11 @@
 //! Also the `current` org alias: an app that does not know its org ID calls
 //! `/api/organizations/current/...` and the identity's org is put in its place.
 
+use std::borrow::Cow;
+
 use http::Method;
 use http::uri::PathAndQuery;
+use percent_encoding::percent_decode_str;
 
 /// The path segment replaced by the identity's `org_alias`.
 pub const CURRENT_ORG: &str = "current";
@@ -65,13 +68,13 @@ impl PathPattern {
         Ok(PathPattern { segments })
     }
 
-    pub fn matches(&self, path: &str) -> bool {
-        let mut actual = path.split('/').skip(1);
-        self.segments.iter().all(|want| match (want, actual.next()) {
-            (_, None) => false,
-            (None, Some(segment)) => !segment.is_empty(),
-            (Some(literal), Some(segment)) => literal == segment,
-        })
+    /// Whether the decoded `segments` (of a whole path) start with this pattern.
+    fn matches(&self, segments: &[Cow<'_, str>]) -> bool {
+        self.segments.len() <= segments.len()
+            && self.segments.iter().zip(segments).all(|(want, segment)| match want {
+                None => !segment.is_empty(),
+                Some(literal) => literal == segment,
+            })
     }
 }
 
@@ -96,21 +99,25 @@ impl Policy {
         PathAndQuery::try_from(format!("/api/{family}/{org}{rest}")).ok()
     }
 
-    /// Whether `method path` is allowed.
+    /// Whether `method path` is allowed. Rules are checked against the path as
+    /// Tallyfy will read it (each segment percent-decoded, as Laravel matches
+    /// routes), so `%6Frganizations` is an organizations route too. A path whose
+    /// decoding is ambiguous (an encoded `/` or `\`, an empty segment) is refused.
     pub fn authorize(&self, method: &Method, path: &str) -> Result<(), Denied> {
         if let Some(methods) = &self.methods
             && !methods.contains(method)
         {
             return Err(Denied::Method);
         }
+        let segments = decoded_segments(path).ok_or(Denied::Path)?;
         if let Some(orgs) = &self.orgs
-            && let Some(org) = org_of(path)
+            && let Some(org) = org_of(&segments)
             && !orgs.iter().any(|allowed| allowed.eq_ignore_ascii_case(org))
         {
             return Err(Denied::Org);
         }
         if let Some(paths) = &self.paths
-            && !paths.iter().any(|p| p.matches(path))
+            && !paths.iter().any(|p| p.matches(&segments))
         {
             return Err(Denied::Path);
         }
@@ -118,17 +125,28 @@ impl Policy {
     }
 }
 
-/// The organization an org-scoped path names (`/api/organizations/{org}/...`).
-pub fn org_of(path: &str) -> Option<&str> {
-    let mut segments = path.split('/').skip(1);
-    if segments.next() != Some("api") {
-        return None;
+/// The path's segments after the leading `/`, percent-decoded; `None` when a
+/// segment is empty, not UTF-8, or decodes to something holding `/` or `\`.
+fn decoded_segments(path: &str) -> Option<Vec<Cow<'_, str>>> {
+    path.strip_prefix('/')?
+        .split('/')
+        .map(|raw| {
+            let decoded = percent_decode_str(raw).decode_utf8().ok()?;
+            let ambiguous = decoded.is_empty() || decoded.contains(['/', '\\']);
+            (!ambiguous).then_some(decoded)
+        })
+        .collect()
+}
+
+/// The organization an org-scoped path names (`/api/organizations/{org}/...`),
+/// `Some("")` for an org-scoped route without one.
+fn org_of<'a>(segments: &'a [Cow<'_, str>]) -> Option<&'a str> {
+    match segments {
+        [api, family, rest @ ..] if api == "api" && ORG_SCOPED.contains(&family.as_ref()) => {
+            Some(rest.first().map_or("", |org| org.as_ref()))
+        }
+        _ => None,
     }
-    let family = segments.next()?;
-    if !ORG_SCOPED.contains(&family) {
-        return None;
-    }
-    Some(segments.next().unwrap_or(""))
 }
 
 #[cfg(test)]

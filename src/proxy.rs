@@ -153,10 +153,12 @@ impl Proxy {
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
-            || !shared.refresher.token_rejected(credential, lease.generation)
+            || !shared.refresher.is_refreshable(credential)
         {
             return Ok(clean(response));
         }
+        let settled = shared.tokens.settled(credential);
+        shared.refresher.token_rejected(credential, lease.generation);
         // Tallyfy rejected the token. One refresh runs however many requests saw it;
         // a kept request waits for it and goes again, a streamed one cannot.
         let Some(replay) = replay else {
@@ -164,8 +166,10 @@ impl Proxy {
         };
         let credential_name = shared.tokens.name(credential);
         Metrics::credential(&shared.metrics.single_flight_waiters, credential_name);
-        let wait = shared.token_rules.fetch_timeout + Duration::from_secs(1);
-        let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, wait).await else {
+        // One refresh may take up to three calls (refresh, then password; or mint,
+        // provision, mint). A failed or declined refresh releases the wait at once.
+        let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
+        let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, settled, wait).await else {
             return Ok(clean(response));
         };
         drop(response);
@@ -235,7 +239,12 @@ impl Proxy {
         }
         match declared_length(&head.headers) {
             Some(length) if length <= max => {
-                let collected = Limited::new(body, length as usize).collect().await;
+                // A slow caller may not hold a task forever: the kept body must
+                // arrive within the upstream request timeout.
+                let limit = self.shared.upstream.request_timeout();
+                let collected = tokio::time::timeout(limit, Limited::new(body, length as usize).collect())
+                    .await
+                    .map_err(|_| ProxyError::BodyTimeout(limit))?;
                 let bytes = collected.map_err(|e| ProxyError::BodyRead(e.to_string()))?.to_bytes();
                 Ok(Ok(bytes))
             }

@@ -252,6 +252,11 @@ impl Sandbox {
         self.shared.lock().tokens.revoke_all();
     }
 
+    /// Every refresh token becomes unknown (`invalid_grant` when redeemed).
+    pub fn revoke_refresh_tokens(&self) {
+        self.shared.lock().tokens.revoke_refresh_tokens();
+    }
+
     pub fn revoke_personal_token(&self) {
         self.shared.lock().tokens.set_personal_revoked(true);
     }

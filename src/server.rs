@@ -16,6 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::client_cert;
@@ -89,8 +90,12 @@ pub async fn serve<M, S, B>(
     let acceptor = tls.map(TlsAcceptor::from);
     let make_service = Arc::new(make_service);
     let graceful = GracefulShutdown::new();
+    // Every connection task, so the ones still open when the grace period ends
+    // can be cut (dropping a connection closes its socket).
+    let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            Some(_finished) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     if let Err(error) = stream.set_nodelay(true) {
@@ -101,7 +106,7 @@ pub async fn serve<M, S, B>(
                     let make_service = make_service.clone();
                     let acceptor = acceptor.clone();
                     let handshake_timeout = limits.header_read_timeout;
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         let Some(acceptor) = acceptor else {
                             let service = make_service(ConnectionInfo { peer, cert_names: Arc::from([]) });
                             return serve_io(&builder, TokioIo::new(stream), service, watcher, peer).await;
@@ -135,9 +140,12 @@ pub async fn serve<M, S, B>(
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
+            connections = connections.len(),
             "drain grace period elapsed; closing remaining connections"
         );
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
 }
 
 async fn serve_io<I, S, B>(

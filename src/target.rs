@@ -32,6 +32,11 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     if !path.starts_with(API_PREFIX) {
         return Err(ProxyError::NotProxied);
     }
+    if is_token_endpoint(path) {
+        return Err(ProxyError::Forbidden(
+            "the OAuth endpoints are the proxy's own business: callers never need them",
+        ));
+    }
     for segment in path.split('/') {
         match classify_segment(segment) {
             Segment::Plain => {}
@@ -40,6 +45,12 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
         }
     }
     Ok(())
+}
+
+/// `/api/oauth/...`, however its second segment is encoded.
+fn is_token_endpoint(path: &str) -> bool {
+    let second = path[API_PREFIX.len()..].split('/').next().unwrap_or_default();
+    percent_decode(second.as_bytes()).eq(b"oauth".iter().copied())
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -110,6 +121,14 @@ mod tests {
         ] {
             assert!(matches!(check_h1(Method::GET, target), Err(ProxyError::BadTarget(_))), "{target}");
         }
+    }
+
+    #[test]
+    fn the_token_endpoint_is_not_for_callers() {
+        for target in ["/api/oauth/token", "/api/%6Fauth/token", "/api/oauth"] {
+            assert!(matches!(check_h1(Method::POST, target), Err(ProxyError::Forbidden(_))), "{target}");
+        }
+        assert!(check_h1(Method::GET, "/api/oauthx/token").is_ok());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -105,8 +106,11 @@ pub struct TokenStore {
     current: ArcSwap<Snapshot>,
     /// Credential names, for readiness messages.
     names: Box<[String]>,
-    /// Bumped on every publish, so start-up and tests can wait for readiness
-    /// instead of polling.
+    /// Per credential: fetch attempts finished (published or failed) and
+    /// rejections the refresher declined. Requests waiting after a rejection stop
+    /// waiting when it moves.
+    settled: Box<[AtomicU64]>,
+    /// Bumped on every publish and settle, so waiters wake instead of polling.
     published: watch::Sender<u64>,
 }
 
@@ -115,6 +119,7 @@ impl TokenStore {
         let empty = Snapshot { tokens: vec![None; names.len()].into_boxed_slice() };
         Arc::new(TokenStore {
             current: ArcSwap::from_pointee(empty),
+            settled: names.iter().map(|_| AtomicU64::new(0)).collect(),
             names: names.into_boxed_slice(),
             published: watch::channel(0).0,
         })
@@ -152,13 +157,38 @@ impl TokenStore {
             next.tokens[id.0] = Some(token.clone());
             next
         });
+        self.settle(id);
+    }
+
+    /// Marks the end of a fetch attempt for `id` (or a declined rejection) and
+    /// wakes waiters.
+    pub fn settle(&self, id: CredentialId) {
+        self.settled[id.0].fetch_add(1, Ordering::Release);
         self.published.send_modify(|version| *version += 1);
     }
 
-    /// Waits until a token newer than `generation` is published for `id` and
-    /// valid, or `timeout` passes. How requests that saw a rejected token share
-    /// the one refresh it triggered.
-    pub async fn newer_than(&self, id: CredentialId, generation: u64, timeout: Duration) -> Option<Lease> {
+    /// How many attempts for `id` have settled so far.
+    pub fn settled(&self, id: CredentialId) -> u64 {
+        self.settled[id.0].load(Ordering::Acquire)
+    }
+
+    /// The token currently held for `id`, expired or not (for handing over state).
+    pub fn token(&self, id: CredentialId) -> Option<Token> {
+        self.current.load().tokens[id.0].clone()
+    }
+
+    /// After reporting generation `generation` of `id` as rejected (having read
+    /// `settled` = [`TokenStore::settled`] before reporting): waits until a newer,
+    /// valid token is published (`Some`), or an attempt settles without one, or
+    /// `timeout` passes (`None`). How requests that saw a rejected token share the
+    /// one refresh it triggered, and learn quickly when there will be none.
+    pub async fn newer_than(
+        &self,
+        id: CredentialId,
+        generation: u64,
+        settled: u64,
+        timeout: Duration,
+    ) -> Option<Lease> {
         let mut published = self.published.subscribe();
         let wait = async {
             loop {
@@ -166,6 +196,9 @@ impl TokenStore {
                     && lease.generation > generation
                 {
                     return Some(lease);
+                }
+                if self.settled(id) > settled {
+                    return None;
                 }
                 if published.changed().await.is_err() {
                     return None;
@@ -270,17 +303,35 @@ mod tests {
         let store = TokenStore::new(vec!["a".into()]);
         let id = CredentialId::new(0);
         store.publish(id, token("old", None));
+        let settled = store.settled(id);
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { store.newer_than(id, 1, Duration::from_secs(5)).await }
+            async move { store.newer_than(id, 1, settled, Duration::from_secs(5)).await }
         });
         store.publish(id, token("new", None));
         let lease = waiter.await.expect("task").expect("a newer token arrived");
         assert_eq!((lease.authorization.to_str().ok(), lease.generation), (Some("Bearer new"), 2));
+        let settled = store.settled(id);
         assert_eq!(
-            store.newer_than(id, 2, Duration::from_millis(20)).await,
+            store.newer_than(id, 2, settled, Duration::from_millis(20)).await,
             None,
             "times out without a newer one"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_releases_waiters_at_once() {
+        let store = TokenStore::new(vec!["a".into()]);
+        let id = CredentialId::new(0);
+        store.publish(id, token("old", None));
+        let settled = store.settled(id);
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.newer_than(id, 1, settled, Duration::from_secs(60)).await }
+        });
+        store.settle(id); // the refresh failed
+        let result =
+            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("released well before 60 s");
+        assert_eq!(result.expect("task"), None);
     }
 }

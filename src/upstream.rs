@@ -7,7 +7,7 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -21,13 +21,17 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config;
 use crate::error::ProxyError;
+use crate::upload::{Activity, Tracked};
 
 /// The body sent upstream: a kept (replayable) body, or the caller's body
 /// streamed and cut off at the size limit.
 pub type RequestBody = Either<Full<Bytes>, Limited<Incoming>>;
 
+/// What the client actually sends: the body, reporting its progress.
+type SentBody = Tracked<RequestBody>;
+
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    client: Client<HttpsConnector<HttpConnector>, SentBody>,
     scheme: Scheme,
     authority: Authority,
     path_prefix: String,
@@ -66,6 +70,10 @@ impl Upstream {
         })
     }
 
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
@@ -89,15 +97,27 @@ impl Upstream {
     }
 
     /// Sends `request` (whose URI came from [`Upstream::uri_for`]) and waits for the
-    /// response head, at most `upstream.request_timeout_ms`. The response body
+    /// response head. `upstream.request_timeout_ms` bounds Tallyfy's silence: the
+    /// time since the request body last moved (so a long upload is not a
+    /// timeout while it flows) until the response head arrives. The response body
     /// streams on afterwards.
-    pub async fn send(&self, mut request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        let activity = Activity::new();
+        let (mut head, body) = request.into_parts();
         // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
-        *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
-            Err(_elapsed) => Err(ProxyError::UpstreamTimeout(self.request_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(self.classify(&error)),
+        head.version = Version::HTTP_11;
+        let response = self.client.request(Request::from_parts(head, Tracked::new(body, activity.clone())));
+        tokio::pin!(response);
+        loop {
+            let deadline = activity.last() + self.request_timeout;
+            tokio::select! {
+                result = &mut response => return result.map_err(|error| self.classify(&error)),
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if activity.last() + self.request_timeout <= Instant::now() {
+                        return Err(ProxyError::UpstreamTimeout(self.request_timeout));
+                    }
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use support::{
     start_sandbox_with,
 };
 use tallyfy_proxy::app::Running;
-use tallyfy_proxy::sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, USERNAME};
+use tallyfy_proxy::sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, OTHER_ORG_ID, USERNAME};
 use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, TokenFault};
 
 fn sandbox_config(lifetime: Duration) -> SandboxConfig {
@@ -190,13 +190,18 @@ async fn a_token_endpoint_down_at_start_means_not_ready_then_ready() {
 async fn mid_life_outage_serves_until_expiry_then_503_then_recovers() {
     let setup = Setup::start(Duration::from_secs(2), None, true).await;
     setup.sandbox.set_token_fault(Some(TokenFault::ServerError));
+    let user = tallyfy_proxy::tokens::CredentialId::new(1);
+    assert_eq!(setup.proxy.tokens().name(user), "user");
+    let expires_at = setup.proxy.tokens().expires_at(user).expect("an OAuth token has an expiry");
     // The held token keeps serving while refreshes fail...
     assert_eq!(setup.get("user-caller", ME).await.status(), 200);
     // ...until it really expires; then callers get 503, never an expired token.
     let started = Instant::now();
     loop {
+        let asked = Instant::now();
         let status = setup.get("user-caller", ME).await.status();
         if status == 503 {
+            assert!(asked >= expires_at - Duration::from_millis(50), "503 only once the token has expired");
             break;
         }
         assert_eq!(status, 200, "only 200 or, after expiry, 503");
@@ -266,10 +271,79 @@ async fn a_streamed_body_is_not_replayed_and_the_401_goes_back() {
         .await
         .expect("answered");
     assert_eq!(response.status(), 401, "a body that was not kept cannot be sent twice");
-    // The rejection still triggered a refresh: the next request works.
-    ready_within(&setup.proxy, Duration::from_secs(10)).await;
+    // The rejection still triggered a refresh, by itself.
+    let refreshed =
+        |s: &Setup| s.sandbox.token_requests().iter().filter(|t| t.grant == "refresh_token").count();
+    wait_for(|| refreshed(&setup) == 1).await;
     let next = setup.get("user-caller", ME).await;
     assert_eq!(next.status(), 200);
+}
+
+#[tokio::test]
+async fn a_refused_refresh_token_falls_back_to_the_password_grant() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    setup.sandbox.revoke_refresh_tokens();
+    setup.sandbox.revoke_all_tokens();
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200, "replayed after the fallback");
+    let user_grants: Vec<(String, u16)> = setup
+        .sandbox
+        .token_requests()
+        .iter()
+        .filter(|t| t.grant == "password" || t.grant == "refresh_token")
+        .map(|t| (t.grant.clone(), t.answered))
+        .collect();
+    let expected =
+        [("password", 200), ("refresh_token", 400), ("password", 200)].map(|(g, s)| (g.to_owned(), s));
+    assert_eq!(user_grants, expected);
+    assert_eq!(setup.sandbox.double_redemptions(), 0);
+}
+
+#[tokio::test]
+async fn a_kept_json_body_is_replayed_byte_for_byte() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    setup.sandbox.revoke_all_tokens();
+    let body = r#"{"title":"Replayed task", "deadline":"2025-30-09 17:00:00"}"#;
+    let response = setup
+        .http
+        .post(format!("http://{}/api/organizations/{ORG_ID}/tasks", setup.proxy.proxy_addr()))
+        .header("x-api-key", "user-caller")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 201);
+    let posts: Vec<_> = setup.sandbox.received().into_iter().filter(|r| r.uri.ends_with("/tasks")).collect();
+    assert_eq!(posts.len(), 2, "sent, rejected, sent again");
+    assert_eq!(posts[0].body, body.as_bytes());
+    assert_eq!(posts[1].body, body.as_bytes());
+    assert_ne!(posts[0].headers["authorization"], posts[1].headers["authorization"], "with a new token");
+}
+
+#[tokio::test]
+async fn a_403_is_a_business_rule_not_a_dead_token() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    let before = setup.token_calls();
+    let response = setup.get("user-caller", &format!("/api/organizations/{OTHER_ORG_ID}/tasks")).await;
+    assert_eq!(response.status(), 403);
+    assert_eq!(setup.token_calls(), before, "no refresh for a 403");
+    let sent = setup.sandbox.received().iter().filter(|r| r.uri.contains(OTHER_ORG_ID)).count();
+    assert_eq!(sent, 1, "and no replay");
+}
+
+#[tokio::test]
+async fn rejections_force_at_most_one_refresh_per_interval() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    let refreshes =
+        |s: &Setup| s.sandbox.token_requests().iter().filter(|t| t.grant == "refresh_token").count();
+    setup.sandbox.revoke_all_tokens();
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200, "the first rejection refreshes");
+    assert_eq!(refreshes(&setup), 1);
+    setup.sandbox.revoke_all_tokens();
+    // A second rejection right after: declined (min_forced_refresh_interval), so
+    // the caller gets Tallyfy's 401 at once rather than a refresh per request.
+    assert_eq!(setup.get("user-caller", ME).await.status(), 401);
+    assert_eq!(refreshes(&setup), 1, "no second forced refresh within the interval");
 }
 
 /// Polls `done` until it holds, at most 10 s. For conditions only the sandbox can
@@ -280,4 +354,21 @@ async fn wait_for(mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "condition not reached in 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_dead_application_token_is_renewed_and_the_user_re_minted() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    let before = setup.sandbox.token_requests().len();
+    setup.sandbox.revoke_all_tokens();
+    assert_eq!(
+        setup.get("minted-caller", &my_tasks()).await.status(),
+        200,
+        "replayed with a re-minted token"
+    );
+    let calls: Vec<(String, u16)> =
+        setup.sandbox.token_requests()[before..].iter().map(|t| (t.grant.clone(), t.answered)).collect();
+    let expected = [("user_token", 401), ("client_credentials", 200), ("user_token", 200)]
+        .map(|(g, s)| (g.to_owned(), s));
+    assert_eq!(calls, expected);
 }

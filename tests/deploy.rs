@@ -21,7 +21,8 @@ fn every_deployed_config_passes_check() {
     for entry in std::fs::read_dir(&root).expect("deploy/kubernetes exists") {
         let folder = entry.expect("entry").path();
         let Ok(config) = std::fs::read_to_string(folder.join("proxy.toml")) else { continue };
-        let secret = std::fs::read_to_string(folder.join("secret.yaml")).expect("a secret.yaml beside proxy.toml");
+        let secret =
+            std::fs::read_to_string(folder.join("secret.yaml")).expect("a secret.yaml beside proxy.toml");
 
         let pod = tempfile::tempdir().expect("dir");
         std::fs::create_dir_all(pod.path().join("config")).expect("mkdir");
@@ -30,7 +31,11 @@ fn every_deployed_config_passes_check() {
         let files = secret_files(&config);
         assert!(!files.is_empty(), "{}: the example reads its secrets from files", folder.display());
         for file in &files {
-            assert!(secret.contains(&format!("\n  {file}: ")), "{}: secret.yaml lacks key {file}", folder.display());
+            assert!(
+                secret.contains(&format!("\n  {file}: ")),
+                "{}: secret.yaml lacks key {file}",
+                folder.display()
+            );
             std::fs::write(pod.path().join("secrets").join(file), "placeholder\n").expect("write");
         }
         let output = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))

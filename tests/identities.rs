@@ -100,6 +100,7 @@ async fn policy_violations_are_403_and_never_forwarded() {
         (reqwest::Method::POST, format!("/api/organizations/{ORG_ID}/tasks")),
         (reqwest::Method::GET, format!("/api/organizations/{ORG_ID}/runs")),
         (reqwest::Method::GET, "/api/mentions".to_owned()), // "/api/me" is a segment prefix, not a string prefix
+        (reqwest::Method::GET, format!("/api/%6Frganizations/{OTHER_ORG_ID}/tasks")),
     ] {
         let response = http.request(method.clone(), format!("{base}{path}")).send().await.expect("answered");
         assert_eq!(response.status(), 403, "{method} {path}");

@@ -59,7 +59,11 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
         .with_single_cert(certs, key)
         .map_err(|e| ctx.at(&raw.cert, "listen.tls.cert", format!("certificate and key do not fit: {e}")))?;
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(ListenTls { server_config: Arc::new(server_config), client_cert_required })
+    Ok(ListenTls {
+        server_config: Arc::new(server_config),
+        client_cert_required,
+        verifies_client_certs: raw.client_ca.is_some(),
+    })
 }
 
 fn read_certs(

@@ -15,6 +15,7 @@ use super::error::line_of;
 use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
 use super::{Config, ConfigError, Listen, Log, LogFormat, Server, Tokens, Upstream};
 use super::{credentials, identities, listen_tls};
+use crate::identity::Matcher;
 use crate::tokens::schedule::Schedule;
 
 pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth/token";
@@ -88,6 +89,18 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
 
     let credentials = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
     let identities = identities::validate(&ctx, &raw.identities, &credentials)?;
+    let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
+    if let Some((i, _)) =
+        identities.iter().enumerate().find(|(_, id)| matches!(id.matcher, Matcher::ClientCert { .. }))
+    {
+        if !verifies_certs {
+            return Err(ctx.at(
+                &raw.identities[i].get_ref().matcher,
+                format!("identities[{i}].match.client_cert"),
+                "needs [listen] tls = { ..., client_ca = \"PEM\" } so client certificates are verified",
+            ));
+        }
+    }
 
     Ok(Config {
         file: file.to_owned(),
@@ -310,6 +323,9 @@ fn tokens(ctx: &Ctx<'_>, raw: &RawTokens) -> Result<Tokens, ConfigError> {
         )?,
         dead_token_statuses,
         replay_max_body_bytes: raw.replay_max_body_bytes.unwrap_or(1024 * 1024),
+        min_forced_refresh_interval: Duration::from_millis(
+            raw.min_forced_refresh_interval_ms.unwrap_or(5_000),
+        ),
     })
 }
 
@@ -346,7 +362,7 @@ pub(super) fn sha256_hex(
 ) -> Result<[u8; 32], ConfigError> {
     let bad =
         || ctx.err(Some(span.clone()), key, "must be 64 hex digits, as printed by `tallyfy-proxy hash-key`");
-    if value.len() != 64 {
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut digest = [0u8; 32];

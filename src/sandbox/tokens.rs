@@ -125,6 +125,12 @@ impl TokenStore {
         self.access.clear();
     }
 
+    /// Forgets every refresh token (as when they expire): redeeming one is then
+    /// `invalid_grant`, but not a double redemption.
+    pub fn revoke_refresh_tokens(&mut self) {
+        self.refresh.clear();
+    }
+
     pub fn set_personal_revoked(&mut self, revoked: bool) {
         self.personal_revoked = revoked;
     }

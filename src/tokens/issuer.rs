@@ -235,6 +235,9 @@ struct TokenBody {
     expires_in: Option<serde_json::Value>,
 }
 
+/// Tokens that live shorter than this are treated as malformed.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
 /// A successful token response -> [`Issued`]. Pure; `now_unix` for the JWT `exp`.
 pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Result<Issued, FetchError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -253,6 +256,11 @@ pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Re
         _ => None,
     };
     let lifetime = schedule::lifetime(expires_in, jwt::expiry(&access_token), now_unix, default_lifetime);
+    if lifetime < MIN_LIFETIME {
+        // Already expired (or nearly): treat as a failure so the backoff applies,
+        // instead of refreshing in a tight loop.
+        return Err(FetchError::Malformed("the token expires at once"));
+    }
     Ok(Issued {
         access_token: Secret::new(access_token),
         refresh_token: parsed.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
@@ -321,6 +329,24 @@ mod tests {
             parse_token(br#"{"access_token":"abc","expires_in":"60"}"#, HOUR, 0).expect("valid");
         assert_eq!(string_expiry.lifetime, Duration::from_secs(60));
         assert_eq!(parse_token(br#"{"access_token":"abc"}"#, HOUR, 0).expect("valid").lifetime, HOUR);
+    }
+
+    #[test]
+    fn tokens_that_expire_at_once_are_failures_so_the_backoff_applies() {
+        assert!(matches!(
+            parse_token(br#"{"access_token":"abc","expires_in":0}"#, HOUR, 0),
+            Err(FetchError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_token(br#"{"access_token":"abc","expires_in":-5}"#, HOUR, 0),
+            Err(FetchError::Malformed(_))
+        ));
+        let expired_jwt = format!(
+            "eyJhbGciOiJub25lIn0.{}.c2ln",
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"exp":100}"#)
+        );
+        let body = format!(r#"{{"access_token":"{expired_jwt}"}}"#);
+        assert!(matches!(parse_token(body.as_bytes(), HOUR, 1_000), Err(FetchError::Malformed(_))));
     }
 
     #[test]

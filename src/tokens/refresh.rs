@@ -33,24 +33,25 @@ struct Rejected {
 #[derive(Clone)]
 pub struct RefreshHandle {
     rejected: mpsc::Sender<Rejected>,
+    store: Arc<TokenStore>,
     /// Per credential: can a new token be fetched at all? (Not for personal tokens.)
     refreshable: Arc<[bool]>,
 }
 
 impl RefreshHandle {
-    /// Reports a rejected token. Returns false when the credential cannot be
-    /// refreshed, so there is nothing to wait for. Never blocks: when the queue is
-    /// full, refreshes for this credential are already pending.
     pub fn is_refreshable(&self, credential: CredentialId) -> bool {
         self.refreshable[credential.index()]
     }
 
-    pub fn token_rejected(&self, credential: CredentialId, generation: u64) -> bool {
-        if !self.refreshable[credential.index()] {
-            return false;
+    /// Reports a rejected token. Never blocks: when the queue is full, reports for
+    /// this credential are already pending. When the refresher is gone (shutdown,
+    /// reload), waiters are released at once.
+    pub fn token_rejected(&self, credential: CredentialId, generation: u64) {
+        if let Err(mpsc::error::TrySendError::Closed(_)) =
+            self.rejected.try_send(Rejected { credential, generation })
+        {
+            self.store.settle(credential);
         }
-        let _ = self.rejected.try_send(Rejected { credential, generation });
-        true
     }
 }
 
@@ -64,12 +65,19 @@ struct Slot {
     /// Consecutive failures, for the backoff.
     failures: u32,
     fetching: bool,
+    /// When a rejection last forced a refresh (rate-limits forced refreshes).
+    last_forced: Option<Instant>,
+    /// `application_user`: the mint was refused for a dead application token;
+    /// mint again as soon as the application's new token is published.
+    awaiting_application: bool,
     /// `application_user` credentials minted with this one's token.
     dependents: Vec<usize>,
 }
 
 struct Outcome {
     index: usize,
+    /// When the fetch started: lifetimes count from here, not from the answer.
+    requested_at: Instant,
     result: Result<Issued, FetchError>,
 }
 
@@ -78,6 +86,7 @@ pub struct Refresher {
     metrics: Arc<Metrics>,
     issuer: Arc<Issuer>,
     schedule: Schedule,
+    min_forced_interval: Duration,
     slots: Vec<Slot>,
     rejected: mpsc::Receiver<Rejected>,
 }
@@ -101,6 +110,8 @@ impl Refresher {
                 due: Some(now),
                 failures: 0,
                 fetching: false,
+                last_forced: None,
+                awaiting_application: false,
                 dependents: Vec::new(),
             })
             .collect();
@@ -130,10 +141,12 @@ impl Refresher {
             metrics,
             issuer: Arc::new(issuer),
             schedule: config.tokens.schedule,
+            min_forced_interval: config.tokens.min_forced_refresh_interval,
             slots,
             rejected: rx,
         };
-        Ok((refresher, RefreshHandle { rejected: tx, refreshable }))
+        let handle = RefreshHandle { rejected: tx, store: refresher.store.clone(), refreshable };
+        Ok((refresher, handle))
     }
 
     /// Runs until `shutdown` fires.
@@ -164,6 +177,14 @@ impl Refresher {
             if slot.fetching || slot.due.is_none_or(|due| due > now) {
                 continue;
             }
+            if let Some(application) = application_of(&slot.credential)
+                && self.store.lease(application, now).is_err()
+            {
+                // Minting needs the application's token: wait for it to be published
+                // (which makes this slot due again), with a slow poll as a fallback.
+                slot.due = Some(now + self.schedule.backoff_max);
+                continue;
+            }
             slot.fetching = true;
             Metrics::credential(&self.metrics.refresh_attempts, &slot.credential.name);
             // Taken, not copied: a refresh token is presented at most once, whatever
@@ -173,36 +194,50 @@ impl Refresher {
             let issuer = self.issuer.clone();
             let store = self.store.clone();
             fetches.spawn(async move {
+                let requested_at = Instant::now();
                 let result = fetch(&issuer, &store, &kind, refresh_token).await;
-                Outcome { index, result }
+                Outcome { index, requested_at, result }
             });
         }
     }
 
+    /// A request saw Tallyfy reject generation `rejected.generation`. Refresh now,
+    /// unless a refresh is already running (its end wakes the waiters), a newer
+    /// token exists, the backoff after failures owns the schedule, or a rejection
+    /// forced a refresh less than `min_forced_refresh_interval` ago (a caller whose
+    /// requests draw 401s for other reasons must not hammer the token endpoint).
     fn on_rejected(&mut self, rejected: Rejected) {
-        let index = rejected.credential.index();
-        let current = self.store.generation(rejected.credential);
-        let slot = &mut self.slots[index];
-        if slot.fetching || current > rejected.generation {
-            return; // already being replaced, or already replaced
+        let now = Instant::now();
+        let id = rejected.credential;
+        let current = self.store.generation(id);
+        let slot = &mut self.slots[id.index()];
+        if slot.fetching {
+            return;
+        }
+        let recently_forced =
+            slot.last_forced.is_some_and(|at| now.duration_since(at) < self.min_forced_interval);
+        if current > rejected.generation || slot.failures > 0 || recently_forced {
+            self.store.settle(id); // declined: release the waiters
+            return;
         }
         tracing::info!(credential = %slot.credential.name, "Tallyfy rejected the token; refreshing now");
-        slot.due = Some(Instant::now());
+        slot.last_forced = Some(now);
+        slot.due = Some(now);
     }
 
-    fn on_outcome(&mut self, Outcome { index, result }: Outcome) {
+    fn on_outcome(&mut self, Outcome { index, requested_at, result }: Outcome) {
         let now = Instant::now();
         let jitter: f64 = rand::random();
         let slot = &mut self.slots[index];
         slot.fetching = false;
         match result {
             Ok(issued) => {
-                let expires_at = now + issued.lifetime;
+                let expires_at = requested_at + issued.lifetime;
                 match Token::bearer(&issued.access_token, Some(expires_at)) {
                     Ok(token) => {
                         slot.failures = 0;
                         slot.refresh_token = issued.refresh_token;
-                        slot.due = Some(self.schedule.refresh_at(now, issued.lifetime, jitter));
+                        slot.due = Some(self.schedule.refresh_at(requested_at, issued.lifetime, jitter));
                         tracing::info!(
                             credential = %slot.credential.name,
                             lifetime_s = issued.lifetime.as_secs(),
@@ -210,10 +245,14 @@ impl Refresher {
                             "token obtained"
                         );
                         self.store.publish(CredentialId::new(index), token);
-                        // Mints that failed for want of this application token can go now.
-                        for &dependent in &self.slots[index].dependents.clone() {
-                            if self.slots[dependent].failures > 0 && !self.slots[dependent].fetching {
-                                self.slots[dependent].due = Some(now);
+                        // Mints waiting for this application token can go now.
+                        for dependent in self.slots[index].dependents.clone() {
+                            let dependent_slot = &mut self.slots[dependent];
+                            let waiting = dependent_slot.awaiting_application
+                                || self.store.lease(CredentialId::new(dependent), now).is_err();
+                            if waiting && !dependent_slot.fetching {
+                                dependent_slot.awaiting_application = false;
+                                dependent_slot.due = Some(now);
                             }
                         }
                     }
@@ -222,6 +261,7 @@ impl Refresher {
                         now,
                         jitter,
                         &FetchError::Malformed("access_token is not header-safe"),
+                        true,
                     ),
                 }
             }
@@ -229,15 +269,25 @@ impl Refresher {
                 if let (Some(application), FetchError::Refused { status: 401, .. }) =
                     (application_of(&slot.credential), &error)
                 {
-                    // The application token was refused while minting: renew it too.
-                    self.slots[application.index()].due = Some(now);
+                    // The application token was refused while minting: renew it, and
+                    // mint again as soon as it is back. Requests waiting for this
+                    // credential keep waiting for that second mint.
+                    slot.awaiting_application = true;
+                    let application = &mut self.slots[application.index()];
+                    if !application.fetching {
+                        application.due = Some(now);
+                    }
+                    self.failed(index, now, jitter, &error, false);
+                } else {
+                    self.failed(index, now, jitter, &error, true);
                 }
-                self.failed(index, now, jitter, &error);
             }
         }
     }
 
-    fn failed(&mut self, index: usize, now: Instant, jitter: f64, error: &FetchError) {
+    /// Schedules the retry of a failed fetch; `settle` releases the requests
+    /// waiting for it.
+    fn failed(&mut self, index: usize, now: Instant, jitter: f64, error: &FetchError, settle: bool) {
         let slot = &mut self.slots[index];
         self.metrics.refresh_failed(&slot.credential.name, error.reason());
         slot.failures = slot.failures.saturating_add(1);
@@ -253,6 +303,9 @@ impl Refresher {
             still_serving = still_valid,
             "token fetch failed"
         );
+        if settle {
+            self.store.settle(CredentialId::new(index));
+        }
     }
 }
 

@@ -50,19 +50,18 @@ impl Schedule {
     }
 }
 
-/// How long a freshly issued token lives: `expires_in` and the JWT `exp` claim,
-/// whichever ends first; `fallback` when the token endpoint gave neither.
+/// How long a freshly issued token lives: `expires_in` when given (it is relative,
+/// so clock skew between the proxy and Tallyfy cannot distort it), else the JWT
+/// `exp` claim measured against the local clock, else `fallback`.
 pub fn lifetime(
     expires_in: Option<u64>,
     jwt_exp: Option<u64>,
     now_unix: u64,
     fallback: Duration,
 ) -> Duration {
-    let from_exp = jwt_exp.map(|exp| Duration::from_secs(exp.saturating_sub(now_unix)));
-    let from_expires_in = expires_in.map(Duration::from_secs);
-    match (from_expires_in, from_exp) {
-        (Some(a), Some(b)) => a.min(b),
-        (Some(a), None) | (None, Some(a)) => a,
+    match (expires_in, jwt_exp) {
+        (Some(seconds), _) => Duration::from_secs(seconds),
+        (None, Some(exp)) => Duration::from_secs(exp.saturating_sub(now_unix)),
         (None, None) => fallback,
     }
 }
@@ -120,9 +119,9 @@ mod tests {
     }
 
     #[test]
-    fn lifetime_takes_the_earlier_of_expires_in_and_exp() {
+    fn lifetime_prefers_expires_in_then_exp() {
         let fallback = HOUR;
-        assert_eq!(lifetime(Some(600), Some(1_000_300), 1_000_000, fallback), Duration::from_secs(300));
+        assert_eq!(lifetime(Some(600), Some(1_000_300), 1_000_000, fallback), Duration::from_secs(600));
         assert_eq!(lifetime(Some(600), None, 0, fallback), Duration::from_secs(600));
         assert_eq!(lifetime(None, Some(1_000_060), 1_000_000, fallback), Duration::from_secs(60));
         assert_eq!(lifetime(None, Some(5), 1_000_000, fallback), Duration::ZERO, "already expired");
