@@ -90,16 +90,16 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     let credentials = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
     let identities = identities::validate(&ctx, &raw.identities, &credentials)?;
     let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
-    if let Some((i, _)) =
-        identities.iter().enumerate().find(|(_, id)| matches!(id.matcher, Matcher::ClientCert { .. }))
+    let first_cert_rule =
+        identities.iter().position(|identity| matches!(identity.matcher, Matcher::ClientCert { .. }));
+    if let Some(i) = first_cert_rule
+        && !verifies_certs
     {
-        if !verifies_certs {
-            return Err(ctx.at(
-                &raw.identities[i].get_ref().matcher,
-                format!("identities[{i}].match.client_cert"),
-                "needs [listen] tls = { ..., client_ca = \"PEM\" } so client certificates are verified",
-            ));
-        }
+        return Err(ctx.at(
+            &raw.identities[i].get_ref().matcher,
+            format!("identities[{i}].match.client_cert"),
+            "needs [listen] tls = { ..., client_ca = \"PEM\" } so client certificates are verified",
+        ));
     }
 
     Ok(Config {
