@@ -25,6 +25,7 @@ fn key_rule(i: usize) -> Identity {
         credential: CredentialId::new(0),
         matcher: Matcher::ApiKey { sha256: sha256(format!("key-{i}").as_bytes()) },
         policy: Policy::default(),
+        dates: None,
     }
 }
 
@@ -36,6 +37,7 @@ fn source_rule(i: usize) -> Identity {
             networks: vec![format!("10.{}.{}.0/24", i / 256, i % 256).parse().expect("cidr")],
         },
         policy: Policy::default(),
+        dates: None,
     }
 }
 

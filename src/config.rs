@@ -6,6 +6,7 @@
 //! Any problem is a [`ConfigError`]: one line naming the file, the line and the key.
 
 mod credentials;
+mod dates;
 mod error;
 mod identities;
 mod listen_tls;
@@ -25,6 +26,7 @@ use rustls_pki_types::CertificateDer;
 pub use error::ConfigError;
 pub use secret_source::SecretSource;
 
+use crate::dates::DateRules;
 use crate::identity::Matcher;
 use crate::policy::Policy;
 use crate::secret::Secret;
@@ -40,6 +42,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub server: Server,
     pub tokens: Tokens,
+    pub dates: Dates,
+    pub links: Links,
     pub log: Log,
     /// Indexed by [`CredentialId`].
     pub credentials: Vec<Credential>,
@@ -57,6 +61,10 @@ pub struct Listen {
     pub admin: SocketAddr,
     /// TLS (and optionally mTLS) on the proxy listener; plain HTTP without it.
     pub tls: Option<ListenTls>,
+    /// The proxy's URL as callers know it (`http://billing-proxy:8080`), for
+    /// rewriting Tallyfy's absolute links; derived from each request's `Host`
+    /// when absent.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +129,26 @@ pub struct Tokens {
     pub replay_max_body_bytes: u64,
     /// A rejection forces at most one refresh per credential in this interval.
     pub min_forced_refresh_interval: Duration,
+}
+
+/// Request date normalisation (`[dates]`).
+#[derive(Debug, Clone)]
+pub struct Dates {
+    pub enabled: bool,
+    /// The rules for identities without their own `date_input_order`.
+    pub rules: Arc<DateRules>,
+    /// Bodies that may hold dates are buffered up to this size; a larger one that
+    /// needs rewriting is refused with 413.
+    pub max_body_bytes: u64,
+}
+
+/// Response link rewriting (`[links]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Links {
+    pub enabled: bool,
+    /// JSON responses are buffered up to this size to rewrite their links; larger
+    /// ones stream through untouched.
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +218,9 @@ pub struct Identity {
     pub credential: CredentialId,
     pub matcher: Matcher,
     pub policy: Policy,
+    /// The date rules for this identity's requests (its own `date_input_order`
+    /// applied); `None` when date rewriting is off.
+    pub dates: Option<Arc<DateRules>>,
 }
 
 impl Config {

@@ -30,6 +30,8 @@ pub enum ProxyError {
     HeadersTooLarge { limit: &'static str, value: usize },
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("the body may hold dates and exceeds the {limit} bytes the proxy rewrites (dates.max_body_bytes)")]
+    DatesBodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
     #[error("the request body did not arrive within {} ms", .0.as_millis())]
@@ -57,6 +59,7 @@ impl ProxyError {
             | Self::BadTarget(_)
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
+            | Self::DatesBodyTooLarge { .. }
             | Self::BodyRead(_)
             | Self::BodyTimeout(_)
             | Self::UnknownCaller
@@ -75,7 +78,7 @@ impl ProxyError {
             Self::BadTarget(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::DatesBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownCaller => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -92,6 +95,7 @@ impl ProxyError {
             Self::BadTarget(_) => "bad_request",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
+            Self::DatesBodyTooLarge { .. } => "body_too_large_for_dates",
             Self::BodyRead(_) => "request_body_error",
             Self::BodyTimeout(_) => "request_body_timeout",
             Self::UnknownCaller => "unknown_caller",
@@ -179,6 +183,7 @@ mod tests {
             ProxyError::BadTarget("x"),
             ProxyError::HeadersTooLarge { limit: "max_headers", value: 1 },
             ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::DatesBodyTooLarge { limit: 1 },
             ProxyError::BodyRead("x".into()),
             ProxyError::BodyTimeout(Duration::from_secs(1)),
             ProxyError::UnknownCaller,

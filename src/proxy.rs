@@ -13,8 +13,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH};
 use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use http_body::Body as _;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
@@ -28,10 +27,17 @@ use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{Lease, TokenStore};
+use crate::rewrite::Prefixed;
 use crate::upstream::Upstream;
 
-/// What callers receive: Tallyfy's streamed body, or a local JSON error.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+mod request_body;
+mod response_body;
+
+use request_body::Outgoing;
+
+/// What callers receive: Tallyfy's body streamed (after any part read for link
+/// rewriting), or a body the proxy wrote (a rewritten one, or a JSON error).
+pub type ProxyBody = Either<Prefixed<Incoming>, Full<Bytes>>;
 
 /// How long a caller is told to wait when its credential has no valid token.
 pub const TOKEN_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -51,6 +57,14 @@ struct Shared {
     client_header: http::HeaderValue,
     limits: config::Server,
     token_rules: config::Tokens,
+    dates: config::Dates,
+    links: config::Links,
+    /// `scheme://host[/prefix]` of Tallyfy, as it writes absolute links.
+    upstream_base: String,
+    /// `listen.public_url`, or `None` to derive it from each request.
+    public_url: Option<String>,
+    /// Scheme of the proxy listener, for derived public URLs.
+    listener_scheme: &'static str,
 }
 
 /// A request whose head has been rewritten for Tallyfy.
@@ -85,6 +99,14 @@ impl Proxy {
                 client_header: config.upstream.client_header.clone(),
                 limits: config.server.clone(),
                 token_rules: config.tokens.clone(),
+                dates: config.dates.clone(),
+                links: config.links.clone(),
+                upstream_base: format!(
+                    "{}://{}{}",
+                    config.upstream.scheme, config.upstream.authority, config.upstream.path_prefix
+                ),
+                public_url: config.listen.public_url.clone(),
+                listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
             }),
         })
     }
@@ -100,7 +122,7 @@ impl Proxy {
         let mut log = AccessLog::start(&request, connection.peer);
         let span = tracing::info_span!("request", request_id = log.request_id());
         let response = match self.forward(request, connection, &mut log).instrument(span).await {
-            Ok(response) => response.map(Either::Left),
+            Ok(response) => response,
             Err(error) => {
                 let response = error.to_response().map(Either::Right);
                 if error.class() == ErrorClass::Caller || matches!(error, ProxyError::TokenUnavailable { .. })
@@ -121,32 +143,22 @@ impl Proxy {
         request: Request<Incoming>,
         connection: &ConnectionInfo,
         log: &mut AccessLog<'a>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
+        let public_base = self.public_base(&head, connection);
         let Prepared { identity, lease } = self.prepare(&mut head, connection)?;
         log.identity = Some(&identity.name);
         let credential = identity.credential;
 
-        // Keep small bodies when the token could be refreshed, so a request whose
-        // token Tallyfy rejects can be sent once more.
-        let (body, replay) = if shared.refresher.is_refreshable(credential) {
-            match self.keep_if_small(&head, body).await? {
-                Ok(bytes) => {
-                    let replay = Replay {
-                        method: head.method.clone(),
-                        uri: head.uri.clone(),
-                        version: head.version,
-                        headers: head.headers.clone(),
-                        body: bytes.clone(),
-                    };
-                    (Either::Left(Full::new(bytes)), Some(replay))
-                }
-                Err(streaming) => (Either::Right(streaming), None),
-            }
-        } else {
-            (Either::Right(self.limited(body)), None)
-        };
+        let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
+        let replay = kept.map(|body| Replay {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            version: head.version,
+            headers: head.headers.clone(),
+            body,
+        });
 
         let sent = Instant::now();
         let response = shared.upstream.send(Request::from_parts(head, body)).await?;
@@ -155,14 +167,14 @@ impl Proxy {
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.refresher.is_refreshable(credential)
         {
-            return Ok(clean(response));
+            return self.response(response, public_base.as_deref()).await;
         }
         let settled = shared.tokens.settled(credential);
         shared.refresher.token_rejected(credential, lease.generation);
         // Tallyfy rejected the token. One refresh runs however many requests saw it;
         // a kept request waits for it and goes again, a streamed one cannot.
         let Some(replay) = replay else {
-            return Ok(clean(response));
+            return self.response(response, public_base.as_deref()).await;
         };
         let credential_name = shared.tokens.name(credential);
         Metrics::credential(&shared.metrics.single_flight_waiters, credential_name);
@@ -170,7 +182,7 @@ impl Proxy {
         // provision, mint). A failed or declined refresh releases the wait at once.
         let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
         let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, settled, wait).await else {
-            return Ok(clean(response));
+            return self.response(response, public_base.as_deref()).await;
         };
         drop(response);
         log.replayed = true;
@@ -185,7 +197,7 @@ impl Proxy {
         let response = shared.upstream.send(request).await?;
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
-        Ok(clean(response))
+        self.response(response, public_base.as_deref()).await
     }
 
     /// Every decision about a request that needs no I/O: checks the target and
@@ -225,36 +237,6 @@ impl Proxy {
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
         Ok(Prepared { identity, lease })
     }
-
-    /// The whole body when it is known to fit `replay_max_body_bytes` (or empty),
-    /// else the body to stream.
-    async fn keep_if_small(
-        &self,
-        head: &Parts,
-        body: Incoming,
-    ) -> Result<Result<Bytes, Limited<Incoming>>, ProxyError> {
-        let max = self.shared.token_rules.replay_max_body_bytes;
-        if body.is_end_stream() {
-            return Ok(Ok(Bytes::new()));
-        }
-        match declared_length(&head.headers) {
-            Some(length) if length <= max => {
-                // A slow caller may not hold a task forever: the kept body must
-                // arrive within the upstream request timeout.
-                let limit = self.shared.upstream.request_timeout();
-                let collected = tokio::time::timeout(limit, Limited::new(body, length as usize).collect())
-                    .await
-                    .map_err(|_| ProxyError::BodyTimeout(limit))?;
-                let bytes = collected.map_err(|e| ProxyError::BodyRead(e.to_string()))?.to_bytes();
-                Ok(Ok(bytes))
-            }
-            _ => Ok(Err(self.limited(body))),
-        }
-    }
-
-    fn limited(&self, body: Incoming) -> Limited<Incoming> {
-        Limited::new(body, usize::try_from(self.shared.limits.max_request_body_bytes).unwrap_or(usize::MAX))
-    }
 }
 
 /// Counts a request in flight for as long as it lives, even if the caller hangs
@@ -272,11 +254,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-fn clean(mut response: Response<Incoming>) -> Response<Incoming> {
-    headers::to_caller(response.headers_mut());
-    response
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -21,11 +21,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config;
 use crate::error::ProxyError;
+use crate::rewrite::Prefixed;
 use crate::upload::{Activity, Tracked};
 
 /// The body sent upstream: a kept (replayable) body, or the caller's body
 /// streamed and cut off at the size limit.
-pub type RequestBody = Either<Full<Bytes>, Limited<Incoming>>;
+pub type RequestBody = Either<Full<Bytes>, Prefixed<Limited<Incoming>>>;
 
 /// What the client actually sends: the body, reporting its progress.
 type SentBody = Tracked<RequestBody>;

@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::raw::{RawIdentity, RawMatch};
 use super::validate::{Ctx, name, org_id, sha256_hex};
-use super::{ConfigError, Credential, Identity};
+use super::{ConfigError, Credential, Dates, Identity};
 use crate::identity::Matcher;
 use crate::policy::{PathPattern, Policy};
 use crate::tokens::CredentialId;
@@ -17,13 +17,14 @@ pub(super) fn validate(
     ctx: &Ctx<'_>,
     raw: &[Spanned<RawIdentity>],
     credentials: &[Credential],
+    dates: &Dates,
 ) -> Result<Vec<Identity>, ConfigError> {
     let mut names = HashSet::new();
     let mut identities = Vec::with_capacity(raw.len());
     for (i, spanned) in raw.iter().enumerate() {
         let raw_identity = spanned.get_ref();
         let key = format!("identities[{i}]");
-        let identity = one(ctx, raw_identity, &key, credentials)?;
+        let identity = one(ctx, raw_identity, &key, credentials, dates)?;
         if !names.insert(identity.name.clone()) {
             return Err(ctx.at(
                 &raw_identity.name,
@@ -48,6 +49,7 @@ fn one(
     raw: &RawIdentity,
     key: &str,
     credentials: &[Credential],
+    dates: &Dates,
 ) -> Result<Identity, ConfigError> {
     let name = name(ctx, &raw.name, &format!("{key}.name"))?;
     let wanted = raw.credential.get_ref();
@@ -61,7 +63,8 @@ fn one(
         })?;
     let matcher = matcher(ctx, &raw.matcher, &format!("{key}.match"))?;
     let policy = policy(ctx, raw, key)?;
-    Ok(Identity { name, credential, matcher, policy })
+    let dates = super::dates::for_identity(ctx, dates, raw.date_input_order.as_ref(), &format!("{key}.date_input_order"))?;
+    Ok(Identity { name, credential, matcher, policy, dates })
 }
 
 fn matcher(ctx: &Ctx<'_>, spanned: &Spanned<RawMatch>, key: &str) -> Result<Matcher, ConfigError> {

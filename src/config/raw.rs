@@ -19,6 +19,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub tokens: RawTokens,
     #[serde(default)]
+    pub dates: RawDates,
+    #[serde(default)]
+    pub links: RawLinks,
+    #[serde(default)]
     pub log: RawLog,
     #[serde(default)]
     pub credentials: Vec<Spanned<RawCredential>>,
@@ -32,6 +36,7 @@ pub struct RawListen {
     pub proxy: Spanned<String>,
     pub admin: Spanned<String>,
     pub tls: Option<Spanned<RawListenTls>>,
+    pub public_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +86,25 @@ pub struct RawTokens {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawDates {
+    pub enabled: Option<bool>,
+    pub request_format: Option<Spanned<String>>,
+    pub timezone: Option<Spanned<String>>,
+    pub fields: Option<Vec<String>>,
+    pub form_objects: Option<Vec<String>>,
+    pub input_order: Option<Spanned<String>>,
+    pub max_body_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLinks {
+    pub enabled: Option<bool>,
+    pub max_body_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub format: Option<Spanned<String>>,
     pub level: Option<Spanned<String>>,
@@ -125,6 +149,7 @@ pub struct RawIdentity {
     pub methods: Option<Spanned<Vec<String>>>,
     pub paths: Option<Spanned<Vec<String>>>,
     pub org_alias: Option<Spanned<String>>,
+    pub date_input_order: Option<Spanned<String>>,
 }
 
 /// `match = { ... }`: exactly one of these.

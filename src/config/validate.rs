@@ -14,7 +14,7 @@ use toml::Spanned;
 use super::error::line_of;
 use super::raw::{RawConfig, RawServer, RawTokens, RawUpstream};
 use super::{Config, ConfigError, Listen, Log, LogFormat, Server, Tokens, Upstream};
-use super::{credentials, identities, listen_tls};
+use super::{credentials, dates, identities, listen_tls};
 use crate::identity::Matcher;
 use crate::tokens::schedule::Schedule;
 
@@ -61,6 +61,16 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         proxy: socket_addr(&ctx, &raw.listen.proxy, "listen.proxy")?,
         admin: socket_addr(&ctx, &raw.listen.admin, "listen.admin")?,
         tls: raw.listen.tls.as_ref().map(|tls| listen_tls::validate(&ctx, tls)).transpose()?,
+        public_url: match &raw.listen.public_url {
+            None => None,
+            Some(url) => {
+                let parsed = http_url(&ctx, url, "listen.public_url")?;
+                if parsed.path() != "/" || parsed.query().is_some() {
+                    return Err(ctx.at(url, "listen.public_url", "give scheme and host only, e.g. \"http://tallyfy-proxy:8080\""));
+                }
+                Some(url.get_ref().trim_end_matches('/').to_owned())
+            }
+        },
     };
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         return Err(ctx.at(&raw.listen.admin, "listen.admin", "must differ from listen.proxy"));
@@ -68,6 +78,8 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     let upstream = upstream(&ctx, &raw.upstream)?;
     let server = server(&ctx, &raw.server)?;
     let tokens = tokens(&ctx, &raw.tokens)?;
+    let dates = dates::dates(&ctx, &raw.dates)?;
+    let links = dates::links(&ctx, &raw.links)?;
     let log = Log {
         format: match raw.log.format.as_ref().map(|f| (f, f.get_ref().as_str())) {
             None | Some((_, "text")) => LogFormat::Text,
@@ -88,7 +100,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     };
 
     let credentials = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
-    let identities = identities::validate(&ctx, &raw.identities, &credentials)?;
+    let identities = identities::validate(&ctx, &raw.identities, &credentials, &dates)?;
     let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
     let first_cert_rule =
         identities.iter().position(|identity| matches!(identity.matcher, Matcher::ClientCert { .. }));
@@ -108,6 +120,8 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         upstream,
         server,
         tokens,
+        dates,
+        links,
         log,
         credentials,
         identities,

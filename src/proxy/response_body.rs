@@ -1,0 +1,88 @@
+//! The response on its way back: hop-by-hop headers dropped, and Tallyfy's
+//! absolute links in JSON bodies pointed at the proxy so callers stay on it.
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HOST};
+use http::request::Parts;
+use http::{HeaderValue, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use super::{Proxy, ProxyBody};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::links::LinkRewriter;
+use crate::rewrite::{self, BodyStart, Kind, Prefixed};
+use crate::server::ConnectionInfo;
+
+impl Proxy {
+    /// The proxy's base URL as this caller reached it: `listen.public_url`, else
+    /// the listener's scheme with the request's `Host` (or HTTP/2 authority).
+    pub(super) fn public_base(&self, head: &Parts, _connection: &ConnectionInfo) -> Option<String> {
+        let shared = &*self.shared;
+        if !shared.links.enabled {
+            return None;
+        }
+        if let Some(url) = &shared.public_url {
+            return Some(url.clone());
+        }
+        let host = head
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| head.uri.authority().map(|a| a.as_str()))?;
+        // A Host is a token of host chars and an optional port; anything else is not used.
+        let plausible = !host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+        plausible.then(|| format!("{}://{host}", shared.listener_scheme))
+    }
+
+    /// Cleans the response and, for JSON bodies that carry upstream links,
+    /// rewrites them. Bodies larger than `links.max_body_bytes`, other types and
+    /// unknown encodings stream through untouched.
+    pub(super) async fn response(
+        &self,
+        mut response: Response<Incoming>,
+        public_base: Option<&str>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let shared = &*self.shared;
+        headers::to_caller(response.headers_mut());
+        let headers = response.headers();
+        let encoding = rewrite::encoding(headers);
+        let eligible = public_base.is_some()
+            && rewrite::kind(headers) == Some(Kind::Json)
+            && encoding.is_some()
+            && super::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
+        let (Some(public_base), Some(encoding), true) = (public_base, encoding, eligible) else {
+            return Ok(response.map(|body| Either::Left(Prefixed::new(None, body))));
+        };
+        let (mut parts, body) = response.into_parts();
+        let limit = shared.upstream.request_timeout();
+        let start = tokio::time::timeout(limit, rewrite::read_up_to(body, shared.links.max_body_bytes))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(limit))?
+            .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
+        let bytes = match start {
+            BodyStart::Over(prefix, rest) => {
+                return Ok(Response::from_parts(parts, Either::Left(Prefixed::new(Some(prefix), rest))));
+            }
+            BodyStart::Complete(bytes) => bytes,
+        };
+        let rewriter = LinkRewriter::new(&shared.upstream_base, public_base);
+        let rewritten = rewrite::decode(&bytes, encoding, shared.links.max_body_bytes)
+            .ok()
+            .filter(|decoded| rewriter.may_need_rewrite(decoded))
+            .and_then(|decoded| rewriter.rewrite_json(&decoded).ok())
+            .and_then(|rewrite| rewrite.body.map(|body| (body, rewrite.links_rewritten)));
+        let body = match rewritten {
+            None => bytes,
+            Some((body, count)) => {
+                shared.metrics.links_rewritten.inc_by(count as u64);
+                parts.headers.remove(CONTENT_ENCODING);
+                parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+                Bytes::from(body)
+            }
+        };
+        Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
+    }
+}
