@@ -30,7 +30,9 @@ pub enum ProxyError {
     HeadersTooLarge { limit: &'static str, value: usize },
     #[error("request body exceeds {limit} bytes")]
     BodyTooLarge { limit: u64 },
-    #[error("the body may hold dates and exceeds the {limit} bytes the proxy rewrites (dates.max_body_bytes)")]
+    #[error(
+        "the body may hold dates and exceeds the {limit} bytes the proxy rewrites (dates.max_body_bytes)"
+    )]
     DatesBodyTooLarge { limit: u64 },
     #[error("the request body could not be read: {0}")]
     BodyRead(String),

@@ -180,7 +180,13 @@ mod tests {
     use http::HeaderValue;
 
     fn rule(name: &str, matcher: Matcher) -> Identity {
-        Identity { name: name.into(), credential: CredentialId::new(0), matcher, policy: Policy::default(), dates: None }
+        Identity {
+            name: name.into(),
+            credential: CredentialId::new(0),
+            matcher,
+            policy: Policy::default(),
+            dates: None,
+        }
     }
 
     fn who<'a>(

@@ -23,11 +23,11 @@ use crate::error::{ErrorClass, ProxyError};
 use crate::headers;
 use crate::identity::{Caller, Identities};
 use crate::metrics::Metrics;
+use crate::rewrite::Prefixed;
 use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{Lease, TokenStore};
-use crate::rewrite::Prefixed;
 use crate::upstream::Upstream;
 
 mod request_body;

@@ -64,13 +64,15 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> std::io::Result<V
         Encoding::Identity => return Ok(bytes.to_vec()),
         Encoding::Gzip => flate2::read::GzDecoder::new(bytes).take(limit + 1).read_to_end(&mut out),
         // "deflate" is zlib-wrapped per RFC 9110, though some senders use raw deflate.
-        Encoding::Deflate => match flate2::read::ZlibDecoder::new(bytes).take(limit + 1).read_to_end(&mut out) {
-            Ok(n) => Ok(n),
-            Err(_) => {
-                out.clear();
-                flate2::read::DeflateDecoder::new(bytes).take(limit + 1).read_to_end(&mut out)
+        Encoding::Deflate => {
+            match flate2::read::ZlibDecoder::new(bytes).take(limit + 1).read_to_end(&mut out) {
+                Ok(n) => Ok(n),
+                Err(_) => {
+                    out.clear();
+                    flate2::read::DeflateDecoder::new(bytes).take(limit + 1).read_to_end(&mut out)
+                }
             }
-        },
+        }
     }?;
     if read as u64 > limit {
         return Err(std::io::Error::other("decoded body exceeds the limit"));
@@ -122,7 +124,10 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -161,7 +166,10 @@ mod tests {
     fn content_types_are_classified_by_essence() {
         assert_eq!(kind(&headers(&[("content-type", "application/json; charset=utf-8")])), Some(Kind::Json));
         assert_eq!(kind(&headers(&[("content-type", "application/vnd.api+json")])), Some(Kind::Json));
-        assert_eq!(kind(&headers(&[("content-type", "application/x-www-form-urlencoded")])), Some(Kind::Form));
+        assert_eq!(
+            kind(&headers(&[("content-type", "application/x-www-form-urlencoded")])),
+            Some(Kind::Form)
+        );
         assert_eq!(kind(&headers(&[("content-type", "multipart/form-data; boundary=x")])), None);
         assert_eq!(kind(&headers(&[])), None);
     }

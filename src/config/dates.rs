@@ -14,11 +14,18 @@ pub(super) fn dates(ctx: &Ctx<'_>, raw: &RawDates) -> Result<Dates, ConfigError>
     let timezone = match &raw.timezone {
         None => defaults.timezone.clone(),
         Some(name) => jiff::tz::TimeZone::get(name.get_ref()).map_err(|e| {
-            ctx.at(name, "dates.timezone", format!("{:?} is not a time zone name (e.g. \"Europe/Berlin\"): {e}", name.get_ref()))
+            ctx.at(
+                name,
+                "dates.timezone",
+                format!("{:?} is not a time zone name (e.g. \"Europe/Berlin\"): {e}", name.get_ref()),
+            )
         })?,
     };
     let rules = DateRules {
-        request_format: raw.request_format.as_ref().map_or(defaults.request_format.clone(), |f| f.get_ref().clone()),
+        request_format: raw
+            .request_format
+            .as_ref()
+            .map_or(defaults.request_format.clone(), |f| f.get_ref().clone()),
         timezone,
         fields: raw.fields.clone().unwrap_or(defaults.fields),
         form_objects: raw.form_objects.clone().unwrap_or(defaults.form_objects),
@@ -33,7 +40,9 @@ pub(super) fn dates(ctx: &Ctx<'_>, raw: &RawDates) -> Result<Dates, ConfigError>
     }
     let max_body_bytes = match &raw.max_body_bytes {
         None => 2 * 1024 * 1024,
-        Some(v) if *v.get_ref() == 0 => return Err(ctx.at(v, "dates.max_body_bytes", "must be greater than 0")),
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(ctx.at(v, "dates.max_body_bytes", "must be greater than 0"));
+        }
         Some(v) => *v.get_ref(),
     };
     Ok(Dates { enabled: raw.enabled.unwrap_or(true), rules: Arc::new(rules), max_body_bytes })
@@ -42,13 +51,19 @@ pub(super) fn dates(ctx: &Ctx<'_>, raw: &RawDates) -> Result<Dates, ConfigError>
 pub(super) fn links(ctx: &Ctx<'_>, raw: &RawLinks) -> Result<Links, ConfigError> {
     let max_body_bytes = match &raw.max_body_bytes {
         None => 8 * 1024 * 1024,
-        Some(v) if *v.get_ref() == 0 => return Err(ctx.at(v, "links.max_body_bytes", "must be greater than 0")),
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(ctx.at(v, "links.max_body_bytes", "must be greater than 0"));
+        }
         Some(v) => *v.get_ref(),
     };
     Ok(Links { enabled: raw.enabled.unwrap_or(true), max_body_bytes })
 }
 
-pub(super) fn input_order(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<InputOrder, ConfigError> {
+pub(super) fn input_order(
+    ctx: &Ctx<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<InputOrder, ConfigError> {
     match value.get_ref().to_ascii_lowercase().as_str() {
         "ymd" => Ok(InputOrder::Ymd),
         "ydm" => Ok(InputOrder::Ydm),

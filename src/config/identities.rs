@@ -63,7 +63,12 @@ fn one(
         })?;
     let matcher = matcher(ctx, &raw.matcher, &format!("{key}.match"))?;
     let policy = policy(ctx, raw, key)?;
-    let dates = super::dates::for_identity(ctx, dates, raw.date_input_order.as_ref(), &format!("{key}.date_input_order"))?;
+    let dates = super::dates::for_identity(
+        ctx,
+        dates,
+        raw.date_input_order.as_ref(),
+        &format!("{key}.date_input_order"),
+    )?;
     Ok(Identity { name, credential, matcher, policy, dates })
 }
 

@@ -66,7 +66,11 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
             Some(url) => {
                 let parsed = http_url(&ctx, url, "listen.public_url")?;
                 if parsed.path() != "/" || parsed.query().is_some() {
-                    return Err(ctx.at(url, "listen.public_url", "give scheme and host only, e.g. \"http://tallyfy-proxy:8080\""));
+                    return Err(ctx.at(
+                        url,
+                        "listen.public_url",
+                        "give scheme and host only, e.g. \"http://tallyfy-proxy:8080\"",
+                    ));
                 }
                 Some(url.get_ref().trim_end_matches('/').to_owned())
             }

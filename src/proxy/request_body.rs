@@ -34,9 +34,13 @@ impl Proxy {
         let replayable = shared.refresher.is_refreshable(identity.credential);
         let replay_max = shared.token_rules.replay_max_body_bytes;
         if body.is_end_stream() {
-            return Ok(Outgoing { body: Either::Left(Full::new(Bytes::new())), kept: replayable.then(Bytes::new) });
+            return Ok(Outgoing {
+                body: Either::Left(Full::new(Bytes::new())),
+                kept: replayable.then(Bytes::new),
+            });
         }
-        let rewrite = identity.dates.as_deref().zip(rewrite::kind(&head.headers)).zip(rewrite::encoding(&head.headers));
+        let rewrite =
+            identity.dates.as_deref().zip(rewrite::kind(&head.headers)).zip(rewrite::encoding(&head.headers));
         if let Some(((rules, kind), encoding)) = rewrite {
             let max = shared.dates.max_body_bytes;
             return match self.read_start(body, max).await? {
@@ -91,7 +95,14 @@ impl Proxy {
     /// same ones when nothing changed (or the body is not valid JSON, which
     /// Tallyfy will answer), else the rewritten body, sent decoded, with
     /// `Content-Length` set to its new length.
-    fn rewrite_dates(&self, head: &mut Parts, bytes: Bytes, kind: Kind, encoding: Encoding, rules: &DateRules) -> Bytes {
+    fn rewrite_dates(
+        &self,
+        head: &mut Parts,
+        bytes: Bytes,
+        kind: Kind,
+        encoding: Encoding,
+        rules: &DateRules,
+    ) -> Bytes {
         let metrics = &self.shared.metrics;
         let Ok(decoded) = rewrite::decode(&bytes, encoding, self.shared.dates.max_body_bytes) else {
             metrics.bodies_invalid.inc();

@@ -32,8 +32,8 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .or_else(|| head.uri.authority().map(|a| a.as_str()))?;
         // A Host is a token of host chars and an optional port; anything else is not used.
-        let plausible = !host.is_empty()
-            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
+        let plausible =
+            !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
         plausible.then(|| format!("{}://{host}", shared.listener_scheme))
     }
 

@@ -37,6 +37,13 @@ pub(super) fn json(status: StatusCode, value: &Value) -> Reply {
     raw(status, "application/json", value.to_string())
 }
 
+/// JSON as Laravel writes it by default (PHP's `json_encode` escapes `/` as
+/// `\/`), so list responses carry links like `https:\/\/go.tallyfy.com\/api\/...`.
+pub(super) fn php_json(status: StatusCode, value: &Value) -> Reply {
+    // In JSON text a '/' can only stand inside a string, where `\/` means the same.
+    raw(status, "application/json", value.to_string().replace('/', "\\/"))
+}
+
 /// `{"data": value}`.
 pub(super) fn data(status: StatusCode, value: Value) -> Reply {
     json(status, &serde_json::json!({ "data": value }))
@@ -75,4 +82,25 @@ pub(super) fn too_large() -> Reply {
 /// Outside `/api`: a plain 404, as a web server in front of Tallyfy would answer.
 pub(super) fn plain_not_found() -> Reply {
     raw(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "Not Found")
+}
+
+/// The reply with its body gzip-encoded (as Tallyfy's servers do when asked).
+pub(super) async fn gzipped(reply: Reply) -> Reply {
+    use std::io::Write;
+    let (mut parts, body) = reply.into_parts();
+    let Ok(collected) = body.collect().await;
+    let plain = collected.to_bytes();
+    if plain.is_empty() {
+        return Response::from_parts(parts, full(plain));
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let encoded = encoder.write_all(&plain).and_then(|()| encoder.finish());
+    match encoded {
+        Ok(gzip) => {
+            parts.headers.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Response::from_parts(parts, full(gzip))
+        }
+        Err(_) => Response::from_parts(parts, full(plain)),
+    }
 }

@@ -72,7 +72,13 @@ pub(super) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
         route(&Call { shared: &shared, parts: &parts, body: &body }).await?
     };
     reply.headers_mut().insert("x-request-id", request_id);
-    Ok(reply)
+    let accepts_gzip = parts
+        .headers
+        .get(http::header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|coding| coding.trim().starts_with("gzip")));
+    let is_json = reply.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v == "application/json");
+    if accepts_gzip && is_json { Ok(respond::gzipped(reply).await) } else { Ok(reply) }
 }
 
 /// The routes the sandbox knows, matched on method and raw path segments.

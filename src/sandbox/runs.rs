@@ -22,7 +22,7 @@ use super::validation::{self, Errors};
 pub(super) fn list(call: &Call<'_>, org: &str) -> Outcome {
     let items: Vec<Value> = call.shared.lock().store.runs.iter().map(Run::to_json).collect();
     let page = paginate(items, PageRequest::from_query(call.query()), &call.org_url(org, "runs"));
-    Ok(respond::json(StatusCode::OK, &page))
+    Ok(respond::php_json(StatusCode::OK, &page))
 }
 
 /// `POST .../runs`: launches [`CHECKLIST_ID`]; one task per step, assigned to the caller.

@@ -26,7 +26,7 @@ pub(super) fn list(call: &Call<'_>, org: &str, mine: Option<&Caller>) -> Outcome
             .collect()
     };
     let url = call.org_url(org, if mine.is_some() { "me/tasks" } else { "tasks" });
-    Ok(respond::json(StatusCode::OK, &paginate(items, PageRequest::from_query(call.query()), &url)))
+    Ok(respond::php_json(StatusCode::OK, &paginate(items, PageRequest::from_query(call.query()), &url)))
 }
 
 /// `POST .../tasks`: `title` and `deadline` required.

@@ -1,0 +1,222 @@
+//! Request dates normalised into Tallyfy's request format, end to end against
+//! the sandbox (which, like Tallyfy's specification, rejects any other format
+//! with 422), and Tallyfy's absolute links pointed back at the proxy.
+
+mod support;
+
+use std::io::Write;
+
+use support::{Stack, client};
+use tallyfy_proxy::sandbox::fixtures::{
+    CHECKLIST_ID, ORG_ID, PRERUN_DATE_FIELD, PRERUN_TEXT_FIELD, STEP_IDS, TASK_DATE_FIELD, TASK_TEXT_FIELD,
+};
+
+fn task_body() -> String {
+    r#"{"title":"Prepare Q3 report","task_type":"task","owners":{"users":[],"guests":[],"groups":[]},
+ "deadline":"2025-09-30T17:00:00Z","started_at":"2025-09-01T09:00:00+02:00"}"#
+        .to_owned()
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    http.post(url).header("content-type", content_type).body(body).send().await.expect("answered")
+}
+
+#[tokio::test]
+async fn iso_dates_are_accepted_through_the_proxy_and_refused_directly() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+
+    let direct = http
+        .post(format!("{}{tasks}", stack.sandbox.base_url()))
+        .header("authorization", format!("Bearer {}", tallyfy_proxy::sandbox::fixtures::PERSONAL_TOKEN))
+        .header("x-tallyfy-client", "APIClient")
+        .header("content-type", "application/json")
+        .body(task_body())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(direct.status(), 422, "Tallyfy refuses ISO dates");
+
+    let proxied = post(http, stack.url(&tasks), "application/json", task_body()).await;
+    assert_eq!(proxied.status(), 201);
+    let sent = stack.sandbox.received().last().expect("forwarded").body.clone();
+    let expected = task_body()
+        .replace("2025-09-30T17:00:00Z", "2025-30-09 17:00:00")
+        .replace("2025-09-01T09:00:00+02:00", "2025-01-09 07:00:00");
+    assert_eq!(String::from_utf8_lossy(&sent), expected, "only the date values changed, byte for byte");
+    let created: serde_json::Value = proxied.json().await.expect("JSON");
+    assert_eq!(created["data"]["deadline"], "2025-09-30T17:00:00.000Z");
+}
+
+#[tokio::test]
+async fn a_launch_with_prerun_and_step_deadlines_and_a_task_update_with_taskdata() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    let launch = format!(
+        r#"{{"checklist_id":"{CHECKLIST_ID}","name":"Onboarding - Acme",
+            "prerun":{{"{PRERUN_TEXT_FIELD}":"Acme Corp","{PRERUN_DATE_FIELD}":"2025-07-01T09:00:00-05:00"}},
+            "tasks":{{"{}":{{"deadline":"2025-07-15T17:00:00Z"}}}}}}"#,
+        STEP_IDS[0]
+    );
+    let response =
+        post(http, stack.url(&format!("/api/organizations/{ORG_ID}/runs")), "application/json", launch).await;
+    assert_eq!(response.status(), 201);
+    let sent =
+        String::from_utf8(stack.sandbox.received().last().expect("forwarded").body.to_vec()).expect("utf-8");
+    assert!(sent.contains("\"2025-01-07 14:00:00\"") && sent.contains("\"2025-15-07 17:00:00\""), "{sent}");
+    assert!(sent.contains("\"Acme Corp\""), "free text untouched");
+
+    let run: serde_json::Value = response.json().await.expect("JSON");
+    let run_id = run["data"]["id"].as_str().expect("run id");
+    let task_id = run["data"]["tasks"]["data"][0]["id"].as_str().expect("task id");
+    let update = format!(
+        r#"{{"deadline":"2025-08-01T12:00:00+02:00","taskdata":{{"{TASK_DATE_FIELD}":"2025-08-15T00:00:00.000Z","{TASK_TEXT_FIELD}":"normal text"}}}}"#
+    );
+    let updated = http
+        .put(stack.url(&format!("/api/organizations/{ORG_ID}/runs/{run_id}/tasks/{task_id}")))
+        .header("content-type", "application/json")
+        .body(update)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(updated.status(), 200);
+    let sent =
+        String::from_utf8(stack.sandbox.received().last().expect("forwarded").body.to_vec()).expect("utf-8");
+    assert!(sent.contains("\"2025-01-08 10:00:00\"") && sent.contains("\"2025-15-08 00:00:00\""), "{sent}");
+}
+
+#[tokio::test]
+async fn guests_forms_and_gzip_bodies_are_rewritten() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    let guest = r#"{"email":"client@acme.com","first_name":"C","last_name":"C","external_date_creation":"2024-11-05 08:30:00"}"#;
+    let response =
+        post(http, stack.url(&format!("/api/organizations/{ORG_ID}/guests")), "application/json", guest)
+            .await;
+    assert_eq!(response.status(), 201);
+
+    let form = "title=Form+task&deadline=2025-09-30T17%3A00%3A00Z&note=2025-09-30T17%3A00%3A00Z";
+    post(
+        http,
+        stack.url(&format!("/api/organizations/{ORG_ID}/tasks")),
+        "application/x-www-form-urlencoded",
+        form,
+    )
+    .await;
+    let sent =
+        String::from_utf8(stack.sandbox.received().last().expect("forwarded").body.to_vec()).expect("utf-8");
+    assert_eq!(sent, "title=Form+task&deadline=2025-30-09+17%3A00%3A00&note=2025-09-30T17%3A00%3A00Z");
+
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(task_body().as_bytes()).expect("gzip");
+    let response = http
+        .post(stack.url(&format!("/api/organizations/{ORG_ID}/tasks")))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gzip.finish().expect("gzip"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 201, "decoded, rewritten and sent decoded");
+    let forwarded = stack.sandbox.received().last().expect("forwarded").clone();
+    assert!(forwarded.headers.get("content-encoding").is_none());
+    assert!(String::from_utf8_lossy(&forwarded.body).contains("2025-30-09 17:00:00"));
+}
+
+#[tokio::test]
+async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    let tasks = stack.url(&format!("/api/organizations/{ORG_ID}/tasks"));
+    for body in [
+        "{ \"title\" : \"No dates\",\n  \"deadline\": \"2025-30-09 17:00:00\", \"n\": 1.50e2 }",
+        "{\"title\": \"broken\", \"deadline\": \"2025-09-30T17:00:00Z\"",
+    ] {
+        post(http, tasks.clone(), "application/json", body).await;
+        assert_eq!(stack.sandbox.received().last().expect("forwarded").body, body.as_bytes());
+    }
+    let metrics = http
+        .get(format!("http://{}/metrics", stack.proxy.admin_addr()))
+        .send()
+        .await
+        .expect("scraped")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("tallyfy_proxy_bodies_invalid_total 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_body_too_large_to_rewrite_is_refused_only_when_it_holds_dates() {
+    let stack = Stack::start_with("", "[dates]\nmax_body_bytes = 1024\n").await;
+    let http = &stack.client;
+    let file = stack.url(&format!("/api/organizations/{ORG_ID}/tasks"));
+    let padding = "x".repeat(4096);
+    let with_dates = format!(r#"{{"deadline":"2025-09-30T17:00:00Z","notes":"{padding}"}}"#);
+    let response = post(http, file.clone(), "application/json", with_dates).await;
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "body_too_large_for_dates");
+    assert!(stack.sandbox.received().is_empty(), "nothing half-sent");
+
+    let without = format!(r#"{{"title":"big","notes":"{padding}"}}"#);
+    post(http, file, "application/json", without.clone()).await;
+    assert_eq!(stack.sandbox.received().last().expect("forwarded").body, without.as_bytes());
+}
+
+#[tokio::test]
+async fn an_identity_already_speaking_ydm_is_not_swapped_twice() {
+    let stack = Stack::start().await; // its identity reads naive dates year-month-day
+    let tasks = stack.url(&format!("/api/organizations/{ORG_ID}/tasks"));
+    // "2025-03-04 10:00:00" is 4 March in YMD: sent as 2025-04-03.
+    post(&stack.client, tasks, "application/json", r#"{"title":"t","deadline":"2025-03-04 10:00:00"}"#).await;
+    let sent =
+        String::from_utf8_lossy(&stack.sandbox.received().last().expect("forwarded").body).into_owned();
+    assert!(sent.contains("2025-04-03 10:00:00"), "{sent}");
+
+    let ydm = support::config_text(&stack.sandbox.base_url(), "", "")
+        .replace("match = { any = true }", "match = { any = true }\ndate_input_order = \"ydm\"");
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = support::start_proxy(&support::parse_config(&ydm, dir.path())).await;
+    let url = format!("http://{}/api/organizations/{ORG_ID}/tasks", proxy.proxy_addr());
+    let response =
+        post(&client(), url, "application/json", r#"{"title":"t","deadline":"2025-03-04 10:00:00"}"#).await;
+    assert_eq!(response.status(), 201);
+    let sent =
+        String::from_utf8_lossy(&stack.sandbox.received().last().expect("forwarded").body).into_owned();
+    assert!(sent.contains("2025-03-04 10:00:00"), "already in the request format: unchanged: {sent}");
+}
+
+#[tokio::test]
+async fn following_links_next_never_leaves_the_proxy() {
+    let stack = Stack::start().await;
+    let proxy_base = format!("http://{}", stack.proxy.proxy_addr());
+    for gzip in [false, true] {
+        let mut next = Some(format!("{proxy_base}/api/organizations/{ORG_ID}/runs?per_page=5"));
+        let (mut pages, mut runs) = (0, 0);
+        while let Some(url) = next {
+            assert!(url.starts_with(&proxy_base), "link points at the proxy: {url}");
+            let mut request = stack.client.get(&url);
+            if gzip {
+                request = request.header("accept-encoding", "gzip");
+            }
+            let response = request.send().await.expect("answered");
+            assert_eq!(response.status(), 200);
+            assert!(response.headers().get("content-encoding").is_none(), "sent decoded after rewriting");
+            let page: serde_json::Value = response.json().await.expect("JSON");
+            runs += page["data"].as_array().expect("data").len();
+            pages += 1;
+            next = page["meta"]["pagination"]["links"]["next"].as_str().map(str::to_owned);
+        }
+        assert_eq!((pages, runs), (3, tallyfy_proxy::sandbox::fixtures::SEEDED_RUNS), "gzip: {gzip}");
+    }
+    let direct =
+        stack.sandbox.received().iter().filter(|r| !r.headers.contains_key("x-tallyfy-client")).count();
+    assert_eq!(direct, 0, "every request came through the proxy");
+}
