@@ -11,17 +11,20 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::metrics::Metrics;
-use crate::tokens::TokenStore;
+use arc_swap::ArcSwap;
+
+use crate::proxy::Proxy;
 
 #[derive(Clone)]
 pub struct Admin {
-    tokens: Arc<TokenStore>,
+    /// The config generation serving now (its token store answers readiness).
+    current: Arc<ArcSwap<Proxy>>,
     metrics: Arc<Metrics>,
 }
 
 impl Admin {
-    pub fn new(tokens: Arc<TokenStore>, metrics: Arc<Metrics>) -> Self {
-        Admin { tokens, metrics }
+    pub fn new(current: Arc<ArcSwap<Proxy>>, metrics: Arc<Metrics>) -> Self {
+        Admin { current, metrics }
     }
 
     pub fn handle<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
@@ -34,7 +37,7 @@ impl Admin {
         match request.uri().path() {
             "/livez" => reply(StatusCode::OK, json!({"status":"live"})),
             "/metrics" => {
-                let text = self.metrics.render(&self.tokens, Instant::now());
+                let text = self.metrics.render(self.current.load().tokens(), Instant::now());
                 let mut response = Response::new(Full::new(Bytes::from(text)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
@@ -43,7 +46,8 @@ impl Admin {
                 response
             }
             "/readyz" => {
-                let waiting = self.tokens.not_ready(Instant::now());
+                let proxy = self.current.load();
+                let waiting = proxy.tokens().not_ready(Instant::now());
                 if waiting.is_empty() {
                     reply(StatusCode::OK, json!({"status":"ready"}))
                 } else {

@@ -8,10 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::Request;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -22,10 +23,9 @@ use crate::config::{Config, Listen};
 use crate::headers::{CALLER_CREDENTIALS, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::{self, Generation, RefresherTask, ReloadHandle, Reloader};
 use crate::server::{self, ConnectionInfo, ConnectionLimits};
 use crate::tokens::TokenStore;
-use crate::tokens::issuer::{Issuer, IssuerSetupError};
-use crate::tokens::refresh::Refresher;
 
 /// The proxy and admin listeners, bound before anything starts, so a port
 /// conflict is reported at once and tests can bind `127.0.0.1:0`.
@@ -45,12 +45,8 @@ impl Listeners {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("TLS setup for the upstream failed: {0}")]
-    Tls(#[from] rustls::Error),
     #[error(transparent)]
-    Issuer(#[from] IssuerSetupError),
-    #[error("{0}")]
-    Credential(String),
+    Build(#[from] reload::BuildError),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -59,15 +55,16 @@ pub enum StartError {
 pub struct Running {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
-    tokens: Arc<TokenStore>,
+    current: Arc<ArcSwap<Proxy>>,
     metrics: Arc<Metrics>,
+    reload: ReloadHandle,
     shutdown: CancellationToken,
     /// The proxy and admin servers.
     tasks: JoinSet<()>,
-    /// Stopped only after the servers have drained, so tokens stay fresh (and
-    /// rejected ones are replaced) for the requests still finishing.
-    refresher_stop: CancellationToken,
-    refresher: Option<tokio::task::JoinHandle<()>>,
+    /// Hands back the refresher when shutdown starts; it is stopped only after
+    /// the servers have drained, so tokens stay fresh (and rejected ones are
+    /// replaced) for the requests still finishing.
+    reloader: Option<JoinHandle<RefresherTask>>,
 }
 
 impl Running {
@@ -79,17 +76,36 @@ impl Running {
         self.admin_addr
     }
 
-    pub fn tokens(&self) -> &Arc<TokenStore> {
-        &self.tokens
+    /// The token store of the config generation serving now.
+    pub fn tokens(&self) -> Arc<TokenStore> {
+        self.current.load().tokens().clone()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// Resolves once every credential holds a valid token (what `/readyz` reports).
+    /// Resolves once every credential of the current generation holds a valid
+    /// token (what `/readyz` reports).
     pub async fn ready(&self) {
-        self.tokens.ready().await
+        let mut generations = self.reload.generations();
+        loop {
+            generations.mark_unchanged();
+            let tokens = self.tokens();
+            tokio::select! {
+                () = tokens.ready() => return,
+                changed = generations.changed() => if changed.is_err() { return tokens.ready().await },
+            }
+        }
+    }
+
+    /// Asks for a config reload (what SIGHUP does).
+    pub fn request_reload(&self) {
+        self.reload.request();
+    }
+
+    pub fn reload_handle(&self) -> ReloadHandle {
+        self.reload.clone()
     }
 
     /// Starts the drain: listeners close at once, in-flight requests finish.
@@ -107,44 +123,45 @@ impl Running {
     /// then stops the refresher.
     pub async fn stopped(&mut self) {
         while self.tasks.join_next().await.is_some() {}
-        self.refresher_stop.cancel();
-        if let Some(refresher) = self.refresher.take() {
-            let _ = refresher.await;
+        if let Some(reloader) = self.reloader.take()
+            && let Ok(refresher) = reloader.await
+        {
+            refresher.stop().await;
         }
     }
 }
 
-/// Starts the refresher and the proxy and admin servers on `listeners`.
+/// Starts the refresher, the reloader and the proxy and admin servers on `listeners`.
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let tokens = TokenStore::new(config.credentials.iter().map(|c| c.name.clone()).collect());
-    let (refresher, refresh_handle) =
-        Refresher::new(config, tokens.clone(), Issuer::new(config)?, metrics.clone())
-            .map_err(StartError::Credential)?;
-    let proxy = Proxy::new(config, tokens.clone(), refresh_handle, metrics.clone())?;
-    let admin = Admin::new(tokens.clone(), metrics.clone());
+    let Generation { proxy, refresher } = reload::build(config, &metrics)?;
+    let current = Arc::new(ArcSwap::from_pointee(proxy));
     let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
+    let (reloader, reload) =
+        Reloader::new(config.clone(), current.clone(), metrics.clone(), RefresherTask::spawn(refresher));
+    let reloader = tokio::spawn(reloader.run(shutdown.clone()));
+    let admin = Admin::new(current.clone(), metrics.clone());
+    let admin_current = current.clone();
     let sensitive = SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS);
 
-    let refresher_stop = CancellationToken::new();
-    let refresher = tokio::spawn(refresher.run(refresher_stop.clone()));
     let mut tasks = JoinSet::new();
     tasks.spawn(server::serve(
         listeners.proxy,
         config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
         ConnectionLimits::for_proxy(&config.server),
         move |connection: ConnectionInfo| {
-            let proxy = proxy.clone();
+            let current = current.clone();
             let connection = Arc::new(connection);
             ServiceBuilder::new()
                 .layer(sensitive.clone())
                 .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
                 .service_fn(move |request: Request<Incoming>| {
-                    let proxy = proxy.clone();
+                    // One load per request: it finishes on the generation it started with.
+                    let proxy = current.load_full();
                     let connection = connection.clone();
                     async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
                 })
@@ -174,11 +191,11 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     Ok(Running {
         proxy_addr,
         admin_addr,
-        tokens,
+        current: admin_current,
         metrics,
+        reload,
         shutdown,
         tasks,
-        refresher_stop,
-        refresher: Some(refresher),
+        reloader: Some(reloader),
     })
 }

@@ -172,7 +172,7 @@ pub struct Credential {
     pub sources: Vec<(&'static str, SecretSource)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialKind {
     /// A personal access token from Tallyfy's Settings > Integrations > REST API.
     PersonalToken { token: Secret },

@@ -53,6 +53,7 @@ pub mod links;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod rewrite;
 pub mod sandbox;
 pub mod secret;

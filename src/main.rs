@@ -143,6 +143,14 @@ async fn run(path: &Path) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    // Installed before the listeners open, so an early SIGHUP reloads rather than kills.
+    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP; reload by changing the files");
+            None
+        }
+    };
     let listeners = match Listeners::bind(&config.listen).await {
         Ok(listeners) => listeners,
         Err(error) => {
@@ -157,6 +165,15 @@ async fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let reload = running.reload_handle();
+    tokio::spawn(async move {
+        if let Some(mut hangup) = hangup {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the config");
+                reload.request();
+            }
+        }
+    });
     shutdown_signal().await;
     tracing::info!(
         grace_ms = config.server.shutdown_grace.as_millis() as u64,

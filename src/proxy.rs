@@ -111,6 +111,11 @@ impl Proxy {
         })
     }
 
+    /// The token store this generation reads.
+    pub fn tokens(&self) -> &Arc<TokenStore> {
+        &self.shared.tokens
+    }
+
     /// Handles one request to the end: Tallyfy's response or a JSON error.
     pub async fn handle(
         &self,

@@ -55,6 +55,41 @@ impl RefreshHandle {
     }
 }
 
+/// What a stopped refresher leaves for the next one.
+#[derive(Default)]
+pub struct Handover {
+    entries: Vec<Carried>,
+}
+
+struct Carried {
+    credential: Credential,
+    token: Option<Token>,
+    refresh_token: Option<Secret>,
+    due: Option<Instant>,
+    failures: u32,
+}
+
+impl Handover {
+    /// The state of a credential with the same name and the very same settings
+    /// (secrets included); a changed credential starts afresh.
+    fn take(&mut self, credential: &Credential) -> Option<Carried> {
+        let position = self
+            .entries
+            .iter()
+            .position(|c| c.credential.name == credential.name && c.credential.kind == credential.kind)?;
+        Some(self.entries.swap_remove(position))
+    }
+
+    /// Names of the credentials carried over.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Refresh state of one credential.
 struct Slot {
     credential: Credential,
@@ -92,8 +127,8 @@ pub struct Refresher {
 }
 
 impl Refresher {
-    /// Prepares the refresher and publishes static tokens at once (personal access
-    /// tokens need no token endpoint).
+    /// Prepares the refresher for `config` and publishes its static tokens
+    /// (personal access tokens need no token endpoint).
     pub fn new(
         config: &Config,
         store: Arc<TokenStore>,
@@ -149,8 +184,29 @@ impl Refresher {
         Ok((refresher, handle))
     }
 
-    /// Runs until `shutdown` fires.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Takes over what the previous refresher (of the config being replaced)
+    /// returned: credentials whose settings did not change keep their token,
+    /// refresh token and schedule, and cost no token-endpoint call. Returns how
+    /// many were carried over.
+    pub fn adopt(&mut self, mut handover: Handover) -> usize {
+        let mut carried_over = 0;
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(carried) = handover.take(&slot.credential) else { continue };
+            slot.refresh_token = carried.refresh_token;
+            slot.due = carried.due;
+            slot.failures = carried.failures;
+            if let Some(token) = carried.token {
+                self.store.publish(CredentialId::new(index), token);
+            }
+            carried_over += 1;
+        }
+        carried_over
+    }
+
+    /// Runs until `shutdown` fires, then hands its state over (for a reload).
+    /// Fetches still running are abandoned; a refresh token they carried is not
+    /// reused, so none is ever presented twice.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Handover {
         let mut fetches: JoinSet<Outcome> = JoinSet::new();
         loop {
             let now = Instant::now();
@@ -160,7 +216,7 @@ impl Refresher {
                 next_due.unwrap_or(now + Duration::from_secs(3600)),
             ));
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return self.handover(),
                 Some(rejected) = self.rejected.recv() => self.on_rejected(rejected),
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => match joined {
                     Ok(outcome) => self.on_outcome(outcome),
@@ -169,6 +225,24 @@ impl Refresher {
                 () = sleep => {}
             }
         }
+    }
+
+    fn handover(self) -> Handover {
+        let store = self.store;
+        let entries = self
+            .slots
+            .into_iter()
+            .enumerate()
+            .filter(|(_, slot)| !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. }))
+            .map(|(index, slot)| Carried {
+                token: store.token(CredentialId::new(index)),
+                refresh_token: slot.refresh_token,
+                due: if slot.fetching { Some(Instant::now()) } else { slot.due },
+                failures: slot.failures,
+                credential: slot.credential,
+            })
+            .collect();
+        Handover { entries }
     }
 
     fn start_due(&mut self, now: Instant, fetches: &mut JoinSet<Outcome>) {

@@ -1,0 +1,140 @@
+//! Live reload against real files: a rotated secret file, a broken config, and a
+//! Kubernetes-style `..data` symlink swap.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::{client, env, ready_within, start_proxy, start_proxy_unready, start_sandbox};
+use tallyfy_proxy::config::Config;
+use tallyfy_proxy::identity::sha256;
+use tallyfy_proxy::metrics::OutcomeLabel;
+use tallyfy_proxy::sandbox::fixtures::{APP_CLIENT_ID, APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A client_credentials credential reading its secret from `secrets/app_secret`,
+/// and one identity with API key `key`.
+fn config_text(base_url: &str, key: &str) -> String {
+    format!(
+        r#"[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[upstream]
+base_url = "{base_url}"
+
+[tokens]
+retry_min_ms = 50
+retry_max_ms = 200
+
+[[credentials]]
+name = "app"
+kind = "client_credentials"
+client_id = "{APP_CLIENT_ID}"
+client_secret = {{ file = "secrets/app_secret" }}
+
+[[identities]]
+name = "caller"
+credential = "app"
+match = {{ api_key_sha256 = "{}" }}
+"#,
+        hex(&sha256(key.as_bytes()))
+    )
+}
+
+fn load(path: &Path) -> Config {
+    Config::parse(&std::fs::read_to_string(path).expect("read"), path, &env).expect("valid")
+}
+
+/// Polls `done` until it holds, at most 10 s (reloads are driven by file events).
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not reached in 10 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn reloads(proxy: &tallyfy_proxy::app::Running, outcome: &str) -> u64 {
+    proxy.metrics().config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).get()
+}
+
+async fn mint_status(proxy: &tallyfy_proxy::app::Running, key: &str) -> u16 {
+    let url = format!(
+        "http://{}/api/applications/{ORG_ID}/users/{}/token",
+        proxy.proxy_addr(),
+        APP_USER_EMAIL.replace('@', "%40")
+    );
+    client().post(url).header("x-api-key", key).send().await.expect("answered").status().as_u16()
+}
+
+#[tokio::test]
+async fn a_rotated_secret_file_is_used_without_a_restart() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/app_secret"), "an-old-secret\n").expect("write");
+    std::fs::write(dir.path().join("proxy.toml"), config_text(&sandbox.base_url(), "k1")).expect("write");
+    let proxy = start_proxy_unready(&load(&dir.path().join("proxy.toml"))).await;
+
+    let refused =
+        || sandbox.token_requests().iter().any(|t| t.grant == "client_credentials" && t.answered == 401);
+    wait_for("the old secret is refused", async || refused()).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 503, "no token yet");
+
+    std::fs::write(dir.path().join("secrets/app_secret"), format!("{APP_CLIENT_SECRET}\n")).expect("rotate");
+    ready_within(&proxy, Duration::from_secs(10)).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 200);
+    assert!(reloads(&proxy, "applied") >= 1);
+}
+
+#[tokio::test]
+async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
+    std::fs::write(dir.path().join("proxy.toml"), config_text(&sandbox.base_url(), "k1")).expect("write");
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 200);
+
+    std::fs::write(dir.path().join("proxy.toml"), "[listen]\nproxy = \"nonsense\"\n").expect("break it");
+    wait_for("the reload is refused", async || reloads(&proxy, "invalid") >= 1).await;
+    assert_eq!(reloads(&proxy, "applied"), 0);
+    assert_eq!(mint_status(&proxy, "k1").await, 200, "the running config still serves");
+}
+
+#[tokio::test]
+async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_their_tokens() {
+    let sandbox = start_sandbox().await;
+    let mount = tempfile::tempdir().expect("dir");
+    let m = mount.path();
+    // What the kubelet makes of a ConfigMap: files behind a `..data` symlink.
+    std::fs::create_dir_all(m.join("..2026_01/secrets")).expect("mkdir");
+    std::fs::write(m.join("..2026_01/proxy.toml"), config_text(&sandbox.base_url(), "old-key"))
+        .expect("write");
+    std::fs::write(m.join("..2026_01/secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
+    std::os::unix::fs::symlink("..2026_01", m.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/proxy.toml", m.join("proxy.toml")).expect("symlink");
+    std::os::unix::fs::symlink("..data/secrets", m.join("secrets")).expect("symlink");
+    let proxy = start_proxy(&load(&m.join("proxy.toml"))).await;
+    assert_eq!(mint_status(&proxy, "old-key").await, 200);
+    let fetched = || sandbox.token_requests().iter().filter(|t| t.grant == "client_credentials").count();
+    assert_eq!(fetched(), 1);
+
+    // The kubelet's update: a new timestamped directory, then an atomic rename of the link.
+    std::fs::create_dir_all(m.join("..2026_02/secrets")).expect("mkdir");
+    std::fs::write(m.join("..2026_02/proxy.toml"), config_text(&sandbox.base_url(), "new-key"))
+        .expect("write");
+    std::fs::write(m.join("..2026_02/secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
+    std::os::unix::fs::symlink("..2026_02", m.join("..data_tmp")).expect("symlink");
+    std::fs::rename(m.join("..data_tmp"), m.join("..data")).expect("swap");
+
+    wait_for("the new key works", async || mint_status(&proxy, "new-key").await == 200).await;
+    assert_eq!(mint_status(&proxy, "old-key").await, 401, "the old key is gone with the old config");
+    assert_eq!(fetched(), 1, "the unchanged credential kept its token: no token-endpoint call");
+}

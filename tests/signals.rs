@@ -1,0 +1,142 @@
+//! The binary under signals: SIGTERM during load drains every in-flight request
+//! and exits 0; SIGHUP reloads the config.
+
+mod support;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Starts `tallyfy-proxy run` on a config against `upstream`, logging JSON, and
+/// returns it with its proxy address and a channel of its log lines.
+fn run_binary(
+    dir: &Path,
+    upstream: &str,
+) -> (Child, std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
+    let config = format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{upstream}\"\n\
+         [server]\nshutdown_grace_ms = 10000\n[log]\nformat = \"json\"\n\
+         [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TALLYFY_TOKEN\" }}\n\
+         [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
+    );
+    std::fs::write(dir.join("proxy.toml"), config).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
+        .args(["run", "--config", "proxy.toml"])
+        .current_dir(dir)
+        .env("TALLYFY_TOKEN", "a-token")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let addr = loop {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("the proxy logs its listeners");
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        if json["message"] == "listening" {
+            let url = json["proxy"].as_str().expect("proxy address");
+            break url.trim_start_matches("http://").parse().expect("address");
+        }
+    };
+    (child, addr, lines)
+}
+
+use std::path::Path;
+
+fn signal(child: &Child, name: &str) {
+    let status =
+        Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+}
+
+/// An upstream that reports each request, then answers after `delay`.
+async fn slow_upstream(delay: Duration) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (arrived, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| {
+                    let _ = arrived.send(());
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                            b"{\"ok\":true}",
+                        ))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn sigterm_under_load_finishes_every_request_and_exits_0() {
+    let (upstream, mut arrived) = slow_upstream(Duration::from_millis(500)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, addr, _lines) = run_binary(dir.path(), &format!("http://{upstream}"));
+
+    const IN_FLIGHT: usize = 20;
+    let http = support::client();
+    let requests: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let http = http.clone();
+            tokio::spawn(async move { http.get(format!("http://{addr}/api/slow")).send().await })
+        })
+        .collect();
+    for _ in 0..IN_FLIGHT {
+        arrived.recv().await.expect("each request reached the upstream");
+    }
+    signal(&child, "TERM");
+
+    for request in requests {
+        let response = request.await.expect("task").expect("no in-flight request was cut");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.expect("body"), "{\"ok\":true}");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(TcpStream::connect(addr).await.is_err(), "new connections are refused");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config() {
+    let sandbox = support::start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, _addr, lines) = run_binary(dir.path(), &sandbox.base_url());
+    signal(&child, "HUP");
+    let reloaded = tokio::task::spawn_blocking(move || {
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+            if line.contains("config reloaded") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("join");
+    signal(&child, "TERM");
+    let _ = child.wait();
+    assert!(reloaded, "a SIGHUP reload was logged");
+}
