@@ -71,7 +71,7 @@ impl SandboxMode {
              \x20 curl -s {proxy}/api/me\n\
              \x20 curl -s '{proxy}/api/organizations/{org}/runs?per_page=5'\n\
              \x20 curl -s -X POST {proxy}/api/organizations/{org}/tasks -H 'Content-Type: application/json' \\\n\
-             \x20      -d '{{\"title\":\"Prepare Q3 report\",\"task_type\":\"task\",\"deadline\":\"2025-30-09 17:00:00\"}}'\n\
+             \x20      -d '{{\"title\":\"Prepare Q3 report\",\"task_type\":\"task\",\"deadline\":\"2025-09-30T17:00:00Z\"}}'\n\
              \x20 curl -s {admin}/readyz\n\
              Stop with Ctrl-C.",
             upstream = self.sandbox.base_url(),
