@@ -1,31 +1,44 @@
-//! One structured log line per request, written when its response head is ready.
+//! One structured log line per request, written when its response body has
+//! been sent (or the caller went away), so it can tell the bytes moved.
 //!
 //! Fields: method, path (never the query, which may hold personal data), status,
-//! upstream status, latency, identity, and for failures the error code and detail.
+//! upstream status, time to the response head and to the end, bytes received and
+//! sent, identity, request id, and for failures the error code and detail.
 //! Header values and bodies are never logged.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Method, Request, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
 
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers::X_REQUEST_ID;
+use crate::upload::Activity;
 
-pub struct AccessLog<'a> {
+pub struct AccessLog {
     started: Instant,
     method: Method,
     path: String,
     peer: SocketAddr,
     request_id: String,
-    pub identity: Option<&'a str>,
+    pub identity: Option<String>,
     pub upstream_status: Option<StatusCode>,
     /// The request was sent a second time with a refreshed token.
     pub replayed: bool,
+    /// Counts the request body bytes sent upstream.
+    pub request_body: Option<Arc<Activity>>,
     error: Option<ProxyError>,
+    /// Set when the response head is ready.
+    head: Option<(StatusCode, Duration)>,
 }
 
-impl<'a> AccessLog<'a> {
+impl AccessLog {
     pub fn start<B>(request: &Request<B>, peer: SocketAddr) -> Self {
         AccessLog {
             started: Instant::now(),
@@ -43,7 +56,9 @@ impl<'a> AccessLog<'a> {
             identity: None,
             upstream_status: None,
             replayed: false,
+            request_body: None,
             error: None,
+            head: None,
         }
     }
 
@@ -56,7 +71,7 @@ impl<'a> AccessLog<'a> {
         &self.method
     }
 
-    pub fn elapsed(&self) -> std::time::Duration {
+    pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
 
@@ -64,10 +79,20 @@ impl<'a> AccessLog<'a> {
         self.error = Some(error);
     }
 
-    pub fn finish(self, status: StatusCode) {
-        let latency_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
+    /// Notes the response head; the line is written when `body` finishes.
+    pub fn wrap<B>(mut self, status: StatusCode, body: B) -> Logged<B> {
+        self.head = Some((status, self.started.elapsed()));
+        Logged { inner: body, log: Some(self), bytes_sent: 0 }
+    }
+
+    fn write(self, bytes_sent: u64, complete: bool) {
+        let (status, head) = self.head.unwrap_or((StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO));
+        let status = status.as_u16();
+        let latency_ms = head.as_micros() as f64 / 1000.0;
+        let total_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let upstream_status = self.upstream_status.map(|s| s.as_u16());
-        let identity = self.identity.unwrap_or("-");
+        let identity = self.identity.as_deref().unwrap_or("-");
+        let bytes_received = self.request_body.as_ref().map_or(0, |a| a.bytes());
         let replayed = self.replayed;
         let error_code = self.error.as_ref().map(ProxyError::code);
         let error_detail = self.error.as_ref().map(ToString::to_string);
@@ -77,9 +102,13 @@ impl<'a> AccessLog<'a> {
                     target: "tallyfy_proxy::access",
                     method = %self.method,
                     path = %self.path,
-                    status = status.as_u16(),
+                    status,
                     upstream_status,
                     latency_ms,
+                    total_ms,
+                    bytes_received,
+                    bytes_sent,
+                    complete,
                     identity,
                     replayed,
                     peer = %self.peer,
@@ -95,5 +124,68 @@ impl<'a> AccessLog<'a> {
             Some(ErrorClass::Upstream) => line!(warn),
             Some(ErrorClass::Internal) => line!(error),
         }
+    }
+}
+
+pin_project! {
+    /// A response body that counts what it sends and writes the request's access
+    /// line when it ends, or when it is dropped early (the caller hung up:
+    /// `complete=false`).
+    pub struct Logged<B> {
+        #[pin]
+        inner: B,
+        log: Option<AccessLog>,
+        bytes_sent: u64,
+    }
+
+    impl<B> PinnedDrop for Logged<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(log) = this.log.take() {
+                log.write(*this.bytes_sent, false);
+            }
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Logged<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes_sent += data.len() as u64;
+                }
+                // hyper stops polling a body that says it has ended (its
+                // Content-Length is reached), so this is the end too.
+                if this.inner.is_end_stream()
+                    && let Some(log) = this.log.take()
+                {
+                    log.write(*this.bytes_sent, true);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(log) = this.log.take() {
+                    log.write(*this.bytes_sent, true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -17,7 +17,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
-use crate::access_log::AccessLog;
+use crate::access_log::{AccessLog, Logged};
 use crate::config::{self, Config, Identity};
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers;
@@ -28,6 +28,7 @@ use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{Lease, TokenStore};
+use crate::upload::Activity;
 use crate::upstream::Upstream;
 
 mod request_body;
@@ -121,7 +122,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-    ) -> Response<ProxyBody> {
+    ) -> Response<Logged<ProxyBody>> {
         let metrics = &self.shared.metrics;
         let _in_flight = InFlight::enter(&metrics.in_flight);
         let mut log = AccessLog::start(&request, connection.peer);
@@ -138,22 +139,22 @@ impl Proxy {
                 response
             }
         };
-        metrics.request(log.identity, log.method(), response.status(), log.elapsed());
-        log.finish(response.status());
-        response
+        metrics.request(log.identity.as_deref(), log.method(), response.status(), log.elapsed());
+        let status = response.status();
+        response.map(|body| log.wrap(status, body))
     }
 
-    async fn forward<'a>(
-        &'a self,
+    async fn forward(
+        &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-        log: &mut AccessLog<'a>,
+        log: &mut AccessLog,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
         let public_base = self.public_base(&head, connection);
         let Prepared { identity, lease } = self.prepare(&mut head, connection)?;
-        log.identity = Some(&identity.name);
+        log.identity = Some(identity.name.clone());
         let credential = identity.credential;
 
         let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
@@ -166,7 +167,9 @@ impl Proxy {
         });
 
         let sent = Instant::now();
-        let response = shared.upstream.send(Request::from_parts(head, body)).await?;
+        let activity = Activity::new();
+        log.request_body = Some(activity.clone());
+        let response = shared.upstream.send(Request::from_parts(head, body), activity).await?;
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
@@ -199,7 +202,7 @@ impl Proxy {
         *request.headers_mut() = replay.headers;
         request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
         let sent = Instant::now();
-        let response = shared.upstream.send(request).await?;
+        let response = shared.upstream.send(request, Activity::new()).await?;
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         self.response(response, public_base.as_deref()).await

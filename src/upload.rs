@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -16,16 +17,23 @@ pub struct Activity {
     origin: Instant,
     /// Microseconds after `origin`.
     last: AtomicU64,
+    /// Body bytes read so far.
+    bytes: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity { origin: Instant::now(), last: AtomicU64::new(0) })
+        Arc::new(Activity { origin: Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) })
     }
 
     fn touch(&self) {
         let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.last.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    /// Body bytes read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     /// The last moment the body moved (its creation, at first).
@@ -59,7 +67,12 @@ impl<B: Body> Body for Tracked<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if polled.is_ready() {
+        if let Poll::Ready(frame) = &polled {
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
+                && let Some(data) = data
+            {
+                this.activity.bytes.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            }
             this.activity.touch();
         }
         polled

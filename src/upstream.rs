@@ -102,8 +102,11 @@ impl Upstream {
     /// time since the request body last moved (so a long upload is not a
     /// timeout while it flows) until the response head arrives. The response body
     /// streams on afterwards.
-    pub async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
-        let activity = Activity::new();
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+        activity: Arc<Activity>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let (mut head, body) = request.into_parts();
         // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
         head.version = Version::HTTP_11;

@@ -26,6 +26,23 @@ async fn post(
     http.post(url).header("content-type", content_type).body(body).send().await.expect("answered")
 }
 
+/// The same request sent straight to the sandbox, with the headers the proxy
+/// would add: Tallyfy's answer to a legacy app without the proxy.
+async fn direct(stack: &Stack, method: reqwest::Method, path: &str, body: &str) -> u16 {
+    stack
+        .client
+        .request(method, format!("{}{path}", stack.sandbox.base_url()))
+        .header("authorization", format!("Bearer {}", tallyfy_proxy::sandbox::fixtures::PERSONAL_TOKEN))
+        .header("x-tallyfy-client", "APIClient")
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("answered")
+        .status()
+        .as_u16()
+}
+
 #[tokio::test]
 async fn iso_dates_are_accepted_through_the_proxy_and_refused_directly() {
     let stack = Stack::start().await;
@@ -64,8 +81,9 @@ async fn a_launch_with_prerun_and_step_deadlines_and_a_task_update_with_taskdata
             "tasks":{{"{}":{{"deadline":"2025-07-15T17:00:00Z"}}}}}}"#,
         STEP_IDS[0]
     );
-    let response =
-        post(http, stack.url(&format!("/api/organizations/{ORG_ID}/runs")), "application/json", launch).await;
+    let runs = format!("/api/organizations/{ORG_ID}/runs");
+    assert_eq!(direct(&stack, reqwest::Method::POST, &runs, &launch).await, 422, "refused directly");
+    let response = post(http, stack.url(&runs), "application/json", launch).await;
     assert_eq!(response.status(), 201);
     let sent =
         String::from_utf8(stack.sandbox.received().last().expect("forwarded").body.to_vec()).expect("utf-8");
@@ -78,8 +96,10 @@ async fn a_launch_with_prerun_and_step_deadlines_and_a_task_update_with_taskdata
     let update = format!(
         r#"{{"deadline":"2025-08-01T12:00:00+02:00","taskdata":{{"{TASK_DATE_FIELD}":"2025-08-15T00:00:00.000Z","{TASK_TEXT_FIELD}":"normal text"}}}}"#
     );
+    let task_path = format!("/api/organizations/{ORG_ID}/runs/{run_id}/tasks/{task_id}");
+    assert_eq!(direct(&stack, reqwest::Method::PUT, &task_path, &update).await, 422, "refused directly");
     let updated = http
-        .put(stack.url(&format!("/api/organizations/{ORG_ID}/runs/{run_id}/tasks/{task_id}")))
+        .put(stack.url(&task_path))
         .header("content-type", "application/json")
         .body(update)
         .send()
@@ -95,11 +115,14 @@ async fn a_launch_with_prerun_and_step_deadlines_and_a_task_update_with_taskdata
 async fn guests_forms_and_gzip_bodies_are_rewritten() {
     let stack = Stack::start().await;
     let http = &stack.client;
-    let guest = r#"{"email":"client@acme.com","first_name":"C","last_name":"C","external_date_creation":"2024-11-05 08:30:00"}"#;
-    let response =
-        post(http, stack.url(&format!("/api/organizations/{ORG_ID}/guests")), "application/json", guest)
-            .await;
+    let guest = r#"{"email":"client@acme.com","first_name":"C","last_name":"C","external_date_creation":"2024-11-05T08:30:00Z"}"#;
+    let guests = format!("/api/organizations/{ORG_ID}/guests");
+    assert_eq!(direct(&stack, reqwest::Method::POST, &guests, guest).await, 422, "refused directly");
+    let response = post(http, stack.url(&guests), "application/json", guest).await;
     assert_eq!(response.status(), 201);
+    let sent =
+        String::from_utf8_lossy(&stack.sandbox.received().last().expect("forwarded").body).into_owned();
+    assert!(sent.contains("\"2024-05-11 08:30:00\""), "{sent}");
 
     let form = "title=Form+task&deadline=2025-09-30T17%3A00%3A00Z&note=2025-09-30T17%3A00%3A00Z";
     post(

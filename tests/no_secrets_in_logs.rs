@@ -94,6 +94,15 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         assert_eq!(sidecar.status(), 200);
         round += 1;
     }
+    let download = http
+        .get(format!("{base}/api/organizations/{ORG_ID}/file/f1/dl?bytes=100000"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(download.bytes().await.expect("body").len(), 100_000);
+    let upload =
+        http.post(format!("{base}/api/organizations/{ORG_ID}/file")).body(vec![b'u'; 4321]).send().await;
+    assert_eq!(upload.expect("answered").status(), 201);
     proxy.shutdown().await;
 
     let log = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
@@ -102,6 +111,22 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         "the session exercised refreshes"
     );
     assert!(log.lines().count() > 100, "TRACE output was captured");
+    let access = |path_end: &str| {
+        log.lines()
+            .find(|l| l.contains("tallyfy_proxy::access") && l.contains(path_end))
+            .unwrap_or_else(|| panic!("an access line for {path_end}"))
+            .to_owned()
+    };
+    let download_line = access("/dl ");
+    assert!(
+        download_line.contains("bytes_sent=100000") && download_line.contains("complete=true"),
+        "{download_line}"
+    );
+    let upload_line = access("/file ");
+    assert!(
+        upload_line.contains("bytes_received=4321") && upload_line.contains("status=201"),
+        "{upload_line}"
+    );
     let basic_header = base64::engine::general_purpose::STANDARD.encode(format!("reports:{BASIC_PASSWORD}"));
     let forbidden = [
         PERSONAL_TOKEN,

@@ -138,3 +138,36 @@ async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_th
     assert_eq!(mint_status(&proxy, "old-key").await, 401, "the old key is gone with the old config");
     assert_eq!(fetched(), 1, "the unchanged credential kept its token: no token-endpoint call");
 }
+
+#[tokio::test]
+async fn in_flight_requests_finish_on_the_config_they_started_with() {
+    let (upstream, mut arrived) = support::slow_upstream(Duration::from_millis(600)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let text = |key: &str| {
+        format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"http://{upstream}\"\n\
+             [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ file = \"token\" }}\n\
+             [[identities]]\nname = \"caller\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n",
+            hex(&sha256(key.as_bytes()))
+        )
+    };
+    std::fs::write(dir.path().join("token"), "a-personal-token").expect("write");
+    std::fs::write(dir.path().join("proxy.toml"), text("k1")).expect("write");
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    let url = format!("http://{}/api/slow", proxy.proxy_addr());
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { client().get(url).header("x-api-key", "k1").send().await }
+    });
+    arrived.recv().await.expect("the request reached the upstream");
+
+    std::fs::write(dir.path().join("proxy.toml"), text("k2")).expect("rewrite");
+    wait_for("the reload is applied", async || reloads(&proxy, "applied") >= 1).await;
+    let response = in_flight.await.expect("task").expect("not cut by the reload");
+    assert_eq!(response.status(), 200, "finished on the config it started with");
+    let status = |key: &'static str| {
+        let url = url.clone();
+        async move { client().get(url).header("x-api-key", key).send().await.expect("answered").status() }
+    };
+    assert_eq!(status("k1").await, 401, "new requests see the new config");
+}

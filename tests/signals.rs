@@ -39,10 +39,10 @@ fn run_binary(
     let (tx, lines) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().expect("stdout");
     std::thread::spawn(move || {
+        // Keep draining after the test stops listening, so the proxy never
+        // writes into a closed pipe.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let addr = loop {
@@ -64,36 +64,9 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-/// An upstream that reports each request, then answers after `delay`.
-async fn slow_upstream(delay: Duration) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (arrived, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let arrived = arrived.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |_request| {
-                    let _ = arrived.send(());
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            b"{\"ok\":true}",
-                        ))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
-
 #[tokio::test]
 async fn sigterm_under_load_finishes_every_request_and_exits_0() {
-    let (upstream, mut arrived) = slow_upstream(Duration::from_millis(500)).await;
+    let (upstream, mut arrived) = support::slow_upstream(Duration::from_millis(500)).await;
     let dir = tempfile::tempdir().expect("dir");
     let (mut child, addr, _lines) = run_binary(dir.path(), &format!("http://{upstream}"));
 

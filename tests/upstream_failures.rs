@@ -106,36 +106,9 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
     assert_eq!(received.len(), sandbox.received().len(), "nothing was delivered");
 }
 
-/// An upstream that reports each request on `arrived`, then answers after `delay`.
-async fn slow_upstream(delay: Duration) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (arrived, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let arrived = arrived.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |_request| {
-                    let _ = arrived.send(());
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                            b"{\"done\":true}",
-                        ))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
-
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
-    let (upstream, mut arrived) = slow_upstream(Duration::from_millis(400)).await;
+    let (upstream, mut arrived) = support::slow_upstream(Duration::from_millis(400)).await;
     let dir = tempfile::tempdir().expect("dir");
     let config = parse_config(
         &config_text(&format!("http://{upstream}"), "", "[server]\nshutdown_grace_ms = 5000\n"),
@@ -150,7 +123,7 @@ async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
 
     let response = in_flight.await.expect("task").expect("the in-flight request was not cut");
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.expect("body"), "{\"done\":true}");
+    assert_eq!(response.text().await.expect("body"), "{\"ok\":true}");
     proxy.stopped().await;
     assert!(TcpStream::connect(addr).await.is_err(), "new connections are refused");
 }

@@ -207,3 +207,33 @@ pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     listener.local_addr().expect("addr")
 }
+
+/// An upstream that reports each request on the returned channel, then answers
+/// `{"ok":true}` after `delay`. For drains and in-flight tests.
+pub async fn slow_upstream(
+    delay: std::time::Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (arrived, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| {
+                    let _ = arrived.send(());
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{\"ok\":true}"));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
