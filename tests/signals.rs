@@ -3,17 +3,11 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 
 /// Starts `tallyfy-proxy run` on a config against `upstream`, logging JSON, and
 /// returns it with its proxy address and a channel of its log lines.

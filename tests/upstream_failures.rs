@@ -2,18 +2,12 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::{client, closed_port, config_text, parse_config, start_proxy};
 use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 async fn error_code(response: reqwest::Response) -> String {
     let body: serde_json::Value = response.json().await.expect("JSON error body");
