@@ -1,5 +1,6 @@
 //! One structured log line per request, written when its response body has
-//! been sent (or the caller went away), so it can tell the bytes moved.
+//! been sent (or the caller went away), so it can tell the bytes moved; and the
+//! request's metrics, recorded at the same moment, exactly once.
 //!
 //! Fields: method, path (never the query, which may hold personal data), status,
 //! upstream status, time to the response head and to the end, bytes received and
@@ -19,6 +20,7 @@ use pin_project_lite::pin_project;
 
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers::X_REQUEST_ID;
+use crate::metrics::Metrics;
 use crate::upload::Activity;
 
 pub struct AccessLog {
@@ -36,11 +38,38 @@ pub struct AccessLog {
     error: Option<ProxyError>,
     /// Set when the response head is ready.
     head: Option<(StatusCode, Duration)>,
+    metrics: Arc<Metrics>,
+    /// Counts the request in flight until its line is written and it is dropped.
+    _in_flight: InFlight,
+    written: bool,
+}
+
+/// Status logged for a request whose caller went away before the response head.
+const CLIENT_CLOSED: u16 = 499;
+
+struct InFlight(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Drop for AccessLog {
+    /// A request dropped before its line was written (the caller hung up while
+    /// Tallyfy was still answering, or the drain grace ran out) still gets one.
+    fn drop(&mut self) {
+        self.write(0, false);
+    }
 }
 
 impl AccessLog {
-    pub fn start<B>(request: &Request<B>, peer: SocketAddr) -> Self {
+    pub fn start<B>(request: &Request<B>, peer: SocketAddr, metrics: &Arc<Metrics>) -> Self {
+        metrics.in_flight.inc();
         AccessLog {
+            _in_flight: InFlight(metrics.in_flight.clone()),
+            metrics: metrics.clone(),
+            written: false,
             started: Instant::now(),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
@@ -79,15 +108,31 @@ impl AccessLog {
         self.error = Some(error);
     }
 
-    /// Notes the response head; the line is written when `body` finishes.
-    pub fn wrap<B>(mut self, status: StatusCode, body: B) -> Logged<B> {
+    /// Notes the response head; the line is written when `body` finishes (at
+    /// once for a body that is already complete: hyper never polls those).
+    pub fn wrap<B: Body>(mut self, status: StatusCode, body: B) -> Logged<B> {
         self.head = Some((status, self.started.elapsed()));
+        if body.is_end_stream() {
+            self.write(0, true);
+        }
         Logged { inner: body, log: Some(self), bytes_sent: 0 }
     }
 
-    fn write(self, bytes_sent: u64, complete: bool) {
-        let (status, head) = self.head.unwrap_or((StatusCode::INTERNAL_SERVER_ERROR, Duration::ZERO));
-        let status = status.as_u16();
+    /// Writes the line and records the metrics, once.
+    fn write(&mut self, bytes_sent: u64, complete: bool) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let (status, head) = match self.head {
+            Some((status, head)) => (status.as_u16(), head),
+            None => (CLIENT_CLOSED, self.started.elapsed()),
+        };
+        self.metrics.request(
+            self.identity.as_deref(),
+            &self.method,
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            head,
+        );
         let latency_ms = head.as_micros() as f64 / 1000.0;
         let total_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         let upstream_status = self.upstream_status.map(|s| s.as_u16());
@@ -141,7 +186,7 @@ pin_project! {
     impl<B> PinnedDrop for Logged<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(log) = this.log.take() {
+            if let Some(mut log) = this.log.take() {
                 log.write(*this.bytes_sent, false);
             }
         }
@@ -166,13 +211,13 @@ impl<B: Body<Data = Bytes>> Body for Logged<B> {
                 // hyper stops polling a body that says it has ended (its
                 // Content-Length is reached), so this is the end too.
                 if this.inner.is_end_stream()
-                    && let Some(log) = this.log.take()
+                    && let Some(log) = this.log.as_mut()
                 {
                     log.write(*this.bytes_sent, true);
                 }
             }
             Poll::Ready(None) => {
-                if let Some(log) = this.log.take() {
+                if let Some(log) = this.log.as_mut() {
                     log.write(*this.bytes_sent, true);
                 }
             }

@@ -75,6 +75,8 @@ pub struct ListenTls {
     pub client_cert_required: bool,
     /// Whether client certificates are verified at all (`client_ca` given).
     pub verifies_client_certs: bool,
+    /// SHA-256 over the certificate, key and client CA files, to notice changes.
+    pub fingerprint: [u8; 32],
 }
 
 #[derive(Debug, Clone)]

@@ -29,7 +29,7 @@ mod parse;
 pub(crate) mod tests;
 
 pub(crate) use edits::{Edit, splice};
-pub use form::rewrite_form;
+pub use form::{form_may_need_rewrite, rewrite_form};
 pub use json::{may_need_rewrite, rewrite_json};
 
 /// How the two middle numbers of a naive `YYYY-xx-yy` value are read.

@@ -54,6 +54,8 @@ pub struct OutcomeLabel {
 /// listener.
 pub struct Metrics {
     registry: Registry,
+    /// Serialises scrapes: each refills the expiry gauges before encoding.
+    rendering: std::sync::Mutex<()>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_seconds: Family<IdentityLabel, Histogram>,
     pub upstream_seconds: Family<IdentityLabel, Histogram>,
@@ -146,6 +148,7 @@ impl Metrics {
         registry.register("config_reloads", "Configuration reloads by outcome", config_reloads.clone());
         Metrics {
             registry,
+            rendering: std::sync::Mutex::new(()),
             requests,
             request_seconds,
             upstream_seconds,
@@ -198,6 +201,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with token expiry gauges read from `tokens` at `now`.
     pub fn render(&self, tokens: &TokenStore, now: Instant) -> String {
+        let _one_scrape_at_a_time = self.rendering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.token_expiry_seconds.clear();
         for index in 0..tokens.len() {
             let id = CredentialId::new(index);

@@ -124,9 +124,10 @@ impl Proxy {
         connection: &ConnectionInfo,
     ) -> Response<Logged<ProxyBody>> {
         let metrics = &self.shared.metrics;
-        let _in_flight = InFlight::enter(&metrics.in_flight);
-        let mut log = AccessLog::start(&request, connection.peer);
-        let span = tracing::info_span!("request", request_id = log.request_id());
+        let mut log = AccessLog::start(&request, connection.peer, metrics);
+        // At ERROR level so that no log-level setting drops the request id from
+        // the request's warn and error lines.
+        let span = tracing::error_span!("request", request_id = log.request_id());
         let response = match self.forward(request, connection, &mut log).instrument(span).await {
             Ok(response) => response,
             Err(error) => {
@@ -139,7 +140,6 @@ impl Proxy {
                 response
             }
         };
-        metrics.request(log.identity.as_deref(), log.method(), response.status(), log.elapsed());
         let status = response.status();
         response.map(|body| log.wrap(status, body))
     }
@@ -244,23 +244,6 @@ impl Proxy {
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
         Ok(Prepared { identity, lease })
-    }
-}
-
-/// Counts a request in flight for as long as it lives, even if the caller hangs
-/// up and the handler future is dropped.
-struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> InFlight<'a> {
-    fn enter(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -133,13 +133,13 @@ impl Reloader {
                 Some(()) = self.triggers.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while self.triggers.try_recv().is_ok() {}
-                    self.reload().await;
+                    self.reload(&shutdown).await;
                 }
             }
         }
     }
 
-    async fn reload(&mut self) {
+    async fn reload(&mut self, shutdown: &CancellationToken) {
         let outcome = |metrics: &Metrics, outcome: &str| {
             metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
         };
@@ -159,12 +159,10 @@ impl Reloader {
                 return;
             }
         };
-        if new.listen.proxy != self.config.listen.proxy
-            || new.listen.admin != self.config.listen.admin
-            || new.listen.tls.is_some() != self.config.listen.tls.is_some()
-        {
+        for setting in restart_only_changes(&self.config, &new) {
             tracing::warn!(
-                "listener settings changed: they take effect after a restart; everything else is reloaded"
+                setting,
+                "changed, but takes effect only after a restart; everything else is reloaded"
             );
         }
         for warning in &new.warnings {
@@ -175,9 +173,19 @@ impl Reloader {
         let carried = refresher.adopt(old.stop().await);
         let tokens = proxy.tokens().clone();
         self.refresher = RefresherTask::spawn(refresher);
-        if tokio::time::timeout(READY_WAIT, tokens.ready()).await.is_err() {
-            let waiting = tokens.not_ready(std::time::Instant::now()).join(", ");
-            tracing::warn!(credentials = %waiting, "reloaded config serves before these credentials have a token");
+        // Changed credentials are fetched before the new config serves. Meanwhile
+        // the old generation serves on with the tokens it holds (they stay valid;
+        // only a replay after a 401 is not possible in this short window). A
+        // shutdown does not wait for this.
+        if !tokens.not_ready(std::time::Instant::now()).is_empty() {
+            tokio::select! {
+                () = tokens.ready() => {}
+                () = tokio::time::sleep(READY_WAIT) => {
+                    let waiting = tokens.not_ready(std::time::Instant::now()).join(", ");
+                    tracing::warn!(credentials = %waiting, "reloaded config serves before these credentials have a token");
+                }
+                () = shutdown.cancelled() => {}
+            }
         }
         self.current.store(Arc::new(proxy));
         self.swapped.send_modify(|generation| *generation += 1);
@@ -187,6 +195,26 @@ impl Reloader {
         outcome(&self.metrics, "applied");
         tracing::info!(credentials_kept = carried, credentials_fetched = fetched, "config reloaded");
     }
+}
+
+/// Settings a running process cannot change: the listeners, their TLS, the
+/// connection limits and the log setup.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listen.proxy != new.listen.proxy || old.listen.admin != new.listen.admin {
+        changed.push("listen addresses");
+    }
+    let tls = |c: &Config| c.listen.tls.as_ref().map(|tls| tls.fingerprint);
+    if tls(old) != tls(new) {
+        changed.push("listen.tls");
+    }
+    if old.server != new.server {
+        changed.push("[server]");
+    }
+    if old.log != new.log {
+        changed.push("[log]");
+    }
+    changed
 }
 
 impl RefresherTask {

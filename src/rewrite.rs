@@ -57,12 +57,31 @@ pub fn encoding(headers: &HeaderMap) -> Option<Encoding> {
     }
 }
 
-/// Decodes `bytes`, refusing to inflate past `limit` bytes (a zip bomb is an error).
-pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> std::io::Result<Vec<u8>> {
+/// A decoded body, or why not.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Whole(Vec<u8>),
+    /// It inflates past the limit: here are its first `limit` bytes.
+    TooLarge(Vec<u8>),
+    /// Not valid for its encoding (or cut off): what could be decoded.
+    Corrupt(Vec<u8>),
+}
+
+/// Decodes `bytes`, never inflating past `limit` bytes (a zip bomb is
+/// [`Decoded::TooLarge`]). A cut-off input (the start of a larger body) decodes
+/// as far as it goes, as [`Decoded::Corrupt`].
+pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded {
     let mut out = Vec::new();
     let read = match encoding {
-        Encoding::Identity => return Ok(bytes.to_vec()),
-        Encoding::Gzip => flate2::read::GzDecoder::new(bytes).take(limit + 1).read_to_end(&mut out),
+        Encoding::Identity => {
+            return if bytes.len() as u64 > limit {
+                Decoded::TooLarge(bytes[..limit as usize].to_vec())
+            } else {
+                Decoded::Whole(bytes.to_vec())
+            };
+        }
+        // Several gzip members in a row are one body (RFC 1952).
+        Encoding::Gzip => flate2::read::MultiGzDecoder::new(bytes).take(limit + 1).read_to_end(&mut out),
         // "deflate" is zlib-wrapped per RFC 9110, though some senders use raw deflate.
         Encoding::Deflate => {
             match flate2::read::ZlibDecoder::new(bytes).take(limit + 1).read_to_end(&mut out) {
@@ -73,11 +92,15 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> std::io::Result<V
                 }
             }
         }
-    }?;
-    if read as u64 > limit {
-        return Err(std::io::Error::other("decoded body exceeds the limit"));
+    };
+    match read {
+        Ok(_) if out.len() as u64 > limit => {
+            out.truncate(limit as usize);
+            Decoded::TooLarge(out)
+        }
+        Ok(_) => Decoded::Whole(out),
+        Err(_) => Decoded::Corrupt(out),
     }
-    Ok(out)
 }
 
 /// The start of a body, read until it ends or passes `limit` bytes.
@@ -179,11 +202,18 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(b"{\"deadline\":\"x\"}").expect("write");
         let gz = gz.finish().expect("finish");
-        assert_eq!(decode(&gz, Encoding::Gzip, 100).expect("decodes"), b"{\"deadline\":\"x\"}");
-        assert!(decode(&gz, Encoding::Gzip, 5).is_err(), "over the limit");
+        assert_eq!(decode(&gz, Encoding::Gzip, 100), Decoded::Whole(b"{\"deadline\":\"x\"}".to_vec()));
+        assert_eq!(decode(&gz, Encoding::Gzip, 5), Decoded::TooLarge(b"{\"dea".to_vec()), "over the limit");
+        assert!(matches!(decode(&gz[..gz.len() - 9], Encoding::Gzip, 100), Decoded::Corrupt(_)), "cut off");
+        let twice = [gz.clone(), gz].concat();
+        let Decoded::Whole(both) = decode(&twice, Encoding::Gzip, 100) else { panic!("two members") };
+        assert_eq!(both.len(), 32, "every gzip member is decoded");
         let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         zlib.write_all(b"abc").expect("write");
-        assert_eq!(decode(&zlib.finish().expect("finish"), Encoding::Deflate, 100).expect("decodes"), b"abc");
+        assert_eq!(
+            decode(&zlib.finish().expect("finish"), Encoding::Deflate, 100),
+            Decoded::Whole(b"abc".to_vec())
+        );
         assert_eq!(encoding(&headers(&[("content-encoding", "br")])), None);
         assert_eq!(encoding(&headers(&[("content-encoding", "GZIP")])), Some(Encoding::Gzip));
     }

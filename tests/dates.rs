@@ -188,6 +188,26 @@ async fn a_body_too_large_to_rewrite_is_refused_only_when_it_holds_dates() {
     assert_eq!(body["error"]["code"], "body_too_large_for_dates");
     assert!(stack.sandbox.received().is_empty(), "nothing half-sent");
 
+    let form = format!("deadline=2025-09-30T17%3A00%3A00Z&notes={padding}");
+    let response = post(http, file.clone(), "application/x-www-form-urlencoded", form).await;
+    assert_eq!(response.status(), 413, "a form body too");
+
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(format!(r#"{{"deadline":"2025-09-30T17:00:00Z","notes":"{padding}"}}"#).as_bytes())
+        .expect("gzip");
+    let compressed = gzip.finish().expect("gzip");
+    assert!(compressed.len() < 1024, "small on the wire, large once inflated");
+    let response = http
+        .post(file.clone())
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(compressed)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 413, "a gzip body that inflates past the limit");
+    assert!(stack.sandbox.received().is_empty(), "nothing half-sent");
+
     let without = format!(r#"{{"title":"big","notes":"{padding}"}}"#);
     post(http, file, "application/json", without.clone()).await;
     assert_eq!(stack.sandbox.received().last().expect("forwarded").body, without.as_bytes());

@@ -50,7 +50,7 @@ pub(super) fn dates(ctx: &Ctx<'_>, raw: &RawDates) -> Result<Dates, ConfigError>
 
 pub(super) fn links(ctx: &Ctx<'_>, raw: &RawLinks) -> Result<Links, ConfigError> {
     let max_body_bytes = match &raw.max_body_bytes {
-        None => 8 * 1024 * 1024,
+        None => 1024 * 1024,
         Some(v) if *v.get_ref() == 0 => {
             return Err(ctx.at(v, "links.max_body_bytes", "must be greater than 0"));
         }

@@ -63,6 +63,7 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
         server_config: Arc::new(server_config),
         client_cert_required,
         verifies_client_certs: raw.client_ca.is_some(),
+        fingerprint: fingerprint(ctx, raw),
     })
 }
 
@@ -80,4 +81,14 @@ fn read_certs(
         return Err(ctx.at(path, key, format!("{} holds no PEM certificate", full.display())));
     }
     Ok(certs)
+}
+
+/// SHA-256 over the files' bytes (they were just read successfully).
+fn fingerprint(ctx: &Ctx<'_>, raw: &RawListenTls) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for path in [Some(&raw.cert), Some(&raw.key), raw.client_ca.as_ref()].into_iter().flatten() {
+        hash.update(std::fs::read(ctx.base_dir().join(path.get_ref())).unwrap_or_default());
+    }
+    hash.finalize().into()
 }

@@ -33,6 +33,15 @@ pub fn rewrite_form(body: &[u8], rules: &DateRules) -> Rewrite {
     Rewrite { dates_rewritten: edits.len(), body: splice(body, &edits) }
 }
 
+/// Pre-scan of a form body's start (it may end mid-pair): `true` when some pair's
+/// name is a date position, so the whole body would need rewriting.
+pub fn form_may_need_rewrite(body: &[u8], rules: &DateRules) -> bool {
+    body.split(|&b| b == b'&').any(|pair| {
+        let name = memchr::memchr(b'=', pair).map_or(pair, |eq| &pair[..eq]);
+        classify(&decode_component(name), rules).is_some()
+    })
+}
+
 /// `Some(allow_epoch)` when the decoded name is a date position: `Some(false)` inside a form object,
 /// `Some(true)` for a field, `None` otherwise.
 fn classify(name: &[u8], rules: &DateRules) -> Option<bool> {

@@ -14,7 +14,7 @@ use super::Proxy;
 use crate::config::Identity;
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
-use crate::rewrite::{self, BodyStart, Encoding, Kind, Prefixed};
+use crate::rewrite::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
 use crate::upstream::RequestBody;
 
 /// The body to send, and a copy when it may be sent again.
@@ -42,17 +42,20 @@ impl Proxy {
         let rewrite =
             identity.dates.as_deref().zip(rewrite::kind(&head.headers)).zip(rewrite::encoding(&head.headers));
         if let Some(((rules, kind), encoding)) = rewrite {
-            let max = shared.dates.max_body_bytes;
+            let max = shared.dates.max_body_bytes.min(shared.limits.max_request_body_bytes);
             return match self.read_start(body, max).await? {
                 BodyStart::Complete(bytes) => {
-                    let bytes = self.rewrite_dates(head, bytes, kind, encoding, rules);
+                    let bytes = self.rewrite_dates(head, bytes, kind, encoding, rules)?;
+                    if bytes.len() as u64 > shared.limits.max_request_body_bytes {
+                        return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
+                    }
                     let kept = (replayable && bytes.len() as u64 <= replay_max).then(|| bytes.clone());
                     Ok(Outgoing { body: Either::Left(Full::new(bytes)), kept })
                 }
                 BodyStart::Over(prefix, rest) => {
                     // Too large to rewrite. Refuse it if its start shows dates
                     // Tallyfy would misread; otherwise let it through as it is.
-                    if encoding == Encoding::Identity && dates::may_need_rewrite(&prefix, rules) {
+                    if holds_dates(&rewrite::decode(&prefix, encoding, max), kind, rules) {
                         return Err(ProxyError::DatesBodyTooLarge { limit: max });
                     }
                     Ok(Outgoing { body: Either::Right(self.streamed(Some(prefix), rest)), kept: None })
@@ -92,9 +95,10 @@ impl Proxy {
     }
 
     /// Rewrites the dates of a whole body. Returns the bytes to send: the very
-    /// same ones when nothing changed (or the body is not valid JSON, which
-    /// Tallyfy will answer), else the rewritten body, sent decoded, with
-    /// `Content-Length` set to its new length.
+    /// same ones when nothing changed (or the body is not valid JSON or not valid
+    /// for its encoding: Tallyfy will answer it), else the rewritten body, sent
+    /// decoded, with `Content-Length` set to its new length. A compressed body
+    /// that inflates past `dates.max_body_bytes` with dates in it is refused.
     fn rewrite_dates(
         &self,
         head: &mut Parts,
@@ -102,28 +106,48 @@ impl Proxy {
         kind: Kind,
         encoding: Encoding,
         rules: &DateRules,
-    ) -> Bytes {
+    ) -> Result<Bytes, ProxyError> {
         let metrics = &self.shared.metrics;
-        let Ok(decoded) = rewrite::decode(&bytes, encoding, self.shared.dates.max_body_bytes) else {
-            metrics.bodies_invalid.inc();
-            return bytes;
+        let max = self.shared.dates.max_body_bytes;
+        let decoded = match rewrite::decode(&bytes, encoding, max) {
+            Decoded::Whole(decoded) => decoded,
+            too_large @ Decoded::TooLarge(_) => {
+                return if holds_dates(&too_large, kind, rules) {
+                    Err(ProxyError::DatesBodyTooLarge { limit: max })
+                } else {
+                    Ok(bytes)
+                };
+            }
+            Decoded::Corrupt(_) => {
+                metrics.bodies_invalid.inc();
+                return Ok(bytes);
+            }
         };
         let rewritten = match kind {
             Kind::Json => match dates::rewrite_json(&decoded, rules) {
                 Ok(rewrite) => rewrite,
                 Err(_) => {
                     metrics.bodies_invalid.inc();
-                    return bytes;
+                    return Ok(bytes);
                 }
             },
             Kind::Form => dates::rewrite_form(&decoded, rules),
         };
         let Some(new_body) = rewritten.body else {
-            return bytes;
+            return Ok(bytes);
         };
         metrics.dates_rewritten.inc_by(rewritten.dates_rewritten as u64);
         head.headers.remove(CONTENT_ENCODING);
         head.headers.insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-        Bytes::from(new_body)
+        Ok(Bytes::from(new_body))
+    }
+}
+
+/// Whether the (start of a) decoded body shows date fields.
+fn holds_dates(decoded: &Decoded, kind: Kind, rules: &DateRules) -> bool {
+    let (Decoded::Whole(bytes) | Decoded::TooLarge(bytes) | Decoded::Corrupt(bytes)) = decoded;
+    match kind {
+        Kind::Json => dates::may_need_rewrite(bytes, rules),
+        Kind::Form => dates::form_may_need_rewrite(bytes, rules),
     }
 }

@@ -12,7 +12,7 @@ use super::{Proxy, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
-use crate::rewrite::{self, BodyStart, Kind, Prefixed};
+use crate::rewrite::{self, BodyStart, Decoded, Kind, Prefixed};
 use crate::server::ConnectionInfo;
 
 impl Proxy {
@@ -69,8 +69,11 @@ impl Proxy {
             BodyStart::Complete(bytes) => bytes,
         };
         let rewriter = LinkRewriter::new(&shared.upstream_base, public_base);
-        let rewritten = rewrite::decode(&bytes, encoding, shared.links.max_body_bytes)
-            .ok()
+        let decoded = match rewrite::decode(&bytes, encoding, shared.links.max_body_bytes) {
+            Decoded::Whole(decoded) => Some(decoded),
+            Decoded::TooLarge(_) | Decoded::Corrupt(_) => None,
+        };
+        let rewritten = decoded
             .filter(|decoded| rewriter.may_need_rewrite(decoded))
             .and_then(|decoded| rewriter.rewrite_json(&decoded).ok())
             .and_then(|rewrite| rewrite.body.map(|body| (body, rewrite.links_rewritten)));

@@ -58,11 +58,16 @@ impl RefreshHandle {
 /// What a stopped refresher leaves for the next one.
 #[derive(Default)]
 pub struct Handover {
+    /// The token endpoint and API the tokens were obtained from: tokens never
+    /// cross to another upstream.
+    upstream: String,
     entries: Vec<Carried>,
 }
 
 struct Carried {
     credential: Credential,
+    /// `application_user`: the name of the application credential it was minted with.
+    application: Option<String>,
     token: Option<Token>,
     refresh_token: Option<Secret>,
     due: Option<Instant>,
@@ -71,12 +76,21 @@ struct Carried {
 
 impl Handover {
     /// The state of a credential with the same name and the very same settings
-    /// (secrets included); a changed credential starts afresh.
-    fn take(&mut self, credential: &Credential) -> Option<Carried> {
-        let position = self
-            .entries
-            .iter()
-            .position(|c| c.credential.name == credential.name && c.credential.kind == credential.kind)?;
+    /// (secrets included; an `application_user`'s application compared by
+    /// name); a changed credential starts afresh.
+    fn take(&mut self, credential: &Credential, application: Option<&str>) -> Option<Carried> {
+        let same = |c: &Carried| {
+            c.credential.name == credential.name
+                && c.application.as_deref() == application
+                && match (&c.credential.kind, &credential.kind) {
+                    (
+                        CredentialKind::ApplicationUser { org: o1, email: e1, provision: p1, .. },
+                        CredentialKind::ApplicationUser { org: o2, email: e2, provision: p2, .. },
+                    ) => o1 == o2 && e1 == e2 && p1 == p2,
+                    (old, new) => old == new,
+                }
+        };
+        let position = self.entries.iter().position(same)?;
         Some(self.entries.swap_remove(position))
     }
 
@@ -122,6 +136,8 @@ pub struct Refresher {
     issuer: Arc<Issuer>,
     schedule: Schedule,
     min_forced_interval: Duration,
+    /// Token endpoint and API base: what a handover must match.
+    upstream: String,
     slots: Vec<Slot>,
     rejected: mpsc::Receiver<Rejected>,
 }
@@ -177,6 +193,13 @@ impl Refresher {
             issuer: Arc::new(issuer),
             schedule: config.tokens.schedule,
             min_forced_interval: config.tokens.min_forced_refresh_interval,
+            upstream: format!(
+                "{} {}://{}{}",
+                config.upstream.token_url,
+                config.upstream.scheme,
+                config.upstream.authority,
+                config.upstream.path_prefix
+            ),
             slots,
             rejected: rx,
         };
@@ -189,9 +212,21 @@ impl Refresher {
     /// refresh token and schedule, and cost no token-endpoint call. Returns how
     /// many were carried over.
     pub fn adopt(&mut self, mut handover: Handover) -> usize {
+        if handover.upstream != self.upstream {
+            return 0;
+        }
+        let applications: Vec<Option<String>> = self
+            .slots
+            .iter()
+            .map(|slot| {
+                application_of(&slot.credential).map(|id| self.slots[id.index()].credential.name.clone())
+            })
+            .collect();
         let mut carried_over = 0;
         for (index, slot) in self.slots.iter_mut().enumerate() {
-            let Some(carried) = handover.take(&slot.credential) else { continue };
+            let Some(carried) = handover.take(&slot.credential, applications[index].as_deref()) else {
+                continue;
+            };
             slot.refresh_token = carried.refresh_token;
             slot.due = carried.due;
             slot.failures = carried.failures;
@@ -229,12 +264,21 @@ impl Refresher {
 
     fn handover(self) -> Handover {
         let store = self.store;
+        let applications: Vec<Option<String>> = self
+            .slots
+            .iter()
+            .map(|slot| {
+                application_of(&slot.credential).map(|id| self.slots[id.index()].credential.name.clone())
+            })
+            .collect();
         let entries = self
             .slots
             .into_iter()
+            .zip(applications)
             .enumerate()
-            .filter(|(_, slot)| !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. }))
-            .map(|(index, slot)| Carried {
+            .filter(|(_, (slot, _))| !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. }))
+            .map(|(index, (slot, application))| Carried {
+                application,
                 token: store.token(CredentialId::new(index)),
                 refresh_token: slot.refresh_token,
                 due: if slot.fetching { Some(Instant::now()) } else { slot.due },
@@ -242,7 +286,7 @@ impl Refresher {
                 credential: slot.credential,
             })
             .collect();
-        Handover { entries }
+        Handover { upstream: self.upstream, entries }
     }
 
     fn start_due(&mut self, now: Instant, fetches: &mut JoinSet<Outcome>) {
