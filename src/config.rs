@@ -1,7 +1,7 @@
 //! `proxy.toml`, parsed once into validated types.
 //!
-//! Loading is two steps: serde reads the file into [`raw`] types (unknown keys are
-//! errors, with their line), then [`validate`] checks every value, resolves secrets
+//! Loading is two steps: serde reads the file into `raw` types (unknown keys are
+//! errors, with their line), then `validate` checks every value, resolves secrets
 //! and produces a [`Config`] the rest of the proxy can trust without re-checking.
 //! Any problem is a [`ConfigError`]: one line naming the file, the line and the key.
 

@@ -7,37 +7,51 @@
 //!
 //! # The journey of one request
 //!
-//! 1. [`server`] accepts the connection (HTTP/1.1 or h2c), enforces the header-read
-//!    timeout and marks the caller's credential headers sensitive.
+//! 1. [`server`] accepts the connection (HTTP/1.1 or h2c, or TLS with the client
+//!    certificate's names from [`client_cert`]), enforces the header-read timeout;
+//!    tower-http marks the caller's credential headers sensitive and sets or keeps
+//!    its `X-Request-Id`. [`app`] loads the current config generation once: the
+//!    request finishes on it even if [`reload`] swaps another in.
 //! 2. [`proxy::Proxy::handle`] runs the pipeline:
 //!    - [`target::check`]: only `/api/*` leaves the proxy; `CONNECT`, foreign
-//!      absolute-form targets and dot segments are refused;
+//!      absolute-form targets, dot segments and `/api/oauth` are refused;
 //!    - [`headers::check_limits`] and the declared body size: 431 / 413;
 //!    - [`identity`]: which `[[identities]]` rule the caller matches, or 401;
-//!    - [`tokens::TokenStore::authorization`]: the identity's token from one
-//!      lock-free `ArcSwap` snapshot, or 503 `token_unavailable`;
+//!    - [`policy`]: the identity's orgs, methods and paths on the decoded path, or 403;
+//!    - [`tokens::TokenStore::lease`]: the identity's token from one lock-free
+//!      `ArcSwap` snapshot, or 503 `token_unavailable`;
 //!    - [`upstream::Upstream::uri_for`] and [`headers::to_upstream`]: the configured
 //!      host with the caller's path and query byte for byte; credentials stripped,
 //!      bearer token and `X-Tallyfy-Client` set;
-//!    - [`upstream::Upstream::send`]: pooled rustls client, body streamed and size
-//!      capped, timeout to the response head: 502 / 504 on failure;
-//!    - [`headers::to_caller`]: hop-by-hop headers dropped, the rest kept.
-//! 3. Any [`error::ProxyError`] becomes a JSON response in one place, and
-//!    [`access_log`] writes one line for the request.
+//!    - the body ([`rewrite`], [`dates`]): request dates rewritten byte-preservingly,
+//!      kept when small enough to replay, otherwise streamed and size-capped;
+//!    - [`upstream::Upstream::send`]: pooled rustls client, timeout on Tallyfy's
+//!      silence ([`upload`]): 502 / 504 on failure;
+//!    - on a dead-token status: the rejection goes to the refresher, one refresh
+//!      runs however many requests saw it, and a kept request is replayed once;
+//!    - [`headers::to_caller`] and [`links`]: hop-by-hop headers dropped, upstream
+//!      URLs in JSON pointed back at the proxy.
+//! 3. Any [`error::ProxyError`] becomes a JSON response in one place;
+//!    [`access_log`] writes one line and [`metrics`] count the request when its
+//!    response body ends.
 //!
-//! Beside the request path, [`admin`] answers `/livez` and `/readyz`, and whoever
-//! obtains tokens publishes whole new snapshots into the [`tokens`] store.
+//! Beside the request path: the refresher ([`tokens::refresh`]) is the single
+//! writer of a generation's token store; the reloader ([`reload`]) is the single
+//! writer of the current generation; [`admin`] answers `/livez`, `/readyz` and
+//! `/metrics`.
 //!
 //! # Modules
 //! - [`config`]: `proxy.toml` -> validated [`config::Config`] (errors name file, line, key)
-//! - [`app`]: wiring, used by the binary, the tests and the benches
-//! - [`server`]: accept loop and graceful drain
-//! - [`proxy`], [`target`], [`headers`], [`identity`], [`upstream`], [`access_log`]: the pipeline
-//! - [`tokens`]: the token store (read side)
+//! - [`app`]: wiring, used by the binary, the tests and the benches; [`reload`]: live reload
+//! - [`server`], [`client_cert`]: accept loop, TLS, graceful drain
+//! - [`proxy`], [`target`], [`headers`], [`identity`], [`policy`], [`upstream`], [`upload`],
+//!   [`access_log`]: the pipeline
+//! - [`rewrite`], [`dates`], [`links`]: body rewriting
+//! - [`tokens`]: the token store, its refresher, the token endpoint client and schedule
 //! - [`error`]: failures, classified, and their responses
+//! - [`metrics`], [`admin`], [`telemetry`]: operations
 //! - [`secret`]: values that cannot print
 //! - [`sandbox`]: an embedded fake Tallyfy; [`demo`] runs it behind the proxy
-//! - [`telemetry`]: log setup
 
 pub mod access_log;
 pub mod admin;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
     /// Never plan a refresh later than this before expiry (scaled down for very
-    /// short-lived tokens, see [`refresh_at`]).
+    /// short-lived tokens, see [`Schedule::refresh_at`]).
     pub min_leeway: Duration,
     /// First retry delay after a failed fetch.
     pub backoff_min: Duration,
