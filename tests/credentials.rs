@@ -372,3 +372,25 @@ async fn a_dead_application_token_is_renewed_and_the_user_re_minted() {
         .map(|(g, s)| (g.to_owned(), s));
     assert_eq!(calls, expected);
 }
+
+#[tokio::test]
+async fn a_date_rewritten_body_is_replayed_as_rewritten() {
+    let setup = Setup::start(Duration::from_secs(3600), None, true).await;
+    setup.sandbox.revoke_all_tokens();
+    let response = setup
+        .http
+        .post(format!("http://{}/api/organizations/{ORG_ID}/tasks", setup.proxy.proxy_addr()))
+        .header("x-api-key", "user-caller")
+        .header("content-type", "application/json")
+        .body(r#"{"title":"t","deadline":"2025-09-30T17:00:00Z"}"#)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 201);
+    let posts: Vec<_> = setup.sandbox.received().into_iter().filter(|r| r.uri.ends_with("/tasks")).collect();
+    assert_eq!(posts.len(), 2);
+    for post in &posts {
+        assert_eq!(post.body, r#"{"title":"t","deadline":"2025-30-09 17:00:00"}"#.as_bytes());
+        assert_eq!(post.headers["content-length"], post.body.len().to_string().as_str());
+    }
+}

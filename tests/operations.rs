@@ -32,6 +32,20 @@ async fn metrics_count_a_scripted_session() {
         .await
         .expect("answered");
     assert_eq!(created.status(), 422, "Tallyfy's own 4xx passes through");
+    let dated = http
+        .post(stack.url(&format!("/api/organizations/{ORG_ID}/tasks")))
+        .json(&serde_json::json!({"title": "t", "deadline": "2025-09-30T17:00:00Z", "started_at": "2025-09-01"}))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(dated.status(), 201);
+    let page = http
+        .get(stack.url(&format!("/api/organizations/{ORG_ID}/runs?per_page=5")))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(page.status(), 200);
+    page.bytes().await.expect("body");
 
     let text = http
         .get(format!("http://{}/metrics", stack.proxy.admin_addr()))
@@ -42,8 +56,15 @@ async fn metrics_count_a_scripted_session() {
         .await
         .expect("text");
     let requests = |labels: &str| sample(&text, &format!("tallyfy_proxy_requests_total{{{labels}}}"));
-    assert_eq!(requests(r#"identity="local-app",method="GET",status_class="2xx""#), Some(3.0), "{text}");
+    assert_eq!(requests(r#"identity="local-app",method="GET",status_class="2xx""#), Some(4.0), "{text}");
     assert_eq!(requests(r#"identity="local-app",method="POST",status_class="4xx""#), Some(1.0), "{text}");
+    assert_eq!(requests(r#"identity="local-app",method="POST",status_class="2xx""#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "tallyfy_proxy_dates_rewritten_total"), Some(2.0), "{text}");
+    assert_eq!(
+        sample(&text, "tallyfy_proxy_links_rewritten_total"),
+        Some(1.0),
+        "next only on page 1: {text}"
+    );
     assert_eq!(requests(r#"identity="-",method="GET",status_class="4xx""#), Some(1.0), "{text}");
     assert_eq!(
         sample(&text, r#"tallyfy_proxy_local_rejections_total{reason="not_proxied"}"#),
@@ -52,7 +73,7 @@ async fn metrics_count_a_scripted_session() {
     );
     assert_eq!(
         sample(&text, r#"tallyfy_proxy_upstream_duration_seconds_count{identity="local-app"}"#),
-        Some(4.0),
+        Some(6.0),
         "{text}"
     );
     assert_eq!(sample(&text, "tallyfy_proxy_requests_in_flight"), Some(0.0), "{text}");
