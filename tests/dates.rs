@@ -164,14 +164,7 @@ async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
         post(http, tasks.clone(), "application/json", body).await;
         assert_eq!(stack.sandbox.received().last().expect("forwarded").body, body.as_bytes());
     }
-    let metrics = http
-        .get(format!("http://{}/metrics", stack.proxy.admin_addr()))
-        .send()
-        .await
-        .expect("scraped")
-        .text()
-        .await
-        .expect("text");
+    let metrics = support::scrape(stack.proxy.admin_addr()).await;
     assert!(metrics.contains("tallyfy_proxy_bodies_invalid_total 1"), "{metrics}");
 }
 

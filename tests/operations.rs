@@ -47,14 +47,7 @@ async fn metrics_count_a_scripted_session() {
     assert_eq!(page.status(), 200);
     page.bytes().await.expect("body");
 
-    let text = http
-        .get(format!("http://{}/metrics", stack.proxy.admin_addr()))
-        .send()
-        .await
-        .expect("scraped")
-        .text()
-        .await
-        .expect("text");
+    let text = support::scrape(stack.proxy.admin_addr()).await;
     let requests = |labels: &str| sample(&text, &format!("tallyfy_proxy_requests_total{{{labels}}}"));
     assert_eq!(requests(r#"identity="local-app",method="GET",status_class="2xx""#), Some(4.0), "{text}");
     assert_eq!(requests(r#"identity="local-app",method="POST",status_class="4xx""#), Some(1.0), "{text}");
@@ -91,16 +84,7 @@ async fn the_token_expiry_gauge_moves_with_time_and_refreshes_are_counted() {
     let text = proxy_toml(&sandbox.base_url(), &oauth_credentials())
         + "\n[[identities]]\nname = \"all\"\ncredential = \"user\"\nmatch = { any = true }\n";
     let proxy = start_proxy(&parse_config(&text, dir.path())).await;
-    let scrape = || async {
-        client()
-            .get(format!("http://{}/metrics", proxy.admin_addr()))
-            .send()
-            .await
-            .expect("scraped")
-            .text()
-            .await
-            .expect("text")
-    };
+    let scrape = || support::scrape(proxy.admin_addr());
     let first = scrape().await;
     let gauge = r#"tallyfy_proxy_token_expiry_seconds{credential="user"}"#;
     let before = sample(&first, gauge).expect("the gauge is exported");

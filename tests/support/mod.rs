@@ -237,3 +237,8 @@ pub async fn slow_upstream(
     });
     (addr, rx)
 }
+
+/// The Prometheus text the admin listener at `admin` serves.
+pub async fn scrape(admin: SocketAddr) -> String {
+    client().get(format!("http://{admin}/metrics")).send().await.expect("scraped").text().await.expect("text")
+}
