@@ -152,7 +152,7 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let public_base = self.public_base(&head, connection);
+        let public_base = self.public_base(&head);
         let Prepared { identity, lease } = self.prepare(&mut head, connection)?;
         log.identity = Some(identity.name.clone());
         let credential = identity.credential;

@@ -13,12 +13,11 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
 use crate::rewrite::{self, BodyStart, Decoded, Kind, Prefixed};
-use crate::server::ConnectionInfo;
 
 impl Proxy {
     /// The proxy's base URL as this caller reached it: `listen.public_url`, else
     /// the listener's scheme with the request's `Host` (or HTTP/2 authority).
-    pub(super) fn public_base(&self, head: &Parts, _connection: &ConnectionInfo) -> Option<String> {
+    pub(super) fn public_base(&self, head: &Parts) -> Option<String> {
         let shared = &*self.shared;
         if !shared.links.enabled {
             return None;
