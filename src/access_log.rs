@@ -96,14 +96,6 @@ impl AccessLog {
         &self.request_id
     }
 
-    pub fn method(&self) -> &Method {
-        &self.method
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     pub fn failed(&mut self, error: ProxyError) {
         self.error = Some(error);
     }

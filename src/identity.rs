@@ -162,14 +162,6 @@ impl Identities {
             .or(keyed)
             .map(|i| &self.rules[i])
     }
-
-    pub fn len(&self) -> usize {
-        self.rules.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -93,15 +93,6 @@ impl Handover {
         let position = self.entries.iter().position(same)?;
         Some(self.entries.swap_remove(position))
     }
-
-    /// Names of the credentials carried over.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 /// Refresh state of one credential.
