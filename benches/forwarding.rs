@@ -23,9 +23,9 @@ use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::Config;
 use tallyfy_proxy::metrics::Metrics;
 use tallyfy_proxy::proxy::Proxy;
+use tallyfy_proxy::reload::{self, Prepared};
 use tallyfy_proxy::server::ConnectionInfo;
 use tallyfy_proxy::tokens::TokenStore;
-use tallyfy_proxy::tokens::issuer::Issuer;
 use tallyfy_proxy::tokens::refresh::Refresher;
 use tokio::net::TcpListener;
 
@@ -63,13 +63,12 @@ fn prepare(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let _entered = runtime.enter();
     let config = config("https://go.tallyfy.com");
-    let tokens = TokenStore::new(vec!["ops".into()]);
-    let issuer = Issuer::new(&config).expect("issuer");
-    // Creating the refresher publishes the static personal token; it is not run.
     let metrics = Arc::new(Metrics::new());
-    let (_refresher, handle) =
-        Refresher::new(&config, tokens.clone(), issuer, metrics.clone()).expect("refresher");
-    let proxy = Proxy::new(&config, tokens, handle, metrics).expect("proxy");
+    // Configuring the refresher publishes the static personal token; it is not run.
+    let (mut refresher, handle) = Refresher::new(TokenStore::new(), metrics.clone());
+    let Prepared { upstream, issuer } = reload::prepare(&config).expect("upstream and issuer");
+    let tokens = refresher.configure(&config, issuer).expect("credentials");
+    let proxy = Proxy::new(&config, upstream, tokens, handle, metrics);
     let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(

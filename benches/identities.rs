@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
@@ -17,7 +16,8 @@ use tallyfy_proxy::config::Identity;
 use tallyfy_proxy::identity::{Caller, Identities, Matcher, sha256};
 use tallyfy_proxy::policy::Policy;
 use tallyfy_proxy::secret::Secret;
-use tallyfy_proxy::tokens::{CredentialId, Token, TokenStore};
+use tallyfy_proxy::tokens::{CredentialId, CredentialTokens, SlotId, Token, TokenStore};
+use tokio::time::Instant;
 
 fn key_rule(i: usize) -> Identity {
     Identity {
@@ -41,14 +41,16 @@ fn source_rule(i: usize) -> Identity {
     }
 }
 
-fn store() -> Arc<TokenStore> {
-    let store = TokenStore::new(vec!["ops".into()]);
-    store.publish(CredentialId::new(0), Token::bearer(&Secret::new("tallyfy-token"), None).expect("token"));
-    store
+/// One credential, `ops`, with a personal token: what a generation's identities read.
+fn tokens() -> CredentialTokens {
+    let store = TokenStore::new();
+    let slot: SlotId = store.add_slot("ops");
+    store.publish(slot, Token::bearer(&Secret::new("tallyfy-token"), None).expect("token"));
+    CredentialTokens::new(store, vec![slot], vec![false])
 }
 
 fn identify_and_lease(c: &mut Criterion) {
-    let tokens = store();
+    let tokens = tokens();
     let peer = "127.0.0.1:40000".parse().expect("addr");
     let mut group = c.benchmark_group("identify_and_lease");
     for n in [1usize, 100, 10_000] {
@@ -81,20 +83,20 @@ fn identify_and_lease(c: &mut Criterion) {
 }
 
 fn lease(c: &mut Criterion) {
-    let tokens = store();
+    let tokens = tokens();
     let id = CredentialId::new(0);
+    let (store, slot) = (tokens.store().clone(), tokens.slot(id));
     let mut group = c.benchmark_group("lease");
     group.bench_function("quiet", |b| b.iter(|| tokens.lease(id, Instant::now()).expect("token")));
 
     let stop = Arc::new(AtomicBool::new(false));
     let writer = std::thread::spawn({
-        let tokens = tokens.clone();
         let stop = stop.clone();
         move || {
             let token = Token::bearer(&Secret::new("rotated-token"), None).expect("token");
             let mut swaps = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                tokens.publish(id, token.clone());
+                store.publish(slot, token.clone());
                 swaps += 1;
             }
             swaps

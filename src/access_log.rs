@@ -14,12 +14,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::error::{ErrorClass, ProxyError};
-use crate::headers::X_REQUEST_ID;
 use crate::metrics::Metrics;
 use crate::upload::Activity;
 
@@ -28,7 +27,9 @@ pub struct AccessLog {
     method: Method,
     path: String,
     peer: SocketAddr,
-    request_id: String,
+    request_id: HeaderValue,
+    /// Tallyfy's own `X-Request-Id`, when it sent one.
+    pub upstream_request_id: Option<HeaderValue>,
     pub identity: Option<String>,
     pub upstream_status: Option<StatusCode>,
     /// The request was sent a second time with a refreshed token.
@@ -64,7 +65,12 @@ impl Drop for AccessLog {
 }
 
 impl AccessLog {
-    pub fn start<B>(request: &Request<B>, peer: SocketAddr, metrics: &Arc<Metrics>) -> Self {
+    pub fn start<B>(
+        request: &Request<B>,
+        peer: SocketAddr,
+        request_id: HeaderValue,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
         metrics.in_flight.inc();
         AccessLog {
             _in_flight: InFlight(metrics.in_flight.clone()),
@@ -74,14 +80,8 @@ impl AccessLog {
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             peer,
-            request_id: request
-                .headers()
-                .get(X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .chars()
-                .take(128)
-                .collect(),
+            request_id,
+            upstream_request_id: None,
             identity: None,
             upstream_status: None,
             replayed: false,
@@ -91,9 +91,9 @@ impl AccessLog {
         }
     }
 
-    /// The request's `X-Request-Id` (set by the server layer when the caller sent none).
+    /// The request's id (see [`crate::request_id`]).
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        self.request_id.to_str().unwrap_or("-")
     }
 
     pub fn failed(&mut self, error: ProxyError) {
@@ -133,12 +133,18 @@ impl AccessLog {
         let replayed = self.replayed;
         let error_code = self.error.as_ref().map(ProxyError::code);
         let error_detail = self.error.as_ref().map(ToString::to_string);
+        // Values are passed as strings, which both formats quote and escape: a
+        // caller cannot forge fields with a crafted id or path.
+        let request_id = self.request_id.to_str().unwrap_or("-");
+        let upstream_request_id = self.upstream_request_id.as_ref().map(|id| id.to_str().unwrap_or("-"));
+        let method = self.method.as_str();
+        let path = self.path.as_str();
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
                     target: "tallyfy_proxy::access",
-                    method = %self.method,
-                    path = %self.path,
+                    method,
+                    path,
                     status,
                     upstream_status,
                     latency_ms,
@@ -149,7 +155,8 @@ impl AccessLog {
                     identity,
                     replayed,
                     peer = %self.peer,
-                    request_id = %self.request_id,
+                    request_id,
+                    upstream_request_id,
                     error_code,
                     error_detail,
                     "request"

@@ -2,7 +2,7 @@
 //! holds a valid token) and `/metrics` (Prometheus). Kept off the proxy port so probes never reach Tallyfy.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -37,7 +37,7 @@ impl Admin {
         match request.uri().path() {
             "/livez" => reply(StatusCode::OK, json!({"status":"live"})),
             "/metrics" => {
-                let text = self.metrics.render(self.current.load().tokens(), Instant::now());
+                let text = self.metrics.render(&self.current.load().tokens().expiries(), Instant::now());
                 let mut response = Response::new(Full::new(Bytes::from(text)));
                 response.headers_mut().insert(
                     CONTENT_TYPE,
@@ -47,7 +47,8 @@ impl Admin {
             }
             "/readyz" => {
                 let proxy = self.current.load();
-                let waiting = proxy.tokens().not_ready(Instant::now());
+                let waiting: Vec<String> =
+                    proxy.tokens().not_ready(Instant::now()).iter().map(|name| name.to_string()).collect();
                 if waiting.is_empty() {
                     reply(StatusCode::OK, json!({"status":"ready"}))
                 } else {

@@ -15,17 +15,21 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin::Admin;
 use crate::config::{Config, Listen};
-use crate::headers::{CALLER_CREDENTIALS, X_REQUEST_ID};
+use crate::headers::CALLER_CREDENTIALS;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload::{self, Generation, RefresherTask, ReloadHandle, Reloader};
+use crate::reload::{self, Prepared, RefresherTask, ReloadHandle, Reloader};
 use crate::server::{self, ConnectionInfo, ConnectionLimits};
-use crate::tokens::TokenStore;
+use crate::tokens::refresh::Refresher;
+use crate::tokens::{CredentialTokens, TokenStore};
+
+/// Connections the admin listener holds at once: probes and scrapes need few,
+/// and a flood of them must not exhaust file descriptors.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// The proxy and admin listeners, bound before anything starts, so a port
 /// conflict is reported at once and tests can bind `127.0.0.1:0`.
@@ -61,10 +65,10 @@ pub struct Running {
     shutdown: CancellationToken,
     /// The proxy and admin servers.
     tasks: JoinSet<()>,
-    /// Hands back the refresher when shutdown starts; it is stopped only after
-    /// the servers have drained, so tokens stay fresh (and rejected ones are
-    /// replaced) for the requests still finishing.
-    reloader: Option<JoinHandle<RefresherTask>>,
+    reloader: Option<JoinHandle<()>>,
+    /// Stopped only after the servers have drained, so tokens stay fresh (and
+    /// rejected ones are replaced) for the requests still finishing.
+    refresher: Option<RefresherTask>,
 }
 
 impl Running {
@@ -76,8 +80,8 @@ impl Running {
         self.admin_addr
     }
 
-    /// The token store of the config generation serving now.
-    pub fn tokens(&self) -> Arc<TokenStore> {
+    /// The tokens of the config generation serving now.
+    pub fn tokens(&self) -> CredentialTokens {
         self.current.load().tokens().clone()
     }
 
@@ -123,9 +127,10 @@ impl Running {
     /// then stops the refresher.
     pub async fn stopped(&mut self) {
         while self.tasks.join_next().await.is_some() {}
-        if let Some(reloader) = self.reloader.take()
-            && let Ok(refresher) = reloader.await
-        {
+        if let Some(reloader) = self.reloader.take() {
+            let _ = reloader.await;
+        }
+        if let Some(refresher) = self.refresher.take() {
             refresher.stop().await;
         }
     }
@@ -134,14 +139,17 @@ impl Running {
 /// Starts the refresher, the reloader and the proxy and admin servers on `listeners`.
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let Generation { proxy, refresher } = reload::build(config, &metrics)?;
+    let (mut refresher, refresh_handle) = Refresher::new(TokenStore::new(), metrics.clone());
+    let Prepared { upstream, issuer } = reload::prepare(config)?;
+    let tokens = refresher.configure(config, issuer).map_err(reload::BuildError::Credential)?;
+    let proxy = Proxy::new(config, upstream, tokens, refresh_handle.clone(), metrics.clone());
+    let refresher = RefresherTask::spawn(refresher);
     let current = Arc::new(ArcSwap::from_pointee(proxy));
     let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let (reloader, reload) =
-        Reloader::new(config.clone(), current.clone(), metrics.clone(), RefresherTask::spawn(refresher));
+    let (reloader, reload) = Reloader::new(config.clone(), current.clone(), metrics.clone(), refresh_handle);
     let reloader = tokio::spawn(reloader.run(shutdown.clone()));
     let admin = Admin::new(current.clone(), metrics.clone());
     let admin_current = current.clone();
@@ -152,19 +160,16 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         listeners.proxy,
         config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
         ConnectionLimits::for_proxy(&config.server),
+        metrics.connections("proxy"),
         move |connection: ConnectionInfo| {
             let current = current.clone();
             let connection = Arc::new(connection);
-            ServiceBuilder::new()
-                .layer(sensitive.clone())
-                .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
-                .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
-                .service_fn(move |request: Request<Incoming>| {
-                    // One load per request: it finishes on the generation it started with.
-                    let proxy = current.load_full();
-                    let connection = connection.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
-                })
+            ServiceBuilder::new().layer(sensitive.clone()).service_fn(move |request: Request<Incoming>| {
+                // One load per request: it finishes on the generation it started with.
+                let proxy = current.load_full();
+                let connection = connection.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
+            })
         },
         shutdown.clone(),
         grace,
@@ -174,9 +179,12 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         None,
         ConnectionLimits {
             header_read_timeout: Duration::from_secs(5),
+            idle_timeout: config.server.idle_timeout,
+            max_connections: ADMIN_MAX_CONNECTIONS,
             max_head_bytes: 16 * 1024,
             max_header_fields: 64,
         },
+        metrics.connections("admin"),
         move |_connection| {
             let admin = admin.clone();
             tower::service_fn(move |request: Request<Incoming>| {
@@ -197,5 +205,6 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         shutdown,
         tasks,
         reloader: Some(reloader),
+        refresher: Some(refresher),
     })
 }

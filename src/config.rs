@@ -115,6 +115,10 @@ pub struct Server {
     pub max_request_body_bytes: u64,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Connections open at once on the proxy listener; more are closed at once.
+    pub max_connections: usize,
 }
 
 /// How tokens are obtained and kept fresh (`[tokens]`).

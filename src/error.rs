@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
@@ -25,7 +25,19 @@ pub enum ProxyError {
     #[error("only /api/* is proxied to Tallyfy")]
     NotProxied,
     #[error("{0}")]
-    BadTarget(&'static str),
+    BadRequest(&'static str),
+    #[error("TRACE and TRACK are refused: an echo would hand the injected token back")]
+    MethodNotAllowed,
+    #[error("the request carries both Content-Length and Transfer-Encoding")]
+    AmbiguousLength,
+    #[error("only Transfer-Encoding: chunked is supported")]
+    UnsupportedTransferEncoding,
+    #[error("{0}")]
+    OverrideUnreadable(&'static str),
+    #[error(
+        "a POST by an identity with a methods rule is read whole to judge a _method override, up to {limit} bytes (dates.max_body_bytes)"
+    )]
+    PolicyBodyTooLarge { limit: u64 },
     #[error("request headers exceed {limit}")]
     HeadersTooLarge { limit: &'static str, value: usize },
     #[error("request body exceeds {limit} bytes")]
@@ -58,7 +70,12 @@ impl ProxyError {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::NotProxied
-            | Self::BadTarget(_)
+            | Self::BadRequest(_)
+            | Self::MethodNotAllowed
+            | Self::AmbiguousLength
+            | Self::UnsupportedTransferEncoding
+            | Self::OverrideUnreadable(_)
+            | Self::PolicyBodyTooLarge { .. }
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
             | Self::DatesBodyTooLarge { .. }
@@ -77,10 +94,17 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::NotProxied => StatusCode::NOT_FOUND,
-            Self::BadTarget(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::BodyRead(_) | Self::AmbiguousLength | Self::OverrideUnreadable(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            // As nginx answers a transfer coding it does not implement (RFC 9112 §6.1).
+            Self::UnsupportedTransferEncoding => StatusCode::NOT_IMPLEMENTED,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::BodyTooLarge { .. } | Self::DatesBodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::DatesBodyTooLarge { .. } | Self::PolicyBodyTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::UnknownCaller => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,7 +118,12 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotProxied => "not_proxied",
-            Self::BadTarget(_) => "bad_request",
+            Self::BadRequest(_) => "bad_request",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::AmbiguousLength => "ambiguous_length",
+            Self::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+            Self::OverrideUnreadable(_) => "method_override_unreadable",
+            Self::PolicyBodyTooLarge { .. } => "body_too_large_for_policy",
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::DatesBodyTooLarge { .. } => "body_too_large_for_dates",
@@ -142,6 +171,14 @@ impl ProxyError {
             Self::TokenUnavailable { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
             }
+            Self::MethodNotAllowed => {
+                headers
+                    .insert(ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+            }
+            // The connection's framing cannot be trusted past this request.
+            Self::AmbiguousLength | Self::UnsupportedTransferEncoding => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response
@@ -182,7 +219,11 @@ mod tests {
     fn every_caller_error_is_4xx_and_every_upstream_error_5xx() {
         let errors = [
             ProxyError::NotProxied,
-            ProxyError::BadTarget("x"),
+            ProxyError::BadRequest("x"),
+            ProxyError::MethodNotAllowed,
+            ProxyError::AmbiguousLength,
+            ProxyError::OverrideUnreadable("x"),
+            ProxyError::PolicyBodyTooLarge { limit: 1 },
             ProxyError::HeadersTooLarge { limit: "max_headers", value: 1 },
             ProxyError::BodyTooLarge { limit: 1 },
             ProxyError::DatesBodyTooLarge { limit: 1 },
@@ -201,5 +242,12 @@ mod tests {
             assert_eq!(error.status().is_client_error(), expected_client, "{error:?}");
             assert_eq!(error.status().is_server_error(), !expected_client, "{error:?}");
         }
+        // The one caller error answered 5xx, as nginx does: a transfer coding the
+        // proxy does not implement.
+        let unsupported = ProxyError::UnsupportedTransferEncoding;
+        assert_eq!(
+            (unsupported.class(), unsupported.status()),
+            (ErrorClass::Caller, StatusCode::NOT_IMPLEMENTED)
+        );
     }
 }

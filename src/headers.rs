@@ -1,9 +1,11 @@
 //! Header hygiene, both directions. Pure functions over `HeaderMap`s.
 //!
 //! Upstream requests lose hop-by-hop headers (RFC 9110 §7.6.1, including every
-//! name listed in `Connection`), the caller's own credentials and `Host`, and gain
-//! the Tallyfy bearer token, `X-Tallyfy-Client` and, when absent,
-//! `Accept: application/json`. Everything else passes as sent.
+//! name listed in `Connection`), the caller's own credentials and `Host`, the
+//! headers a framework behind Tallyfy's edge could trust for routing or
+//! addressing ([`UNTRUSTED`]), and every name holding `_`; they gain the Tallyfy
+//! bearer token, `X-Tallyfy-Client` and, when absent, `Accept: application/json`.
+//! Everything else passes as sent.
 
 use http::header::{
     ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
@@ -36,6 +38,32 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Credentials a caller may present to the proxy; none of them goes upstream.
 pub const CALLER_CREDENTIALS: [HeaderName; 4] = [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, X_API_KEY];
 
+/// Caller headers that Laravel (and the proxies in front of it) read as facts
+/// about the request rather than as data: the method overrides would turn a
+/// policy-checked `POST` into a `DELETE`; the `X-Forwarded-*` family,
+/// `Forwarded` and `X-Real-IP` would let an app claim another client address,
+/// host or scheme; `X-Original-URL` and `X-Rewrite-URL` make some stacks route
+/// by a path the proxy never checked. The proxy adds none of them itself.
+pub const UNTRUSTED: [HeaderName; 13] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-upstream-request-id"),
+];
+
+/// Tallyfy's own request id, returned to the caller under this name (the
+/// caller's `X-Request-Id` is the proxy's).
+pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
@@ -53,8 +81,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 /// Turns the caller's headers into the upstream request's headers.
 pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_header: &HeaderValue) {
     remove_hop_by_hop(headers);
-    for name in CALLER_CREDENTIALS {
+    for name in CALLER_CREDENTIALS.iter().chain(&UNTRUSTED) {
         headers.remove(name);
+    }
+    // PHP folds `-` and `_` alike into its server variables, so `X_Api_Key` or
+    // `X_Tallyfy_Client` would alias headers the proxy controls.
+    if headers.keys().any(|name| name.as_str().contains('_')) {
+        let underscored: Vec<HeaderName> =
+            headers.keys().filter(|name| name.as_str().contains('_')).cloned().collect();
+        for name in underscored {
+            headers.remove(name);
+        }
     }
     // The HTTP client writes Host (or :authority) from the upstream URI.
     headers.remove(HOST);
@@ -66,9 +103,14 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
     }
 }
 
-/// Turns the upstream response's headers into the caller's.
+/// Turns the upstream response's headers into the caller's: hop-by-hop headers
+/// dropped, and Tallyfy's own `X-Request-Id` moved to `X-Upstream-Request-Id`
+/// (the caller's `X-Request-Id` is set by the pipeline).
 pub fn to_caller(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
+    if let Some(upstream_id) = headers.remove(X_REQUEST_ID) {
+        headers.insert(X_UPSTREAM_REQUEST_ID, upstream_id);
+    }
 }
 
 /// Enforces the header count and size limits with a JSON 431.
@@ -130,6 +172,29 @@ mod tests {
     }
 
     #[test]
+    fn routing_claims_overrides_and_underscored_names_are_dropped() {
+        let mut headers = map(&[
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "evil"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-original-url", "/api/oauth/token"),
+            ("x-rewrite-url", "/api/oauth/token"),
+            ("x_api_key", "k"),
+            ("x_tallyfy_client", "Other"),
+            ("x-custom", "kept"),
+        ]);
+        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "authorization", "x-custom", "x-tallyfy-client"]);
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_listed_headers_are_dropped() {
         let mut headers = map(&[
             ("connection", "keep-alive, X-Secret-Hop"),
@@ -160,6 +225,8 @@ mod tests {
         to_caller(&mut headers);
         assert_eq!(headers.len(), 4);
         assert_eq!(headers["retry-after"], "30");
+        assert_eq!(headers["x-upstream-request-id"], "abc", "Tallyfy's id keeps its own name");
+        assert!(!headers.contains_key("x-request-id"), "the caller's id is the proxy's");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! methods are folded to the standard ones, statuses to their class, reasons to
 //! fixed words. Paths and IDs never become labels.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::tokens::{CredentialId, TokenStore};
+use crate::server::ConnectionCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -45,6 +48,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: String,
 }
@@ -70,6 +78,8 @@ pub struct Metrics {
     pub bodies_invalid: Counter,
     pub links_rewritten: Counter,
     pub config_reloads: Family<OutcomeLabel, Counter>,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<ListenerLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -100,6 +110,8 @@ impl Metrics {
         let bodies_invalid = Counter::default();
         let links_rewritten = Counter::default();
         let config_reloads = Family::default();
+        let connections_open = Family::default();
+        let connections_refused = Family::default();
         registry.register("requests", "Requests by identity, method and status class", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -146,6 +158,12 @@ impl Metrics {
             links_rewritten.clone(),
         );
         registry.register("config_reloads", "Configuration reloads by outcome", config_reloads.clone());
+        registry.register("connections_open", "Connections open now, by listener", connections_open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because server.max_connections were open, by listener",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             rendering: std::sync::Mutex::new(()),
@@ -163,6 +181,17 @@ impl Metrics {
             bodies_invalid,
             links_rewritten,
             config_reloads,
+            connections_open,
+            connections_refused,
+        }
+    }
+
+    /// The connection gauge and counter of one listener (`proxy` or `admin`).
+    pub fn connections(&self, listener: &str) -> ConnectionCounters {
+        let label = ListenerLabel { listener: listener.to_owned() };
+        ConnectionCounters {
+            open: self.connections_open.get_or_create(&label).clone(),
+            refused: self.connections_refused.get_or_create(&label).clone(),
         }
     }
 
@@ -199,20 +228,20 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition, with token expiry gauges read from `tokens` at `now`.
-    pub fn render(&self, tokens: &TokenStore, now: Instant) -> String {
+    /// The Prometheus text exposition, with the token expiry gauges set from
+    /// `expiries` (each credential's name and token expiry) as seen at `now`.
+    pub fn render(&self, expiries: &[(Arc<str>, Option<Instant>)], now: Instant) -> String {
         let _one_scrape_at_a_time = self.rendering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.token_expiry_seconds.clear();
-        for index in 0..tokens.len() {
-            let id = CredentialId::new(index);
-            if let Some(expires_at) = tokens.expires_at(id) {
+        for (credential, expires_at) in expiries {
+            if let Some(expires_at) = *expires_at {
                 let seconds = if expires_at >= now {
                     (expires_at - now).as_secs_f64()
                 } else {
                     -(now - expires_at).as_secs_f64()
                 };
                 self.token_expiry_seconds
-                    .get_or_create(&CredentialLabel { credential: tokens.name(id).to_owned() })
+                    .get_or_create(&CredentialLabel { credential: credential.to_string() })
                     .set(seconds);
             }
         }
@@ -239,8 +268,6 @@ fn method_label(method: &Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::Secret;
-    use crate::tokens::Token;
 
     #[test]
     fn render_counts_requests_and_reads_token_expiry_at_scrape_time() {
@@ -252,11 +279,9 @@ mod tests {
             StatusCode::NOT_FOUND,
             Duration::ZERO,
         );
-        let tokens = TokenStore::new(vec!["ops".into()]);
         let now = Instant::now();
-        let token = Token::bearer(&Secret::new("t"), Some(now + Duration::from_secs(100))).expect("token");
-        tokens.publish(CredentialId::new(0), token);
-        let text = metrics.render(&tokens, now);
+        let expiries = [(Arc::from("ops"), Some(now + Duration::from_secs(100))), (Arc::from("never"), None)];
+        let text = metrics.render(&expiries, now);
         assert!(
             text.contains(
                 r#"tallyfy_proxy_requests_total{identity="app",method="GET",status_class="2xx"} 1"#
@@ -265,7 +290,8 @@ mod tests {
         );
         assert!(text.contains(r#"method="other",status_class="4xx"} 1"#), "{text}");
         assert!(text.contains(r#"tallyfy_proxy_token_expiry_seconds{credential="ops"} 100.0"#), "{text}");
-        let later = metrics.render(&tokens, now + Duration::from_secs(40));
+        assert!(!text.contains(r#"credential="never""#), "no expiry, no gauge: {text}");
+        let later = metrics.render(&expiries, now + Duration::from_secs(40));
         assert!(later.contains(r#"tallyfy_proxy_token_expiry_seconds{credential="ops"} 60.0"#), "{later}");
     }
 }

@@ -8,7 +8,8 @@ use std::borrow::Cow;
 
 use http::Method;
 use http::uri::PathAndQuery;
-use percent_encoding::percent_decode_str;
+
+use crate::target;
 
 /// The path segment replaced by the identity's `org_alias`.
 pub const CURRENT_ORG: &str = "current";
@@ -47,8 +48,9 @@ impl Denied {
 }
 
 /// A path prefix such as `/api/organizations/{org}/tasks`: literal segments match
-/// themselves, `{anything}` matches one segment, and the prefix ends on a segment
-/// boundary (`/tasks` allows `/tasks/123` but not `/tasksets`).
+/// themselves (ignoring ASCII case, so `/Tasks` is no way around a rule),
+/// `{anything}` matches one segment, and the prefix ends on a segment boundary
+/// (`/tasks` allows `/tasks/123` but not `/tasksets`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern {
     segments: Vec<Option<String>>,
@@ -73,12 +75,26 @@ impl PathPattern {
         self.segments.len() <= segments.len()
             && self.segments.iter().zip(segments).all(|(want, segment)| match want {
                 None => !segment.is_empty(),
-                Some(literal) => literal == segment,
+                Some(literal) => literal.eq_ignore_ascii_case(segment),
             })
     }
 }
 
 impl Policy {
+    /// Whether the identity may use `method` (always, without a `methods` rule).
+    /// Also how a method override (`_method`) is judged.
+    pub fn authorize_method(&self, method: &Method) -> Result<(), Denied> {
+        match &self.methods {
+            Some(methods) if !methods.contains(method) => Err(Denied::Method),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a `methods` rule restricts this identity (so overrides matter).
+    pub fn restricts_methods(&self) -> bool {
+        self.methods.is_some()
+    }
+
     pub fn is_unrestricted(&self) -> bool {
         self.orgs.is_none() && self.methods.is_none() && self.paths.is_none() && self.org_alias.is_none()
     }
@@ -88,28 +104,29 @@ impl Policy {
     pub fn resolve_alias(&self, target: &PathAndQuery) -> Option<PathAndQuery> {
         let org = self.org_alias.as_deref()?;
         let path = target.path();
-        let family = ORG_SCOPED.iter().find(|family| {
-            path.strip_prefix("/api/")
-                .and_then(|rest| rest.strip_prefix(**family))
-                .and_then(|rest| rest.strip_prefix('/'))
-                .is_some_and(|rest| rest == CURRENT_ORG || rest.starts_with("current/"))
-        })?;
-        let prefix_len = "/api/".len() + family.len() + 1;
-        let rest = &target.as_str()[prefix_len + CURRENT_ORG.len()..];
-        PathAndQuery::try_from(format!("/api/{family}/{org}{rest}")).ok()
+        let after_api = path.strip_prefix("/api/")?;
+        let (family, rest) = after_api.split_once('/')?;
+        if !ORG_SCOPED.iter().any(|f| f.eq_ignore_ascii_case(family)) {
+            return None;
+        }
+        let after_current = rest.strip_prefix(CURRENT_ORG)?;
+        if !(after_current.is_empty() || after_current.starts_with(['/', '?'])) {
+            return None;
+        }
+        let tail = &target.as_str()["/api/".len() + family.len() + 1 + CURRENT_ORG.len()..];
+        PathAndQuery::try_from(format!("/api/{family}/{org}{tail}")).ok()
     }
 
     /// Whether `method path` is allowed. Rules are checked against the path as
     /// Tallyfy will read it (each segment percent-decoded, as Laravel matches
-    /// routes), so `%6Frganizations` is an organizations route too. A path whose
-    /// decoding is ambiguous (an encoded `/` or `\`, an empty segment) is refused.
+    /// routes; route words in any case), so `%6Frganizations` and
+    /// `Organizations` are organizations routes too. A path whose decoding is
+    /// ambiguous was refused for everyone by [`target::check`]; here it is a
+    /// [`Denied::Path`] as well.
     pub fn authorize(&self, method: &Method, path: &str) -> Result<(), Denied> {
-        if let Some(methods) = &self.methods
-            && !methods.contains(method)
-        {
-            return Err(Denied::Method);
-        }
-        let segments = decoded_segments(path).ok_or(Denied::Path)?;
+        self.authorize_method(method)?;
+        let segments: Vec<Cow<'_, str>> =
+            target::segments(path).collect::<Result<_, _>>().map_err(|_| Denied::Path)?;
         if let Some(orgs) = &self.orgs
             && let Some(org) = org_of(&segments)
             && !orgs.iter().any(|allowed| allowed.eq_ignore_ascii_case(org))
@@ -125,24 +142,13 @@ impl Policy {
     }
 }
 
-/// The path's segments after the leading `/`, percent-decoded; `None` when a
-/// segment is empty, not UTF-8, or decodes to something holding `/` or `\`.
-fn decoded_segments(path: &str) -> Option<Vec<Cow<'_, str>>> {
-    path.strip_prefix('/')?
-        .split('/')
-        .map(|raw| {
-            let decoded = percent_decode_str(raw).decode_utf8().ok()?;
-            let ambiguous = decoded.is_empty() || decoded.contains(['/', '\\']);
-            (!ambiguous).then_some(decoded)
-        })
-        .collect()
-}
-
 /// The organization an org-scoped path names (`/api/organizations/{org}/...`),
 /// `Some("")` for an org-scoped route without one.
 fn org_of<'a>(segments: &'a [Cow<'_, str>]) -> Option<&'a str> {
     match segments {
-        [api, family, rest @ ..] if api == "api" && ORG_SCOPED.contains(&family.as_ref()) => {
+        [api, family, rest @ ..]
+            if api == "api" && ORG_SCOPED.iter().any(|f| f.eq_ignore_ascii_case(family)) =>
+        {
             Some(rest.first().map_or("", |org| org.as_ref()))
         }
         _ => None,
@@ -201,6 +207,24 @@ mod tests {
     }
 
     #[test]
+    fn route_words_match_in_any_case() {
+        let p = policy();
+        assert_eq!(p.authorize(&Method::GET, &format!("/api/Organizations/{OTHER}/tasks")), Err(Denied::Org));
+        assert_eq!(p.authorize(&Method::GET, &format!("/api/APPLICATIONS/{OTHER}/users")), Err(Denied::Org));
+        assert_eq!(
+            p.authorize(&Method::GET, &format!("/api/%4Frganizations/{OTHER}/tasks")),
+            Err(Denied::Org)
+        );
+        assert_eq!(p.authorize(&Method::GET, &format!("/api/Organizations/{ORG}/Tasks")), Ok(()));
+        assert_eq!(
+            p.authorize(&Method::GET, &format!("/api/organizations/{}/tasks", ORG.to_uppercase())),
+            Ok(())
+        );
+        assert_eq!(p.authorize(&Method::GET, "/api/me/"), Ok(()), "a trailing slash is the same route");
+        assert_eq!(p.authorize(&Method::GET, "/api//me"), Err(Denied::Path));
+    }
+
+    #[test]
     fn an_unrestricted_policy_allows_everything() {
         assert_eq!(Policy::default().authorize(&Method::PATCH, "/api/anything"), Ok(()));
     }
@@ -219,6 +243,11 @@ mod tests {
             format!("/api/applications/{ORG}/users")
         );
         assert!(p.resolve_alias(&PathAndQuery::from_static("/api/organizations/currently/x")).is_none());
+        let cased = PathAndQuery::from_static("/api/Organizations/current?x=1");
+        assert_eq!(
+            p.resolve_alias(&cased).expect("aliased").as_str(),
+            format!("/api/Organizations/{ORG}?x=1")
+        );
         assert!(p.resolve_alias(&PathAndQuery::from_static("/api/me/current")).is_none());
         assert!(Policy::default().resolve_alias(&target).is_none());
     }

@@ -20,14 +20,17 @@ use tracing::Instrument;
 use crate::access_log::{AccessLog, Logged};
 use crate::config::{self, Config, Identity};
 use crate::error::{ErrorClass, ProxyError};
-use crate::headers;
+use crate::framing;
+use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 use crate::identity::{Caller, Identities};
+use crate::method_override;
 use crate::metrics::Metrics;
+use crate::request_id;
 use crate::rewrite::Prefixed;
 use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
-use crate::tokens::{Lease, TokenStore};
+use crate::tokens::{CredentialTokens, Lease};
 use crate::upload::Activity;
 use crate::upstream::Upstream;
 
@@ -52,7 +55,7 @@ pub struct Proxy {
 struct Shared {
     upstream: Upstream,
     identities: Identities,
-    tokens: Arc<TokenStore>,
+    tokens: CredentialTokens,
     refresher: RefreshHandle,
     metrics: Arc<Metrics>,
     client_header: http::HeaderValue,
@@ -72,6 +75,8 @@ struct Shared {
 pub struct Prepared<'p> {
     pub identity: &'p Identity,
     pub lease: Lease,
+    /// The proxy's base URL as this caller reached it, for link rewriting.
+    pub public_base: Option<String>,
 }
 
 /// A kept copy of a request, so it can be sent again with a fresh token.
@@ -86,13 +91,14 @@ struct Replay {
 impl Proxy {
     pub fn new(
         config: &Config,
-        tokens: Arc<TokenStore>,
+        upstream: Upstream,
+        tokens: CredentialTokens,
         refresher: RefreshHandle,
         metrics: Arc<Metrics>,
-    ) -> Result<Proxy, rustls::Error> {
-        Ok(Proxy {
+    ) -> Proxy {
+        Proxy {
             shared: Arc::new(Shared {
-                upstream: Upstream::new(&config.upstream, config.server.max_request_body_bytes)?,
+                upstream,
                 identities: Identities::new(config.identities.clone()),
                 tokens,
                 refresher,
@@ -109,22 +115,24 @@ impl Proxy {
                 public_url: config.listen.public_url.clone(),
                 listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
             }),
-        })
+        }
     }
 
-    /// The token store this generation reads.
-    pub fn tokens(&self) -> &Arc<TokenStore> {
+    /// The tokens this generation's credentials read.
+    pub fn tokens(&self) -> &CredentialTokens {
         &self.shared.tokens
     }
 
     /// Handles one request to the end: Tallyfy's response or a JSON error.
     pub async fn handle(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         connection: &ConnectionInfo,
     ) -> Response<Logged<ProxyBody>> {
         let metrics = &self.shared.metrics;
-        let mut log = AccessLog::start(&request, connection.peer, metrics);
+        let request_id = request_id::for_request(request.headers());
+        request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
+        let mut log = AccessLog::start(&request, connection.peer, request_id.clone(), metrics);
         // At ERROR level so that no log-level setting drops the request id from
         // the request's warn and error lines.
         let span = tracing::error_span!("request", request_id = log.request_id());
@@ -140,6 +148,9 @@ impl Proxy {
                 response
             }
         };
+        let mut response = response;
+        log.upstream_request_id = response.headers().get(X_UPSTREAM_REQUEST_ID).cloned();
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         let status = response.status();
         response.map(|body| log.wrap(status, body))
     }
@@ -152,8 +163,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let public_base = self.public_base(&head);
-        let Prepared { identity, lease } = self.prepare(&mut head, connection)?;
+        let Prepared { identity, lease, public_base } = self.prepare(&mut head, connection)?;
+        // A HEAD response has no body to rewrite (its Content-Length is the GET's).
+        let links_base = public_base.as_deref().filter(|_| head.method != Method::HEAD);
         log.identity = Some(identity.name.clone());
         let credential = identity.credential;
 
@@ -173,28 +185,30 @@ impl Proxy {
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
-            || !shared.refresher.is_refreshable(credential)
+            || !shared.tokens.is_refreshable(credential)
         {
-            return self.response(response, public_base.as_deref()).await;
+            return self.response(response, links_base).await;
         }
-        let settled = shared.tokens.settled(credential);
-        shared.refresher.token_rejected(credential, lease.generation);
+        let slot = shared.tokens.slot(credential);
+        let store = shared.tokens.store();
+        let settled = store.settled(slot);
+        shared.refresher.token_rejected(slot, lease.generation);
         // Tallyfy rejected the token. One refresh runs however many requests saw it;
         // a kept request waits for it and goes again, a streamed one cannot.
         let Some(replay) = replay else {
-            return self.response(response, public_base.as_deref()).await;
+            return self.response(response, links_base).await;
         };
         let credential_name = shared.tokens.name(credential);
-        Metrics::credential(&shared.metrics.single_flight_waiters, credential_name);
+        Metrics::credential(&shared.metrics.single_flight_waiters, &credential_name);
         // One refresh may take up to three calls (refresh, then password; or mint,
         // provision, mint). A failed or declined refresh releases the wait at once.
         let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
-        let Some(fresh) = shared.tokens.newer_than(credential, lease.generation, settled, wait).await else {
-            return self.response(response, public_base.as_deref()).await;
+        let Some(fresh) = store.newer_than(slot, lease.generation, settled, wait).await else {
+            return self.response(response, links_base).await;
         };
         drop(response);
         log.replayed = true;
-        Metrics::credential(&shared.metrics.replays, credential_name);
+        Metrics::credential(&shared.metrics.replays, &credential_name);
         let mut request = Request::new(Either::Left(Full::new(replay.body)));
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;
@@ -205,7 +219,7 @@ impl Proxy {
         let response = shared.upstream.send(request, Activity::new()).await?;
         shared.metrics.upstream(&identity.name, sent.elapsed());
         log.upstream_status = Some(response.status());
-        self.response(response, public_base.as_deref()).await
+        self.response(response, links_base).await
     }
 
     /// Every decision about a request that needs no I/O: checks the target and
@@ -215,6 +229,9 @@ impl Proxy {
     pub fn prepare(&self, head: &mut Parts, connection: &ConnectionInfo) -> Result<Prepared<'_>, ProxyError> {
         let shared = &*self.shared;
         target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
+        framing::check(head)?;
+        let host = target::host(head.version, &head.uri, &head.headers)?;
+        let public_base = self.public_base(host);
         headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
         if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
             return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
@@ -234,17 +251,35 @@ impl Proxy {
                 .policy
                 .authorize(&head.method, head.uri.path())
                 .map_err(|denied| ProxyError::Forbidden(denied.reason()))?;
+            if identity.policy.restricts_methods() && head.method == Method::POST {
+                let query = head.uri.query().unwrap_or_default().as_bytes();
+                judge_overrides(&identity.policy, method_override::in_urlencoded(query))?;
+            }
         }
-        let lease = shared.tokens.lease(identity.credential, Instant::now()).map_err(|_| {
+        let lease = shared.tokens.lease(identity.credential, tokio::time::Instant::now()).map_err(|_| {
             ProxyError::TokenUnavailable {
-                credential: shared.tokens.name(identity.credential).to_owned(),
+                credential: shared.tokens.name(identity.credential).to_string(),
                 retry_after: TOKEN_RETRY_AFTER,
             }
         })?;
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
-        Ok(Prepared { identity, lease })
+        Ok(Prepared { identity, lease, public_base })
     }
+}
+
+/// Judges the methods `_method` overrides name against the identity's policy.
+fn judge_overrides(
+    policy: &crate::policy::Policy,
+    found: Result<Vec<Method>, method_override::Unreadable>,
+) -> Result<(), ProxyError> {
+    let methods = found.map_err(|unreadable| ProxyError::OverrideUnreadable(unreadable.0))?;
+    for method in &methods {
+        policy.authorize_method(method).map_err(|_| {
+            ProxyError::Forbidden("this identity may not use the method its _method override names")
+        })?;
+    }
+    Ok(())
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {

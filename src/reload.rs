@@ -1,14 +1,16 @@
-//! Live reload: on SIGHUP, or when `proxy.toml` or a secret file it reads
-//! changes on disk, load and validate the new config and swap it in whole.
+//! Live reload: on SIGHUP, or when `proxy.toml` or a file it reads changes on
+//! disk, load and validate the new config and swap it in whole.
 //!
 //! A config generation is one [`Proxy`] (identities, policies, upstream client,
-//! token store, refresher handle) behind one `ArcSwap`: a request loads it once
+//! the slots its credentials read) behind one `ArcSwap`: a request loads it once
 //! and finishes on it, so in-flight requests keep the config they started with.
-//! The old refresher hands its state to the new one: credentials whose settings
-//! did not change keep their tokens and cost no token-endpoint call; changed
+//! The process has one refresher; a reload asks it to map the new credentials
+//! onto slots ([`RefreshHandle::reconfigure`]): unchanged credentials keep their
+//! tokens, any refresh already running and the requests waiting on it; changed
 //! ones are fetched before the new generation serves (for at most
-//! [`READY_WAIT`]). An invalid config is logged in one line, counted, and the
-//! old one keeps running. Listener changes need a restart and are reported so.
+//! [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
+//! one keeps running. Settings of the listeners themselves need a restart and
+//! are reported so ([`restart_only_changes`]).
 
 mod watch;
 
@@ -23,21 +25,26 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metrics::{Metrics, OutcomeLabel};
 use crate::proxy::Proxy;
-use crate::tokens::TokenStore;
 use crate::tokens::issuer::Issuer;
-use crate::tokens::refresh::{Handover, Refresher};
+use crate::tokens::refresh::{RefreshHandle, Refresher};
+use crate::upstream::Upstream;
+
+pub use watch::Trigger;
 
 /// How long a reload waits for changed credentials' first tokens before the new
 /// config serves anyway (callers of a credential still without a token get 503).
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 
-/// Bursts of file events (an editor's save, a Kubernetes symlink swap) are one reload.
+/// A burst of file events (an editor's save, a Kubernetes symlink swap) is one
+/// reload: it happens once the files have been quiet this long...
 const DEBOUNCE: Duration = Duration::from_millis(150);
+/// ...or this long after the first event, however busy they stay.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 
-/// A running refresher and the means to stop it.
+/// The process's refresher task and the means to stop it.
 pub struct RefresherTask {
     stop: CancellationToken,
-    task: JoinHandle<Handover>,
+    task: JoinHandle<()>,
 }
 
 impl RefresherTask {
@@ -47,17 +54,18 @@ impl RefresherTask {
         RefresherTask { stop, task }
     }
 
-    /// Stops it and returns its state.
-    pub async fn stop(self) -> Handover {
+    /// Stops it (fetches still running are abandoned).
+    pub async fn stop(self) {
         self.stop.cancel();
-        self.task.await.unwrap_or_default()
+        let _ = self.task.await;
     }
 }
 
-/// Everything one config generation needs, built before anything is swapped.
-pub struct Generation {
-    pub proxy: Proxy,
-    pub refresher: Refresher,
+/// The parts of a generation that can fail to build, made before the refresher
+/// is told about the new config.
+pub struct Prepared {
+    pub upstream: Upstream,
+    pub issuer: Issuer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,25 +78,25 @@ pub enum BuildError {
     Credential(String),
 }
 
-/// Builds a generation for `config` (no I/O yet: nothing runs until spawned).
-pub fn build(config: &Config, metrics: &Arc<Metrics>) -> Result<Generation, BuildError> {
-    let tokens = TokenStore::new(config.credentials.iter().map(|c| c.name.clone()).collect());
-    let (refresher, handle) = Refresher::new(config, tokens.clone(), Issuer::new(config)?, metrics.clone())
-        .map_err(BuildError::Credential)?;
-    let proxy = Proxy::new(config, tokens, handle, metrics.clone())?;
-    Ok(Generation { proxy, refresher })
+/// Builds the upstream client and the token endpoint client of `config`.
+pub fn prepare(config: &Config) -> Result<Prepared, BuildError> {
+    Ok(Prepared {
+        upstream: Upstream::new(&config.upstream, config.server.max_request_body_bytes)?,
+        issuer: Issuer::new(config)?,
+    })
 }
 
 /// Asks for a reload (SIGHUP, tests). Cheap to clone.
 #[derive(Clone)]
 pub struct ReloadHandle {
-    trigger: mpsc::Sender<()>,
+    trigger: mpsc::Sender<Trigger>,
     generations: tokio::sync::watch::Receiver<u64>,
 }
 
 impl ReloadHandle {
+    /// Reloads the config, whether or not its files changed (what SIGHUP does).
     pub fn request(&self) {
-        let _ = self.trigger.try_send(());
+        let _ = self.trigger.try_send(Trigger::Signal);
     }
 
     /// Changes whenever a reloaded generation is swapped in.
@@ -102,9 +110,9 @@ pub struct Reloader {
     config: Config,
     current: Arc<ArcSwap<Proxy>>,
     metrics: Arc<Metrics>,
-    refresher: RefresherTask,
-    triggers: mpsc::Receiver<()>,
-    trigger: mpsc::Sender<()>,
+    refresher: RefreshHandle,
+    triggers: mpsc::Receiver<Trigger>,
+    trigger: mpsc::Sender<Trigger>,
     watcher: Option<watch::Watcher>,
     /// Counts swapped-in generations, so waiters for readiness follow reloads.
     swapped: tokio::sync::watch::Sender<u64>,
@@ -115,26 +123,41 @@ impl Reloader {
         config: Config,
         current: Arc<ArcSwap<Proxy>>,
         metrics: Arc<Metrics>,
-        refresher: RefresherTask,
+        refresher: RefreshHandle,
     ) -> (Reloader, ReloadHandle) {
-        let (trigger, triggers) = mpsc::channel(16);
+        let (trigger, triggers) = mpsc::channel(64);
         let watcher = watch::Watcher::start(&config, trigger.clone());
         let (swapped, generations) = tokio::sync::watch::channel(0);
         let handle = ReloadHandle { trigger: trigger.clone(), generations };
         (Reloader { config, current, metrics, refresher, triggers, trigger, watcher, swapped }, handle)
     }
 
-    /// Reloads on every trigger until `shutdown`; then returns the refresher,
-    /// which the caller stops once the servers have drained.
-    pub async fn run(mut self, shutdown: CancellationToken) -> RefresherTask {
+    /// Reloads on every trigger until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(trigger) = self.triggers.recv() => trigger,
+            };
+            let signalled = first == Trigger::Signal || self.settle_burst().await;
+            let files_changed = self.watcher.as_mut().is_some_and(watch::Watcher::changed);
+            if signalled || files_changed {
+                self.reload(&shutdown).await;
+            } else {
+                tracing::debug!("files near the config changed, but not the config or its files: no reload");
+            }
+        }
+    }
+
+    /// Waits for a burst of file events to end; `true` if a signal came in it.
+    async fn settle_burst(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+        let mut signalled = false;
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return self.refresher,
-                Some(()) = self.triggers.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while self.triggers.try_recv().is_ok() {}
-                    self.reload(&shutdown).await;
-                }
+                more = self.triggers.recv() => signalled |= more == Some(Trigger::Signal),
+                () = tokio::time::sleep(DEBOUNCE) => return signalled,
+                () = tokio::time::sleep_until(deadline) => return signalled,
             }
         }
     }
@@ -151,8 +174,16 @@ impl Reloader {
                 return;
             }
         };
-        let Generation { proxy, mut refresher } = match build(&new, &self.metrics) {
-            Ok(generation) => generation,
+        let prepared = match prepare(&new) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::error!(%error, "config reload failed; the running config stays");
+                outcome(&self.metrics, "failed");
+                return;
+            }
+        };
+        let tokens = match self.refresher.reconfigure(&new, prepared.issuer).await {
+            Ok(tokens) => tokens,
             Err(error) => {
                 tracing::error!(%error, "config reload failed; the running config stays");
                 outcome(&self.metrics, "failed");
@@ -168,20 +199,16 @@ impl Reloader {
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }
-        // Nothing can fail from here on: hand the old refresher's state over.
-        let old = std::mem::replace(&mut self.refresher, RefresherTask::placeholder());
-        let carried = refresher.adopt(old.stop().await);
-        let tokens = proxy.tokens().clone();
-        self.refresher = RefresherTask::spawn(refresher);
+        let proxy =
+            Proxy::new(&new, prepared.upstream, tokens.clone(), self.refresher.clone(), self.metrics.clone());
         // Changed credentials are fetched before the new config serves. Meanwhile
-        // the old generation serves on with the tokens it holds (they stay valid;
-        // only a replay after a 401 is not possible in this short window). A
-        // shutdown does not wait for this.
-        if !tokens.not_ready(std::time::Instant::now()).is_empty() {
+        // the old generation serves on with the tokens it holds. A shutdown does
+        // not wait for this.
+        if !tokens.not_ready(tokio::time::Instant::now()).is_empty() {
             tokio::select! {
                 () = tokens.ready() => {}
                 () = tokio::time::sleep(READY_WAIT) => {
-                    let waiting = tokens.not_ready(std::time::Instant::now()).join(", ");
+                    let waiting = tokens.not_ready(tokio::time::Instant::now()).join(", ");
                     tracing::warn!(credentials = %waiting, "reloaded config serves before these credentials have a token");
                 }
                 () = shutdown.cancelled() => {}
@@ -190,15 +217,15 @@ impl Reloader {
         self.current.store(Arc::new(proxy));
         self.swapped.send_modify(|generation| *generation += 1);
         self.watcher = watch::Watcher::start(&new, self.trigger.clone());
-        let fetched = new.credentials.len() - carried;
         self.config = new;
         outcome(&self.metrics, "applied");
-        tracing::info!(credentials_kept = carried, credentials_fetched = fetched, "config reloaded");
+        tracing::info!("config reloaded");
     }
 }
 
-/// Settings a running process cannot change: the listeners, their TLS, the
-/// connection limits and the log setup.
+/// Settings a running process cannot change: the listeners (addresses, TLS,
+/// connection timers and caps), the drain grace and the log setup. The request
+/// limits of `[server]` (headers, body size) are reloaded.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if old.listen.proxy != new.listen.proxy || old.listen.admin != new.listen.admin {
@@ -208,20 +235,21 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if tls(old) != tls(new) {
         changed.push("listen.tls");
     }
-    if old.server != new.server {
-        changed.push("[server]");
+    let (o, n) = (&old.server, &new.server);
+    if o.header_read_timeout != n.header_read_timeout {
+        changed.push("server.header_read_timeout_ms");
+    }
+    if o.idle_timeout != n.idle_timeout {
+        changed.push("server.idle_timeout_ms");
+    }
+    if o.max_connections != n.max_connections {
+        changed.push("server.max_connections");
+    }
+    if o.shutdown_grace != n.shutdown_grace {
+        changed.push("server.shutdown_grace_ms");
     }
     if old.log != new.log {
         changed.push("[log]");
     }
     changed
-}
-
-impl RefresherTask {
-    /// A stopped stand-in, only ever held for the instant of a swap.
-    fn placeholder() -> RefresherTask {
-        let stop = CancellationToken::new();
-        stop.cancel();
-        RefresherTask { stop, task: tokio::spawn(async { Handover::default() }) }
-    }
 }

@@ -1,34 +1,62 @@
 //! Accepting connections: HTTP/1.1 and HTTP/2 (h2c or over TLS) on one listener,
-//! header-read timeouts, header limits, and a graceful drain on shutdown.
+//! the timers that keep silent peers from holding sockets, a cap on open
+//! connections, and a graceful drain on shutdown.
+//!
+//! Every connection is on a clock from its first moment:
+//! - the TLS handshake, and then the protocol sniff (the first bytes: HTTP/1 or
+//!   the h2 preface), must finish within `header_read_timeout`;
+//! - HTTP/1: each request head must arrive within `header_read_timeout` (hyper's
+//!   timer, which also closes a kept-alive connection whose next request does not
+//!   begin within it);
+//! - any connection with no request in flight for `idle_timeout` is closed
+//!   gracefully (HTTP/2: GOAWAY), and HTTP/2 peers are pinged so a dead one is
+//!   noticed even mid-request.
 //!
 //! `serve` takes its listener and shutdown token as parameters (as mini-redis does),
 //! so tests bind `127.0.0.1:0` and decide when to stop.
+
+mod activity;
+mod conn_io;
+mod sniff;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 use crate::client_cert;
-use tokio_util::sync::CancellationToken;
+pub use activity::Guarded;
+use activity::{Activity, Counted};
+use conn_io::{ConnIo, HeadTap};
+use sniff::{Protocol, sniff};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Per-connection protocol settings.
+/// Per-listener protocol settings.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
-    /// A client must deliver a complete request head within this time.
+    /// The TLS handshake, the first bytes, and every request head must arrive within this.
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// Connections open at once; more are accepted and closed at once.
+    pub max_connections: usize,
     /// Hard ceiling for a request head in bytes. The pipeline answers a friendlier
     /// JSON 431 below it; above it hyper closes with a bare 431.
     pub max_head_bytes: usize,
@@ -42,10 +70,21 @@ impl ConnectionLimits {
     pub fn for_proxy(server: &crate::config::Server) -> Self {
         ConnectionLimits {
             header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            max_connections: server.max_connections,
             max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
             max_header_fields: server.max_headers * 2,
         }
     }
+}
+
+/// A listener's connection figures, for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounters {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
 }
 
 /// What the proxy knows about a connection before any request arrives.
@@ -57,6 +96,22 @@ pub struct ConnectionInfo {
     pub cert_names: Arc<[String]>,
 }
 
+/// Marks a request (in its extensions) whose HTTP/1 head carried both
+/// `Content-Length` and `Transfer-Encoding`: hyper framed it by the latter and
+/// removed the former; the pipeline refuses it and closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AmbiguousLength;
+
+/// Everything a connection task needs, shared by all of a listener's connections.
+struct Listener<M> {
+    tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    make_service: M,
+    shutdown: CancellationToken,
+}
+
 /// Serves connections from `listener` (over TLS when `tls` is given) until
 /// `shutdown` fires, then stops accepting (the listener is closed, so new
 /// connections are refused), lets in-flight requests finish for at most `grace`,
@@ -65,6 +120,7 @@ pub async fn serve<M, S, B>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
+    counters: ConnectionCounters,
     make_service: M,
     shutdown: CancellationToken,
     grace: Duration,
@@ -76,20 +132,28 @@ pub async fn serve<M, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_head_bytes.max(8192))
         .max_headers(limits.max_header_fields);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    let ping = (limits.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(20));
+    http2
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX));
-    let acceptor = tls.map(TlsAcceptor::from);
-    let make_service = Arc::new(make_service);
-    let graceful = GracefulShutdown::new();
+        .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(ping)
+        .keep_alive_timeout(ping);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let shared = Arc::new(Listener {
+        tls: tls.map(TlsAcceptor::from),
+        limits,
+        http1,
+        http2,
+        make_service,
+        shutdown: shutdown.clone(),
+    });
     // Every connection task, so the ones still open when the grace period ends
     // can be cut (dropping a connection closes its socket).
     let mut connections = JoinSet::new();
@@ -98,34 +162,16 @@ pub async fn serve<M, S, B>(
             Some(_finished) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        counters.refused.inc();
+                        tracing::debug!(%peer, "max_connections reached; connection closed");
+                        continue;
+                    };
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %error, "set_nodelay failed");
                     }
-                    let builder = builder.clone();
-                    let watcher = graceful.watcher();
-                    let make_service = make_service.clone();
-                    let acceptor = acceptor.clone();
-                    let handshake_timeout = limits.header_read_timeout;
-                    connections.spawn(async move {
-                        let Some(acceptor) = acceptor else {
-                            let service = make_service(ConnectionInfo { peer, cert_names: Arc::from([]) });
-                            return serve_io(&builder, TokioIo::new(stream), service, watcher, peer).await;
-                        };
-                        let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                        };
-                        let cert_names = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .map(client_cert::names)
-                            .unwrap_or_default();
-                        let service = make_service(ConnectionInfo { peer, cert_names: cert_names.into() });
-                        serve_io(&builder, TokioIo::new(stream), service, watcher, peer).await
-                    });
+                    let open = OpenConnection::new(&counters.open, permit);
+                    connections.spawn(connection(shared.clone(), stream, peer, open));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -137,33 +183,149 @@ pub async fn serve<M, S, B>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             grace_ms = grace.as_millis() as u64,
             connections = connections.len(),
             "drain grace period elapsed; closing remaining connections"
         );
         connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
-    while connections.join_next().await.is_some() {}
 }
 
-async fn serve_io<I, S, B>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    watcher: Watcher,
+/// Holds a connection's place under `max_connections` and in the open gauge.
+struct OpenConnection {
+    open: Gauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(open: &Gauge, permit: OwnedSemaphorePermit) -> Self {
+        open.inc();
+        OpenConnection { open: open.clone(), _permit: permit }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// One connection, from the handshake to its close.
+async fn connection<M, S, B>(
+    shared: Arc<Listener<M>>,
+    mut stream: TcpStream,
     peer: SocketAddr,
+    _open: OpenConnection,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-    if let Err(error) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(%peer, error = %error, "connection ended with an error");
+    let deadline = shared.limits.header_read_timeout;
+    let Some(acceptor) = &shared.tls else {
+        let Some((protocol, prefix)) = sniff(&mut stream, deadline).await else {
+            return tracing::debug!(%peer, "no request within the header read timeout");
+        };
+        let info = ConnectionInfo { peer, cert_names: Arc::from([]) };
+        return serve_io(&shared, stream, protocol, prefix, info).await;
+    };
+    let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    let session = stream.get_ref().1;
+    let cert_names = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(client_cert::names)
+        .unwrap_or_default();
+    let (protocol, prefix) = match session.alpn_protocol() {
+        Some(b"h2") => (Protocol::Http2, Bytes::new()),
+        Some(_) => (Protocol::Http1, Bytes::new()),
+        None => match sniff(&mut stream, deadline).await {
+            Some(sniffed) => sniffed,
+            None => return tracing::debug!(%peer, "no request within the header read timeout"),
+        },
+    };
+    let info = ConnectionInfo { peer, cert_names: cert_names.into() };
+    serve_io(&shared, stream, protocol, prefix, info).await
+}
+
+async fn serve_io<M, S, B, I>(
+    shared: &Listener<M>,
+    io: I,
+    protocol: Protocol,
+    prefix: Bytes,
+    info: ConnectionInfo,
+) where
+    M: Fn(ConnectionInfo) -> S,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let service = (shared.make_service)(info);
+    let activity = Arc::new(Activity::default());
+    let limits = &shared.limits;
+    match protocol {
+        Protocol::Http1 => {
+            let tap = Arc::new(HeadTap::new(limits.max_head_bytes.max(8192)));
+            let io = TokioIo::new(ConnIo::new(io, prefix, Some(tap.clone())));
+            let service = TowerToHyperService::new(Counted::new(service, activity.clone(), Some(tap)));
+            let connection = shared.http1.serve_connection(io, service);
+            run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer).await;
+        }
+        Protocol::Http2 => {
+            let io = TokioIo::new(ConnIo::new(io, prefix, None));
+            let service = TowerToHyperService::new(Counted::new(service, activity.clone(), None));
+            let connection = shared.http2.serve_connection(io, service);
+            run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer).await;
+        }
+    }
+}
+
+/// Drives a connection to its end; on shutdown or idleness, closes it gracefully
+/// (in-flight requests finish, HTTP/2 peers get GOAWAY).
+async fn run<C>(
+    connection: C,
+    activity: &Activity,
+    idle_timeout: Duration,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = activity.idle_for(idle_timeout), if !closing => {
+                tracing::debug!(%peer, "idle connection closed");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
     }
 }

@@ -2,18 +2,24 @@
 //!
 //! A request takes its token with one atomic load and one `HeaderValue` clone (a
 //! reference-count bump): no lock, no `.await`, never a call to the token endpoint.
-//! Whoever obtains tokens (at start-up, and the background refresher) is the single
-//! writer: it builds a whole new snapshot and swaps it in, so readers always see a
-//! consistent set.
+//! The refresher ([`refresh`]) is the single writer: it builds a whole new
+//! snapshot and swaps it in, so readers always see a consistent set.
+//!
+//! There is one store and one refresher for the life of the process. Each token
+//! lives in a *slot* ([`SlotId`]); a config generation maps its credentials onto
+//! slots ([`CredentialTokens`]). A reload that leaves a credential unchanged maps
+//! it onto the same slot, so its token, its schedule, a refresh already running
+//! and the requests waiting for it all carry over; a changed credential gets a
+//! new slot. Time is `tokio::time::Instant`, so tests can stop the clock.
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::secret::Secret;
 
@@ -22,7 +28,7 @@ pub mod jwt;
 pub mod refresh;
 pub mod schedule;
 
-/// Index of a `[[credentials]]` table, fixed when the config is validated.
+/// Index of a `[[credentials]]` table in one config, fixed when it is validated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CredentialId(usize);
 
@@ -36,6 +42,16 @@ impl CredentialId {
     }
 }
 
+/// Where the store keeps one credential's token; stable across reloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotId(u32);
+
+impl SlotId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// A usable Tallyfy token: the ready-made `Authorization` value, marked sensitive
 /// so that `Debug` of a header map prints `Sensitive`, and when it stops working.
 #[derive(Clone)]
@@ -43,7 +59,7 @@ pub struct Token {
     authorization: HeaderValue,
     /// `None` for tokens with no known expiry (personal access tokens).
     expires_at: Option<Instant>,
-    /// Counts the tokens published for this credential; set by the store.
+    /// Counts the tokens published for this slot; set by the store.
     generation: u64,
 }
 
@@ -96,40 +112,43 @@ pub enum Unavailable {
     Expired,
 }
 
-/// One consistent view of all tokens, indexed by [`CredentialId`].
+/// One slot in a snapshot.
 #[derive(Debug, Clone)]
+struct Entry {
+    /// The credential's name, for readiness messages and metrics.
+    name: Arc<str>,
+    token: Option<Token>,
+    /// Fetch attempts finished (published or failed) and rejections the
+    /// refresher declined. Requests waiting after a rejection stop waiting when
+    /// it moves.
+    settled: u64,
+}
+
+/// One consistent view of all tokens, indexed by [`SlotId`].
+#[derive(Debug, Clone, Default)]
 struct Snapshot {
-    tokens: Box<[Option<Token>]>,
+    entries: Vec<Entry>,
 }
 
 pub struct TokenStore {
     current: ArcSwap<Snapshot>,
-    /// Credential names, for readiness messages.
-    names: Box<[String]>,
-    /// Per credential: fetch attempts finished (published or failed) and
-    /// rejections the refresher declined. Requests waiting after a rejection stop
-    /// waiting when it moves.
-    settled: Box<[AtomicU64]>,
     /// Bumped on every publish and settle, so waiters wake instead of polling.
     published: watch::Sender<u64>,
 }
 
 impl TokenStore {
-    pub fn new(names: Vec<String>) -> Arc<TokenStore> {
-        let empty = Snapshot { tokens: vec![None; names.len()].into_boxed_slice() };
+    pub fn new() -> Arc<TokenStore> {
         Arc::new(TokenStore {
-            current: ArcSwap::from_pointee(empty),
-            settled: names.iter().map(|_| AtomicU64::new(0)).collect(),
-            names: names.into_boxed_slice(),
+            current: ArcSwap::from_pointee(Snapshot::default()),
             published: watch::channel(0).0,
         })
     }
 
-    /// The hot path: the token for `id`, if one valid at `now` is held. One atomic
-    /// load and a reference-count bump; no lock, no allocation, no `.await`.
-    pub fn lease(&self, id: CredentialId, now: Instant) -> Result<Lease, Unavailable> {
+    /// The hot path: the token in `slot`, if one valid at `now` is held. One
+    /// atomic load and a reference-count bump; no lock, no allocation, no `.await`.
+    pub fn lease(&self, slot: SlotId, now: Instant) -> Result<Lease, Unavailable> {
         let snapshot = self.current.load();
-        match &snapshot.tokens[id.0] {
+        match &snapshot.entries[slot.index()].token {
             Some(token) if token.is_valid_at(now) => {
                 Ok(Lease { authorization: token.authorization.clone(), generation: token.generation })
             }
@@ -138,53 +157,81 @@ impl TokenStore {
         }
     }
 
-    /// The generation of the token held for `id` (0 when none was ever published).
-    pub fn generation(&self, id: CredentialId) -> u64 {
-        self.current.load().tokens[id.0].as_ref().map_or(0, |t| t.generation)
+    /// The generation of the token in `slot` (0 when none was ever published).
+    pub fn generation(&self, slot: SlotId) -> u64 {
+        self.current.load().entries[slot.index()].token.as_ref().map_or(0, |t| t.generation)
     }
 
-    /// When the token held for `id` expires, if one is held and its expiry is known.
-    pub fn expires_at(&self, id: CredentialId) -> Option<Instant> {
-        self.current.load().tokens[id.0].as_ref().and_then(|t| t.expires_at)
+    /// When the token in `slot` expires, if one is held and its expiry is known.
+    pub fn expires_at(&self, slot: SlotId) -> Option<Instant> {
+        self.current.load().entries[slot.index()].token.as_ref().and_then(|t| t.expires_at)
     }
 
-    /// The writer side: replaces the token of `id` in a new snapshot, one
-    /// generation above the last. Only the refresher calls it.
-    pub fn publish(&self, id: CredentialId, mut token: Token) {
+    /// The token in `slot`, expired or not.
+    pub fn token(&self, slot: SlotId) -> Option<Token> {
+        self.current.load().entries[slot.index()].token.clone()
+    }
+
+    pub fn name(&self, slot: SlotId) -> Arc<str> {
+        self.current.load().entries[slot.index()].name.clone()
+    }
+
+    /// How many attempts for `slot` have settled so far.
+    pub fn settled(&self, slot: SlotId) -> u64 {
+        self.current.load().entries[slot.index()].settled
+    }
+
+    /// The writer side (in the proxy, only the refresher writes; benches and
+    /// tests fill stores directly): a new, empty slot for the credential `name`.
+    pub fn add_slot(&self, name: &str) -> SlotId {
+        let mut added = SlotId(0);
         self.current.rcu(|old| {
             let mut next = Snapshot::clone(old);
-            token.generation = old.tokens[id.0].as_ref().map_or(0, |t| t.generation) + 1;
-            next.tokens[id.0] = Some(token.clone());
+            added = SlotId(u32::try_from(next.entries.len()).expect("fewer than 2^32 credentials"));
+            next.entries.push(Entry { name: Arc::from(name), token: None, settled: 0 });
             next
         });
-        self.settle(id);
+        added
     }
 
-    /// Marks the end of a fetch attempt for `id` (or a declined rejection) and
+    /// The writer side: replaces the token of `slot` in a new snapshot, one
+    /// generation above the last, and settles the attempt that obtained it.
+    pub fn publish(&self, slot: SlotId, token: Token) {
+        self.update(slot, |entry| {
+            let generation = entry.token.as_ref().map_or(0, |t| t.generation) + 1;
+            entry.token = Some(Token { generation, ..token.clone() });
+            entry.settled += 1;
+        });
+    }
+
+    /// Marks the end of a fetch attempt for `slot` (or a declined rejection) and
     /// wakes waiters.
-    pub fn settle(&self, id: CredentialId) {
-        self.settled[id.0].fetch_add(1, Ordering::Release);
+    pub fn settle(&self, slot: SlotId) {
+        self.update(slot, |entry| entry.settled += 1);
+    }
+
+    /// Forgets the token of a slot no config uses any more.
+    pub fn clear(&self, slot: SlotId) {
+        self.update(slot, |entry| entry.token = None);
+    }
+
+    fn update(&self, slot: SlotId, change: impl Fn(&mut Entry)) {
+        self.current.rcu(|old| {
+            let mut next = Snapshot::clone(old);
+            change(&mut next.entries[slot.index()]);
+            next
+        });
         self.published.send_modify(|version| *version += 1);
     }
 
-    /// How many attempts for `id` have settled so far.
-    pub fn settled(&self, id: CredentialId) -> u64 {
-        self.settled[id.0].load(Ordering::Acquire)
-    }
-
-    /// The token currently held for `id`, expired or not (for handing over state).
-    pub fn token(&self, id: CredentialId) -> Option<Token> {
-        self.current.load().tokens[id.0].clone()
-    }
-
-    /// After reporting generation `generation` of `id` as rejected (having read
+    /// After reporting generation `generation` of `slot` as rejected (having read
     /// `settled` = [`TokenStore::settled`] before reporting): waits until a newer,
     /// valid token is published (`Some`), or an attempt settles without one, or
     /// `timeout` passes (`None`). How requests that saw a rejected token share the
     /// one refresh it triggered, and learn quickly when there will be none.
     pub async fn newer_than(
         &self,
-        id: CredentialId,
+        slot: SlotId,
         generation: u64,
         settled: u64,
         timeout: Duration,
@@ -192,12 +239,12 @@ impl TokenStore {
         let mut published = self.published.subscribe();
         let wait = async {
             loop {
-                if let Ok(lease) = self.lease(id, Instant::now())
+                if let Ok(lease) = self.lease(slot, Instant::now())
                     && lease.generation > generation
                 {
                     return Some(lease);
                 }
-                if self.settled(id) > settled {
+                if self.settled(slot) > settled {
                     return None;
                 }
                 if published.changed().await.is_err() {
@@ -208,39 +255,81 @@ impl TokenStore {
         tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
-    /// Number of credentials.
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-
-    pub fn name(&self, id: CredentialId) -> &str {
-        &self.names[id.0]
-    }
-
-    /// Names of the credentials without a token valid at `now`; empty when ready.
-    pub fn not_ready(&self, now: Instant) -> Vec<&str> {
+    /// Names of the `slots` without a token valid at `now`; empty when ready.
+    pub fn not_ready(&self, slots: &[SlotId], now: Instant) -> Vec<Arc<str>> {
         let snapshot = self.current.load();
-        snapshot
-            .tokens
+        slots
             .iter()
-            .zip(self.names.iter())
-            .filter(|(token, _)| !token.as_ref().is_some_and(|t| t.is_valid_at(now)))
-            .map(|(_, name)| name.as_str())
+            .map(|slot| &snapshot.entries[slot.index()])
+            .filter(|entry| !entry.token.as_ref().is_some_and(|t| t.is_valid_at(now)))
+            .map(|entry| entry.name.clone())
             .collect()
     }
 
-    /// Resolves once every credential holds a token valid at that moment.
-    pub async fn ready(&self) {
+    /// Resolves once every slot of `slots` holds a token valid at that moment.
+    pub async fn ready(&self, slots: &[SlotId]) {
         let mut published = self.published.subscribe();
-        while !self.not_ready(Instant::now()).is_empty() {
+        while !self.not_ready(slots, Instant::now()).is_empty() {
             if published.changed().await.is_err() {
                 return;
             }
         }
+    }
+}
+
+/// The tokens of one config generation's credentials: which slot each
+/// `[[credentials]]` table (by [`CredentialId`]) reads, and whether it can be
+/// refreshed. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialTokens {
+    store: Arc<TokenStore>,
+    slots: Arc<[SlotId]>,
+    refreshable: Arc<[bool]>,
+}
+
+impl CredentialTokens {
+    pub fn new(store: Arc<TokenStore>, slots: Vec<SlotId>, refreshable: Vec<bool>) -> Self {
+        CredentialTokens { store, slots: slots.into(), refreshable: refreshable.into() }
+    }
+
+    pub fn store(&self) -> &Arc<TokenStore> {
+        &self.store
+    }
+
+    pub fn slot(&self, credential: CredentialId) -> SlotId {
+        self.slots[credential.index()]
+    }
+
+    /// Whether a new token can be fetched at all (not for personal tokens).
+    pub fn is_refreshable(&self, credential: CredentialId) -> bool {
+        self.refreshable[credential.index()]
+    }
+
+    pub fn lease(&self, credential: CredentialId, now: Instant) -> Result<Lease, Unavailable> {
+        self.store.lease(self.slot(credential), now)
+    }
+
+    pub fn name(&self, credential: CredentialId) -> Arc<str> {
+        self.store.name(self.slot(credential))
+    }
+
+    pub fn expires_at(&self, credential: CredentialId) -> Option<Instant> {
+        self.store.expires_at(self.slot(credential))
+    }
+
+    /// Every credential's name and token expiry (`None`: no token or none known).
+    pub fn expiries(&self) -> Vec<(Arc<str>, Option<Instant>)> {
+        self.slots.iter().map(|&slot| (self.store.name(slot), self.store.expires_at(slot))).collect()
+    }
+
+    /// Names of the credentials without a token valid at `now`; empty when ready.
+    pub fn not_ready(&self, now: Instant) -> Vec<Arc<str>> {
+        self.store.not_ready(&self.slots, now)
+    }
+
+    /// Resolves once every credential holds a valid token.
+    pub async fn ready(&self) {
+        self.store.ready(&self.slots).await
     }
 }
 
@@ -254,12 +343,12 @@ mod tests {
 
     #[test]
     fn a_published_token_is_read_as_a_sensitive_bearer_header() {
-        let store = TokenStore::new(vec!["ops".into()]);
-        let id = CredentialId::new(0);
+        let store = TokenStore::new();
+        let slot = store.add_slot("ops");
         let now = Instant::now();
-        assert_eq!(store.lease(id, now), Err(Unavailable::NeverObtained));
-        store.publish(id, token("abc", None));
-        let lease = store.lease(id, now).expect("published");
+        assert_eq!(store.lease(slot, now), Err(Unavailable::NeverObtained));
+        store.publish(slot, token("abc", None));
+        let lease = store.lease(slot, now).expect("published");
         assert_eq!(lease.generation, 1);
         let value = lease.authorization;
         assert_eq!(value, "Bearer abc");
@@ -269,16 +358,18 @@ mod tests {
 
     #[test]
     fn an_expired_token_is_never_handed_out() {
-        let store = TokenStore::new(vec!["a".into(), "b".into()]);
+        let store = TokenStore::new();
+        let (a, b) = (store.add_slot("a"), store.add_slot("b"));
         let now = Instant::now();
-        store.publish(CredentialId::new(0), token("t", Some(now + Duration::from_secs(5))));
-        assert!(store.lease(CredentialId::new(0), now).is_ok());
-        assert_eq!(
-            store.lease(CredentialId::new(0), now + Duration::from_secs(5)),
-            Err(Unavailable::Expired)
-        );
-        assert_eq!(store.not_ready(now), vec!["b"]);
-        assert_eq!(store.not_ready(now + Duration::from_secs(6)), vec!["a", "b"]);
+        store.publish(a, token("t", Some(now + Duration::from_secs(5))));
+        assert!(store.lease(a, now).is_ok());
+        assert_eq!(store.lease(a, now + Duration::from_secs(5)), Err(Unavailable::Expired));
+        let names = |slots: &[SlotId], at| {
+            store.not_ready(slots, at).iter().map(|n| n.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&[a, b], now), ["b"]);
+        assert_eq!(names(&[a, b], now + Duration::from_secs(6)), ["a", "b"]);
+        assert!(names(&[a], now).is_empty(), "readiness is per set of slots");
     }
 
     #[test]
@@ -288,50 +379,51 @@ mod tests {
 
     #[tokio::test]
     async fn ready_resolves_after_the_last_publish() {
-        let store = TokenStore::new(vec!["a".into()]);
+        let store = TokenStore::new();
+        let slot = store.add_slot("a");
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { store.ready().await }
+            async move { store.ready(&[slot]).await }
         });
-        store.publish(CredentialId::new(0), token("t", None));
+        store.publish(slot, token("t", None));
         waiter.await.expect("ready() resolves once published");
-        assert!(store.not_ready(Instant::now()).is_empty());
+        assert!(store.not_ready(&[slot], Instant::now()).is_empty());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiters_get_the_next_generation() {
-        let store = TokenStore::new(vec!["a".into()]);
-        let id = CredentialId::new(0);
-        store.publish(id, token("old", None));
-        let settled = store.settled(id);
+        let store = TokenStore::new();
+        let slot = store.add_slot("a");
+        store.publish(slot, token("old", None));
+        let settled = store.settled(slot);
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { store.newer_than(id, 1, settled, Duration::from_secs(5)).await }
+            async move { store.newer_than(slot, 1, settled, Duration::from_secs(5)).await }
         });
-        store.publish(id, token("new", None));
+        tokio::task::yield_now().await;
+        store.publish(slot, token("new", None));
         let lease = waiter.await.expect("task").expect("a newer token arrived");
         assert_eq!((lease.authorization.to_str().ok(), lease.generation), (Some("Bearer new"), 2));
-        let settled = store.settled(id);
-        assert_eq!(
-            store.newer_than(id, 2, settled, Duration::from_millis(20)).await,
-            None,
-            "times out without a newer one"
-        );
+        let settled = store.settled(slot);
+        let began = Instant::now();
+        assert_eq!(store.newer_than(slot, 2, settled, Duration::from_secs(5)).await, None, "no newer one");
+        assert_eq!(began.elapsed(), Duration::from_secs(5), "it waited the whole timeout");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failed_attempt_releases_waiters_at_once() {
-        let store = TokenStore::new(vec!["a".into()]);
-        let id = CredentialId::new(0);
-        store.publish(id, token("old", None));
-        let settled = store.settled(id);
+        let store = TokenStore::new();
+        let slot = store.add_slot("a");
+        store.publish(slot, token("old", None));
+        let settled = store.settled(slot);
         let waiter = tokio::spawn({
             let store = store.clone();
-            async move { store.newer_than(id, 1, settled, Duration::from_secs(60)).await }
+            async move { store.newer_than(slot, 1, settled, Duration::from_secs(60)).await }
         });
-        store.settle(id); // the refresh failed
-        let result =
-            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("released well before 60 s");
-        assert_eq!(result.expect("task"), None);
+        tokio::task::yield_now().await;
+        let began = Instant::now();
+        store.settle(slot); // the refresh failed
+        assert_eq!(waiter.await.expect("task"), None);
+        assert_eq!(began.elapsed(), Duration::ZERO, "released at once, not after 60 s");
     }
 }

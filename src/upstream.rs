@@ -21,12 +21,16 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config;
 use crate::error::ProxyError;
+use crate::method_override::multipart::{Refused, Screened};
 use crate::rewrite::Prefixed;
 use crate::upload::{Activity, Tracked};
 
-/// The body sent upstream: a kept (replayable) body, or the caller's body
-/// streamed and cut off at the size limit.
-pub type RequestBody = Either<Full<Bytes>, Prefixed<Limited<Incoming>>>;
+/// The caller's body streamed: what was already read, then the rest, cut off at
+/// the size limit and screened for method overrides when the identity needs it.
+pub type StreamedBody = Prefixed<Screened<Limited<Incoming>>>;
+
+/// The body sent upstream: a kept (replayable) body, or the caller's body streamed.
+pub type RequestBody = Either<Full<Bytes>, StreamedBody>;
 
 /// What the client actually sends: the body, reporting its progress.
 type SentBody = Tracked<RequestBody>;
@@ -83,7 +87,7 @@ impl Upstream {
     /// caller's path and query exactly as received.
     pub fn uri_for(&self, target: &Uri) -> Result<Uri, ProxyError> {
         let received =
-            target.path_and_query().ok_or(ProxyError::BadTarget("the request target has no path"))?;
+            target.path_and_query().ok_or(ProxyError::BadRequest("the request target has no path"))?;
         let path_and_query = if self.path_prefix.is_empty() {
             received.clone()
         } else {
@@ -128,6 +132,15 @@ impl Upstream {
     fn classify(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
         if find_source::<LengthLimitError>(error).is_some() {
             return ProxyError::BodyTooLarge { limit: self.body_limit };
+        }
+        match find_source::<Refused>(error) {
+            Some(Refused::Method(_)) => {
+                return ProxyError::Forbidden(
+                    "this identity may not use the method its _method override names",
+                );
+            }
+            Some(Refused::Unreadable(unreadable)) => return ProxyError::OverrideUnreadable(unreadable.0),
+            None => {}
         }
         let detail = chain(error);
         if error.is_connect() {

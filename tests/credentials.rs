@@ -191,8 +191,8 @@ async fn mid_life_outage_serves_until_expiry_then_503_then_recovers() {
     let setup = Setup::start(Duration::from_secs(2), None, true).await;
     setup.sandbox.set_token_fault(Some(TokenFault::ServerError));
     let user = tallyfy_proxy::tokens::CredentialId::new(1);
-    assert_eq!(setup.proxy.tokens().name(user), "user");
-    let expires_at = setup.proxy.tokens().expires_at(user).expect("an OAuth token has an expiry");
+    assert_eq!(&*setup.proxy.tokens().name(user), "user");
+    let expires_at = setup.proxy.tokens().expires_at(user).expect("an OAuth token has an expiry").into_std();
     // The held token keeps serving while refreshes fail...
     assert_eq!(setup.get("user-caller", ME).await.status(), 200);
     // ...until it really expires; then callers get 503, never an expired token.

@@ -117,12 +117,12 @@ async fn no_secret_reaches_the_log_at_trace_level() {
             .unwrap_or_else(|| panic!("an access line for {path_end}"))
             .to_owned()
     };
-    let download_line = access("/dl ");
+    let download_line = access("/dl\"");
     assert!(
         download_line.contains("bytes_sent=100000") && download_line.contains("complete=true"),
         "{download_line}"
     );
-    let upload_line = access("/file ");
+    let upload_line = access("/file\"");
     assert!(
         upload_line.contains("bytes_received=4321") && upload_line.contains("status=201"),
         "{upload_line}"

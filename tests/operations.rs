@@ -132,7 +132,8 @@ async fn request_ids_are_kept_or_generated_sent_upstream_and_returned() {
 
     let generated = stack.client.get(stack.url("/api/me")).send().await.expect("answered");
     let id = generated.headers()["x-request-id"].to_str().expect("ascii").to_owned();
-    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let (prefix, counter) = id.split_once('-').expect("prefix-counter");
+    assert!(prefix.len() == 16 && !counter.is_empty(), "a process prefix and a counter: {id}");
     assert_eq!(stack.sandbox.received().last().expect("forwarded").headers["x-request-id"], id.as_str());
 
     let refused = stack.client.get(stack.url("/nope")).send().await.expect("answered");

@@ -282,6 +282,8 @@ fn server(ctx: &Ctx<'_>, raw: &RawServer) -> Result<Server, ConfigError> {
             Some(v) => *v.get_ref(),
         },
         shutdown_grace: millis(ctx, raw.shutdown_grace_ms.as_ref(), "server.shutdown_grace_ms", 25_000)?,
+        idle_timeout: millis(ctx, raw.idle_timeout_ms.as_ref(), "server.idle_timeout_ms", 60_000)?,
+        max_connections: positive(raw.max_connections.as_ref(), "server.max_connections", 10_000)?,
     })
 }
 

@@ -1,26 +1,37 @@
-//! The request body on its way to Tallyfy: dates rewritten when it may hold
-//! some, kept when small enough to replay after a token refresh, streamed
-//! otherwise.
+//! The request body on its way to Tallyfy: read whole when dates may need
+//! rewriting or a `_method` override must be judged, kept when small enough to
+//! replay after a token refresh, streamed otherwise (multipart bodies of
+//! identities with a `methods` rule through the override [`Screen`]).
 
 use bytes::Bytes;
-use http::HeaderValue;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::request::Parts;
+use http::{HeaderValue, Method};
 use http_body::Body as _;
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
-use super::Proxy;
+use super::{Proxy, judge_overrides};
 use crate::config::Identity;
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
+use crate::method_override::multipart::{Screen, Screened};
+use crate::method_override::{self, BodyKind};
 use crate::rewrite::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
-use crate::upstream::RequestBody;
+use crate::upstream::{RequestBody, StreamedBody};
 
 /// The body to send, and a copy when it may be sent again.
 pub(super) struct Outgoing {
     pub body: RequestBody,
     pub kept: Option<Bytes>,
+}
+
+/// What must be read in a body the proxy reads whole.
+struct Reading<'i> {
+    /// Date rules, content kind and encoding, when dates may need rewriting.
+    dates: Option<(&'i DateRules, Kind, Encoding)>,
+    /// How PHP will read the body, when a `_method` override must be judged.
+    overrides: Option<BodyKind>,
 }
 
 impl Proxy {
@@ -31,7 +42,7 @@ impl Proxy {
         identity: &Identity,
     ) -> Result<Outgoing, ProxyError> {
         let shared = &*self.shared;
-        let replayable = shared.refresher.is_refreshable(identity.credential);
+        let replayable = shared.tokens.is_refreshable(identity.credential);
         let replay_max = shared.token_rules.replay_max_body_bytes;
         if body.is_end_stream() {
             return Ok(Outgoing {
@@ -39,28 +50,27 @@ impl Proxy {
                 kept: replayable.then(Bytes::new),
             });
         }
-        let rewrite =
-            identity.dates.as_deref().zip(rewrite::kind(&head.headers)).zip(rewrite::encoding(&head.headers));
-        if let Some(((rules, kind), encoding)) = rewrite {
-            let max = shared.dates.max_body_bytes.min(shared.limits.max_request_body_bytes);
-            return match self.read_start(body, max).await? {
-                BodyStart::Complete(bytes) => {
-                    let bytes = self.rewrite_dates(head, bytes, kind, encoding, rules)?;
-                    if bytes.len() as u64 > shared.limits.max_request_body_bytes {
-                        return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
-                    }
-                    let kept = (replayable && bytes.len() as u64 <= replay_max).then(|| bytes.clone());
-                    Ok(Outgoing { body: Either::Left(Full::new(bytes)), kept })
-                }
-                BodyStart::Over(prefix, rest) => {
-                    // Too large to rewrite. Refuse it if its start shows dates
-                    // Tallyfy would misread; otherwise let it through as it is.
-                    if holds_dates(&rewrite::decode(&prefix, encoding, max), kind, rules) {
-                        return Err(ProxyError::DatesBodyTooLarge { limit: max });
-                    }
-                    Ok(Outgoing { body: Either::Right(self.streamed(Some(prefix), rest)), kept: None })
-                }
-            };
+        let judged = identity.policy.restricts_methods() && head.method == Method::POST;
+        let overrides = judged.then(|| method_override::body_kind(&head.headers));
+        if let Some(BodyKind::Multipart(boundary)) = &overrides {
+            let boundary = boundary
+                .as_deref()
+                .ok_or(ProxyError::OverrideUnreadable("a multipart body needs a boundary"))?;
+            let allowed = identity.policy.methods.clone().unwrap_or_default();
+            let screen = Screen::new(boundary, allowed);
+            return Ok(Outgoing { body: Either::Right(self.streamed(None, body, Some(screen))), kept: None });
+        }
+        let reading = Reading {
+            dates: identity
+                .dates
+                .as_deref()
+                .zip(rewrite::kind(&head.headers))
+                .zip(rewrite::encoding(&head.headers))
+                .map(|((rules, kind), encoding)| (rules, kind, encoding)),
+            overrides: overrides.filter(|kind| *kind != BodyKind::Opaque),
+        };
+        if reading.dates.is_some() || reading.overrides.is_some() {
+            return self.read_whole(head, body, &reading, identity, replayable).await;
         }
         let declared = super::declared_length(&head.headers);
         if replayable && declared.is_some_and(|length| length <= replay_max) {
@@ -69,11 +79,57 @@ impl Proxy {
                     Ok(Outgoing { body: Either::Left(Full::new(bytes.clone())), kept: Some(bytes) })
                 }
                 BodyStart::Over(prefix, rest) => {
-                    Ok(Outgoing { body: Either::Right(self.streamed(Some(prefix), rest)), kept: None })
+                    Ok(Outgoing { body: Either::Right(self.streamed(Some(prefix), rest, None)), kept: None })
                 }
             };
         }
-        Ok(Outgoing { body: Either::Right(self.streamed(None, body)), kept: None })
+        Ok(Outgoing { body: Either::Right(self.streamed(None, body, None)), kept: None })
+    }
+
+    /// Reads a body whole (up to `dates.max_body_bytes`) to judge its override
+    /// and rewrite its dates.
+    async fn read_whole(
+        &self,
+        head: &mut Parts,
+        body: Incoming,
+        reading: &Reading<'_>,
+        identity: &Identity,
+        replayable: bool,
+    ) -> Result<Outgoing, ProxyError> {
+        let shared = &*self.shared;
+        let max = shared.dates.max_body_bytes.min(shared.limits.max_request_body_bytes);
+        let bytes = match self.read_start(body, max).await? {
+            BodyStart::Complete(bytes) => bytes,
+            BodyStart::Over(prefix, rest) => {
+                if reading.overrides.is_some() {
+                    return Err(ProxyError::PolicyBodyTooLarge { limit: max });
+                }
+                // Too large to rewrite. Refuse it if its start shows dates
+                // Tallyfy would misread; otherwise let it through as it is.
+                if let Some((rules, kind, encoding)) = reading.dates
+                    && holds_dates(&rewrite::decode(&prefix, encoding, max), kind, rules)
+                {
+                    return Err(ProxyError::DatesBodyTooLarge { limit: max });
+                }
+                return Ok(Outgoing {
+                    body: Either::Right(self.streamed(Some(prefix), rest, None)),
+                    kept: None,
+                });
+            }
+        };
+        if let Some(kind) = &reading.overrides {
+            judge_body_overrides(&bytes, kind, &head.headers, max, identity)?;
+        }
+        let bytes = match reading.dates {
+            Some((rules, kind, encoding)) => self.rewrite_dates(head, bytes, kind, encoding, rules)?,
+            None => bytes,
+        };
+        if bytes.len() as u64 > shared.limits.max_request_body_bytes {
+            return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
+        }
+        let kept = (replayable && bytes.len() as u64 <= shared.token_rules.replay_max_body_bytes)
+            .then(|| bytes.clone());
+        Ok(Outgoing { body: Either::Left(Full::new(bytes)), kept })
     }
 
     /// Reads up to `max` bytes of the caller's body, within the upstream request
@@ -87,11 +143,11 @@ impl Proxy {
     }
 
     /// The rest of the caller's body, streamed, within the overall size limit.
-    fn streamed(&self, prefix: Option<Bytes>, rest: Incoming) -> Prefixed<Limited<Incoming>> {
+    fn streamed(&self, prefix: Option<Bytes>, rest: Incoming, screen: Option<Screen>) -> StreamedBody {
         let max = self.shared.limits.max_request_body_bytes;
         let already = prefix.as_ref().map_or(0, |p| p.len() as u64);
         let remaining = usize::try_from(max.saturating_sub(already)).unwrap_or(usize::MAX);
-        Prefixed::new(prefix, Limited::new(rest, remaining))
+        Prefixed::new(prefix, Screened::new(Limited::new(rest, remaining), screen))
     }
 
     /// Rewrites the dates of a whole body. Returns the bytes to send: the very
@@ -141,6 +197,32 @@ impl Proxy {
         head.headers.insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
         Ok(Bytes::from(new_body))
     }
+}
+
+/// Judges the `_method` overrides a whole JSON or form body carries (decoded
+/// first when it is compressed: the stack behind Tallyfy's edge may decode it).
+fn judge_body_overrides(
+    bytes: &[u8],
+    kind: &BodyKind,
+    headers: &http::HeaderMap,
+    max: u64,
+    identity: &Identity,
+) -> Result<(), ProxyError> {
+    let encoding = rewrite::encoding(headers)
+        .ok_or(ProxyError::OverrideUnreadable("a body in an unknown Content-Encoding cannot be judged"))?;
+    let decoded = match rewrite::decode(bytes, encoding, max) {
+        Decoded::Whole(decoded) => decoded,
+        Decoded::TooLarge(_) => return Err(ProxyError::PolicyBodyTooLarge { limit: max }),
+        Decoded::Corrupt(_) => {
+            return Err(ProxyError::OverrideUnreadable("a body that does not decode cannot be judged"));
+        }
+    };
+    let found = match kind {
+        BodyKind::Json => method_override::in_json(&decoded),
+        BodyKind::Form => method_override::in_urlencoded(&decoded),
+        BodyKind::Multipart(_) | BodyKind::Opaque => Ok(Vec::new()),
+    };
+    judge_overrides(&identity.policy, found)
 }
 
 /// Whether the (start of a) decoded body shows date fields.

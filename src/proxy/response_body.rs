@@ -2,9 +2,8 @@
 //! absolute links in JSON bodies pointed at the proxy so callers stay on it.
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, HOST};
-use http::request::Parts;
-use http::{HeaderValue, Response};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -16,8 +15,9 @@ use crate::rewrite::{self, BodyStart, Decoded, Kind, Prefixed};
 
 impl Proxy {
     /// The proxy's base URL as this caller reached it: `listen.public_url`, else
-    /// the listener's scheme with the request's `Host` (or HTTP/2 authority).
-    pub(super) fn public_base(&self, head: &Parts) -> Option<String> {
+    /// the listener's scheme with the request's `Host` (or HTTP/2 authority),
+    /// which [`crate::target::host`] has checked is a plain `host[:port]`.
+    pub(super) fn public_base(&self, host: Option<&str>) -> Option<String> {
         let shared = &*self.shared;
         if !shared.links.enabled {
             return None;
@@ -25,15 +25,7 @@ impl Proxy {
         if let Some(url) = &shared.public_url {
             return Some(url.clone());
         }
-        let host = head
-            .headers
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| head.uri.authority().map(|a| a.as_str()))?;
-        // A Host is a token of host chars and an optional port; anything else is not used.
-        let plausible =
-            !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b));
-        plausible.then(|| format!("{}://{host}", shared.listener_scheme))
+        host.map(|host| format!("{}://{host}", shared.listener_scheme))
     }
 
     /// Cleans the response and, for JSON bodies that carry upstream links,
@@ -45,10 +37,13 @@ impl Proxy {
         public_base: Option<&str>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
+        refuse_unframeable(&response)?;
         headers::to_caller(response.headers_mut());
         let headers = response.headers();
         let encoding = rewrite::encoding(headers);
+        let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
         let eligible = public_base.is_some()
+            && !bodyless
             && rewrite::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
@@ -81,10 +76,31 @@ impl Proxy {
             Some((body, count)) => {
                 shared.metrics.links_rewritten.inc_by(count as u64);
                 parts.headers.remove(CONTENT_ENCODING);
-                parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
                 Bytes::from(body)
             }
         };
+        // A body the proxy re-frames is described by the bytes it sends, never
+        // by a length Tallyfy declared.
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
+}
+
+/// Responses the proxy cannot pass on safely (502): one declaring both
+/// `Content-Length` and `Transfer-Encoding`, whose length an intermediary must
+/// not forward (RFC 9112 §6.3) and which nginx and Envoy refuse too; and a
+/// `101 Switching Protocols`, since the proxy does not tunnel upgrades.
+fn refuse_unframeable(response: &Response<Incoming>) -> Result<(), ProxyError> {
+    let headers = response.headers();
+    if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
+        return Err(ProxyError::UpstreamBroken(
+            "Tallyfy's response declared both Content-Length and Transfer-Encoding".to_owned(),
+        ));
+    }
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProxyError::UpstreamBroken(
+            "Tallyfy answered 101 Switching Protocols; the proxy does not tunnel upgrades".to_owned(),
+        ));
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! When to refresh a token, and how long to wait after a failure. Pure functions:
 //! time and randomness are parameters, so every edge is a plain unit test.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Refresh settings from `[tokens]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,212 @@
+//! What a connection is doing: requests in flight and requests started, so an
+//! idle connection can be closed; and the service wrapper that keeps count.
+//!
+//! The count ends when the response body is dropped (sent, or abandoned), not
+//! when the handler returns: a long download is a connection at work.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::header::TRANSFER_ENCODING;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+use super::AmbiguousLength;
+use super::conn_io::{HeadTap, head_has_content_length};
+
+/// How many quiet checks in a row make a connection idle.
+const QUIET_CHECKS: u32 = 4;
+
+#[derive(Debug, Default)]
+pub(super) struct Activity {
+    in_flight: AtomicUsize,
+    /// Bumped when a request starts and when it ends.
+    events: AtomicU64,
+}
+
+impl Activity {
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves once no request has been in flight, and none has started or
+    /// ended, for `timeout` (checked every quarter of it, so no clock is read per
+    /// request: the connection goes between one and one and a quarter timeouts
+    /// after its last request ended).
+    pub async fn idle_for(&self, timeout: Duration) {
+        let step = (timeout / QUIET_CHECKS).max(Duration::from_millis(1));
+        let mut seen = self.events.load(Ordering::Relaxed);
+        let mut quiet = 0;
+        loop {
+            tokio::time::sleep(step).await;
+            let events = self.events.load(Ordering::Relaxed);
+            if events == seen && self.in_flight.load(Ordering::Relaxed) == 0 {
+                quiet += 1;
+                if quiet >= QUIET_CHECKS {
+                    return;
+                }
+            } else {
+                seen = events;
+                quiet = 0;
+            }
+        }
+    }
+}
+
+/// Ends a request's count (and re-arms the head tap) when dropped.
+struct InFlight {
+    activity: Arc<Activity>,
+    tap: Option<Arc<HeadTap>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.end();
+        if let Some(tap) = &self.tap {
+            tap.resume();
+        }
+    }
+}
+
+/// The per-connection service: counts requests, and on HTTP/1 checks each
+/// chunked request's head for a `Content-Length` hyper removed.
+#[derive(Clone)]
+pub(super) struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    tap: Option<Arc<HeadTap>>,
+}
+
+impl<S> Counted<S> {
+    pub fn new(inner: S, activity: Arc<Activity>, tap: Option<Arc<HeadTap>>) -> Self {
+        Counted { inner, activity, tap }
+    }
+}
+
+impl<S, B> tower::Service<Request<Incoming>> for Counted<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<Guarded<B>>;
+    type Error = S::Error;
+    type Future = CountedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        self.activity.begin();
+        if let Some(tap) = &self.tap {
+            let chunked = request.headers().contains_key(TRANSFER_ENCODING);
+            let ambiguous =
+                tap.finish_head(|head| chunked && head_has_content_length(head, &request_line(&request)));
+            if ambiguous {
+                request.extensions_mut().insert(AmbiguousLength);
+            }
+        }
+        let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone() };
+        CountedFuture { inner: self.inner.call(request), in_flight: Some(in_flight) }
+    }
+}
+
+/// `METHOD SP request-target SP`, as the head starts.
+fn request_line<B>(request: &Request<B>) -> Vec<u8> {
+    let target =
+        request.uri().path_and_query().map_or_else(|| request.uri().to_string(), |pq| pq.to_string());
+    let target = if request.uri().authority().is_some() { request.uri().to_string() } else { target };
+    [request.method().as_str().as_bytes(), b" ", target.as_bytes(), b" "].concat()
+}
+
+pin_project! {
+    pub(super) struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Guarded<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let in_flight = this.in_flight.take();
+        Poll::Ready(result.map(|response| response.map(|inner| Guarded { inner, _in_flight: in_flight })))
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's count until it is dropped.
+    pub struct Guarded<B> {
+        #[pin]
+        inner: B,
+        _in_flight: Option<InFlight>,
+    }
+}
+
+impl<B: Body> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_its_timeout_without_requests() {
+        let activity = Arc::new(Activity::default());
+        let began = tokio::time::Instant::now();
+        activity.idle_for(Duration::from_secs(60)).await;
+        let waited = began.elapsed();
+        assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(75), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_keeps_it_open() {
+        let activity = Arc::new(Activity::default());
+        activity.begin();
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(Duration::from_secs(60)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!idle.is_finished(), "a ten-minute download is not idleness");
+        activity.end();
+        let ended = tokio::time::Instant::now();
+        idle.await.expect("idle task");
+        assert!(ended.elapsed() >= Duration::from_secs(60) && ended.elapsed() <= Duration::from_secs(75));
+    }
+}
