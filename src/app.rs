@@ -178,7 +178,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         listeners.admin,
         None,
         ConnectionLimits {
-            header_read_timeout: Duration::from_secs(5),
+            header_read_timeout: config.server.header_read_timeout.min(Duration::from_secs(5)),
             idle_timeout: config.server.idle_timeout,
             max_connections: ADMIN_MAX_CONNECTIONS,
             max_head_bytes: 16 * 1024,

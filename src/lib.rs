@@ -7,17 +7,21 @@
 //!
 //! # The journey of one request
 //!
-//! 1. [`server`] accepts the connection (HTTP/1.1 or h2c, or TLS with the client
-//!    certificate's names from [`client_cert`]), enforces the header-read timeout;
-//!    tower-http marks the caller's credential headers sensitive and sets or keeps
-//!    its `X-Request-Id`. [`app`] loads the current config generation once: the
-//!    request finishes on it even if [`reload`] swaps another in.
-//! 2. [`proxy::Proxy::handle`] runs the pipeline:
-//!    - [`target::check`]: only `/api/*` leaves the proxy; `CONNECT`, foreign
-//!      absolute-form targets, dot segments and `/api/oauth` are refused;
+//! 1. [`server`] accepts the connection (HTTP/1.1 or h2c by its first bytes, or TLS
+//!    with the client certificate's names from [`client_cert`]) under its timers and
+//!    cap; tower-http marks the caller's credential headers sensitive. [`app`] loads
+//!    the current config generation once: the request finishes on it even if
+//!    [`reload`] swaps another in.
+//! 2. [`proxy::Proxy::handle`] gives the request its id ([`request_id`]) and runs
+//!    the pipeline:
+//!    - [`target::check`]: only `/api/*` leaves the proxy; `CONNECT`, `TRACE`,
+//!      foreign absolute-form targets, ambiguous decoded segments and `/api/oauth`
+//!      are refused; [`target::host`]: one plain `Host`; [`framing::check`]: no
+//!      length beside chunking, no codings but `chunked`;
 //!    - [`headers::check_limits`] and the declared body size: 431 / 413;
 //!    - [`identity`]: which `[[identities]]` rule the caller matches, or 401;
-//!    - [`policy`]: the identity's orgs, methods and paths on the decoded path, or 403;
+//!    - [`policy`]: the identity's orgs, methods and paths on the decoded path, a
+//!      `_method` override judged as the method it names ([`method_override`]), or 403;
 //!    - [`tokens::TokenStore::lease`]: the identity's token from one lock-free
 //!      `ArcSwap` snapshot, or 503 `token_unavailable`;
 //!    - [`upstream::Upstream::uri_for`] and [`headers::to_upstream`]: the configured
@@ -44,8 +48,8 @@
 //! - [`config`]: `proxy.toml` -> validated [`config::Config`] (errors name file, line, key)
 //! - [`app`]: wiring, used by the binary, the tests and the benches; [`reload`]: live reload
 //! - [`server`], [`client_cert`]: accept loop, TLS, graceful drain
-//! - [`proxy`], [`target`], [`headers`], [`identity`], [`policy`], [`upstream`], [`upload`],
-//!   [`access_log`]: the pipeline
+//! - [`proxy`], [`target`], [`framing`], [`headers`], [`request_id`], [`identity`],
+//!   [`policy`], [`method_override`], [`upstream`], [`upload`], [`access_log`]: the pipeline
 //! - [`rewrite`], [`dates`], [`links`]: body rewriting
 //! - [`tokens`]: the token store, its refresher, the token endpoint client and schedule
 //! - [`error`]: failures, classified, and their responses

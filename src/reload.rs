@@ -10,7 +10,7 @@
 //! ones are fetched before the new generation serves (for at most
 //! [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
 //! one keeps running. Settings of the listeners themselves need a restart and
-//! are reported so ([`restart_only_changes`]).
+//! are reported so.
 
 mod watch;
 

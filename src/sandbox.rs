@@ -265,6 +265,13 @@ impl Sandbox {
         self.shared.lock().tokens.set_personal_revoked(false);
     }
 
+    /// A rolling restart, as Tallyfy's load balancer shows it: the address stays
+    /// up, and every connection open now is closed after its next response
+    /// (`Connection: close`), so clients reconnect to the "new instance".
+    pub fn restart_connections(&self) {
+        self.shared.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Stops accepting and closes every connection.
     pub async fn shutdown(mut self) {
         self.task.abort();

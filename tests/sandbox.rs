@@ -858,3 +858,31 @@ async fn shutdown_stops_the_server() {
     env.sandbox.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "nothing listens any more");
 }
+
+#[tokio::test]
+async fn a_rolling_restart_closes_each_open_connection_after_its_next_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = start().await;
+    let mut stream = tokio::net::TcpStream::connect(env.sandbox.addr()).await.expect("connect");
+    let request = format!(
+        "GET /api/me HTTP/1.1\r\nHost: a\r\nX-Tallyfy-Client: APIClient\r\nAuthorization: Bearer {PERSONAL_TOKEN}\r\n\r\n"
+    );
+    let mut buf = vec![0u8; 16 * 1024];
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let n = stream.read(&mut buf).await.expect("read");
+    let first = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(first.starts_with("http/1.1 200") && !first.contains("connection: close"), "{first}");
+
+    env.sandbox.restart_connections();
+    stream.write_all(request.as_bytes()).await.expect("the connection is still open");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed after the response")
+        .expect("read");
+    let second = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+    assert!(second.starts_with("http/1.1 200") && second.contains("connection: close"), "{second}");
+    let fresh =
+        env.http.get(env.url("/api/me")).bearer_auth(PERSONAL_TOKEN).header("x-tallyfy-client", "APIClient");
+    assert_eq!(fresh.send().await.expect("new connections are served").status(), 200);
+}

@@ -3,8 +3,11 @@
 //! accept task drops the `JoinSet` and with it every connection.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use http::HeaderValue;
+use http::header::CONNECTION;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -68,7 +71,18 @@ async fn serve<S>(stream: S, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| router::handle(Arc::clone(&shared), request));
+    let born = shared.restarts.load(Ordering::Relaxed);
+    let service = service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut response = router::handle(Arc::clone(&shared), request).await?;
+            if shared.restarts.load(Ordering::Relaxed) != born {
+                // A rolling restart: this connection's instance is going away.
+                response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, router::Dropped>(response)
+        }
+    });
     if let Err(error) =
         auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await
     {

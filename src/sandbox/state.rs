@@ -26,6 +26,9 @@ pub(super) struct Settings {
 pub(super) struct Shared {
     pub settings: Settings,
     state: Mutex<State>,
+    /// Bumped by a rolling restart: connections accepted before it close after
+    /// their next response.
+    pub restarts: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -43,6 +46,7 @@ impl Shared {
                 log: Log::default(),
                 rate: RateWindow::default(),
             }),
+            restarts: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

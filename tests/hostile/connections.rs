@@ -1,0 +1,128 @@
+//! Connections that hold a socket without asking for anything.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{SERVER, exchange, read_until_closed, stack};
+use crate::support::{Stack, scrape};
+
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+pub const H2_PREFACE_AND_SETTINGS: &[u8] =
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test]
+async fn peers_that_send_nothing_or_stall_in_the_preface_are_cut_at_the_header_timeout() {
+    let stack = stack().await;
+    for start in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+        let began = Instant::now();
+        let answer = exchange(stack.proxy.proxy_addr(), start, Duration::from_secs(5)).await;
+        assert!(answer.closed, "{start:?}: still open after 5 s");
+        assert!(answer.bytes.is_empty(), "{start:?}: nothing to answer, {:?}", answer.text());
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_secs(3),
+            "{start:?}: closed after {took:?}"
+        );
+    }
+    assert!(stack.sandbox.received().is_empty(), "nothing reached Tallyfy");
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let stack = stack().await;
+    let began = Instant::now();
+    let answer = exchange(stack.proxy.proxy_addr(), H2_PREFACE_AND_SETTINGS, Duration::from_secs(5)).await;
+    assert!(answer.closed, "an h2 connection that never opens a stream is closed");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(550) && took < Duration::from_secs(3), "closed after {took:?}");
+    // Its last frame is a GOAWAY (type 7) with NO_ERROR: a graceful close.
+    assert!(
+        answer.bytes.windows(2).any(|w| w == [0x07, 0x00]),
+        "a GOAWAY frame was sent: {:?}",
+        answer.bytes
+    );
+    assert!(stack.sandbox.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_slowloris_head_is_cut_and_never_forwarded() {
+    let stack = stack().await;
+    let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n").await.expect("write");
+    let began = Instant::now();
+    let mut cut = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    let answer = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(cut || answer.closed, "the trickling head was cut");
+    assert!(began.elapsed() < Duration::from_secs(4));
+    assert!(stack.sandbox.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_kept_alive_http1_connection_does_not_stay_open_forever() {
+    let stack = stack().await;
+    let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+    let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(answer.text().starts_with("HTTP/1.1 200"), "{}", answer.text());
+    assert!(answer.closed, "closed once idle for the header read timeout");
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_closed_at_once_and_counted() {
+    let stack = Stack::start_with("", "[server]\nheader_read_timeout_ms = 5000\nmax_connections = 3\n").await;
+    let addr = stack.proxy.proxy_addr();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    // Let the accept loop take the three before the fourth arrives.
+    let admin = stack.proxy.admin_addr();
+    let open = r#"tallyfy_proxy_connections_open{listener="proxy"} 3"#;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !scrape(admin).await.contains(open) {
+        assert!(Instant::now() < deadline, "three connections open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let began = Instant::now();
+    let fourth = exchange(addr, b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(3)).await;
+    assert!(fourth.closed && fourth.bytes.is_empty(), "the fourth is closed unanswered: {:?}", fourth.text());
+    assert!(began.elapsed() < Duration::from_secs(1), "at once, not at a timeout");
+    let metrics = scrape(admin).await;
+    assert!(metrics.contains(r#"tallyfy_proxy_connections_refused_total{listener="proxy"} 1"#), "{metrics}");
+
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = exchange(
+            addr,
+            b"GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        if !answer.bytes.is_empty() {
+            assert_eq!(answer.status(), 200, "a freed place serves again");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the closed connection's place is freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_admin_listener_cuts_silent_peers_too() {
+    let stack = stack().await;
+    assert!(SERVER.contains("header_read_timeout_ms = 400"));
+    for start in [&b""[..], b"P"] {
+        let answer = exchange(stack.proxy.admin_addr(), start, Duration::from_secs(5)).await;
+        assert!(answer.closed && answer.bytes.is_empty(), "{start:?}");
+    }
+}

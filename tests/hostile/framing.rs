@@ -1,0 +1,116 @@
+//! Request smuggling: heads whose body framing two HTTP implementations could
+//! read differently, and malformed `Host`s.
+
+use std::time::Duration;
+
+use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+
+use super::{exchange, stack};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_refused_and_the_connection_closed() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    // Each carries a second, smuggled request after the chunked body's end.
+    let smuggled = "GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n";
+    for head in [
+        "POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+        "POST /api/me HTTP/1.1\r\nHost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n",
+    ] {
+        let request = format!("{head}0\r\n\r\n{smuggled}");
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 400, "{head:?}: {}", answer.text());
+        assert!(answer.text().contains("ambiguous_length"), "{}", answer.text());
+        assert!(answer.text().to_ascii_lowercase().contains("connection: close"), "{}", answer.text());
+        assert!(answer.closed, "the connection is closed after the refusal");
+        assert_eq!(answer.responses(), 1, "the smuggled request got no answer: {}", answer.text());
+    }
+    assert!(stack.sandbox.received().is_empty(), "nothing reached Tallyfy");
+}
+
+#[tokio::test]
+async fn transfer_codings_other_than_one_chunked_are_not_implemented() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    for codings in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: chunked, chunked\r\n",
+    ] {
+        let request = format!("POST /api/me HTTP/1.1\r\nHost: a\r\n{codings}\r\n0\r\n\r\n");
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 501, "{codings:?}: {}", answer.text());
+        assert!(answer.text().contains("unsupported_transfer_encoding"));
+    }
+    // Codings that do not end in chunked cannot be framed at all: hyper refuses them.
+    for codings in ["Transfer-Encoding: gzip\r\n", "Transfer-Encoding: identity\r\n"] {
+        let request = format!("POST /api/me HTTP/1.1\r\nHost: a\r\n{codings}\r\nabc");
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 400, "{codings:?}: {}", answer.text());
+    }
+    assert!(stack.sandbox.received().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_lengths_and_header_syntax_are_refused_by_the_parser() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    for (what, head) in [
+        ("two lengths", "Content-Length: 5\r\nContent-Length: 6\r\n"),
+        ("a list of lengths", "Content-Length: 5, 6\r\n"),
+        ("a negative length", "Content-Length: -1\r\n"),
+        ("2^64", "Content-Length: 18446744073709551616\r\n"),
+        ("a hex length", "Content-Length: 0x5\r\n"),
+        ("obs-fold", "X-Folded: a\r\n  b\r\nContent-Length: 0\r\n"),
+        ("a bare CR", "X-Cr: a\rb\r\nContent-Length: 0\r\n"),
+        ("a NUL", "X-Nul: a\0b\r\nContent-Length: 0\r\n"),
+        ("a space before the colon", "Content-Length : 5\r\n"),
+        ("HTTP/1.0 chunked", "__1.0__Transfer-Encoding: chunked\r\n"),
+    ] {
+        let (version, head) = match head.strip_prefix("__1.0__") {
+            Some(rest) => ("HTTP/1.0", rest),
+            None => ("HTTP/1.1", head),
+        };
+        let request = format!("POST /api/me {version}\r\nHost: a\r\n{head}\r\nhello");
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 400, "{what}: {}", answer.text());
+    }
+    assert!(stack.sandbox.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_chunk_size_overflow_is_a_refused_body() {
+    let stack = stack().await;
+    let request = format!(
+        "POST /api/organizations/{ORG_ID}/file HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFF\r\nabc\r\n0\r\n\r\n"
+    );
+    let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+    assert_eq!(answer.status(), 400, "{}", answer.text());
+    assert!(stack.sandbox.received().is_empty(), "{:?}", stack.sandbox.received());
+}
+
+#[tokio::test]
+async fn host_must_be_one_plain_host_and_port() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    for (what, hosts) in [
+        ("no Host", ""),
+        ("two Hosts", "Host: a\r\nHost: b\r\n"),
+        ("user info", "Host: user:pw@a\r\n"),
+        ("a path", "Host: a/evil\r\n"),
+        ("a space", "Host: a b\r\n"),
+        ("a bad port", "Host: a:99999\r\n"),
+        ("a query", "Host: a?x=1\r\n"),
+    ] {
+        let request = format!("GET /api/me HTTP/1.1\r\n{hosts}Connection: close\r\n\r\n");
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 400, "{what}: {}", answer.text());
+    }
+    let old = exchange(addr, b"GET /api/me HTTP/1.0\r\n\r\n", WAIT).await;
+    assert_eq!(old.status(), 200, "HTTP/1.0 may omit Host: {}", old.text());
+    assert_eq!(stack.sandbox.received().len(), 1, "only the HTTP/1.0 request was forwarded");
+}

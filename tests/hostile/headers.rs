@@ -1,0 +1,70 @@
+//! Caller headers that would make claims to Tallyfy's stack, and log forging.
+
+use std::time::Duration;
+
+use super::{access_line, access_log, exchange, stack};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn forwarding_claims_and_underscore_aliases_never_reach_tallyfy() {
+    let stack = stack().await;
+    let request = "GET /api/me HTTP/1.1\r\nHost: a\r\n\
+        X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n\
+        X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nForwarded: for=10.9.9.9;host=evil.example\r\n\
+        X-Real-IP: 10.9.9.9\r\nX-Original-URL: /api/oauth/token\r\nX-Rewrite-URL: /api/oauth/token\r\n\
+        X_Api_Key: stolen\r\nX_Tallyfy_Client: Spoofed\r\nAuthorization_Override: Bearer x\r\n\
+        X-Upstream-Request-Id: forged\r\nX-Kept: yes\r\nConnection: close\r\n\r\n";
+    let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text());
+    let received = stack.sandbox.received();
+    let upstream = &received.last().expect("forwarded").headers;
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "forwarded",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x_api_key",
+        "x_tallyfy_client",
+        "authorization_override",
+        "x-upstream-request-id",
+    ] {
+        assert!(!upstream.contains_key(name), "{name} reached Tallyfy");
+    }
+    assert_eq!(upstream["x-kept"], "yes");
+    assert_eq!(upstream["x-tallyfy-client"], "APIClient");
+    assert_eq!(upstream.get_all("x-tallyfy-client").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn no_field_of_the_access_line_can_be_forged() {
+    let _capture = access_log();
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    // An id that is a plain token is kept, and written quoted.
+    let answer = exchange(addr, b"GET /api/me HTTP/1.1\r\nHost: a\r\nX-Request-Id: r1,status=599,identity=idB\r\nConnection: close\r\n\r\n", WAIT).await;
+    assert_eq!(answer.status(), 200);
+    let line = access_line("r1,status=599").await;
+    assert!(line.contains(r#"request_id="r1,status=599,identity=idB""#), "{line}");
+    assert_eq!(line.matches(" status=").count(), 1, "{line}");
+    assert!(line.contains(" status=200"), "{line}");
+
+    // One with a quote cannot be quoted safely everywhere: it is replaced.
+    let answer = exchange(
+        addr,
+        b"GET /api/me HTTP/1.1\r\nHost: a\r\nX-Request-Id: x\" identity=idB status=200\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let text = answer.text();
+    let id = text.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("an id came back").to_owned();
+    assert!(!id.contains('"'), "a made id replaced the forged one: {id}");
+    let line = access_line(&id).await;
+    assert!(!line.contains("idB"), "{line}");
+    assert_eq!(line.matches(" identity=").count(), 1, "{line}");
+}

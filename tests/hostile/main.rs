@@ -1,0 +1,160 @@
+//! The hostile suite: every probe of the hardening review, as the exact bytes an
+//! attacker sends, against the proxy with a recording upstream on loopback. Each
+//! test asserts what the caller got and what (usually nothing) reached Tallyfy.
+//!
+//! - `connections`: silent peers, stalled prefaces, idle HTTP/2, slowloris, caps
+//! - `paths`: encoded slashes, traversal, OAuth in any spelling, case, target forms
+//! - `overrides`: method-override headers, `_method` in query, form, JSON, multipart
+//! - `framing`: request smuggling variants, `Transfer-Encoding`, `Host`
+//! - `responses`: Tallyfy's `Content-Length` + `Transfer-Encoding`, 101, request ids
+//! - `headers`: forwarding claims and underscore aliases, the access log
+//! - `http2`: rapid reset and CONTINUATION floods, bounded
+//! - `reloads`: unrelated files, bursts, and dead tokens while reloading
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod connections;
+mod framing;
+mod headers;
+mod http2;
+mod overrides;
+mod paths;
+mod reloads;
+mod responses;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::{Stack, parse_config, proxy_toml, start_proxy, start_sandbox};
+use tallyfy_proxy::app::Running;
+use tallyfy_proxy::identity::sha256;
+use tallyfy_proxy::sandbox::Sandbox;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Short timers, so silent peers are cut quickly.
+const SERVER: &str = "[server]\nheader_read_timeout_ms = 400\nidle_timeout_ms = 600\n";
+
+/// The sandbox and a proxy with an `any` identity and [`SERVER`]'s timers.
+async fn stack() -> Stack {
+    Stack::start_with("", SERVER).await
+}
+
+/// The sandbox and a proxy whose identities are `identities` (a personal-token
+/// credential `ops` exists), plus `extra` config.
+async fn stack_with_identities(identities: &str, extra: &str) -> (Sandbox, Running, tempfile::TempDir) {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let body = format!(
+        "{SERVER}{extra}\n[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"{}\" }}\n{identities}",
+        support::TOKEN_ENV
+    );
+    let proxy = start_proxy(&parse_config(&proxy_toml(&sandbox.base_url(), &body), dir.path())).await;
+    (sandbox, proxy, dir)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An identity matched by API key `key`, mapped to `ops`, with `policy` lines.
+fn keyed_identity(name: &str, key: &str, policy: &str) -> String {
+    format!(
+        "\n[[identities]]\nname = \"{name}\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n{policy}\n",
+        hex(&sha256(key.as_bytes()))
+    )
+}
+
+/// What came back on a raw connection.
+#[derive(Debug)]
+struct Exchange {
+    bytes: Vec<u8>,
+    /// The proxy closed the connection (EOF or reset) within the wait.
+    closed: bool,
+}
+
+impl Exchange {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+
+    /// The status of the first response.
+    fn status(&self) -> u16 {
+        let text = self.text();
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status: {text:?}"))
+    }
+
+    /// How many responses came back.
+    fn responses(&self) -> usize {
+        self.text().matches("HTTP/1.1 ").count()
+    }
+}
+
+/// Writes `bytes`, then reads until the proxy closes or `wait` passes.
+async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Exchange {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    read_until_closed(&mut stream, wait).await
+}
+
+/// Reads until EOF, a reset, or `wait` passes.
+async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Exchange {
+    let mut bytes = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut buf = [0u8; 8192];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Exchange { bytes, closed: true },
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            Err(_) => return Exchange { bytes, closed: false },
+        }
+    }
+}
+
+/// The access lines every test in this binary writes, captured in memory (the
+/// subscriber is global: one per process).
+fn access_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static CAPTURED: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = captured.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("tallyfy_proxy::access=info")
+            .with_writer(move || Captured(sink.clone()))
+            .with_ansi(false)
+            .try_init();
+        captured
+    })
+}
+
+/// The captured access line holding `needle`, waiting briefly for it (lines are
+/// written when the response body ends).
+async fn access_line(needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = String::from_utf8_lossy(&access_log().lock().expect("not poisoned")).into_owned();
+        if let Some(line) = text.lines().find(|line| line.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no access line holds {needle:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("not poisoned").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! A `methods` policy judged by the method Tallyfy (Laravel) will act on.
+
+use std::time::Duration;
+
+use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+
+use super::{exchange, keyed_identity, stack, stack_with_identities};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// `narrow` (key `k`) may GET and POST; `editor` (key `e`) may PUT too.
+fn identities() -> String {
+    [
+        keyed_identity("narrow", "k", "methods = [\"GET\", \"POST\"]"),
+        keyed_identity("editor", "e", "methods = [\"GET\", \"POST\", \"PUT\"]"),
+    ]
+    .concat()
+}
+
+fn post(target: &str, key: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut bytes = format!(
+        "POST {target} HTTP/1.1\r\nHost: a\r\nX-Api-Key: {key}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+#[tokio::test]
+async fn override_headers_are_stripped_for_every_identity() {
+    let stack = stack().await;
+    let body = r#"{"title":"t"}"#;
+    let request = format!(
+        "POST /api/organizations/{ORG_ID}/tasks HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+         X-HTTP-Method-Override: DELETE\r\nX-HTTP-Method: DELETE\r\nX-Method-Override: DELETE\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+    assert!(answer.status() < 500, "{}", answer.text());
+    let received = stack.sandbox.received();
+    let upstream = received.last().expect("forwarded");
+    assert_eq!(upstream.method, http::Method::POST);
+    for name in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        assert!(!upstream.headers.contains_key(name), "{name} reached Tallyfy");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_method_in_query_form_or_json_is_refused_and_never_sent() {
+    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let addr = proxy.proxy_addr();
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+    let form = "application/x-www-form-urlencoded";
+    let cases: Vec<(String, &str, Vec<u8>)> = vec![
+        (format!("{tasks}?_method=DELETE"), "application/json", br#"{"title":"t"}"#.to_vec()),
+        (format!("{tasks}?%5Fmethod=delete"), "application/json", br#"{"title":"t"}"#.to_vec()),
+        (tasks.clone(), form, b"title=t&_method=DELETE".to_vec()),
+        (tasks.clone(), form, b"%5Fmethod=DELETE".to_vec()),
+        (tasks.clone(), form, b".method=delete".to_vec()),
+        (tasks.clone(), form, b"+.method=PATCH".to_vec()),
+        (tasks.clone(), "application/json", br#"{"title":"t","_method":"DELETE"}"#.to_vec()),
+        (tasks.clone(), "application/json", br#"{"\u005fmethod":"delete"}"#.to_vec()),
+        (tasks.clone(), "text/json; charset=utf-8", br#"{"_method":"PATCH"}"#.to_vec()),
+    ];
+    for (target, content_type, body) in &cases {
+        let answer = exchange(addr, &post(target, "k", content_type, body), WAIT).await;
+        assert_eq!(answer.status(), 403, "{target} {}: {}", String::from_utf8_lossy(body), answer.text());
+    }
+    assert!(sandbox.received().is_empty(), "nothing reached Tallyfy");
+}
+
+#[tokio::test]
+async fn an_override_that_cannot_be_read_is_refused() {
+    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let addr = proxy.proxy_addr();
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+    let form = "application/x-www-form-urlencoded";
+    for (content_type, body) in [
+        (form, &b"_method[]=DELETE"[..]),
+        (form, b"_method=DEL%20ETE"),
+        (form, b"_method="),
+        ("application/json", br#"{"_method":5}"#),
+        ("application/json", br#"{"_method":"DELETE""#),
+    ] {
+        let answer = exchange(addr, &post(&tasks, "k", content_type, body), WAIT).await;
+        assert_eq!(answer.status(), 400, "{}: {}", String::from_utf8_lossy(body), answer.text());
+        assert!(answer.text().contains("method_override_unreadable"), "{}", answer.text());
+    }
+    assert!(sandbox.received().is_empty());
+}
+
+#[tokio::test]
+async fn allowed_overrides_and_plain_posts_are_forwarded_untouched() {
+    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let addr = proxy.proxy_addr();
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+    let answer =
+        exchange(addr, &post(&tasks, "e", "application/x-www-form-urlencoded", b"title=t&_method=PUT"), WAIT)
+            .await;
+    assert_ne!(answer.status(), 403, "editor may PUT: {}", answer.text());
+    let plain = br#"{"title":"Prepare Q3 report","task_type":"task"}"#;
+    let answer = exchange(addr, &post(&tasks, "k", "application/json", plain), WAIT).await;
+    assert!(![400, 403].contains(&answer.status()) && answer.status() < 500, "forwarded: {}", answer.text());
+    let received = sandbox.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(&received[0].body[..], b"title=t&_method=PUT");
+    assert_eq!(&received[1].body[..], plain, "byte for byte");
+}
+
+fn multipart(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"--XyZ\r\nContent-Disposition: form-data; name=\"name\"; filename=\"a.txt\"\r\n\r\nhello\r\n--XyZ--\r\n");
+    body
+}
+
+#[tokio::test]
+async fn a_multipart_override_is_judged_as_the_upload_streams() {
+    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let addr = proxy.proxy_addr();
+    let file = format!("/api/organizations/{ORG_ID}/file");
+    let content_type = "multipart/form-data; boundary=XyZ";
+
+    let refused = multipart(&[("subject_type", "Run"), ("_method", "DELETE")]);
+    let answer = exchange(addr, &post(&file, "k", content_type, &refused), WAIT).await;
+    assert_eq!(answer.status(), 403, "{}", answer.text());
+    for upstream in sandbox.received() {
+        let seen = String::from_utf8_lossy(&upstream.body);
+        assert!(
+            !seen.contains("_method") && !seen.contains("DELETE"),
+            "the override part never left: {seen:?}"
+        );
+        assert!(upstream.body_len < refused.len() as u64, "Tallyfy never had the complete request");
+    }
+
+    let allowed = multipart(&[("subject_type", "Run"), ("_method", "POST")]);
+    let answer = exchange(addr, &post(&file, "k", content_type, &allowed), WAIT).await;
+    assert_eq!(answer.status(), 201, "{}", answer.text());
+    let last = sandbox.received().pop().expect("forwarded");
+    assert_eq!(last.body_len, allowed.len() as u64);
+    assert_eq!(&last.body[..], &allowed[..], "byte for byte");
+}

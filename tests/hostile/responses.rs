@@ -1,0 +1,134 @@
+//! What a broken or hostile upstream answer must not do to the caller's connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::{SERVER, access_line, access_log, exchange};
+use crate::support::{config_text, parse_config, start_proxy};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A raw upstream: reads each request head, records it, answers `response`
+/// verbatim and closes.
+struct Recorder {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    async fn start(response: &'static [u8]) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    recorded.lock().expect("not poisoned").push(String::from_utf8_lossy(&head).into_owned());
+                    let _ = stream.write_all(response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Recorder { addr, heads }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("not poisoned").clone()
+    }
+}
+
+async fn proxy_to(recorder: &Recorder) -> (tallyfy_proxy::app::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = parse_config(&config_text(&format!("http://{}", recorder.addr), "", SERVER), dir.path());
+    (start_proxy(&config).await, dir)
+}
+
+#[tokio::test]
+async fn a_response_with_both_length_and_chunking_is_502_never_a_second_response() {
+    // `Content-Length: 2` would end the body after `{}`; the rest, an injected
+    // response, would reach a keep-alive caller as the answer to its next request.
+    const SPLIT: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\
+        Transfer-Encoding: chunked\r\n\r\n4a\r\n{}HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 8\r\n\r\ninjected\r\n0\r\n\r\n";
+    for content_type in ["application/json", "application/octet-stream"] {
+        let recorder = Recorder::start(SPLIT).await;
+        let (proxy, _dir) = proxy_to(&recorder).await;
+        let request = format!(
+            "GET /api/me HTTP/1.1\r\nHost: a\r\nAccept: {content_type}\r\n\r\nGET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        let answer = exchange(proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 502, "{}", answer.text());
+        assert!(answer.text().contains("upstream_error"), "{}", answer.text());
+        assert!(
+            !answer.text().contains("injected"),
+            "no injected response reached the caller: {}",
+            answer.text()
+        );
+        assert_eq!(answer.text().matches("HTTP/1.1 200").count(), 0, "{}", answer.text());
+    }
+}
+
+#[tokio::test]
+async fn switching_protocols_is_not_tunnelled() {
+    const UPGRADE: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw bytes";
+    let recorder = Recorder::start(UPGRADE).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let answer = exchange(
+        proxy.proxy_addr(),
+        b"GET /api/me HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    assert_eq!(answer.status(), 502, "{}", answer.text());
+    assert!(!answer.text().contains("raw bytes"));
+    let head = recorder.heads().pop().expect("forwarded");
+    assert!(!head.to_ascii_lowercase().contains("upgrade"), "the caller's Upgrade is hop-by-hop: {head}");
+}
+
+#[tokio::test]
+async fn the_caller_gets_the_proxys_request_id_and_tallyfys_under_its_own_name() {
+    let _capture = access_log();
+    const WITH_ID: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id: tallyfy-7f3a\r\n\
+        Content-Length: 2\r\nConnection: close\r\n\r\n{}";
+    let recorder = Recorder::start(WITH_ID).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let answer = exchange(
+        proxy.proxy_addr(),
+        b"GET /api/me HTTP/1.1\r\nHost: a\r\nX-Request-Id: legacy-777\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let text = answer.text().to_ascii_lowercase();
+    assert!(text.contains("x-request-id: legacy-777\r\n"), "{text}");
+    assert!(text.contains("x-upstream-request-id: tallyfy-7f3a\r\n"), "{text}");
+    assert_eq!(text.matches("x-request-id:").count(), 1, "one id, the proxy's: {text}");
+    let head = recorder.heads().pop().expect("forwarded").to_ascii_lowercase();
+    assert!(head.contains("x-request-id: legacy-777\r\n"), "the same id went upstream: {head}");
+    let line = access_line("legacy-777").await;
+    assert!(line.contains(r#"upstream_request_id="tallyfy-7f3a""#), "{line}");
+
+    // A generated id is the same in all three places too.
+    let answer =
+        exchange(proxy.proxy_addr(), b"GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", WAIT)
+            .await;
+    let text = answer.text();
+    let id = text.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("an id came back").to_owned();
+    let head = recorder.heads().pop().expect("forwarded");
+    assert!(head.contains(&format!("x-request-id: {id}\r\n")), "{head}");
+    access_line(&format!("request_id=\"{id}\"")).await;
+}
