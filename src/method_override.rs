@@ -32,13 +32,16 @@ const PARAM: &[u8] = b"_method";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unreadable(pub &'static str);
 
-/// How PHP will read a request body's parameters.
+/// How PHP and Laravel will read a request body's parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyKind {
     /// Laravel's `isJson()`: the content type holds `/json` or `+json`.
     Json,
     /// `application/x-www-form-urlencoded`.
     Form,
+    /// A form whose content type also says JSON: PHP fills `$_POST`, Laravel
+    /// reads JSON; both readings are judged.
+    FormOrJson,
     /// `multipart/form-data` with its boundary as PHP finds it (`None`: no boundary).
     Multipart(Option<Vec<u8>>),
     /// PHP builds no parameters from it.
@@ -46,22 +49,29 @@ pub enum BodyKind {
 }
 
 /// The kind of `headers`' body, in PHP's terms: the content type's essence is
-/// lower-cased and ends at `;`, `,` or a space.
-pub fn body_kind(headers: &HeaderMap) -> BodyKind {
-    let Some(value) = headers.get(http::header::CONTENT_TYPE).map(|v| v.as_bytes()) else {
-        return BodyKind::Opaque;
+/// lower-cased and ends at `;`, `,` or a space. Two `Content-Type` headers, or a
+/// multipart one that also says JSON, cannot be judged.
+pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, Unreadable> {
+    let mut values = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let Some(value) = values.next().map(|v| v.as_bytes()) else {
+        return Ok(BodyKind::Opaque);
     };
+    if values.next().is_some() {
+        return Err(Unreadable("a body with two Content-Type headers cannot be judged"));
+    }
     let essence_end = value.iter().position(|b| b";, ".contains(b)).unwrap_or(value.len());
     let essence = value[..essence_end].to_ascii_lowercase();
-    if essence == b"multipart/form-data" {
-        BodyKind::Multipart(multipart::boundary(value))
-    } else if essence == b"application/x-www-form-urlencoded" {
-        BodyKind::Form
-    } else if memmem::find(value, b"/json").is_some() || memmem::find(value, b"+json").is_some() {
-        BodyKind::Json
-    } else {
-        BodyKind::Opaque
-    }
+    let json = memmem::find(value, b"/json").is_some() || memmem::find(value, b"+json").is_some();
+    Ok(match (essence.as_slice(), json) {
+        (b"multipart/form-data", false) => BodyKind::Multipart(multipart::boundary(value)),
+        (b"multipart/form-data", true) => {
+            return Err(Unreadable("a multipart body whose content type also says JSON cannot be judged"));
+        }
+        (b"application/x-www-form-urlencoded", false) => BodyKind::Form,
+        (b"application/x-www-form-urlencoded", true) => BodyKind::FormOrJson,
+        (_, true) => BodyKind::Json,
+        (_, false) => BodyKind::Opaque,
+    })
 }
 
 /// The method an override value names, as Symfony reads it: upper-cased, ASCII
@@ -257,7 +267,7 @@ mod tests {
         let kind = |ct: &'static str| {
             let mut h = HeaderMap::new();
             h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
-            body_kind(&h)
+            body_kind(&h).expect("readable")
         };
         assert_eq!(kind("application/json"), BodyKind::Json);
         assert_eq!(kind("text/json; charset=utf-8"), BodyKind::Json);
@@ -265,5 +275,16 @@ mod tests {
         assert_eq!(kind("Application/X-WWW-Form-Urlencoded ; charset=utf-8"), BodyKind::Form);
         assert_eq!(kind("multipart/form-data; boundary=abc"), BodyKind::Multipart(Some(b"abc".to_vec())));
         assert_eq!(kind("text/plain"), BodyKind::Opaque);
+        assert_eq!(kind("application/x-www-form-urlencoded; x=/json"), BodyKind::FormOrJson);
+        let mut two = HeaderMap::new();
+        two.append(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        two.append(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+        assert!(body_kind(&two).is_err(), "two Content-Types");
+        let mut mixed = HeaderMap::new();
+        mixed.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("multipart/form-data; boundary=x/json"),
+        );
+        assert!(body_kind(&mixed).is_err(), "multipart that says JSON");
     }
 }

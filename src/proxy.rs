@@ -228,8 +228,10 @@ impl Proxy {
     /// path measured by the benches.
     pub fn prepare(&self, head: &mut Parts, connection: &ConnectionInfo) -> Result<Prepared<'_>, ProxyError> {
         let shared = &*self.shared;
-        target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
+        // Framing first: a request whose length is ambiguous is refused (and its
+        // connection closed) whatever else is wrong with it.
         framing::check(head)?;
+        target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
         let host = target::host(head.version, &head.uri, &head.headers)?;
         let public_base = self.public_base(host);
         headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;

@@ -174,6 +174,9 @@ impl Reloader {
                 return;
             }
         };
+        // Watching the new config's files starts now, with their contents as just
+        // read: an edit made while the new credentials are fetched is a change.
+        let watcher = watch::Watcher::start(&new, self.trigger.clone());
         let prepared = match prepare(&new) {
             Ok(prepared) => prepared,
             Err(error) => {
@@ -216,7 +219,7 @@ impl Reloader {
         }
         self.current.store(Arc::new(proxy));
         self.swapped.send_modify(|generation| *generation += 1);
-        self.watcher = watch::Watcher::start(&new, self.trigger.clone());
+        self.watcher = watcher;
         self.config = new;
         outcome(&self.metrics, "applied");
         tracing::info!("config reloaded");

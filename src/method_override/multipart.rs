@@ -1,19 +1,27 @@
 //! `_method` in a `multipart/form-data` body, found while the body streams.
 //!
 //! Multipart bodies are uploads (up to 100 MB) and are never buffered whole. The
-//! [`Screen`] watches the stream the way PHP's multipart parser reads it: a part
-//! starts at a line that is exactly `--boundary`, its headers end at an empty
-//! line, and a field's value ends at the next `\n--boundary`. Bytes that cannot
-//! belong to a part's headers pass at once. A part's headers are held back until
-//! they are complete; when they name a field PHP registers as `_method`, its
-//! value is held too and judged: an allowed method releases it, anything else
-//! ends the body with [`Refused`], so the upload is cut before Tallyfy ever has
-//! a complete request (and never sees the `_method` field at all).
+//! [`Screen`] watches the stream the way PHP's multipart parser (`rfc1867.c`)
+//! reads it, erring on the side of holding back:
+//! - a part may start at any `--boundary` whose line ends there (CR LF, LF, or a
+//!   NUL, since PHP compares C strings), wherever it stands: PHP also starts
+//!   lines in the middle of very long ones;
+//! - its header lines end at an empty line or one starting with NUL; a line
+//!   starting with white space or without a colon continues the previous header;
+//!   lines longer than PHP's 5 KiB line buffer are refused, not guessed at;
+//! - if any `Content-Disposition` has any `name` PHP registers as `_method`, the
+//!   field's value (up to the next `\n--boundary`) is held and judged.
+//!
+//! Bytes that cannot belong to a part's headers pass at once; a part's headers
+//! are held until complete. An allowed method releases the held bytes; anything
+//! else ends the body with [`Refused`], so the upload is cut before Tallyfy ever
+//! has a complete request, and never sees the `_method` field at all. Each byte
+//! is searched once, whatever the size of the pieces the body arrives in.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::Method;
 use http_body::{Body, Frame, SizeHint};
 use memchr::memmem;
@@ -22,7 +30,7 @@ use pin_project_lite::pin_project;
 use super::{PARAM, Unreadable, parse_method, php_name};
 use crate::server::BoxError;
 
-/// Part headers longer than this are not read: the body is refused.
+/// A part's header block longer than this is not read: the body is refused.
 const MAX_PART_HEADERS: usize = 8 * 1024;
 /// A `_method` value longer than this is not a method.
 const MAX_VALUE: usize = 64;
@@ -52,39 +60,43 @@ pub enum Refused {
     Unreadable(Unreadable),
 }
 
-/// What the screen is waiting for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// PHP reads multipart lines into a buffer of this size and hands a longer one
+/// back in pieces; the screen refuses such lines rather than guess the pieces.
+const PHP_LINE: usize = 5 * 1024;
+
+/// What the screen is waiting for. Offsets index `held`.
+#[derive(Debug, Clone)]
 enum State {
-    /// A delimiter (`\n--boundary`).
-    Delimiter,
-    /// The end of the headers of a part whose delimiter starts `held`.
-    Headers,
-    /// The end of a `_method` value that starts at this offset of `held`.
-    Value(usize),
+    /// A `--boundary` at or after `from`.
+    Seeking { from: usize },
+    /// The end of the line of the `--boundary` at `at`: a part starts there if
+    /// the line is exactly `--boundary` (PHP compares C strings: a NUL ends it).
+    Boundary { at: usize },
+    /// The header lines of the part whose boundary is at `at`; the next line
+    /// starts at `line`.
+    Headers { at: usize, line: usize, headers: PartHeaders },
+    /// The value of a `_method` part (boundary at `at`), which starts at `value`.
+    Value { at: usize, value: usize },
 }
 
 /// The streaming check of one multipart body.
 #[derive(Debug)]
 pub struct Screen {
-    /// `\n--boundary`: what starts a part's line.
-    delimiter: Vec<u8>,
+    /// `--boundary`: how a part's line starts.
+    dash_boundary: Vec<u8>,
+    /// `\n--boundary`: what ends a field's value.
+    value_end: Vec<u8>,
     allowed: Vec<Method>,
-    /// Bytes not yet released. It starts with a virtual `\n`, so a body that
-    /// begins with `--boundary` is a delimiter too (never released).
+    /// Bytes not yet released.
     held: BytesMut,
-    /// `held[..released]` may go; the screen decided about them.
     state: State,
-    /// Leading bytes of `held` that are not part of the body (the virtual `\n`).
-    virtual_prefix: usize,
 }
 
 impl Screen {
     pub fn new(boundary: &[u8], allowed: Vec<Method>) -> Screen {
-        let mut delimiter = b"\n--".to_vec();
-        delimiter.extend_from_slice(boundary);
-        let mut held = BytesMut::new();
-        held.extend_from_slice(b"\n");
-        Screen { delimiter, allowed, held, state: State::Delimiter, virtual_prefix: 1 }
+        let dash_boundary = [b"--", boundary].concat();
+        let value_end = [b"\n", dash_boundary.as_slice()].concat();
+        Screen { dash_boundary, value_end, allowed, held: BytesMut::new(), state: State::Seeking { from: 0 } }
     }
 
     /// Takes `data` in; returns what may be sent now.
@@ -99,139 +111,198 @@ impl Screen {
     }
 
     fn advance(&mut self, end: bool) -> Result<Bytes, Refused> {
-        let mut release = 0;
         loop {
-            match self.state {
-                State::Delimiter => match memmem::find(&self.held[release..], &self.delimiter) {
-                    Some(at) => {
-                        release += at;
-                        self.state = State::Headers;
-                    }
+            let next = match &mut self.state {
+                State::Seeking { from } => match memmem::find(&self.held[*from..], &self.dash_boundary) {
+                    Some(found) => State::Boundary { at: *from + found },
                     None => {
-                        // Keep what could be the start of a delimiter.
-                        let keep = if end { 0 } else { self.delimiter.len() - 1 };
-                        release = release.max(self.held.len().saturating_sub(keep));
+                        // Keep what could be the start of a boundary.
+                        let keep = if end { 0 } else { self.dash_boundary.len() - 1 };
+                        *from = (*from).max(self.held.len().saturating_sub(keep));
                         break;
                     }
                 },
-                State::Headers => {
-                    let part = &self.held[release..];
-                    match part_line(&part[self.delimiter.len()..]) {
-                        None if end => {
-                            release = self.held.len(); // an unfinished line: no part
-                            break;
+                State::Boundary { at } => {
+                    let at = *at;
+                    let rest = &self.held[at + self.dash_boundary.len()..];
+                    match boundary_line(rest) {
+                        Line::Incomplete if end => State::Seeking { from: self.held.len() },
+                        Line::Incomplete if rest.len() > PHP_LINE => {
+                            return Err(unreadable("a multipart boundary line is too long"));
                         }
-                        None => break,
-                        Some(false) => {
-                            release += 1; // not a part; look for the next delimiter after this one
-                            self.state = State::Delimiter;
+                        Line::Incomplete => break,
+                        Line::Other => State::Seeking { from: at + 1 },
+                        Line::Boundary(len) => State::Headers {
+                            at,
+                            line: at + self.dash_boundary.len() + len,
+                            headers: PartHeaders::default(),
+                        },
+                    }
+                }
+                State::Headers { at, line, headers } => {
+                    let Some(newline) = memchr::memchr(b'\n', &self.held[*line..]) else {
+                        if end {
+                            // An unfinished part: PHP registers nothing.
+                            self.state = State::Seeking { from: self.held.len() };
                             continue;
                         }
-                        Some(true) => {}
-                    }
-                    let Some(headers_end) = headers_end(part, self.delimiter.len()) else {
-                        if end {
-                            release = self.held.len(); // an unfinished part: PHP registers nothing
-                        } else if part.len() > MAX_PART_HEADERS {
-                            return Err(Refused::Unreadable(Unreadable(
-                                "multipart part headers too long to read",
-                            )));
+                        if self.held.len() - *line > PHP_LINE {
+                            return Err(unreadable("a multipart header line is too long"));
                         }
                         break;
                     };
-                    if names_override(&part[..headers_end], self.delimiter.len()) {
-                        self.state = State::Value(release + headers_end);
+                    if *line + newline - *at > MAX_PART_HEADERS {
+                        return Err(unreadable("multipart part headers too long to read"));
+                    }
+                    if newline > PHP_LINE {
+                        return Err(unreadable("a multipart header line is too long"));
+                    }
+                    let raw = &self.held[*line..*line + newline];
+                    let text = raw.strip_suffix(b"\r").unwrap_or(raw);
+                    let text = text.split(|&b| b == 0).next().unwrap_or_default();
+                    let after = *line + newline + 1;
+                    if !text.is_empty() && !raw.starts_with(b"\0") {
+                        headers.add_line(text);
+                        *line = after;
+                        continue;
+                    }
+                    // The header block ends at an empty line, or one starting with NUL.
+                    if headers.names_override() {
+                        State::Value { at: *at, value: after }
                     } else {
-                        release += headers_end;
-                        self.state = State::Delimiter;
+                        State::Seeking { from: after }
                     }
                 }
-                State::Value(start) => {
-                    let value_area = &self.held[start..];
-                    let value = match memmem::find(value_area, &self.delimiter) {
-                        Some(at) => &value_area[..at],
-                        None if end => value_area,
-                        None if value_area.len() > MAX_VALUE + self.delimiter.len() => {
-                            return Err(Refused::Unreadable(Unreadable(
-                                "a _method override must name a method",
-                            )));
+                State::Value { value, .. } => {
+                    let area = &self.held[*value..];
+                    let field = match memmem::find(area, &self.value_end) {
+                        Some(len) => &area[..len],
+                        None if end => area,
+                        None if area.len() > MAX_VALUE + self.value_end.len() => {
+                            return Err(unreadable("a _method override must name a method"));
                         }
                         None => break,
                     };
-                    let value = value.strip_suffix(b"\r").unwrap_or(value);
-                    let method = parse_method(value).map_err(Refused::Unreadable)?;
+                    let field = field.strip_suffix(b"\r").unwrap_or(field);
+                    let method = parse_method(field).map_err(Refused::Unreadable)?;
                     if !self.allowed.contains(&method) {
                         return Err(Refused::Method(method));
                     }
-                    release = start + value.len();
-                    self.state = State::Delimiter;
+                    State::Seeking { from: *value + field.len() }
+                }
+            };
+            self.state = next;
+        }
+        Ok(self.release())
+    }
+
+    /// Lets go of every byte before the earliest one still needed.
+    fn release(&mut self) -> Bytes {
+        let keep_from = match &self.state {
+            State::Seeking { from } => *from,
+            State::Boundary { at } | State::Headers { at, .. } | State::Value { at, .. } => *at,
+        };
+        match &mut self.state {
+            State::Seeking { from } => *from -= keep_from,
+            State::Boundary { at } => *at -= keep_from,
+            State::Headers { at, line, .. } => {
+                *at -= keep_from;
+                *line -= keep_from;
+            }
+            State::Value { at, value } => {
+                *at -= keep_from;
+                *value -= keep_from;
+            }
+        }
+        self.held.split_to(keep_from).freeze()
+    }
+}
+
+fn unreadable(why: &'static str) -> Refused {
+    Refused::Unreadable(Unreadable(why))
+}
+
+enum Line {
+    /// The line after `--boundary` has not ended yet.
+    Incomplete,
+    /// `--boundary` then more than a line end: not a part.
+    Other,
+    /// A part starts; the line end is this many bytes long.
+    Boundary(usize),
+}
+
+/// What follows a `--boundary`, as PHP's `find_boundary` compares it: the line
+/// (CR LF or LF cut off, and ended early by a NUL) must be exactly `--boundary`.
+fn boundary_line(rest: &[u8]) -> Line {
+    match rest {
+        [] | [b'\r'] => Line::Incomplete,
+        [b'\n', ..] => Line::Boundary(1),
+        [b'\r', b'\n', ..] => Line::Boundary(2),
+        [0, ..] => match memchr::memchr(b'\n', rest) {
+            Some(newline) => Line::Boundary(newline + 1),
+            None => Line::Incomplete,
+        },
+        _ => Line::Other,
+    }
+}
+
+/// A part's header entries, gathered as PHP's `multipart_buffer_headers` does:
+/// a line with a colon starts an entry, a line without one (or starting with
+/// white space) continues the previous one.
+#[derive(Debug, Clone, Default)]
+struct PartHeaders {
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl PartHeaders {
+    fn add_line(&mut self, line: &[u8]) {
+        let colon = if line.first().is_some_and(|&b| is_c_space(b)) {
+            None
+        } else {
+            line.iter().position(|&b| b == b':')
+        };
+        match colon {
+            Some(colon) => {
+                let value = &line[colon + 1..];
+                let value = &value[value.iter().position(|&b| !is_c_space(b)).unwrap_or(value.len())..];
+                self.entries.push((line[..colon].to_vec(), value.to_vec()));
+            }
+            None => {
+                if let Some((_, value)) = self.entries.last_mut() {
+                    value.extend_from_slice(line);
                 }
             }
         }
-        if let State::Value(start) = &mut self.state {
-            // Nothing of a held part goes before it is judged.
-            *start -= release;
-        }
-        let mut out = self.held.split_to(release);
-        let skip = self.virtual_prefix.min(out.len());
-        out.advance(skip);
-        self.virtual_prefix -= skip;
-        Ok(out.freeze())
+    }
+
+    /// Whether any `Content-Disposition` names a field PHP registers as
+    /// `_method` (PHP reads the first; every one is judged).
+    fn names_override(&self) -> bool {
+        self.entries
+            .iter()
+            .filter(|(key, _)| key.trim_ascii().eq_ignore_ascii_case(b"content-disposition"))
+            .any(|(_, value)| field_names(value).iter().any(|name| php_name(name).0 == PARAM))
     }
 }
 
-/// Whether the rest of a delimiter's line makes it a part start (the line is
-/// exactly `--boundary`, CR LF or LF); `None` until that can be told.
-fn part_line(after_delimiter: &[u8]) -> Option<bool> {
-    match after_delimiter {
-        [] | [b'\r'] => None,
-        [b'\n', ..] | [b'\r', b'\n', ..] => Some(true),
-        _ => Some(false),
-    }
+/// C's `isspace`.
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// Where the header block of the part starting at `part` (with its delimiter)
-/// ends, just after its empty line; `None` while incomplete.
-fn headers_end(part: &[u8], delimiter_len: usize) -> Option<usize> {
-    let first_line_end = delimiter_len + part[delimiter_len..].iter().position(|&b| b == b'\n')?;
-    let mut line_start = first_line_end + 1;
-    loop {
-        let newline = line_start + part[line_start..].iter().position(|&b| b == b'\n')?;
-        let line = &part[line_start..newline];
-        if line.is_empty() || line == b"\r" {
-            return Some(newline + 1);
-        }
-        line_start = newline + 1;
-    }
-}
-
-/// Whether a complete part header block names a field PHP registers as `_method`.
-fn names_override(block: &[u8], delimiter_len: usize) -> bool {
-    let mut lines = block[delimiter_len..].split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let _delimiter_line_end = lines.next();
-    let mut found = false;
-    for line in lines.take_while(|line| !line.is_empty()) {
-        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
-        if line[..colon].trim_ascii().eq_ignore_ascii_case(b"content-disposition") {
-            found = field_name(&line[colon + 1..]).is_some_and(|name| php_name(&name).0 == PARAM);
-        }
-    }
-    found
-}
-
-/// The last `name=` parameter of a `Content-Disposition` value, as PHP reads it.
-fn field_name(value: &[u8]) -> Option<Vec<u8>> {
-    let mut name = None;
+/// Every `name=` parameter of a `Content-Disposition` value, as PHP reads each.
+fn field_names(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut names = Vec::new();
     for pair in split_unquoted(value.trim_ascii_start(), b';') {
         let pair = pair.trim_ascii_start();
         let Some(eq) = split_unquoted(pair, b'=').next().map(<[u8]>::len).filter(|&n| n < pair.len()) else {
             continue;
         };
         if pair[..eq].eq_ignore_ascii_case(b"name") {
-            name = Some(unquote(pair[eq + 1..].trim_ascii_start()));
+            names.push(unquote(pair[eq + 1..].trim_ascii_start()));
         }
     }
-    name
+    names
 }
 
 /// Splits at `stop` outside single or double quotes (PHP's `php_ap_getword`).
@@ -424,6 +495,55 @@ mod tests {
     }
 
     #[test]
+    fn what_php_would_read_as_a_method_part_is_judged_however_it_is_spelled() {
+        let cases: [&[u8]; 7] = [
+            // PHP takes the first Content-Disposition; every one is judged.
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A line without a colon continues the previous header.
+            b"--XyZ\r\nContent-Disposition: form-data; name=x;\r\nname=_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A line starting with NUL ends the headers.
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\0\r\nDELETE\r\n--XyZ--\r\n",
+            // A NUL ends the boundary line for PHP's strcmp.
+            b"--XyZ\0x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A boundary in the middle of a line (PHP splits lines at 5 KiB).
+            b"AAAA--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A name with PHP's folding, and white space before the header name.
+            b"--XyZ\nContent-Disposition:form-data; NAME=\" .method\"\n\nDELETE\n--XyZ--\n",
+            // A header whose continuation starts with white space.
+            b"--XyZ\r\nContent-Disposition: form-data;\r\n name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        ];
+        for (i, body) in cases.iter().enumerate() {
+            for step in [1, 3, body.len()] {
+                assert!(
+                    matches!(run(body, step), Err(Refused::Method(ref m)) if *m == Method::DELETE),
+                    "case {i}, step {step}: {}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lines_longer_than_php_reads_are_refused() {
+        let long_header =
+            [b"--XyZ\r\nX-Pad: ".as_slice(), &[b'a'; 6000], b"\r\n\r\nvalue\r\n--XyZ--\r\n"].concat();
+        assert!(matches!(run(&long_header, 100), Err(Refused::Unreadable(_))));
+    }
+
+    #[test]
+    fn each_byte_is_searched_once_in_any_pieces() {
+        // 8 KiB of header continuation arriving a byte at a time: linear, not quadratic.
+        let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=x\r\n".to_vec();
+        for _ in 0..100 {
+            body.extend_from_slice(b" continued header line of forty bytes..\r\n");
+        }
+        body.extend_from_slice(b"\r\nvalue\r\n--XyZ--\r\n");
+        let began = std::time::Instant::now();
+        assert_eq!(run(&body, 1).expect("passes"), body);
+        assert!(began.elapsed() < std::time::Duration::from_secs(2), "{:?}", began.elapsed());
+    }
+
+    #[test]
     fn php_reads_the_boundary_and_names_its_own_way() {
         assert_eq!(boundary(b"multipart/form-data; boundary=abc"), Some(b"abc".to_vec()));
         assert_eq!(boundary(b"multipart/form-data; boundary=\"a b;c\""), Some(b"a b;c".to_vec()));
@@ -433,9 +553,9 @@ mod tests {
         );
         assert_eq!(boundary(b"multipart/form-data; BOUNDARY=up"), Some(b"up".to_vec()));
         assert_eq!(boundary(b"multipart/form-data"), None);
-        assert_eq!(field_name(b" form-data; name=\"_method\""), Some(b"_method".to_vec()));
-        assert_eq!(field_name(b"form-data; filename=\"a;name=x\"; name=_method"), Some(b"_method".to_vec()));
-        assert_eq!(field_name(b"form-data; NAME='x'; name=\"y\""), Some(b"y".to_vec()), "the last one wins");
-        assert_eq!(field_name(b"form-data; name*=utf-8''x"), None);
+        assert_eq!(field_names(b" form-data; name=\"_method\""), [b"_method".to_vec()]);
+        assert_eq!(field_names(b"form-data; filename=\"a;name=x\"; name=_method"), [b"_method".to_vec()]);
+        assert_eq!(field_names(b"form-data; NAME='x'; name=\"y\""), [b"x".to_vec(), b"y".to_vec()]);
+        assert!(field_names(b"form-data; name*=utf-8''x").is_empty());
     }
 }

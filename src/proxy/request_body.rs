@@ -51,11 +51,17 @@ impl Proxy {
             });
         }
         let judged = identity.policy.restricts_methods() && head.method == Method::POST;
-        let overrides = judged.then(|| method_override::body_kind(&head.headers));
+        let overrides = judged
+            .then(|| method_override::body_kind(&head.headers))
+            .transpose()
+            .map_err(|unreadable| ProxyError::OverrideUnreadable(unreadable.0))?;
         if let Some(BodyKind::Multipart(boundary)) = &overrides {
             let boundary = boundary
                 .as_deref()
                 .ok_or(ProxyError::OverrideUnreadable("a multipart body needs a boundary"))?;
+            if rewrite::encoding(&head.headers) != Some(Encoding::Identity) {
+                return Err(ProxyError::OverrideUnreadable("a compressed multipart body cannot be judged"));
+            }
             let allowed = identity.policy.methods.clone().unwrap_or_default();
             let screen = Screen::new(boundary, allowed);
             return Ok(Outgoing { body: Either::Right(self.streamed(None, body, Some(screen))), kept: None });
@@ -220,6 +226,11 @@ fn judge_body_overrides(
     let found = match kind {
         BodyKind::Json => method_override::in_json(&decoded),
         BodyKind::Form => method_override::in_urlencoded(&decoded),
+        // Both readings: a form that may carry `_method` must also hold as JSON.
+        BodyKind::FormOrJson => method_override::in_urlencoded(&decoded).and_then(|mut found| {
+            found.extend(method_override::in_json(&decoded)?);
+            Ok(found)
+        }),
         BodyKind::Multipart(_) | BodyKind::Opaque => Ok(Vec::new()),
     };
     judge_overrides(&identity.policy, found)

@@ -111,8 +111,12 @@ where
         self.activity.begin();
         if let Some(tap) = &self.tap {
             let chunked = request.headers().contains_key(TRANSFER_ENCODING);
-            let ambiguous =
-                tap.finish_head(|head| chunked && head_has_content_length(head, &request_line(&request)));
+            // A chunked request whose head is not where the tap expects it (it was
+            // pipelined behind another, or its target was normalised) cannot be
+            // shown to be free of a Content-Length: it is refused too.
+            let ambiguous = tap.finish_head(|head| {
+                chunked && head_has_content_length(head, &request_line(&request)) != Some(false)
+            });
             if ambiguous {
                 request.extensions_mut().insert(AmbiguousLength);
             }

@@ -69,17 +69,19 @@ impl HeadTap {
 }
 
 /// Whether `head` (the recorded bytes) holds a `Content-Length` field in the head
-/// that starts with `request_line` (`METHOD SP target SP`). Lines may end in
-/// CRLF or a bare LF, as hyper's parser accepts.
-pub(super) fn head_has_content_length(head: &[u8], request_line: &[u8]) -> bool {
-    let Some(start) = memchr::memmem::find(head, request_line) else { return false };
-    head[start..]
+/// that starts with `request_line` (`METHOD SP target SP`); `None` when no such
+/// head was recorded. Lines may end in CRLF or a bare LF, as hyper's parser
+/// accepts.
+pub(super) fn head_has_content_length(head: &[u8], request_line: &[u8]) -> Option<bool> {
+    let start = memchr::memmem::find(head, request_line)?;
+    let found = head[start..]
         .split(|&b| b == b'\n')
         .skip(1)
         .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
         .take_while(|line| !line.is_empty())
         .filter_map(|line| line.iter().position(|&b| b == b':').map(|colon| &line[..colon]))
-        .any(|name| name.eq_ignore_ascii_case(b"content-length"))
+        .any(|name| name.eq_ignore_ascii_case(b"content-length"));
+    Some(found)
 }
 
 pin_project! {
@@ -152,13 +154,13 @@ mod tests {
     fn content_length_is_found_in_the_dispatched_head_only() {
         let line = b"POST /api/x ";
         let both = b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\ncontent-LENGTH: 5\r\n\r\n0\r\n\r\n";
-        assert!(head_has_content_length(both, line));
+        assert_eq!(head_has_content_length(both, line), Some(true));
         let bare_lf = b"POST /api/x HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n";
-        assert!(head_has_content_length(bare_lf, line));
+        assert_eq!(head_has_content_length(bare_lf, line), Some(true));
         let body_only =
             b"POST /api/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n20\r\nContent-Length: 5\r\n";
-        assert!(!head_has_content_length(body_only, line), "a body line is not a header");
-        assert!(!head_has_content_length(b"junk", line));
+        assert_eq!(head_has_content_length(body_only, line), Some(false), "a body line is not a header");
+        assert_eq!(head_has_content_length(b"junk", line), None, "not recorded: unknown");
     }
 
     #[tokio::test]

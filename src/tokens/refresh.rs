@@ -269,9 +269,10 @@ impl Refresher {
             let next = self
                 .slots
                 .iter()
+                .filter(|slot| !slot.fetching) // its outcome wakes the loop
                 .filter_map(|slot| match slot.life {
                     Life::Retired { forget_at } => Some(slot.due.map_or(forget_at, |due| due.min(forget_at))),
-                    Life::Live => slot.due.filter(|_| !slot.fetching),
+                    Life::Live => slot.due,
                     Life::Gone => None,
                 })
                 .min()

@@ -114,3 +114,29 @@ async fn host_must_be_one_plain_host_and_port() {
     assert_eq!(old.status(), 200, "HTTP/1.0 may omit Host: {}", old.text());
     assert_eq!(stack.sandbox.received().len(), 1, "only the HTTP/1.0 request was forwarded");
 }
+
+#[tokio::test]
+async fn a_pipelined_or_oddly_targeted_chunked_request_with_a_length_is_refused_too() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    // The second head arrives in the same packet as the first: it was read before
+    // the first was answered.
+    let pipelined = b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n\
+        POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let answer = exchange(addr, pipelined, WAIT).await;
+    let text = answer.text();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("HTTP/1.1 400") && text.contains("ambiguous_length"), "{text}");
+    assert!(answer.closed, "closed after the refusal");
+    assert_eq!(stack.sandbox.received().len(), 1, "only the GET was forwarded");
+    // Framing is judged before anything else: a 404, 403 or 405 route closes too.
+    for line in ["POST /nope HTTP/1.1", "POST /api/oauth/token HTTP/1.1", "TRACE /api/me HTTP/1.1"] {
+        let request = format!(
+            "{line}\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/me HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let answer = exchange(addr, request.as_bytes(), WAIT).await;
+        assert_eq!(answer.status(), 400, "{line}: {}", answer.text());
+        assert!(answer.closed && answer.responses() == 1, "{line}: {}", answer.text());
+    }
+    assert_eq!(stack.sandbox.received().len(), 1);
+}

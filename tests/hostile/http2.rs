@@ -6,8 +6,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::connections::H2_PREFACE_AND_SETTINGS;
-use super::{read_until_closed, stack};
-use crate::support::{client, scrape};
+use super::read_until_closed;
+use crate::support::{Stack, client, scrape};
 
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
@@ -33,18 +33,24 @@ fn get_me() -> Vec<u8> {
     block
 }
 
-/// Whether `bytes` (server frames) hold a GOAWAY.
-fn has_goaway(bytes: &[u8]) -> bool {
+/// The error code of the first GOAWAY among `bytes` (the server's frames).
+pub fn goaway_code(bytes: &[u8]) -> Option<u32> {
     let mut at = 0;
     while at + 9 <= bytes.len() {
         let len =
             (usize::from(bytes[at]) << 16) | (usize::from(bytes[at + 1]) << 8) | usize::from(bytes[at + 2]);
-        if bytes[at + 3] == GOAWAY {
-            return true;
+        if bytes[at + 3] == GOAWAY && at + 17 <= bytes.len() {
+            let code = &bytes[at + 13..at + 17];
+            return Some(u32::from_be_bytes([code[0], code[1], code[2], code[3]]));
         }
         at += 9 + len;
     }
-    false
+    None
+}
+
+/// The sandbox and a proxy whose idle timeout (60 s) cannot end a flood's connection.
+async fn flood_stack() -> Stack {
+    Stack::start_with("", "[server]\nheader_read_timeout_ms = 400\n").await
 }
 
 async fn in_flight_drops_to_zero(admin: std::net::SocketAddr) {
@@ -61,7 +67,7 @@ async fn in_flight_drops_to_zero(admin: std::net::SocketAddr) {
 
 #[tokio::test]
 async fn a_rapid_reset_flood_is_bounded_and_leaves_nothing_behind() {
-    let stack = stack().await;
+    let stack = flood_stack().await;
     let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
     stream.write_all(H2_PREFACE_AND_SETTINGS).await.expect("preface");
     const STREAMS: u32 = 2000;
@@ -71,11 +77,17 @@ async fn a_rapid_reset_flood_is_bounded_and_leaves_nothing_behind() {
         burst.extend(frame(HEADERS, END_STREAM | END_HEADERS, id, &get_me()));
         burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes())); // CANCEL
     }
+    let began = Instant::now();
     let _ = stream.write_all(&burst).await; // the proxy may hang up midway
     let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(answer.closed || has_goaway(&answer.bytes), "the flood ended the connection, or was absorbed");
     let forwarded = stack.sandbox.received().len();
-    assert!(forwarded < STREAMS as usize, "cancelled streams were not all forwarded ({forwarded})");
+    assert!(
+        answer.closed && began.elapsed() < Duration::from_secs(2),
+        "the flood ended the connection at once"
+    );
+    let code = goaway_code(&answer.bytes).expect("a GOAWAY");
+    assert_ne!(code, 0, "an error GOAWAY (ENHANCE_YOUR_CALM), not the idle one");
+    assert!(forwarded <= 20, "cancelled streams were not forwarded ({forwarded} of {STREAMS})");
     in_flight_drops_to_zero(stack.proxy.admin_addr()).await;
     let after = client().get(stack.url("/api/me")).send().await.expect("answered");
     assert_eq!(after.status(), 200, "the proxy serves on");
@@ -83,12 +95,13 @@ async fn a_rapid_reset_flood_is_bounded_and_leaves_nothing_behind() {
 
 #[tokio::test]
 async fn a_continuation_flood_is_cut_before_it_ends_and_nothing_is_forwarded() {
-    let stack = stack().await;
+    let stack = flood_stack().await;
     let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
     stream.write_all(H2_PREFACE_AND_SETTINGS).await.expect("preface");
     stream.write_all(&frame(HEADERS, END_STREAM, 1, &get_me())).await.expect("headers");
     const FRAMES: usize = 3000;
     let mut sent = 0;
+    let began = Instant::now();
     for i in 0..FRAMES {
         // A literal header, never indexed: `x-flood-<i>: <100 bytes>`.
         let name = format!("x-flood-{i}");
@@ -102,8 +115,9 @@ async fn a_continuation_flood_is_cut_before_it_ends_and_nothing_is_forwarded() {
         sent += 1;
     }
     let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await;
-    assert!(answer.closed, "the connection was closed (after {sent} frames)");
-    assert!(has_goaway(&answer.bytes) || sent < FRAMES, "refused with a GOAWAY or cut mid-flood");
+    assert!(answer.closed && began.elapsed() < Duration::from_secs(2), "closed at once");
+    assert!(sent < FRAMES, "cut mid-flood, after {sent} of {FRAMES} frames");
+    assert_ne!(goaway_code(&answer.bytes), Some(0), "an error GOAWAY, if any, not the idle one");
     assert!(stack.sandbox.received().is_empty(), "the never-ending header block was never forwarded");
     let after = client().get(stack.url("/api/me")).send().await.expect("answered");
     assert_eq!(after.status(), 200);
