@@ -4,7 +4,9 @@
 //!   check, limits, identity match, token load, URI and header rewrite.
 //! - `round_trip`: a full request through the proxy to a loopback upstream and
 //!   back, over pooled keep-alive connections, beside the same request sent to
-//!   the upstream directly (the difference is the proxy's cost).
+//!   the upstream directly (the difference is the proxy's cost);
+//!   `through_proxy_logged` is the production set-up: the log subscriber
+//!   installed at `info` (writing to a sink), access lines formatted, metrics on.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tallyfy_proxy::app::{self, Listeners};
-use tallyfy_proxy::config::Config;
+use tallyfy_proxy::config::{Config, LogFormat};
 use tallyfy_proxy::metrics::Metrics;
 use tallyfy_proxy::proxy::Proxy;
 use tallyfy_proxy::reload::{self, Prepared};
@@ -128,6 +130,10 @@ fn round_trip(c: &mut Criterion) {
     let mut group = c.benchmark_group("round_trip");
     group.bench_function("through_proxy", |b| b.to_async(&runtime).iter(|| get(proxy_addr)));
     group.bench_function("direct_to_upstream", |b| b.to_async(&runtime).iter(|| get(upstream_addr)));
+    // The subscriber is global: installed last, for the last variant only.
+    tallyfy_proxy::telemetry::init_with(LogFormat::Text, "info", std::io::sink);
+    tallyfy_proxy::access_log::discard();
+    group.bench_function("through_proxy_logged", |b| b.to_async(&runtime).iter(|| get(proxy_addr)));
     group.finish();
 }
 

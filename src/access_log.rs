@@ -1,36 +1,69 @@
-//! One structured log line per request, written when its response body has
-//! been sent (or the caller went away), so it can tell the bytes moved; and the
-//! request's metrics, recorded at the same moment, exactly once.
+//! One access line per request, written when its response body has been sent
+//! (or the caller went away), so it can tell the bytes moved; and the request's
+//! metrics, recorded at the same moment, exactly once.
 //!
 //! Fields: method, path (never the query, which may hold personal data), status,
 //! upstream status, time to the response head and to the end, bytes received and
-//! sent, identity, request id, and for failures the error code and detail.
-//! Header values and bodies are never logged.
+//! sent, identity, request id (and Tallyfy's), and for failures the error code
+//! and detail. Header values and bodies are never logged.
+//!
+//! Lines are formatted by hand ([`line`]) and written in batches ([`sink`]);
+//! whether they are written at all follows the tracing filter (`[log] level`,
+//! `RUST_LOG`) for the target `tallyfy_proxy::access`.
+
+pub mod line;
+pub mod sink;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::error::{ErrorClass, ProxyError};
-use crate::metrics::Metrics;
+use crate::metrics::IdentityMetrics;
 use crate::upload::Activity;
+use line::{Format, Value};
+
+pub use sink::{capture, discard, flush_thread};
+
+/// Status logged for a request whose caller went away before the response head.
+const CLIENT_CLOSED: u16 = 499;
+
+/// The line format, set once by [`crate::telemetry::init`] (text until then).
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+
+/// Chooses text or JSON lines.
+pub fn set_format(json: bool) {
+    FORMAT.store(u8::from(json), Ordering::Relaxed);
+}
+
+/// What a finished request's line and metrics need from the config generation
+/// it ran on: the identity's name and figures.
+pub trait Recorder: Send + Sync + 'static {
+    /// The identity at `index`, or the unidentified caller (`None`): name and figures.
+    fn identity(&self, index: Option<usize>) -> (&str, &IdentityMetrics);
+    /// The in-flight gauge's decrement.
+    fn finished(&self);
+}
 
 pub struct AccessLog {
     started: Instant,
     method: Method,
-    path: String,
+    target: Option<PathAndQuery>,
     peer: SocketAddr,
     request_id: HeaderValue,
     /// Tallyfy's own `X-Request-Id`, when it sent one.
     pub upstream_request_id: Option<HeaderValue>,
-    pub identity: Option<String>,
+    /// Which identity of the generation the caller is.
+    pub identity: Option<usize>,
     pub upstream_status: Option<StatusCode>,
     /// The request was sent a second time with a refreshed token.
     pub replayed: bool,
@@ -39,21 +72,8 @@ pub struct AccessLog {
     error: Option<ProxyError>,
     /// Set when the response head is ready.
     head: Option<(StatusCode, Duration)>,
-    metrics: Arc<Metrics>,
-    /// Counts the request in flight until its line is written and it is dropped.
-    _in_flight: InFlight,
+    recorder: Arc<dyn Recorder>,
     written: bool,
-}
-
-/// Status logged for a request whose caller went away before the response head.
-const CLIENT_CLOSED: u16 = 499;
-
-struct InFlight(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 impl Drop for AccessLog {
@@ -61,24 +81,22 @@ impl Drop for AccessLog {
     /// Tallyfy was still answering, or the drain grace ran out) still gets one.
     fn drop(&mut self) {
         self.write(0, false);
+        self.recorder.finished();
     }
 }
 
 impl AccessLog {
+    /// Starts the record of `request` (the caller already counted it in flight).
     pub fn start<B>(
         request: &Request<B>,
         peer: SocketAddr,
         request_id: HeaderValue,
-        metrics: &Arc<Metrics>,
+        recorder: Arc<dyn Recorder>,
     ) -> Self {
-        metrics.in_flight.inc();
         AccessLog {
-            _in_flight: InFlight(metrics.in_flight.clone()),
-            metrics: metrics.clone(),
-            written: false,
             started: Instant::now(),
             method: request.method().clone(),
-            path: request.uri().path().to_owned(),
+            target: request.uri().path_and_query().cloned(),
             peer,
             request_id,
             upstream_request_id: None,
@@ -88,6 +106,8 @@ impl AccessLog {
             request_body: None,
             error: None,
             head: None,
+            recorder,
+            written: false,
         }
     }
 
@@ -119,55 +139,59 @@ impl AccessLog {
             Some((status, head)) => (status.as_u16(), head),
             None => (CLIENT_CLOSED, self.started.elapsed()),
         };
-        self.metrics.request(
-            self.identity.as_deref(),
+        let (identity, metrics) = self.recorder.identity(self.identity);
+        metrics.request(
             &self.method,
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             head,
         );
-        let latency_ms = head.as_micros() as f64 / 1000.0;
-        let total_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
-        let upstream_status = self.upstream_status.map(|s| s.as_u16());
-        let identity = self.identity.as_deref().unwrap_or("-");
-        let bytes_received = self.request_body.as_ref().map_or(0, |a| a.bytes());
-        let replayed = self.replayed;
-        let error_code = self.error.as_ref().map(ProxyError::code);
-        let error_detail = self.error.as_ref().map(ToString::to_string);
-        // Values are passed as strings, which both formats quote and escape: a
-        // caller cannot forge fields with a crafted id or path.
+        let level = match self.error.as_ref().map(ProxyError::class) {
+            None | Some(ErrorClass::Caller) => {
+                if !tracing::enabled!(target: "tallyfy_proxy::access", tracing::Level::INFO) {
+                    return;
+                }
+                "INFO"
+            }
+            Some(ErrorClass::Upstream) => {
+                if !tracing::enabled!(target: "tallyfy_proxy::access", tracing::Level::WARN) {
+                    return;
+                }
+                "WARN"
+            }
+            Some(ErrorClass::Internal) => {
+                if !tracing::enabled!(target: "tallyfy_proxy::access", tracing::Level::ERROR) {
+                    return;
+                }
+                "ERROR"
+            }
+        };
+        let total = self.started.elapsed();
+        let path = self.target.as_ref().map_or("", PathAndQuery::path);
         let request_id = self.request_id.to_str().unwrap_or("-");
         let upstream_request_id = self.upstream_request_id.as_ref().map(|id| id.to_str().unwrap_or("-"));
+        let bytes_received = self.request_body.as_ref().map_or(0, |a| a.bytes());
+        let error_detail = self.error.as_ref().map(ToString::to_string);
+        let format = if FORMAT.load(Ordering::Relaxed) == 1 { Format::Json } else { Format::Text };
         let method = self.method.as_str();
-        let path = self.path.as_str();
-        macro_rules! line {
-            ($level:ident) => {
-                tracing::$level!(
-                    target: "tallyfy_proxy::access",
-                    method,
-                    path,
-                    status,
-                    upstream_status,
-                    latency_ms,
-                    total_ms,
-                    bytes_received,
-                    bytes_sent,
-                    complete,
-                    identity,
-                    replayed,
-                    peer = %self.peer,
-                    request_id,
-                    upstream_request_id,
-                    error_code,
-                    error_detail,
-                    "request"
-                )
-            };
-        }
-        match self.error.as_ref().map(ProxyError::class) {
-            None | Some(ErrorClass::Caller) => line!(info),
-            Some(ErrorClass::Upstream) => line!(warn),
-            Some(ErrorClass::Internal) => line!(error),
-        }
+        let fields = [
+            ("method", Some(Value::Plain(&method))),
+            ("path", Some(Value::Str(path))),
+            ("status", Some(Value::Int(u64::from(status)))),
+            ("upstream_status", self.upstream_status.map(|s| Value::Int(u64::from(s.as_u16())))),
+            ("latency_ms", Some(Value::Millis(head))),
+            ("total_ms", Some(Value::Millis(total))),
+            ("bytes_received", Some(Value::Int(bytes_received))),
+            ("bytes_sent", Some(Value::Int(bytes_sent))),
+            ("complete", Some(Value::Bool(complete))),
+            ("identity", Some(Value::Str(identity))),
+            ("replayed", Some(Value::Bool(self.replayed))),
+            ("peer", Some(Value::Plain(&self.peer))),
+            ("request_id", Some(Value::Str(request_id))),
+            ("upstream_request_id", upstream_request_id.map(Value::Str)),
+            ("error_code", self.error.as_ref().map(|e| Value::Str(e.code()))),
+            ("error_detail", error_detail.as_deref().map(Value::Str)),
+        ];
+        sink::emit(|out| line::write(out, format, level, &fields));
     }
 }
 

@@ -14,12 +14,9 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceBuilder;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin::Admin;
 use crate::config::{Config, Listen};
-use crate::headers::CALLER_CREDENTIALS;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{self, Prepared, RefresherTask, ReloadHandle, Reloader};
@@ -153,7 +150,6 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let reloader = tokio::spawn(reloader.run(shutdown.clone()));
     let admin = Admin::new(current.clone(), metrics.clone());
     let admin_current = current.clone();
-    let sensitive = SetSensitiveRequestHeadersLayer::new(CALLER_CREDENTIALS);
 
     let mut tasks = JoinSet::new();
     tasks.spawn(server::serve(
@@ -164,9 +160,9 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         move |connection: ConnectionInfo| {
             let current = current.clone();
             let connection = Arc::new(connection);
-            ServiceBuilder::new().layer(sensitive.clone()).service_fn(move |request: Request<Incoming>| {
+            tower::service_fn(move |request: Request<Incoming>| {
                 // One load per request: it finishes on the generation it started with.
-                let proxy = current.load_full();
+                let proxy = Proxy::clone(&current.load());
                 let connection = connection.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
             })

@@ -8,7 +8,7 @@
 //! Everything else passes as sent.
 
 use http::header::{
-    ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -64,43 +64,88 @@ pub const UNTRUSTED: [HeaderName; 13] = [
 /// caller's `X-Request-Id` is the proxy's).
 pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
+/// Marks the caller's credential headers sensitive, so that no `Debug` of the
+/// request (in a log line, a panic message) can show them.
+pub fn mark_sensitive(headers: &mut HeaderMap) {
+    for name in CALLER_CREDENTIALS {
+        if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+            for value in entry.iter_mut() {
+                value.set_sensitive(true);
+            }
+        }
+    }
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    let listed: smallvec::SmallVec<[HeaderName; 4]> = connection_listed(headers).collect();
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
 }
 
-/// Turns the caller's headers into the upstream request's headers.
+/// Turns the caller's headers into the upstream request's headers, in one pass
+/// over the names the caller sent.
 pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_header: &HeaderValue) {
-    remove_hop_by_hop(headers);
-    for name in CALLER_CREDENTIALS.iter().chain(&UNTRUSTED) {
+    let mut dropped: smallvec::SmallVec<[HeaderName; 8]> =
+        headers.keys().filter(|name| not_forwarded(name.as_str())).cloned().collect();
+    dropped.extend(connection_listed(headers));
+    for name in dropped {
         headers.remove(name);
     }
-    // PHP folds `-` and `_` alike into its server variables, so `X_Api_Key` or
-    // `X_Tallyfy_Client` would alias headers the proxy controls.
-    if headers.keys().any(|name| name.as_str().contains('_')) {
-        let underscored: Vec<HeaderName> =
-            headers.keys().filter(|name| name.as_str().contains('_')).cloned().collect();
-        for name in underscored {
-            headers.remove(name);
-        }
-    }
-    // The HTTP client writes Host (or :authority) from the upstream URI.
-    headers.remove(HOST);
     debug_assert!(authorization.is_sensitive(), "tokens are stored as sensitive values");
     headers.insert(AUTHORIZATION, authorization);
     headers.insert(X_TALLYFY_CLIENT, client_header.clone());
     if !headers.contains_key(ACCEPT) {
         headers.insert(ACCEPT, APPLICATION_JSON);
     }
+}
+
+/// Whether a caller header never goes upstream: hop-by-hop ones, the caller's
+/// credentials, `Host` (the client writes the upstream's), the [`UNTRUSTED`]
+/// claims, and (PHP folds `-` and `_` alike into its server variables, so
+/// `X_Api_Key` or `X_Tallyfy_Client` would alias headers the proxy controls)
+/// every name holding `_`.
+fn not_forwarded(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "authorization"
+            | "cookie"
+            | "x-api-key"
+            | "host"
+            | "x-http-method-override"
+            | "x-http-method"
+            | "x-method-override"
+            | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-original-url"
+            | "x-rewrite-url"
+            | "x-upstream-request-id"
+    ) || name.contains('_')
+}
+
+/// The names a `Connection` header lists (hop-by-hop by declaration).
+fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
 }
 
 /// Turns the upstream response's headers into the caller's: hop-by-hop headers
@@ -128,6 +173,7 @@ pub fn check_limits(headers: &HeaderMap, max_headers: usize, max_bytes: usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HOST;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
@@ -168,6 +214,16 @@ mod tests {
         assert_eq!(headers["x-request-id"], "r-1");
         for gone in ["proxy-authorization", "cookie", "x-api-key", "host"] {
             assert!(!headers.contains_key(gone), "{gone} must not go upstream");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_filter_drops_exactly_the_listed_names() {
+        for name in CALLER_CREDENTIALS.iter().chain(&UNTRUSTED).chain(&HOP_BY_HOP).chain([&HOST]) {
+            assert!(not_forwarded(name.as_str()), "{name}");
+        }
+        for kept in ["accept", "content-type", "x-request-id", "x-tallyfy-client", "x-custom"] {
+            assert!(!not_forwarded(kept), "{kept}");
         }
     }
 

@@ -145,6 +145,25 @@ impl Identities {
 
     /// The first identity whose rule matches `caller`.
     pub fn identify(&self, caller: &Caller<'_>) -> Option<&Identity> {
+        self.identify_index(caller).map(|i| &self.rules[i])
+    }
+
+    /// The identity at `index` (as [`Identities::identify_index`] gave it).
+    pub fn get(&self, index: usize) -> &Identity {
+        &self.rules[index]
+    }
+
+    /// How many identities there are.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The index of the first identity whose rule matches `caller`.
+    pub fn identify_index(&self, caller: &Caller<'_>) -> Option<usize> {
         let presented = Presented::from_headers(caller.headers);
         // The digest of the caller's key picks a candidate; the constant-time
         // comparison in `matches` then confirms it. (Lookup timing can only tell
@@ -160,7 +179,6 @@ impl Identities {
             .take_while(|&i| i < bound)
             .find(|&i| self.rules[i].matcher.matches(caller, &presented))
             .or(keyed)
-            .map(|i| &self.rules[i])
     }
 }
 

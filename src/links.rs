@@ -19,16 +19,65 @@ use super::dates::json_scan::{self, StrToken, Visitor};
 use super::dates::json_str::{JsonChars, ascii_set, escape_may_hide, push_escaped};
 use super::dates::{Edit, splice};
 
-/// Rewrites upstream API links into proxy links. Built once from config.
+/// The pre-scan every JSON response gets: can it hold an upstream link at all?
+/// Built once per config generation; a body that passes it is forwarded as the
+/// very same bytes, never copied or parsed.
+#[derive(Debug, Clone)]
+pub struct LinkScan {
+    /// The upstream authority (`go.tallyfy.com`): every link contains it, plainly or escaped.
+    host: Vec<u8>,
+    host_set: [bool; 128],
+}
+
+impl LinkScan {
+    pub fn new(upstream_base: &str) -> Self {
+        let after_scheme = upstream_base.split_once("://").map_or(upstream_base, |(_, rest)| rest);
+        let host = after_scheme.split('/').next().unwrap_or_default().as_bytes().to_vec();
+        let host_set = ascii_set([host.as_slice()]);
+        LinkScan { host, host_set }
+    }
+
+    /// `false` means no string in `body` can start with the upstream prefix.
+    pub fn may_need_rewrite(&self, body: &[u8]) -> bool {
+        memmem::find(body, &self.host).is_some() || escape_may_hide(body, &self.host_set)
+    }
+
+    /// [`LinkScan::may_need_rewrite`] over a body held as the chunks it arrived
+    /// in, looking across each boundary too, without joining them.
+    pub fn may_need_rewrite_chunks(&self, chunks: &[bytes::Bytes]) -> bool {
+        if let [only] = chunks {
+            return self.may_need_rewrite(only);
+        }
+        // A host or a `\uXXXX` escape may straddle a boundary: look at the last
+        // `edge` bytes before it together with the first `edge` after it.
+        let edge = self.host.len().max(6) - 1;
+        let mut tail: Vec<u8> = Vec::with_capacity(2 * edge);
+        for chunk in chunks {
+            if self.may_need_rewrite(chunk) {
+                return true;
+            }
+            let tail_len = tail.len();
+            tail.extend_from_slice(&chunk[..chunk.len().min(edge)]);
+            if tail_len > 0 && self.may_need_rewrite(&tail) {
+                return true;
+            }
+            tail.truncate(tail_len);
+            tail.extend_from_slice(&chunk[chunk.len().saturating_sub(edge)..]);
+            let excess = tail.len().saturating_sub(edge);
+            tail.drain(..excess);
+        }
+        false
+    }
+}
+
+/// Rewrites upstream API links into proxy links.
 #[derive(Debug, Clone)]
 pub struct LinkRewriter {
     /// `{upstream_base}/api/`, decoded text.
     from: String,
     /// `{public_base}/api/`, as JSON string content.
     to: Vec<u8>,
-    /// The upstream authority (`go.tallyfy.com`): every match contains it, plainly or escaped.
-    host: Vec<u8>,
-    host_set: [bool; 128],
+    scan: LinkScan,
 }
 
 /// The result of [`LinkRewriter::rewrite_json`].
@@ -51,15 +100,12 @@ impl LinkRewriter {
         let from = format!("{}/api/", upstream_base.trim_end_matches('/'));
         let mut to = Vec::new();
         push_escaped(&mut to, &format!("{}/api/", public_base.trim_end_matches('/')));
-        let after_scheme = upstream_base.split_once("://").map_or(upstream_base, |(_, rest)| rest);
-        let host = after_scheme.split('/').next().unwrap_or_default().as_bytes().to_vec();
-        let host_set = ascii_set([host.as_slice()]);
-        LinkRewriter { from, to, host, host_set }
+        LinkRewriter { from, to, scan: LinkScan::new(upstream_base) }
     }
 
     /// Cheap pre-scan: `false` means no string in `body` can start with the upstream prefix.
     pub fn may_need_rewrite(&self, body: &[u8]) -> bool {
-        memmem::find(body, &self.host).is_some() || escape_may_hide(body, &self.host_set)
+        self.scan.may_need_rewrite(body)
     }
 
     /// Rewrites the upstream links in a JSON body. Bodies without a candidate are not validated.

@@ -62,7 +62,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One CPU (a pinned sidecar, a 1-CPU limit): a single-threaded runtime, with
+    // no work-stealing to pay for. More: one worker per CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder
+        .enable_all()
+        // Access lines are written in batches; a worker with nothing to do writes its own.
+        .on_thread_park(tallyfy_proxy::access_log::flush_thread)
+        .on_thread_stop(tallyfy_proxy::access_log::flush_thread)
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("tallyfy-proxy: cannot start the async runtime: {error}");

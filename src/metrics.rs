@@ -3,33 +3,26 @@
 //! Label sets are bounded: identity and credential names come from the config,
 //! methods are folded to the standard ones, statuses to their class, reasons to
 //! fixed words. Paths and IDs never become labels.
+//!
+//! The figures every request touches live in [`requests`] (sharded atomics,
+//! resolved per identity once per config generation); the rest, touched by
+//! refreshes, reloads and refusals, are prometheus-client families here.
+
+mod requests;
+
+pub use requests::{IdentityMetrics, InFlight, RequestMetrics};
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
-use http::{Method, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::server::ConnectionCounters;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub identity: String,
-    pub method: String,
-    pub status_class: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct IdentityLabel {
-    pub identity: String,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabel {
@@ -64,10 +57,8 @@ pub struct Metrics {
     registry: Registry,
     /// Serialises scrapes: each refills the expiry gauges before encoding.
     rendering: std::sync::Mutex<()>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_seconds: Family<IdentityLabel, Histogram>,
-    pub upstream_seconds: Family<IdentityLabel, Histogram>,
-    pub in_flight: Gauge,
+    /// Requests, their latencies and the in-flight gauge.
+    pub requests: Arc<RequestMetrics>,
     pub rejections: Family<ReasonLabel, Counter>,
     pub token_expiry_seconds: Family<CredentialLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub refresh_attempts: Family<CredentialLabel, Counter>,
@@ -82,11 +73,6 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabel, Counter>,
 }
 
-fn latency_histogram() -> Histogram {
-    // 0.5 ms .. ~33 s
-    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -96,10 +82,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("tallyfy_proxy");
-        let requests = Family::default();
-        let request_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let upstream_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let in_flight = Gauge::default();
+        let requests = Arc::new(RequestMetrics::default());
         let rejections = Family::default();
         let token_expiry_seconds = Family::default();
         let refresh_attempts = Family::default();
@@ -112,18 +95,7 @@ impl Metrics {
         let config_reloads = Family::default();
         let connections_open = Family::default();
         let connections_refused = Family::default();
-        registry.register("requests", "Requests by identity, method and status class", requests.clone());
-        registry.register(
-            "request_duration_seconds",
-            "Whole request latency, until the response head is sent",
-            request_seconds.clone(),
-        );
-        registry.register(
-            "upstream_duration_seconds",
-            "Time from sending to Tallyfy until its response head arrived",
-            upstream_seconds.clone(),
-        );
-        registry.register("requests_in_flight", "Requests being handled now", in_flight.clone());
+        registry.register_collector(Box::new(requests.clone()));
         registry.register(
             "local_rejections",
             "Requests answered by the proxy itself, by reason",
@@ -168,9 +140,6 @@ impl Metrics {
             registry,
             rendering: std::sync::Mutex::new(()),
             requests,
-            request_seconds,
-            upstream_seconds,
-            in_flight,
             rejections,
             token_expiry_seconds,
             refresh_attempts,
@@ -193,25 +162,6 @@ impl Metrics {
             open: self.connections_open.get_or_create(&label).clone(),
             refused: self.connections_refused.get_or_create(&label).clone(),
         }
-    }
-
-    /// Records one finished request.
-    pub fn request(&self, identity: Option<&str>, method: &Method, status: StatusCode, elapsed: Duration) {
-        let identity = identity.unwrap_or("-").to_owned();
-        self.requests
-            .get_or_create(&RequestLabels {
-                identity: identity.clone(),
-                method: method_label(method).to_owned(),
-                status_class: format!("{}xx", status.as_u16() / 100),
-            })
-            .inc();
-        self.request_seconds.get_or_create(&IdentityLabel { identity }).observe(elapsed.as_secs_f64());
-    }
-
-    pub fn upstream(&self, identity: &str, elapsed: Duration) {
-        self.upstream_seconds
-            .get_or_create(&IdentityLabel { identity: identity.to_owned() })
-            .observe(elapsed.as_secs_f64());
     }
 
     pub fn rejected(&self, reason: &str) {
@@ -252,33 +202,19 @@ impl Metrics {
     }
 }
 
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::{Method, StatusCode};
+    use std::time::Duration;
 
     #[test]
     fn render_counts_requests_and_reads_token_expiry_at_scrape_time() {
         let metrics = Metrics::new();
-        metrics.request(Some("app"), &Method::GET, StatusCode::OK, Duration::from_millis(3));
-        metrics.request(
-            Some("app"),
-            &Method::from_bytes(b"BREW").expect("method"),
-            StatusCode::NOT_FOUND,
-            Duration::ZERO,
-        );
+        let app = metrics.requests.identity("app");
+        app.request(&Method::GET, StatusCode::OK, Duration::from_millis(3));
+        app.request(&Method::from_bytes(b"BREW").expect("method"), StatusCode::NOT_FOUND, Duration::ZERO);
+        app.upstream(Duration::from_millis(2));
         let now = Instant::now();
         let expiries = [(Arc::from("ops"), Some(now + Duration::from_secs(100))), (Arc::from("never"), None)];
         let text = metrics.render(&expiries, now);
@@ -289,6 +225,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"method="other",status_class="4xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"tallyfy_proxy_request_duration_seconds_bucket{le="0.004",identity="app"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tallyfy_proxy_upstream_duration_seconds_count{identity="app"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("tallyfy_proxy_requests_in_flight 0"), "{text}");
         assert!(text.contains(r#"tallyfy_proxy_token_expiry_seconds{credential="ops"} 100.0"#), "{text}");
         assert!(!text.contains(r#"credential="never""#), "no expiry, no gauge: {text}");
         let later = metrics.render(&expiries, now + Duration::from_secs(40));

@@ -6,7 +6,7 @@
 //! 404/400   431/413     401        403      503                     502/504/413
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,16 +15,16 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tracing::Instrument;
 
-use crate::access_log::{AccessLog, Logged};
+use crate::access_log::{AccessLog, Logged, Recorder};
 use crate::config::{self, Config, Identity};
 use crate::error::{ErrorClass, ProxyError};
 use crate::framing;
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 use crate::identity::{Caller, Identities};
+use crate::links::LinkScan;
 use crate::method_override;
-use crate::metrics::Metrics;
+use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
 use crate::rewrite::Prefixed;
 use crate::server::ConnectionInfo;
@@ -38,6 +38,7 @@ mod request_body;
 mod response_body;
 
 use request_body::Outgoing;
+use response_body::LinksTo;
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
 /// rewriting), or a body the proxy wrote (a rewritten one, or a JSON error).
@@ -65,18 +66,46 @@ struct Shared {
     links: config::Links,
     /// `scheme://host[/prefix]` of Tallyfy, as it writes absolute links.
     upstream_base: String,
+    /// The pre-scan for those links.
+    link_scan: LinkScan,
     /// `listen.public_url`, or `None` to derive it from each request.
     public_url: Option<String>,
     /// Scheme of the proxy listener, for derived public URLs.
     listener_scheme: &'static str,
+    /// Each identity's request figures, resolved on its first request.
+    identity_metrics: Box<[OnceLock<Arc<IdentityMetrics>>]>,
+    /// The figures of callers no identity matched.
+    unidentified: OnceLock<Arc<IdentityMetrics>>,
+}
+
+impl Shared {
+    fn identity_metrics(&self, index: usize) -> &IdentityMetrics {
+        let name = &self.identities.get(index).name;
+        self.identity_metrics[index].get_or_init(|| self.metrics.requests.identity(name))
+    }
+}
+
+impl Recorder for Shared {
+    fn identity(&self, index: Option<usize>) -> (&str, &IdentityMetrics) {
+        match index {
+            Some(index) => (&self.identities.get(index).name, self.identity_metrics(index)),
+            None => ("-", self.unidentified.get_or_init(|| self.metrics.requests.identity("-"))),
+        }
+    }
+
+    fn finished(&self) {
+        self.metrics.requests.in_flight().dec();
+    }
 }
 
 /// A request whose head has been rewritten for Tallyfy.
 pub struct Prepared<'p> {
     pub identity: &'p Identity,
+    /// The identity's place in the generation's identities.
+    pub index: usize,
     pub lease: Lease,
-    /// The proxy's base URL as this caller reached it, for link rewriting.
-    pub public_base: Option<String>,
+    /// Where this caller's links should point.
+    links_to: LinksTo,
 }
 
 /// A kept copy of a request, so it can be sent again with a fresh token.
@@ -112,8 +141,14 @@ impl Proxy {
                     "{}://{}{}",
                     config.upstream.scheme, config.upstream.authority, config.upstream.path_prefix
                 ),
+                link_scan: LinkScan::new(&format!(
+                    "{}://{}",
+                    config.upstream.scheme, config.upstream.authority
+                )),
                 public_url: config.listen.public_url.clone(),
                 listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
+                identity_metrics: config.identities.iter().map(|_| OnceLock::new()).collect(),
+                unidentified: OnceLock::new(),
             }),
         }
     }
@@ -130,13 +165,13 @@ impl Proxy {
         connection: &ConnectionInfo,
     ) -> Response<Logged<ProxyBody>> {
         let metrics = &self.shared.metrics;
+        headers::mark_sensitive(request.headers_mut());
         let request_id = request_id::for_request(request.headers());
         request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-        let mut log = AccessLog::start(&request, connection.peer, request_id.clone(), metrics);
-        // At ERROR level so that no log-level setting drops the request id from
-        // the request's warn and error lines.
-        let span = tracing::error_span!("request", request_id = log.request_id());
-        let response = match self.forward(request, connection, &mut log).instrument(span).await {
+        metrics.requests.in_flight().inc();
+        let recorder: Arc<dyn Recorder> = self.shared.clone();
+        let mut log = AccessLog::start(&request, connection.peer, request_id.clone(), recorder);
+        let response = match self.forward(request, connection, &mut log).await {
             Ok(response) => response,
             Err(error) => {
                 let response = error.to_response().map(Either::Right);
@@ -163,10 +198,9 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let Prepared { identity, lease, public_base } = self.prepare(&mut head, connection)?;
-        // A HEAD response has no body to rewrite (its Content-Length is the GET's).
-        let links_base = public_base.as_deref().filter(|_| head.method != Method::HEAD);
-        log.identity = Some(identity.name.clone());
+        let Prepared { identity, index, lease, links_to } = self.prepare(&mut head, connection)?;
+        log.identity = Some(index);
+        let figures = shared.identity_metrics(index);
         let credential = identity.credential;
 
         let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
@@ -182,12 +216,12 @@ impl Proxy {
         let activity = Activity::new();
         log.request_body = Some(activity.clone());
         let response = shared.upstream.send(Request::from_parts(head, body), activity).await?;
-        shared.metrics.upstream(&identity.name, sent.elapsed());
+        figures.upstream(sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.tokens.is_refreshable(credential)
         {
-            return self.response(response, links_base).await;
+            return self.response(response, &links_to).await;
         }
         let slot = shared.tokens.slot(credential);
         let store = shared.tokens.store();
@@ -196,7 +230,7 @@ impl Proxy {
         // Tallyfy rejected the token. One refresh runs however many requests saw it;
         // a kept request waits for it and goes again, a streamed one cannot.
         let Some(replay) = replay else {
-            return self.response(response, links_base).await;
+            return self.response(response, &links_to).await;
         };
         let credential_name = shared.tokens.name(credential);
         Metrics::credential(&shared.metrics.single_flight_waiters, &credential_name);
@@ -204,7 +238,7 @@ impl Proxy {
         // provision, mint). A failed or declined refresh releases the wait at once.
         let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
         let Some(fresh) = store.newer_than(slot, lease.generation, settled, wait).await else {
-            return self.response(response, links_base).await;
+            return self.response(response, &links_to).await;
         };
         drop(response);
         log.replayed = true;
@@ -217,9 +251,9 @@ impl Proxy {
         request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
         let sent = Instant::now();
         let response = shared.upstream.send(request, Activity::new()).await?;
-        shared.metrics.upstream(&identity.name, sent.elapsed());
+        figures.upstream(sent.elapsed());
         log.upstream_status = Some(response.status());
-        self.response(response, links_base).await
+        self.response(response, &links_to).await
     }
 
     /// Every decision about a request that needs no I/O: checks the target and
@@ -233,14 +267,15 @@ impl Proxy {
         framing::check(head)?;
         target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
         let host = target::host(head.version, &head.uri, &head.headers)?;
-        let public_base = self.public_base(host);
+        let links_to = self.links_to(head, host);
         headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
         if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
             return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
         }
         let caller =
             Caller { headers: &head.headers, peer: connection.peer, cert_names: &connection.cert_names };
-        let identity = shared.identities.identify(&caller).ok_or(ProxyError::UnknownCaller)?;
+        let index = shared.identities.identify_index(&caller).ok_or(ProxyError::UnknownCaller)?;
+        let identity = shared.identities.get(index);
         if !identity.policy.is_unrestricted() {
             if let Some(aliased) = head.uri.path_and_query().and_then(|pq| identity.policy.resolve_alias(pq))
             {
@@ -266,7 +301,7 @@ impl Proxy {
         })?;
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
-        Ok(Prepared { identity, lease, public_base })
+        Ok(Prepared { identity, index, lease, links_to })
     }
 }
 

@@ -128,10 +128,39 @@ where
     Ok(BodyStart::Complete(buffer.freeze()))
 }
 
+/// The start of a body held as the chunks it arrived in (nothing copied).
+pub enum ChunkStart<B> {
+    /// The whole body, and the body itself (ended).
+    Complete(Vec<Bytes>, B),
+    /// More than `limit` bytes: what was read, and the rest still to come.
+    Over(Vec<Bytes>, B),
+}
+
+/// Reads `body` as chunks until it ends or passes `limit` bytes. Trailers are dropped.
+pub async fn read_chunks<B>(mut body: B, limit: u64) -> Result<ChunkStart<B>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut chunks = Vec::new();
+    let mut total = 0u64;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else { break };
+        if let Ok(data) = frame?.into_data() {
+            total += data.len() as u64;
+            chunks.push(data);
+            if total > limit {
+                return Ok(ChunkStart::Over(chunks, body));
+            }
+        }
+    }
+    Ok(ChunkStart::Complete(chunks, body))
+}
+
 pin_project! {
-    /// A body that yields `prefix` first, then the rest of `inner`.
+    /// A body that yields `prefix` (one chunk or several) first, then the rest of `inner`.
     pub struct Prefixed<B> {
-        prefix: Option<Bytes>,
+        first: Option<Bytes>,
+        rest: std::vec::IntoIter<Bytes>,
         #[pin]
         inner: B,
     }
@@ -139,7 +168,17 @@ pin_project! {
 
 impl<B> Prefixed<B> {
     pub fn new(prefix: Option<Bytes>, inner: B) -> Self {
-        Prefixed { prefix: prefix.filter(|p| !p.is_empty()), inner }
+        Prefixed { first: prefix.filter(|p| !p.is_empty()), rest: Vec::new().into_iter(), inner }
+    }
+
+    /// `chunks` in order, then `inner`.
+    pub fn chunks(chunks: Vec<Bytes>, inner: B) -> Self {
+        Prefixed { first: None, rest: chunks.into_iter(), inner }
+    }
+
+    fn held(&self) -> u64 {
+        self.first.as_ref().map_or(0, |f| f.len() as u64)
+            + self.rest.as_slice().iter().map(|c| c.len() as u64).sum::<u64>()
     }
 }
 
@@ -152,18 +191,23 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
-        if let Some(prefix) = this.prefix.take() {
-            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        for chunk in this.rest.by_ref() {
+            if !chunk.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
         }
         this.inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_none() && self.inner.is_end_stream()
+        self.first.is_none() && self.rest.as_slice().iter().all(Bytes::is_empty) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let extra = self.held();
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + extra);

@@ -229,13 +229,33 @@ async fn connection<M, S, B>(
     B::Error: Into<BoxError>,
 {
     let deadline = shared.limits.header_read_timeout;
-    let Some(acceptor) = &shared.tls else {
-        let Some((protocol, prefix)) = sniff(&mut stream, deadline).await else {
-            return tracing::debug!(%peer, "no request within the header read timeout");
-        };
-        let info = ConnectionInfo { peer, cert_names: Arc::from([]) };
-        return serve_io(&shared, stream, protocol, prefix, info).await;
+    if let Some(acceptor) = shared.tls.clone() {
+        // Boxed: the handshake's state is large, and plain connections (the
+        // many idle keep-alive ones among them) should not carry room for it.
+        return Box::pin(tls_connection(shared, acceptor, stream, peer)).await;
+    }
+    let Some((protocol, prefix)) = sniff(&mut stream, deadline).await else {
+        return tracing::debug!(%peer, "no request within the header read timeout");
     };
+    let info = ConnectionInfo { peer, cert_names: Arc::from([]) };
+    serve_io(&shared, stream, protocol, prefix, info).await
+}
+
+/// A TLS connection, from the handshake to its close.
+async fn tls_connection<M, S, B>(
+    shared: Arc<Listener<M>>,
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+) where
+    M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let deadline = shared.limits.header_read_timeout;
     let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),

@@ -46,6 +46,7 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .init();
+    let access = tallyfy_proxy::access_log::capture();
 
     let lifetime = Duration::from_secs(2);
     let sandbox = start_sandbox_with(SandboxConfig {
@@ -105,7 +106,8 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     assert_eq!(upload.expect("answered").status(), 201);
     proxy.shutdown().await;
 
-    let log = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
+    let mut log = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
+    log.push_str(&String::from_utf8_lossy(&access.lock().expect("not poisoned")));
     assert!(
         log.contains("token obtained") && log.contains("Tallyfy rejected the token"),
         "the session exercised refreshes"

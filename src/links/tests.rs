@@ -123,3 +123,30 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Holding a body as the chunks it arrived in never hides a link the whole
+    /// body would show: the chunked pre-scan is at least as eager.
+    #[test]
+    fn the_chunked_prescan_sees_whatever_the_whole_body_shows(
+        pieces in proptest::collection::vec(
+            proptest::sample::select(vec!["go.tallyfy.com", "\\u0067", "\\u006F", "go.tal", "lyfy.com", "x", "\"", "\\/", "abc "]),
+            0..24,
+        ),
+        cuts in proptest::collection::vec(0usize..200, 0..8),
+    ) {
+        let body = pieces.concat().into_bytes();
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        for cut in cuts.into_iter().chain([body.len()]) {
+            chunks.push(bytes::Bytes::copy_from_slice(&body[at..cut]));
+            at = cut;
+        }
+        let scan = super::LinkScan::new("https://go.tallyfy.com");
+        if scan.may_need_rewrite(&body) {
+            prop_assert!(scan.may_need_rewrite_chunks(&chunks), "{:?} in {:?}", String::from_utf8_lossy(&body), chunks);
+        }
+    }
+}

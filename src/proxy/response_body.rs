@@ -11,21 +11,41 @@ use super::{Proxy, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
-use crate::rewrite::{self, BodyStart, Decoded, Kind, Prefixed};
+use crate::rewrite::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed};
 
 impl Proxy {
-    /// The proxy's base URL as this caller reached it: `listen.public_url`, else
-    /// the listener's scheme with the request's `Host` (or HTTP/2 authority),
-    /// which [`crate::target::host`] has checked is a plain `host[:port]`.
-    pub(super) fn public_base(&self, host: Option<&str>) -> Option<String> {
+    /// Where this caller's links should point, decided while its head is at hand:
+    /// `listen.public_url`, else the request's `Host` (or HTTP/2 authority),
+    /// which [`crate::target::host`] has checked is a plain `host[:port]`. No
+    /// string is built until a link is actually rewritten.
+    pub(super) fn links_to(&self, head: &http::request::Parts, host: Option<&str>) -> LinksTo {
         let shared = &*self.shared;
-        if !shared.links.enabled {
-            return None;
+        if !shared.links.enabled || head.method == http::Method::HEAD {
+            return LinksTo::Nowhere;
         }
-        if let Some(url) = &shared.public_url {
-            return Some(url.clone());
+        if shared.public_url.is_some() {
+            return LinksTo::PublicUrl;
         }
-        host.map(|host| format!("{}://{host}", shared.listener_scheme))
+        if host.is_none() {
+            return LinksTo::Nowhere;
+        }
+        if head.version >= http::Version::HTTP_2
+            && let Some(authority) = head.uri.authority()
+        {
+            return LinksTo::Authority(authority.clone());
+        }
+        head.headers.get(http::header::HOST).map_or(LinksTo::Nowhere, |value| LinksTo::Host(value.clone()))
+    }
+
+    fn public_base(&self, to: &LinksTo) -> Option<String> {
+        let shared = &*self.shared;
+        let host = match to {
+            LinksTo::Nowhere => return None,
+            LinksTo::PublicUrl => return shared.public_url.clone(),
+            LinksTo::Host(value) => value.to_str().ok()?,
+            LinksTo::Authority(authority) => authority.as_str(),
+        };
+        Some(format!("{}://{host}", shared.listener_scheme))
     }
 
     /// Cleans the response and, for JSON bodies that carry upstream links,
@@ -34,7 +54,7 @@ impl Proxy {
     pub(super) async fn response(
         &self,
         mut response: Response<Incoming>,
-        public_base: Option<&str>,
+        links_to: &LinksTo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         refuse_unframeable(&response)?;
@@ -42,27 +62,41 @@ impl Proxy {
         let headers = response.headers();
         let encoding = rewrite::encoding(headers);
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-        let eligible = public_base.is_some()
+        let eligible = !matches!(links_to, LinksTo::Nowhere)
             && !bodyless
             && rewrite::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
-        let (Some(public_base), Some(encoding), true) = (public_base, encoding, eligible) else {
+        let (Some(encoding), true) = (encoding, eligible) else {
             return Ok(response.map(|body| Either::Left(Prefixed::new(None, body))));
         };
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
-        let start = tokio::time::timeout(limit, rewrite::read_up_to(body, shared.links.max_body_bytes))
+        let start = tokio::time::timeout(limit, rewrite::read_chunks(body, shared.links.max_body_bytes))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(limit))?
             .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
-        let bytes = match start {
-            BodyStart::Over(prefix, rest) => {
-                return Ok(Response::from_parts(parts, Either::Left(Prefixed::new(Some(prefix), rest))));
+        let (chunks, ended) = match start {
+            ChunkStart::Over(chunks, rest) => {
+                return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, rest))));
             }
-            BodyStart::Complete(bytes) => bytes,
+            ChunkStart::Complete(chunks, ended) => (chunks, ended),
         };
-        let rewriter = LinkRewriter::new(&shared.upstream_base, public_base);
+        // The common case: no upstream link can be in it. The chunks go out as
+        // they came, uncopied, with the length of the bytes sent.
+        if encoding == Encoding::Identity && !shared.link_scan.may_need_rewrite_chunks(&chunks) {
+            let total: usize = chunks.iter().map(Bytes::len).sum();
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(total));
+            return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, ended))));
+        }
+        let bytes = match chunks.len() {
+            1 => chunks.into_iter().next().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        };
+        let Some(public_base) = self.public_base(links_to) else {
+            return Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))));
+        };
+        let rewriter = LinkRewriter::new(&shared.upstream_base, &public_base);
         let decoded = match rewrite::decode(&bytes, encoding, shared.links.max_body_bytes) {
             Decoded::Whole(decoded) => Some(decoded),
             Decoded::TooLarge(_) | Decoded::Corrupt(_) => None,
@@ -103,4 +137,16 @@ fn refuse_unframeable(response: &Response<Incoming>) -> Result<(), ProxyError> {
         ));
     }
     Ok(())
+}
+
+/// Where a caller's links should point (see [`Proxy::links_to`]).
+pub(super) enum LinksTo {
+    /// Links are off, or the request is a HEAD, or the caller named no host.
+    Nowhere,
+    /// `listen.public_url`.
+    PublicUrl,
+    /// The request's `Host`.
+    Host(HeaderValue),
+    /// The HTTP/2 `:authority`.
+    Authority(http::uri::Authority),
 }

@@ -101,7 +101,7 @@ where
 {
     type Response = Response<Guarded<B>>;
     type Error = S::Error;
-    type Future = CountedFuture<S::Future>;
+    type Future = CountedFuture<Pin<Box<S::Future>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -122,7 +122,9 @@ where
             }
         }
         let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone() };
-        CountedFuture { inner: self.inner.call(request), in_flight: Some(in_flight) }
+        // Boxed per request: hyper keeps a slot for the service's future on every
+        // connection, and an idle one should not hold room for a whole request.
+        CountedFuture { inner: Box::pin(self.inner.call(request)), in_flight: Some(in_flight) }
     }
 }
 

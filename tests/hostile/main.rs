@@ -115,20 +115,17 @@ async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Exchange {
     }
 }
 
-/// The access lines every test in this binary writes, captured in memory (the
-/// subscriber is global: one per process).
-fn access_log() -> &'static std::sync::Mutex<Vec<u8>> {
+/// The access lines every test in this binary writes, captured in memory (one
+/// capture per process; the tracing filter lets access lines through).
+fn access_log() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
     static CAPTURED: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
         std::sync::OnceLock::new();
     CAPTURED.get_or_init(|| {
-        let captured = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = captured.clone();
         let _ = tracing_subscriber::fmt()
             .with_env_filter("tallyfy_proxy::access=info")
-            .with_writer(move || Captured(sink.clone()))
-            .with_ansi(false)
+            .with_writer(std::io::sink)
             .try_init();
-        captured
+        tallyfy_proxy::access_log::capture()
     })
 }
 
@@ -143,18 +140,5 @@ async fn access_line(needle: &str) -> String {
         }
         assert!(tokio::time::Instant::now() < deadline, "no access line holds {needle:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("not poisoned").extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }

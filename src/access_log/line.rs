@@ -1,0 +1,281 @@
+//! One access line, written by hand: text in tracing's layout
+//! (`<time>  INFO tallyfy_proxy::access: request key=value ...`) or one JSON
+//! object, with every string value quoted and escaped so that no caller-chosen
+//! byte can end a value or forge a field. No allocation: numbers are written
+//! with `itoa`/`ryu`-free arithmetic and the timestamp's second is cached.
+
+use std::cell::Cell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A field's value.
+pub enum Value<'a> {
+    Str(&'a str),
+    Int(u64),
+    Millis(std::time::Duration),
+    Bool(bool),
+    /// Written as a JSON string, and bare in text (an address or a method).
+    Plain(&'a dyn std::fmt::Display),
+}
+
+/// The line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Writes one line: `level` (`INFO`, `WARN`, `ERROR`), message `request`, and
+/// the fields that are present.
+pub fn write(out: &mut Vec<u8>, format: Format, level: &str, fields: &[(&str, Option<Value<'_>>)]) {
+    let start = out.len();
+    match format {
+        Format::Text => {
+            timestamp(out);
+            out.extend_from_slice(if level.len() == 4 { b"  " } else { b" " });
+            out.extend_from_slice(level.as_bytes());
+            out.extend_from_slice(b" tallyfy_proxy::access: request");
+            for (key, value) in fields {
+                let Some(value) = value else { continue };
+                out.push(b' ');
+                out.extend_from_slice(key.as_bytes());
+                out.push(b'=');
+                match value {
+                    Value::Str(s) => text_string(out, s),
+                    Value::Int(n) => int(out, *n),
+                    Value::Millis(d) => millis(out, *d),
+                    Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+                    Value::Plain(d) => plain(out, *d, false),
+                }
+            }
+        }
+        Format::Json => {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(out);
+            out.extend_from_slice(b"\",\"level\":\"");
+            out.extend_from_slice(level.as_bytes());
+            out.extend_from_slice(b"\",\"message\":\"request\"");
+            for (key, value) in fields {
+                let Some(value) = value else { continue };
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
+                match value {
+                    Value::Str(s) => json_string(out, s),
+                    Value::Int(n) => int(out, *n),
+                    Value::Millis(d) => millis(out, *d),
+                    Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+                    Value::Plain(d) => plain(out, *d, true),
+                }
+            }
+            out.extend_from_slice(b",\"target\":\"tallyfy_proxy::access\"}");
+        }
+    }
+    debug_assert!(!out[start..].contains(&b'\n'), "one line");
+    out.push(b'\n');
+}
+
+fn int(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Milliseconds with three decimals (microsecond resolution).
+fn millis(out: &mut Vec<u8>, d: std::time::Duration) {
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    int(out, micros / 1000);
+    out.push(b'.');
+    let frac = micros % 1000;
+    out.extend_from_slice(&[
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
+}
+
+fn plain(out: &mut Vec<u8>, value: &dyn std::fmt::Display, quoted: bool) {
+    use std::io::Write;
+    if quoted {
+        out.push(b'"');
+    }
+    let _ = write!(out, "{value}");
+    if quoted {
+        out.push(b'"');
+    }
+}
+
+/// A quoted string with `"`, `\` and control characters escaped (as Rust's
+/// `Debug` does, which is what tracing's text format shows).
+fn text_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f | 0x7f => {
+                out.extend_from_slice(b"\\u{");
+                hex2(out, b);
+                out.push(b'}');
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                hex2(out, b);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+fn hex2(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+}
+
+thread_local! {
+    /// The last second formatted (`YYYY-MM-DDTHH:MM:SS`) and its Unix time.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` (UTC).
+fn timestamp(out: &mut Vec<u8>) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs();
+    let text = SECOND.with(|cached| {
+        let (second, text) = cached.get();
+        if second == secs {
+            return text;
+        }
+        let text = civil(secs);
+        cached.set((secs, text));
+        text
+    });
+    out.extend_from_slice(&text);
+    out.push(b'.');
+    let micros = now.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut n = micros;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SS` (proleptic Gregorian, UTC).
+fn civil(secs: u64) -> [u8; 19] {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut text = *b"0000-00-00T00:00:00";
+    let put = |text: &mut [u8; 19], at: usize, width: usize, mut n: u64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(&mut text, 0, 4, year as u64);
+    put(&mut text, 5, 2, month as u64);
+    put(&mut text, 8, 2, day as u64);
+    put(&mut text, 11, 2, rem / 3600);
+    put(&mut text, 14, 2, rem / 60 % 60);
+    put(&mut text, 17, 2, rem % 60);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn civil_time_matches_known_dates() {
+        assert_eq!(&civil(0), b"1970-01-01T00:00:00");
+        assert_eq!(&civil(951_782_400), b"2000-02-29T00:00:00");
+        assert_eq!(&civil(1_795_609_599), b"2026-11-25T12:26:39");
+        assert_eq!(&civil(4_102_444_800), b"2100-01-01T00:00:00");
+    }
+
+    fn line(format: Format, fields: &[(&str, Option<Value<'_>>)]) -> String {
+        let mut out = Vec::new();
+        write(&mut out, format, "INFO", fields);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[test]
+    fn text_values_are_quoted_and_cannot_forge_fields() {
+        let forged = "x\" identity=idB status=200\nnext";
+        let text = line(
+            Format::Text,
+            &[
+                ("method", Some(Value::Plain(&"GET"))),
+                ("request_id", Some(Value::Str(forged))),
+                ("status", Some(Value::Int(200))),
+                ("latency_ms", Some(Value::Millis(Duration::from_micros(1_234_567)))),
+                ("upstream_status", None),
+                ("complete", Some(Value::Bool(true))),
+            ],
+        );
+        assert!(text.ends_with(
+            " INFO tallyfy_proxy::access: request method=GET request_id=\"x\\\" identity=idB status=200\\nnext\" status=200 latency_ms=1234.567 complete=true\n"
+        ), "{text}");
+        assert_eq!(text.matches('\n').count(), 1);
+        assert_eq!(text.as_bytes()[26], b'Z', "microsecond UTC timestamp: {text}");
+    }
+
+    #[test]
+    fn json_lines_parse_and_keep_every_value() {
+        let text = line(
+            Format::Json,
+            &[
+                ("path", Some(Value::Str("/api/\u{1}x\"\\"))),
+                ("status", Some(Value::Int(0))),
+                ("peer", Some(Value::Plain(&"127.0.0.1:9"))),
+                ("error_code", None),
+            ],
+        );
+        let json: serde_json::Value = serde_json::from_str(text.trim_end()).expect("one JSON object");
+        assert_eq!(json["path"], "/api/\u{1}x\"\\");
+        assert_eq!(json["status"], 0);
+        assert_eq!(json["peer"], "127.0.0.1:9");
+        assert_eq!(json["level"], "INFO");
+        assert_eq!(json["target"], "tallyfy_proxy::access");
+        assert!(json.get("error_code").is_none());
+    }
+}
