@@ -44,6 +44,63 @@ impl Listeners {
     }
 }
 
+/// `count` sockets listening on `addr` with `SO_REUSEPORT`, so each runtime
+/// thread accepts its own share of connections (the kernel spreads them by
+/// their addresses). With port 0 the first picks the port and the rest share it.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        sockets.push(listener);
+    }
+    Ok(sockets)
+}
+
+/// What serving the proxy port needs, so more sockets of it can be served on
+/// other runtimes ([`Running::proxy_server`]).
+#[derive(Clone)]
+struct ProxyServer {
+    current: Arc<ArcSwap<Proxy>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnectionLimits,
+    counters: server::ConnectionCounters,
+    shutdown: CancellationToken,
+    grace: Duration,
+}
+
+impl ProxyServer {
+    async fn serve(self, listener: TcpListener) {
+        let current = self.current;
+        server::serve(
+            listener,
+            self.tls,
+            self.limits,
+            self.counters,
+            move |connection: ConnectionInfo| {
+                let current = current.clone();
+                let connection = Arc::new(connection);
+                tower::service_fn(move |request: Request<Incoming>| {
+                    // One load per request: it finishes on the generation it started with.
+                    let proxy = Proxy::clone(&current.load());
+                    let connection = connection.clone();
+                    async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
+                })
+            },
+            self.shutdown,
+            self.grace,
+        )
+        .await
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -60,6 +117,7 @@ pub struct Running {
     metrics: Arc<Metrics>,
     reload: ReloadHandle,
     shutdown: CancellationToken,
+    proxy_server: ProxyServer,
     /// The proxy and admin servers.
     tasks: JoinSet<()>,
     reloader: Option<JoinHandle<()>>,
@@ -84,6 +142,20 @@ impl Running {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Serves another socket of the proxy port (see [`bind_shared`]) until
+    /// shutdown, with its drain. The binary runs one per extra CPU, each on a
+    /// single-threaded runtime of its own thread; the future must be polled on
+    /// the runtime that is to own the socket.
+    pub fn proxy_server(&self, listener: std::net::TcpListener) -> impl Future<Output = ()> + Send + 'static {
+        let server = self.proxy_server.clone();
+        async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => server.serve(listener).await,
+                Err(error) => tracing::error!(%error, "cannot serve a proxy socket"),
+            }
+        }
     }
 
     /// Resolves once every credential of the current generation holds a valid
@@ -151,25 +223,16 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let admin = Admin::new(current.clone(), metrics.clone());
     let admin_current = current.clone();
 
-    let mut tasks = JoinSet::new();
-    tasks.spawn(server::serve(
-        listeners.proxy,
-        config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
-        ConnectionLimits::for_proxy(&config.server),
-        metrics.connections("proxy"),
-        move |connection: ConnectionInfo| {
-            let current = current.clone();
-            let connection = Arc::new(connection);
-            tower::service_fn(move |request: Request<Incoming>| {
-                // One load per request: it finishes on the generation it started with.
-                let proxy = Proxy::clone(&current.load());
-                let connection = connection.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
-            })
-        },
-        shutdown.clone(),
+    let proxy_server = ProxyServer {
+        current,
+        tls: config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
+        limits: ConnectionLimits::for_proxy(&config.server),
+        counters: metrics.connections("proxy"),
+        shutdown: shutdown.clone(),
         grace,
-    ));
+    };
+    let mut tasks = JoinSet::new();
+    tasks.spawn(proxy_server.clone().serve(listeners.proxy));
     tasks.spawn(server::serve(
         listeners.admin,
         None,
@@ -199,6 +262,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         metrics,
         reload,
         shutdown,
+        proxy_server,
         tasks,
         reloader: Some(reloader),
         refresher: Some(refresher),

@@ -62,21 +62,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One CPU (a pinned sidecar, a 1-CPU limit): a single-threaded runtime, with
-    // no work-stealing to pay for. More: one worker per CPU.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut builder = if cpus == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let runtime = match builder
-        .enable_all()
-        // Access lines are written in batches; a worker with nothing to do writes its own.
-        .on_thread_park(tallyfy_proxy::access_log::flush_thread)
-        .on_thread_stop(tallyfy_proxy::access_log::flush_thread)
-        .build()
-    {
+    let runtime = match single_threaded_runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("tallyfy-proxy: cannot start the async runtime: {error}");
@@ -84,11 +70,44 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run(&cli.config.config)),
+        Command::Run => runtime.block_on(run(&cli.config.config, cpus())),
         Command::Check => check(&cli.config.config),
         Command::Sandbox { listen, admin } => runtime.block_on(sandbox(listen, admin)),
         Command::HashKey => hash_key(),
     }
+}
+
+/// How many runtime threads serve the proxy port: one per CPU the process may
+/// use (cgroup quotas included), each with its own socket of the port.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A runtime on the calling thread. Each CPU gets one (see [`cpus`]): requests
+/// never migrate between threads, so no work-stealing is paid for and no cache
+/// line is shared per request (Pingora's "no steal" model).
+fn single_threaded_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        // Access lines are written in batches; a thread with nothing to do writes its own.
+        .on_thread_park(tallyfy_proxy::access_log::flush_thread)
+        .on_thread_stop(tallyfy_proxy::access_log::flush_thread)
+        .build()
+}
+
+/// Starts a thread with its own runtime serving `listener`, one more socket of
+/// the proxy port, until shutdown.
+fn serve_on_own_thread(
+    running: &app::Running,
+    listener: std::net::TcpListener,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let server = running.proxy_server(listener);
+    std::thread::Builder::new().name("tallyfy-proxy".to_owned()).spawn(
+        move || match single_threaded_runtime() {
+            Ok(runtime) => runtime.block_on(server),
+            Err(error) => tracing::error!(%error, "cannot start a runtime thread"),
+        },
+    )
 }
 
 fn hash_key() -> ExitCode {
@@ -148,7 +167,7 @@ fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(path: &Path) -> ExitCode {
+async fn run(path: &Path, threads: usize) -> ExitCode {
     let config = match load(path) {
         Ok(config) => config,
         Err(code) => return code,
@@ -165,20 +184,38 @@ async fn run(path: &Path) -> ExitCode {
             None
         }
     };
-    let listeners = match Listeners::bind(&config.listen).await {
-        Ok(listeners) => listeners,
+    let bound = app::bind_shared(config.listen.proxy, threads).and_then(|mut sockets| {
+        let first = tokio::net::TcpListener::from_std(sockets.remove(0))?;
+        Ok((first, sockets))
+    });
+    let (proxy, more) = match bound {
+        Ok(bound) => bound,
         Err(error) => {
-            tracing::error!(%error, "cannot bind the listeners");
+            tracing::error!(%error, "cannot bind the proxy listener");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let mut running = match app::start(&config, listeners).await {
+    let admin = match tokio::net::TcpListener::bind(config.listen.admin).await {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::error!(%error, "cannot bind the admin listener");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut running = match app::start(&config, Listeners { proxy, admin }).await {
         Ok(running) => running,
         Err(error) => {
             tracing::error!(%error, "cannot start");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    let mut threads = Vec::new();
+    for listener in more {
+        match serve_on_own_thread(&running, listener) {
+            Ok(thread) => threads.push(thread),
+            Err(error) => tracing::warn!(%error, "cannot start a runtime thread; serving on fewer"),
+        }
+    }
     let reload = running.reload_handle();
     tokio::spawn(async move {
         if let Some(mut hangup) = hangup {
@@ -194,6 +231,10 @@ async fn run(path: &Path) -> ExitCode {
         "shutting down: draining in-flight requests"
     );
     running.begin_shutdown();
+    // The other threads drain while this one keeps refreshing tokens for them.
+    for thread in threads {
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
     running.stopped().await;
     tracing::info!("stopped");
     ExitCode::SUCCESS

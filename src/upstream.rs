@@ -18,6 +18,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use thread_local::ThreadLocal;
 
 use crate::config;
 use crate::error::ProxyError;
@@ -35,8 +36,16 @@ pub type RequestBody = Either<Full<Bytes>, StreamedBody>;
 /// What the client actually sends: the body, reporting its progress.
 type SentBody = Tracked<RequestBody>;
 
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, SentBody>;
+
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, SentBody>,
+    /// One pooled client per thread that sends requests: a request uses
+    /// connections its own thread owns, never handing off to another thread's
+    /// connection task (`pool_max_idle_per_host` is per thread).
+    clients: ThreadLocal<UpstreamClient>,
+    connector: HttpsConnector<HttpConnector>,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
     scheme: Scheme,
     authority: Authority,
     path_prefix: String,
@@ -59,19 +68,28 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(https);
         Ok(Upstream {
-            client,
+            clients: ThreadLocal::new(),
+            connector: https,
+            pool_idle_timeout: config.pool_idle_timeout,
+            pool_max_idle_per_host: config.pool_max_idle_per_host,
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
             path_prefix: config.path_prefix.clone(),
             request_timeout: config.request_timeout,
             body_limit,
+        })
+    }
+
+    /// This thread's client.
+    fn client(&self) -> &UpstreamClient {
+        self.clients.get_or(|| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.pool_idle_timeout)
+                .pool_max_idle_per_host(self.pool_max_idle_per_host)
+                .build(self.connector.clone())
         })
     }
 
@@ -114,7 +132,7 @@ impl Upstream {
         let (mut head, body) = request.into_parts();
         // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
         head.version = Version::HTTP_11;
-        let response = self.client.request(Request::from_parts(head, Tracked::new(body, activity.clone())));
+        let response = self.client().request(Request::from_parts(head, Tracked::new(body, activity.clone())));
         tokio::pin!(response);
         loop {
             let deadline = activity.last() + self.request_timeout;
