@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tallyfy_proxy::identity::sha256;
-use tallyfy_proxy::sandbox::fixtures::{
+use tallyfy_sandbox::fixtures::{
     ORG_ID, PASSWORD, PERSONAL_TOKEN, USER_CLIENT_ID, USER_CLIENT_SECRET, USERNAME,
 };
-use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig};
+use tallyfy_sandbox::{Sandbox, SandboxConfig};
 use tokio::sync::{Mutex, Semaphore};
 
 /// Requests in flight at most.

@@ -55,7 +55,8 @@
 //! - [`error`]: failures, classified, and their responses
 //! - [`metrics`], [`admin`], [`telemetry`]: operations
 //! - [`secret`]: values that cannot print
-//! - [`sandbox`]: an embedded fake Tallyfy; [`demo`] runs it behind the proxy
+//! - [`sandbox_mode`]: the `sandbox` command (the `tallyfy-sandbox` crate behind the
+//!   proxy), with the default `sandbox` feature
 
 pub mod access_log;
 pub mod admin;
@@ -63,7 +64,6 @@ pub mod app;
 pub mod client_cert;
 pub mod config;
 pub mod dates;
-pub mod demo;
 pub mod error;
 pub mod framing;
 pub mod headers;
@@ -76,7 +76,8 @@ pub mod proxy;
 pub mod reload;
 pub mod request_id;
 pub mod rewrite;
-pub mod sandbox;
+#[cfg(feature = "sandbox")]
+pub mod sandbox_mode;
 pub mod secret;
 pub mod server;
 pub mod target;

@@ -2,14 +2,14 @@
 //! and hands over to the library. Bad configuration exits 64 (EX_USAGE).
 
 use std::io::Read;
-use std::net::SocketAddr;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::{Config, ConfigError};
-use tallyfy_proxy::{demo, telemetry};
+use tallyfy_proxy::telemetry;
 
 /// Exit status for a configuration the proxy refuses (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -46,13 +46,14 @@ enum Command {
     Check,
     /// Start an embedded fake Tallyfy and a proxy configured against it, for trying
     /// the proxy with no Tallyfy account and no internet access.
+    #[cfg(feature = "sandbox")]
     Sandbox {
         /// Where the proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// Where /livez and /readyz are served.
         #[arg(long, default_value = "127.0.0.1:9901")]
-        admin: SocketAddr,
+        admin: std::net::SocketAddr,
     },
     /// Read an API key (or a Basic password) on standard input and print its
     /// SHA-256, for `api_key_sha256` / `password_sha256` in the config. One
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(run(&cli.config.config, cpus())),
         Command::Check => check(&cli.config.config),
+        #[cfg(feature = "sandbox")]
         Command::Sandbox { listen, admin } => runtime.block_on(sandbox(listen, admin)),
         Command::HashKey => hash_key(),
     }
@@ -240,9 +242,10 @@ async fn run(path: &Path, threads: usize) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn sandbox(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+#[cfg(feature = "sandbox")]
+async fn sandbox(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> ExitCode {
     telemetry::init(tallyfy_proxy::config::LogFormat::Text, "info");
-    let mut mode = match demo::start(listen, admin).await {
+    let mut mode = match tallyfy_proxy::sandbox_mode::start(listen, admin).await {
         Ok(mode) => mode,
         Err(error) => {
             eprintln!("tallyfy-proxy sandbox: {error}");

@@ -11,8 +11,8 @@ use support::{
     start_sandbox_with,
 };
 use tallyfy_proxy::app::Running;
-use tallyfy_proxy::sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, OTHER_ORG_ID, USERNAME};
-use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, TokenFault};
+use tallyfy_sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, OTHER_ORG_ID, USERNAME};
+use tallyfy_sandbox::{Sandbox, SandboxConfig, TokenFault};
 
 fn sandbox_config(lifetime: Duration) -> SandboxConfig {
     SandboxConfig { token_lifetime: lifetime, user_token_lifetime: lifetime, ..SandboxConfig::default() }

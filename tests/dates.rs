@@ -7,7 +7,7 @@ mod support;
 use std::io::Write;
 
 use support::{Stack, client};
-use tallyfy_proxy::sandbox::fixtures::{
+use tallyfy_sandbox::fixtures::{
     CHECKLIST_ID, ORG_ID, PRERUN_DATE_FIELD, PRERUN_TEXT_FIELD, STEP_IDS, TASK_DATE_FIELD, TASK_TEXT_FIELD,
 };
 
@@ -32,7 +32,7 @@ async fn direct(stack: &Stack, method: reqwest::Method, path: &str, body: &str) 
     stack
         .client
         .request(method, format!("{}{path}", stack.sandbox.base_url()))
-        .header("authorization", format!("Bearer {}", tallyfy_proxy::sandbox::fixtures::PERSONAL_TOKEN))
+        .header("authorization", format!("Bearer {}", tallyfy_sandbox::fixtures::PERSONAL_TOKEN))
         .header("x-tallyfy-client", "APIClient")
         .header("content-type", "application/json")
         .body(body.to_owned())
@@ -51,7 +51,7 @@ async fn iso_dates_are_accepted_through_the_proxy_and_refused_directly() {
 
     let direct = http
         .post(format!("{}{tasks}", stack.sandbox.base_url()))
-        .header("authorization", format!("Bearer {}", tallyfy_proxy::sandbox::fixtures::PERSONAL_TOKEN))
+        .header("authorization", format!("Bearer {}", tallyfy_sandbox::fixtures::PERSONAL_TOKEN))
         .header("x-tallyfy-client", "APIClient")
         .header("content-type", "application/json")
         .body(task_body())
@@ -250,7 +250,7 @@ async fn following_links_next_never_leaves_the_proxy() {
             pages += 1;
             next = page["meta"]["pagination"]["links"]["next"].as_str().map(str::to_owned);
         }
-        assert_eq!((pages, runs), (3, tallyfy_proxy::sandbox::fixtures::SEEDED_RUNS), "gzip: {gzip}");
+        assert_eq!((pages, runs), (3, tallyfy_sandbox::fixtures::SEEDED_RUNS), "gzip: {gzip}");
     }
     let direct =
         stack.sandbox.received().iter().filter(|r| !r.headers.contains_key("x-tallyfy-client")).count();

@@ -6,7 +6,7 @@ mod support;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use support::{Stack, raw_request};
-use tallyfy_proxy::sandbox::fixtures::{ORG_ID, PERSONAL_TOKEN};
+use tallyfy_sandbox::fixtures::{ORG_ID, PERSONAL_TOKEN};
 
 #[tokio::test]
 async fn the_callers_credentials_are_swapped_for_the_tallyfy_token() {

@@ -5,7 +5,7 @@ mod support;
 
 use support::{client, parse_config, proxy_toml, start_proxy, start_sandbox};
 use tallyfy_proxy::identity::sha256;
-use tallyfy_proxy::sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
+use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

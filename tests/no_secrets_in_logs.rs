@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use support::{client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
 use tallyfy_proxy::identity::sha256;
-use tallyfy_proxy::sandbox::SandboxConfig;
-use tallyfy_proxy::sandbox::fixtures::{
+use tallyfy_sandbox::SandboxConfig;
+use tallyfy_sandbox::fixtures::{
     APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID, PASSWORD, PERSONAL_TOKEN, USER_CLIENT_SECRET,
 };
 

@@ -6,8 +6,8 @@ mod support;
 use std::time::Duration;
 
 use support::{Stack, client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
-use tallyfy_proxy::sandbox::SandboxConfig;
-use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+use tallyfy_sandbox::SandboxConfig;
+use tallyfy_sandbox::fixtures::ORG_ID;
 
 /// The value of the sample whose line starts with `series` (name and labels).
 fn sample(text: &str, series: &str) -> Option<f64> {

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use support::{parse_config, proxy_toml, start_proxy, start_sandbox};
 use tallyfy_proxy::identity::sha256;
-use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+use tallyfy_sandbox::fixtures::ORG_ID;
 
 #[tokio::test]
 async fn the_official_python_sdk_works_through_an_api_key_identity() {

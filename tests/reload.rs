@@ -10,7 +10,7 @@ use support::{client, env, ready_within, start_proxy, start_proxy_unready, start
 use tallyfy_proxy::config::Config;
 use tallyfy_proxy::identity::sha256;
 use tallyfy_proxy::metrics::OutcomeLabel;
-use tallyfy_proxy::sandbox::fixtures::{APP_CLIENT_ID, APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID};
+use tallyfy_sandbox::fixtures::{APP_CLIENT_ID, APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

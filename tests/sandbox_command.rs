@@ -1,12 +1,13 @@
 //! `tallyfy-proxy sandbox` prints curl commands that work as printed.
 
-use tallyfy_proxy::demo;
+use tallyfy_proxy::sandbox_mode;
 
 #[tokio::test]
 async fn the_printed_curl_commands_work_as_printed() {
-    let mode = demo::start("127.0.0.1:0".parse().expect("addr"), "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("sandbox mode starts");
+    let mode =
+        sandbox_mode::start("127.0.0.1:0".parse().expect("addr"), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("sandbox mode starts");
     mode.proxy.ready().await;
     let banner = mode.banner();
     assert!(banner.starts_with("tallyfy-proxy sandbox ready"), "{banner}");

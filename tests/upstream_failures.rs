@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{client, closed_port, config_text, parse_config, start_proxy};
-use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig};
+use tallyfy_sandbox::{Sandbox, SandboxConfig};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn error_code(response: reqwest::Response) -> String {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tallyfy_proxy::sandbox::fixtures::ORG_ID;
+use tallyfy_sandbox::fixtures::ORG_ID;
 
 use super::{exchange, stack};
 

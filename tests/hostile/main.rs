@@ -29,7 +29,7 @@ use std::time::Duration;
 use support::{Stack, parse_config, proxy_toml, start_proxy, start_sandbox};
 use tallyfy_proxy::app::Running;
 use tallyfy_proxy::identity::sha256;
-use tallyfy_proxy::sandbox::Sandbox;
+use tallyfy_sandbox::Sandbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tallyfy_proxy::sandbox::fixtures::{ORG_ID, OTHER_ORG_ID};
+use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID};
 
 use super::{exchange, keyed_identity, stack, stack_with_identities};
 

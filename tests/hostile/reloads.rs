@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use tallyfy_proxy::app::Running;
 use tallyfy_proxy::config::Config;
 use tallyfy_proxy::metrics::OutcomeLabel;
-use tallyfy_proxy::sandbox::fixtures::{
-    PASSWORD, PERSONAL_TOKEN, USER_CLIENT_ID, USER_CLIENT_SECRET, USERNAME,
-};
+use tallyfy_sandbox::fixtures::{PASSWORD, PERSONAL_TOKEN, USER_CLIENT_ID, USER_CLIENT_SECRET, USERNAME};
 
 use crate::support::{client, env, start_proxy, start_sandbox};
 

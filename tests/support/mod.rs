@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tallyfy_proxy::app::{self, Listeners, Running};
 use tallyfy_proxy::config::Config;
-use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, fixtures};
+use tallyfy_sandbox::{Sandbox, SandboxConfig, fixtures};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

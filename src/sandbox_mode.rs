@@ -1,6 +1,6 @@
-//! `tallyfy-proxy sandbox`: the embedded fake Tallyfy and a proxy configured
-//! against it, for trying the proxy on a machine with no Tallyfy account and no
-//! internet. The tests use it too.
+//! The `sandbox` command: the fake Tallyfy (the `tallyfy-sandbox` crate) and a
+//! proxy configured against it, for trying the proxy on a machine with no
+//! Tallyfy account and no internet. Built with the default `sandbox` feature.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{self, Listeners, Running};
 use crate::config::Config;
-use crate::sandbox::{Sandbox, SandboxConfig, fixtures};
+use tallyfy_sandbox::{Sandbox, SandboxConfig, fixtures};
 
 /// The environment variable name the generated config reads the fixture token
 /// from. It is looked up in a closure, never in the process environment.

@@ -15,8 +15,8 @@ use http_body::{Frame, SizeHint};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tallyfy_proxy::sandbox::fixtures::*;
-use tallyfy_proxy::sandbox::{Sandbox, SandboxConfig, TokenFault};
+use tallyfy_sandbox::fixtures::*;
+use tallyfy_sandbox::{Sandbox, SandboxConfig, TokenFault};
 use tokio::net::TcpListener;
 
 const UNAUTHENTICATED: &str = r#"{"message":"Unauthenticated."}"#;
