@@ -19,16 +19,12 @@
 //! Accepted input forms and zone handling: see `parse.rs` and `convert.rs`.
 
 mod convert;
-mod edits;
 mod form;
 mod json;
-pub(crate) mod json_scan;
-pub(crate) mod json_str;
 mod parse;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub(crate) use edits::{Edit, splice};
 pub use form::{form_may_need_rewrite, rewrite_form};
 pub use json::{may_need_rewrite, rewrite_json};
 

@@ -15,9 +15,9 @@ mod tests;
 
 use memchr::memmem;
 
-use super::dates::json_scan::{self, StrToken, Visitor};
-use super::dates::json_str::{JsonChars, ascii_set, escape_may_hide, push_escaped};
-use super::dates::{Edit, splice};
+use crate::json::scan::{self as json_scan, StrToken, Visitor};
+use crate::json::strings::{JsonChars, ascii_set, escape_may_hide, push_escaped};
+use crate::json::{Edit, splice};
 
 /// The pre-scan every JSON response gets: can it hold an upstream link at all?
 /// Built once per config generation; a body that passes it is forwarded as the

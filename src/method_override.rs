@@ -22,8 +22,8 @@ use std::borrow::Cow;
 use http::{HeaderMap, Method};
 use memchr::memmem;
 
-use crate::dates::json_scan::{self, StrToken, Visitor};
-use crate::dates::json_str::decode;
+use crate::json::scan::{self as json_scan, StrToken, Visitor};
+use crate::json::strings::{ascii_set, decode, escape_may_hide};
 
 /// The parameter Symfony reads.
 const PARAM: &[u8] = b"_method";
@@ -155,8 +155,7 @@ fn form_decode(raw: &[u8]) -> Cow<'_, [u8]> {
 /// hold one is not parsed; one that may but does not parse is [`Unreadable`].
 pub fn in_json(body: &[u8]) -> Result<Vec<Method>, Unreadable> {
     let spelled = memmem::find(body, PARAM).is_some();
-    if !spelled && !crate::dates::json_str::escape_may_hide(body, &crate::dates::json_str::ascii_set([PARAM]))
-    {
+    if !spelled && !escape_may_hide(body, &ascii_set([PARAM])) {
         return Ok(Vec::new());
     }
     let mut visitor = TopLevel { values: Vec::new(), unreadable: false };

@@ -16,7 +16,9 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::access_log::{AccessLog, Logged, Recorder};
+use crate::body::Activity;
+use crate::body::Finished;
+use crate::body::Prefixed;
 use crate::config::{self, Config, Identity};
 use crate::error::{ErrorClass, ProxyError};
 use crate::framing;
@@ -26,17 +28,17 @@ use crate::links::LinkScan;
 use crate::method_override;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
-use crate::rewrite::Prefixed;
 use crate::server::ConnectionInfo;
 use crate::target;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialTokens, Lease};
-use crate::upload::Activity;
 use crate::upstream::Upstream;
 
+mod record;
 mod request_body;
 mod response_body;
 
+use record::RequestRecord;
 use request_body::Outgoing;
 use response_body::LinksTo;
 
@@ -85,16 +87,13 @@ impl Shared {
     }
 }
 
-impl Recorder for Shared {
-    fn identity(&self, index: Option<usize>) -> (&str, &IdentityMetrics) {
+impl Shared {
+    /// The name and figures of the identity at `index`, or of unknown callers.
+    fn identity_figures(&self, index: Option<usize>) -> (&str, &IdentityMetrics) {
         match index {
             Some(index) => (&self.identities.get(index).name, self.identity_metrics(index)),
             None => ("-", self.unidentified.get_or_init(|| self.metrics.requests.identity("-"))),
         }
-    }
-
-    fn finished(&self) {
-        self.metrics.requests.in_flight().dec();
     }
 }
 
@@ -163,14 +162,13 @@ impl Proxy {
         &self,
         mut request: Request<Incoming>,
         connection: &ConnectionInfo,
-    ) -> Response<Logged<ProxyBody>> {
+    ) -> Response<Finished<ProxyBody, RequestRecord>> {
         let metrics = &self.shared.metrics;
         headers::mark_sensitive(request.headers_mut());
         let request_id = request_id::for_request(request.headers());
         request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
-        metrics.requests.in_flight().inc();
-        let recorder: Arc<dyn Recorder> = self.shared.clone();
-        let mut log = AccessLog::start(&request, connection.peer, request_id.clone(), recorder);
+        let mut log =
+            RequestRecord::start(&request, connection.peer, request_id.clone(), self.shared.clone());
         let response = match self.forward(request, connection, &mut log).await {
             Ok(response) => response,
             Err(error) => {
@@ -186,15 +184,15 @@ impl Proxy {
         let mut response = response;
         log.upstream_request_id = response.headers().get(X_UPSTREAM_REQUEST_ID).cloned();
         response.headers_mut().insert(X_REQUEST_ID, request_id);
-        let status = response.status();
-        response.map(|body| log.wrap(status, body))
+        log.head_ready(response.status());
+        response.map(|body| Finished::new(body, log))
     }
 
     async fn forward(
         &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-        log: &mut AccessLog,
+        log: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();

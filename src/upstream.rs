@@ -20,11 +20,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use thread_local::ThreadLocal;
 
+use crate::body::Prefixed;
+use crate::body::{Activity, Tracked};
 use crate::config;
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
-use crate::rewrite::Prefixed;
-use crate::upload::{Activity, Tracked};
 
 /// The caller's body streamed: what was already read, then the rest, cut off at
 /// the size limit and screened for method overrides when the identity needs it.

@@ -12,7 +12,8 @@
 use std::borrow::Cow;
 
 use super::convert::convert_value;
-use super::{DateRules, Edit, Rewrite, splice};
+use super::{DateRules, Rewrite};
+use crate::json::{Edit, splice};
 
 /// Rewrites the date values of a form body. Never fails: anything unreadable is left alone.
 pub fn rewrite_form(body: &[u8], rules: &DateRules) -> Rewrite {

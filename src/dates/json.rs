@@ -5,10 +5,11 @@ use std::ops::Range;
 use memchr::memmem;
 
 use super::convert::{convert_value, format};
-use super::json_scan::{self, StrToken, Visitor};
-use super::json_str::{ascii_set, decode, escape_may_hide, push_escaped};
 use super::parse::epoch_seconds;
-use super::{DateRules, Edit, Rewrite, RewriteError, splice};
+use super::{DateRules, Rewrite, RewriteError};
+use crate::json::scan::{self as json_scan, StrToken, Visitor};
+use crate::json::strings::{ascii_set, decode, escape_may_hide, push_escaped};
+use crate::json::{Edit, splice};
 
 /// Rewrites the date values of a JSON body (see the module docs for which values).
 ///

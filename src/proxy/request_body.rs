@@ -12,12 +12,12 @@ use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
 use super::{Proxy, judge_overrides};
+use crate::body::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
 use crate::config::Identity;
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Screen, Screened};
 use crate::method_override::{self, BodyKind};
-use crate::rewrite::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
 use crate::upstream::{RequestBody, StreamedBody};
 
 /// The body to send, and a copy when it may be sent again.
@@ -59,7 +59,7 @@ impl Proxy {
             let boundary = boundary
                 .as_deref()
                 .ok_or(ProxyError::OverrideUnreadable("a multipart body needs a boundary"))?;
-            if rewrite::encoding(&head.headers) != Some(Encoding::Identity) {
+            if body::encoding(&head.headers) != Some(Encoding::Identity) {
                 return Err(ProxyError::OverrideUnreadable("a compressed multipart body cannot be judged"));
             }
             let allowed = identity.policy.methods.clone().unwrap_or_default();
@@ -70,8 +70,8 @@ impl Proxy {
             dates: identity
                 .dates
                 .as_deref()
-                .zip(rewrite::kind(&head.headers))
-                .zip(rewrite::encoding(&head.headers))
+                .zip(body::kind(&head.headers))
+                .zip(body::encoding(&head.headers))
                 .map(|((rules, kind), encoding)| (rules, kind, encoding)),
             overrides: overrides.filter(|kind| *kind != BodyKind::Opaque),
         };
@@ -113,7 +113,7 @@ impl Proxy {
                 // Too large to rewrite. Refuse it if its start shows dates
                 // Tallyfy would misread; otherwise let it through as it is.
                 if let Some((rules, kind, encoding)) = reading.dates
-                    && holds_dates(&rewrite::decode(&prefix, encoding, max), kind, rules)
+                    && holds_dates(&body::decode(&prefix, encoding, max), kind, rules)
                 {
                     return Err(ProxyError::DatesBodyTooLarge { limit: max });
                 }
@@ -142,7 +142,7 @@ impl Proxy {
     /// timeout (a slow caller may not hold a task forever).
     async fn read_start(&self, body: Incoming, max: u64) -> Result<BodyStart<Incoming>, ProxyError> {
         let limit = self.shared.upstream.request_timeout();
-        tokio::time::timeout(limit, rewrite::read_up_to(body, max))
+        tokio::time::timeout(limit, body::read_up_to(body, max))
             .await
             .map_err(|_| ProxyError::BodyTimeout(limit))?
             .map_err(|e| ProxyError::BodyRead(e.to_string()))
@@ -171,7 +171,7 @@ impl Proxy {
     ) -> Result<Bytes, ProxyError> {
         let metrics = &self.shared.metrics;
         let max = self.shared.dates.max_body_bytes;
-        let decoded = match rewrite::decode(&bytes, encoding, max) {
+        let decoded = match body::decode(&bytes, encoding, max) {
             Decoded::Whole(decoded) => decoded,
             too_large @ Decoded::TooLarge(_) => {
                 return if holds_dates(&too_large, kind, rules) {
@@ -214,9 +214,9 @@ fn judge_body_overrides(
     max: u64,
     identity: &Identity,
 ) -> Result<(), ProxyError> {
-    let encoding = rewrite::encoding(headers)
+    let encoding = body::encoding(headers)
         .ok_or(ProxyError::OverrideUnreadable("a body in an unknown Content-Encoding cannot be judged"))?;
-    let decoded = match rewrite::decode(bytes, encoding, max) {
+    let decoded = match body::decode(bytes, encoding, max) {
         Decoded::Whole(decoded) => decoded,
         Decoded::TooLarge(_) => return Err(ProxyError::PolicyBodyTooLarge { limit: max }),
         Decoded::Corrupt(_) => {

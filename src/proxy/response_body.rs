@@ -8,10 +8,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use super::{Proxy, ProxyBody};
+use crate::body::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
-use crate::rewrite::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed};
 
 impl Proxy {
     /// Where this caller's links should point, decided while its head is at hand:
@@ -60,11 +60,11 @@ impl Proxy {
         refuse_unframeable(&response)?;
         headers::to_caller(response.headers_mut());
         let headers = response.headers();
-        let encoding = rewrite::encoding(headers);
+        let encoding = body::encoding(headers);
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
         let eligible = !matches!(links_to, LinksTo::Nowhere)
             && !bodyless
-            && rewrite::kind(headers) == Some(Kind::Json)
+            && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
         let (Some(encoding), true) = (encoding, eligible) else {
@@ -72,7 +72,7 @@ impl Proxy {
         };
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
-        let start = tokio::time::timeout(limit, rewrite::read_chunks(body, shared.links.max_body_bytes))
+        let start = tokio::time::timeout(limit, body::read_chunks(body, shared.links.max_body_bytes))
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(limit))?
             .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
@@ -97,7 +97,7 @@ impl Proxy {
             return Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))));
         };
         let rewriter = LinkRewriter::new(&shared.upstream_base, &public_base);
-        let decoded = match rewrite::decode(&bytes, encoding, shared.links.max_body_bytes) {
+        let decoded = match body::decode(&bytes, encoding, shared.links.max_body_bytes) {
             Decoded::Whole(decoded) => Some(decoded),
             Decoded::TooLarge(_) | Decoded::Corrupt(_) => None,
         };

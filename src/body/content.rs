@@ -1,18 +1,10 @@
-//! Body plumbing for the rewriters in [`crate::dates`] and [`crate::links`]:
-//! which bodies qualify (content type, encoding), reading a bounded prefix,
-//! gzip/deflate decoding, and [`Prefixed`], a body that replays what was read
-//! before streaming the rest.
+//! Which bodies the rewriters read: content types ([`Kind`]), content codings
+//! ([`Encoding`]), and decoding gzip or deflate within a limit ([`decode`]).
 
 use std::io::Read;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
-use pin_project_lite::pin_project;
 
 /// What a body is, for rewriting purposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,126 +95,10 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded {
     }
 }
 
-/// The start of a body, read until it ends or passes `limit` bytes.
-pub enum BodyStart<B> {
-    /// The whole body.
-    Complete(Bytes),
-    /// More than `limit` bytes: what was read, and the rest still to come.
-    Over(Bytes, B),
-}
-
-/// Reads `body` whole if it fits in `limit` bytes. Trailers are dropped.
-pub async fn read_up_to<B>(mut body: B, limit: u64) -> Result<BodyStart<B>, B::Error>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let mut buffer = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
-            buffer.extend_from_slice(&data);
-            if buffer.len() as u64 > limit {
-                return Ok(BodyStart::Over(buffer.freeze(), body));
-            }
-        }
-    }
-    Ok(BodyStart::Complete(buffer.freeze()))
-}
-
-/// The start of a body held as the chunks it arrived in (nothing copied).
-pub enum ChunkStart<B> {
-    /// The whole body, and the body itself (ended).
-    Complete(Vec<Bytes>, B),
-    /// More than `limit` bytes: what was read, and the rest still to come.
-    Over(Vec<Bytes>, B),
-}
-
-/// Reads `body` as chunks until it ends or passes `limit` bytes. Trailers are dropped.
-pub async fn read_chunks<B>(mut body: B, limit: u64) -> Result<ChunkStart<B>, B::Error>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let mut chunks = Vec::new();
-    let mut total = 0u64;
-    while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else { break };
-        if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            chunks.push(data);
-            if total > limit {
-                return Ok(ChunkStart::Over(chunks, body));
-            }
-        }
-    }
-    Ok(ChunkStart::Complete(chunks, body))
-}
-
-pin_project! {
-    /// A body that yields `prefix` (one chunk or several) first, then the rest of `inner`.
-    pub struct Prefixed<B> {
-        first: Option<Bytes>,
-        rest: std::vec::IntoIter<Bytes>,
-        #[pin]
-        inner: B,
-    }
-}
-
-impl<B> Prefixed<B> {
-    pub fn new(prefix: Option<Bytes>, inner: B) -> Self {
-        Prefixed { first: prefix.filter(|p| !p.is_empty()), rest: Vec::new().into_iter(), inner }
-    }
-
-    /// `chunks` in order, then `inner`.
-    pub fn chunks(chunks: Vec<Bytes>, inner: B) -> Self {
-        Prefixed { first: None, rest: chunks.into_iter(), inner }
-    }
-
-    fn held(&self) -> u64 {
-        self.first.as_ref().map_or(0, |f| f.len() as u64)
-            + self.rest.as_slice().iter().map(|c| c.len() as u64).sum::<u64>()
-    }
-}
-
-impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        if let Some(first) = this.first.take() {
-            return Poll::Ready(Some(Ok(Frame::data(first))));
-        }
-        for chunk in this.rest.by_ref() {
-            if !chunk.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(chunk))));
-            }
-        }
-        this.inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.as_slice().iter().all(Bytes::is_empty) && self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let extra = self.held();
-        let inner = self.inner.size_hint();
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower() + extra);
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper + extra);
-        }
-        hint
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use http_body_util::Full;
     use std::io::Write;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
@@ -260,15 +136,5 @@ mod tests {
         );
         assert_eq!(encoding(&headers(&[("content-encoding", "br")])), None);
         assert_eq!(encoding(&headers(&[("content-encoding", "GZIP")])), Some(Encoding::Gzip));
-    }
-
-    #[tokio::test]
-    async fn a_read_prefix_is_replayed_before_the_rest() {
-        let body = Full::new(Bytes::from_static(b"0123456789"));
-        let BodyStart::Over(prefix, rest) = read_up_to(body, 3).await.expect("reads") else { panic!("over") };
-        let whole = Prefixed::new(Some(prefix), rest).collect().await.expect("collects").to_bytes();
-        assert_eq!(whole, "0123456789");
-        let small = read_up_to(Full::new(Bytes::from_static(b"ab")), 3).await.expect("reads");
-        assert!(matches!(small, BodyStart::Complete(b) if b == "ab"));
     }
 }

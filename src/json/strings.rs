@@ -1,11 +1,11 @@
 //! JSON string contents: decoding escapes, writing plain strings, and the escape check of the pre-scans.
 //!
-//! Decoding assumes the raw bytes were accepted by [`super::json_scan`] (valid UTF-8, valid escapes,
+//! Decoding assumes the raw bytes were accepted by [`super::scan`] (valid UTF-8, valid escapes,
 //! paired surrogates); on anything else it returns `None` rather than panicking.
 
 use std::borrow::Cow;
 
-use super::json_scan::hex4;
+use super::scan::hex4;
 
 /// Iterates the characters of raw string content, decoding escapes.
 /// Yields each character with the raw index just after it.

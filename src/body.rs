@@ -1,0 +1,18 @@
+//! Body plumbing, shared by the pipeline and the rewriters: which bodies can be
+//! read and how they are encoded ([`content`]), reading a bounded start of a
+//! body ([`read`]), and the wrappers every request and response body passes
+//! through: [`Prefixed`] (what was read, then the rest), [`Tracked`] (when the
+//! request body last moved, for the upstream timeout) and [`Finished`] (the
+//! moment a response is over, for its access line and metrics).
+
+mod content;
+mod finished;
+mod prefixed;
+mod read;
+mod tracked;
+
+pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
+pub use finished::{Finish, Finished};
+pub use prefixed::Prefixed;
+pub use read::{BodyStart, ChunkStart, read_chunks, read_up_to};
+pub use tracked::{Activity, Tracked};
