@@ -69,8 +69,8 @@ fn prepare(c: &mut Criterion) {
     // Configuring the refresher publishes the static personal token; it is not run.
     let (mut refresher, handle) = Refresher::new(TokenStore::new(), metrics.clone());
     let Prepared { upstream, issuer } = reload::prepare(&config).expect("upstream and issuer");
-    let tokens = refresher.configure(&config, issuer).expect("credentials");
-    let proxy = Proxy::new(&config, upstream, tokens, handle, metrics);
+    let tokens = refresher.configure(&reload::credential_set(&config), issuer).expect("credentials");
+    let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics);
     let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(

@@ -24,6 +24,19 @@ use crate::server::{self, ConnectionInfo, ConnectionLimits};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
 
+/// The proxy listener's connection limits: hyper's hard limits at twice the
+/// configured ones, so the pipeline's JSON 431 answers every request between
+/// the two.
+fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
+    ConnectionLimits {
+        header_read_timeout: server.header_read_timeout,
+        idle_timeout: server.idle_timeout,
+        max_connections: server.max_connections,
+        max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
+        max_header_fields: server.max_headers * 2,
+    }
+}
+
 /// Connections the admin listener holds at once: probes and scrapes need few,
 /// and a flood of them must not exhaust file descriptors.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
@@ -71,7 +84,7 @@ struct ProxyServer {
     current: Arc<ArcSwap<Proxy>>,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
-    counters: server::ConnectionCounters,
+    counters: crate::metrics::ConnectionCounters,
     shutdown: CancellationToken,
     grace: Duration,
 }
@@ -210,8 +223,11 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let metrics = Arc::new(Metrics::new());
     let (mut refresher, refresh_handle) = Refresher::new(TokenStore::new(), metrics.clone());
     let Prepared { upstream, issuer } = reload::prepare(config)?;
-    let tokens = refresher.configure(config, issuer).map_err(reload::BuildError::Credential)?;
-    let proxy = Proxy::new(config, upstream, tokens, refresh_handle.clone(), metrics.clone());
+    let tokens = refresher
+        .configure(&reload::credential_set(config), issuer)
+        .map_err(reload::BuildError::Credential)?;
+    let proxy =
+        Proxy::new(reload::proxy_settings(config), upstream, tokens, refresh_handle.clone(), metrics.clone());
     let refresher = RefresherTask::spawn(refresher);
     let current = Arc::new(ArcSwap::from_pointee(proxy));
     let shutdown = CancellationToken::new();
@@ -226,7 +242,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let proxy_server = ProxyServer {
         current,
         tls: config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
-        limits: ConnectionLimits::for_proxy(&config.server),
+        limits: proxy_connection_limits(&config.server),
         counters: metrics.connections("proxy"),
         shutdown: shutdown.clone(),
         grace,

@@ -19,19 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
-use http::{HeaderValue, StatusCode};
-use rustls_pki_types::CertificateDer;
-
 pub use error::ConfigError;
 pub use secret_source::SecretSource;
 
-use crate::dates::DateRules;
-use crate::identity::Matcher;
-use crate::policy::Policy;
-use crate::secret::Secret;
-use crate::tokens::CredentialId;
-use crate::tokens::schedule::Schedule;
+// The domain types the file is translated into, under the names the file uses.
+pub use crate::identity::Identity;
+pub use crate::telemetry::LogFormat;
+pub use crate::tokens::{Credential, CredentialId, CredentialKind, OAuthClient, Provision};
+pub type Upstream = crate::upstream::Settings;
+pub type Tokens = crate::tokens::Settings;
+pub type Dates = crate::dates::Settings;
+pub type Links = crate::links::Settings;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -47,6 +45,9 @@ pub struct Config {
     pub log: Log,
     /// Indexed by [`CredentialId`].
     pub credentials: Vec<Credential>,
+    /// Where each credential's secrets came from (for `check` and the file
+    /// watcher), never the secrets themselves; indexed like `credentials`.
+    pub credential_sources: Vec<Vec<(&'static str, SecretSource)>>,
     /// In match order: the first identity whose rule matches the caller wins.
     pub identities: Vec<Identity>,
     /// Things that work but deserve attention (plain-text secrets, for one).
@@ -79,29 +80,6 @@ pub struct ListenTls {
     pub fingerprint: [u8; 32],
 }
 
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub scheme: Scheme,
-    pub authority: Authority,
-    /// Path of `base_url` without its trailing slash (usually empty); the caller's
-    /// path and query are appended to it byte for byte.
-    pub path_prefix: String,
-    /// `base_url` as configured, for messages and `check`.
-    pub base_url: String,
-    /// The OAuth token endpoint; the only other host the proxy ever talks to.
-    pub token_url: http::Uri,
-    /// Extra trusted roots from `ca_file`, on top of the webpki roots.
-    pub extra_roots: Vec<CertificateDer<'static>>,
-    pub ca_file: Option<PathBuf>,
-    /// Value of `X-Tallyfy-Client` on every upstream request.
-    pub client_header: HeaderValue,
-    pub connect_timeout: Duration,
-    /// From sending the request until the response head has arrived.
-    pub request_timeout: Duration,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-}
-
 /// Limits and timeouts of the proxy listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
@@ -121,112 +99,11 @@ pub struct Server {
     pub max_connections: usize,
 }
 
-/// How tokens are obtained and kept fresh (`[tokens]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tokens {
-    pub schedule: Schedule,
-    /// Timeout of one call to the token endpoint or the user-token route.
-    pub fetch_timeout: Duration,
-    /// Lifetime assumed when Tallyfy gives neither `expires_in` nor a JWT `exp`.
-    pub default_lifetime: Duration,
-    /// Upstream statuses that mean "this token is dead": refresh and replay once.
-    pub dead_token_statuses: Vec<StatusCode>,
-    /// Bodies up to this size are kept so a request can be replayed after a refresh.
-    pub replay_max_body_bytes: u64,
-    /// A rejection forces at most one refresh per credential in this interval.
-    pub min_forced_refresh_interval: Duration,
-}
-
-/// Request date normalisation (`[dates]`).
-#[derive(Debug, Clone)]
-pub struct Dates {
-    pub enabled: bool,
-    /// The rules for identities without their own `date_input_order`.
-    pub rules: Arc<DateRules>,
-    /// Bodies that may hold dates are buffered up to this size; a larger one that
-    /// needs rewriting is refused with 413.
-    pub max_body_bytes: u64,
-}
-
-/// Response link rewriting (`[links]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Links {
-    pub enabled: bool,
-    /// JSON responses are buffered up to this size to rewrite their links; larger
-    /// ones stream through untouched.
-    pub max_body_bytes: u64,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Log {
     pub format: LogFormat,
     /// An `EnvFilter` directive; `RUST_LOG` overrides it.
     pub level: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone)]
-pub struct Credential {
-    pub name: String,
-    pub kind: CredentialKind,
-    /// Where each secret came from (for `check`), never the secret itself.
-    pub sources: Vec<(&'static str, SecretSource)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CredentialKind {
-    /// A personal access token from Tallyfy's Settings > Integrations > REST API.
-    PersonalToken { token: Secret },
-    /// An application token from the `client_credentials` grant.
-    ClientCredentials { client: OAuthClient, scope: Option<String> },
-    /// A user token from the `password` grant, kept fresh with its refresh token.
-    Password { client: OAuthClient, username: String, password: Secret, scope: Option<String> },
-    /// A user token minted by an application for one of its org's users.
-    ApplicationUser { application: CredentialId, org: String, email: String, provision: Option<Provision> },
-}
-
-impl CredentialKind {
-    /// The `kind = "..."` value that selects this variant.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::PersonalToken { .. } => "personal_token",
-            Self::ClientCredentials { .. } => "client_credentials",
-            Self::Password { .. } => "password",
-            Self::ApplicationUser { .. } => "application_user",
-        }
-    }
-}
-
-/// An OAuth client of Tallyfy's (Laravel Passport) token endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OAuthClient {
-    pub id: String,
-    pub secret: Secret,
-}
-
-/// How to create the user of an `application_user` credential when it is missing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Provision {
-    pub first_name: String,
-    pub last_name: String,
-    pub role: Option<String>,
-    pub timezone: Option<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub name: String,
-    pub credential: CredentialId,
-    pub matcher: Matcher,
-    pub policy: Policy,
-    /// The date rules for this identity's requests (its own `date_input_order`
-    /// applied); `None` when date rewriting is off.
-    pub dates: Option<Arc<DateRules>>,
 }
 
 impl Config {

@@ -18,6 +18,8 @@
 //!
 //! Accepted input forms and zone handling: see `parse.rs` and `convert.rs`.
 
+use std::sync::Arc;
+
 mod convert;
 mod form;
 mod json;
@@ -27,6 +29,17 @@ pub(crate) mod tests;
 
 pub use form::{form_may_need_rewrite, rewrite_form};
 pub use json::{may_need_rewrite, rewrite_json};
+
+/// Request date normalisation (`[dates]`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub enabled: bool,
+    /// The rules for identities without their own `date_input_order`.
+    pub rules: Arc<DateRules>,
+    /// Bodies that may hold dates are buffered up to this size; a larger one that
+    /// needs rewriting is refused with 413.
+    pub max_body_bytes: u64,
+}
 
 /// How the two middle numbers of a naive `YYYY-xx-yy` value are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -9,6 +9,9 @@ use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER, 
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
+/// Any error, for the bodies and services that box theirs.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Whose fault it is: decides the log level and, later, the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {

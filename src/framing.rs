@@ -6,7 +6,7 @@
 //! `Transfer-Encoding` without `chunked` last, bare CR, obs-fold). On top of that,
 //! the proxy refuses, as nginx and Envoy do by default:
 //! - a request with both `Content-Length` and `Transfer-Encoding` (400, and the
-//!   connection is closed): see [`crate::server::AmbiguousLength`];
+//!   connection is closed): see [`AmbiguousLength`];
 //! - any `Transfer-Encoding` other than one `chunked` (501: the codings are not
 //!   implemented, and a list such as `gzip, chunked` is exactly what desync
 //!   attacks play on).
@@ -15,7 +15,12 @@ use http::header::TRANSFER_ENCODING;
 use http::request::Parts;
 
 use crate::error::ProxyError;
-use crate::server::AmbiguousLength;
+
+/// Marks a request (in its extensions) whose HTTP/1 head carried both
+/// `Content-Length` and `Transfer-Encoding`: hyper framed it by the latter and
+/// removed the former; [`check`] refuses it and the connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AmbiguousLength;
 
 /// Refuses a request whose framing another HTTP implementation could read differently.
 pub fn check(head: &Parts) -> Result<(), ProxyError> {

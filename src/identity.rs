@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -17,8 +18,10 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::Identity;
+use crate::dates::DateRules;
 use crate::headers::X_API_KEY;
+use crate::policy::Policy;
+use crate::tokens::CredentialId;
 
 pub type Sha256Digest = [u8; 32];
 
@@ -115,6 +118,19 @@ impl Matcher {
             }
         }
     }
+}
+
+/// One `[[identities]]` table: how to recognise a calling app, which credential
+/// its requests use, and what it may reach.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub name: String,
+    pub credential: CredentialId,
+    pub matcher: Matcher,
+    pub policy: Policy,
+    /// The date rules for this identity's requests (its own `date_input_order`
+    /// applied); `None` when date rewriting is off.
+    pub dates: Option<Arc<DateRules>>,
 }
 
 /// The configured identities, in match order, with API-key rules indexed by

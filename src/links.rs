@@ -19,6 +19,15 @@ use crate::json::scan::{self as json_scan, StrToken, Visitor};
 use crate::json::strings::{JsonChars, ascii_set, escape_may_hide, push_escaped};
 use crate::json::{Edit, splice};
 
+/// Response link rewriting (`[links]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub enabled: bool,
+    /// JSON responses are buffered up to this size to rewrite their links; larger
+    /// ones stream through untouched.
+    pub max_body_bytes: u64,
+}
+
 /// The pre-scan every JSON response gets: can it hold an upstream link at all?
 /// Built once per config generation; a body that passes it is forwarded as the
 /// very same bytes, never copied or parsed.

@@ -150,12 +150,9 @@ fn check(path: &Path) -> ExitCode {
     println!("  listen.admin  {}", config.listen.admin);
     println!("  upstream      {}", config.upstream.base_url);
     println!("  token_url     {}", config.upstream.token_url);
-    for credential in &config.credentials {
-        let sources: Vec<String> = credential
-            .sources
-            .iter()
-            .map(|(field, source)| format!("{field} from {}", source.describe()))
-            .collect();
+    for (credential, sources) in config.credentials.iter().zip(&config.credential_sources) {
+        let sources: Vec<String> =
+            sources.iter().map(|(field, source)| format!("{field} from {}", source.describe())).collect();
         println!("  credential    {} ({}; {})", credential.name, credential.kind.name(), sources.join(", "));
     }
     for identity in &config.identities {

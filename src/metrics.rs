@@ -22,8 +22,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::server::ConnectionCounters;
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CredentialLabel {
     pub credential: String,
@@ -48,6 +46,15 @@ pub struct ListenerLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: String,
+}
+
+/// A listener's connection figures, for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionCounters {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
 }
 
 /// Every metric the proxy keeps. One instance lives for the whole process (it

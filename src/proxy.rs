@@ -19,10 +19,10 @@ use hyper::body::Incoming;
 use crate::body::Activity;
 use crate::body::Finished;
 use crate::body::Prefixed;
-use crate::config::{self, Config, Identity};
 use crate::error::{ErrorClass, ProxyError};
 use crate::framing;
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
+use crate::identity::Identity;
 use crate::identity::{Caller, Identities};
 use crate::links::LinkScan;
 use crate::method_override;
@@ -33,14 +33,17 @@ use crate::target;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialTokens, Lease};
 use crate::upstream::Upstream;
+use crate::{dates, links, tokens};
 
 mod record;
 mod request_body;
 mod response_body;
+mod settings;
 
 use record::RequestRecord;
 use request_body::Outgoing;
 use response_body::LinksTo;
+pub use settings::{RequestLimits, Settings};
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
 /// rewriting), or a body the proxy wrote (a rewritten one, or a JSON error).
@@ -61,11 +64,10 @@ struct Shared {
     tokens: CredentialTokens,
     refresher: RefreshHandle,
     metrics: Arc<Metrics>,
-    client_header: http::HeaderValue,
-    limits: config::Server,
-    token_rules: config::Tokens,
-    dates: config::Dates,
-    links: config::Links,
+    limits: RequestLimits,
+    token_rules: tokens::Settings,
+    dates: dates::Settings,
+    links: links::Settings,
     /// `scheme://host[/prefix]` of Tallyfy, as it writes absolute links.
     upstream_base: String,
     /// The pre-scan for those links.
@@ -118,35 +120,31 @@ struct Replay {
 
 impl Proxy {
     pub fn new(
-        config: &Config,
+        settings: Settings,
         upstream: Upstream,
         tokens: CredentialTokens,
         refresher: RefreshHandle,
         metrics: Arc<Metrics>,
     ) -> Proxy {
+        let Settings { identities, limits, tokens: token_rules, dates, links, public_url, listener_scheme } =
+            settings;
+        let identity_metrics = identities.iter().map(|_| OnceLock::new()).collect();
         Proxy {
             shared: Arc::new(Shared {
+                upstream_base: upstream.base(),
+                link_scan: LinkScan::new(&upstream.origin()),
                 upstream,
-                identities: Identities::new(config.identities.clone()),
+                identities: Identities::new(identities),
                 tokens,
                 refresher,
                 metrics,
-                client_header: config.upstream.client_header.clone(),
-                limits: config.server.clone(),
-                token_rules: config.tokens.clone(),
-                dates: config.dates.clone(),
-                links: config.links.clone(),
-                upstream_base: format!(
-                    "{}://{}{}",
-                    config.upstream.scheme, config.upstream.authority, config.upstream.path_prefix
-                ),
-                link_scan: LinkScan::new(&format!(
-                    "{}://{}",
-                    config.upstream.scheme, config.upstream.authority
-                )),
-                public_url: config.listen.public_url.clone(),
-                listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
-                identity_metrics: config.identities.iter().map(|_| OnceLock::new()).collect(),
+                limits,
+                token_rules,
+                dates,
+                links,
+                public_url,
+                listener_scheme,
+                identity_metrics,
                 unidentified: OnceLock::new(),
             }),
         }
@@ -298,7 +296,7 @@ impl Proxy {
             }
         })?;
         head.uri = shared.upstream.uri_for(&head.uri)?;
-        headers::to_upstream(&mut head.headers, lease.authorization.clone(), &shared.client_header);
+        headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
         Ok(Prepared { identity, index, lease, links_to })
     }
 }

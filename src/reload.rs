@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics::{Metrics, OutcomeLabel};
-use crate::proxy::Proxy;
+use crate::proxy::{self, Proxy};
+use crate::tokens::CredentialSet;
 use crate::tokens::issuer::Issuer;
 use crate::tokens::refresh::{RefreshHandle, Refresher};
 use crate::upstream::Upstream;
@@ -82,8 +83,30 @@ pub enum BuildError {
 pub fn prepare(config: &Config) -> Result<Prepared, BuildError> {
     Ok(Prepared {
         upstream: Upstream::new(&config.upstream, config.server.max_request_body_bytes)?,
-        issuer: Issuer::new(config)?,
+        issuer: Issuer::new(&config.upstream, &config.tokens)?,
     })
+}
+
+/// What the refresher needs of `config`.
+pub fn credential_set(config: &Config) -> CredentialSet {
+    CredentialSet::new(config.credentials.clone(), config.tokens.clone(), &config.upstream)
+}
+
+/// What the pipeline needs of `config`.
+pub fn proxy_settings(config: &Config) -> proxy::Settings {
+    proxy::Settings {
+        identities: config.identities.clone(),
+        limits: proxy::RequestLimits {
+            max_header_bytes: config.server.max_header_bytes,
+            max_headers: config.server.max_headers,
+            max_request_body_bytes: config.server.max_request_body_bytes,
+        },
+        tokens: config.tokens.clone(),
+        dates: config.dates.clone(),
+        links: config.links.clone(),
+        public_url: config.listen.public_url.clone(),
+        listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
+    }
 }
 
 /// Asks for a reload (SIGHUP, tests). Cheap to clone.
@@ -185,7 +208,7 @@ impl Reloader {
                 return;
             }
         };
-        let tokens = match self.refresher.reconfigure(&new, prepared.issuer).await {
+        let tokens = match self.refresher.reconfigure(credential_set(&new), prepared.issuer).await {
             Ok(tokens) => tokens,
             Err(error) => {
                 tracing::error!(%error, "config reload failed; the running config stays");
@@ -202,8 +225,13 @@ impl Reloader {
         for warning in &new.warnings {
             tracing::warn!("{warning}");
         }
-        let proxy =
-            Proxy::new(&new, prepared.upstream, tokens.clone(), self.refresher.clone(), self.metrics.clone());
+        let proxy = Proxy::new(
+            proxy_settings(&new),
+            prepared.upstream,
+            tokens.clone(),
+            self.refresher.clone(),
+            self.metrics.clone(),
+        );
         // Changed credentials are fetched before the new config serves. Meanwhile
         // the old generation serves on with the tokens it holds. A shutdown does
         // not wait for this.

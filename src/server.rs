@@ -31,7 +31,6 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,12 +40,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::client_cert;
+use crate::metrics::ConnectionCounters;
 pub use activity::Guarded;
 use activity::{Activity, Counted};
 use conn_io::{ConnIo, HeadTap};
 use sniff::{Protocol, sniff};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::error::BoxError;
 
 /// Per-listener protocol settings.
 #[derive(Debug, Clone)]
@@ -64,29 +64,6 @@ pub struct ConnectionLimits {
     pub max_header_fields: usize,
 }
 
-impl ConnectionLimits {
-    /// Hyper's hard limits at twice the configured ones, so the pipeline's JSON
-    /// 431 answers every request between the two.
-    pub fn for_proxy(server: &crate::config::Server) -> Self {
-        ConnectionLimits {
-            header_read_timeout: server.header_read_timeout,
-            idle_timeout: server.idle_timeout,
-            max_connections: server.max_connections,
-            max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
-            max_header_fields: server.max_headers * 2,
-        }
-    }
-}
-
-/// A listener's connection figures, for the metrics.
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionCounters {
-    /// Connections open now.
-    pub open: Gauge,
-    /// Connections closed at once because `max_connections` were open.
-    pub refused: Counter,
-}
-
 /// What the proxy knows about a connection before any request arrives.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
@@ -95,12 +72,6 @@ pub struct ConnectionInfo {
     /// for plain HTTP or a TLS client without a certificate.
     pub cert_names: Arc<[String]>,
 }
-
-/// Marks a request (in its extensions) whose HTTP/1 head carried both
-/// `Content-Length` and `Transfer-Encoding`: hyper framed it by the latter and
-/// removed the former; the pipeline refuses it and closes the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AmbiguousLength;
 
 /// Everything a connection task needs, shared by all of a listener's connections.
 struct Listener<M> {

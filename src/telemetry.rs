@@ -4,7 +4,12 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// The log line format (`[log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber, writing to standard output. Safe to call
 /// twice (the second call is ignored), which keeps tests that start several

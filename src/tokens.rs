@@ -23,24 +23,16 @@ use tokio::time::Instant;
 
 use crate::secret::Secret;
 
+mod credential;
 pub mod issuer;
 pub mod jwt;
 pub mod refresh;
 pub mod schedule;
+mod settings;
 
-/// Index of a `[[credentials]]` table in one config, fixed when it is validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CredentialId(usize);
-
-impl CredentialId {
-    pub fn new(index: usize) -> Self {
-        Self(index)
-    }
-
-    pub fn index(self) -> usize {
-        self.0
-    }
-}
+pub use credential::{Credential, CredentialId, CredentialKind, OAuthClient, Provision};
+pub use refresh::CredentialSet;
+pub use settings::Settings;
 
 /// Where the store keeps one credential's token; stable across reloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -5,6 +5,10 @@
 //! builds always names the configured upstream: the caller's target contributes its
 //! path and query, byte for byte, and nothing else.
 
+use std::path::PathBuf;
+
+use http::HeaderValue;
+use rustls_pki_types::CertificateDer;
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +26,6 @@ use thread_local::ThreadLocal;
 
 use crate::body::Prefixed;
 use crate::body::{Activity, Tracked};
-use crate::config;
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
@@ -36,6 +39,30 @@ pub type RequestBody = Either<Full<Bytes>, StreamedBody>;
 /// What the client actually sends: the body, reporting its progress.
 type SentBody = Tracked<RequestBody>;
 
+/// Where Tallyfy is and how to talk to it (`[upstream]`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path of `base_url` without its trailing slash (usually empty); the caller's
+    /// path and query are appended to it byte for byte.
+    pub path_prefix: String,
+    /// `base_url` as configured, for messages and `check`.
+    pub base_url: String,
+    /// The OAuth token endpoint; the only other host the proxy ever talks to.
+    pub token_url: http::Uri,
+    /// Extra trusted roots from `ca_file`, on top of the webpki roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    pub ca_file: Option<PathBuf>,
+    /// Value of `X-Tallyfy-Client` on every upstream request.
+    pub client_header: HeaderValue,
+    pub connect_timeout: Duration,
+    /// From sending the request until the response head has arrived.
+    pub request_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, SentBody>;
 
 pub struct Upstream {
@@ -46,6 +73,7 @@ pub struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     pool_idle_timeout: Duration,
     pool_max_idle_per_host: usize,
+    client_header: HeaderValue,
     scheme: Scheme,
     authority: Authority,
     path_prefix: String,
@@ -56,7 +84,7 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the client. `body_limit` is only used to word the 413 when a streamed
     /// body turns out too large.
-    pub fn new(config: &config::Upstream, body_limit: u64) -> Result<Upstream, rustls::Error> {
+    pub fn new(config: &Settings, body_limit: u64) -> Result<Upstream, rustls::Error> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -73,6 +101,7 @@ impl Upstream {
             connector: https,
             pool_idle_timeout: config.pool_idle_timeout,
             pool_max_idle_per_host: config.pool_max_idle_per_host,
+            client_header: config.client_header.clone(),
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
             path_prefix: config.path_prefix.clone(),
@@ -91,6 +120,21 @@ impl Upstream {
                 .pool_max_idle_per_host(self.pool_max_idle_per_host)
                 .build(self.connector.clone())
         })
+    }
+
+    /// `scheme://host[/prefix]` of Tallyfy, as it writes absolute links.
+    pub fn base(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.path_prefix)
+    }
+
+    /// `scheme://host` of Tallyfy.
+    pub fn origin(&self) -> String {
+        format!("{}://{}", self.scheme, self.authority)
+    }
+
+    /// The `X-Tallyfy-Client` value every upstream request carries.
+    pub fn client_header(&self) -> &HeaderValue {
+        &self.client_header
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -222,7 +266,8 @@ mod tests {
              [[credentials]]\nname = \"c\"\nkind = \"personal_token\"\ntoken = \"t\"\n\
              [[identities]]\nname = \"i\"\ncredential = \"c\"\nmatch = {{ any = true }}\n"
         );
-        let config = config::Config::parse(&source, "t.toml".as_ref(), &|_| None).expect("valid config");
+        let config =
+            crate::config::Config::parse(&source, "t.toml".as_ref(), &|_| None).expect("valid config");
         Upstream::new(&config.upstream, 1).expect("TLS config builds")
     }
 

@@ -18,7 +18,7 @@ pub(super) fn validate(
     ctx: &Ctx<'_>,
     raw: &[Spanned<RawCredential>],
     warnings: &mut Vec<String>,
-) -> Result<Vec<Credential>, ConfigError> {
+) -> Result<(Vec<Credential>, Vec<Sources>), ConfigError> {
     let mut names = HashSet::new();
     for (i, credential) in raw.iter().enumerate() {
         let credential = credential.get_ref();
@@ -38,8 +38,11 @@ pub(super) fn validate(
     if credentials.is_empty() {
         return Err(ctx.err(None, "credentials", "at least one [[credentials]] table is required"));
     }
-    Ok(credentials)
+    Ok(credentials.into_iter().unzip())
 }
+
+/// Where one credential's secrets came from.
+type Sources = Vec<(&'static str, SecretSource)>;
 
 fn one(
     ctx: &Ctx<'_>,
@@ -47,7 +50,7 @@ fn one(
     key: &str,
     all: &[Spanned<RawCredential>],
     warnings: &mut Vec<String>,
-) -> Result<Credential, ConfigError> {
+) -> Result<(Credential, Sources), ConfigError> {
     let name = name(ctx, &raw.name, &format!("{key}.name"))?;
     let kind_name = raw.kind.get_ref().as_str();
     let allowed: &[&str] = match kind_name {
@@ -130,7 +133,7 @@ fn one(
             }
         }
     };
-    Ok(Credential { name, kind, sources: fields.sources })
+    Ok((Credential { name, kind }, fields.sources))
 }
 
 fn present_fields(raw: &RawCredential) -> Vec<(&'static str, std::ops::Range<usize>)> {

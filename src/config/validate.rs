@@ -103,7 +103,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         },
     };
 
-    let credentials = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
+    let (credentials, credential_sources) = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
     let identities = identities::validate(&ctx, &raw.identities, &credentials, &dates)?;
     let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
     let first_cert_rule =
@@ -128,6 +128,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         links,
         log,
         credentials,
+        credential_sources,
         identities,
         warnings,
     })

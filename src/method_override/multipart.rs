@@ -28,7 +28,7 @@ use memchr::memmem;
 use pin_project_lite::pin_project;
 
 use super::{PARAM, Unreadable, parse_method, php_name};
-use crate::server::BoxError;
+use crate::error::BoxError;
 
 /// A part's header block longer than this is not read: the body is refused.
 const MAX_PART_HEADERS: usize = 8 * 1024;

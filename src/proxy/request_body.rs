@@ -13,9 +13,9 @@ use hyper::body::Incoming;
 
 use super::{Proxy, judge_overrides};
 use crate::body::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
-use crate::config::Identity;
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
+use crate::identity::Identity;
 use crate::method_override::multipart::{Screen, Screened};
 use crate::method_override::{self, BodyKind};
 use crate::upstream::{RequestBody, StreamedBody};

@@ -85,8 +85,8 @@ fn files(config: &Config) -> Option<Vec<PathBuf>> {
     let config_dir = config.file.parent().filter(|_| config.file.is_file())?;
     let config_dir = if config_dir.as_os_str().is_empty() { Path::new(".") } else { config_dir };
     let mut files = vec![config_dir.join(config.file.file_name()?)];
-    for credential in &config.credentials {
-        for (_, source) in &credential.sources {
+    for sources in &config.credential_sources {
+        for (_, source) in sources {
             if let SecretSource::File(path) = source {
                 files.push(config_dir.join(path));
             }

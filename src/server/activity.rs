@@ -17,8 +17,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use super::AmbiguousLength;
 use super::conn_io::{HeadTap, head_has_content_length};
+use crate::framing::AmbiguousLength;
 
 /// How many quiet checks in a row make a connection idle.
 const QUIET_CHECKS: u32 = 4;

@@ -12,10 +12,11 @@ use http::{HeaderValue, StatusCode};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
+use super::{OAuthClient, Provision, Settings};
 use super::{jwt, schedule};
-use crate::config::{self, OAuthClient, Provision};
 use crate::headers::X_TALLYFY_CLIENT;
 use crate::secret::Secret;
+use crate::upstream;
 
 /// A freshly issued token.
 #[derive(Debug)]
@@ -88,12 +89,11 @@ pub struct Issuer {
 }
 
 impl Issuer {
-    pub fn new(config: &config::Config) -> Result<Issuer, IssuerSetupError> {
-        let upstream = &config.upstream;
+    pub fn new(upstream: &upstream::Settings, tokens: &Settings) -> Result<Issuer, IssuerSetupError> {
         let tls = crate::upstream::tls_config(&upstream.extra_roots)?;
         let builder = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
-            .timeout(config.tokens.fetch_timeout)
+            .timeout(tokens.fetch_timeout)
             .connect_timeout(upstream.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -103,7 +103,7 @@ impl Issuer {
             token_url: upstream.token_url.to_string(),
             api_base: format!("{}://{}{}", upstream.scheme, upstream.authority, upstream.path_prefix),
             client_header: upstream.client_header.clone(),
-            default_lifetime: config.tokens.default_lifetime,
+            default_lifetime: tokens.default_lifetime,
         })
     }
 

@@ -26,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::issuer::{FetchError, Issued, Issuer};
 use super::schedule::Schedule;
+use super::{Credential, CredentialKind, Settings};
 use super::{CredentialTokens, SlotId, Token, TokenStore};
-use crate::config::{Config, Credential, CredentialKind};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::upstream;
 
 /// How long a slot no config uses keeps its token, for requests of the old
 /// config still in flight (a replay after a dead-token 401 needs it).
@@ -42,9 +43,29 @@ struct Rejected {
     generation: u64,
 }
 
+/// What the refresher needs of a config: its credentials, how to keep them
+/// fresh, and which upstream they belong to (tokens never cross to another).
+#[derive(Debug, Clone)]
+pub struct CredentialSet {
+    pub credentials: Vec<Credential>,
+    pub settings: Settings,
+    /// The token endpoint and API base.
+    upstream: String,
+}
+
+impl CredentialSet {
+    pub fn new(credentials: Vec<Credential>, settings: Settings, upstream: &upstream::Settings) -> Self {
+        let upstream = format!(
+            "{} {}://{}{}",
+            upstream.token_url, upstream.scheme, upstream.authority, upstream.path_prefix
+        );
+        CredentialSet { credentials, settings, upstream }
+    }
+}
+
 /// A new config's credentials, and where to send their slots.
 struct Reconfigure {
-    config: Box<Config>,
+    set: CredentialSet,
     issuer: Issuer,
     reply: oneshot::Sender<Result<CredentialTokens, String>>,
 }
@@ -71,9 +92,9 @@ impl RefreshHandle {
 
     /// Maps a new config's credentials onto slots (see the module docs). An
     /// `Err` leaves everything as it was.
-    pub async fn reconfigure(&self, config: &Config, issuer: Issuer) -> Result<CredentialTokens, String> {
+    pub async fn reconfigure(&self, set: CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
         let (reply, answer) = oneshot::channel();
-        let request = Reconfigure { config: Box::new(config.clone()), issuer, reply };
+        let request = Reconfigure { set, issuer, reply };
         self.reconfigure.send(request).await.map_err(|_| "the refresher has stopped".to_owned())?;
         answer.await.map_err(|_| "the refresher has stopped".to_owned())?
     }
@@ -162,9 +183,9 @@ impl Refresher {
     /// tokens are published at once; OAuth ones are due now) and retiring the
     /// ones it no longer uses. Fails, changing nothing, when a personal token
     /// cannot be sent in a header.
-    pub fn configure(&mut self, config: &Config, issuer: Issuer) -> Result<CredentialTokens, String> {
-        let mut statics = Vec::with_capacity(config.credentials.len());
-        for credential in &config.credentials {
+    pub fn configure(&mut self, set: &CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
+        let mut statics = Vec::with_capacity(set.credentials.len());
+        for credential in &set.credentials {
             statics.push(match &credential.kind {
                 CredentialKind::PersonalToken { token } => {
                     Some(Token::bearer(token, None).map_err(|_| {
@@ -174,20 +195,20 @@ impl Refresher {
                 _ => None,
             });
         }
-        let upstream = upstream_of(config);
+        let upstream = set.upstream.clone();
         if upstream != self.upstream {
             self.upstream = upstream;
             self.epoch += 1;
         }
         self.issuer = Some(Arc::new(issuer));
-        self.schedule = config.tokens.schedule;
-        self.min_forced_interval = config.tokens.min_forced_refresh_interval;
+        self.schedule = set.settings.schedule;
+        self.min_forced_interval = set.settings.min_forced_refresh_interval;
         let now = Instant::now();
-        let mut assigned: Vec<Option<SlotId>> = vec![None; config.credentials.len()];
+        let mut assigned: Vec<Option<SlotId>> = vec![None; set.credentials.len()];
         let mut kept = HashSet::new();
         // Applications first: a user token's slot depends on its application's.
         for minted in [false, true] {
-            for (index, credential) in config.credentials.iter().enumerate() {
+            for (index, credential) in set.credentials.iter().enumerate() {
                 let application = match &credential.kind {
                     CredentialKind::ApplicationUser { application, .. } => Some(application.index()),
                     _ => None,
@@ -219,11 +240,8 @@ impl Refresher {
         }
         let slots: Vec<SlotId> =
             assigned.into_iter().map(|id| id.expect("every credential was assigned")).collect();
-        let refreshable = config
-            .credentials
-            .iter()
-            .map(|c| !matches!(c.kind, CredentialKind::PersonalToken { .. }))
-            .collect();
+        let refreshable =
+            set.credentials.iter().map(|c| !matches!(c.kind, CredentialKind::PersonalToken { .. })).collect();
         Ok(CredentialTokens::new(self.store.clone(), slots, refreshable))
     }
 
@@ -280,8 +298,8 @@ impl Refresher {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(request) = self.reconfigures.recv() => {
-                    let Reconfigure { config, issuer, reply } = request;
-                    let _ = reply.send(self.configure(&config, issuer));
+                    let Reconfigure { set, issuer, reply } = request;
+                    let _ = reply.send(self.configure(&set, issuer));
                 }
                 Some(rejected) = self.rejected.recv() => self.on_rejected(rejected),
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => match joined {
@@ -439,12 +457,6 @@ impl Refresher {
             self.store.settle(id);
         }
     }
-}
-
-/// The token endpoint and API base of `config`: slots never cross to another.
-fn upstream_of(config: &Config) -> String {
-    let upstream = &config.upstream;
-    format!("{} {}://{}{}", upstream.token_url, upstream.scheme, upstream.authority, upstream.path_prefix)
 }
 
 /// Whether `slot` was made for the very same credential settings (secrets
