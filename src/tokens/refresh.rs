@@ -15,132 +15,31 @@
 //! are forgotten after [`RETIRED_GRACE`], once requests of the old config are long
 //! done.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::issuer::{FetchError, Issued, Issuer};
+mod fetch;
+mod handle;
+mod slots;
+
+use super::issuer::{FetchError, Issuer};
 use super::schedule::Schedule;
-use super::{Credential, CredentialKind, Settings};
-use super::{CredentialTokens, SlotId, Token, TokenStore};
+use super::{CredentialKind, SlotId, Token, TokenStore};
+use fetch::{Outcome, fetch};
+use slots::{Life, Slot};
+
 use crate::metrics::Metrics;
-use crate::secret::Secret;
-use crate::upstream;
+pub use handle::{CredentialSet, RefreshHandle};
+use handle::{Reconfigure, Rejected};
 
 /// How long a slot no config uses keeps its token, for requests of the old
 /// config still in flight (a replay after a dead-token 401 needs it).
 pub const RETIRED_GRACE: Duration = Duration::from_secs(15 * 60);
-
-/// "Tallyfy rejected generation `generation` of this slot's token."
-#[derive(Debug, Clone, Copy)]
-struct Rejected {
-    slot: SlotId,
-    generation: u64,
-}
-
-/// What the refresher needs of a config: its credentials, how to keep them
-/// fresh, and which upstream they belong to (tokens never cross to another).
-#[derive(Debug, Clone)]
-pub struct CredentialSet {
-    pub credentials: Vec<Credential>,
-    pub settings: Settings,
-    /// The token endpoint and API base.
-    upstream: String,
-}
-
-impl CredentialSet {
-    pub fn new(credentials: Vec<Credential>, settings: Settings, upstream: &upstream::Settings) -> Self {
-        let upstream = format!(
-            "{} {}://{}{}",
-            upstream.token_url, upstream.scheme, upstream.authority, upstream.path_prefix
-        );
-        CredentialSet { credentials, settings, upstream }
-    }
-}
-
-/// A new config's credentials, and where to send their slots.
-struct Reconfigure {
-    set: CredentialSet,
-    issuer: Issuer,
-    reply: oneshot::Sender<Result<CredentialTokens, String>>,
-}
-
-/// The request and reload side of the refresher. Cheap to clone.
-#[derive(Clone)]
-pub struct RefreshHandle {
-    rejected: mpsc::Sender<Rejected>,
-    reconfigure: mpsc::Sender<Reconfigure>,
-    store: Arc<TokenStore>,
-}
-
-impl RefreshHandle {
-    /// Reports a rejected token. Never blocks: when the queue is full, reports
-    /// are already pending. When the refresher is gone (shutdown), waiters are
-    /// released at once.
-    pub fn token_rejected(&self, slot: SlotId, generation: u64) {
-        if let Err(mpsc::error::TrySendError::Closed(_)) =
-            self.rejected.try_send(Rejected { slot, generation })
-        {
-            self.store.settle(slot);
-        }
-    }
-
-    /// Maps a new config's credentials onto slots (see the module docs). An
-    /// `Err` leaves everything as it was.
-    pub async fn reconfigure(&self, set: CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
-        let (reply, answer) = oneshot::channel();
-        let request = Reconfigure { set, issuer, reply };
-        self.reconfigure.send(request).await.map_err(|_| "the refresher has stopped".to_owned())?;
-        answer.await.map_err(|_| "the refresher has stopped".to_owned())?
-    }
-}
-
-/// Whether a slot is refreshed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Life {
-    /// Used by the current config.
-    Live,
-    /// Used only by older configs: no scheduled refresh; forgotten at this time.
-    Retired { forget_at: Instant },
-    /// Forgotten: its token is cleared.
-    Gone,
-}
-
-/// Refresh state of one slot.
-struct Slot {
-    id: SlotId,
-    /// The settings it was created with.
-    credential: Credential,
-    /// `application_user`: the slot of the application token it mints with.
-    application: Option<SlotId>,
-    /// The upstream it belongs to (tokens never cross to another).
-    epoch: u32,
-    life: Life,
-    /// The password grant's refresh token, if one is held and not yet redeemed.
-    refresh_token: Option<Secret>,
-    /// When to fetch next; `None` for static tokens and retired slots.
-    due: Option<Instant>,
-    /// Consecutive failures, for the backoff.
-    failures: u32,
-    fetching: bool,
-    /// When a rejection last forced a refresh (rate-limits forced refreshes).
-    last_forced: Option<Instant>,
-    /// `application_user`: the mint was refused for a dead application token;
-    /// mint again as soon as the application's new token is published.
-    awaiting_application: bool,
-}
-
-struct Outcome {
-    slot: SlotId,
-    /// When the fetch started: lifetimes count from here, not from the answer.
-    requested_at: Instant,
-    result: Result<Issued, FetchError>,
-}
 
 pub struct Refresher {
     store: Arc<TokenStore>,
@@ -177,104 +76,6 @@ impl Refresher {
             reconfigures,
         };
         (refresher, handle)
-    }
-
-    /// Maps `config`'s credentials onto slots, creating the new ones (personal
-    /// tokens are published at once; OAuth ones are due now) and retiring the
-    /// ones it no longer uses. Fails, changing nothing, when a personal token
-    /// cannot be sent in a header.
-    pub fn configure(&mut self, set: &CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
-        let mut statics = Vec::with_capacity(set.credentials.len());
-        for credential in &set.credentials {
-            statics.push(match &credential.kind {
-                CredentialKind::PersonalToken { token } => {
-                    Some(Token::bearer(token, None).map_err(|_| {
-                        format!("credential {}: the token cannot be sent in a header", credential.name)
-                    })?)
-                }
-                _ => None,
-            });
-        }
-        let upstream = set.upstream.clone();
-        if upstream != self.upstream {
-            self.upstream = upstream;
-            self.epoch += 1;
-        }
-        self.issuer = Some(Arc::new(issuer));
-        self.schedule = set.settings.schedule;
-        self.min_forced_interval = set.settings.min_forced_refresh_interval;
-        let now = Instant::now();
-        let mut assigned: Vec<Option<SlotId>> = vec![None; set.credentials.len()];
-        let mut kept = HashSet::new();
-        // Applications first: a user token's slot depends on its application's.
-        for minted in [false, true] {
-            for (index, credential) in set.credentials.iter().enumerate() {
-                let application = match &credential.kind {
-                    CredentialKind::ApplicationUser { application, .. } => Some(application.index()),
-                    _ => None,
-                };
-                if application.is_some() != minted {
-                    continue;
-                }
-                let application = application.and_then(|a| assigned[a]);
-                let reusable = self.slots.iter().find(|slot| {
-                    slot.life == Life::Live
-                        && slot.epoch == self.epoch
-                        && !kept.contains(&slot.id)
-                        && slot.application == application
-                        && same_settings(&slot.credential, credential)
-                });
-                let id = match reusable {
-                    Some(slot) => slot.id,
-                    None => self.create(credential, application, statics[index].take(), now),
-                };
-                kept.insert(id);
-                assigned[index] = Some(id);
-            }
-        }
-        for slot in &mut self.slots {
-            if slot.life == Life::Live && !kept.contains(&slot.id) {
-                slot.life = Life::Retired { forget_at: now + RETIRED_GRACE };
-                slot.due = None;
-            }
-        }
-        let slots: Vec<SlotId> =
-            assigned.into_iter().map(|id| id.expect("every credential was assigned")).collect();
-        let refreshable =
-            set.credentials.iter().map(|c| !matches!(c.kind, CredentialKind::PersonalToken { .. })).collect();
-        Ok(CredentialTokens::new(self.store.clone(), slots, refreshable))
-    }
-
-    fn create(
-        &mut self,
-        credential: &Credential,
-        application: Option<SlotId>,
-        token: Option<Token>,
-        now: Instant,
-    ) -> SlotId {
-        let id = self.store.add_slot(&credential.name);
-        let due = match token {
-            Some(token) => {
-                self.store.publish(id, token);
-                None
-            }
-            None => Some(now),
-        };
-        self.slots.push(Slot {
-            id,
-            credential: credential.clone(),
-            application,
-            epoch: self.epoch,
-            life: Life::Live,
-            refresh_token: None,
-            due,
-            failures: 0,
-            fetching: false,
-            last_forced: None,
-            awaiting_application: false,
-        });
-        debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
-        id
     }
 
     /// Runs until `shutdown` fires. Fetches still running are abandoned.
@@ -455,63 +256,6 @@ impl Refresher {
         );
         if settle {
             self.store.settle(id);
-        }
-    }
-}
-
-/// Whether `slot` was made for the very same credential settings (secrets
-/// included; an `application_user`'s application is compared by slot).
-fn same_settings(slot: &Credential, new: &Credential) -> bool {
-    slot.name == new.name
-        && match (&slot.kind, &new.kind) {
-            (
-                CredentialKind::ApplicationUser { org: o1, email: e1, provision: p1, .. },
-                CredentialKind::ApplicationUser { org: o2, email: e2, provision: p2, .. },
-            ) => o1 == o2 && e1 == e2 && p1 == p2,
-            (old, new) => old == new,
-        }
-}
-
-/// One fetch for one slot: the grant its kind calls for.
-async fn fetch(
-    issuer: &Issuer,
-    store: &TokenStore,
-    kind: &CredentialKind,
-    application: Option<SlotId>,
-    refresh_token: Option<Secret>,
-) -> Result<Issued, FetchError> {
-    match kind {
-        CredentialKind::PersonalToken { .. } => {
-            Err(FetchError::Malformed("personal tokens are never fetched"))
-        }
-        CredentialKind::ClientCredentials { client, scope } => {
-            issuer.client_credentials(client, scope.as_deref()).await
-        }
-        CredentialKind::Password { client, username, password, scope } => {
-            if let Some(refresh_token) = refresh_token {
-                match issuer.refresh(client, &refresh_token).await {
-                    Ok(issued) => return Ok(issued),
-                    Err(error) if error.is_invalid_grant() => {
-                        tracing::info!("refresh token refused; signing in with the password grant");
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            issuer.password(client, username, password, scope.as_deref()).await
-        }
-        CredentialKind::ApplicationUser { org, email, provision, .. } => {
-            let application = application.ok_or(FetchError::NoApplicationToken)?;
-            let lease =
-                store.lease(application, Instant::now()).map_err(|_| FetchError::NoApplicationToken)?;
-            match issuer.mint_user_token(&lease.authorization, org, email).await {
-                Err(FetchError::Refused { status: 404, .. }) if provision.is_some() => {
-                    let provision = provision.as_ref().expect("checked by the guard");
-                    tracing::info!(%org, "user not found; provisioning it");
-                    issuer.provision_user(&lease.authorization, org, email, provision).await?;
-                    issuer.mint_user_token(&lease.authorization, org, email).await
-                }
-                other => other,
-            }
         }
     }
 }

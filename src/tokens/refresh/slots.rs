@@ -1,0 +1,160 @@
+//! The refresher's slots: one per credential setting, kept across reloads while
+//! a config uses it, retired when none does.
+
+use std::collections::HashSet;
+
+use tokio::time::Instant;
+
+use super::super::issuer::Issuer;
+use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token};
+use super::{CredentialSet, RETIRED_GRACE, Refresher};
+use crate::secret::Secret;
+use std::sync::Arc;
+
+/// Whether a slot is refreshed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Life {
+    /// Used by the current config.
+    Live,
+    /// Used only by older configs: no scheduled refresh; forgotten at this time.
+    Retired { forget_at: Instant },
+    /// Forgotten: its token is cleared.
+    Gone,
+}
+
+/// Refresh state of one slot.
+pub(super) struct Slot {
+    pub(super) id: SlotId,
+    /// The settings it was created with.
+    pub(super) credential: Credential,
+    /// `application_user`: the slot of the application token it mints with.
+    pub(super) application: Option<SlotId>,
+    /// The upstream it belongs to (tokens never cross to another).
+    pub(super) epoch: u32,
+    pub(super) life: Life,
+    /// The password grant's refresh token, if one is held and not yet redeemed.
+    pub(super) refresh_token: Option<Secret>,
+    /// When to fetch next; `None` for static tokens and retired slots.
+    pub(super) due: Option<Instant>,
+    /// Consecutive failures, for the backoff.
+    pub(super) failures: u32,
+    pub(super) fetching: bool,
+    /// When a rejection last forced a refresh (rate-limits forced refreshes).
+    pub(super) last_forced: Option<Instant>,
+    /// `application_user`: the mint was refused for a dead application token;
+    /// mint again as soon as the application's new token is published.
+    pub(super) awaiting_application: bool,
+}
+
+impl Refresher {
+    /// Maps `config`'s credentials onto slots, creating the new ones (personal
+    /// tokens are published at once; OAuth ones are due now) and retiring the
+    /// ones it no longer uses. Fails, changing nothing, when a personal token
+    /// cannot be sent in a header.
+    pub fn configure(&mut self, set: &CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
+        let mut statics = Vec::with_capacity(set.credentials.len());
+        for credential in &set.credentials {
+            statics.push(match &credential.kind {
+                CredentialKind::PersonalToken { token } => {
+                    Some(Token::bearer(token, None).map_err(|_| {
+                        format!("credential {}: the token cannot be sent in a header", credential.name)
+                    })?)
+                }
+                _ => None,
+            });
+        }
+        let upstream = set.upstream.clone();
+        if upstream != self.upstream {
+            self.upstream = upstream;
+            self.epoch += 1;
+        }
+        self.issuer = Some(Arc::new(issuer));
+        self.schedule = set.settings.schedule;
+        self.min_forced_interval = set.settings.min_forced_refresh_interval;
+        let now = Instant::now();
+        let mut assigned: Vec<Option<SlotId>> = vec![None; set.credentials.len()];
+        let mut kept = HashSet::new();
+        // Applications first: a user token's slot depends on its application's.
+        for minted in [false, true] {
+            for (index, credential) in set.credentials.iter().enumerate() {
+                let application = match &credential.kind {
+                    CredentialKind::ApplicationUser { application, .. } => Some(application.index()),
+                    _ => None,
+                };
+                if application.is_some() != minted {
+                    continue;
+                }
+                let application = application.and_then(|a| assigned[a]);
+                let reusable = self.slots.iter().find(|slot| {
+                    slot.life == Life::Live
+                        && slot.epoch == self.epoch
+                        && !kept.contains(&slot.id)
+                        && slot.application == application
+                        && same_settings(&slot.credential, credential)
+                });
+                let id = match reusable {
+                    Some(slot) => slot.id,
+                    None => self.create(credential, application, statics[index].take(), now),
+                };
+                kept.insert(id);
+                assigned[index] = Some(id);
+            }
+        }
+        for slot in &mut self.slots {
+            if slot.life == Life::Live && !kept.contains(&slot.id) {
+                slot.life = Life::Retired { forget_at: now + RETIRED_GRACE };
+                slot.due = None;
+            }
+        }
+        let slots: Vec<SlotId> =
+            assigned.into_iter().map(|id| id.expect("every credential was assigned")).collect();
+        let refreshable =
+            set.credentials.iter().map(|c| !matches!(c.kind, CredentialKind::PersonalToken { .. })).collect();
+        Ok(CredentialTokens::new(self.store.clone(), slots, refreshable))
+    }
+
+    pub(super) fn create(
+        &mut self,
+        credential: &Credential,
+        application: Option<SlotId>,
+        token: Option<Token>,
+        now: Instant,
+    ) -> SlotId {
+        let id = self.store.add_slot(&credential.name);
+        let due = match token {
+            Some(token) => {
+                self.store.publish(id, token);
+                None
+            }
+            None => Some(now),
+        };
+        self.slots.push(Slot {
+            id,
+            credential: credential.clone(),
+            application,
+            epoch: self.epoch,
+            life: Life::Live,
+            refresh_token: None,
+            due,
+            failures: 0,
+            fetching: false,
+            last_forced: None,
+            awaiting_application: false,
+        });
+        debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
+        id
+    }
+}
+
+/// Whether `slot` was made for the very same credential settings (secrets
+/// included; an `application_user`'s application is compared by slot).
+fn same_settings(slot: &Credential, new: &Credential) -> bool {
+    slot.name == new.name
+        && match (&slot.kind, &new.kind) {
+            (
+                CredentialKind::ApplicationUser { org: o1, email: e1, provision: p1, .. },
+                CredentialKind::ApplicationUser { org: o2, email: e2, provision: p2, .. },
+            ) => o1 == o2 && e1 == e2 && p1 == p2,
+            (old, new) => old == new,
+        }
+}
