@@ -25,7 +25,7 @@ use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::{Config, LogFormat};
 use tallyfy_proxy::metrics::Metrics;
 use tallyfy_proxy::proxy::Proxy;
-use tallyfy_proxy::reload::{self, Prepared};
+use tallyfy_proxy::reload::{self, Clients};
 use tallyfy_proxy::server::ConnectionInfo;
 use tallyfy_proxy::tokens::TokenStore;
 use tallyfy_proxy::tokens::refresh::Refresher;
@@ -68,7 +68,7 @@ fn prepare(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new());
     // Configuring the refresher publishes the static personal token; it is not run.
     let (mut refresher, handle) = Refresher::new(TokenStore::new(), metrics.clone());
-    let Prepared { upstream, issuer } = reload::prepare(&config).expect("upstream and issuer");
+    let Clients { upstream, issuer } = reload::clients(&config).expect("upstream and issuer");
     let tokens = refresher.configure(&reload::credential_set(&config), issuer).expect("credentials");
     let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics);
     let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };

@@ -19,7 +19,7 @@ use crate::admin::Admin;
 use crate::config::{Config, Listen};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::reload::{self, Prepared, RefresherTask, ReloadHandle, Reloader};
+use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
 use crate::server::{self, ConnectionInfo, ConnectionLimits};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
@@ -222,7 +222,7 @@ impl Running {
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let (mut refresher, refresh_handle) = Refresher::new(TokenStore::new(), metrics.clone());
-    let Prepared { upstream, issuer } = reload::prepare(config)?;
+    let Clients { upstream, issuer } = reload::clients(config)?;
     let tokens = refresher
         .configure(&reload::credential_set(config), issuer)
         .map_err(reload::BuildError::Credential)?;

@@ -6,12 +6,15 @@
 //! Any problem is a [`ConfigError`]: one line naming the file, the line and the key.
 
 mod credentials;
+mod ctx;
 mod dates;
 mod error;
 mod identities;
+mod limits;
 mod listen_tls;
 mod raw;
 mod secret_source;
+mod upstream;
 mod validate;
 
 use std::net::SocketAddr;

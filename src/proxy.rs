@@ -10,8 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH};
-use http::request::Parts;
+use http::header::AUTHORIZATION;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -20,29 +19,26 @@ use crate::body::Activity;
 use crate::body::Finished;
 use crate::body::Prefixed;
 use crate::error::{ErrorClass, ProxyError};
-use crate::framing;
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
-use crate::identity::Identity;
-use crate::identity::{Caller, Identities};
+use crate::identity::Identities;
 use crate::links::LinkScan;
-use crate::method_override;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
 use crate::server::ConnectionInfo;
-use crate::target;
+use crate::tokens::CredentialTokens;
 use crate::tokens::refresh::RefreshHandle;
-use crate::tokens::{CredentialTokens, Lease};
 use crate::upstream::Upstream;
 use crate::{dates, links, tokens};
 
+mod prepare;
 mod record;
 mod request_body;
 mod response_body;
 mod settings;
 
+pub use prepare::Prepared;
 use record::RequestRecord;
 use request_body::Outgoing;
-use response_body::LinksTo;
 pub use settings::{RequestLimits, Settings};
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
@@ -87,9 +83,7 @@ impl Shared {
         let name = &self.identities.get(index).name;
         self.identity_metrics[index].get_or_init(|| self.metrics.requests.identity(name))
     }
-}
 
-impl Shared {
     /// The name and figures of the identity at `index`, or of unknown callers.
     fn identity_figures(&self, index: Option<usize>) -> (&str, &IdentityMetrics) {
         match index {
@@ -97,16 +91,6 @@ impl Shared {
             None => ("-", self.unidentified.get_or_init(|| self.metrics.requests.identity("-"))),
         }
     }
-}
-
-/// A request whose head has been rewritten for Tallyfy.
-pub struct Prepared<'p> {
-    pub identity: &'p Identity,
-    /// The identity's place in the generation's identities.
-    pub index: usize,
-    pub lease: Lease,
-    /// Where this caller's links should point.
-    links_to: LinksTo,
 }
 
 /// A kept copy of a request, so it can be sent again with a fresh token.
@@ -251,70 +235,4 @@ impl Proxy {
         log.upstream_status = Some(response.status());
         self.response(response, &links_to).await
     }
-
-    /// Every decision about a request that needs no I/O: checks the target and
-    /// limits, identifies the caller, applies its policy, takes its token (one
-    /// atomic load) and rewrites the head into the upstream request's. The hot
-    /// path measured by the benches.
-    pub fn prepare(&self, head: &mut Parts, connection: &ConnectionInfo) -> Result<Prepared<'_>, ProxyError> {
-        let shared = &*self.shared;
-        // Framing first: a request whose length is ambiguous is refused (and its
-        // connection closed) whatever else is wrong with it.
-        framing::check(head)?;
-        target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
-        let host = target::host(head.version, &head.uri, &head.headers)?;
-        let links_to = self.links_to(head, host);
-        headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
-        if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
-            return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
-        }
-        let caller =
-            Caller { headers: &head.headers, peer: connection.peer, cert_names: &connection.cert_names };
-        let index = shared.identities.identify_index(&caller).ok_or(ProxyError::UnknownCaller)?;
-        let identity = shared.identities.get(index);
-        if !identity.policy.is_unrestricted() {
-            if let Some(aliased) = head.uri.path_and_query().and_then(|pq| identity.policy.resolve_alias(pq))
-            {
-                let mut parts = head.uri.clone().into_parts();
-                parts.path_and_query = Some(aliased);
-                head.uri =
-                    Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("aliased URI: {e}")))?;
-            }
-            identity
-                .policy
-                .authorize(&head.method, head.uri.path())
-                .map_err(|denied| ProxyError::Forbidden(denied.reason()))?;
-            if identity.policy.restricts_methods() && head.method == Method::POST {
-                let query = head.uri.query().unwrap_or_default().as_bytes();
-                judge_overrides(&identity.policy, method_override::in_urlencoded(query))?;
-            }
-        }
-        let lease = shared.tokens.lease(identity.credential, tokio::time::Instant::now()).map_err(|_| {
-            ProxyError::TokenUnavailable {
-                credential: shared.tokens.name(identity.credential).to_string(),
-                retry_after: TOKEN_RETRY_AFTER,
-            }
-        })?;
-        head.uri = shared.upstream.uri_for(&head.uri)?;
-        headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
-        Ok(Prepared { identity, index, lease, links_to })
-    }
-}
-
-/// Judges the methods `_method` overrides name against the identity's policy.
-fn judge_overrides(
-    policy: &crate::policy::Policy,
-    found: Result<Vec<Method>, method_override::Unreadable>,
-) -> Result<(), ProxyError> {
-    let methods = found.map_err(|unreadable| ProxyError::OverrideUnreadable(unreadable.0))?;
-    for method in &methods {
-        policy.authorize_method(method).map_err(|_| {
-            ProxyError::Forbidden("this identity may not use the method its _method override names")
-        })?;
-    }
-    Ok(())
-}
-
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }

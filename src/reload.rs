@@ -62,9 +62,9 @@ impl RefresherTask {
     }
 }
 
-/// The parts of a generation that can fail to build, made before the refresher
-/// is told about the new config.
-pub struct Prepared {
+/// A generation's two HTTP clients (Tallyfy's API, its token endpoint): the
+/// parts that can fail to build, made before the refresher hears of the config.
+pub struct Clients {
     pub upstream: Upstream,
     pub issuer: Issuer,
 }
@@ -80,8 +80,8 @@ pub enum BuildError {
 }
 
 /// Builds the upstream client and the token endpoint client of `config`.
-pub fn prepare(config: &Config) -> Result<Prepared, BuildError> {
-    Ok(Prepared {
+pub fn clients(config: &Config) -> Result<Clients, BuildError> {
+    Ok(Clients {
         upstream: Upstream::new(&config.upstream, config.server.max_request_body_bytes)?,
         issuer: Issuer::new(&config.upstream, &config.tokens)?,
     })
@@ -200,15 +200,15 @@ impl Reloader {
         // Watching the new config's files starts now, with their contents as just
         // read: an edit made while the new credentials are fetched is a change.
         let watcher = watch::Watcher::start(&new, self.trigger.clone());
-        let prepared = match prepare(&new) {
-            Ok(prepared) => prepared,
+        let clients = match clients(&new) {
+            Ok(clients) => clients,
             Err(error) => {
                 tracing::error!(%error, "config reload failed; the running config stays");
                 outcome(&self.metrics, "failed");
                 return;
             }
         };
-        let tokens = match self.refresher.reconfigure(credential_set(&new), prepared.issuer).await {
+        let tokens = match self.refresher.reconfigure(credential_set(&new), clients.issuer).await {
             Ok(tokens) => tokens,
             Err(error) => {
                 tracing::error!(%error, "config reload failed; the running config stays");
@@ -227,7 +227,7 @@ impl Reloader {
         }
         let proxy = Proxy::new(
             proxy_settings(&new),
-            prepared.upstream,
+            clients.upstream,
             tokens.clone(),
             self.refresher.clone(),
             self.metrics.clone(),

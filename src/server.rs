@@ -17,6 +17,7 @@
 
 mod activity;
 mod conn_io;
+mod connection;
 mod sniff;
 
 use std::convert::Infallible;
@@ -24,27 +25,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
-use hyper_util::service::TowerToHyperService;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::client_cert;
 use crate::metrics::ConnectionCounters;
 pub use activity::Guarded;
-use activity::{Activity, Counted};
-use conn_io::{ConnIo, HeadTap};
-use sniff::{Protocol, sniff};
+use connection::{Listener, OpenConnection, connection};
 
 pub use crate::error::BoxError;
 
@@ -71,16 +64,6 @@ pub struct ConnectionInfo {
     /// Names of the verified client certificate (URI SANs, DNS SANs, CN); empty
     /// for plain HTTP or a TLS client without a certificate.
     pub cert_names: Arc<[String]>,
-}
-
-/// Everything a connection task needs, shared by all of a listener's connections.
-struct Listener<M> {
-    tls: Option<TlsAcceptor>,
-    limits: ConnectionLimits,
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
-    make_service: M,
-    shutdown: CancellationToken,
 }
 
 /// Serves connections from `listener` (over TLS when `tls` is given) until
@@ -163,160 +146,5 @@ pub async fn serve<M, S, B>(
         );
         connections.abort_all();
         while connections.join_next().await.is_some() {}
-    }
-}
-
-/// Holds a connection's place under `max_connections` and in the open gauge.
-struct OpenConnection {
-    open: Gauge,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(open: &Gauge, permit: OwnedSemaphorePermit) -> Self {
-        open.inc();
-        OpenConnection { open: open.clone(), _permit: permit }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.open.dec();
-    }
-}
-
-/// One connection, from the handshake to its close.
-async fn connection<M, S, B>(
-    shared: Arc<Listener<M>>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    _open: OpenConnection,
-) where
-    M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let deadline = shared.limits.header_read_timeout;
-    if let Some(acceptor) = shared.tls.clone() {
-        // Boxed: the handshake's state is large, and plain connections (the
-        // many idle keep-alive ones among them) should not carry room for it.
-        return Box::pin(tls_connection(shared, acceptor, stream, peer)).await;
-    }
-    let Some((protocol, prefix)) = sniff(&mut stream, deadline).await else {
-        return tracing::debug!(%peer, "no request within the header read timeout");
-    };
-    let info = ConnectionInfo { peer, cert_names: Arc::from([]) };
-    serve_io(&shared, stream, protocol, prefix, info).await
-}
-
-/// A TLS connection, from the handshake to its close.
-async fn tls_connection<M, S, B>(
-    shared: Arc<Listener<M>>,
-    acceptor: TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
-) where
-    M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let deadline = shared.limits.header_read_timeout;
-    let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
-        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-    };
-    let session = stream.get_ref().1;
-    let cert_names = session
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(client_cert::names)
-        .unwrap_or_default();
-    let (protocol, prefix) = match session.alpn_protocol() {
-        Some(b"h2") => (Protocol::Http2, Bytes::new()),
-        Some(_) => (Protocol::Http1, Bytes::new()),
-        None => match sniff(&mut stream, deadline).await {
-            Some(sniffed) => sniffed,
-            None => return tracing::debug!(%peer, "no request within the header read timeout"),
-        },
-    };
-    let info = ConnectionInfo { peer, cert_names: cert_names.into() };
-    serve_io(&shared, stream, protocol, prefix, info).await
-}
-
-async fn serve_io<M, S, B, I>(
-    shared: &Listener<M>,
-    io: I,
-    protocol: Protocol,
-    prefix: Bytes,
-    info: ConnectionInfo,
-) where
-    M: Fn(ConnectionInfo) -> S,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let peer = info.peer;
-    let service = (shared.make_service)(info);
-    let activity = Arc::new(Activity::default());
-    let limits = &shared.limits;
-    match protocol {
-        Protocol::Http1 => {
-            let tap = Arc::new(HeadTap::new(limits.max_head_bytes.max(8192)));
-            let io = TokioIo::new(ConnIo::new(io, prefix, Some(tap.clone())));
-            let service = TowerToHyperService::new(Counted::new(service, activity.clone(), Some(tap)));
-            let connection = shared.http1.serve_connection(io, service);
-            run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer).await;
-        }
-        Protocol::Http2 => {
-            let io = TokioIo::new(ConnIo::new(io, prefix, None));
-            let service = TowerToHyperService::new(Counted::new(service, activity.clone(), None));
-            let connection = shared.http2.serve_connection(io, service);
-            run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer).await;
-        }
-    }
-}
-
-/// Drives a connection to its end; on shutdown or idleness, closes it gracefully
-/// (in-flight requests finish, HTTP/2 peers get GOAWAY).
-async fn run<C>(
-    connection: C,
-    activity: &Activity,
-    idle_timeout: Duration,
-    shutdown: &CancellationToken,
-    peer: SocketAddr,
-) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
-{
-    tokio::pin!(connection);
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                return;
-            }
-            () = shutdown.cancelled(), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = activity.idle_for(idle_timeout), if !closing => {
-                tracing::debug!(%peer, "idle connection closed");
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-        }
     }
 }

@@ -4,10 +4,10 @@ use std::collections::HashSet;
 
 use toml::Spanned;
 
+use super::ctx::{Ctx, name, org_id};
 use super::error::line_of;
 use super::raw::RawCredential;
 use super::secret_source::SecretSource;
-use super::validate::{Ctx, name, org_id};
 use super::{ConfigError, Credential, CredentialKind, OAuthClient, Provision};
 use crate::secret::Secret;
 use crate::tokens::CredentialId;

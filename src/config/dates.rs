@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use toml::Spanned;
 
+use super::ctx::Ctx;
 use super::raw::{RawDates, RawLinks};
-use super::validate::Ctx;
 use super::{ConfigError, Dates, Links};
 use crate::dates::{DateRules, InputOrder};
 

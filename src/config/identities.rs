@@ -6,8 +6,8 @@ use http::Method;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::ctx::{Ctx, name, org_id, sha256_hex};
 use super::raw::{RawIdentity, RawMatch};
-use super::validate::{Ctx, name, org_id, sha256_hex};
 use super::{ConfigError, Credential, Dates, Identity};
 use crate::identity::Matcher;
 use crate::policy::{PathPattern, Policy};

@@ -8,8 +8,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use toml::Spanned;
 
+use super::ctx::Ctx;
 use super::raw::RawListenTls;
-use super::validate::Ctx;
 use super::{ConfigError, ListenTls};
 
 pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result<ListenTls, ConfigError> {

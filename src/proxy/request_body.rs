@@ -11,7 +11,8 @@ use http_body::Body as _;
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 
-use super::{Proxy, judge_overrides};
+use super::Proxy;
+use super::prepare::judge_overrides;
 use crate::body::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
@@ -78,7 +79,7 @@ impl Proxy {
         if reading.dates.is_some() || reading.overrides.is_some() {
             return self.read_whole(head, body, &reading, identity, replayable).await;
         }
-        let declared = super::declared_length(&head.headers);
+        let declared = super::prepare::declared_length(&head.headers);
         if replayable && declared.is_some_and(|length| length <= replay_max) {
             return match self.read_start(body, replay_max).await? {
                 BodyStart::Complete(bytes) => {

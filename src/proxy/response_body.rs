@@ -66,7 +66,7 @@ impl Proxy {
             && !bodyless
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
-            && super::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
+            && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
         let (Some(encoding), true) = (encoding, eligible) else {
             return Ok(response.map(|body| Either::Left(Prefixed::new(None, body))));
         };

@@ -1,0 +1,131 @@
+//! The parsing context every validator shares, and the checks for scalar values
+//! (addresses, durations, URLs, names, IDs, digests) that several sections use.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Scheme, Uri};
+use toml::Spanned;
+
+use super::ConfigError;
+use super::error::line_of;
+
+/// Parsing context: turns spans into lines and builds errors.
+pub(super) struct Ctx<'a> {
+    pub file: &'a Path,
+    pub source: &'a str,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Ctx<'_> {
+    pub fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.to_owned(),
+            line: span.map(|s| line_of(self.source, s.start)),
+            key: key.into(),
+            message: msg.into(),
+        }
+    }
+
+    pub fn at<T>(&self, value: &Spanned<T>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        self.err(Some(value.span()), key, msg)
+    }
+
+    pub fn base_dir(&self) -> PathBuf {
+        self.file.parent().map(Path::to_owned).unwrap_or_default()
+    }
+}
+
+pub(super) fn socket_addr(
+    ctx: &Ctx<'_>,
+    value: &Spanned<String>,
+    key: &str,
+) -> Result<SocketAddr, ConfigError> {
+    value.get_ref().parse().map_err(|_| {
+        ctx.at(
+            value,
+            key,
+            format!("{:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")", value.get_ref()),
+        )
+    })
+}
+
+pub(super) fn millis(
+    ctx: &Ctx<'_>,
+    value: Option<&Spanned<u64>>,
+    key: &str,
+    default_ms: u64,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(Duration::from_millis(default_ms)),
+        Some(v) if *v.get_ref() == 0 => Err(ctx.at(v, key, "must be greater than 0")),
+        Some(v) => Ok(Duration::from_millis(*v.get_ref())),
+    }
+}
+
+pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
+    let text = value.get_ref();
+    let uri: Uri = text.parse().map_err(|e| ctx.at(value, key, format!("{text:?} is not a URL: {e}")))?;
+    let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
+    if !scheme_ok || uri.authority().is_none() {
+        return Err(ctx.at(
+            value,
+            key,
+            format!("{text:?} must start with http:// or https:// and name a host"),
+        ));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ctx.at(value, key, "must not carry credentials in the URL"));
+    }
+    Ok(uri)
+}
+
+/// A name for credentials and identities: also a metric label later, so tame.
+pub(super) fn name(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+    let name = value.get_ref();
+    let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !ok {
+        return Err(ctx.at(value, key, "names use letters, digits, '-', '_' and '.' only"));
+    }
+    Ok(name.clone())
+}
+
+/// A 32-hex organization ID, lowercased.
+pub(super) fn org_id(
+    ctx: &Ctx<'_>,
+    value: &str,
+    span: Range<usize>,
+    key: &str,
+) -> Result<String, ConfigError> {
+    if value.len() == 32 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(value.to_ascii_lowercase())
+    } else {
+        Err(ctx.err(Some(span), key, format!("{value:?} is not a 32-hex Tallyfy organization ID")))
+    }
+}
+
+/// A SHA-256 digest written as 64 hex digits (what `tallyfy-proxy hash-key` prints).
+pub(super) fn sha256_hex(
+    ctx: &Ctx<'_>,
+    value: &str,
+    span: Range<usize>,
+    key: &str,
+) -> Result<[u8; 32], ConfigError> {
+    let bad =
+        || ctx.err(Some(span.clone()), key, "must be 64 hex digits, as printed by `tallyfy-proxy hash-key`");
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(digest)
+}

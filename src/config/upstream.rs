@@ -1,0 +1,85 @@
+//! `[upstream]`: where Tallyfy is, how to reach it and which client header to add.
+
+use http::HeaderValue;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::ConfigError;
+use super::Upstream;
+use super::ctx::{Ctx, http_url, millis};
+use super::raw::RawUpstream;
+
+pub const DEFAULT_TOKEN_PATH: &str = "/api/oauth/token";
+pub const DEFAULT_CLIENT_HEADER: &str = "APIClient";
+
+pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, ConfigError> {
+    let base = http_url(ctx, &raw.base_url, "upstream.base_url")?;
+    if base.query().is_some() {
+        return Err(ctx.at(&raw.base_url, "upstream.base_url", "must not have a query string"));
+    }
+    let path_prefix = base.path().trim_end_matches('/').to_owned();
+    if path_prefix.ends_with("/api") {
+        return Err(ctx.at(&raw.base_url, "upstream.base_url", "give the host only (\"https://go.tallyfy.com\"): the caller's /api/... path is appended as received"));
+    }
+    let token_url = match &raw.token_url {
+        Some(url) => http_url(ctx, url, "upstream.token_url")?,
+        None => format!(
+            "{}://{}{}{DEFAULT_TOKEN_PATH}",
+            base.scheme_str().unwrap_or("https"),
+            base.authority().map(|a| a.as_str()).unwrap_or_default(),
+            path_prefix
+        )
+        .parse()
+        .map_err(|e| {
+            ctx.at(&raw.base_url, "upstream.token_url", format!("cannot derive from base_url: {e}"))
+        })?,
+    };
+    let (ca_file, extra_roots) = match &raw.ca_file {
+        None => (None, Vec::new()),
+        Some(path) => {
+            let full = ctx.base_dir().join(path.get_ref());
+            let certs = CertificateDer::pem_file_iter(&full)
+                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    ctx.at(
+                        path,
+                        "upstream.ca_file",
+                        format!("cannot read PEM certificates from {}: {e}", full.display()),
+                    )
+                })?;
+            if certs.is_empty() {
+                return Err(ctx.at(
+                    path,
+                    "upstream.ca_file",
+                    format!("{} holds no PEM certificate", full.display()),
+                ));
+            }
+            (Some(full), certs)
+        }
+    };
+    let client_header = match &raw.client_header {
+        None => HeaderValue::from_static(DEFAULT_CLIENT_HEADER),
+        Some(v) => HeaderValue::from_str(v.get_ref()).ok().filter(|h| !h.is_empty()).ok_or_else(|| {
+            ctx.at(v, "upstream.client_header", "must be a non-empty, visible-ASCII header value")
+        })?,
+    };
+    Ok(Upstream {
+        scheme: base.scheme().cloned().expect("http_url checked the scheme"),
+        authority: base.authority().cloned().expect("http_url checked the authority"),
+        path_prefix,
+        base_url: raw.base_url.get_ref().clone(),
+        token_url,
+        extra_roots,
+        ca_file,
+        client_header,
+        connect_timeout: millis(ctx, raw.connect_timeout_ms.as_ref(), "upstream.connect_timeout_ms", 2_000)?,
+        request_timeout: millis(ctx, raw.request_timeout_ms.as_ref(), "upstream.request_timeout_ms", 30_000)?,
+        pool_idle_timeout: millis(
+            ctx,
+            raw.pool_idle_timeout_ms.as_ref(),
+            "upstream.pool_idle_timeout_ms",
+            90_000,
+        )?,
+        pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(64),
+    })
+}
