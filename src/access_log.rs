@@ -1,4 +1,4 @@
-//! Access lines: one per request, formatted by hand ([`line`]: text in
+//! Access lines: one per request, formatted by hand ([`mod@line`]: text in
 //! `tracing`'s layout or one JSON object, every value escaped) and written in
 //! batches ([`sink`]). Whether they are written at all follows the tracing
 //! filter (`[log] level`, `RUST_LOG`) for the target `tallyfy_proxy::access`.

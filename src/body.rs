@@ -15,4 +15,4 @@ pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
 pub use finished::{Finish, Finished};
 pub use prefixed::Prefixed;
 pub use read::{BodyStart, ChunkStart, read_chunks, read_up_to};
-pub use tracked::{Activity, Tracked};
+pub use tracked::{Progress, Tracked};

@@ -117,7 +117,7 @@ pub fn convert(value: &str, rules: &DateRules) -> Option<String> {
     convert::convert_value(value, rules, false)
 }
 
-/// Like [`convert`], with the rules for a key named in `fields`: also epoch seconds (9 to 11 digits).
+/// Like [`convert()`], with the rules for a key named in `fields`: also epoch seconds (9 to 11 digits).
 pub fn convert_field(value: &str, rules: &DateRules) -> Option<String> {
     convert::convert_value(value, rules, true)
 }

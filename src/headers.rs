@@ -3,7 +3,7 @@
 //! Upstream requests lose hop-by-hop headers (RFC 9110 §7.6.1, including every
 //! name listed in `Connection`), the caller's own credentials and `Host`, the
 //! headers a framework behind Tallyfy's edge could trust for routing or
-//! addressing ([`UNTRUSTED`]), and every name holding `_`; they gain the Tallyfy
+//! addressing (`UNTRUSTED`), and every name holding `_`; they gain the Tallyfy
 //! bearer token, `X-Tallyfy-Client` and, when absent, `Accept: application/json`.
 //! Everything else passes as sent.
 
@@ -44,7 +44,9 @@ pub const CALLER_CREDENTIALS: [HeaderName; 4] = [AUTHORIZATION, PROXY_AUTHORIZAT
 /// `Forwarded` and `X-Real-IP` would let an app claim another client address,
 /// host or scheme; `X-Original-URL` and `X-Rewrite-URL` make some stacks route
 /// by a path the proxy never checked. The proxy adds none of them itself.
-pub const UNTRUSTED: [HeaderName; 13] = [
+/// [`not_forwarded`] matches them by name; this list is what its test checks.
+#[cfg(test)]
+const UNTRUSTED: [HeaderName; 13] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
@@ -102,7 +104,7 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
 }
 
 /// Whether a caller header never goes upstream: hop-by-hop ones, the caller's
-/// credentials, `Host` (the client writes the upstream's), the [`UNTRUSTED`]
+/// credentials, `Host` (the client writes the upstream's), the `UNTRUSTED`
 /// claims, and (PHP folds `-` and `_` alike into its server variables, so
 /// `X_Api_Key` or `X_Tallyfy_Client` would alias headers the proxy controls)
 /// every name holding `_`.

@@ -5,83 +5,152 @@
 //! the calling app, swaps whatever it presented for the Tallyfy token its identity
 //! is mapped to, adds the headers Tallyfy requires and streams the request on.
 //!
+//! These docs are the one description of the request's path and of the module
+//! map; the README's Architecture section is generated from them
+//! (`scripts/architecture`, checked in CI), and the modules point here.
+//!
 //! # The journey of one request
 //!
-//! 1. [`server`] accepts the connection (HTTP/1.1 or h2c by its first bytes, or TLS
-//!    with the client certificate's names from [`client_cert`]) under its timers and
-//!    cap; tower-http marks the caller's credential headers sensitive. [`app`] loads
-//!    the current config generation once: the request finishes on it even if
-//!    [`reload`] swaps another in.
-//! 2. [`proxy::Proxy::handle`] gives the request its id ([`request_id`]) and runs
-//!    the pipeline:
-//!    - [`target::check`]: only `/api/*` leaves the proxy; `CONNECT`, `TRACE`,
-//!      foreign absolute-form targets, ambiguous decoded segments and `/api/oauth`
-//!      are refused; [`target::host`]: one plain `Host`; [`framing::check`]: no
-//!      length beside chunking, no codings but `chunked`;
-//!    - [`headers::check_limits`] and the declared body size: 431 / 413;
-//!    - [`identity`]: which `[[identities]]` rule the caller matches, or 401;
-//!    - [`policy`]: the identity's orgs, methods and paths on the decoded path, a
-//!      `_method` override judged as the method it names ([`method_override`]), or 403;
-//!    - [`tokens::TokenStore::lease`]: the identity's token from one lock-free
-//!      `ArcSwap` snapshot, or 503 `token_unavailable`;
-//!    - [`upstream::Upstream::uri_for`] and [`headers::to_upstream`]: the configured
-//!      host with the caller's path and query byte for byte; credentials stripped,
-//!      bearer token and `X-Tallyfy-Client` set;
-//!    - the body ([`rewrite`], [`dates`]): request dates rewritten byte-preservingly,
-//!      kept when small enough to replay, otherwise streamed and size-capped;
-//!    - [`upstream::Upstream::send`]: pooled rustls client, timeout on Tallyfy's
-//!      silence ([`upload`]): 502 / 504 on failure;
-//!    - on a dead-token status: the rejection goes to the refresher, one refresh
-//!      runs however many requests saw it, and a kept request is replayed once;
-//!    - [`headers::to_caller`] and [`links`]: hop-by-hop headers dropped, upstream
-//!      URLs in JSON pointed back at the proxy.
-//! 3. Any [`error::ProxyError`] becomes a JSON response in one place;
-//!    [`access_log`] writes one line and [`metrics`] count the request when its
-//!    response body ends.
+//! 1. **Accept.** [`server`] accepts the connection under the connection cap,
+//!    runs the TLS handshake when configured (the client certificate's names
+//!    read by [`client_cert`]), tells HTTP/1.1 from HTTP/2 by the first bytes
+//!    under the header-read deadline, and hands each request to the current
+//!    config generation: [`app`] loads the `ArcSwap<Proxy>` once, and the request
+//!    finishes on that generation even if [`reload`] swaps in another.
+//! 2. **Record.** [`proxy::Proxy::handle`] marks the caller's credential headers
+//!    sensitive, gives the request its id ([`request_id`]) and starts its
+//!    record (`proxy/record.rs`).
+//! 3. **Prepare** ([`proxy::Proxy::prepare`], no I/O, the hot path the benches
+//!    measure): [`framing::check`] refuses a length beside chunking and codings
+//!    other than `chunked`; [`target::check`] lets only `/api/*` out and refuses
+//!    `CONNECT`, `TRACE`, foreign absolute-form targets, ambiguous decoded
+//!    segments and `/api/oauth` in any spelling; [`target::host`] wants one plain
+//!    `Host`; [`headers::check_limits`] and the declared length give 431 / 413;
+//!    [`identity`] finds the `[[identities]]` rule the caller matches (401
+//!    otherwise); [`policy`] applies its orgs, methods and paths to the decoded
+//!    path, with a query `_method` judged as the method it names
+//!    ([`method_override`]) (403); [`tokens::CredentialTokens::lease`] takes the
+//!    identity's token with one lock-free `ArcSwap` load (503 when there is none);
+//!    [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
+//!    upstream head: Tallyfy's host with the caller's path and query byte for
+//!    byte, the caller's credentials and untrusted headers dropped, the bearer
+//!    token and `X-Tallyfy-Client` set.
+//! 4. **Body out** (`proxy/request_body.rs`): read whole when [`dates`] must be
+//!    rewritten (byte-preserving) or a body `_method` judged; kept when small
+//!    enough to replay; otherwise streamed, size-capped, multipart uploads
+//!    through the override screen. [`body`] holds the plumbing: content kinds and
+//!    encodings, bounded reads, the [`body::Prefixed`] and [`body::Tracked`]
+//!    wrappers.
+//! 5. **Send.** [`upstream::Upstream::send`] uses this thread's pooled rustls
+//!    client; its timeout measures Tallyfy's silence, not the caller's upload
+//!    (502 / 504 on failure).
+//! 6. **Dead token.** On a dead-token status the rejection goes to the refresher
+//!    ([`tokens::refresh::RefreshHandle::token_rejected`]); one refresh runs
+//!    however many requests saw it, and a kept request waits for the new token
+//!    and is replayed once.
+//! 7. **Body back** (`proxy/response_body.rs`): unframeable answers refused,
+//!    hop-by-hop headers dropped ([`headers::to_caller`]), and JSON bodies that
+//!    may hold Tallyfy's absolute links ([`links::LinkScan`], no copy otherwise)
+//!    pointed back at the proxy ([`links`]).
+//! 8. **Answer.** Any [`error::ProxyError`] on the way becomes a JSON response in
+//!    one place ([`error::ProxyError::to_response`]). When the response body ends
+//!    ([`body::Finished`]) the record writes one [`access_log`] line and the
+//!    request's [`metrics`].
 //!
-//! Beside the request path: the refresher ([`tokens::refresh`]) is the single
-//! writer of a generation's token store; the reloader ([`reload`]) is the single
-//! writer of the current generation; [`admin`] answers `/livez`, `/readyz` and
-//! `/metrics`.
+//! Beside the request path, each the single writer of one thing:
+//! - the refresher ([`tokens::refresh`]) writes the [`tokens::TokenStore`]
+//!   snapshot for the life of the process: schedules, backoff, single flight,
+//!   and the mapping of each generation's credentials onto slots, so a reload
+//!   keeps unchanged credentials' tokens;
+//! - the reloader ([`reload`]) writes the current generation, on SIGHUP or when a
+//!   file it reads changes;
+//! - [`admin`] answers `/livez`, `/readyz` and `/metrics` on its own listener.
 //!
-//! # Modules
-//! - [`config`]: `proxy.toml` -> validated [`config::Config`] (errors name file, line, key)
-//! - [`app`]: wiring, used by the binary, the tests and the benches; [`reload`]: live reload
-//! - [`server`], [`client_cert`]: accept loop, TLS, graceful drain
-//! - [`proxy`], [`target`], [`framing`], [`headers`], [`request_id`], [`identity`],
-//!   [`policy`], [`method_override`], [`upstream`], [`upload`], [`access_log`]: the pipeline
-//! - [`rewrite`], [`dates`], [`links`]: body rewriting
-//! - [`tokens`]: the token store, its refresher, the token endpoint client and schedule
-//! - [`error`]: failures, classified, and their responses
-//! - [`metrics`], [`admin`], [`telemetry`]: operations
-//! - [`secret`]: values that cannot print
-//! - [`sandbox_mode`]: the `sandbox` command (the `tallyfy-sandbox` crate behind the
-//!   proxy), with the default `sandbox` feature
+//! Threads: the binary runs one single-threaded tokio runtime per CPU, each with
+//! its own `SO_REUSEPORT` socket of the proxy port ([`app::bind_shared`]) and its
+//! own upstream pool, so a request never changes thread. The first runtime also
+//! runs the admin listener, the reloader and the refresher.
+//!
+//! # Module map, top down
+//!
+//! Each module imports only modules further down this list
+//! (`scripts/module-graph` prints the graph by layer, and fails on a cycle or
+//! on anything but the wiring importing [`config`]). Tests may reach anywhere.
+//!
+//! Wiring, which alone reads [`config`]:
+//! - `main.rs`: the command line (`run`, `check`, `sandbox`, `hash-key`),
+//!   signals, one runtime per CPU.
+//! - [`sandbox_mode`]: the `sandbox` command, the fake Tallyfy of the
+//!   `tallyfy-sandbox` crate with a proxy in front (default `sandbox` feature;
+//!   `--no-default-features` builds a proxy with no fake inside).
+//! - [`app`]: listeners, the current generation, the servers, the drain.
+//! - [`reload`]: the reloader; `reload/watch.rs` fingerprints the files it reads.
+//! - [`admin`]: `/livez`, `/readyz`, `/metrics`.
+//!
+//! Translation:
+//! - [`config`]: `proxy.toml` read by serde (`config/raw.rs`), then each section
+//!   validated into its domain's types (`ctx`, `upstream`, `limits`,
+//!   `listen_tls`, `credentials`, `identities`, `dates`, `secret_source`).
+//!
+//! The pipeline:
+//! - [`proxy`]: `handle` and `forward` in `proxy.rs`; `prepare.rs`,
+//!   `request_body.rs`, `response_body.rs`; `record.rs` (the access line and
+//!   metrics of one request); `settings.rs` (what a generation gives it).
+//!
+//! Domains:
+//! - [`identity`]: `[[identities]]` rules, API keys indexed by digest.
+//! - [`tokens`]: `token.rs` (a usable token), `store.rs` (the snapshot),
+//!   `credential.rs` and `credential_tokens.rs` (a generation's credentials
+//!   and their slots), `refresh/` (the refresher: slots, fetches, its handle),
+//!   `issuer/` (the token endpoint and the application routes, and the
+//!   classification of their answers), `schedule.rs` (when to refresh, how long
+//!   to back off: pure, time passed in), `jwt.rs`.
+//! - [`upstream`]: the pooled client to Tallyfy, its URIs and timeouts.
+//! - [`server`]: the accept loop; `connection.rs` (one connection's life),
+//!   `sniff.rs`, `conn_io.rs` (the byte stream, HTTP/1 heads tapped),
+//!   `activity.rs` (requests in flight, idleness).
+//! - [`policy`]: orgs, methods, paths and the org alias of an identity.
+//!
+//! Pure decisions:
+//! - [`target`] (request line and `Host`), [`framing`] (message length),
+//!   [`headers`] (hygiene both ways, limits), [`request_id`],
+//!   [`method_override`] (`_method` as PHP reads it; `multipart/` screens
+//!   uploads as they stream), [`dates`] (request dates, byte-preserving),
+//!   [`links`] (response links).
+//!
+//! Shared machinery, importing nothing of the crate or only each other:
+//! - [`json`]: the streaming scanner, string escapes and edits behind dates,
+//!   links and overrides.
+//! - [`body`]: content kinds and encodings, bounded reads, body wrappers.
+//! - [`error`]: `ProxyError`, classified caller / upstream / internal.
+//! - [`metrics`], [`access_log`], [`telemetry`], [`client_cert`], and [`secret`]
+//!   (values whose `Debug` is `[redacted]`).
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod access_log;
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
-pub mod body;
-pub mod client_cert;
+pub(crate) mod body;
+pub(crate) mod client_cert;
 pub mod config;
 pub mod dates;
 pub mod error;
-pub mod framing;
-pub mod headers;
+pub(crate) mod framing;
+pub(crate) mod headers;
 pub mod identity;
 pub(crate) mod json;
 pub mod links;
-pub mod method_override;
+pub(crate) mod method_override;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
-pub mod request_id;
+pub(crate) mod request_id;
 #[cfg(feature = "sandbox")]
 pub mod sandbox_mode;
 pub mod secret;
 pub mod server;
-pub mod target;
+pub(crate) mod target;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;

@@ -1,10 +1,7 @@
-//! The request pipeline, phase by phase. Every failure becomes a response here,
-//! through [`ProxyError::to_response`], and every request ends in one access-log line.
-//!
-//! ```text
-//! target -> limits -> identity -> policy -> token -> rewrite head -> send -> dead token? refresh + replay once
-//! 404/400   431/413     401        403      503                     502/504/413
-//! ```
+//! The request pipeline. The journey it follows, step by step, is told once,
+//! in the crate docs ([`crate`]); this module is that journey in code:
+//! [`Proxy::handle`] (id, record, the one place a [`ProxyError`] becomes a
+//! response) calls `forward` (prepare, body out, send, dead token, body back).
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -15,9 +12,9 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::body::Activity;
 use crate::body::Finished;
 use crate::body::Prefixed;
+use crate::body::Progress;
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 use crate::identity::Identities;
@@ -193,9 +190,9 @@ impl Proxy {
         });
 
         let sent = Instant::now();
-        let activity = Activity::new();
-        log.request_body = Some(activity.clone());
-        let response = shared.upstream.send(Request::from_parts(head, body), activity).await?;
+        let progress = Progress::new();
+        log.request_body = Some(progress.clone());
+        let response = shared.upstream.send(Request::from_parts(head, body), progress).await?;
         figures.upstream(sent.elapsed());
         log.upstream_status = Some(response.status());
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
@@ -230,7 +227,7 @@ impl Proxy {
         *request.headers_mut() = replay.headers;
         request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
         let sent = Instant::now();
-        let response = shared.upstream.send(request, Activity::new()).await?;
+        let response = shared.upstream.send(request, Progress::new()).await?;
         figures.upstream(sent.elapsed());
         log.upstream_status = Some(response.status());
         self.response(response, &links_to).await

@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use thread_local::ThreadLocal;
 
 use crate::body::Prefixed;
-use crate::body::{Activity, Tracked};
+use crate::body::{Progress, Tracked};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
@@ -171,19 +171,19 @@ impl Upstream {
     pub async fn send(
         &self,
         request: Request<RequestBody>,
-        activity: Arc<Activity>,
+        progress: Arc<Progress>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let (mut head, body) = request.into_parts();
         // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
         head.version = Version::HTTP_11;
-        let response = self.client().request(Request::from_parts(head, Tracked::new(body, activity.clone())));
+        let response = self.client().request(Request::from_parts(head, Tracked::new(body, progress.clone())));
         tokio::pin!(response);
         loop {
-            let deadline = activity.last() + self.request_timeout;
+            let deadline = progress.last() + self.request_timeout;
             tokio::select! {
                 result = &mut response => return result.map_err(|error| self.classify(&error)),
                 () = tokio::time::sleep_until(deadline.into()) => {
-                    if activity.last() + self.request_timeout <= Instant::now() {
+                    if progress.last() + self.request_timeout <= Instant::now() {
                         return Err(ProxyError::UpstreamTimeout(self.request_timeout));
                     }
                 }

@@ -1,4 +1,4 @@
-//! The sandbox: an embedded fake Tallyfy for `tallyfy-proxy sandbox` and the tests.
+//! tallyfy-sandbox: a fake Tallyfy for `tallyfy-proxy sandbox` and the proxy's tests.
 //!
 //! It mirrors the parts of Tallyfy's REST API the proxy relies on (see
 //! `TALLYFY_API.md`): the Laravel Passport token endpoint (client credentials,
@@ -31,7 +31,8 @@
 //!   routing; a JSON body over 1 MiB is 413.
 //! - `prerun`/`taskdata` keys other than the fixture field IDs are 422.
 //!
-//! Self-contained: it uses only external crates and `super::`/`self::` paths.
+//! It knows nothing of the proxy: a crate of its own, depending only on
+//! external crates, so the proxy can be built without it.
 
 // Handlers short-circuit with the error `Reply` itself (`Result<Reply, Reply>`); a
 // response is ~128 bytes, moved once per request, so boxing it would buy nothing.

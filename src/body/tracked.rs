@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 
 /// When a body was last read from (or finished), shared with the sender.
 #[derive(Debug)]
-pub struct Activity {
+pub struct Progress {
     origin: Instant,
     /// Microseconds after `origin`.
     last: AtomicU64,
@@ -21,9 +21,9 @@ pub struct Activity {
     bytes: AtomicU64,
 }
 
-impl Activity {
-    pub fn new() -> Arc<Activity> {
-        Arc::new(Activity { origin: Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+impl Progress {
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress { origin: Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) })
     }
 
     fn touch(&self) {
@@ -43,17 +43,17 @@ impl Activity {
 }
 
 pin_project! {
-    /// Wraps a body and touches its [`Activity`] on every frame and at its end.
+    /// Wraps a body and touches its [`Progress`] on every frame and at its end.
     pub struct Tracked<B> {
         #[pin]
         inner: B,
-        activity: Arc<Activity>,
+        progress: Arc<Progress>,
     }
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+    pub fn new(inner: B, progress: Arc<Progress>) -> Self {
+        Tracked { inner, progress }
     }
 }
 
@@ -71,9 +71,9 @@ impl<B: Body> Body for Tracked<B> {
             if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
                 && let Some(data) = data
             {
-                this.activity.bytes.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+                this.progress.bytes.fetch_add(data.remaining() as u64, Ordering::Relaxed);
             }
-            this.activity.touch();
+            this.progress.touch();
         }
         polled
     }
@@ -95,12 +95,12 @@ mod tests {
 
     #[tokio::test]
     async fn reading_the_body_moves_its_activity() {
-        let activity = Activity::new();
-        let created = activity.last();
+        let progress = Progress::new();
+        let created = progress.last();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let body = Tracked::new(Full::new(Bytes::from_static(b"abc")), activity.clone());
+        let body = Tracked::new(Full::new(Bytes::from_static(b"abc")), progress.clone());
         let bytes = body.collect().await.expect("Full never fails").to_bytes();
         assert_eq!(bytes, "abc");
-        assert!(activity.last() >= created + Duration::from_millis(5));
+        assert!(progress.last() >= created + Duration::from_millis(5));
     }
 }

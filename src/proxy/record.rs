@@ -16,7 +16,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 
 use super::Shared;
 use crate::access_log::{self, Level, Value};
-use crate::body::{Activity, Finish};
+use crate::body::{Finish, Progress};
 use crate::error::{ErrorClass, ProxyError};
 
 /// Status logged for a request whose caller went away before the response head.
@@ -36,7 +36,7 @@ pub struct RequestRecord {
     /// The request was sent a second time with a refreshed token.
     pub replayed: bool,
     /// Counts the request body bytes sent upstream.
-    pub request_body: Option<Arc<Activity>>,
+    pub request_body: Option<Arc<Progress>>,
     error: Option<ProxyError>,
     /// Set when the response head is ready.
     head: Option<(StatusCode, Duration)>,
