@@ -19,6 +19,7 @@ pub mod jwt;
 pub mod refresh;
 pub mod schedule;
 mod settings;
+mod source;
 mod store;
 mod token;
 
@@ -26,5 +27,6 @@ pub use credential::{Credential, CredentialId, CredentialKind, OAuthClient, Prov
 pub use credential_tokens::CredentialTokens;
 pub use refresh::CredentialSet;
 pub use settings::Settings;
+pub use source::{Answer, TokenSource};
 pub use store::{SlotId, TokenStore};
 pub use token::{InvalidToken, Lease, Token, Unavailable};

@@ -26,8 +26,11 @@ use tokio_util::sync::CancellationToken;
 mod fetch;
 mod handle;
 mod slots;
+#[cfg(test)]
+mod tests;
 
-use super::issuer::{FetchError, Issuer};
+use super::TokenSource;
+use super::issuer::FetchError;
 use super::schedule::Schedule;
 use super::{CredentialKind, SlotId, Token, TokenStore};
 use fetch::{Outcome, fetch};
@@ -44,7 +47,7 @@ pub const RETIRED_GRACE: Duration = Duration::from_secs(15 * 60);
 pub struct Refresher {
     store: Arc<TokenStore>,
     metrics: Arc<Metrics>,
-    issuer: Option<Arc<Issuer>>,
+    issuer: Option<Arc<dyn TokenSource>>,
     schedule: Schedule,
     min_forced_interval: Duration,
     /// Token endpoint and API base of the current config.
@@ -100,7 +103,7 @@ impl Refresher {
                 () = shutdown.cancelled() => return,
                 Some(request) = self.reconfigures.recv() => {
                     let Reconfigure { set, issuer, reply } = request;
-                    let _ = reply.send(self.configure(&set, issuer));
+                    let _ = reply.send(self.configure_shared(&set, issuer));
                 }
                 Some(rejected) = self.rejected.recv() => self.on_rejected(rejected),
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => match joined {
@@ -150,7 +153,7 @@ impl Refresher {
             let (issuer, store) = (issuer.clone(), self.store.clone());
             fetches.spawn(async move {
                 let requested_at = Instant::now();
-                let result = fetch(&issuer, &store, &kind, application, refresh_token).await;
+                let result = fetch(&*issuer, &store, &kind, application, refresh_token).await;
                 Outcome { slot: id, requested_at, result }
             });
         }

@@ -2,7 +2,8 @@
 
 use tokio::time::Instant;
 
-use super::super::issuer::{FetchError, Issued, Issuer};
+use super::super::TokenSource;
+use super::super::issuer::{FetchError, Issued};
 use super::super::{CredentialKind, SlotId, TokenStore};
 use crate::secret::Secret;
 
@@ -15,7 +16,7 @@ pub(super) struct Outcome {
 
 /// One fetch for one slot: the grant its kind calls for.
 pub(super) async fn fetch(
-    issuer: &Issuer,
+    issuer: &dyn TokenSource,
     store: &TokenStore,
     kind: &CredentialKind,
     application: Option<SlotId>,

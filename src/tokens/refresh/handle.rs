@@ -3,8 +3,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::super::issuer::Issuer;
-use super::super::{Credential, CredentialTokens, Settings, SlotId, TokenStore};
+use super::super::{Credential, CredentialTokens, Settings, SlotId, TokenSource, TokenStore};
 use crate::upstream;
 use std::sync::Arc;
 
@@ -38,7 +37,7 @@ impl CredentialSet {
 /// A new config's credentials, and where to send their slots.
 pub(super) struct Reconfigure {
     pub(super) set: CredentialSet,
-    pub(super) issuer: Issuer,
+    pub(super) issuer: Arc<dyn TokenSource>,
     pub(super) reply: oneshot::Sender<Result<CredentialTokens, String>>,
 }
 
@@ -64,9 +63,13 @@ impl RefreshHandle {
 
     /// Maps a new config's credentials onto slots (see the module docs). An
     /// `Err` leaves everything as it was.
-    pub async fn reconfigure(&self, set: CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
+    pub async fn reconfigure(
+        &self,
+        set: CredentialSet,
+        issuer: impl TokenSource,
+    ) -> Result<CredentialTokens, String> {
         let (reply, answer) = oneshot::channel();
-        let request = Reconfigure { set, issuer, reply };
+        let request = Reconfigure { set, issuer: Arc::new(issuer), reply };
         self.reconfigure.send(request).await.map_err(|_| "the refresher has stopped".to_owned())?;
         answer.await.map_err(|_| "the refresher has stopped".to_owned())?
     }

@@ -5,8 +5,7 @@ use std::collections::HashSet;
 
 use tokio::time::Instant;
 
-use super::super::issuer::Issuer;
-use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token};
+use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token, TokenSource};
 use super::{CredentialSet, RETIRED_GRACE, Refresher};
 use crate::secret::Secret;
 use std::sync::Arc;
@@ -51,7 +50,19 @@ impl Refresher {
     /// tokens are published at once; OAuth ones are due now) and retiring the
     /// ones it no longer uses. Fails, changing nothing, when a personal token
     /// cannot be sent in a header.
-    pub fn configure(&mut self, set: &CredentialSet, issuer: Issuer) -> Result<CredentialTokens, String> {
+    pub fn configure(
+        &mut self,
+        set: &CredentialSet,
+        issuer: impl TokenSource,
+    ) -> Result<CredentialTokens, String> {
+        self.configure_shared(set, Arc::new(issuer))
+    }
+
+    pub(super) fn configure_shared(
+        &mut self,
+        set: &CredentialSet,
+        issuer: Arc<dyn TokenSource>,
+    ) -> Result<CredentialTokens, String> {
         let mut statics = Vec::with_capacity(set.credentials.len());
         for credential in &set.credentials {
             statics.push(match &credential.kind {
@@ -68,7 +79,7 @@ impl Refresher {
             self.upstream = upstream;
             self.epoch += 1;
         }
-        self.issuer = Some(Arc::new(issuer));
+        self.issuer = Some(issuer);
         self.schedule = set.settings.schedule;
         self.min_forced_interval = set.settings.min_forced_refresh_interval;
         let now = Instant::now();

@@ -1,0 +1,386 @@
+//! The refresher on a paused clock, against an in-process [`TokenSource`]:
+//! hours of token life, refreshes and backoffs in milliseconds of real time.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::HeaderValue;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::secret::Secret;
+use crate::tokens::issuer::Issued;
+use crate::tokens::{
+    Answer, Credential, CredentialId, CredentialTokens, OAuthClient, Provision, Settings, TokenSource,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// One call the refresher made, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    ClientCredentials,
+    Password,
+    /// With the refresh token presented.
+    Refresh(String),
+    Mint,
+    Provision,
+}
+
+/// A token endpoint that answers from a script: scripted failures first, then
+/// tokens `t1`, `t2`, ... (with refresh tokens `r1`, `r2`, ... for user grants).
+struct Fake {
+    lifetime: Duration,
+    /// How long each answer takes.
+    latency: Duration,
+    failures: Mutex<VecDeque<FetchError>>,
+    calls: Mutex<Vec<(Call, Instant)>>,
+    /// Whether the minted user exists yet (a mint for a missing one is a 404).
+    user_exists: Mutex<bool>,
+}
+
+impl Fake {
+    fn new(lifetime: Duration) -> Arc<Fake> {
+        Arc::new(Fake {
+            lifetime,
+            latency: Duration::ZERO,
+            failures: Mutex::default(),
+            calls: Mutex::default(),
+            user_exists: Mutex::new(true),
+        })
+    }
+
+    fn fail_next(&self, errors: impl IntoIterator<Item = FetchError>) {
+        self.failures.lock().expect("lock").extend(errors);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").iter().map(|(call, _)| call.clone()).collect()
+    }
+
+    /// Lets the clock run (in one-second steps) until `n` calls were made.
+    async fn wait_for_calls(&self, n: usize) {
+        while self.calls.lock().expect("lock").len() < n {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn call_times(&self) -> Vec<Instant> {
+        self.calls.lock().expect("lock").iter().map(|(_, at)| *at).collect()
+    }
+
+    async fn answer(&self, call: Call, refresh_token: bool) -> Result<Issued, FetchError> {
+        let n = {
+            let mut calls = self.calls.lock().expect("lock");
+            calls.push((call, Instant::now()));
+            calls.len()
+        };
+        tokio::time::sleep(self.latency).await;
+        if let Some(error) = self.failures.lock().expect("lock").pop_front() {
+            return Err(error);
+        }
+        Ok(Issued {
+            access_token: Secret::new(format!("t{n}")),
+            refresh_token: refresh_token.then(|| Secret::new(format!("r{n}"))),
+            lifetime: self.lifetime,
+        })
+    }
+}
+
+/// The source the refresher holds: a shared handle on the fake.
+struct Source(Arc<Fake>);
+
+impl TokenSource for Source {
+    fn client_credentials<'a>(&'a self, _: &'a OAuthClient, _: Option<&'a str>) -> Answer<'a, Issued> {
+        Box::pin(self.0.answer(Call::ClientCredentials, false))
+    }
+
+    fn password<'a>(
+        &'a self,
+        _: &'a OAuthClient,
+        _: &'a str,
+        _: &'a Secret,
+        _: Option<&'a str>,
+    ) -> Answer<'a, Issued> {
+        Box::pin(self.0.answer(Call::Password, true))
+    }
+
+    fn refresh<'a>(&'a self, _: &'a OAuthClient, refresh_token: &'a Secret) -> Answer<'a, Issued> {
+        Box::pin(self.0.answer(Call::Refresh(refresh_token.expose().to_owned()), true))
+    }
+
+    fn mint_user_token<'a>(&'a self, _: &'a HeaderValue, _: &'a str, _: &'a str) -> Answer<'a, Issued> {
+        Box::pin(async move {
+            if !*self.0.user_exists.lock().expect("lock") {
+                self.0.calls.lock().expect("lock").push((Call::Mint, Instant::now()));
+                return Err(FetchError::Refused { status: 404, code: "http_404".into() });
+            }
+            self.0.answer(Call::Mint, false).await
+        })
+    }
+
+    fn provision_user<'a>(
+        &'a self,
+        _: &'a HeaderValue,
+        _: &'a str,
+        _: &'a str,
+        _: &'a Provision,
+    ) -> Answer<'a, ()> {
+        Box::pin(async move {
+            self.0.calls.lock().expect("lock").push((Call::Provision, Instant::now()));
+            *self.0.user_exists.lock().expect("lock") = true;
+            Ok(())
+        })
+    }
+}
+
+fn client() -> OAuthClient {
+    OAuthClient { id: "client".into(), secret: Secret::new("secret") }
+}
+
+fn application() -> Credential {
+    Credential {
+        name: "app".into(),
+        kind: CredentialKind::ClientCredentials { client: client(), scope: None },
+    }
+}
+
+fn user() -> Credential {
+    Credential {
+        name: "user".into(),
+        kind: CredentialKind::Password {
+            client: client(),
+            username: "jane".into(),
+            password: Secret::new("pw"),
+            scope: None,
+        },
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        schedule: Schedule::default(),
+        fetch_timeout: Duration::from_secs(10),
+        default_lifetime: HOUR,
+        dead_token_statuses: vec![http::StatusCode::UNAUTHORIZED],
+        replay_max_body_bytes: 1024,
+        min_forced_refresh_interval: Duration::from_secs(5),
+    }
+}
+
+fn set(credentials: Vec<Credential>) -> CredentialSet {
+    CredentialSet { credentials, settings: settings(), upstream: "fake".into() }
+}
+
+/// A running refresher over `credentials`, answered by `fake`.
+struct Running {
+    tokens: CredentialTokens,
+    handle: RefreshHandle,
+    stop: CancellationToken,
+}
+
+impl Running {
+    async fn start(fake: &Arc<Fake>, credentials: Vec<Credential>) -> Running {
+        let (mut refresher, handle) = Refresher::new(TokenStore::new(), Arc::new(Metrics::new()));
+        let tokens = refresher.configure(&set(credentials), Source(fake.clone())).expect("configured");
+        let stop = CancellationToken::new();
+        tokio::spawn(refresher.run(stop.clone()));
+        tokens.ready().await;
+        Running { tokens, handle, stop }
+    }
+
+    fn slot(&self, credential: usize) -> SlotId {
+        self.tokens.slot(CredentialId::new(credential))
+    }
+
+    fn lease(&self, credential: usize) -> Result<crate::tokens::Lease, crate::tokens::Unavailable> {
+        self.tokens.lease(CredentialId::new(credential), Instant::now())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tokens_are_refreshed_at_75_to_85_percent_of_their_life_and_never_lapse() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    let began = Instant::now();
+    while began.elapsed() < 10 * HOUR {
+        assert!(running.lease(0).is_ok(), "a valid token at every moment ({:?} in)", began.elapsed());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let times = fake.call_times();
+    // Ten hours of one-hour tokens refreshed at 45 to 51 minutes: 12 or 13 fetches.
+    assert!((12..=14).contains(&times.len()), "{} fetches", times.len());
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= HOUR.mul_f64(0.75) && gap <= HOUR.mul_f64(0.85), "refreshed after {gap:?}");
+    }
+    assert!(fake.calls().iter().all(|call| *call == Call::ClientCredentials));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_endpoint_backs_off_exponentially_and_the_old_token_serves_until_it_expires() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    let expires_at = running.tokens.expires_at(CredentialId::new(0)).expect("expiry");
+    fake.fail_next(std::iter::repeat_n(FetchError::ServerError { status: 503 }, 400));
+
+    // Until expiry the old token serves; from then on there is none.
+    tokio::time::sleep_until(expires_at - Duration::from_millis(1)).await;
+    assert!(running.lease(0).is_ok(), "the old token serves while refreshes fail");
+    tokio::time::sleep_until(expires_at).await;
+    assert_eq!(running.lease(0), Err(crate::tokens::Unavailable::Expired));
+
+    // Retries: 200 ms doubling up to 30 s, each between half and all of its step.
+    let times = fake.call_times();
+    let schedule = Schedule::default();
+    for (failures, pair) in (1u32..).zip(times[1..].windows(2)) {
+        let step = schedule.backoff_min.saturating_mul(1 << (failures - 1).min(20)).min(schedule.backoff_max);
+        let gap = pair[1] - pair[0];
+        assert!(gap >= step / 2 && gap <= step, "retry {failures} after {gap:?}, step {step:?}");
+    }
+    assert!(times.len() > 10, "it kept retrying: {} calls", times.len());
+
+    // The endpoint recovers: the next retry publishes, within the longest step.
+    fake.failures.lock().expect("lock").clear();
+    let recovered = Instant::now();
+    while running.lease(0).is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered.elapsed() <= schedule.backoff_max);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_rejections_of_one_token_make_one_fetch_and_every_waiter_gets_its_successor() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let running = Running::start(&fake, vec![application()]).await;
+    let slot = running.slot(0);
+    let store = running.tokens.store().clone();
+    let first = running.lease(0).expect("token").generation;
+    let settled = store.settled(slot);
+    let waiters: Vec<_> = (0..100)
+        .map(|_| {
+            running.handle.token_rejected(slot, first);
+            let store = store.clone();
+            tokio::spawn(async move { store.newer_than(slot, first, settled, Duration::from_secs(10)).await })
+        })
+        .collect();
+    for waiter in waiters {
+        let lease = waiter.await.expect("waiter").expect("a newer token");
+        assert_eq!(lease.generation, first + 1);
+    }
+    assert_eq!(fake.calls().len(), 2, "the first fetch and one refresh");
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_force_at_most_one_refresh_per_interval_and_declined_waiters_go_at_once() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    let slot = running.slot(0);
+    let store = running.tokens.store().clone();
+
+    let reject = |generation| {
+        let settled = store.settled(slot);
+        running.handle.token_rejected(slot, generation);
+        store.newer_than(slot, generation, settled, Duration::from_secs(30))
+    };
+    assert!(reject(1).await.is_some(), "the first rejection refreshes");
+    let waited = Instant::now();
+    assert!(reject(2).await.is_none(), "a second within the interval is declined");
+    assert_eq!(waited.elapsed(), Duration::ZERO, "declined at once, not at the timeout");
+    assert_eq!(fake.calls().len(), 2);
+
+    tokio::time::sleep(settings().min_forced_refresh_interval).await;
+    assert_eq!(
+        reject(2).await.map(|lease| lease.generation),
+        Some(3),
+        "after the interval it refreshes again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_tokens_rotate_are_presented_once_and_a_refused_one_falls_back_to_the_password() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![user()]).await;
+    fake.wait_for_calls(3).await; // two scheduled refreshes
+    assert_eq!(fake.calls(), [Call::Password, Call::Refresh("r1".into()), Call::Refresh("r2".into())]);
+
+    fake.fail_next([FetchError::Refused { status: 400, code: "invalid_grant".into() }]);
+    fake.wait_for_calls(5).await;
+    assert_eq!(
+        fake.calls()[3..],
+        [Call::Refresh("r3".into()), Call::Password],
+        "a refused refresh token is not presented again; the password grant signs in"
+    );
+    assert!(running.lease(0).is_ok());
+
+    // A refresh that failed in a way that may have consumed the token: the next
+    // attempt signs in again rather than presenting it twice.
+    fake.fail_next([FetchError::Timeout]);
+    fake.wait_for_calls(7).await;
+    let calls = fake.calls();
+    assert_eq!(calls[5..], [Call::Refresh("r5".into()), Call::Password], "{calls:?}");
+    assert!(running.lease(0).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_user_is_provisioned_then_minted_with_the_application_token() {
+    let fake = Fake::new(HOUR);
+    *fake.user_exists.lock().expect("lock") = false;
+    let minted = Credential {
+        name: "jane".into(),
+        kind: CredentialKind::ApplicationUser {
+            application: CredentialId::new(0),
+            org: "org".into(),
+            email: "jane@example.com".into(),
+            provision: Some(Provision {
+                first_name: "Jane".into(),
+                last_name: "Doe".into(),
+                role: None,
+                timezone: None,
+            }),
+        },
+    };
+    let running = Running::start(&fake, vec![application(), minted]).await;
+    assert_eq!(fake.calls(), [Call::ClientCredentials, Call::Mint, Call::Provision, Call::Mint]);
+    assert!(running.lease(1).is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconfigure_keeps_unchanged_credentials_and_forgets_retired_slots_after_the_grace() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    let old = running.slot(0);
+
+    let same =
+        running.handle.reconfigure(set(vec![application()]), Source(fake.clone())).await.expect("same");
+    assert_eq!(same.slot(CredentialId::new(0)), old, "an unchanged credential keeps its slot");
+    assert_eq!(fake.calls().len(), 1, "and its token: no fetch");
+
+    let mut scoped = application();
+    scoped.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("read".into()) };
+    let changed = running.handle.reconfigure(set(vec![scoped]), Source(fake.clone())).await.expect("changed");
+    let new = changed.slot(CredentialId::new(0));
+    assert_ne!(new, old, "a changed credential gets a new slot");
+    changed.ready().await;
+    assert_eq!(fake.calls().len(), 2);
+
+    let store = running.tokens.store();
+    tokio::time::sleep(RETIRED_GRACE - Duration::from_secs(1)).await;
+    assert!(store.lease(old, Instant::now()).is_ok(), "requests of the old config still hold its token");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(store.lease(old, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
+    assert_eq!(
+        fake.calls().len(),
+        2,
+        "the retired slot was never refreshed (its token outlived the grace: 15 min < 45)"
+    );
+}
