@@ -162,25 +162,12 @@ impl Reloader {
                 () = shutdown.cancelled() => return,
                 Some(trigger) = self.triggers.recv() => trigger,
             };
-            let signalled = first == Trigger::Signal || self.settle_burst().await;
+            let signalled = first == Trigger::Signal || settle_burst(&mut self.triggers).await;
             let files_changed = self.watcher.as_mut().is_some_and(watch::Watcher::changed);
             if signalled || files_changed {
                 self.reload(&shutdown).await;
             } else {
                 tracing::debug!("files near the config changed, but not the config or its files: no reload");
-            }
-        }
-    }
-
-    /// Waits for a burst of file events to end; `true` if a signal came in it.
-    async fn settle_burst(&mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
-        let mut signalled = false;
-        loop {
-            tokio::select! {
-                more = self.triggers.recv() => signalled |= more == Some(Trigger::Signal),
-                () = tokio::time::sleep(DEBOUNCE) => return signalled,
-                () = tokio::time::sleep_until(deadline) => return signalled,
             }
         }
     }
@@ -254,6 +241,24 @@ impl Reloader {
     }
 }
 
+/// Waits for a burst of file events to end: `DEBOUNCE` without one, or
+/// `DEBOUNCE_MAX` in all (an endless trickle still reloads). `true` if a signal
+/// came in it.
+async fn settle_burst(triggers: &mut mpsc::Receiver<Trigger>) -> bool {
+    let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            more = triggers.recv() => match more {
+                Some(trigger) => signalled |= trigger == Trigger::Signal,
+                None => return signalled,
+            },
+            () = tokio::time::sleep(DEBOUNCE) => return signalled,
+            () = tokio::time::sleep_until(deadline) => return signalled,
+        }
+    }
+}
+
 /// Settings a running process cannot change: the listeners (addresses, TLS,
 /// connection timers and caps), the drain grace and the log setup. The request
 /// limits of `[server]` (headers, body size) are reloaded.
@@ -283,4 +288,42 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("[log]");
     }
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    /// Sends `count` file events `every` apart, from a task of its own.
+    fn events(count: usize, every: Duration, signal_at: Option<usize>) -> mpsc::Receiver<Trigger> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for i in 0..count {
+                tokio::time::sleep(every).await;
+                let trigger = if signal_at == Some(i) { Trigger::Signal } else { Trigger::Files };
+                if tx.send(trigger).await.is_err() {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await; // the watcher lives on
+        });
+        rx
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_settles_one_debounce_after_its_last_event() {
+        let mut triggers = events(10, Duration::from_millis(10), None);
+        let began = Instant::now();
+        assert!(!settle_burst(&mut triggers).await);
+        assert_eq!(began.elapsed(), Duration::from_millis(100) + DEBOUNCE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_trickle_still_settles_at_the_maximum_and_remembers_a_signal() {
+        let mut triggers = events(1000, Duration::from_millis(100), Some(3));
+        let began = Instant::now();
+        assert!(settle_burst(&mut triggers).await, "a signal inside the burst reloads in any case");
+        assert_eq!(began.elapsed(), DEBOUNCE_MAX);
+    }
 }

@@ -71,9 +71,13 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     let base = format!("http://{}", proxy.proxy_addr());
     let http = client();
 
-    let until = Instant::now() + Duration::from_secs(5);
+    // Rounds of traffic until the tokens were refreshed in the background and
+    // once after a rejection, so every token path has logged.
+    let refreshed = || sandbox.token_requests().iter().filter(|t| t.grant == "refresh_token").count() >= 2;
+    let deadline = Instant::now() + Duration::from_secs(15);
     let mut round = 0;
-    while Instant::now() < until {
+    while round <= 3 || !refreshed() {
+        assert!(Instant::now() < deadline, "refreshes within 15 s: {:?}", sandbox.token_requests().len());
         if round == 3 {
             sandbox.revoke_all_tokens(); // forces a rejected token, a refresh and a replay
         }
