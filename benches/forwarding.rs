@@ -8,12 +8,17 @@
 //!   `through_proxy_logged` is the production set-up: the log subscriber
 //!   installed at `info` (writing to a sink), access lines formatted, metrics on.
 
+#[allow(dead_code)] // the bench uses a few of the test builder's pieces
+#[path = "../tests/support/config.rs"]
+mod config;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use config::{Credential, Identity, Match, Secret, TestConfig};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
@@ -32,12 +37,10 @@ use tallyfy_proxy::tokens::refresh::Refresher;
 use tokio::net::TcpListener;
 
 fn config(base_url: &str) -> Config {
-    let text = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-         [upstream]\nbase_url = \"{base_url}\"\n\
-         [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"T\" }}\n\
-         [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
-    );
+    let text = TestConfig::new(base_url)
+        .credential(Credential::personal("ops", Secret::Env("T")))
+        .identity(Identity::new("app", "ops", Match::Any))
+        .text();
     Config::parse(&text, Path::new("bench.toml"), &|_| {
         Some("a-personal-access-token-of-typical-length-0123456789".to_owned())
     })

@@ -7,8 +7,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    client, oauth_credentials, parse_config, proxy_toml, ready_within, start_proxy, start_proxy_unready,
-    start_sandbox_with,
+    Credential, Identity, Match, TestConfig, client, ready_within, start_proxy, start_proxy_unready,
+    start_sandbox_with, table,
 };
 use tallyfy_proxy::app::Running;
 use tallyfy_sandbox::fixtures::{APP_USER_EMAIL, NEW_USER_EMAIL, ORG_ID, OTHER_ORG_ID, USERNAME};
@@ -19,37 +19,31 @@ fn sandbox_config(lifetime: Duration) -> SandboxConfig {
 }
 
 /// Fast retries, so recovery tests finish quickly.
-const FAST_RETRIES: &str = "[tokens]\nretry_min_ms = 50\nretry_max_ms = 400\nfetch_timeout_ms = 2000\n";
+fn fast_retries(config: TestConfig) -> TestConfig {
+    let timers = [("retry_min_ms", 50), ("retry_max_ms", 400), ("fetch_timeout_ms", 2000)];
+    timers.into_iter().fold(config, |config, (key, ms)| config.set("tokens", key, ms))
+}
 
 /// OAuth credentials plus an `application_user`, with one identity per credential
 /// chosen by an `X-Api-Key` (the key is the identity's name).
-fn config_text(base_url: &str, provision_email: Option<&str>) -> String {
-    let key = |name: &str| {
-        tallyfy_proxy::identity::sha256(name.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+fn config(base_url: &str, provision_email: Option<&str>) -> TestConfig {
+    let minted = match provision_email {
+        Some(email) => Credential::application_user("minted", "app", ORG_ID, email).with(
+            "provision",
+            table([("first_name", "New".into()), ("last_name", "User".into()), ("role", "light".into())]),
+        ),
+        None => Credential::application_user("minted", "app", ORG_ID, APP_USER_EMAIL),
     };
-    let (email, provision) = match provision_email {
-        Some(email) => {
-            (email, "provision = { first_name = \"New\", last_name = \"User\", role = \"light\" }")
-        }
-        None => (APP_USER_EMAIL, ""),
-    };
-    let mut text = proxy_toml(base_url, FAST_RETRIES);
-    text.push_str(&oauth_credentials());
-    text.push_str(&format!(
-        "\n[[credentials]]\nname = \"minted\"\nkind = \"application_user\"\napplication = \"app\"\norg = \"{ORG_ID}\"\nemail = \"{email}\"\n{provision}\n"
-    ));
+    let mut config = fast_retries(TestConfig::new(base_url))
+        .credential(Credential::fixture_app())
+        .credential(Credential::fixture_user())
+        .credential(minted);
     for (identity, credential) in
         [("app-caller", "app"), ("user-caller", "user"), ("minted-caller", "minted")]
     {
-        text.push_str(&format!(
-            "\n[[identities]]\nname = \"{identity}\"\ncredential = \"{credential}\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n",
-            key(identity)
-        ));
+        config = config.identity(Identity::new(identity, credential, Match::ApiKey(identity)));
     }
-    text
+    config
 }
 
 struct Setup {
@@ -67,7 +61,7 @@ impl Setup {
 
     async fn start_with(sandbox: Sandbox, provision_email: Option<&str>, wait_ready: bool) -> Setup {
         let dir = tempfile::tempdir().expect("dir");
-        let config = parse_config(&config_text(&sandbox.base_url(), provision_email), dir.path());
+        let config = config(&sandbox.base_url(), provision_email).parse(dir.path());
         let proxy = if wait_ready { start_proxy(&config).await } else { start_proxy_unready(&config).await };
         Setup { sandbox, proxy, http: client(), _dir: dir }
     }

@@ -6,7 +6,7 @@ mod support;
 
 use std::io::Write;
 
-use support::{Stack, client};
+use support::{Credential, Identity, Match, Secret, Stack, TOKEN_ENV, TestConfig, client};
 use tallyfy_sandbox::fixtures::{
     CHECKLIST_ID, ORG_ID, PRERUN_DATE_FIELD, PRERUN_TEXT_FIELD, STEP_IDS, TASK_DATE_FIELD, TASK_TEXT_FIELD,
 };
@@ -170,7 +170,7 @@ async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
 
 #[tokio::test]
 async fn a_body_too_large_to_rewrite_is_refused_only_when_it_holds_dates() {
-    let stack = Stack::start_with("", "[dates]\nmax_body_bytes = 1024\n").await;
+    let stack = Stack::start_with(|c| c.set("dates", "max_body_bytes", 1024)).await;
     let http = &stack.client;
     let file = stack.url(&format!("/api/organizations/{ORG_ID}/tasks"));
     let padding = "x".repeat(4096);
@@ -216,10 +216,11 @@ async fn an_identity_already_speaking_ydm_is_not_swapped_twice() {
         String::from_utf8_lossy(&stack.sandbox.received().last().expect("forwarded").body).into_owned();
     assert!(sent.contains("2025-04-03 10:00:00"), "{sent}");
 
-    let ydm = support::config_text(&stack.sandbox.base_url(), "", "")
-        .replace("match = { any = true }", "match = { any = true }\ndate_input_order = \"ydm\"");
+    let ydm = TestConfig::new(&stack.sandbox.base_url())
+        .credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)))
+        .identity(Identity::new("local-app", "ops", Match::Any).with("date_input_order", "ydm"));
     let dir = tempfile::tempdir().expect("dir");
-    let proxy = support::start_proxy(&support::parse_config(&ydm, dir.path())).await;
+    let proxy = support::start_proxy(&ydm.parse(dir.path())).await;
     let url = format!("http://{}/api/organizations/{ORG_ID}/tasks", proxy.proxy_addr());
     let response =
         post(&client(), url, "application/json", r#"{"title":"t","deadline":"2025-03-04 10:00:00"}"#).await;

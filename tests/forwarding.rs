@@ -191,7 +191,10 @@ async fn http2_callers_are_served_over_h2c() {
 
 #[tokio::test]
 async fn oversized_headers_and_bodies_get_json_errors() {
-    let stack = Stack::start_with("", "[server]\nmax_headers = 20\nmax_request_body_bytes = 1000\n").await;
+    let stack = Stack::start_with(|c| {
+        c.set("server", "max_headers", 20).set("server", "max_request_body_bytes", 1000)
+    })
+    .await;
     let mut many = String::new();
     for i in 0..30 {
         many.push_str(&format!("X-Filler-{i}: v\r\n"));

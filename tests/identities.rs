@@ -3,43 +3,25 @@
 
 mod support;
 
-use support::{client, parse_config, proxy_toml, start_proxy, start_sandbox};
-use tallyfy_proxy::identity::sha256;
+use support::{
+    Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, start_proxy, start_sandbox, table,
+};
 use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A personal-token credential and the given identities.
-fn identities_config(base_url: &str, identities: &str) -> String {
-    proxy_toml(
-        base_url,
-        &format!(
-            "[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n{identities}"
-        ),
-    )
-}
-
-fn identity(name: &str, matcher: &str, extra: &str) -> String {
-    format!("\n[[identities]]\nname = \"{name}\"\ncredential = \"ops\"\nmatch = {matcher}\n{extra}\n")
+/// A personal-token credential `ops`, for the identities each test adds.
+fn ops_config(base_url: &str) -> TestConfig {
+    TestConfig::new(base_url).credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)))
 }
 
 #[tokio::test]
 async fn api_keys_basic_and_source_rules_identify_callers() {
     let sandbox = start_sandbox().await;
     let dir = tempfile::tempdir().expect("dir");
-    let ids = [
-        identity("billing", &format!("{{ api_key_sha256 = \"{}\" }}", hex(&sha256(b"billing-key"))), ""),
-        identity(
-            "reports",
-            &format!("{{ basic = {{ user = \"reports\", password_sha256 = \"{}\" }} }}", hex(&sha256(b"pw"))),
-            "",
-        ),
-        identity("elsewhere", "{ source = [\"10.0.0.0/8\"] }", ""),
-    ]
-    .concat();
-    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let config = ops_config(&sandbox.base_url())
+        .identity(Identity::new("billing", "ops", Match::ApiKey("billing-key")))
+        .identity(Identity::new("reports", "ops", Match::Basic { user: "reports", password: "pw" }))
+        .identity(Identity::new("elsewhere", "ops", Match::Source(vec!["10.0.0.0/8"])));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
     let http = client();
 
@@ -76,8 +58,12 @@ async fn api_keys_basic_and_source_rules_identify_callers() {
 async fn source_rules_match_the_peer_address() {
     let sandbox = start_sandbox().await;
     let dir = tempfile::tempdir().expect("dir");
-    let ids = identity("sidecar", "{ source = [\"127.0.0.1/32\"] }", "");
-    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let config = ops_config(&sandbox.base_url()).identity(Identity::new(
+        "sidecar",
+        "ops",
+        Match::Source(vec!["127.0.0.1/32"]),
+    ));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
     assert_eq!(response.status(), 200);
@@ -87,11 +73,13 @@ async fn source_rules_match_the_peer_address() {
 async fn policy_violations_are_403_and_never_forwarded() {
     let sandbox = start_sandbox().await;
     let dir = tempfile::tempdir().expect("dir");
-    let policy = format!(
-        "orgs = [\"{ORG_ID}\"]\nmethods = [\"GET\"]\npaths = [\"/api/organizations/{{org}}/tasks\", \"/api/me\"]\norg_alias = \"{ORG_ID}\""
-    );
-    let ids = identity("narrow", "{ any = true }", &policy);
-    let proxy = start_proxy(&parse_config(&identities_config(&sandbox.base_url(), &ids), dir.path())).await;
+    let narrow = Identity::new("narrow", "ops", Match::Any)
+        .with("orgs", vec![ORG_ID])
+        .with("methods", vec!["GET"])
+        .with("paths", vec!["/api/organizations/{org}/tasks", "/api/me"])
+        .with("org_alias", ORG_ID);
+    let config = ops_config(&sandbox.base_url()).identity(narrow);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let base = format!("http://{}", proxy.proxy_addr());
     let http = client();
 
@@ -168,12 +156,14 @@ async fn mtls_client_certificates_identify_callers() {
     {
         std::fs::write(dir.path().join(file), pem).expect("write");
     }
-    let ids = identity("mesh", "{ client_cert = \"spiffe://cluster.local/ns/billing/sa/app\" }", "");
-    let text = identities_config(&sandbox.base_url(), &ids).replace(
-        "admin = \"127.0.0.1:0\"\n",
-        "admin = \"127.0.0.1:0\"\ntls = { cert = \"server.pem\", key = \"server.key\", client_ca = \"ca.pem\" }\n",
-    );
-    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let tls =
+        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
+    let config = ops_config(&sandbox.base_url()).set("listen", "tls", tls).identity(Identity::new(
+        "mesh",
+        "ops",
+        Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app"),
+    ));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
 
     let _ = rustls::crypto::ring::default_provider().install_default();

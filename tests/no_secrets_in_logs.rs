@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use support::{client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
-use tallyfy_proxy::identity::sha256;
+use support::{
+    Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, start_proxy, start_sandbox_with,
+};
 use tallyfy_sandbox::SandboxConfig;
 use tallyfy_sandbox::fixtures::{
     APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID, PASSWORD, PERSONAL_TOKEN, USER_CLIENT_SECRET,
@@ -28,10 +29,6 @@ impl Write for Captured {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 const API_KEY: &str = "legacy-api-key-5f1e9a";
@@ -56,18 +53,19 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     })
     .await;
     let dir = tempfile::tempdir().expect("dir");
-    let mut text = proxy_toml(&sandbox.base_url(), "");
-    text.push_str(&oauth_credentials());
-    text.push_str(&format!(
-        "\n[[credentials]]\nname = \"pat\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n\
-         \n[[credentials]]\nname = \"minted\"\nkind = \"application_user\"\napplication = \"app\"\norg = \"{ORG_ID}\"\nemail = \"{APP_USER_EMAIL}\"\n\
-         \n[[identities]]\nname = \"keyed\"\ncredential = \"user\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n\
-         \n[[identities]]\nname = \"basic\"\ncredential = \"minted\"\nmatch = {{ basic = {{ user = \"reports\", password_sha256 = \"{}\" }} }}\n\
-         \n[[identities]]\nname = \"sidecar\"\ncredential = \"pat\"\nmatch = {{ source = [\"127.0.0.1/32\"] }}\n",
-        hex(&sha256(API_KEY.as_bytes())),
-        hex(&sha256(BASIC_PASSWORD.as_bytes())),
-    ));
-    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let config = TestConfig::new(&sandbox.base_url())
+        .credential(Credential::fixture_app())
+        .credential(Credential::fixture_user())
+        .credential(Credential::personal("pat", Secret::Env(TOKEN_ENV)))
+        .credential(Credential::application_user("minted", "app", ORG_ID, APP_USER_EMAIL))
+        .identity(Identity::new("keyed", "user", Match::ApiKey(API_KEY)))
+        .identity(Identity::new(
+            "basic",
+            "minted",
+            Match::Basic { user: "reports", password: BASIC_PASSWORD },
+        ))
+        .identity(Identity::new("sidecar", "pat", Match::Source(vec!["127.0.0.1/32"])));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let base = format!("http://{}", proxy.proxy_addr());
     let http = client();
 

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Stack, client, oauth_credentials, parse_config, proxy_toml, start_proxy, start_sandbox_with};
+use support::{Credential, Identity, Match, Stack, TestConfig, client, start_proxy, start_sandbox_with};
 use tallyfy_sandbox::SandboxConfig;
 use tallyfy_sandbox::fixtures::ORG_ID;
 
@@ -81,9 +81,11 @@ async fn the_token_expiry_gauge_is_exported_and_refreshes_and_replays_are_counte
     })
     .await;
     let dir = tempfile::tempdir().expect("dir");
-    let text = proxy_toml(&sandbox.base_url(), &oauth_credentials())
-        + "\n[[identities]]\nname = \"all\"\ncredential = \"user\"\nmatch = { any = true }\n";
-    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let config = TestConfig::new(&sandbox.base_url())
+        .credential(Credential::fixture_app())
+        .credential(Credential::fixture_user())
+        .identity(Identity::new("all", "user", Match::Any));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let scrape = || support::scrape(proxy.admin_addr());
     let first = scrape().await;
     let gauge = r#"tallyfy_proxy_token_expiry_seconds{credential="user"}"#;

@@ -6,8 +6,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{parse_config, proxy_toml, start_proxy, start_sandbox};
-use tallyfy_proxy::identity::sha256;
+use support::{Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, start_proxy, start_sandbox};
 use tallyfy_sandbox::fixtures::ORG_ID;
 
 #[tokio::test]
@@ -19,15 +18,10 @@ async fn the_official_python_sdk_works_through_an_api_key_identity() {
     };
     let sandbox = start_sandbox().await;
     let dir = tempfile::tempdir().expect("dir");
-    let key_hash: String = sha256(b"legacy-sdk-key").iter().map(|b| format!("{b:02x}")).collect();
-    let text = proxy_toml(
-        &sandbox.base_url(),
-        &format!(
-            "[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TEST_TALLYFY_TOKEN\" }}\n\n\
-             [[identities]]\nname = \"python-app\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{key_hash}\" }}\n"
-        ),
-    );
-    let proxy = start_proxy(&parse_config(&text, dir.path())).await;
+    let config = TestConfig::new(&sandbox.base_url())
+        .credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)))
+        .identity(Identity::new("python-app", "ops", Match::ApiKey("legacy-sdk-key")));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     let base_url = format!("http://{}/api", proxy.proxy_addr());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/sdk_through_proxy.py");
 

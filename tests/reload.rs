@@ -6,44 +6,22 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::{client, env, ready_within, start_proxy, start_proxy_unready, start_sandbox};
+use support::{
+    Credential, Identity, Match, Secret, TestConfig, client, env, ready_within, start_proxy,
+    start_proxy_unready, start_sandbox,
+};
 use tallyfy_proxy::config::Config;
-use tallyfy_proxy::identity::sha256;
 use tallyfy_proxy::metrics::OutcomeLabel;
 use tallyfy_sandbox::fixtures::{APP_CLIENT_ID, APP_CLIENT_SECRET, APP_USER_EMAIL, ORG_ID};
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A client_credentials credential reading its secret from `secrets/app_secret`,
 /// and one identity with API key `key`.
-fn config_text(base_url: &str, key: &str) -> String {
-    format!(
-        r#"[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[upstream]
-base_url = "{base_url}"
-
-[tokens]
-retry_min_ms = 50
-retry_max_ms = 200
-
-[[credentials]]
-name = "app"
-kind = "client_credentials"
-client_id = "{APP_CLIENT_ID}"
-client_secret = {{ file = "secrets/app_secret" }}
-
-[[identities]]
-name = "caller"
-credential = "app"
-match = {{ api_key_sha256 = "{}" }}
-"#,
-        hex(&sha256(key.as_bytes()))
-    )
+fn config(base_url: &str, key: &'static str) -> TestConfig {
+    TestConfig::new(base_url)
+        .set("tokens", "retry_min_ms", 50)
+        .set("tokens", "retry_max_ms", 200)
+        .credential(Credential::client_credentials("app", APP_CLIENT_ID, Secret::File("secrets/app_secret")))
+        .identity(Identity::new("caller", "app", Match::ApiKey(key)))
 }
 
 fn load(path: &Path) -> Config {
@@ -78,7 +56,7 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
     std::fs::write(dir.path().join("secrets/app_secret"), "an-old-secret\n").expect("write");
-    std::fs::write(dir.path().join("proxy.toml"), config_text(&sandbox.base_url(), "k1")).expect("write");
+    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
     let proxy = start_proxy_unready(&load(&dir.path().join("proxy.toml"))).await;
 
     let refused =
@@ -98,7 +76,7 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
     std::fs::write(dir.path().join("secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
-    std::fs::write(dir.path().join("proxy.toml"), config_text(&sandbox.base_url(), "k1")).expect("write");
+    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
     let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
     assert_eq!(mint_status(&proxy, "k1").await, 200);
 
@@ -115,8 +93,7 @@ async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_th
     let m = mount.path();
     // What the kubelet makes of a ConfigMap: files behind a `..data` symlink.
     std::fs::create_dir_all(m.join("..2026_01/secrets")).expect("mkdir");
-    std::fs::write(m.join("..2026_01/proxy.toml"), config_text(&sandbox.base_url(), "old-key"))
-        .expect("write");
+    config(&sandbox.base_url(), "old-key").write(&m.join("..2026_01/proxy.toml"));
     std::fs::write(m.join("..2026_01/secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
     std::os::unix::fs::symlink("..2026_01", m.join("..data")).expect("symlink");
     std::os::unix::fs::symlink("..data/proxy.toml", m.join("proxy.toml")).expect("symlink");
@@ -128,8 +105,7 @@ async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_th
 
     // The kubelet's update: a new timestamped directory, then an atomic rename of the link.
     std::fs::create_dir_all(m.join("..2026_02/secrets")).expect("mkdir");
-    std::fs::write(m.join("..2026_02/proxy.toml"), config_text(&sandbox.base_url(), "new-key"))
-        .expect("write");
+    config(&sandbox.base_url(), "new-key").write(&m.join("..2026_02/proxy.toml"));
     std::fs::write(m.join("..2026_02/secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
     std::os::unix::fs::symlink("..2026_02", m.join("..data_tmp")).expect("symlink");
     std::fs::rename(m.join("..data_tmp"), m.join("..data")).expect("swap");
@@ -143,16 +119,13 @@ async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_th
 async fn in_flight_requests_finish_on_the_config_they_started_with() {
     let (upstream, mut arrived) = support::slow_upstream(Duration::from_millis(600)).await;
     let dir = tempfile::tempdir().expect("dir");
-    let text = |key: &str| {
-        format!(
-            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"http://{upstream}\"\n\
-             [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ file = \"token\" }}\n\
-             [[identities]]\nname = \"caller\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n",
-            hex(&sha256(key.as_bytes()))
-        )
+    let config = |key: &'static str| {
+        TestConfig::new(&format!("http://{upstream}"))
+            .credential(Credential::personal("ops", Secret::File("token")))
+            .identity(Identity::new("caller", "ops", Match::ApiKey(key)))
     };
     std::fs::write(dir.path().join("token"), "a-personal-token").expect("write");
-    std::fs::write(dir.path().join("proxy.toml"), text("k1")).expect("write");
+    config("k1").write(&dir.path().join("proxy.toml"));
     let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
     let url = format!("http://{}/api/slow", proxy.proxy_addr());
     let in_flight = tokio::spawn({
@@ -161,7 +134,7 @@ async fn in_flight_requests_finish_on_the_config_they_started_with() {
     });
     arrived.recv().await.expect("the request reached the upstream");
 
-    std::fs::write(dir.path().join("proxy.toml"), text("k2")).expect("rewrite");
+    config("k2").write(&dir.path().join("proxy.toml"));
     wait_for("the reload is applied", async || reloads(&proxy, "applied") >= 1).await;
     let response = in_flight.await.expect("task").expect("not cut by the reload");
     assert_eq!(response.status(), 200, "finished on the config it started with");

@@ -1,4 +1,6 @@
-//! `tallyfy-proxy sandbox` prints curl commands that work as printed.
+//! `tallyfy-proxy sandbox` prints curl commands that work as printed (with the
+//! default `sandbox` feature; without it there is no such command).
+#![cfg(feature = "sandbox")]
 
 use tallyfy_proxy::sandbox_mode;
 

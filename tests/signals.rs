@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use support::{Credential, Identity, Match, Secret, TestConfig};
 use tokio::net::TcpStream;
 
 /// Starts `tallyfy-proxy run` on a config against `upstream`, logging JSON, and
@@ -15,13 +16,12 @@ fn run_binary(
     dir: &Path,
     upstream: &str,
 ) -> (Child, std::net::SocketAddr, std::sync::mpsc::Receiver<String>) {
-    let config = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{upstream}\"\n\
-         [server]\nshutdown_grace_ms = 10000\n[log]\nformat = \"json\"\n\
-         [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"TALLYFY_TOKEN\" }}\n\
-         [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
-    );
-    std::fs::write(dir.join("proxy.toml"), config).expect("write config");
+    TestConfig::new(upstream)
+        .set("server", "shutdown_grace_ms", 10000)
+        .set("log", "format", "json")
+        .credential(Credential::personal("ops", Secret::Env("TALLYFY_TOKEN")))
+        .identity(Identity::new("app", "ops", Match::Any))
+        .write(&dir.join("proxy.toml"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
         .args(["run", "--config", "proxy.toml"])
         .current_dir(dir)

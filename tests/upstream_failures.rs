@@ -5,7 +5,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{client, closed_port, config_text, parse_config, start_proxy};
+use support::{TestConfig, client, closed_port, start_proxy};
 use tallyfy_sandbox::{Sandbox, SandboxConfig};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -18,8 +18,9 @@ async fn error_code(response: reqwest::Response) -> String {
 async fn an_unreachable_upstream_is_a_502() {
     let down = closed_port().await;
     let dir = tempfile::tempdir().expect("dir");
-    let config =
-        parse_config(&config_text(&format!("http://{down}"), "connect_timeout_ms = 500", ""), dir.path());
+    let config = TestConfig::personal_any(&format!("http://{down}"))
+        .set("upstream", "connect_timeout_ms", 500)
+        .parse(dir.path());
     let proxy = start_proxy(&config).await;
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
@@ -39,8 +40,9 @@ async fn a_silent_upstream_is_a_504() {
         }
     });
     let dir = tempfile::tempdir().expect("dir");
-    let config =
-        parse_config(&config_text(&format!("http://{addr}"), "request_timeout_ms = 300", ""), dir.path());
+    let config = TestConfig::personal_any(&format!("http://{addr}"))
+        .set("upstream", "request_timeout_ms", 300)
+        .parse(dir.path());
     let proxy = start_proxy(&config).await;
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
@@ -84,7 +86,7 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
     std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
     let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
 
-    let trusting = parse_config(&config_text(&base, "ca_file = \"ca.pem\"", ""), dir.path());
+    let trusting = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").parse(dir.path());
     let proxy = start_proxy(&trusting).await;
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
@@ -92,7 +94,7 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
     let received = sandbox.received();
     assert_eq!(received.last().expect("forwarded").version, http::Version::HTTP_2, "ALPN chose h2");
 
-    let untrusting = parse_config(&config_text(&base, "", ""), dir.path());
+    let untrusting = TestConfig::personal_any(&base).parse(dir.path());
     let proxy = start_proxy(&untrusting).await;
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
@@ -104,10 +106,9 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
 async fn shutdown_drains_in_flight_requests_and_refuses_new_connections() {
     let (upstream, mut arrived) = support::slow_upstream(Duration::from_millis(400)).await;
     let dir = tempfile::tempdir().expect("dir");
-    let config = parse_config(
-        &config_text(&format!("http://{upstream}"), "", "[server]\nshutdown_grace_ms = 5000\n"),
-        dir.path(),
-    );
+    let config = TestConfig::personal_any(&format!("http://{upstream}"))
+        .set("server", "shutdown_grace_ms", 5000)
+        .parse(dir.path());
     let mut proxy = start_proxy(&config).await;
     let addr = proxy.proxy_addr();
 

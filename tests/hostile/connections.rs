@@ -88,7 +88,10 @@ async fn a_kept_alive_http1_connection_does_not_stay_open_forever() {
 
 #[tokio::test]
 async fn connections_beyond_max_connections_are_closed_at_once_and_counted() {
-    let stack = Stack::start_with("", "[server]\nheader_read_timeout_ms = 5000\nmax_connections = 3\n").await;
+    let stack = Stack::start_with(|c| {
+        c.set("server", "header_read_timeout_ms", 5000).set("server", "max_connections", 3)
+    })
+    .await;
     let addr = stack.proxy.proxy_addr();
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -130,7 +133,7 @@ async fn connections_beyond_max_connections_are_closed_at_once_and_counted() {
 #[tokio::test]
 async fn the_admin_listener_cuts_silent_peers_too() {
     let stack = stack().await;
-    assert!(SERVER.contains("header_read_timeout_ms = 400"));
+    assert!(SERVER.contains(&("header_read_timeout_ms", 400)));
     for start in [&b""[..], b"P"] {
         let answer = exchange(stack.proxy.admin_addr(), start, Duration::from_secs(5)).await;
         assert!(answer.closed && answer.bytes.is_empty(), "{start:?}");

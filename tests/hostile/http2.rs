@@ -50,7 +50,7 @@ pub fn goaway_code(bytes: &[u8]) -> Option<u32> {
 
 /// The sandbox and a proxy whose idle timeout (60 s) cannot end a flood's connection.
 async fn flood_stack() -> Stack {
-    Stack::start_with("", "[server]\nheader_read_timeout_ms = 400\n").await
+    Stack::start_with(|c| c.set("server", "header_read_timeout_ms", 400)).await
 }
 
 async fn in_flight_drops_to_zero(admin: std::net::SocketAddr) {

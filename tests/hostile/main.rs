@@ -26,44 +26,44 @@ mod responses;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::{Stack, parse_config, proxy_toml, start_proxy, start_sandbox};
+use support::{
+    Credential, Identity, Match, Secret, Stack, TOKEN_ENV, TestConfig, start_proxy, start_sandbox,
+};
 use tallyfy_proxy::app::Running;
-use tallyfy_proxy::identity::sha256;
 use tallyfy_sandbox::Sandbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Short timers, so silent peers are cut quickly.
-const SERVER: &str = "[server]\nheader_read_timeout_ms = 400\nidle_timeout_ms = 600\n";
+/// Short timers, so silent peers are cut quickly: `[server]` keys and values.
+const SERVER: [(&str, i64); 2] = [("header_read_timeout_ms", 400), ("idle_timeout_ms", 600)];
+
+/// `config` with [`SERVER`]'s timers.
+fn short_timers(config: TestConfig) -> TestConfig {
+    SERVER.into_iter().fold(config, |config, (key, value)| config.set("server", key, value))
+}
 
 /// The sandbox and a proxy with an `any` identity and [`SERVER`]'s timers.
 async fn stack() -> Stack {
-    Stack::start_with("", SERVER).await
+    Stack::start_with(short_timers).await
 }
 
-/// The sandbox and a proxy whose identities are `identities` (a personal-token
-/// credential `ops` exists), plus `extra` config.
-async fn stack_with_identities(identities: &str, extra: &str) -> (Sandbox, Running, tempfile::TempDir) {
+/// The sandbox and a proxy with [`SERVER`]'s timers whose identities are
+/// `identities` (a personal-token credential `ops` exists).
+async fn stack_with_identities(
+    identities: impl IntoIterator<Item = Identity>,
+) -> (Sandbox, Running, tempfile::TempDir) {
     let sandbox = start_sandbox().await;
     let dir = tempfile::tempdir().expect("dir");
-    let body = format!(
-        "{SERVER}{extra}\n[[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"{}\" }}\n{identities}",
-        support::TOKEN_ENV
-    );
-    let proxy = start_proxy(&parse_config(&proxy_toml(&sandbox.base_url(), &body), dir.path())).await;
+    let config = short_timers(TestConfig::new(&sandbox.base_url()))
+        .credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)));
+    let config = identities.into_iter().fold(config, TestConfig::identity);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
     (sandbox, proxy, dir)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// An identity matched by API key `key`, mapped to `ops`, with `policy` lines.
-fn keyed_identity(name: &str, key: &str, policy: &str) -> String {
-    format!(
-        "\n[[identities]]\nname = \"{name}\"\ncredential = \"ops\"\nmatch = {{ api_key_sha256 = \"{}\" }}\n{policy}\n",
-        hex(&sha256(key.as_bytes()))
-    )
+/// An identity matched by API key `key`, mapped to `ops`.
+fn keyed_identity(name: &str, key: &'static str) -> Identity {
+    Identity::new(name, "ops", Match::ApiKey(key))
 }
 
 /// What came back on a raw connection.

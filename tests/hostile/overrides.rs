@@ -5,16 +5,16 @@ use std::time::Duration;
 use tallyfy_sandbox::fixtures::ORG_ID;
 
 use super::{exchange, keyed_identity, stack, stack_with_identities};
+use crate::support::Identity;
 
 const WAIT: Duration = Duration::from_secs(5);
 
 /// `narrow` (key `k`) may GET and POST; `editor` (key `e`) may PUT too.
-fn identities() -> String {
+fn identities() -> [Identity; 2] {
     [
-        keyed_identity("narrow", "k", "methods = [\"GET\", \"POST\"]"),
-        keyed_identity("editor", "e", "methods = [\"GET\", \"POST\", \"PUT\"]"),
+        keyed_identity("narrow", "k").with("methods", vec!["GET", "POST"]),
+        keyed_identity("editor", "e").with("methods", vec!["GET", "POST", "PUT"]),
     ]
-    .concat()
 }
 
 fn post(target: &str, key: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
@@ -49,7 +49,7 @@ async fn override_headers_are_stripped_for_every_identity() {
 
 #[tokio::test]
 async fn a_refused_method_in_query_form_or_json_is_refused_and_never_sent() {
-    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
     let addr = proxy.proxy_addr();
     let tasks = format!("/api/organizations/{ORG_ID}/tasks");
     let form = "application/x-www-form-urlencoded";
@@ -80,7 +80,7 @@ async fn a_refused_method_in_query_form_or_json_is_refused_and_never_sent() {
 
 #[tokio::test]
 async fn an_override_that_cannot_be_read_is_refused() {
-    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
     let addr = proxy.proxy_addr();
     let tasks = format!("/api/organizations/{ORG_ID}/tasks");
     let form = "application/x-www-form-urlencoded";
@@ -100,7 +100,7 @@ async fn an_override_that_cannot_be_read_is_refused() {
 
 #[tokio::test]
 async fn allowed_overrides_and_plain_posts_are_forwarded_untouched() {
-    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
     let addr = proxy.proxy_addr();
     let tasks = format!("/api/organizations/{ORG_ID}/tasks");
     let answer =
@@ -129,7 +129,7 @@ fn multipart(fields: &[(&str, &str)]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_multipart_override_is_judged_as_the_upload_streams() {
-    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
     let addr = proxy.proxy_addr();
     let file = format!("/api/organizations/{ORG_ID}/file");
     let content_type = "multipart/form-data; boundary=XyZ";
@@ -156,7 +156,7 @@ async fn a_multipart_override_is_judged_as_the_upload_streams() {
 
 #[tokio::test]
 async fn multipart_parts_php_would_read_as_method_are_judged_in_every_spelling() {
-    let (sandbox, proxy, _dir) = stack_with_identities(&identities(), "").await;
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
     let addr = proxy.proxy_addr();
     let file = format!("/api/organizations/{ORG_ID}/file");
     let content_type = "multipart/form-data; boundary=XyZ";

@@ -36,9 +36,10 @@ async fn the_oauth_block_holds_however_the_path_is_encoded_or_cased() {
 
 #[tokio::test]
 async fn org_and_path_rules_hold_against_case_and_encoding() {
-    let policy =
-        format!("orgs = [\"{ORG_ID}\"]\npaths = [\"/api/organizations/{{org}}/tasks\", \"/api/me\"]");
-    let (sandbox, proxy, _dir) = stack_with_identities(&keyed_identity("narrow", "k", &policy), "").await;
+    let narrow = keyed_identity("narrow", "k")
+        .with("orgs", vec![ORG_ID])
+        .with("paths", vec!["/api/organizations/{org}/tasks", "/api/me"]);
+    let (sandbox, proxy, _dir) = stack_with_identities([narrow]).await;
     let addr = proxy.proxy_addr();
     let key = "X-Api-Key: k\r\n";
     for target in [

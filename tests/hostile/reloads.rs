@@ -8,7 +8,9 @@ use tallyfy_proxy::config::Config;
 use tallyfy_proxy::metrics::OutcomeLabel;
 use tallyfy_sandbox::fixtures::{PASSWORD, PERSONAL_TOKEN, USER_CLIENT_ID, USER_CLIENT_SECRET, USERNAME};
 
-use crate::support::{client, env, start_proxy, start_sandbox};
+use crate::support::{
+    Credential, Identity, Match, Secret, TestConfig, client, env, start_proxy, start_sandbox,
+};
 
 fn reloads(proxy: &Running, outcome: &str) -> u64 {
     proxy.metrics().config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).get()
@@ -18,12 +20,13 @@ fn load(path: &Path) -> Config {
     Config::parse(&std::fs::read_to_string(path).expect("read"), path, &env).expect("valid")
 }
 
+/// A personal-token credential reading `token`, and an `any` identity. The
+/// `comment` line changes the file's bytes, never its meaning.
 fn personal_config(base_url: &str, comment: &str) -> String {
-    format!(
-        "# {comment}\n[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{base_url}\"\n\
-         [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ file = \"token\" }}\n\
-         [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
-    )
+    let config = TestConfig::new(base_url)
+        .credential(Credential::personal("ops", Secret::File("token")))
+        .identity(Identity::new("app", "ops", Match::Any));
+    format!("# {comment}\n{}", config.text())
 }
 
 #[tokio::test]
@@ -67,15 +70,17 @@ async fn dead_tokens_while_reloads_run_back_to_back_fail_no_request() {
     let config = dir.path().join("proxy.toml");
     std::fs::write(dir.path().join("client_secret"), USER_CLIENT_SECRET).expect("write");
     std::fs::write(dir.path().join("password"), PASSWORD).expect("write");
-    let text = format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n\
-         [tokens]\nmin_forced_refresh_interval_ms = 100\n\
-         [[credentials]]\nname = \"user\"\nkind = \"password\"\nclient_id = \"{USER_CLIENT_ID}\"\n\
-         client_secret = {{ file = \"client_secret\" }}\nusername = \"{USERNAME}\"\npassword = {{ file = \"password\" }}\n\
-         [[identities]]\nname = \"app\"\ncredential = \"user\"\nmatch = {{ any = true }}\n",
-        sandbox.base_url()
-    );
-    std::fs::write(&config, text).expect("write");
+    TestConfig::new(&sandbox.base_url())
+        .set("tokens", "min_forced_refresh_interval_ms", 100)
+        .credential(Credential::password(
+            "user",
+            USER_CLIENT_ID,
+            Secret::File("client_secret"),
+            USERNAME,
+            Secret::File("password"),
+        ))
+        .identity(Identity::new("app", "user", Match::Any))
+        .write(&config);
     let proxy = start_proxy(&load(&config)).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
     let until = Instant::now() + Duration::from_secs(2);

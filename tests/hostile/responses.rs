@@ -7,8 +7,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{SERVER, access_line, access_log, exchange};
-use crate::support::{config_text, parse_config, start_proxy};
+use super::{access_line, access_log, exchange, short_timers};
+use crate::support::{TestConfig, start_proxy};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -53,7 +53,8 @@ impl Recorder {
 
 async fn proxy_to(recorder: &Recorder) -> (tallyfy_proxy::app::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("dir");
-    let config = parse_config(&config_text(&format!("http://{}", recorder.addr), "", SERVER), dir.path());
+    let config =
+        short_timers(TestConfig::personal_any(&format!("http://{}", recorder.addr))).parse(dir.path());
     (start_proxy(&config).await, dir)
 }
 

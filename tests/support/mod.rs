@@ -3,94 +3,16 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::net::SocketAddr;
-use std::path::Path;
-
 use tallyfy_proxy::app::{self, Listeners, Running};
 use tallyfy_proxy::config::Config;
-use tallyfy_sandbox::{Sandbox, SandboxConfig, fixtures};
+use tallyfy_sandbox::{Sandbox, SandboxConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub const TOKEN_ENV: &str = "TEST_TALLYFY_TOKEN";
+pub mod config;
 
-/// A proxy config pointed at `base_url`, with one personal-token credential and an
-/// `any` identity. `extra` is appended verbatim (more tables or keys).
-pub fn config_text(base_url: &str, upstream_extra: &str, extra: &str) -> String {
-    format!(
-        r#"
-[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[upstream]
-base_url = "{base_url}"
-{upstream_extra}
-
-[[credentials]]
-name = "ops"
-kind = "personal_token"
-token = {{ env = "{TOKEN_ENV}" }}
-
-[[identities]]
-name = "local-app"
-credential = "ops"
-match = {{ any = true }}
-{extra}
-"#
-    )
-}
-
-/// The secrets tests reference as `{ env = "..." }`, looked up without touching
-/// the process environment.
-pub fn env(name: &str) -> Option<String> {
-    let value = match name {
-        TOKEN_ENV => fixtures::PERSONAL_TOKEN,
-        "APP_SECRET" => fixtures::APP_CLIENT_SECRET,
-        "USER_SECRET" => fixtures::USER_CLIENT_SECRET,
-        "USER_PASSWORD" => fixtures::PASSWORD,
-        _ => return None,
-    };
-    Some(value.to_owned())
-}
-
-/// `[listen]` on ephemeral ports and `[upstream]` at `base_url`, then `body`.
-pub fn proxy_toml(base_url: &str, body: &str) -> String {
-    format!(
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{base_url}\"\n\n{body}"
-    )
-}
-
-/// A `client_credentials` credential named `app` and a `password` one named
-/// `user`, both against the sandbox's fixture clients.
-pub fn oauth_credentials() -> String {
-    format!(
-        r#"
-[[credentials]]
-name = "app"
-kind = "client_credentials"
-client_id = "{app_id}"
-client_secret = {{ env = "APP_SECRET" }}
-
-[[credentials]]
-name = "user"
-kind = "password"
-client_id = "{user_id}"
-client_secret = {{ env = "USER_SECRET" }}
-username = "{username}"
-password = {{ env = "USER_PASSWORD" }}
-"#,
-        app_id = fixtures::APP_CLIENT_ID,
-        user_id = fixtures::USER_CLIENT_ID,
-        username = fixtures::USERNAME,
-    )
-}
-
-/// Parses `text` as the proxy config, with secrets from [`env`]; `dir` anchors
-/// relative paths.
-pub fn parse_config(text: &str, dir: &Path) -> Config {
-    Config::parse(text, &dir.join("proxy.toml"), &env)
-        .unwrap_or_else(|e| panic!("test config is valid: {e}\n{text}"))
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use config::{Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, env, sha256_hex, table};
 
 /// Starts the proxy without waiting for readiness.
 pub async fn start_proxy_unready(config: &Config) -> Running {
@@ -132,14 +54,16 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// The usual stack: [`TestConfig::personal_any`].
     pub async fn start() -> Stack {
-        Self::start_with("", "").await
+        Self::start_with(|config| config).await
     }
 
-    pub async fn start_with(upstream_extra: &str, extra: &str) -> Stack {
+    /// The usual stack with changes, e.g. `|c| c.set("server", "max_headers", 20)`.
+    pub async fn start_with(change: impl FnOnce(TestConfig) -> TestConfig) -> Stack {
         let sandbox = start_sandbox().await;
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = parse_config(&config_text(&sandbox.base_url(), upstream_extra, extra), dir.path());
+        let config = change(TestConfig::personal_any(&sandbox.base_url())).parse(dir.path());
         let proxy = start_proxy(&config).await;
         Stack { sandbox, proxy, client: client(), _dir: dir }
     }
