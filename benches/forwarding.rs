@@ -34,6 +34,7 @@ use tallyfy_proxy::reload::{self, Clients};
 use tallyfy_proxy::server::ConnectionInfo;
 use tallyfy_proxy::tokens::TokenStore;
 use tallyfy_proxy::tokens::refresh::Refresher;
+use tallyfy_proxy::traffic::TrafficState;
 use tokio::net::TcpListener;
 
 fn config(base_url: &str) -> Config {
@@ -73,7 +74,8 @@ fn prepare(c: &mut Criterion) {
     let (mut refresher, handle) = Refresher::new(TokenStore::new(), metrics.clone());
     let Clients { upstream, issuer } = reload::clients(&config).expect("upstream and issuer");
     let tokens = refresher.configure(&reload::credential_set(&config), issuer).expect("credentials");
-    let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics);
+    let traffic = reload::traffic(&config, &TrafficState::new());
+    let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics, traffic);
     let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(

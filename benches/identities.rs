@@ -26,6 +26,7 @@ fn key_rule(i: usize) -> Identity {
         matcher: Matcher::ApiKey { sha256: sha256(format!("key-{i}").as_bytes()) },
         policy: Policy::default(),
         dates: None,
+        limits: Default::default(),
     }
 }
 
@@ -38,6 +39,7 @@ fn source_rule(i: usize) -> Identity {
         },
         policy: Policy::default(),
         dates: None,
+        limits: Default::default(),
     }
 }
 

@@ -89,7 +89,7 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("links");
-    let links = LinkRewriter::new("https://go.tallyfy.com", "http://127.0.0.1:8080");
+    let links = LinkRewriter::new("https://go.tallyfy.com", "http://127.0.0.1:8080", true);
     let list = list_response(100);
     assert_eq!(links.rewrite_json(&list).map(|r| r.links_rewritten), Ok(1));
     g.throughput(Throughput::Bytes(list.len() as u64));

@@ -23,6 +23,7 @@ use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
 use crate::server::{self, ConnectionInfo, ConnectionLimits};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
+use crate::traffic::TrafficState;
 
 /// The proxy listener's connection limits: hyper's hard limits at twice the
 /// configured ones, so the pipeline's JSON 431 answers every request between
@@ -226,15 +227,23 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let tokens = refresher
         .configure(&reload::credential_set(config), issuer)
         .map_err(reload::BuildError::Credential)?;
-    let proxy =
-        Proxy::new(reload::proxy_settings(config), upstream, tokens, refresh_handle.clone(), metrics.clone());
+    let traffic = TrafficState::new();
+    let proxy = Proxy::new(
+        reload::proxy_settings(config),
+        upstream,
+        tokens,
+        refresh_handle.clone(),
+        metrics.clone(),
+        reload::traffic(config, &traffic),
+    );
     let refresher = RefresherTask::spawn(refresher);
     let current = Arc::new(ArcSwap::from_pointee(proxy));
     let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    let (reloader, reload) = Reloader::new(config.clone(), current.clone(), metrics.clone(), refresh_handle);
+    let (reloader, reload) =
+        Reloader::new(config.clone(), current.clone(), metrics.clone(), refresh_handle, traffic);
     let reloader = tokio::spawn(reloader.run(shutdown.clone()));
     let admin = Admin::new(current.clone(), metrics.clone());
     let admin_current = current.clone();

@@ -10,10 +10,12 @@ mod ctx;
 mod dates;
 mod error;
 mod identities;
-mod limits;
 mod listen_tls;
 mod raw;
 mod secret_source;
+mod server;
+mod tokens;
+mod traffic;
 mod upstream;
 mod validate;
 
@@ -33,6 +35,7 @@ pub type Upstream = crate::upstream::Settings;
 pub type Tokens = crate::tokens::Settings;
 pub type Dates = crate::dates::Settings;
 pub type Links = crate::links::Settings;
+pub type Traffic = crate::traffic::Settings;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -53,6 +56,8 @@ pub struct Config {
     pub credential_sources: Vec<Vec<(&'static str, SecretSource)>>,
     /// In match order: the first identity whose rule matches the caller wins.
     pub identities: Vec<Identity>,
+    /// `[[limits]]`, `[upstream.retry]` and `upstream.retry_429_max_wait_ms`.
+    pub traffic: Traffic,
     /// Things that work but deserve attention (plain-text secrets, for one).
     pub warnings: Vec<String>,
 }
@@ -69,6 +74,9 @@ pub struct Listen {
     /// rewriting Tallyfy's absolute links; derived from each request's `Host`
     /// when absent.
     pub public_url: Option<String>,
+    /// Paths outside `/api` are read as under it (`/me` as `/api/me`), for
+    /// apps configured with Tallyfy's unprefixed host, `https://api.tallyfy.com`.
+    pub unprefixed: bool,
 }
 
 #[derive(Debug, Clone)]

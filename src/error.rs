@@ -57,6 +57,10 @@ pub enum ProxyError {
     UnknownCaller,
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("over the limit {limit}; retry in {} s", whole_seconds(*.retry_after))]
+    RateLimited { limit: std::sync::Arc<str>, retry_after: Duration },
+    #[error("this identity has {max} requests in flight (its max_in_flight); retry shortly")]
+    TooManyInFlight { max: usize },
     #[error("no valid Tallyfy token for credential {credential}")]
     TokenUnavailable { credential: String, retry_after: Duration },
     #[error("Tallyfy could not be reached: {0}")]
@@ -85,7 +89,9 @@ impl ProxyError {
             | Self::BodyRead(_)
             | Self::BodyTimeout(_)
             | Self::UnknownCaller
-            | Self::Forbidden(_) => ErrorClass::Caller,
+            | Self::Forbidden(_)
+            | Self::RateLimited { .. }
+            | Self::TooManyInFlight { .. } => ErrorClass::Caller,
             Self::TokenUnavailable { .. }
             | Self::UpstreamUnreachable(_)
             | Self::UpstreamBroken(_)
@@ -110,7 +116,10 @@ impl ProxyError {
             }
             Self::UnknownCaller => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // Not 429: the caller is not too fast, the identity's requests are
+            // slow to finish; it is the server that is briefly unavailable to it.
+            Self::TokenUnavailable { .. } | Self::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -134,6 +143,8 @@ impl ProxyError {
             Self::BodyTimeout(_) => "request_body_timeout",
             Self::UnknownCaller => "unknown_caller",
             Self::Forbidden(_) => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::TooManyInFlight { .. } => "too_many_in_flight",
             Self::TokenUnavailable { .. } => "token_unavailable",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamBroken(_) => "upstream_error",
@@ -171,8 +182,11 @@ impl ProxyError {
             Self::UnknownCaller => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="tallyfy-proxy""#));
             }
-            Self::TokenUnavailable { retry_after, .. } => {
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+            Self::TokenUnavailable { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*retry_after)));
+            }
+            Self::TooManyInFlight { .. } => {
+                headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::MethodNotAllowed => {
                 headers
@@ -186,6 +200,11 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// A wait as `Retry-After` gives it: whole seconds, rounded up, at least 1.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64
 }
 
 #[cfg(test)]

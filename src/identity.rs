@@ -22,6 +22,7 @@ use crate::dates::DateRules;
 use crate::headers::X_API_KEY;
 use crate::policy::Policy;
 use crate::tokens::CredentialId;
+use crate::traffic::IdentityLimits;
 
 pub type Sha256Digest = [u8; 32];
 
@@ -131,6 +132,8 @@ pub struct Identity {
     /// The date rules for this identity's requests (its own `date_input_order`
     /// applied); `None` when date rewriting is off.
     pub dates: Option<Arc<DateRules>>,
+    /// `rate_limit` and `max_in_flight`.
+    pub limits: IdentityLimits,
 }
 
 /// The configured identities, in match order, with API-key rules indexed by
@@ -212,6 +215,7 @@ mod tests {
             matcher,
             policy: Policy::default(),
             dates: None,
+            limits: IdentityLimits::default(),
         }
     }
 

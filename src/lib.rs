@@ -153,4 +153,5 @@ pub mod server;
 pub(crate) mod target;
 pub mod telemetry;
 pub mod tokens;
+pub mod traffic;
 pub mod upstream;

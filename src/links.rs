@@ -104,11 +104,14 @@ pub struct InvalidJson;
 
 impl LinkRewriter {
     /// `upstream_base` like `https://go.tallyfy.com`, `public_base` like `http://127.0.0.1:8080`;
-    /// a trailing `/` on either is ignored.
-    pub fn new(upstream_base: &str, public_base: &str) -> Self {
+    /// a trailing `/` on either is ignored. `api`: links keep their `/api`
+    /// (`{public_base}/api/...`); without it they lose it (`{public_base}/...`),
+    /// for callers that use Tallyfy's unprefixed host style.
+    pub fn new(upstream_base: &str, public_base: &str, api: bool) -> Self {
         let from = format!("{}/api/", upstream_base.trim_end_matches('/'));
         let mut to = Vec::new();
-        push_escaped(&mut to, &format!("{}/api/", public_base.trim_end_matches('/')));
+        let prefix = if api { "/api/" } else { "/" };
+        push_escaped(&mut to, &format!("{}{prefix}", public_base.trim_end_matches('/')));
         LinkRewriter { from, to, scan: LinkScan::new(upstream_base) }
     }
 

@@ -163,7 +163,50 @@ fn check(path: &Path) -> ExitCode {
             identity.matcher
         );
     }
+    print_traffic(&config);
     ExitCode::SUCCESS
+}
+
+/// The limits `check` loaded: each identity's, each `[[limits]]` rule, retries.
+fn print_traffic(config: &Config) {
+    for identity in &config.identities {
+        if let Some(rate) = identity.limits.rate {
+            println!(
+                "  limit         {}.rate_limit: {}/s, burst {}",
+                identity.name, rate.per_second, rate.burst
+            );
+        }
+        if let Some(max) = identity.limits.max_in_flight {
+            println!("  limit         {}.max_in_flight: {max} open at once", identity.name);
+        }
+    }
+    for rule in &config.traffic.rules {
+        let methods = rule.methods.as_ref().map_or("any method".to_owned(), |methods| {
+            methods.iter().map(http::Method::as_str).collect::<Vec<_>>().join(",")
+        });
+        println!(
+            "  limit         {}: {} per {} s, {methods} {}, per organisation and credential",
+            rule.name,
+            rule.max,
+            rule.per.as_secs(),
+            rule.path
+        );
+    }
+    let traffic = &config.traffic;
+    if traffic.retry.attempts > 1 {
+        let methods =
+            if traffic.retry.retry_unsafe { "GET, HEAD, OPTIONS, PUT, DELETE" } else { "GET, HEAD, OPTIONS" };
+        println!(
+            "  retry         {} sends at most ({methods}), budget {} % of the last 10 s",
+            traffic.retry.attempts, traffic.retry.budget_percent
+        );
+    }
+    if !traffic.retry_429_max_wait.is_zero() {
+        println!("  429           waited out up to {} ms", traffic.retry_429_max_wait.as_millis());
+    }
+    if config.listen.unprefixed {
+        println!("  unprefixed    paths outside /api are read as under it");
+    }
 }
 
 async fn run(path: &Path, threads: usize) -> ExitCode {

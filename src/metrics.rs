@@ -39,6 +39,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
     pub listener: String,
 }
@@ -78,6 +83,11 @@ pub struct Metrics {
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_refused: Family<ListenerLabel, Counter>,
+    pub limit_rejections: Family<LimitLabel, Counter>,
+    pub upstream_429s: Family<CredentialLabel, Counter>,
+    pub remembered_429_answers: Family<CredentialLabel, Counter>,
+    pub retries: Family<ReasonLabel, Counter>,
+    pub retry_budget_exhausted: Counter,
 }
 
 impl Default for Metrics {
@@ -102,6 +112,28 @@ impl Metrics {
         let config_reloads = Family::default();
         let connections_open = Family::default();
         let connections_refused = Family::default();
+        let limit_rejections = Family::default();
+        let upstream_429s = Family::default();
+        let remembered_429_answers = Family::default();
+        let retries = Family::default();
+        let retry_budget_exhausted = Counter::default();
+        registry.register(
+            "limit_rejections",
+            "Requests refused by a local limit (rate_limit, max_in_flight, [[limits]]), by limit",
+            limit_rejections.clone(),
+        );
+        registry.register("upstream_429", "Tallyfy's 429 answers, by credential", upstream_429s.clone());
+        registry.register(
+            "remembered_429_answers",
+            "Requests answered 429 by the proxy because Tallyfy's last 429 for the credential still holds",
+            remembered_429_answers.clone(),
+        );
+        registry.register("upstream_retries", "Requests sent to Tallyfy again, by reason", retries.clone());
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
         registry.register_collector(Box::new(requests.clone()));
         registry.register(
             "local_rejections",
@@ -159,7 +191,22 @@ impl Metrics {
             config_reloads,
             connections_open,
             connections_refused,
+            limit_rejections,
+            upstream_429s,
+            remembered_429_answers,
+            retries,
+            retry_budget_exhausted,
         }
+    }
+
+    /// A request refused by the local limit named `limit`.
+    pub fn limit_rejected(&self, limit: &str) {
+        self.limit_rejections.get_or_create(&LimitLabel { limit: limit.to_owned() }).inc();
+    }
+
+    /// A request sent again after `reason` (`connect`, `reset`, `502`...).
+    pub fn retried(&self, reason: &str) {
+        self.retries.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     /// The connection gauge and counter of one listener (`proxy` or `admin`).

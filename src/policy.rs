@@ -51,9 +51,16 @@ impl Denied {
 /// themselves (ignoring ASCII case, so `/Tasks` is no way around a rule),
 /// `{anything}` matches one segment, and the prefix ends on a segment boundary
 /// (`/tasks` allows `/tasks/123` but not `/tasksets`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PathPattern {
-    segments: Vec<Option<String>>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Segment {
+    Literal(String),
+    /// `{name}`: any one segment.
+    Param(String),
 }
 
 impl PathPattern {
@@ -65,18 +72,38 @@ impl PathPattern {
             .trim_end_matches('/')
             .split('/')
             .skip(1)
-            .map(|s| if s.starts_with('{') && s.ends_with('}') { None } else { Some(s.to_owned()) })
+            .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => Segment::Param(name.to_owned()),
+                None => Segment::Literal(s.to_owned()),
+            })
             .collect();
         Ok(PathPattern { segments })
     }
 
     /// Whether the decoded `segments` (of a whole path) start with this pattern.
-    fn matches(&self, segments: &[Cow<'_, str>]) -> bool {
+    pub fn matches<S: AsRef<str>>(&self, segments: &[S]) -> bool {
         self.segments.len() <= segments.len()
             && self.segments.iter().zip(segments).all(|(want, segment)| match want {
-                None => !segment.is_empty(),
-                Some(literal) => literal.eq_ignore_ascii_case(segment),
+                Segment::Param(_) => !segment.as_ref().is_empty(),
+                Segment::Literal(literal) => literal.eq_ignore_ascii_case(segment.as_ref()),
             })
+    }
+
+    /// The position of `{name}` among the path's segments (`/api` is 0).
+    pub fn param(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| matches!(s, Segment::Param(p) if p == name))
+    }
+}
+
+impl std::fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal(literal) => write!(f, "/{literal}")?,
+                Segment::Param(name) => write!(f, "/{{{name}}}")?,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -4,11 +4,10 @@
 //! response) calls `forward` (prepare, body out, send, dead token, body back).
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -24,18 +23,23 @@ use crate::request_id;
 use crate::server::ConnectionInfo;
 use crate::tokens::CredentialTokens;
 use crate::tokens::refresh::RefreshHandle;
+use crate::traffic::Traffic;
 use crate::upstream::Upstream;
 use crate::{dates, links, tokens};
 
 mod prepare;
 mod record;
+mod replay;
 mod request_body;
 mod response_body;
+mod send;
 mod settings;
 
 pub use prepare::Prepared;
 use record::RequestRecord;
+use replay::Replay;
 use request_body::Outgoing;
+use send::{Answer, Target};
 pub use settings::{RequestLimits, Settings};
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
@@ -69,6 +73,10 @@ struct Shared {
     public_url: Option<String>,
     /// Scheme of the proxy listener, for derived public URLs.
     listener_scheme: &'static str,
+    /// Local limits, remembered 429s and retries of this generation.
+    traffic: Traffic,
+    /// `listen.unprefixed`.
+    unprefixed: bool,
     /// Each identity's request figures, resolved on its first request.
     identity_metrics: Box<[OnceLock<Arc<IdentityMetrics>>]>,
     /// The figures of callers no identity matched.
@@ -90,15 +98,6 @@ impl Shared {
     }
 }
 
-/// A kept copy of a request, so it can be sent again with a fresh token.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
 impl Proxy {
     pub fn new(
         settings: Settings,
@@ -106,9 +105,18 @@ impl Proxy {
         tokens: CredentialTokens,
         refresher: RefreshHandle,
         metrics: Arc<Metrics>,
+        traffic: Traffic,
     ) -> Proxy {
-        let Settings { identities, limits, tokens: token_rules, dates, links, public_url, listener_scheme } =
-            settings;
+        let Settings {
+            identities,
+            limits,
+            tokens: token_rules,
+            dates,
+            links,
+            public_url,
+            listener_scheme,
+            unprefixed,
+        } = settings;
         let identity_metrics = identities.iter().map(|_| OnceLock::new()).collect();
         Proxy {
             shared: Arc::new(Shared {
@@ -125,6 +133,8 @@ impl Proxy {
                 links,
                 public_url,
                 listener_scheme,
+                traffic,
+                unprefixed,
                 identity_metrics,
                 unidentified: OnceLock::new(),
             }),
@@ -175,26 +185,26 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let Prepared { identity, index, lease, links_to } = self.prepare(&mut head, connection)?;
+        let Prepared { identity, index, lease, links_to, admitted } = self.prepare(&mut head, connection)?;
         log.identity = Some(index);
+        log.place = admitted.place;
         let figures = shared.identity_metrics(index);
         let credential = identity.credential;
+        if !admitted.delay.is_zero() {
+            // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
+            log.throttle = Some("waited");
+            tokio::time::sleep(admitted.delay).await;
+        }
+        let target =
+            Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
 
         let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
-        let replay = kept.map(|body| Replay {
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            version: head.version,
-            headers: head.headers.clone(),
-            body,
-        });
-
-        let sent = Instant::now();
-        let progress = Progress::new();
-        log.request_body = Some(progress.clone());
-        let response = shared.upstream.send(Request::from_parts(head, body), progress).await?;
-        figures.upstream(sent.elapsed());
-        log.upstream_status = Some(response.status());
+        let replay = kept.map(|body| Replay::of(&head, body));
+        let response =
+            match self.send(Request::from_parts(head, body), replay.as_ref(), &target, log, figures).await? {
+                Answer::Streaming(response) => response,
+                Answer::Read(response) => return Ok(response),
+            };
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.tokens.is_refreshable(credential)
         {
@@ -220,16 +230,8 @@ impl Proxy {
         drop(response);
         log.replayed = true;
         Metrics::credential(&shared.metrics.replays, &credential_name);
-        let mut request = Request::new(Either::Left(Full::new(replay.body)));
-        *request.method_mut() = replay.method;
-        *request.uri_mut() = replay.uri;
-        *request.version_mut() = replay.version;
-        *request.headers_mut() = replay.headers;
-        request.headers_mut().insert(AUTHORIZATION, fresh.authorization);
-        let sent = Instant::now();
-        let response = shared.upstream.send(request, Progress::new()).await?;
-        figures.upstream(sent.elapsed());
-        log.upstream_status = Some(response.status());
+        let response =
+            self.send_once(replay.request(Some(fresh.authorization)), Progress::new(), log, figures).await?;
         self.response(response, &links_to).await
     }
 }

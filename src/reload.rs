@@ -28,6 +28,7 @@ use crate::proxy::{self, Proxy};
 use crate::tokens::CredentialSet;
 use crate::tokens::issuer::Issuer;
 use crate::tokens::refresh::{RefreshHandle, Refresher};
+use crate::traffic::{Traffic, TrafficState};
 use crate::upstream::Upstream;
 
 pub use watch::Trigger;
@@ -92,6 +93,14 @@ pub fn credential_set(config: &Config) -> CredentialSet {
     CredentialSet::new(config.credentials.clone(), config.tokens.clone(), &config.upstream)
 }
 
+/// The traffic control of `config`'s generation: its limits, counting on in
+/// `state` where they did not change.
+pub fn traffic(config: &Config, state: &TrafficState) -> Traffic {
+    let identities: Vec<_> = config.identities.iter().map(|i| (i.name.as_str(), i.limits)).collect();
+    let credentials: Vec<_> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+    state.generation(&config.traffic, &identities, &credentials)
+}
+
 /// What the pipeline needs of `config`.
 pub fn proxy_settings(config: &Config) -> proxy::Settings {
     proxy::Settings {
@@ -106,6 +115,7 @@ pub fn proxy_settings(config: &Config) -> proxy::Settings {
         links: config.links.clone(),
         public_url: config.listen.public_url.clone(),
         listener_scheme: if config.listen.tls.is_some() { "https" } else { "http" },
+        unprefixed: config.listen.unprefixed,
     }
 }
 
@@ -134,6 +144,8 @@ pub struct Reloader {
     current: Arc<ArcSwap<Proxy>>,
     metrics: Arc<Metrics>,
     refresher: RefreshHandle,
+    /// Local limits' counts, carried across generations.
+    traffic: Arc<TrafficState>,
     triggers: mpsc::Receiver<Trigger>,
     trigger: mpsc::Sender<Trigger>,
     watcher: Option<watch::Watcher>,
@@ -147,12 +159,16 @@ impl Reloader {
         current: Arc<ArcSwap<Proxy>>,
         metrics: Arc<Metrics>,
         refresher: RefreshHandle,
+        traffic: Arc<TrafficState>,
     ) -> (Reloader, ReloadHandle) {
         let (trigger, triggers) = mpsc::channel(64);
         let watcher = watch::Watcher::start(&config, trigger.clone());
         let (swapped, generations) = tokio::sync::watch::channel(0);
         let handle = ReloadHandle { trigger: trigger.clone(), generations };
-        (Reloader { config, current, metrics, refresher, triggers, trigger, watcher, swapped }, handle)
+        (
+            Reloader { config, current, metrics, refresher, traffic, triggers, trigger, watcher, swapped },
+            handle,
+        )
     }
 
     /// Reloads on every trigger until `shutdown`.
@@ -218,6 +234,7 @@ impl Reloader {
             tokens.clone(),
             self.refresher.clone(),
             self.metrics.clone(),
+            traffic(&new, &self.traffic),
         );
         // Changed credentials are fetched before the new config serves. Meanwhile
         // the old generation serves on with the tokens it holds. A shutdown does

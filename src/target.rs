@@ -66,6 +66,25 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     Ok(())
 }
 
+/// `listen.unprefixed`: a path outside `/api` (as Tallyfy's SDKs send to
+/// `https://api.tallyfy.com`) becomes the same path under `/api`, so every check
+/// after this one sees the path Tallyfy will. `true` when it was rewritten.
+pub fn add_api_prefix(uri: &mut Uri) -> Result<bool, ProxyError> {
+    let path = uri.path();
+    if path == "/api" || path.starts_with(API_PREFIX) || !path.starts_with('/') {
+        return Ok(false);
+    }
+    let target = uri.path_and_query().map_or(path, |pq| pq.as_str());
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        format!("/api{target}")
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("the request target is not valid"))?,
+    );
+    *uri = Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("the request target is not valid"))?;
+    Ok(true)
+}
+
 /// The segments of an absolute path after its leading `/`, each percent-decoded
 /// as Tallyfy's router reads it; a trailing `/` adds no segment. A segment that
 /// could be read two ways is an `Err` naming why.

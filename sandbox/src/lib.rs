@@ -163,6 +163,20 @@ pub enum TokenFault {
     Drop,
 }
 
+/// An answer API routes give on demand ([`Sandbox::fail_api`]), before routing
+/// and authentication, as Tallyfy's throttling and load balancers answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiFault {
+    /// 429 as the burst throttling answers: `{"message":"Too Many Attempts."}`,
+    /// with `Retry-After` when given.
+    Throttled { retry_after: Option<u64> },
+    /// 429 as an hourly cap answers: `Retry-After` and a body whose `code` is
+    /// `RATE_LIMIT_EXCEEDED`.
+    HourlyCap { retry_after: u64 },
+    /// This status with a short JSON body (502, 503, 504 from a load balancer).
+    Status(u16),
+}
+
 /// A running sandbox. Dropping it (or [`Sandbox::shutdown`]) stops the server.
 pub struct Sandbox {
     addr: SocketAddr,
@@ -241,6 +255,22 @@ impl Sandbox {
     /// Applies to `/api/oauth/token` and the user-token mint; `None` clears it.
     pub fn set_token_fault(&self, fault: Option<TokenFault>) {
         self.shared.lock().fault = fault;
+    }
+
+    /// The next `times` API requests whose path contains `path` get `fault`
+    /// (each call adds a rule; the first matching rule with answers left wins).
+    pub fn fail_api(&self, path: &str, times: u32, fault: ApiFault) {
+        self.shared.lock().api_faults.push((path.to_owned(), times, fault));
+    }
+
+    /// API requests received whose path starts with `prefix`, by method.
+    pub fn count(&self, method: &str, prefix: &str) -> usize {
+        let log = self.shared.lock();
+        log.log
+            .received()
+            .iter()
+            .filter(|r| r.method == method && r.uri.split('?').next().is_some_and(|p| p.starts_with(prefix)))
+            .count()
     }
 
     /// Lifetime of tokens the token endpoint issues from now on.

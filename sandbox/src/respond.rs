@@ -50,6 +50,37 @@ pub(super) fn data(status: StatusCode, value: Value) -> Reply {
 }
 
 /// 401 `{"message":"Unauthenticated."}`, byte for byte.
+/// The answer of a [`crate::ApiFault`].
+pub(super) fn api_fault(fault: &crate::ApiFault) -> Reply {
+    use crate::ApiFault;
+    let (status, body, retry_after) = match fault {
+        ApiFault::Throttled { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({ "message": "Too Many Attempts." }),
+            *retry_after,
+        ),
+        ApiFault::HourlyCap { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            serde_json::json!({
+                "error": true,
+                "message": "You have reached the hourly limit for this action.",
+                "code": "RATE_LIMIT_EXCEEDED"
+            }),
+            Some(*retry_after),
+        ),
+        ApiFault::Status(code) => (
+            StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            serde_json::json!({ "message": "Service Unavailable" }),
+            None,
+        ),
+    };
+    let mut reply = self::json(status, &body);
+    if let Some(seconds) = retry_after {
+        reply.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+    }
+    reply
+}
+
 pub(super) fn unauthenticated() -> Reply {
     raw(StatusCode::UNAUTHORIZED, "application/json", UNAUTHENTICATED)
 }

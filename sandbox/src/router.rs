@@ -147,6 +147,10 @@ async fn route(call: &Call<'_>) -> Result<Reply, Dropped> {
     if !auth::has_client_header(&call.parts.headers) {
         return Ok(respond::endpoint_not_found());
     }
+    let fault = call.shared.lock().api_fault(path);
+    if let Some(fault) = fault {
+        return Ok(respond::api_fault(&fault));
+    }
     let Some(route) = Route::parse(&call.parts.method, path) else {
         return Ok(respond::endpoint_not_found());
     };

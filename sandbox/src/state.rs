@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::seed;
 use super::store::Store;
 use super::tokens::TokenStore;
-use super::{ReceivedRequest, SandboxConfig, TokenFault, TokenRequest};
+use super::{ApiFault, ReceivedRequest, SandboxConfig, TokenFault, TokenRequest};
 
 /// How many received requests are kept.
 const RECEIVED_CAPACITY: usize = 10_000;
@@ -45,6 +45,7 @@ impl Shared {
                 fault: None,
                 log: Log::default(),
                 rate: RateWindow::default(),
+                api_faults: Vec::new(),
             }),
             restarts: std::sync::atomic::AtomicU64::new(0),
         }
@@ -64,6 +65,18 @@ pub(super) struct State {
     pub fault: Option<TokenFault>,
     pub log: Log,
     pub rate: RateWindow,
+    /// `Sandbox::fail_api`: (path fragment, answers left, answer).
+    pub api_faults: Vec<(String, u32, ApiFault)>,
+}
+
+impl State {
+    /// The fault the next request to `path` gets, if any (spending one answer).
+    pub fn api_fault(&mut self, path: &str) -> Option<ApiFault> {
+        let (_, left, fault) =
+            self.api_faults.iter_mut().find(|(part, left, _)| *left > 0 && path.contains(part.as_str()))?;
+        *left -= 1;
+        Some(fault.clone())
+    }
 }
 
 /// What the sandbox saw: requests (a bounded ring) and token-endpoint calls.

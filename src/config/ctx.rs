@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::Method;
 use http::uri::{Scheme, Uri};
 use toml::Spanned;
 
@@ -85,6 +86,21 @@ pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Res
         return Err(ctx.at(value, key, "must not carry credentials in the URL"));
     }
     Ok(uri)
+}
+
+/// A list of HTTP methods (`["GET", "post"]`), uppercased.
+pub(super) fn methods(
+    ctx: &Ctx<'_>,
+    list: &Spanned<Vec<String>>,
+    key: &str,
+) -> Result<Vec<Method>, ConfigError> {
+    list.get_ref()
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| ctx.at(list, key, format!("{m:?} is not an HTTP method")))
+        })
+        .collect()
 }
 
 /// A name for credentials and identities: also a metric label later, so tame.

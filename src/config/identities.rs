@@ -2,16 +2,16 @@
 
 use std::collections::HashSet;
 
-use http::Method;
 use ipnet::IpNet;
 use toml::Spanned;
 
-use super::ctx::{Ctx, name, org_id, sha256_hex};
-use super::raw::{RawIdentity, RawMatch};
+use super::ctx::{Ctx, methods, name, org_id, sha256_hex};
+use super::raw::{RawIdentity, RawMatch, RawRate};
 use super::{ConfigError, Credential, Dates, Identity};
 use crate::identity::Matcher;
 use crate::policy::{PathPattern, Policy};
 use crate::tokens::CredentialId;
+use crate::traffic::{IdentityLimits, Rate};
 
 pub(super) fn validate(
     ctx: &Ctx<'_>,
@@ -69,7 +69,37 @@ fn one(
         raw.date_input_order.as_ref(),
         &format!("{key}.date_input_order"),
     )?;
-    Ok(Identity { name, credential, matcher, policy, dates })
+    let limits = limits(ctx, raw, key)?;
+    Ok(Identity { name, credential, matcher, policy, dates, limits })
+}
+
+/// `rate_limit` and `max_in_flight`.
+fn limits(ctx: &Ctx<'_>, raw: &RawIdentity, key: &str) -> Result<IdentityLimits, ConfigError> {
+    let rate = match &raw.rate_limit {
+        None => None,
+        Some(spanned) => {
+            let RawRate { per_second, burst } = spanned.get_ref();
+            let (per_second, burst) = (*per_second, burst.unwrap_or(*per_second));
+            if per_second == 0 || burst == 0 {
+                return Err(ctx.at(
+                    spanned,
+                    format!("{key}.rate_limit"),
+                    "per_second and burst must be at least 1",
+                ));
+            }
+            if per_second > 1_000_000 {
+                return Err(ctx.at(spanned, format!("{key}.rate_limit"), "per_second is at most 1000000"));
+            }
+            Some(Rate { per_second, burst })
+        }
+    };
+    let max_in_flight = match &raw.max_in_flight {
+        Some(max) if *max.get_ref() == 0 => {
+            return Err(ctx.at(max, format!("{key}.max_in_flight"), "must be at least 1"));
+        }
+        other => other.as_ref().map(|max| *max.get_ref()),
+    };
+    Ok(IdentityLimits { rate, max_in_flight })
 }
 
 fn matcher(ctx: &Ctx<'_>, spanned: &Spanned<RawMatch>, key: &str) -> Result<Matcher, ConfigError> {
@@ -142,19 +172,8 @@ fn policy(ctx: &Ctx<'_>, raw: &RawIdentity, key: &str) -> Result<Policy, ConfigE
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    let methods = match &raw.methods {
-        None => None,
-        Some(list) => Some(
-            list.get_ref()
-                .iter()
-                .map(|m| {
-                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                        ctx.at(list, format!("{key}.methods"), format!("{m:?} is not an HTTP method"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
+    let methods =
+        raw.methods.as_ref().map(|list| methods(ctx, list, &format!("{key}.methods"))).transpose()?;
     let paths = match &raw.paths {
         None => None,
         Some(list) => Some(

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub credentials: Vec<Spanned<RawCredential>>,
     #[serde(default)]
     pub identities: Vec<Spanned<RawIdentity>>,
+    #[serde(default)]
+    pub limits: Vec<Spanned<RawLimit>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,6 +39,7 @@ pub struct RawListen {
     pub admin: Spanned<String>,
     pub tls: Option<Spanned<RawListenTls>>,
     pub public_url: Option<Spanned<String>>,
+    pub unprefixed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +62,28 @@ pub struct RawUpstream {
     pub request_timeout_ms: Option<Spanned<u64>>,
     pub pool_idle_timeout_ms: Option<Spanned<u64>>,
     pub pool_max_idle_per_host: Option<usize>,
+    pub retry_429_max_wait_ms: Option<Spanned<u64>>,
+    pub retry: Option<Spanned<RawRetry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<Spanned<u32>>,
+    pub retry_unsafe: Option<bool>,
+    pub backoff_ms: Option<Spanned<u64>>,
+    pub budget_percent: Option<Spanned<u32>>,
+}
+
+/// One `[[limits]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub name: Spanned<String>,
+    pub methods: Option<Spanned<Vec<String>>>,
+    pub path: Spanned<String>,
+    pub max: Spanned<u32>,
+    pub per_seconds: Spanned<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +177,16 @@ pub struct RawIdentity {
     pub paths: Option<Spanned<Vec<String>>>,
     pub org_alias: Option<Spanned<String>>,
     pub date_input_order: Option<Spanned<String>>,
+    pub rate_limit: Option<Spanned<RawRate>>,
+    pub max_in_flight: Option<Spanned<usize>>,
+}
+
+/// `rate_limit = { per_second = 20, burst = 40 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: u32,
+    pub burst: Option<u32>,
 }
 
 /// `match = { ... }`: exactly one of these.

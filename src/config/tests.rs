@@ -211,3 +211,58 @@ fn credential_and_identity_mistakes_name_the_key() {
         assert!(error.line.is_some(), "{error}");
     }
 }
+
+#[test]
+fn a_misspelt_key_is_named_as_the_user_wrote_it() {
+    let source = MINIMAL.replace("match = { any = true }", "match = { any = true }\nrate_limt = 5");
+    let error = parse(&source).expect_err("unknown key");
+    assert_eq!(error.key, r#"[[identities]] "app".rate_limt"#, "{error}");
+    assert_eq!(error.line, Some(18), "the line of the key: {error}");
+    let source = MINIMAL.replace("kind = \"personal_token\"", "kind = \"personal_token\"\nscop = \"x\"");
+    assert_eq!(parse(&source).expect_err("unknown key").key, r#"[[credentials]] "ops".scop"#);
+    let source = MINIMAL.replace("[upstream]", "[upstream]\nretry = { atempts = 2 }");
+    assert_eq!(parse(&source).expect_err("unknown key").key, "upstream.retry.atempts");
+}
+
+#[test]
+fn traffic_limits_are_read_and_checked() {
+    let source = format!(
+        "{}rate_limit = {{ per_second = 20, burst = 40 }}\nmax_in_flight = 16\n\n\
+         [[limits]]\nname = \"guest-invites\"\nmethods = [\"post\"]\npath = \"/api/organizations/{{org}}/guests\"\nmax = 30\nper_seconds = 3600\n",
+        MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nretry_429_max_wait_ms = 2000\nretry = { attempts = 3, budget_percent = 10 }"
+        )
+    );
+    let config = parse(&source).expect("valid");
+    let limits = config.identities[0].limits;
+    assert_eq!(limits.rate, Some(crate::traffic::Rate { per_second: 20, burst: 40 }));
+    assert_eq!(limits.max_in_flight, Some(16));
+    let rule = &config.traffic.rules[0];
+    assert_eq!((rule.name.as_str(), rule.max, rule.per), ("guest-invites", 30, Duration::from_secs(3600)));
+    assert_eq!(rule.methods, Some(vec![http::Method::POST]));
+    assert_eq!(rule.path.to_string(), "/api/organizations/{org}/guests");
+    assert_eq!((config.traffic.retry.attempts, config.traffic.retry.budget_percent), (3, 10));
+    assert_eq!(config.traffic.retry_429_max_wait, Duration::from_secs(2));
+
+    let defaults = parse(MINIMAL).expect("valid");
+    assert_eq!(defaults.traffic.retry.attempts, 1, "no retry unless asked");
+    assert!(defaults.traffic.rules.is_empty() && defaults.traffic.retry_429_max_wait.is_zero());
+    assert!(!defaults.listen.unprefixed);
+
+    for (bad, key) in [
+        (source.replace("per_second = 20", "per_second = 0"), "identities[0].rate_limit"),
+        (source.replace("max_in_flight = 16", "max_in_flight = 0"), "identities[0].max_in_flight"),
+        (source.replace("max = 30", "max = 0"), "limits[0].max"),
+        (source.replace("per_seconds = 3600", "per_seconds = 0"), "limits[0].per_seconds"),
+        (source.replace("\"/api/organizations/{org}/guests\"", "\"/guests\""), "limits[0].path"),
+        (source.replace("attempts = 3", "attempts = 9"), "upstream.retry.attempts"),
+        (source.replace("budget_percent = 10", "budget_percent = 101"), "upstream.retry.budget_percent"),
+        (
+            source.replace("retry_429_max_wait_ms = 2000", "retry_429_max_wait_ms = 600000"),
+            "upstream.retry_429_max_wait_ms",
+        ),
+    ] {
+        assert_eq!(parse(&bad).expect_err(key).key, key);
+    }
+}

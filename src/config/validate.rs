@@ -6,7 +6,7 @@ use std::path::Path;
 use super::ctx::{Ctx, http_url, socket_addr};
 use super::raw::RawConfig;
 use super::{Config, ConfigError, Listen, Log, LogFormat};
-use super::{credentials, dates, identities, limits, listen_tls, upstream};
+use super::{credentials, dates, identities, listen_tls, server, tokens, traffic, upstream};
 use crate::identity::Matcher;
 
 pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -32,13 +32,15 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
                 Some(url.get_ref().trim_end_matches('/').to_owned())
             }
         },
+        unprefixed: raw.listen.unprefixed.unwrap_or(false),
     };
     if listen.proxy == listen.admin && listen.proxy.port() != 0 {
         return Err(ctx.at(&raw.listen.admin, "listen.admin", "must differ from listen.proxy"));
     }
     let upstream = upstream::validate(&ctx, &raw.upstream)?;
-    let server = limits::server(&ctx, &raw.server)?;
-    let tokens = limits::tokens(&ctx, &raw.tokens)?;
+    let server = server::validate(&ctx, &raw.server)?;
+    let tokens = tokens::validate(&ctx, &raw.tokens)?;
+    let traffic = traffic::validate(&ctx, &raw.limits, &raw.upstream)?;
     let dates = dates::dates(&ctx, &raw.dates)?;
     let links = dates::links(&ctx, &raw.links)?;
     let log = Log {
@@ -87,6 +89,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         credentials,
         credential_sources,
         identities,
+        traffic,
         warnings,
     })
 }
@@ -95,10 +98,30 @@ fn read_raw(ctx: &Ctx<'_>) -> Result<RawConfig, ConfigError> {
     let deserializer =
         toml::Deserializer::parse(ctx.source).map_err(|e| ctx.err(e.span(), "", first_line(e.message())))?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let key = e.path().to_string();
+        let key = readable_key(&e.path().to_string(), ctx.source);
         let inner = e.into_inner();
-        ctx.err(inner.span(), if key == "." { String::new() } else { key }, first_line(inner.message()))
+        ctx.err(inner.span(), key, first_line(inner.message()))
     })
+}
+
+/// The key path as the user wrote it: without the `Spanned` wrapper serde
+/// reports (`identities[0].$__serde_spanned_private_value.rate_limt`), and
+/// naming an array table by its `name` when it has one
+/// (`[[identities]] "billing".rate_limt`).
+fn readable_key(path: &str, source: &str) -> String {
+    const WRAPPER: &str = "$__serde_spanned_private_value";
+    let path: Vec<&str> = path.split('.').filter(|part| *part != WRAPPER && !part.is_empty()).collect();
+    let Some((first, rest)) = path.split_first() else { return String::new() };
+    let named = first.split_once('[').and_then(|(table, index)| {
+        let index: usize = index.strip_suffix(']')?.parse().ok()?;
+        let doc: toml::Table = source.parse().ok()?;
+        let name = doc.get(table)?.as_array()?.get(index)?.get("name")?.as_str()?.to_owned();
+        Some(format!("[[{table}]] {name:?}"))
+    });
+    std::iter::once(named.unwrap_or_else(|| (*first).to_owned()))
+        .chain(rest.iter().map(|part| (*part).to_owned()))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn first_line(message: &str) -> String {

@@ -10,7 +10,7 @@ const FROM: &str = "https://go.tallyfy.com/api/";
 const TO: &str = "http://127.0.0.1:8080/api/";
 
 fn rewriter() -> LinkRewriter {
-    LinkRewriter::new("https://go.tallyfy.com", "http://127.0.0.1:8080/")
+    LinkRewriter::new("https://go.tallyfy.com", "http://127.0.0.1:8080/", true)
 }
 
 fn rewrite(body: &str) -> (String, usize) {

@@ -11,9 +11,11 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::identity::{Caller, Identity};
 use crate::method_override;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::server::ConnectionInfo;
 use crate::tokens::Lease;
+use crate::traffic::{Admitted, Refused, clock};
 use crate::{framing, target};
 
 /// A request whose head has been rewritten for Tallyfy.
@@ -24,6 +26,9 @@ pub struct Prepared<'p> {
     pub lease: Lease,
     /// Where this caller's links should point.
     pub(super) links_to: LinksTo,
+    /// What the local limits decided: the place held, the rule counted, any
+    /// wait for a remembered Tallyfy 429.
+    pub admitted: Admitted,
 }
 
 impl Proxy {
@@ -36,9 +41,12 @@ impl Proxy {
         // Framing first: a request whose length is ambiguous is refused (and its
         // connection closed) whatever else is wrong with it.
         framing::check(head)?;
+        // An app configured with Tallyfy's unprefixed host sends `/me`: it is
+        // `/api/me` from here on, through every check.
+        let unprefixed = shared.unprefixed && target::add_api_prefix(&mut head.uri)?;
         target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
         let host = target::host(head.version, &head.uri, &head.headers)?;
-        let links_to = self.links_to(head, host);
+        let links_to = self.links_to(head, host, unprefixed);
         headers::check_limits(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
         if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
             return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });
@@ -70,9 +78,43 @@ impl Proxy {
                 retry_after: TOKEN_RETRY_AFTER,
             }
         })?;
+        let admitted = self.admit(index, identity, &head.method, head.uri.path())?;
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
-        Ok(Prepared { identity, index, lease, links_to })
+        Ok(Prepared { identity, index, lease, links_to, admitted })
+    }
+
+    /// The local limits' verdict ([`crate::traffic`]), counted in the metrics
+    /// when it is a refusal.
+    fn admit(
+        &self,
+        index: usize,
+        identity: &Identity,
+        method: &Method,
+        path: &str,
+    ) -> Result<Admitted, ProxyError> {
+        let shared = &*self.shared;
+        let now = clock::nanos(tokio::time::Instant::now());
+        shared.traffic.admit(index, identity.credential.index(), method, path, now).map_err(|refused| {
+            match refused {
+                Refused::RateLimited { limit, retry_after, remembered } => {
+                    let metrics = &shared.metrics;
+                    if remembered {
+                        Metrics::credential(
+                            &metrics.remembered_429_answers,
+                            &shared.tokens.name(identity.credential),
+                        );
+                    } else {
+                        metrics.limit_rejected(&limit);
+                    }
+                    ProxyError::RateLimited { limit, retry_after }
+                }
+                Refused::InFlight { max } => {
+                    shared.metrics.limit_rejected(&format!("{}.max_in_flight", identity.name));
+                    ProxyError::TooManyInFlight { max }
+                }
+            }
+        })
     }
 }
 

@@ -18,6 +18,8 @@ use super::Shared;
 use crate::access_log::{self, Level, Value};
 use crate::body::{Finish, Progress};
 use crate::error::{ErrorClass, ProxyError};
+use crate::traffic::TALLYFY_LIMIT;
+use crate::traffic::in_flight::Place;
 
 /// Status logged for a request whose caller went away before the response head.
 const CLIENT_CLOSED: u16 = 499;
@@ -37,6 +39,15 @@ pub struct RequestRecord {
     pub replayed: bool,
     /// Counts the request body bytes sent upstream.
     pub request_body: Option<Arc<Progress>>,
+    /// The request's place under its identity's `max_in_flight`, given back
+    /// when the record is written.
+    pub place: Option<Place>,
+    /// How a Tallyfy 429 shaped the request: `remembered` (answered by the
+    /// proxy from one), `waited` (held back until its `Retry-After`),
+    /// `absorbed` (Tallyfy's 429 waited out and the request sent again).
+    pub throttle: Option<&'static str>,
+    /// Sends after the first (`[upstream.retry]`).
+    pub retries: u32,
     error: Option<ProxyError>,
     /// Set when the response head is ready.
     head: Option<(StatusCode, Duration)>,
@@ -80,11 +91,20 @@ impl RequestRecord {
             upstream_status: None,
             replayed: false,
             request_body: None,
+            place: None,
+            throttle: None,
+            retries: 0,
             error: None,
             head: None,
             generation,
             written: false,
         }
+    }
+
+    /// `remembered` when the proxy answered for Tallyfy, from its last 429.
+    fn answered_for_tallyfy(&self) -> Option<&'static str> {
+        matches!(&self.error, Some(ProxyError::RateLimited { limit, .. }) if **limit == *TALLYFY_LIMIT)
+            .then_some("remembered")
     }
 
     pub(super) fn failed(&mut self, error: ProxyError) {
@@ -101,6 +121,7 @@ impl RequestRecord {
         if std::mem::replace(&mut self.written, true) {
             return;
         }
+        self.place = None;
         let (status, head) = match self.head {
             Some((status, head)) => (status.as_u16(), head),
             None => (CLIENT_CLOSED, self.started.elapsed()),
@@ -134,6 +155,8 @@ impl RequestRecord {
                 ("complete", Some(Value::Bool(complete))),
                 ("identity", Some(Value::Str(identity))),
                 ("replayed", Some(Value::Bool(self.replayed))),
+                ("retries", (self.retries > 0).then_some(Value::Int(u64::from(self.retries)))),
+                ("throttle", self.throttle.or_else(|| self.answered_for_tallyfy()).map(Value::Str)),
                 ("peer", Some(Value::Plain(&self.peer))),
                 ("request_id", Some(Value::Str(self.request_id.to_str().unwrap_or("-")))),
                 ("upstream_request_id", upstream_request_id.map(Value::Str)),

@@ -43,7 +43,9 @@ impl Proxy {
         identity: &Identity,
     ) -> Result<Outgoing, ProxyError> {
         let shared = &*self.shared;
-        let replayable = shared.tokens.is_refreshable(identity.credential);
+        // Kept to be sent again: after a dead token, a retryable failure or a short 429.
+        let replayable =
+            shared.tokens.is_refreshable(identity.credential) || shared.traffic.may_resend(&head.method);
         let replay_max = shared.token_rules.replay_max_body_bytes;
         if body.is_end_stream() {
             return Ok(Outgoing {

@@ -18,32 +18,37 @@ impl Proxy {
     /// `listen.public_url`, else the request's `Host` (or HTTP/2 authority),
     /// which [`crate::target::host`] has checked is a plain `host[:port]`. No
     /// string is built until a link is actually rewritten.
-    pub(super) fn links_to(&self, head: &http::request::Parts, host: Option<&str>) -> LinksTo {
+    /// `unprefixed`: the caller left out `/api`, so its links do too.
+    pub(super) fn links_to(
+        &self,
+        head: &http::request::Parts,
+        host: Option<&str>,
+        unprefixed: bool,
+    ) -> LinksTo {
         let shared = &*self.shared;
-        if !shared.links.enabled || head.method == http::Method::HEAD {
-            return LinksTo::Nowhere;
-        }
-        if shared.public_url.is_some() {
-            return LinksTo::PublicUrl;
-        }
-        if host.is_none() {
-            return LinksTo::Nowhere;
-        }
-        if head.version >= http::Version::HTTP_2
+        let base = if !shared.links.enabled || head.method == http::Method::HEAD {
+            Base::Nowhere
+        } else if shared.public_url.is_some() {
+            Base::PublicUrl
+        } else if host.is_none() {
+            Base::Nowhere
+        } else if head.version >= http::Version::HTTP_2
             && let Some(authority) = head.uri.authority()
         {
-            return LinksTo::Authority(authority.clone());
-        }
-        head.headers.get(http::header::HOST).map_or(LinksTo::Nowhere, |value| LinksTo::Host(value.clone()))
+            Base::Authority(authority.clone())
+        } else {
+            head.headers.get(http::header::HOST).map_or(Base::Nowhere, |value| Base::Host(value.clone()))
+        };
+        LinksTo { base, unprefixed }
     }
 
     fn public_base(&self, to: &LinksTo) -> Option<String> {
         let shared = &*self.shared;
-        let host = match to {
-            LinksTo::Nowhere => return None,
-            LinksTo::PublicUrl => return shared.public_url.clone(),
-            LinksTo::Host(value) => value.to_str().ok()?,
-            LinksTo::Authority(authority) => authority.as_str(),
+        let host = match &to.base {
+            Base::Nowhere => return None,
+            Base::PublicUrl => return shared.public_url.clone(),
+            Base::Host(value) => value.to_str().ok()?,
+            Base::Authority(authority) => authority.as_str(),
         };
         Some(format!("{}://{host}", shared.listener_scheme))
     }
@@ -62,7 +67,7 @@ impl Proxy {
         let headers = response.headers();
         let encoding = body::encoding(headers);
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-        let eligible = !matches!(links_to, LinksTo::Nowhere)
+        let eligible = !matches!(links_to.base, Base::Nowhere)
             && !bodyless
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
@@ -96,7 +101,7 @@ impl Proxy {
         let Some(public_base) = self.public_base(links_to) else {
             return Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))));
         };
-        let rewriter = LinkRewriter::new(&shared.upstream_base, &public_base);
+        let rewriter = LinkRewriter::new(&shared.upstream_base, &public_base, !links_to.unprefixed);
         let decoded = match body::decode(&bytes, encoding, shared.links.max_body_bytes) {
             Decoded::Whole(decoded) => Some(decoded),
             Decoded::TooLarge(_) | Decoded::Corrupt(_) => None,
@@ -139,8 +144,15 @@ fn refuse_unframeable(response: &Response<Incoming>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Where a caller's links should point (see [`Proxy::links_to`]).
-pub(super) enum LinksTo {
+/// Where a caller's links should point (see [`Proxy::links_to`]), and in which
+/// style: `/api/...` as Tallyfy writes them, or without `/api` when the caller
+/// sent its request so.
+pub(super) struct LinksTo {
+    base: Base,
+    unprefixed: bool,
+}
+
+enum Base {
     /// Links are off, or the request is a HEAD, or the caller named no host.
     Nowhere,
     /// `listen.public_url`.

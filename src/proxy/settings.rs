@@ -15,6 +15,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// Scheme of the proxy listener, for derived public URLs.
     pub listener_scheme: &'static str,
+    /// `listen.unprefixed`: paths outside `/api` are read as under it.
+    pub unprefixed: bool,
 }
 
 /// What a request may be before the proxy refuses it.

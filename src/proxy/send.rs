@@ -1,0 +1,168 @@
+//! Sending to Tallyfy: once, again while `[upstream.retry]` and its budget
+//! allow, and Tallyfy's 429s remembered (and, when short, waited out).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::response::Parts;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+
+use super::record::RequestRecord;
+use super::replay::Replay;
+use super::{Proxy, ProxyBody};
+use crate::body::Progress;
+use crate::error::ProxyError;
+use crate::headers;
+use crate::metrics::{IdentityMetrics, Metrics};
+use crate::tokens::CredentialId;
+use crate::traffic::{Failure, Said, clock, throttle};
+use crate::upstream::RequestBody;
+
+/// A 429 body is read to tell an hourly cap from a burst throttle; more than
+/// this is not one of Tallyfy's.
+const MAX_429_BODY: usize = 64 * 1024;
+
+/// What a request was, for remembering a 429 against it.
+pub(super) struct Target {
+    pub method: Method,
+    pub uri: Uri,
+    /// The `[[limits]]` rule it was counted under.
+    pub rule: Option<usize>,
+    pub credential: CredentialId,
+}
+
+/// Tallyfy's answer: still streaming, or already read (a 429 passed on).
+pub(super) enum Answer {
+    Streaming(Response<Incoming>),
+    Read(Response<ProxyBody>),
+}
+
+impl Proxy {
+    /// Sends `first`; sends the `replay` again after a failure that cannot
+    /// have done anything at Tallyfy, while `[upstream.retry]` and its budget
+    /// allow; then remembers a 429 (see [`crate::traffic::throttle`]).
+    pub(super) async fn send(
+        &self,
+        first: Request<RequestBody>,
+        replay: Option<&Replay>,
+        target: &Target,
+        log: &mut RequestRecord,
+        figures: &IdentityMetrics,
+    ) -> Result<Answer, ProxyError> {
+        let shared = &*self.shared;
+        let traffic = &shared.traffic;
+        let retry = &traffic.settings.retry;
+        traffic.sent(now());
+        let progress = Progress::new();
+        log.request_body = Some(progress.clone());
+        let mut outcome = self.send_once(first, progress, log, figures).await;
+        while let Some(failure) = retryable(&outcome) {
+            let Some(replay) =
+                replay.filter(|_| retry.covers(&target.method) && log.retries + 1 < retry.attempts)
+            else {
+                break;
+            };
+            if !traffic.may_retry(now()) {
+                shared.metrics.retry_budget_exhausted.inc();
+                break;
+            }
+            log.retries += 1;
+            shared.metrics.retried(failure.reason());
+            tokio::time::sleep(retry.delay(log.retries, rand::random())).await;
+            outcome = self.send_once(replay.request(None), Progress::new(), log, figures).await;
+        }
+        let response = outcome?;
+        if response.status() != StatusCode::TOO_MANY_REQUESTS {
+            traffic.answered(target.credential.index());
+            return Ok(Answer::Streaming(response));
+        }
+        self.throttled(response, replay, target, log, figures).await
+    }
+
+    /// Tallyfy answered 429: remember it for the requests after this one, and
+    /// send this one again after `Retry-After` when that is short enough and
+    /// its body is kept; otherwise pass the 429 on.
+    async fn throttled(
+        &self,
+        response: Response<Incoming>,
+        replay: Option<&Replay>,
+        target: &Target,
+        log: &mut RequestRecord,
+        figures: &IdentityMetrics,
+    ) -> Result<Answer, ProxyError> {
+        let shared = &*self.shared;
+        let traffic = &shared.traffic;
+        let retry_after = throttle::retry_after(response.headers(), unix_now());
+        let (parts, body) = response.into_parts();
+        let limit = shared.upstream.request_timeout();
+        let bytes = tokio::time::timeout(limit, Limited::new(body, MAX_429_BODY).collect())
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(limit))?
+            .map(|collected| collected.to_bytes())
+            .unwrap_or_default();
+        let hourly = throttle::is_hourly_cap(&bytes);
+        let credential = target.credential.index();
+        let path = target.uri.path();
+        let said = Said { retry_after, hourly };
+        traffic.remember_429(credential, &target.method, path, target.rule, said, now());
+        Metrics::credential(&shared.metrics.upstream_429s, &shared.tokens.name(target.credential));
+        if let (Some(replay), Some(wait)) = (replay, retry_after)
+            && wait <= traffic.settings.retry_429_max_wait
+        {
+            log.throttle = Some("absorbed");
+            tokio::time::sleep(wait).await;
+            let response = self.send_once(replay.request(None), Progress::new(), log, figures).await?;
+            if response.status() != StatusCode::TOO_MANY_REQUESTS {
+                traffic.answered(credential);
+            }
+            return Ok(Answer::Streaming(response));
+        }
+        Ok(Answer::Read(passed_on(parts, bytes)))
+    }
+
+    /// One send, timed for the identity's upstream latency.
+    pub(super) async fn send_once(
+        &self,
+        request: Request<RequestBody>,
+        progress: Arc<Progress>,
+        log: &mut RequestRecord,
+        figures: &IdentityMetrics,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let sent = Instant::now();
+        let response = self.shared.upstream.send(request, progress).await;
+        if let Ok(response) = &response {
+            figures.upstream(sent.elapsed());
+            log.upstream_status = Some(response.status());
+        }
+        response
+    }
+}
+
+/// The failure a retry may mend, if this outcome is one.
+fn retryable(outcome: &Result<Response<Incoming>, ProxyError>) -> Option<Failure> {
+    match outcome {
+        Err(ProxyError::UpstreamUnreachable(_)) => Some(Failure::Connect),
+        Err(ProxyError::UpstreamBroken(_)) => Some(Failure::Reset),
+        Err(_) => None,
+        Ok(response) => Failure::of_status(response.status()),
+    }
+}
+
+/// A read upstream response as the caller gets it.
+fn passed_on(mut parts: Parts, body: Bytes) -> Response<ProxyBody> {
+    headers::to_caller(&mut parts.headers);
+    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Response::from_parts(parts, Either::Right(Full::new(body)))
+}
+
+fn now() -> clock::Nanos {
+    clock::nanos(tokio::time::Instant::now())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

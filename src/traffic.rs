@@ -1,0 +1,336 @@
+//! Traffic control that knows Tallyfy's limits: local limits answered by the
+//! proxy (nothing sent), Tallyfy's own 429s remembered, and safe retries.
+//!
+//! - [`bucket`]: `rate_limit = { per_second, burst }` per identity (GCRA, one
+//!   atomic); [`in_flight`]: `max_in_flight` per identity;
+//! - [`window`] and [`rules`]: `[[limits]]`, at most `max` requests per `per`
+//!   per organisation and credential (Tallyfy's hourly caps, kept locally);
+//! - [`throttle`]: what Tallyfy's 429s said, per credential, until their
+//!   `Retry-After`;
+//! - [`retry`]: `[upstream.retry]` and its budget.
+//!
+//! The state (buckets, windows, throttles, budget) lives in one process-wide
+//! [`TrafficState`]. Each config generation gets a [`Traffic`]: its rules and,
+//! per identity and credential, the state it counts in, found by settings, so
+//! a reload that leaves a limit unchanged keeps its counts (an hourly window
+//! is not reset) and a changed one starts afresh. Requests read a generation's
+//! `Traffic` through the generation's snapshot and count in atomics: no lock on
+//! the hot path (the windows of a matching `[[limits]]` rule take a short one).
+
+pub mod bucket;
+pub mod clock;
+pub mod in_flight;
+pub mod retry;
+pub mod rules;
+pub mod throttle;
+pub mod window;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use smallvec::SmallVec;
+
+use bucket::Bucket;
+pub use bucket::Rate;
+use clock::Nanos;
+use in_flight::{InFlight, Place};
+pub use retry::{Budget, Failure, RetrySettings};
+use rules::Rule;
+pub use rules::RuleSettings;
+pub use throttle::Said;
+use throttle::Throttle;
+use window::Windows;
+
+use crate::target;
+
+/// An identity's own limits (`rate_limit`, `max_in_flight`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct IdentityLimits {
+    pub rate: Option<Rate>,
+    pub max_in_flight: Option<usize>,
+}
+
+/// What a generation's config says about traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `[[limits]]`, in file order.
+    pub rules: Vec<RuleSettings>,
+    /// `[upstream.retry]`.
+    pub retry: RetrySettings,
+    /// `upstream.retry_429_max_wait_ms`: a Tallyfy 429 whose `Retry-After` is
+    /// at most this is waited out instead of passed on (0: never).
+    pub retry_429_max_wait: Duration,
+}
+
+/// Why the proxy answers a request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Over a local limit, or inside a remembered Tallyfy 429 (`limit` names
+    /// which: `tallyfy` for Tallyfy's own).
+    RateLimited { limit: Arc<str>, retry_after: Duration, remembered: bool },
+    /// The identity's `max_in_flight` requests are open.
+    InFlight { max: usize },
+}
+
+/// A request let through: its place among the identity's open requests (held
+/// until the response ends), the rule it was counted under, and how long to
+/// hold it back first (a remembered Tallyfy 429 short enough to wait out).
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub place: Option<Place>,
+    pub rule: Option<usize>,
+    pub delay: Duration,
+}
+
+/// The name under which Tallyfy's own limits are reported.
+pub const TALLYFY_LIMIT: &str = "tallyfy";
+
+/// One identity's gate.
+#[derive(Debug)]
+struct Gate {
+    bucket: Option<(Arc<Bucket>, Arc<str>)>,
+    in_flight: Option<Arc<InFlight>>,
+}
+
+/// A generation's traffic control.
+#[derive(Debug)]
+pub struct Traffic {
+    /// By identity index.
+    gates: Box<[Gate]>,
+    /// By credential index, with the credential's name (windows count by it).
+    throttles: Box<[(Arc<Throttle>, Arc<str>)]>,
+    rules: Box<[Rule]>,
+    pub settings: Settings,
+    budget: Arc<Budget>,
+}
+
+impl Traffic {
+    /// Judges a request of `identity` (spending `credential`'s token) before it
+    /// is sent. `path` is the upstream path (`/api/...`).
+    pub fn admit(
+        &self,
+        identity: usize,
+        credential: usize,
+        method: &Method,
+        path: &str,
+        now: Nanos,
+    ) -> Result<Admitted, Refused> {
+        let mut admitted = Admitted::default();
+        let (throttle, credential_name) = &self.throttles[credential];
+        // Segments are decoded only when a rule or a remembered cap needs them.
+        let mut segments: Option<SmallVec<[std::borrow::Cow<'_, str>; 12]>> = None;
+        let mut decoded = || -> SmallVec<[std::borrow::Cow<'_, str>; 12]> {
+            target::segments(path).filter_map(Result::ok).collect()
+        };
+        if !self.rules.is_empty() {
+            let segs = segments.insert(decoded());
+            admitted.rule = self.rules.iter().position(|rule| rule.applies(method, segs));
+        }
+        let limit_key = |segs: &[std::borrow::Cow<'_, str>], rule: Option<usize>| -> (String, String) {
+            match rule.map(|i| &self.rules[i]) {
+                Some(rule) => (rule.org(segs).to_owned(), rule.name.to_string()),
+                None => (org_of(segs).to_owned(), format!("{method} {path}")),
+            }
+        };
+        if let Some(wait) = throttle.wait(now, || {
+            let segs = segments.get_or_insert_with(&mut decoded);
+            limit_key(segs, admitted.rule)
+        }) {
+            if wait > self.settings.retry_429_max_wait {
+                return Err(Refused::RateLimited {
+                    limit: TALLYFY_LIMIT.into(),
+                    retry_after: wait,
+                    remembered: true,
+                });
+            }
+            admitted.delay = wait;
+        }
+        // What can be undone first (a place is given back when dropped), what
+        // only looks next, and what spends last, so a refused request spends
+        // nothing of the limits it passed.
+        let gate = &self.gates[identity];
+        if let Some(in_flight) = &gate.in_flight {
+            admitted.place = Some(in_flight.enter().ok_or(Refused::InFlight { max: in_flight.max })?);
+        }
+        let refused = |rule: &Rule, wait| Refused::RateLimited {
+            limit: rule.name.clone(),
+            retry_after: wait,
+            remembered: false,
+        };
+        let segs = segments.as_deref().unwrap_or_default();
+        let matching =
+            || self.rules.iter().filter(|rule| rule.applies(method, segs)).map(|rule| (rule, rule.org(segs)));
+        for (rule, org) in matching() {
+            let settings = &rule.settings;
+            rule.windows
+                .peek(org, credential_name, now, settings.max, settings.per)
+                .map_err(|w| refused(rule, w))?;
+        }
+        if let Some((bucket, name)) = &gate.bucket {
+            bucket.take(now).map_err(|wait| Refused::RateLimited {
+                limit: name.clone(),
+                retry_after: wait,
+                remembered: false,
+            })?;
+        }
+        for (rule, org) in matching() {
+            let settings = &rule.settings;
+            rule.windows
+                .count(org, credential_name, now, settings.max, settings.per)
+                .map_err(|w| refused(rule, w))?;
+        }
+        Ok(admitted)
+    }
+
+    /// Tallyfy answered 429 to a request of `credential` for `path`: remember it
+    /// (see [`throttle`]). Returns the wait remembered.
+    pub fn remember_429(
+        &self,
+        credential: usize,
+        method: &Method,
+        path: &str,
+        rule: Option<usize>,
+        said: Said,
+        now: Nanos,
+    ) -> Duration {
+        let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
+            target::segments(path).filter_map(Result::ok).collect();
+        let (org, limit) = match rule.map(|i| &self.rules[i]) {
+            Some(rule) => (rule.org(&segments).to_owned(), rule.name.to_string()),
+            None => (org_of(&segments).to_owned(), format!("{method} {path}")),
+        };
+        self.throttles[credential].0.remember(said.retry_after, said.hourly, &org, &limit, now)
+    }
+
+    /// Tallyfy answered a request of `credential` with something other than 429.
+    pub fn answered(&self, credential: usize) {
+        self.throttles[credential].0.answered();
+    }
+
+    /// Whether a request of `method` may be sent again ([`RetrySettings::covers`],
+    /// or any request once 429s are waited out), so its body is worth keeping.
+    pub fn may_resend(&self, method: &Method) -> bool {
+        self.settings.retry.covers(method) || !self.settings.retry_429_max_wait.is_zero()
+    }
+
+    /// Counts a first send for the retry budget.
+    pub fn sent(&self, now: Nanos) {
+        self.budget.request(now);
+    }
+
+    /// Takes a retry from the budget; `false` when it is spent.
+    pub fn may_retry(&self, now: Nanos) -> bool {
+        self.budget.try_retry(now, self.settings.retry.budget_percent)
+    }
+
+    /// The rules, for `check` and the metrics.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|rule| &*rule.name)
+    }
+}
+
+/// The organisation an org-scoped path names, or `""`.
+fn org_of<S: AsRef<str>>(segments: &[S]) -> &str {
+    match segments {
+        [_, family, org, ..]
+            if ["organizations", "applications"].iter().any(|f| f.eq_ignore_ascii_case(family.as_ref())) =>
+        {
+            org.as_ref()
+        }
+        _ => "",
+    }
+}
+
+/// Key of an identity's bucket or in-flight count: its name and settings.
+type IdentityKey<T> = (String, T);
+
+/// The process-wide traffic state, across config generations. Only the
+/// reloader (and start-up) builds generations, so its maps take a lock there
+/// and nowhere else.
+#[derive(Debug, Default)]
+pub struct TrafficState {
+    buckets: Mutex<HashMap<IdentityKey<Rate>, Arc<Bucket>>>,
+    in_flight: Mutex<HashMap<IdentityKey<usize>, Arc<InFlight>>>,
+    windows: Mutex<HashMap<RuleSettings, Arc<Windows>>>,
+    throttles: Mutex<HashMap<String, Arc<Throttle>>>,
+    budget: Arc<Budget>,
+}
+
+impl TrafficState {
+    pub fn new() -> Arc<TrafficState> {
+        Arc::default()
+    }
+
+    /// The traffic control of a generation with these identities (name and
+    /// limits, in order) and credentials (names, in order). State for settings
+    /// the previous generation had is carried over; the rest is dropped.
+    pub fn generation(
+        &self,
+        settings: &Settings,
+        identities: &[(&str, IdentityLimits)],
+        credentials: &[&str],
+    ) -> Traffic {
+        let mut buckets = lock(&self.buckets);
+        let mut in_flight = lock(&self.in_flight);
+        let mut windows = lock(&self.windows);
+        let mut throttles = lock(&self.throttles);
+        let (mut kept_buckets, mut kept_in_flight) = (HashMap::new(), HashMap::new());
+        let gates = identities
+            .iter()
+            .map(|&(name, limits)| Gate {
+                bucket: limits.rate.map(|rate| {
+                    let key = (name.to_owned(), rate);
+                    let bucket = buckets.remove(&key).unwrap_or_else(|| Arc::new(Bucket::new(rate)));
+                    kept_buckets.insert(key, bucket.clone());
+                    (bucket, Arc::from(format!("{name}.rate_limit")))
+                }),
+                in_flight: limits.max_in_flight.map(|max| {
+                    let key = (name.to_owned(), max);
+                    let count = in_flight.remove(&key).unwrap_or_else(|| Arc::new(InFlight::new(max)));
+                    kept_in_flight.insert(key, count.clone());
+                    count
+                }),
+            })
+            .collect();
+        *buckets = kept_buckets;
+        *in_flight = kept_in_flight;
+        let mut kept_windows = HashMap::new();
+        let rules = settings
+            .rules
+            .iter()
+            .map(|rule| {
+                let counts = windows.remove(rule).unwrap_or_default();
+                kept_windows.insert(rule.clone(), counts.clone());
+                Rule::new(rule.clone(), counts)
+            })
+            .collect();
+        *windows = kept_windows;
+        // Tallyfy's 429s are about the credential, whatever else changed.
+        let mut kept_throttles = HashMap::new();
+        let throttles_now = credentials
+            .iter()
+            .map(|&name| {
+                let throttle = throttles.remove(name).unwrap_or_default();
+                kept_throttles.insert(name.to_owned(), throttle.clone());
+                (throttle, Arc::from(name))
+            })
+            .collect();
+        *throttles = kept_throttles;
+        Traffic {
+            gates,
+            throttles: throttles_now,
+            rules,
+            settings: settings.clone(),
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

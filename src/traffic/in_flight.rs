@@ -1,0 +1,56 @@
+//! `max_in_flight`: how many requests of one identity may be open at once. A
+//! request holds its place until its response body ends (or is dropped).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// One identity's open requests.
+#[derive(Debug)]
+pub struct InFlight {
+    pub max: usize,
+    open: AtomicUsize,
+}
+
+impl InFlight {
+    pub fn new(max: usize) -> InFlight {
+        InFlight { max, open: AtomicUsize::new(0) }
+    }
+
+    /// A place, or `None` when `max` requests are open.
+    pub fn enter(self: &Arc<Self>) -> Option<Place> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < self.max).then_some(open + 1))
+            .ok()
+            .map(|_| Place(self.clone()))
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// A request's place; given back when dropped.
+#[derive(Debug)]
+pub struct Place(Arc<InFlight>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_capped_and_given_back() {
+        let limit = Arc::new(InFlight::new(2));
+        let a = limit.enter().expect("first");
+        let _b = limit.enter().expect("second");
+        assert!(limit.enter().is_none(), "a third waits");
+        drop(a);
+        assert!(limit.enter().is_some(), "a place came back");
+        assert_eq!(limit.open(), 1, "the temporary place was given back too");
+    }
+}

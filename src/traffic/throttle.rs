@@ -1,0 +1,177 @@
+//! What Tallyfy said with its 429s, remembered per credential: until its
+//! `Retry-After` has passed, requests that would meet the same limit are
+//! answered by the proxy instead of piling onto Tallyfy.
+//!
+//! Two kinds of 429 (see TALLYFY_API.md): burst throttling per user, which
+//! holds back every request of the credential, and the hourly caps (a body
+//! with `"code":"RATE_LIMIT_EXCEEDED"`), which hold back only requests for the
+//! same organisation and limit (the `[[limits]]` rule the request matched, or
+//! else its method and path).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::HeaderMap;
+use http::header::RETRY_AFTER;
+
+use super::clock::Nanos;
+
+/// The wait after a 429 without `Retry-After`: from 1 s, doubling, at most 60 s.
+pub fn backoff(streak: u32) -> Duration {
+    Duration::from_secs(1u64 << streak.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+/// `Retry-After` as a wait from `now`: delay-seconds, or an HTTP date (given
+/// `now_unix`, seconds since the epoch). `None` when absent or unreadable.
+pub fn retry_after(headers: &HeaderMap, now_unix: u64) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_second();
+    Some(Duration::from_secs(u64::try_from(at).ok()?.saturating_sub(now_unix)))
+}
+
+/// Whether a 429 body is one of Tallyfy's hourly caps.
+pub fn is_hourly_cap(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|json| {
+        json["code"] == "RATE_LIMIT_EXCEEDED" || json["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    })
+}
+
+/// What a Tallyfy 429 said: its `Retry-After`, and whether it is an hourly cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Said {
+    pub retry_after: Option<Duration>,
+    pub hourly: bool,
+}
+
+/// One credential's remembered throttling.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// Burst throttling: no request until then ([`Nanos`]; 0 = none).
+    until: AtomicU64,
+    /// 429s in a row without `Retry-After`, for [`backoff`].
+    streak: AtomicU32,
+    /// Hourly caps: (organisation, limit) -> until.
+    capped: Mutex<HashMap<(String, String), Nanos>>,
+    /// Entries in `capped`, so requests skip the lock while there are none.
+    capped_len: AtomicUsize,
+}
+
+/// Hourly caps a credential remembers at most (organisations come from paths).
+const MAX_CAPPED: usize = 1_000;
+
+impl Throttle {
+    /// How long a request must still wait, if at all. `key` gives the
+    /// request's (organisation, limit); it is asked only while an hourly cap is
+    /// remembered, so requests pay for it only then.
+    pub fn wait(&self, now: Nanos, key: impl FnOnce() -> (String, String)) -> Option<Duration> {
+        let until = self.until.load(Ordering::Relaxed);
+        let mut wait = (until > now).then(|| Duration::from_nanos(until - now));
+        if self.capped_len.load(Ordering::Relaxed) > 0 {
+            let (org, limit) = key();
+            let capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(&until) = capped.get(&(org.to_ascii_lowercase(), limit))
+                && until > now
+            {
+                wait = wait.max(Some(Duration::from_nanos(until - now)));
+            }
+        }
+        wait
+    }
+
+    /// Tallyfy answered 429: remember it. `retry_after` as Tallyfy gave it;
+    /// `hourly` for a `RATE_LIMIT_EXCEEDED` body, which holds back only `org`
+    /// and `limit`. Returns the wait remembered.
+    pub fn remember(
+        &self,
+        retry_after: Option<Duration>,
+        hourly: bool,
+        org: &str,
+        limit: &str,
+        now: Nanos,
+    ) -> Duration {
+        let wait = retry_after.unwrap_or_else(|| backoff(self.streak.fetch_add(1, Ordering::Relaxed) + 1));
+        let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        if hourly {
+            let mut capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if capped.len() >= MAX_CAPPED {
+                capped.retain(|_, &mut until| until > now);
+            }
+            if capped.len() < MAX_CAPPED {
+                capped.insert((org.to_ascii_lowercase(), limit.to_owned()), until);
+            }
+            self.capped_len.store(capped.len(), Ordering::Relaxed);
+        } else {
+            self.until.fetch_max(until, Ordering::Relaxed);
+        }
+        wait
+    }
+
+    /// Tallyfy answered something else: a run of 429s without `Retry-After` is over.
+    pub fn answered(&self) {
+        if self.streak.load(Ordering::Relaxed) != 0 {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn without_retry_after_the_wait_doubles_from_one_second_to_a_minute() {
+        let waits: Vec<u64> = (1..=8).map(|streak| backoff(streak).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        let throttle = Throttle::default();
+        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(1));
+        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(2));
+        throttle.answered();
+        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(1), "a success resets it");
+    }
+
+    #[test]
+    fn a_burst_throttle_holds_back_the_whole_credential_until_retry_after() {
+        let throttle = Throttle::default();
+        throttle.remember(Some(Duration::from_secs(3)), false, "org", "GET /x", 10 * SECOND);
+        let key = || ("other".to_owned(), "POST /y".to_owned());
+        assert_eq!(throttle.wait(11 * SECOND, key), Some(Duration::from_secs(2)));
+        assert_eq!(throttle.wait(13 * SECOND, key), None, "lifted at Retry-After");
+    }
+
+    #[test]
+    fn an_hourly_cap_holds_back_only_its_org_and_limit() {
+        let throttle = Throttle::default();
+        throttle.remember(Some(Duration::from_secs(600)), true, "ORG", "guest-invites", 0);
+        let key = |org: &str, limit: &str| (org.to_owned(), limit.to_owned());
+        assert_eq!(throttle.wait(SECOND, || key("org", "guest-invites")), Some(Duration::from_secs(599)));
+        assert_eq!(throttle.wait(SECOND, || key("org", "comments")), None);
+        assert_eq!(throttle.wait(SECOND, || key("other", "guest-invites")), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_an_http_date() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers, 0), None);
+        headers.insert(RETRY_AFTER, "7".parse().expect("value"));
+        assert_eq!(retry_after(&headers, 0), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("value"));
+        assert_eq!(retry_after(&headers, 1_445_412_470), Some(Duration::from_secs(10)));
+        headers.insert(RETRY_AFTER, "soon".parse().expect("value"));
+        assert_eq!(retry_after(&headers, 0), None);
+    }
+
+    #[test]
+    fn hourly_caps_are_told_by_their_code() {
+        assert!(is_hourly_cap(br#"{"error":true,"message":"...","code":"RATE_LIMIT_EXCEEDED"}"#));
+        assert!(is_hourly_cap(br#"{"error":{"code":"RATE_LIMIT_EXCEEDED"}}"#));
+        assert!(!is_hourly_cap(br#"{"message":"Too Many Attempts."}"#));
+        assert!(!is_hourly_cap(b"<html>"));
+    }
+}

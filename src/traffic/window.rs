@@ -1,0 +1,126 @@
+//! `[[limits]]`: at most `max` requests per `per` window, counted per
+//! organisation and credential. A window opens with its first request and
+//! closes `per` later (as Tallyfy's hourly caps are described: so many actions
+//! in an hour), after which the count starts again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::clock::Nanos;
+
+/// One key's window: when it opened and how many requests it has counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub opened: Nanos,
+    pub count: u32,
+}
+
+/// Counts one request into `window`, or says how long until the window closes.
+/// Pure: time is passed in.
+pub fn count(window: Option<Window>, now: Nanos, max: u32, per: Duration) -> Result<Window, Duration> {
+    let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
+    let open = window.filter(|w| now < w.opened.saturating_add(per));
+    match open {
+        None => Ok(Window { opened: now, count: 1 }),
+        Some(w) if w.count < max => Ok(Window { count: w.count + 1, ..w }),
+        Some(w) => Err(Duration::from_nanos(w.opened.saturating_add(per) - now)),
+    }
+}
+
+/// Keys a rule has windows for at most; beyond it, closed windows are dropped
+/// first, then the oldest. Organisation IDs come from callers' paths, so the
+/// map must not grow without bound.
+pub const MAX_KEYS: usize = 10_000;
+
+/// The windows of one rule, by (organisation, credential).
+#[derive(Debug, Default)]
+pub struct Windows {
+    open: Mutex<HashMap<(String, String), Window>>,
+}
+
+impl Windows {
+    /// Whether a request of `credential` for `org` would be counted now,
+    /// without counting it.
+    pub fn peek(
+        &self,
+        org: &str,
+        credential: &str,
+        now: Nanos,
+        max: u32,
+        per: Duration,
+    ) -> Result<(), Duration> {
+        let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (org.to_ascii_lowercase(), credential.to_owned());
+        count(open.get(&key).copied(), now, max, per).map(|_| ())
+    }
+
+    /// Counts a request of `credential` for `org`, or refuses it with the time
+    /// until the window closes.
+    pub fn count(
+        &self,
+        org: &str,
+        credential: &str,
+        now: Nanos,
+        max: u32,
+        per: Duration,
+    ) -> Result<(), Duration> {
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (org.to_ascii_lowercase(), credential.to_owned());
+        let window = count(open.get(&key).copied(), now, max, per)?;
+        if open.len() >= MAX_KEYS && !open.contains_key(&key) {
+            make_room(&mut open, now, per);
+        }
+        open.insert(key, window);
+        Ok(())
+    }
+}
+
+fn make_room(open: &mut HashMap<(String, String), Window>, now: Nanos, per: Duration) {
+    let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
+    open.retain(|_, w| now < w.opened.saturating_add(per));
+    if open.len() >= MAX_KEYS
+        && let Some(oldest) = open.iter().min_by_key(|(_, w)| w.opened).map(|(k, _)| k.clone())
+    {
+        open.remove(&oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn thirty_an_hour_then_refused_until_the_window_closes() {
+        let windows = Windows::default();
+        let start = 5 * SECOND;
+        for i in 0..30 {
+            assert_eq!(windows.count("org", "app", start + i * SECOND, 30, HOUR), Ok(()), "request {i}");
+        }
+        let refused = windows.count("org", "app", start + 600 * SECOND, 30, HOUR);
+        assert_eq!(refused, Err(Duration::from_secs(3000)), "the window closes an hour after it opened");
+        assert_eq!(windows.count("org", "app", start + 3600 * SECOND, 30, HOUR), Ok(()), "a new window");
+    }
+
+    #[test]
+    fn organisations_and_credentials_count_apart() {
+        let windows = Windows::default();
+        assert_eq!(windows.count("a", "app", 0, 1, HOUR), Ok(()));
+        assert!(windows.count("a", "app", 1, 1, HOUR).is_err());
+        assert_eq!(windows.count("b", "app", 1, 1, HOUR), Ok(()), "another org");
+        assert_eq!(windows.count("a", "user", 1, 1, HOUR), Ok(()), "another credential");
+        assert!(windows.count("A", "app", 2, 1, HOUR).is_err(), "org IDs are case-insensitive");
+    }
+
+    #[test]
+    fn callers_naming_endless_orgs_cannot_grow_the_map_without_bound() {
+        let windows = Windows::default();
+        for i in 0..(MAX_KEYS as u64 + 500) {
+            assert_eq!(windows.count(&format!("org-{i}"), "app", i, 1, HOUR), Ok(()));
+        }
+        assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
+    }
+}
