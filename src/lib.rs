@@ -22,7 +22,8 @@
 //!    record (`proxy/record.rs`).
 //! 3. **Prepare** ([`proxy::Proxy::prepare`], no I/O, the hot path the benches
 //!    measure): [`framing::check`] refuses a length beside chunking and codings
-//!    other than `chunked`; [`target::check`] lets only `/api/*` out and refuses
+//!    other than `chunked`; with `listen.unprefixed`, [`target::add_api_prefix`]
+//!    reads `/me` as `/api/me`; [`target::check`] lets only `/api/*` out and refuses
 //!    `CONNECT`, `TRACE`, foreign absolute-form targets, ambiguous decoded
 //!    segments and `/api/oauth` in any spelling; [`target::host`] wants one plain
 //!    `Host`; [`headers::check_limits`] and the declared length give 431 / 413;
@@ -31,7 +32,9 @@
 //!    path, with a query `_method` judged as the method it names
 //!    ([`method_override`]) (403); [`tokens::CredentialTokens::lease`] takes the
 //!    identity's token with one lock-free `ArcSwap` load (503 when there is none);
-//!    [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
+//!    [`traffic::Traffic::admit`] applies the identity's `rate_limit` and
+//!    `max_in_flight`, the `[[limits]]` rules and Tallyfy's remembered 429s
+//!    (429 / 503, nothing sent); [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
 //!    upstream head: Tallyfy's host with the caller's path and query byte for
 //!    byte, the caller's credentials and untrusted headers dropped, the bearer
 //!    token and `X-Tallyfy-Client` set.
@@ -41,9 +44,12 @@
 //!    through the override screen. [`body`] holds the plumbing: content kinds and
 //!    encodings, bounded reads, the [`body::Prefixed`] and [`body::Tracked`]
 //!    wrappers.
-//! 5. **Send.** [`upstream::Upstream::send`] uses this thread's pooled rustls
-//!    client; its timeout measures Tallyfy's silence, not the caller's upload
-//!    (502 / 504 on failure).
+//! 5. **Send** (`proxy/send.rs`). [`upstream::Upstream::send`] uses this
+//!    thread's pooled rustls client; its timeout measures Tallyfy's silence, not
+//!    the caller's upload (502 / 504 on failure). A kept request is sent again
+//!    after a failure that did nothing at Tallyfy, within `[upstream.retry]` and
+//!    its budget; a Tallyfy 429 is remembered for the credential and, when short,
+//!    waited out ([`traffic`]).
 //! 6. **Dead token.** On a dead-token status the rejection goes to the refresher
 //!    ([`tokens::refresh::RefreshHandle::token_rejected`]); one refresh runs
 //!    however many requests saw it, and a kept request waits for the new token
@@ -94,8 +100,9 @@
 //!
 //! The pipeline:
 //! - [`proxy`]: `handle` and `forward` in `proxy.rs`; `prepare.rs`,
-//!   `request_body.rs`, `response_body.rs`; `record.rs` (the access line and
-//!   metrics of one request); `settings.rs` (what a generation gives it).
+//!   `request_body.rs`, `send.rs` (retries, 429s), `replay.rs`,
+//!   `response_body.rs`; `record.rs` (the access line and metrics of one
+//!   request); `settings.rs` (what a generation gives it).
 //!
 //! Domains:
 //! - [`identity`]: `[[identities]]` rules, API keys indexed by digest.
@@ -110,6 +117,9 @@
 //!   `sniff.rs`, `conn_io.rs` (the byte stream, HTTP/1 heads tapped),
 //!   `activity.rs` (requests in flight, idleness).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
+//! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
+//!   Tallyfy's 429s remembered (`throttle`), retries and their budget
+//!   (`retry`); the counts survive reloads in one process-wide state.
 //!
 //! Pure decisions:
 //! - [`target`] (request line and `Host`), [`framing`] (message length),

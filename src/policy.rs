@@ -89,6 +89,20 @@ impl PathPattern {
             })
     }
 
+    /// The last literal segment and its position (`/api` is 0): what an index
+    /// of patterns keys on.
+    pub fn last_literal(&self) -> (usize, &str) {
+        self.segments
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(at, s)| match s {
+                Segment::Literal(literal) => Some((at, literal.as_str())),
+                Segment::Param(_) => None,
+            })
+            .unwrap_or((0, "api"))
+    }
+
     /// The position of `{name}` among the path's segments (`/api` is 0).
     pub fn param(&self, name: &str) -> Option<usize> {
         self.segments.iter().position(|s| matches!(s, Segment::Param(p) if p == name))

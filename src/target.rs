@@ -94,7 +94,7 @@ pub fn segments(path: &str) -> impl Iterator<Item = Result<Cow<'_, str>, &'stati
     path.split('/').map(decode_segment)
 }
 
-fn decode_segment(raw: &str) -> Result<Cow<'_, str>, &'static str> {
+pub(crate) fn decode_segment(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     if raw.is_empty() {
         return Err("paths with an empty segment ('//') are refused");
     }

@@ -37,8 +37,8 @@ pub use bucket::Rate;
 use clock::Nanos;
 use in_flight::{InFlight, Place};
 pub use retry::{Budget, Failure, RetrySettings};
-use rules::Rule;
 pub use rules::RuleSettings;
+use rules::{Rule, Rules};
 pub use throttle::Said;
 use throttle::Throttle;
 use window::Windows;
@@ -101,7 +101,7 @@ pub struct Traffic {
     gates: Box<[Gate]>,
     /// By credential index, with the credential's name (windows count by it).
     throttles: Box<[(Arc<Throttle>, Arc<str>)]>,
-    rules: Box<[Rule]>,
+    rules: Rules,
     pub settings: Settings,
     budget: Arc<Budget>,
 }
@@ -124,12 +124,14 @@ impl Traffic {
         let mut decoded = || -> SmallVec<[std::borrow::Cow<'_, str>; 12]> {
             target::segments(path).filter_map(Result::ok).collect()
         };
-        if !self.rules.is_empty() {
+        let mut matching = self.rules.candidates(path);
+        if !matching.is_empty() {
             let segs = segments.insert(decoded());
-            admitted.rule = self.rules.iter().position(|rule| rule.applies(method, segs));
+            matching.retain(|i| self.rules.get(*i).applies(method, segs));
         }
+        admitted.rule = matching.first().copied();
         let limit_key = |segs: &[std::borrow::Cow<'_, str>], rule: Option<usize>| -> (String, String) {
-            match rule.map(|i| &self.rules[i]) {
+            match rule.map(|i| self.rules.get(i)) {
                 Some(rule) => (rule.org(segs).to_owned(), rule.name.to_string()),
                 None => (org_of(segs).to_owned(), format!("{method} {path}")),
             }
@@ -160,8 +162,12 @@ impl Traffic {
             remembered: false,
         };
         let segs = segments.as_deref().unwrap_or_default();
-        let matching =
-            || self.rules.iter().filter(|rule| rule.applies(method, segs)).map(|rule| (rule, rule.org(segs)));
+        let matching = || {
+            matching.iter().map(|&i| {
+                let rule = self.rules.get(i);
+                (rule, rule.org(segs))
+            })
+        };
         for (rule, org) in matching() {
             let settings = &rule.settings;
             rule.windows
@@ -197,7 +203,7 @@ impl Traffic {
     ) -> Duration {
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
-        let (org, limit) = match rule.map(|i| &self.rules[i]) {
+        let (org, limit) = match rule.map(|i| self.rules.get(i)) {
             Some(rule) => (rule.org(&segments).to_owned(), rule.name.to_string()),
             None => (org_of(&segments).to_owned(), format!("{method} {path}")),
         };
@@ -305,7 +311,7 @@ impl TrafficState {
                 kept_windows.insert(rule.clone(), counts.clone());
                 Rule::new(rule.clone(), counts)
             })
-            .collect();
+            .collect::<Vec<_>>();
         *windows = kept_windows;
         // Tallyfy's 429s are about the credential, whatever else changed.
         let mut kept_throttles = HashMap::new();
@@ -321,7 +327,7 @@ impl TrafficState {
         Traffic {
             gates,
             throttles: throttles_now,
-            rules,
+            rules: Rules::new(rules),
             settings: settings.clone(),
             budget: self.budget.clone(),
         }

@@ -1,13 +1,16 @@
 //! `[[limits]]` rules as the pipeline uses them: which requests a rule counts,
 //! and under which organisation.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
+use smallvec::SmallVec;
 
 use super::window::Windows;
 use crate::policy::PathPattern;
+use crate::target;
 
 /// One `[[limits]]` table, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +51,104 @@ impl Rule {
     }
 }
 
+/// The rules filed at one position, by their lowercase literal.
+type ByLiteral = HashMap<String, SmallVec<[usize; 2]>>;
+
+/// A generation's rules, indexed so a request looks at the few that can
+/// match it rather than at all of them: each rule is filed under its pattern's
+/// last literal segment and that segment's position (`guests` at 4 for
+/// `/api/organizations/{org}/guests`); a request looks up its own segment at
+/// each such position (at most a handful of hash lookups), and only the rules
+/// found there are matched in full.
+#[derive(Debug, Default)]
+pub struct Rules {
+    rules: Box<[Rule]>,
+    /// Position -> lowercase literal -> indices of the rules filed there.
+    index: Vec<(usize, ByLiteral)>,
+    /// The longest literal filed at any position, so longer segments skip the lookup.
+    longest: usize,
+    /// The last position anything is filed at, where reading the path stops.
+    last_position: usize,
+}
+
+impl Rules {
+    pub fn new(rules: Vec<Rule>) -> Rules {
+        let mut index: Vec<(usize, ByLiteral)> = Vec::new();
+        let mut longest = 0;
+        let mut last_position = 0;
+        for (i, rule) in rules.iter().enumerate() {
+            let (at, literal) = rule.settings.path.last_literal();
+            longest = longest.max(literal.len());
+            last_position = last_position.max(at);
+            let slot = match index.iter().position(|(p, _)| *p == at) {
+                Some(slot) => slot,
+                None => {
+                    index.push((at, HashMap::new()));
+                    index.len() - 1
+                }
+            };
+            index[slot].1.entry(literal.to_ascii_lowercase()).or_default().push(i);
+        }
+        Rules { rules: rules.into(), index, longest, last_position }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> &Rule {
+        &self.rules[i]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter()
+    }
+
+    /// The rules whose filed literal the raw `path` holds at its position: the
+    /// only rules a request there can count under, still to be matched in full
+    /// ([`Rule::applies`]). Only the segments at filed positions are decoded,
+    /// so a request no rule names costs a split and a lookup or two.
+    pub fn candidates(&self, path: &str) -> SmallVec<[usize; 4]> {
+        let mut found = SmallVec::new();
+        if self.index.is_empty() {
+            return found;
+        }
+        let mut lowered = [0u8; 64];
+        let raw = path.strip_prefix('/').unwrap_or(path).split('/');
+        for (at, segment) in raw.enumerate().take(self.last_position + 1) {
+            let Some((_, by_literal)) = self.index.iter().find(|(p, _)| *p == at) else { continue };
+            // A segment that does not decode was refused before limits are looked at.
+            let Ok(segment) = target::decode_segment(segment) else { continue };
+            if segment.len() > self.longest || segment.len() > lowered.len() {
+                continue;
+            }
+            let lowered = &mut lowered[..segment.len()];
+            lowered.copy_from_slice(segment.as_bytes());
+            lowered.make_ascii_lowercase();
+            let Ok(key) = std::str::from_utf8(lowered) else { continue };
+            if let Some(rules) = by_literal.get(key) {
+                found.extend_from_slice(rules);
+            }
+        }
+        found.sort_unstable();
+        found
+    }
+
+    /// The rules a request of `method` to `path` (decoded as `segments`)
+    /// counts under, in file order.
+    #[cfg(test)]
+    pub fn matching<S: AsRef<str>>(
+        &self,
+        method: &Method,
+        path: &str,
+        segments: &[S],
+    ) -> SmallVec<[usize; 4]> {
+        let mut found = self.candidates(path);
+        found.retain(|i| self.rules[*i].applies(method, segments));
+        found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +166,31 @@ mod tests {
 
     fn segments(path: &str) -> Vec<&str> {
         path.split('/').skip(1).collect()
+    }
+
+    #[test]
+    fn the_index_finds_exactly_the_rules_that_match() {
+        let mut settings = guests().settings;
+        let mut all = Vec::new();
+        for (i, path) in
+            ["/api/organizations/{org}/guests", "/api/organizations/{org}/tasks/{task}/comments", "/api/me"]
+                .iter()
+                .enumerate()
+        {
+            settings.name = format!("r{i}");
+            settings.path = PathPattern::parse(path).expect("pattern");
+            settings.methods = None;
+            all.push(Rule::new(settings.clone(), Arc::default()));
+        }
+        let rules = Rules::new(all);
+        let found = |path: &str| rules.matching(&Method::POST, path, &segments(path)).into_vec();
+        assert_eq!(found("/api/organizations/abc/guests"), [0]);
+        assert_eq!(found("/api/organizations/abc/GUESTS/x"), [0], "any case, and a longer path");
+        assert_eq!(found("/api/organizations/abc/tasks/t1/comments"), [1]);
+        assert_eq!(found("/api/organizations/abc/tasks/t1"), Vec::<usize>::new());
+        assert_eq!(found("/api/me"), [2]);
+        assert_eq!(found("/api/me/organizations"), [2], "prefixes, as identity paths");
+        assert_eq!(found("/api/organizations/abc/runs"), Vec::<usize>::new());
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use super::clock::Nanos;
 
 /// One key's window: when it opened and how many requests it has counted.
@@ -33,10 +35,21 @@ pub fn count(window: Option<Window>, now: Nanos, max: u32, per: Duration) -> Res
 /// map must not grow without bound.
 pub const MAX_KEYS: usize = 10_000;
 
-/// The windows of one rule, by (organisation, credential).
+/// The windows of one rule, by organisation and credential (one key,
+/// `org\ncredential`, with the organisation lowercased).
 #[derive(Debug, Default)]
 pub struct Windows {
-    open: Mutex<HashMap<(String, String), Window>>,
+    open: Mutex<HashMap<Box<str>, Window>>,
+}
+
+/// The key of `org` and `credential`, built on the stack: a lookup allocates
+/// nothing, only a new window does.
+fn key<'b>(buffer: &'b mut SmallVec<[u8; 128]>, org: &str, credential: &str) -> &'b str {
+    buffer.extend(org.bytes().map(|b| b.to_ascii_lowercase()));
+    buffer.push(b'\n');
+    buffer.extend_from_slice(credential.as_bytes());
+    // Lowercasing ASCII bytes keeps UTF-8 valid; '\n' never occurs in a decoded path segment.
+    std::str::from_utf8(buffer).unwrap_or_default()
 }
 
 impl Windows {
@@ -50,9 +63,10 @@ impl Windows {
         max: u32,
         per: Duration,
     ) -> Result<(), Duration> {
+        let mut buffer = SmallVec::new();
+        let key = key(&mut buffer, org, credential);
         let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (org.to_ascii_lowercase(), credential.to_owned());
-        count(open.get(&key).copied(), now, max, per).map(|_| ())
+        count(open.get(key).copied(), now, max, per).map(|_| ())
     }
 
     /// Counts a request of `credential` for `org`, or refuses it with the time
@@ -65,18 +79,25 @@ impl Windows {
         max: u32,
         per: Duration,
     ) -> Result<(), Duration> {
+        let mut buffer = SmallVec::new();
+        let key = key(&mut buffer, org, credential);
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = (org.to_ascii_lowercase(), credential.to_owned());
-        let window = count(open.get(&key).copied(), now, max, per)?;
-        if open.len() >= MAX_KEYS && !open.contains_key(&key) {
-            make_room(&mut open, now, per);
+        let known = open.get_mut(key);
+        let window = count(known.as_deref().copied(), now, max, per)?;
+        match known {
+            Some(known) => *known = window,
+            None => {
+                if open.len() >= MAX_KEYS {
+                    make_room(&mut open, now, per);
+                }
+                open.insert(key.into(), window);
+            }
         }
-        open.insert(key, window);
         Ok(())
     }
 }
 
-fn make_room(open: &mut HashMap<(String, String), Window>, now: Nanos, per: Duration) {
+fn make_room(open: &mut HashMap<Box<str>, Window>, now: Nanos, per: Duration) {
     let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
     open.retain(|_, w| now < w.opened.saturating_add(per));
     if open.len() >= MAX_KEYS

@@ -74,6 +74,12 @@ impl TestConfig {
         self.push("identities", identity.0)
     }
 
+    /// A `[[limits]]` table (built with [`table`]).
+    pub fn limit(self, limit: Value) -> TestConfig {
+        let Value::Table(limit) = limit else { panic!("a [[limits]] entry is a table") };
+        self.push("limits", limit)
+    }
+
     fn push(mut self, array: &str, table: Table) -> TestConfig {
         let entry = self.doc.entry(array).or_insert_with(|| Value::Array(Vec::new()));
         entry.as_array_mut().expect("an array of tables").push(Value::Table(table));

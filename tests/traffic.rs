@@ -1,0 +1,296 @@
+//! Tallyfy-aware traffic against the sandbox: local limits answered by the
+//! proxy with nothing sent, Tallyfy's 429s remembered and absorbed, safe
+//! retries within their budget, and callers written for either API host.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{
+    Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, closed_port, scrape, start_proxy,
+    start_sandbox, table,
+};
+use tallyfy_proxy::app::Running;
+use tallyfy_sandbox::ApiFault;
+use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID};
+use tokio::net::TcpListener;
+use toml::Value;
+
+/// A personal-token credential and one identity matching anyone, with `change`.
+fn config(base_url: &str, identity: impl FnOnce(Identity) -> Identity) -> TestConfig {
+    TestConfig::new(base_url)
+        .credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)))
+        .identity(identity(Identity::new("billing", "ops", Match::Any)))
+}
+
+async fn proxy(config: TestConfig) -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    (proxy, dir)
+}
+
+fn url(proxy: &Running, path: &str) -> String {
+    format!("http://{}{path}", proxy.proxy_addr())
+}
+
+fn guests(org: &str) -> String {
+    format!("/api/organizations/{org}/guests")
+}
+
+/// A `[[limits]]` table.
+fn limit(name: &str, method: &str, path: &str, max: i64, per_seconds: i64) -> Value {
+    table([
+        ("name", name.into()),
+        ("methods", Value::from(vec![method])),
+        ("path", path.into()),
+        ("max", max.into()),
+        ("per_seconds", per_seconds.into()),
+    ])
+}
+
+fn with_limits(config: TestConfig, limits: Vec<Value>) -> TestConfig {
+    limits.into_iter().fold(config, TestConfig::limit)
+}
+
+/// A sample of the Prometheus text, 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+async fn post_guest(http: &reqwest::Client, proxy: &Running, org: &str) -> reqwest::Response {
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    http.post(url(proxy, &guests(org))).json(&body).send().await.expect("answered")
+}
+
+#[tokio::test]
+async fn a_burst_over_the_rate_limit_gets_exactly_the_excess_refused_and_nothing_sent() {
+    let sandbox = start_sandbox().await;
+    let rate = table([("per_second", 1.into()), ("burst", 5.into())]);
+    let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id.with("rate_limit", rate))).await;
+    let http = client();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let response = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+        if response.status() == 429 {
+            assert_eq!(response.headers()["retry-after"], "1");
+            let body: serde_json::Value = response.json().await.expect("JSON");
+            assert_eq!(body["error"]["code"], "rate_limited");
+            assert!(
+                body["error"]["message"].as_str().expect("text").contains("billing.rate_limit"),
+                "{body}"
+            );
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    assert_eq!(sandbox.count("GET", "/api/me"), 5, "the refused requests never reached Tallyfy");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_local_rejections_total{reason="rate_limited"}"#), 3.0);
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_limit_rejections_total{limit="billing.rate_limit"}"#), 3.0);
+}
+
+#[tokio::test]
+async fn an_hourly_style_cap_is_kept_per_org_and_reopens_with_its_window() {
+    let sandbox = start_sandbox().await;
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 2, 1);
+    let (proxy, _dir) = proxy(with_limits(config(&sandbox.base_url(), |id| id), vec![cap])).await;
+    let http = client();
+    for _ in 0..2 {
+        assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
+    }
+    let refused = post_guest(&http, &proxy, ORG_ID).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 2, "the third never reached Tallyfy");
+    assert_ne!(post_guest(&http, &proxy, OTHER_ORG_ID).await.status(), 429, "another org counts apart");
+    assert_ne!(
+        http.get(url(&proxy, &guests(ORG_ID))).send().await.expect("answered").status(),
+        429,
+        "only POST is counted"
+    );
+
+    // The window closes a second after it opened.
+    let reopened = Instant::now() + Duration::from_secs(1);
+    tokio::time::sleep_until(reopened.into()).await;
+    assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "a new window");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 3);
+}
+
+#[tokio::test]
+async fn a_remembered_429_keeps_tallyfy_from_seeing_the_next_calls_and_lifts_at_retry_after() {
+    let sandbox = start_sandbox().await;
+    let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id)).await;
+    let http = client();
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(1) });
+    let throttled_at = Instant::now();
+    let first = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(first.status(), 429, "Tallyfy's own 429 is passed on");
+    assert_eq!(first.headers()["retry-after"], "1");
+    assert_eq!(first.text().await.expect("body"), r#"{"message":"Too Many Attempts."}"#);
+    for _ in 0..5 {
+        let local = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+        assert_eq!(local.status(), 429);
+        assert_eq!(local.headers()["retry-after"], "1");
+        let body: serde_json::Value = local.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "rate_limited", "answered by the proxy: {body}");
+    }
+    assert_eq!(sandbox.count("GET", "/api/me"), 1, "Tallyfy saw none of the five");
+    tokio::time::sleep_until((throttled_at + Duration::from_millis(1050)).into()).await;
+    assert_eq!(http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(), 200, "lifted");
+    assert_eq!(sandbox.count("GET", "/api/me"), 2);
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_upstream_429_total{credential="ops"}"#), 1.0);
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_remembered_429_answers_total{credential="ops"}"#), 5.0);
+}
+
+#[tokio::test]
+async fn an_hourly_cap_from_tallyfy_holds_back_only_its_org_and_limit() {
+    let sandbox = start_sandbox().await;
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 30, 3600);
+    let (proxy, _dir) = proxy(with_limits(config(&sandbox.base_url(), |id| id), vec![cap])).await;
+    let http = client();
+    sandbox.fail_api("/guests", 1, ApiFault::HourlyCap { retry_after: 600 });
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
+    let local = post_guest(&http, &proxy, ORG_ID).await;
+    assert_eq!(local.status(), 429);
+    let wait: u64 = local.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((599..=600).contains(&wait), "{wait}");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 1);
+    assert_ne!(post_guest(&http, &proxy, OTHER_ORG_ID).await.status(), 429, "another org is not capped");
+    assert_eq!(
+        http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(),
+        200,
+        "nor other calls"
+    );
+}
+
+#[tokio::test]
+async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
+    let sandbox = start_sandbox().await;
+    let config = config(&sandbox.base_url(), |id| id).set("upstream", "retry_429_max_wait_ms", 2000);
+    let (proxy, _dir) = proxy(config).await;
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(1) });
+    let began = Instant::now();
+    let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+    assert!(began.elapsed() >= Duration::from_millis(950), "it waited Tallyfy's Retry-After");
+    assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more");
+}
+
+#[tokio::test]
+async fn get_is_retried_on_a_503_and_post_never() {
+    let sandbox = start_sandbox().await;
+    let retry = table([("attempts", 3.into()), ("backoff_ms", 10.into())]);
+    let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id).set("upstream", "retry", retry)).await;
+    let http = client();
+    sandbox.fail_api("/api/me", 2, ApiFault::Status(503));
+    assert_eq!(http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(), 200);
+    assert_eq!(sandbox.count("GET", "/api/me"), 3, "two 503s, then the answer");
+
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+    sandbox.fail_api("/tasks", 1, ApiFault::Status(503));
+    let body = serde_json::json!({ "title": "Q3", "task_type": "task" });
+    let posted = http.post(url(&proxy, &tasks)).json(&body).send().await.expect("answered");
+    assert_eq!(posted.status(), 503, "Tallyfy's 503 is passed on");
+    assert_eq!(sandbox.count("POST", &tasks), 1, "a POST is never sent twice");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_upstream_retries_total{reason="503"}"#), 2.0);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried() {
+    let down = closed_port().await;
+    let retry = table([("attempts", 3.into()), ("backoff_ms", 10.into())]);
+    let (proxy, _dir) =
+        proxy(config(&format!("http://{down}"), |id| id).set("upstream", "retry", retry)).await;
+    let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 502);
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_upstream_retries_total{reason="connect"}"#), 2.0);
+}
+
+/// An upstream that accepts connections and closes them at once, counting them.
+async fn hanging_up_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn the_budget_stops_retries_when_the_upstream_is_down() {
+    let (upstream, accepted) = hanging_up_upstream().await;
+    let retry = table([("attempts", 3.into()), ("backoff_ms", 1.into()), ("budget_percent", 20.into())]);
+    let (proxy, _dir) =
+        proxy(config(&format!("http://{upstream}"), |id| id).set("upstream", "retry", retry)).await;
+    let http = client();
+    let requests = 60;
+    for _ in 0..requests {
+        let status = http.get(url(&proxy, "/api/me")).send().await.expect("answered").status();
+        assert_eq!(status, 502);
+    }
+    let attempts = accepted.load(Ordering::SeqCst);
+    // Without a budget: 3 sends each, 180. With it: the requests, plus 20 % of
+    // them or the 10 every window allows, whichever is more (12 here).
+    assert!((requests..=requests + 15).contains(&attempts), "{attempts} connections for {requests} requests");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert!(sample(&metrics, "tallyfy_proxy_retry_budget_exhausted_total") >= 40.0, "{metrics}");
+}
+
+#[tokio::test]
+async fn unprefixed_paths_get_the_same_checks_policy_and_limits_and_links_in_their_style() {
+    let sandbox = start_sandbox().await;
+    let paths =
+        Value::from(vec!["/api/me", "/api/organizations/{org}/runs", "/api/organizations/{org}/guests"]);
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 1, 3600);
+    let config = with_limits(config(&sandbox.base_url(), |id| id.with("paths", paths)), vec![cap]).set(
+        "listen",
+        "unprefixed",
+        true,
+    );
+    let (proxy, _dir) = proxy(config).await;
+    let http = client();
+
+    assert_eq!(http.get(url(&proxy, "/me")).send().await.expect("answered").status(), 200);
+    assert_eq!(sandbox.received().last().expect("forwarded").uri, "/api/me", "Tallyfy sees /api/me");
+    assert_eq!(http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(), 200, "both styles");
+
+    let tasks =
+        http.get(url(&proxy, &format!("/organizations/{ORG_ID}/tasks"))).send().await.expect("answered");
+    assert_eq!(tasks.status(), 403, "the identity's paths apply");
+    let oauth = http.post(url(&proxy, "/oauth/token")).send().await.expect("answered");
+    assert_eq!(oauth.status(), 403, "/oauth/token is /api/oauth/token: refused");
+
+    let runs = http
+        .get(url(&proxy, &format!("/organizations/{ORG_ID}/runs?per_page=2")))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(runs.status(), 200);
+    let body: serde_json::Value = runs.json().await.expect("JSON");
+    let next = body["meta"]["pagination"]["links"]["next"].as_str().expect("a next link").to_owned();
+    let expected = format!("http://{}/organizations/{ORG_ID}/runs?", proxy.proxy_addr());
+    assert!(next.starts_with(&expected), "the link keeps the caller's style: {next}");
+    assert_eq!(http.get(&next).send().await.expect("answered").status(), 200, "and works");
+
+    let unprefixed_guests = format!("/organizations/{ORG_ID}/guests");
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let first = http.post(url(&proxy, &unprefixed_guests)).json(&body).send().await.expect("answered");
+    assert_ne!(first.status(), 429);
+    let second = http.post(url(&proxy, &guests(ORG_ID))).json(&body).send().await.expect("answered");
+    assert_eq!(second.status(), 429, "one window for both spellings");
+}
