@@ -15,7 +15,7 @@ use support::{
 };
 use tallyfy_proxy::app::Running;
 use tallyfy_sandbox::ApiFault;
-use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID};
+use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
 use tokio::net::TcpListener;
 use toml::Value;
 
@@ -293,4 +293,95 @@ async fn unprefixed_paths_get_the_same_checks_policy_and_limits_and_links_in_the
     assert_ne!(first.status(), 429);
     let second = http.post(url(&proxy, &guests(ORG_ID))).json(&body).send().await.expect("answered");
     assert_eq!(second.status(), 429, "one window for both spellings");
+}
+
+/// An upstream that accepts connections and never answers, counting them.
+async fn silent_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn requests_over_max_in_flight_get_503_with_retry_after_and_are_never_sent() {
+    let (upstream, accepted) = silent_upstream().await;
+    let (proxy, _dir) = proxy(config(&format!("http://{upstream}"), |id| id.with("max_in_flight", 2)).set(
+        "upstream",
+        "request_timeout_ms",
+        30_000,
+    ))
+    .await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let request = client().get(url(&proxy, "/api/me")).send();
+            tokio::spawn(request)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accepted.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "both requests reached the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_in_flight", "{body}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the third never left the proxy");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_local_rejections_total{reason="too_many_in_flight"}"#), 1.0);
+    held.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_window_and_restarts_a_changed_one() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("proxy.toml");
+    let text = |max: i64, comment: &str| {
+        let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", max, 3600);
+        let config = TestConfig::new(&sandbox.base_url())
+            .credential(Credential::personal("ops", Secret::File("token")))
+            .identity(Identity::new("billing", "ops", Match::Any));
+        format!("# {comment}\n{}", with_limits(config, vec![cap]).text())
+    };
+    // From a file: a reload reads secrets from the process, not the tests' table.
+    std::fs::write(dir.path().join("token"), PERSONAL_TOKEN).expect("write");
+    std::fs::write(&file, text(1, "v0")).expect("write");
+    let loaded = tallyfy_proxy::config::Config::parse(&text(1, "v0"), &file, &support::env).expect("valid");
+    let proxy = start_proxy(&loaded).await;
+    let http = client();
+    let applied = |proxy: &Running| {
+        let label = tallyfy_proxy::metrics::OutcomeLabel { outcome: "applied".to_owned() };
+        proxy.metrics().config_reloads.get_or_create(&label).get()
+    };
+    let reload = |text: String, count: u64| {
+        std::fs::write(&file, text).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let proxy = &proxy;
+        async move {
+            while applied(proxy) < count {
+                assert!(Instant::now() < deadline, "reload {count} applied");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
+
+    reload(text(1, "v1: the same limit"), 1).await;
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "the hour's window survived");
+
+    reload(text(2, "v2: a new limit"), 2).await;
+    assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "a changed rule counts afresh");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 2);
 }
