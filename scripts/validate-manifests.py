@@ -12,10 +12,12 @@ root = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 kubernetes_validate = pathlib.Path(sys.executable).parent / "kubernetes-validate"
 problems = []
 checked = 0
-for kustomization in sorted(root.glob("*/kustomization.yaml")):
+# Kustomizations and the components beside them (gateway/fleet).
+for kustomization in sorted(root.glob("*/kustomization.yaml")) + sorted(root.glob("*/*/kustomization.yaml")):
     folder = kustomization.parent
     spec = yaml.safe_load(kustomization.read_text())
     files = list(spec.get("resources", []))
+    files += [patch["path"] for patch in spec.get("patches", []) if "path" in patch]
     for generator in spec.get("configMapGenerator", []) + spec.get("secretGenerator", []):
         files += [f.split("=", 1)[-1] for f in generator.get("files", [])]
     for name in files:

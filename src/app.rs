@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::{Config, Listen};
+use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
@@ -121,6 +122,8 @@ pub enum StartError {
     Build(#[from] reload::BuildError),
     #[error("listener address: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 /// A running proxy. Dropping it does not stop it: call [`Running::shutdown`].
@@ -223,11 +226,27 @@ impl Running {
 pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let (mut refresher, refresh_handle) = Refresher::new(TokenStore::new(), metrics.clone());
+    let shutdown = CancellationToken::new();
+    let fleet = match &config.fleet {
+        None => None,
+        Some(settings) => {
+            let fleet = Fleet::new(settings.clone(), metrics.clone()).map_err(StartError::Fleet)?;
+            if let Err(error) = fleet.connect().await {
+                tracing::warn!(%error, "fleet: Redis is unreachable at start; fetching tokens alone until it answers");
+            }
+            tokio::spawn(fleet.clone().run(shutdown.clone()));
+            refresher.join_fleet(fleet.clone());
+            Some(fleet)
+        }
+    };
+    let traffic = TrafficState::with_fleet(fleet.clone());
+    if let Some(fleet) = &fleet {
+        tokio::spawn(learn_throttles(fleet.news(), traffic.clone(), metrics.clone(), shutdown.clone()));
+    }
     let Clients { upstream, issuer } = reload::clients(config)?;
     let tokens = refresher
         .configure(&reload::credential_set(config), issuer)
         .map_err(reload::BuildError::Credential)?;
-    let traffic = TrafficState::new();
     let proxy = Proxy::new(
         reload::proxy_settings(config),
         upstream,
@@ -238,7 +257,6 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     );
     let refresher = RefresherTask::spawn(refresher);
     let current = Arc::new(ArcSwap::from_pointee(proxy));
-    let shutdown = CancellationToken::new();
     let grace = config.server.shutdown_grace;
     let proxy_addr = listeners.proxy.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
@@ -292,4 +310,29 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         reloader: Some(reloader),
         refresher: Some(refresher),
     })
+}
+
+/// Fleet mode: remembers the Tallyfy 429s other replicas met, as if met here.
+async fn learn_throttles(
+    mut news: tokio::sync::broadcast::Receiver<News>,
+    traffic: Arc<TrafficState>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let heard = tokio::select! {
+            () = shutdown.cancelled() => return,
+            heard = news.recv() => heard,
+        };
+        match heard {
+            Ok(News::Throttled(throttled)) => {
+                let now = crate::traffic::clock::nanos(tokio::time::Instant::now());
+                if traffic.learn(&throttled, now) {
+                    metrics.fleet_throttles_learned.inc();
+                }
+            }
+            Ok(News::Tokens { .. }) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }

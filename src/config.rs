@@ -9,6 +9,7 @@ mod credentials;
 mod ctx;
 mod dates;
 mod error;
+mod fleet;
 mod identities;
 mod listen_tls;
 mod raw;
@@ -36,6 +37,7 @@ pub type Tokens = crate::tokens::Settings;
 pub type Dates = crate::dates::Settings;
 pub type Links = crate::links::Settings;
 pub type Traffic = crate::traffic::Settings;
+pub type Fleet = crate::fleet::Settings;
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -58,6 +60,8 @@ pub struct Config {
     pub identities: Vec<Identity>,
     /// `[[limits]]`, `[upstream.retry]` and `upstream.retry_429_max_wait_ms`.
     pub traffic: Traffic,
+    /// `[fleet]`: replicas sharing tokens through Redis; `None` runs alone.
+    pub fleet: Option<Fleet>,
     /// Things that work but deserve attention (plain-text secrets, for one).
     pub warnings: Vec<String>,
 }

@@ -34,7 +34,10 @@
 //!    identity's token with one lock-free `ArcSwap` load (503 when there is none);
 //!    [`traffic::Traffic::admit`] applies the identity's `rate_limit` and
 //!    `max_in_flight`, the `[[limits]]` rules and Tallyfy's remembered 429s
-//!    (429 / 503, nothing sent); [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
+//!    (429 / 503, nothing sent); in fleet mode the budgets it passed are then
+//!    spent fleet-wide in one Redis round trip ([`fleet`], this replica's
+//!    verdict standing when Redis cannot answer);
+//!    [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
 //!    upstream head: Tallyfy's host with the caller's path and query byte for
 //!    byte, the caller's credentials and untrusted headers dropped, the bearer
 //!    token and `X-Tallyfy-Client` set.
@@ -67,7 +70,10 @@
 //! - the refresher ([`tokens::refresh`]) writes the [`tokens::TokenStore`]
 //!   snapshot for the life of the process: schedules, backoff, single flight,
 //!   and the mapping of each generation's credentials onto slots, so a reload
-//!   keeps unchanged credentials' tokens;
+//!   keeps unchanged credentials' tokens; in fleet mode
+//!   (`tokens/refresh/shared.rs`) it takes a newer token set from the
+//!   [`fleet`], or refreshes under the credential's Redis lease and shares the
+//!   result, and hears of the other replicas' sets on the fleet's channel;
 //! - the reloader ([`reload`]) writes the current generation, on SIGHUP or when a
 //!   file it reads changes;
 //! - [`admin`] answers `/livez`, `/readyz` and `/metrics` on its own listener.
@@ -96,7 +102,8 @@
 //! Translation:
 //! - [`config`]: `proxy.toml` read by serde (`config/raw.rs`), then each section
 //!   validated into its domain's types (`ctx`, `upstream`, `limits`,
-//!   `listen_tls`, `credentials`, `identities`, `dates`, `secret_source`).
+//!   `listen_tls`, `credentials`, `identities`, `dates`, `fleet`,
+//!   `secret_source`).
 //!
 //! The pipeline:
 //! - [`proxy`]: `handle` and `forward` in `proxy.rs`; `prepare.rs`,
@@ -120,6 +127,11 @@
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget
 //!   (`retry`); the counts survive reloads in one process-wide state.
+//! - [`fleet`]: `[fleet]`, replicas sharing one Redis: the connection and its
+//!   channel, refresh leases with fencing numbers (`scripts.rs`), token sets
+//!   sealed with AES-256-GCM (`seal.rs`), budgets spent fleet-wide
+//!   (`budget.rs`). Knows nothing of tokens or limits: it stores bytes and
+//!   counts under keys it is given.
 //!
 //! Pure decisions:
 //! - [`target`] (request line and `Host`), [`framing`] (message length),
@@ -145,6 +157,7 @@ pub(crate) mod client_cert;
 pub mod config;
 pub mod dates;
 pub mod error;
+pub mod fleet;
 pub(crate) mod framing;
 pub(crate) mod headers;
 pub mod identity;

@@ -164,6 +164,15 @@ fn check(path: &Path) -> ExitCode {
         );
     }
     print_traffic(&config);
+    if let Some(fleet) = &config.fleet {
+        // The URL may hold a password: only its scheme is shown.
+        let tls = if fleet.redis_url.expose().starts_with("rediss://") { "rediss, TLS" } else { "redis" };
+        println!(
+            "  fleet         {} ({tls}), lease {} ms, tokens sealed with AES-256-GCM; budgets count fleet-wide",
+            fleet.key_prefix,
+            fleet.lease.as_millis()
+        );
+    }
     ExitCode::SUCCESS
 }
 

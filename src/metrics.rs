@@ -88,6 +88,12 @@ pub struct Metrics {
     pub remembered_429_answers: Family<CredentialLabel, Counter>,
     pub retries: Family<ReasonLabel, Counter>,
     pub retry_budget_exhausted: Counter,
+    /// Fleet mode: 1 while Redis answers.
+    pub fleet_connected: Gauge,
+    pub fleet_undecryptable: Counter,
+    pub fleet_fallbacks: Family<ReasonLabel, Counter>,
+    pub fleet_adopted: Family<CredentialLabel, Counter>,
+    pub fleet_throttles_learned: Counter,
 }
 
 impl Default for Metrics {
@@ -117,6 +123,36 @@ impl Metrics {
         let remembered_429_answers = Family::default();
         let retries = Family::default();
         let retry_budget_exhausted = Counter::default();
+        let fleet_connected = Gauge::default();
+        let fleet_undecryptable = Counter::default();
+        let fleet_fallbacks = Family::default();
+        let fleet_adopted = Family::default();
+        let fleet_throttles_learned = Counter::default();
+        registry.register(
+            "fleet_throttles_learned",
+            "Tallyfy 429s another replica met, remembered here as if met here",
+            fleet_throttles_learned.clone(),
+        );
+        registry.register(
+            "fleet_connected",
+            "Fleet mode: 1 while Redis answers, 0 while each replica refreshes for itself",
+            fleet_connected.clone(),
+        );
+        registry.register(
+            "fleet_undecryptable",
+            "Fleet token sets that did not decrypt with this replica's encryption_key",
+            fleet_undecryptable.clone(),
+        );
+        registry.register(
+            "fleet_fallbacks",
+            "Token fetches (unreachable, undecryptable) and budget checks (budget_unreachable) this replica made alone because the fleet could not answer",
+            fleet_fallbacks.clone(),
+        );
+        registry.register(
+            "fleet_tokens_adopted",
+            "Token sets another replica fetched, taken from the fleet, by credential",
+            fleet_adopted.clone(),
+        );
         registry.register(
             "limit_rejections",
             "Requests refused by a local limit (rate_limit, max_in_flight, [[limits]]), by limit",
@@ -196,6 +232,11 @@ impl Metrics {
             remembered_429_answers,
             retries,
             retry_budget_exhausted,
+            fleet_connected,
+            fleet_undecryptable,
+            fleet_fallbacks,
+            fleet_adopted,
+            fleet_throttles_learned,
         }
     }
 
@@ -224,6 +265,10 @@ impl Metrics {
 
     pub fn credential(family: &Family<CredentialLabel, Counter>, credential: &str) {
         family.get_or_create(&CredentialLabel { credential: credential.to_owned() }).inc();
+    }
+
+    pub fn reason(family: &Family<ReasonLabel, Counter>, reason: &str) {
+        family.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
     }
 
     pub fn refresh_failed(&self, credential: &str, reason: &str) {

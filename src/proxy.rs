@@ -185,11 +185,15 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
         let (mut head, body) = request.into_parts();
-        let Prepared { identity, index, lease, links_to, admitted } = self.prepare(&mut head, connection)?;
+        let Prepared { identity, index, lease, links_to, admitted, fleet_budgets } =
+            self.prepare(&mut head, connection)?;
         log.identity = Some(index);
         log.place = admitted.place;
         let figures = shared.identity_metrics(index);
         let credential = identity.credential;
+        if !fleet_budgets.is_empty() {
+            self.spend_fleet_wide(&fleet_budgets).await?;
+        }
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
             log.throttle = Some("waited");

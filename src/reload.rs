@@ -304,6 +304,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log != new.log {
         changed.push("[log]");
     }
+    let fleet_changed = match (&old.fleet, &new.fleet) {
+        (None, None) => false,
+        (Some(o), Some(n)) => !o.same_as(n),
+        _ => true,
+    };
+    if fleet_changed {
+        changed.push("[fleet]");
+    }
     changed
 }
 

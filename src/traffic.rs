@@ -43,6 +43,7 @@ pub use throttle::Said;
 use throttle::Throttle;
 use window::Windows;
 
+use crate::fleet::{Fleet, Spend, Throttled};
 use crate::target;
 
 /// An identity's own limits (`rate_limit`, `max_in_flight`).
@@ -62,6 +63,8 @@ pub struct Settings {
     /// `upstream.retry_429_max_wait_ms`: a Tallyfy 429 whose `Retry-After` is
     /// at most this is waited out instead of passed on (0: never).
     pub retry_429_max_wait: Duration,
+    /// `[fleet]` is set: `rate_limit` and `[[limits]]` also count fleet-wide.
+    pub fleet_wide: bool,
 }
 
 /// Why the proxy answers a request itself.
@@ -90,7 +93,7 @@ pub const TALLYFY_LIMIT: &str = "tallyfy";
 /// One identity's gate.
 #[derive(Debug)]
 struct Gate {
-    bucket: Option<(Arc<Bucket>, Arc<str>)>,
+    bucket: Option<(Arc<Bucket>, Arc<str>, Rate)>,
     in_flight: Option<Arc<InFlight>>,
 }
 
@@ -104,6 +107,8 @@ pub struct Traffic {
     rules: Rules,
     pub settings: Settings,
     budget: Arc<Budget>,
+    /// Fleet mode: where budgets are spent fleet-wide and 429s are told.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Traffic {
@@ -174,7 +179,7 @@ impl Traffic {
                 .peek(org, credential_name, now, settings.max, settings.per)
                 .map_err(|w| refused(rule, w))?;
         }
-        if let Some((bucket, name)) = &gate.bucket {
+        if let Some((bucket, name, _)) = &gate.bucket {
             bucket.take(now).map_err(|wait| Refused::RateLimited {
                 limit: name.clone(),
                 retry_after: wait,
@@ -190,8 +195,45 @@ impl Traffic {
         Ok(admitted)
     }
 
+    /// Fleet mode: the budgets (by limit name) a request [`Traffic::admit`]
+    /// let through spends fleet-wide before it is sent, in one Redis round
+    /// trip. Empty outside fleet mode, and for requests no limit counts.
+    pub fn fleet_budgets(
+        &self,
+        identity: usize,
+        credential: usize,
+        method: &Method,
+        path: &str,
+    ) -> Vec<(Arc<str>, Spend)> {
+        let mut budgets = Vec::new();
+        if !self.settings.fleet_wide || self.fleet.is_none() {
+            return budgets;
+        }
+        if let Some((_, name, rate)) = &self.gates[identity].bucket {
+            let key = format!("rate/{name}/{}-{}", rate.per_second, rate.burst);
+            budgets.push((name.clone(), Spend::Rate { key, per_second: rate.per_second, burst: rate.burst }));
+        }
+        let mut matching = self.rules.candidates(path);
+        if matching.is_empty() {
+            return budgets;
+        }
+        let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
+            target::segments(path).filter_map(Result::ok).collect();
+        matching.retain(|i| self.rules.get(*i).applies(method, &segments));
+        let credential_name = &self.throttles[credential].1;
+        for i in matching {
+            let rule = self.rules.get(i);
+            let RuleSettings { max, per, .. } = rule.settings;
+            let org = rule.org(&segments).to_ascii_lowercase();
+            let key = format!("limit/{}/{max}-{}/{org}/{credential_name}", rule.name, per.as_millis());
+            budgets.push((rule.name.clone(), Spend::Window { key, max, per }));
+        }
+        budgets
+    }
+
     /// Tallyfy answered 429 to a request of `credential` for `path`: remember it
-    /// (see [`throttle`]). Returns the wait remembered.
+    /// (see [`throttle`]). Returns what was remembered, as the other replicas
+    /// of a fleet are told it.
     pub fn remember_429(
         &self,
         credential: usize,
@@ -200,14 +242,21 @@ impl Traffic {
         rule: Option<usize>,
         said: Said,
         now: Nanos,
-    ) -> Duration {
+    ) -> Throttled {
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
         let (org, limit) = match rule.map(|i| self.rules.get(i)) {
             Some(rule) => (rule.org(&segments).to_owned(), rule.name.to_string()),
             None => (org_of(&segments).to_owned(), format!("{method} {path}")),
         };
-        self.throttles[credential].0.remember(said.retry_after, said.hourly, &org, &limit, now)
+        let (throttle, name) = &self.throttles[credential];
+        let wait = throttle.remember(said.retry_after, said.hourly, &org, &limit, now);
+        Throttled { credential: name.to_string(), wait, hourly: said.hourly, org, limit }
+    }
+
+    /// Fleet mode: the fleet this generation counts in.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// Tallyfy answered a request of `credential` with something other than 429.
@@ -262,11 +311,27 @@ pub struct TrafficState {
     windows: Mutex<HashMap<RuleSettings, Arc<Windows>>>,
     throttles: Mutex<HashMap<String, Arc<Throttle>>>,
     budget: Arc<Budget>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl TrafficState {
     pub fn new() -> Arc<TrafficState> {
         Arc::default()
+    }
+
+    /// In fleet mode: budgets also count in `fleet`, and Tallyfy's 429s are
+    /// told to the other replicas.
+    pub fn with_fleet(fleet: Option<Arc<Fleet>>) -> Arc<TrafficState> {
+        Arc::new(TrafficState { fleet, ..TrafficState::default() })
+    }
+
+    /// Another replica met Tallyfy's 429: remember it as if this one had.
+    /// Answers whether the credential is one this process knows.
+    pub fn learn(&self, throttled: &Throttled, now: Nanos) -> bool {
+        let throttles = lock(&self.throttles);
+        let Some(throttle) = throttles.get(&throttled.credential) else { return false };
+        throttle.remember(Some(throttled.wait), throttled.hourly, &throttled.org, &throttled.limit, now);
+        true
     }
 
     /// The traffic control of a generation with these identities (name and
@@ -290,7 +355,7 @@ impl TrafficState {
                     let key = (name.to_owned(), rate);
                     let bucket = buckets.remove(&key).unwrap_or_else(|| Arc::new(Bucket::new(rate)));
                     kept_buckets.insert(key, bucket.clone());
-                    (bucket, Arc::from(format!("{name}.rate_limit")))
+                    (bucket, Arc::from(format!("{name}.rate_limit")), rate)
                 }),
                 in_flight: limits.max_in_flight.map(|max| {
                     let key = (name.to_owned(), max);
@@ -330,6 +395,7 @@ impl TrafficState {
             rules: Rules::new(rules),
             settings: settings.clone(),
             budget: self.budget.clone(),
+            fleet: self.fleet.clone(),
         }
     }
 }

@@ -54,3 +54,36 @@ fn every_deployed_config_passes_check() {
     }
     assert_eq!(checked, 2, "sidecar and gateway");
 }
+
+#[test]
+fn the_gateways_fleet_component_passes_check_and_keeps_the_gateways_config() {
+    let gateway = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/gateway");
+    let base = std::fs::read_to_string(gateway.join("proxy.toml")).expect("gateway config");
+    let config = std::fs::read_to_string(gateway.join("fleet/proxy.toml")).expect("fleet config");
+    assert!(config.starts_with(&base), "fleet/proxy.toml is the gateway's with [fleet] added below it");
+    assert!(config[base.len()..].contains("[fleet]"));
+    let secret = std::fs::read_to_string(gateway.join("fleet/secret.yaml")).expect("fleet secret");
+    assert!(secret.contains("\n  redis_url: ") && secret.contains("\n  fleet_key: "));
+
+    // Laid out as the patched pod mounts it.
+    let pod = tempfile::tempdir().expect("dir");
+    for dir in ["config", "secrets", "fleet"] {
+        std::fs::create_dir_all(pod.path().join(dir)).expect("mkdir");
+    }
+    std::fs::write(pod.path().join("config/proxy.toml"), &config).expect("write");
+    for file in secret_files(&config) {
+        std::fs::write(pod.path().join("secrets").join(file), "placeholder\n").expect("write");
+    }
+    std::fs::write(pod.path().join("fleet/fleet_key"), "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n")
+        .expect("write");
+    let output = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
+        .args(["check", "--config", "config/proxy.toml"])
+        .current_dir(pod.path())
+        .env("TALLYFY_PROXY_REDIS_URL", "redis://:pw-in-url@redis:6379/0")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("fleet         tallyfy-proxy/gateway"), "{stdout}");
+    assert!(!stdout.contains("pw-in-url"), "check never prints the URL's password");
+}

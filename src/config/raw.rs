@@ -30,6 +30,16 @@ pub struct RawConfig {
     pub identities: Vec<Spanned<RawIdentity>>,
     #[serde(default)]
     pub limits: Vec<Spanned<RawLimit>>,
+    pub fleet: Option<Spanned<RawFleet>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub redis_url: Option<Spanned<SecretSource>>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub encryption_key: Option<Spanned<SecretSource>>,
+    pub lease_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

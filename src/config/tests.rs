@@ -266,3 +266,48 @@ fn traffic_limits_are_read_and_checked() {
         assert_eq!(parse(&bad).expect_err(key).key, key);
     }
 }
+
+const KEY_B64: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+fn with_fleet(table: &str) -> String {
+    format!("{MINIMAL}\n[fleet]\n{table}\n")
+}
+
+#[test]
+fn the_fleet_is_read_and_its_lease_must_outlive_three_token_calls() {
+    let config = parse(&with_fleet(&format!(
+        "redis_url = \"redis://:s3cret@127.0.0.1:6379/0\"\nkey_prefix = \"tallyfy-proxy/prod\"\nencryption_key = \"{KEY_B64}\""
+    )))
+    .expect("valid");
+    let fleet = config.fleet.as_ref().expect("[fleet]");
+    assert_eq!(fleet.key_prefix, "tallyfy-proxy/prod");
+    assert_eq!(fleet.lease, Duration::from_millis(40_000), "the default");
+    assert!(config.traffic.fleet_wide, "budgets count fleet-wide");
+    assert!(config.warnings.iter().any(|w| w.contains("fleet.redis_url")), "inline secrets warn");
+    assert!(!format!("{config:?}").contains("s3cret"), "the URL's password never prints");
+    assert!(parse(MINIMAL).expect("valid").fleet.is_none(), "no [fleet]: alone, as before");
+
+    let short = error_of(&with_fleet(&format!(
+        "redis_url = \"redis://127.0.0.1\"\nkey_prefix = \"p\"\nencryption_key = \"{KEY_B64}\"\nlease_ms = 30000"
+    )));
+    assert_eq!(short.key, "fleet.lease_ms");
+    assert!(short.message.contains("3 × tokens.fetch_timeout_ms (30000 ms)"), "{short}");
+}
+
+#[test]
+fn fleet_mistakes_name_the_key_and_never_quote_a_secret() {
+    let url = error_of(&with_fleet(&format!(
+        "redis_url = \"http://user:s3cret@example\"\nkey_prefix = \"p\"\nencryption_key = \"{KEY_B64}\""
+    )));
+    assert_eq!(url.key, "fleet.redis_url");
+    assert!(!url.to_string().contains("s3cret"), "{url}");
+    let key = error_of(&with_fleet(
+        "redis_url = \"redis://127.0.0.1\"\nkey_prefix = \"p\"\nencryption_key = \"c2hvcnQ=\"",
+    ));
+    assert_eq!(key.key, "fleet.encryption_key");
+    assert!(key.message.contains("32 bytes"), "{key}");
+    let missing = error_of(&with_fleet("redis_url = \"redis://127.0.0.1\"\nkey_prefix = \"p\""));
+    assert_eq!(missing.key, "fleet.encryption_key");
+    let typo = error_of(&with_fleet("redis_uri = \"redis://127.0.0.1\""));
+    assert!(typo.key.contains("redis_uri"), "{typo}");
+}

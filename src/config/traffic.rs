@@ -63,7 +63,8 @@ pub(super) fn validate(
             "must be at most 60000: a caller waits that long",
         ));
     }
-    Ok(Settings { rules, retry: retry(ctx, upstream)?, retry_429_max_wait })
+    // Set once `[fleet]` is read (see `validate`).
+    Ok(Settings { rules, retry: retry(ctx, upstream)?, retry_429_max_wait, fleet_wide: false })
 }
 
 fn retry(ctx: &Ctx<'_>, upstream: &RawUpstream) -> Result<RetrySettings, ConfigError> {

@@ -6,7 +6,7 @@ use std::path::Path;
 use super::ctx::{Ctx, http_url, socket_addr};
 use super::raw::RawConfig;
 use super::{Config, ConfigError, Listen, Log, LogFormat};
-use super::{credentials, dates, identities, listen_tls, server, tokens, traffic, upstream};
+use super::{credentials, dates, fleet, identities, listen_tls, server, tokens, traffic, upstream};
 use crate::identity::Matcher;
 
 pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -40,7 +40,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     let upstream = upstream::validate(&ctx, &raw.upstream)?;
     let server = server::validate(&ctx, &raw.server)?;
     let tokens = tokens::validate(&ctx, &raw.tokens)?;
-    let traffic = traffic::validate(&ctx, &raw.limits, &raw.upstream)?;
+    let mut traffic = traffic::validate(&ctx, &raw.limits, &raw.upstream)?;
     let dates = dates::dates(&ctx, &raw.dates)?;
     let links = dates::links(&ctx, &raw.links)?;
     let log = Log {
@@ -63,6 +63,12 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     };
 
     let (credentials, credential_sources) = credentials::validate(&ctx, &raw.credentials, &mut warnings)?;
+    let fleet = raw
+        .fleet
+        .as_ref()
+        .map(|f| fleet::validate(&ctx, f, tokens.fetch_timeout, &mut warnings))
+        .transpose()?;
+    traffic.fleet_wide = fleet.is_some();
     let identities = identities::validate(&ctx, &raw.identities, &credentials, &dates)?;
     let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
     let first_cert_rule =
@@ -90,6 +96,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         credential_sources,
         identities,
         traffic,
+        fleet,
         warnings,
     })
 }

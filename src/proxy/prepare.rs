@@ -7,7 +7,12 @@ use http::{Method, Uri};
 
 use super::response_body::LinksTo;
 use super::{Proxy, TOKEN_RETRY_AFTER};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
 use crate::error::ProxyError;
+use crate::fleet::Spend;
 use crate::headers;
 use crate::identity::{Caller, Identity};
 use crate::method_override;
@@ -29,6 +34,9 @@ pub struct Prepared<'p> {
     /// What the local limits decided: the place held, the rule counted, any
     /// wait for a remembered Tallyfy 429.
     pub admitted: Admitted,
+    /// Fleet mode: the budgets to spend fleet-wide before sending (empty
+    /// otherwise, and for requests no limit counts).
+    pub fleet_budgets: Vec<(Arc<str>, Spend)>,
 }
 
 impl Proxy {
@@ -79,9 +87,18 @@ impl Proxy {
             }
         })?;
         let admitted = self.admit(index, identity, &head.method, head.uri.path())?;
+        let fleet_budgets = match shared.traffic.fleet() {
+            None => Vec::new(),
+            Some(_) => shared.traffic.fleet_budgets(
+                index,
+                identity.credential.index(),
+                &head.method,
+                head.uri.path(),
+            ),
+        };
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
-        Ok(Prepared { identity, index, lease, links_to, admitted })
+        Ok(Prepared { identity, index, lease, links_to, admitted, fleet_budgets })
     }
 
     /// The local limits' verdict ([`crate::traffic`]), counted in the metrics
@@ -115,6 +132,29 @@ impl Proxy {
                 }
             }
         })
+    }
+}
+
+impl Proxy {
+    /// Fleet mode: spends the request's budgets fleet-wide (one Redis round
+    /// trip). When Redis cannot answer, this replica's own counts (already
+    /// passed) stand.
+    pub(super) async fn spend_fleet_wide(&self, budgets: &[(Arc<str>, Spend)]) -> Result<(), ProxyError> {
+        let shared = &*self.shared;
+        let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
+        let spends: SmallVec<[Spend; 2]> = budgets.iter().map(|(_, spend)| spend.clone()).collect();
+        match fleet.spend(&spends).await {
+            Ok(None) => Ok(()),
+            Ok(Some((refused, retry_after))) => {
+                let limit = budgets[refused].0.clone();
+                shared.metrics.limit_rejected(&limit);
+                Err(ProxyError::RateLimited { limit, retry_after })
+            }
+            Err(_) => {
+                Metrics::reason(&shared.metrics.fleet_fallbacks, "budget_unreachable");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -108,7 +108,11 @@ impl Proxy {
         let credential = target.credential.index();
         let path = target.uri.path();
         let said = Said { retry_after, hourly };
-        traffic.remember_429(credential, &target.method, path, target.rule, said, now());
+        let remembered = traffic.remember_429(credential, &target.method, path, target.rule, said, now());
+        if let Some(fleet) = traffic.fleet() {
+            let fleet = fleet.clone();
+            tokio::spawn(async move { fleet.tell_throttled(remembered).await });
+        }
         Metrics::credential(&shared.metrics.upstream_429s, &shared.tokens.name(target.credential));
         if let (Some(replay), Some(wait)) = (replay, retry_after)
             && wait <= traffic.settings.retry_429_max_wait

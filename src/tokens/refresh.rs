@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 mod fetch;
 mod handle;
+mod shared;
 mod slots;
 #[cfg(test)]
 mod tests;
@@ -34,8 +35,10 @@ use super::issuer::FetchError;
 use super::schedule::Schedule;
 use super::{CredentialKind, SlotId, Token, TokenStore};
 use fetch::{Outcome, fetch};
+use shared::{Obtained, Source};
 use slots::{Life, Slot};
 
+use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
 pub use handle::{CredentialSet, RefreshHandle};
 use handle::{Reconfigure, Rejected};
@@ -58,6 +61,8 @@ pub struct Refresher {
     slots: Vec<Slot>,
     rejected: mpsc::Receiver<Rejected>,
     reconfigures: mpsc::Receiver<Reconfigure>,
+    /// Fleet mode: the Redis the replicas share, and its news of new token sets.
+    fleet: Option<(Arc<Fleet>, tokio::sync::broadcast::Receiver<News>)>,
 }
 
 impl Refresher {
@@ -77,8 +82,16 @@ impl Refresher {
             slots: Vec::new(),
             rejected,
             reconfigures,
+            fleet: None,
         };
         (refresher, handle)
+    }
+
+    /// Shares tokens and refreshes with the other replicas of `fleet` (call
+    /// before the first configure).
+    pub fn join_fleet(&mut self, fleet: Arc<Fleet>) {
+        let news = fleet.news();
+        self.fleet = Some((fleet, news));
     }
 
     /// Runs until `shutdown` fires. Fetches still running are abandoned.
@@ -106,6 +119,7 @@ impl Refresher {
                     let _ = reply.send(self.configure_shared(&set, issuer));
                 }
                 Some(rejected) = self.rejected.recv() => self.on_rejected(rejected),
+                Some(news) = next_news(self.fleet.as_mut().map(|(_, news)| news)) => self.on_news(&news),
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => match joined {
                     Ok(outcome) => self.on_outcome(outcome),
                     Err(error) => tracing::error!(%error, "a token fetch task failed"),
@@ -151,10 +165,41 @@ impl Refresher {
             let kind = slot.credential.kind.clone();
             let (id, application) = (slot.id, slot.application);
             let (issuer, store) = (issuer.clone(), self.store.clone());
+            let one_fetch = move |refresh_token| {
+                let (issuer, store, kind) = (issuer.clone(), store.clone(), kind.clone());
+                async move { fetch(&*issuer, &store, &kind, application, refresh_token).await }
+            };
+            let shared = match (&self.fleet, &slot.fleet_name) {
+                (Some((fleet, _)), Some(name)) if !slot.outside_fleet => {
+                    Some((fleet.clone(), self.metrics.clone(), name.clone(), slot.credential.name.clone()))
+                }
+                _ => None,
+            };
+            let installed = slot.shared_generation;
             fetches.spawn(async move {
-                let requested_at = Instant::now();
-                let result = fetch(&*issuer, &store, &kind, application, refresh_token).await;
-                Outcome { slot: id, requested_at, result }
+                let result = match shared {
+                    Some((fleet, metrics, name, credential)) => {
+                        shared::obtain(
+                            &fleet,
+                            &metrics,
+                            &credential,
+                            &name,
+                            installed,
+                            refresh_token,
+                            one_fetch,
+                        )
+                        .await
+                    }
+                    None => {
+                        let requested_at = Instant::now();
+                        one_fetch(refresh_token).await.map(|issued| Obtained {
+                            issued,
+                            requested_at,
+                            source: Source::Alone,
+                        })
+                    }
+                };
+                Outcome { slot: id, result }
             });
         }
     }
@@ -187,13 +232,30 @@ impl Refresher {
         slot.due = Some(now);
     }
 
-    fn on_outcome(&mut self, Outcome { slot: id, requested_at, result }: Outcome) {
+    /// Another replica wrote a newer set: take it now rather than at this
+    /// slot's own refresh time (the fetch reads it from the fleet).
+    fn on_news(&mut self, news: &News) {
+        let News::Tokens { credential, generation } = news else { return };
+        let now = Instant::now();
+        for slot in &mut self.slots {
+            if slot.fleet_name.as_deref() == Some(&**credential)
+                && slot.life == Life::Live
+                && !slot.fetching
+                && !slot.outside_fleet
+                && slot.shared_generation < *generation
+            {
+                slot.due = Some(now);
+            }
+        }
+    }
+
+    fn on_outcome(&mut self, Outcome { slot: id, result }: Outcome) {
         let now = Instant::now();
         let jitter: f64 = rand::random();
         let slot = &mut self.slots[id.index()];
         slot.fetching = false;
-        let issued = match result {
-            Ok(issued) => issued,
+        let Obtained { issued, requested_at, source } = match result {
+            Ok(obtained) => obtained,
             Err(error) => {
                 if let (Some(application), FetchError::Refused { status: 401, .. }) =
                     (slot.application, &error)
@@ -218,6 +280,11 @@ impl Refresher {
         };
         slot.failures = 0;
         slot.refresh_token = issued.refresh_token;
+        match source {
+            Source::Alone => {}
+            Source::Fleet(generation) => slot.shared_generation = generation,
+            Source::Refused => slot.outside_fleet = true,
+        }
         slot.due = (slot.life == Life::Live)
             .then(|| self.schedule.refresh_at(requested_at, issued.lifetime, jitter));
         tracing::info!(
@@ -259,6 +326,18 @@ impl Refresher {
         );
         if settle {
             self.store.settle(id);
+        }
+    }
+}
+
+/// The next news of the fleet, if in one; never resolves otherwise.
+async fn next_news(news: Option<&mut tokio::sync::broadcast::Receiver<News>>) -> Option<News> {
+    let Some(news) = news else { return std::future::pending().await };
+    loop {
+        match news.recv().await {
+            Ok(news) => return Some(news),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return std::future::pending().await,
         }
     }
 }

@@ -160,6 +160,11 @@ impl Credential {
             .with("email", email)
     }
 
+    /// The `name` of the credential.
+    pub fn name(&self) -> String {
+        self.0.get("name").and_then(Value::as_str).unwrap_or_default().to_owned()
+    }
+
     /// `app`: the sandbox's application client, `client_credentials`.
     pub fn fixture_app() -> Credential {
         Credential::client_credentials("app", fixtures::APP_CLIENT_ID, Secret::Env("APP_SECRET"))

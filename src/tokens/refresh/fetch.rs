@@ -5,13 +5,14 @@ use tokio::time::Instant;
 use super::super::TokenSource;
 use super::super::issuer::{FetchError, Issued};
 use super::super::{CredentialKind, SlotId, TokenStore};
+use super::shared::Obtained;
 use crate::secret::Secret;
 
 pub(super) struct Outcome {
     pub(super) slot: SlotId,
-    /// When the fetch started: lifetimes count from here, not from the answer.
-    pub(super) requested_at: Instant,
-    pub(super) result: Result<Issued, FetchError>,
+    /// The token, when its life began (lifetimes count from the request, not
+    /// from the answer), and where it came from.
+    pub(super) result: Result<Obtained, FetchError>,
 }
 
 /// One fetch for one slot: the grant its kind calls for.

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use tokio::time::Instant;
 
 use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token, TokenSource};
-use super::{CredentialSet, RETIRED_GRACE, Refresher};
+use super::{CredentialSet, RETIRED_GRACE, Refresher, shared};
 use crate::secret::Secret;
 use std::sync::Arc;
 
@@ -43,6 +43,13 @@ pub(super) struct Slot {
     /// `application_user`: the mint was refused for a dead application token;
     /// mint again as soon as the application's new token is published.
     pub(super) awaiting_application: bool,
+    /// Fleet mode: the name the fleet knows this credential by (`None` for
+    /// personal tokens, which are never fetched).
+    pub(super) fleet_name: Option<Arc<str>>,
+    /// The fleet generation this slot holds (0: none yet).
+    pub(super) shared_generation: u64,
+    /// The fleet's set did not decrypt here: fetch alone from now on.
+    pub(super) outside_fleet: bool,
 }
 
 impl Refresher {
@@ -151,6 +158,9 @@ impl Refresher {
             fetching: false,
             last_forced: None,
             awaiting_application: false,
+            fleet_name: (due.is_some()).then(|| shared::fleet_name(credential, &self.upstream).into()),
+            shared_generation: 0,
+            outside_fleet: false,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
         id

@@ -1,0 +1,459 @@
+//! Fleet mode against a real `redis-server` and three `tallyfy-proxy run`
+//! processes in front of the sandbox: one refresh per credential for the whole
+//! fleet, tokens sealed at rest, a killed lease holder replaced, Redis outages
+//! survived.
+
+#[path = "fleet/redis_server.rs"]
+mod redis_server;
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use redis_server::RedisServer;
+use support::{Credential, Identity, Match, TestConfig, client, scrape, start_sandbox_with};
+use tallyfy_sandbox::{Sandbox, SandboxConfig, TokenFault};
+use toml::Value;
+
+const KEY: [u8; 32] = [7; 32];
+
+/// A route both application and user tokens may call (in the sandbox's org,
+/// `fixtures::ORG_ID`).
+const PATH: &str = "/api/organizations/5a3f9c1e7b2d4e6f8a0b1c2d3e4f5a6b/runs";
+
+/// One `tallyfy-proxy run` process.
+struct Replica {
+    child: Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    /// Runs the binary on `config` with the fleet at `redis` sealing with `key`,
+    /// and waits until it listens and is ready.
+    async fn start(config: &TestConfig, redis: &str, key: [u8; 32]) -> Replica {
+        let dir = tempfile::tempdir().expect("dir");
+        config.write(&dir.path().join("proxy.toml"));
+        std::fs::write(dir.path().join("fleet-key"), base64::engine::general_purpose::STANDARD.encode(key))
+            .expect("write key");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"));
+        command
+            .args(["run", "--config", "proxy.toml"])
+            .current_dir(dir.path())
+            .env("TALLYFY_PROXY_REDIS_URL", redis)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped());
+        for name in ["APP_SECRET", "USER_SECRET", "USER_PASSWORD"] {
+            command.env(name, support::env(name).expect("fixture secret"));
+        }
+        let mut child = command.spawn().expect("the binary runs");
+        let stdout = child.stdout.take().expect("stdout");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, listening) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("\"listening\"") {
+                    let _ = tx.send(line.clone());
+                }
+                lines.lock().expect("log").push(line);
+            }
+        });
+        let line = listening.recv_timeout(Duration::from_secs(20)).expect("the replica listens");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("json log");
+        let proxy =
+            json["proxy"].as_str().expect("proxy").trim_start_matches("http://").parse().expect("addr");
+        let admin = json["admin"].as_str().expect("admin").parse().expect("addr");
+        let replica = Replica { child, proxy, admin, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = client().get(format!("http://{admin}/readyz")).send().await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return replica;
+            }
+            assert!(Instant::now() < deadline, "the replica became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn logged(&self, text: &str) -> usize {
+        self.log.lock().expect("log").iter().filter(|line| line.contains(text)).count()
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        // Every sample of the series, whatever its labels.
+        let text = scrape(self.admin).await;
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series))
+            .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The fleet's config: `credential` for every caller, JSON logs, the fleet in Redis.
+fn fleet_config(
+    sandbox: &Sandbox,
+    credential: Credential,
+    lease_ms: i64,
+    fetch_timeout_ms: i64,
+) -> TestConfig {
+    let name = credential.name();
+    TestConfig::new(&sandbox.base_url())
+        .set("log", "format", "json")
+        .set("tokens", "fetch_timeout_ms", fetch_timeout_ms)
+        .set("fleet", "redis_url", support::table([("env", Value::from("TALLYFY_PROXY_REDIS_URL"))]))
+        .set("fleet", "key_prefix", "test/fleet")
+        .set("fleet", "encryption_key", support::table([("file", Value::from("fleet-key"))]))
+        .set("fleet", "lease_ms", lease_ms)
+        .credential(credential)
+        .identity(Identity::new("caller", &name, Match::Any))
+}
+
+async fn fleet(count: usize, config: &TestConfig, redis: &RedisServer) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for _ in 0..count {
+        replicas.push(Replica::start(config, &redis.url(), KEY).await);
+    }
+    replicas
+}
+
+/// Sends `GET /api/me` round-robin to the replicas from `workers` tasks until
+/// `until`; answers (ok, failed).
+async fn traffic(replicas: &[Replica], workers: usize, until: Instant) -> (usize, usize) {
+    let addrs: Arc<Vec<SocketAddr>> = Arc::new(replicas.iter().map(|r| r.proxy).collect());
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let (addrs, ok, failed) = (addrs.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let http = client();
+                let mut i = worker;
+                while Instant::now() < until {
+                    let addr = addrs[i % addrs.len()];
+                    i += 1;
+                    match http.get(format!("http://{addr}{PATH}")).send().await {
+                        Ok(response) if response.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+fn password_grants(sandbox: &Sandbox) -> usize {
+    sandbox.token_requests().iter().filter(|t| t.answered == 200).count()
+}
+
+fn sandbox_config(lifetime: Duration) -> SandboxConfig {
+    SandboxConfig { token_lifetime: lifetime, user_token_lifetime: lifetime, ..SandboxConfig::default() }
+}
+
+#[test]
+fn the_path_is_in_the_sandboxs_org() {
+    assert!(PATH.contains(tallyfy_sandbox::fixtures::ORG_ID));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token_twice() {
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let replicas = fleet(3, &config, &redis).await;
+    assert_eq!(password_grants(&sandbox), 1, "one sign-in for the fleet: {:?}", sandbox.token_requests());
+
+    let started = Instant::now();
+    let (ok, failed) = traffic(&replicas, 6, started + Duration::from_secs(20)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(failed, 0, "{ok} answered");
+    assert!(ok > 1000, "traffic flowed: {ok}");
+    assert_eq!(sandbox.double_redemptions(), 0, "no refresh token presented twice");
+    // A 3-second token is refreshed 2.25 to 2.55 s into its life: about 8
+    // cycles in 20 s. Three replicas refreshing alone would fetch about 24 times.
+    let fetches = sandbox.token_requests().len() - 1;
+    let cycles = elapsed.as_secs_f64() / 2.25;
+    assert!(fetches as f64 <= cycles + 1.0, "{fetches} fetches in {elapsed:?}: one per cycle");
+    assert!(
+        fetches as f64 >= cycles / 1.2 - 1.0,
+        "{fetches} fetches in {elapsed:?}: the token was kept fresh"
+    );
+    let mut adopted = 0;
+    for replica in &replicas {
+        let taken = replica.metric("tallyfy_proxy_fleet_tokens_adopted_total").await;
+        assert_eq!(replica.metric("tallyfy_proxy_fleet_connected").await, 1.0);
+        adopted += usize::from(taken > 0.0);
+    }
+    assert!(adopted >= 2, "replicas took the tokens others fetched");
+
+    // Tokens at rest: sealed, and never kept longer than they live.
+    let mut redis_client = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg("test/fleet/*").query_async(&mut redis_client).await.expect("keys");
+    let token_keys: Vec<&String> = keys.iter().filter(|k| k.contains("/tokens/")).collect();
+    assert_eq!(token_keys.len(), 1, "{keys:?}");
+    let sealed: Vec<u8> =
+        redis::cmd("GET").arg(token_keys[0]).query_async(&mut redis_client).await.expect("get");
+    let ttl: i64 = redis::cmd("PTTL").arg(token_keys[0]).query_async(&mut redis_client).await.expect("pttl");
+    assert!((1..=3000).contains(&ttl), "the TTL ({ttl} ms) never exceeds the token's life");
+    let text = String::from_utf8_lossy(&sealed);
+    for clear in [
+        "eyJ",
+        "access_token",
+        "refresh_token",
+        tallyfy_sandbox::fixtures::PASSWORD,
+        tallyfy_sandbox::fixtures::USER_CLIENT_SECRET,
+    ] {
+        assert!(!text.contains(clear), "{clear:?} is not stored in clear");
+    }
+    for key in &keys {
+        assert!(!key.contains(tallyfy_sandbox::fixtures::USER_CLIENT_SECRET), "{key}");
+    }
+    // Nor do the replicas' logs hold any of it.
+    let key_text = base64::engine::general_purpose::STANDARD.encode(KEY);
+    for replica in &replicas {
+        for line in replica.log.lock().expect("log").iter() {
+            for secret in ["eyJ", key_text.as_str(), tallyfy_sandbox::fixtures::PASSWORD] {
+                assert!(!line.contains(secret), "{line}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_dead_token_401s_across_the_fleet_cause_one_refresh() {
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).set(
+        "tokens",
+        "min_forced_refresh_interval_ms",
+        100,
+    );
+    let replicas = fleet(3, &config, &redis).await;
+    assert_eq!(sandbox.token_requests().len(), 1);
+    sandbox.revoke_all_tokens();
+    let http = client();
+    let requests: Vec<_> = (0..40)
+        .map(|i| {
+            let url = format!("http://{}{PATH}", replicas[i % 3].proxy);
+            let http = http.clone();
+            tokio::spawn(async move { http.get(url).send().await.expect("answered").status() })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.expect("task"), 200, "replayed with the fleet's new token");
+    }
+    let grants: Vec<String> = sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    assert_eq!(grants, ["password", "refresh_token"], "one refresh for the whole fleet");
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
+    let redis = RedisServer::start().await;
+    // 30-second tokens, refreshed 22.5 to 25.5 s into their life; the token
+    // endpoint answers after 700 ms, so the holder can be killed mid-call; its
+    // 3-second lease lapses long before the old token expires.
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(30))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 3_000, 900);
+    let mut replicas = fleet(3, &config, &redis).await;
+    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(700))));
+    let before = sandbox.token_requests().len();
+
+    let until = Instant::now() + Duration::from_secs(40);
+    let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.proxy).collect();
+    // Find the holder as it starts refreshing, and kill it.
+    let deadline = Instant::now() + Duration::from_secs(35);
+    let signed_in: Vec<usize> = replicas.iter().map(|r| r.logged("refreshing for the fleet")).collect();
+    let holder = loop {
+        if let Some(i) = (0..3).find(|&i| replicas[i].logged("refreshing for the fleet") > signed_in[i]) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "a replica refreshed for the fleet");
+        // Keep the replicas busy meanwhile.
+        for addr in &addrs {
+            let status =
+                client().get(format!("http://{addr}{PATH}")).send().await.expect("answered").status();
+            assert_eq!(status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    replicas[holder].kill();
+    let survivors: Vec<Replica> =
+        replicas.into_iter().enumerate().filter(|(i, _)| *i != holder).map(|(_, r)| r).collect();
+    let takeover = Instant::now() + Duration::from_secs(8);
+    let (ok, failed) = traffic(&survivors, 4, takeover.min(until)).await;
+    assert_eq!(failed, 0, "{ok} answered while the lease lapsed and another replica took over");
+    let took_over: usize = survivors.iter().map(|r| r.logged("refreshing for the fleet")).sum::<usize>()
+        - (0..3).filter(|&i| i != holder).map(|i| signed_in[i]).sum::<usize>();
+    assert!(took_over >= 1, "a survivor refreshed after the lease lapsed");
+    // The killed holder's call may have been dropped unanswered (the sandbox
+    // records answers); the survivor's was answered.
+    assert!(sandbox.token_requests().len() > before, "a survivor fetched the new token");
+    for replica in &survivors {
+        let ready = client().get(format!("http://{}/readyz", replica.admin)).send().await.expect("ready");
+        assert_eq!(ready.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_away_for_ten_seconds_fails_no_request_and_one_refresher_returns() {
+    let mut redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 4_000, 1_000);
+    let replicas = fleet(3, &config, &redis).await;
+
+    redis.stop();
+    let (ok, failed) = traffic(&replicas, 4, Instant::now() + Duration::from_secs(10)).await;
+    assert_eq!(failed, 0, "{ok} answered while Redis was away");
+    let mut fell_back = 0.0;
+    for replica in &replicas {
+        assert_eq!(replica.metric("tallyfy_proxy_fleet_connected").await, 0.0);
+        fell_back += replica.metric("tallyfy_proxy_fleet_fallbacks_total").await;
+    }
+    assert!(fell_back >= 3.0, "each replica refreshed alone: {fell_back}");
+
+    assert!(redis.run().await, "Redis is back on its port");
+    let (ok, failed) = traffic(&replicas, 4, Instant::now() + Duration::from_secs(4)).await;
+    assert_eq!(failed, 0, "{ok} answered while the fleet reformed");
+    let before = sandbox.token_requests().len();
+    let started = Instant::now();
+    let (_, failed) = traffic(&replicas, 4, started + Duration::from_secs(7)).await;
+    assert_eq!(failed, 0);
+    let fetches = sandbox.token_requests().len() - before;
+    let cycles = started.elapsed().as_secs_f64() / 2.25;
+    assert!(fetches as f64 <= cycles + 1.0, "{fetches} fetches: one refresher again");
+    for replica in &replicas {
+        assert_eq!(replica.metric("tallyfy_proxy_fleet_connected").await, 1.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_key_refuses_the_fleets_tokens_and_serves_alone() {
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let first = Replica::start(&config, &redis.url(), KEY).await;
+    let stranger = Replica::start(&config, &redis.url(), [9; 32]).await;
+    assert_eq!(sandbox.token_requests().len(), 2, "the stranger fetched its own token");
+    assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    assert_eq!(stranger.logged("does not decrypt with this replica's encryption_key"), 1);
+    for replica in [&first, &stranger] {
+        let response =
+            client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body} {:?}", replica.log.lock().expect("log"));
+    }
+    assert_eq!(
+        first.metric("tallyfy_proxy_fleet_undecryptable_total").await,
+        0.0,
+        "its set was never overwritten"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_of_30_across_three_replicas_admits_30_in_all_and_429s_are_shared() {
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
+    let cap = support::table([
+        ("name", "guest-invites".into()),
+        ("methods", Value::from(vec!["POST"])),
+        ("path", "/api/organizations/{org}/guests".into()),
+        ("max", 30.into()),
+        ("per_seconds", 3600.into()),
+    ]);
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap);
+    let replicas = fleet(3, &config, &redis).await;
+    let http = client();
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let mut admitted = 0;
+    for i in 0..60 {
+        let url = format!("http://{}{guests}", replicas[i % 3].proxy);
+        let status = http.post(url).json(&body).send().await.expect("answered").status();
+        if status != 429 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 30, "30 for the fleet, not 30 per replica");
+    assert_eq!(sandbox.count("POST", &guests), 30, "the other 30 never reached Tallyfy");
+
+    // Tallyfy's 429 met by one replica holds back the others too.
+    let runs = PATH;
+    sandbox.fail_api(runs, 1, tallyfy_sandbox::ApiFault::Throttled { retry_after: Some(30) });
+    let first = http.get(format!("http://{}{runs}", replicas[0].proxy)).send().await.expect("answered");
+    assert_eq!(first.status(), 429, "Tallyfy's own");
+    let before = sandbox.count("GET", runs);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for replica in &replicas[1..] {
+        while replica.metric("tallyfy_proxy_fleet_throttles_learned_total").await < 1.0 {
+            assert!(Instant::now() < deadline, "the others heard of it");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let answer = http.get(format!("http://{}{runs}", replica.proxy)).send().await.expect("answered");
+        assert_eq!(answer.status(), 429);
+        let retry_after: u64 =
+            answer.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+        assert!((25..=30).contains(&retry_after), "{retry_after}");
+    }
+    assert_eq!(sandbox.count("GET", runs), before, "answered by the replicas, not by Tallyfy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identitys_rate_limit_counts_across_the_fleet() {
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let rate = support::table([("per_second", 1.into()), ("burst", 10.into())]);
+    let config = TestConfig::new(&sandbox.base_url())
+        .set("log", "format", "json")
+        .set("fleet", "redis_url", support::table([("env", Value::from("TALLYFY_PROXY_REDIS_URL"))]))
+        .set("fleet", "key_prefix", "test/fleet")
+        .set("fleet", "encryption_key", support::table([("file", Value::from("fleet-key"))]))
+        .credential(Credential::fixture_user())
+        .identity(Identity::new("caller", "user", Match::Any).with("rate_limit", rate));
+    let replicas = fleet(3, &config, &redis).await;
+    let http = client();
+    let started = Instant::now();
+    let mut admitted = 0;
+    for i in 0..30 {
+        let url = format!("http://{}{PATH}", replicas[i % 3].proxy);
+        if http.get(url).send().await.expect("answered").status() == 200 {
+            admitted += 1;
+        }
+    }
+    // A burst of 10 for the fleet, plus one a second while the 30 were sent.
+    let refilled = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (10..=10 + refilled).contains(&admitted),
+        "{admitted} admitted: the burst is the fleet's, not each replica's"
+    );
+}
