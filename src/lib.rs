@@ -127,11 +127,12 @@
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget
 //!   (`retry`); the counts survive reloads in one process-wide state.
-//! - [`fleet`]: `[fleet]`, replicas sharing one Redis: the connection and its
-//!   channel, refresh leases with fencing numbers (`scripts.rs`), token sets
-//!   sealed with AES-256-GCM (`seal.rs`), budgets spent fleet-wide
-//!   (`budget.rs`). Knows nothing of tokens or limits: it stores bytes and
-//!   counts under keys it is given.
+//! - [`fleet`]: `[fleet]`, replicas sharing one Redis: the connection and the
+//!   key check, the channel and the generations poll (`news.rs`), refresh
+//!   leases with fencing numbers and token sets (`token_sets.rs`,
+//!   `scripts.rs`), sealed with AES-256-GCM (`seal.rs`), budgets spent
+//!   fleet-wide (`budget.rs`). Knows nothing of tokens or limits: it stores
+//!   bytes and counts under names it is given.
 //!
 //! Pure decisions:
 //! - [`target`] (request line and `Host`), [`framing`] (message length),

@@ -312,6 +312,11 @@ async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
     let takeover = Instant::now() + Duration::from_secs(8);
     let (ok, failed) = traffic(&survivors, 4, takeover.min(until)).await;
     assert_eq!(failed, 0, "{ok} answered while the lease lapsed and another replica took over");
+    assert_eq!(
+        sandbox.double_redemptions(),
+        0,
+        "the successor never presented the killed holder's refresh token"
+    );
     let took_over: usize = survivors.iter().map(|r| r.logged("refreshing for the fleet")).sum::<usize>()
         - (0..3).filter(|&i| i != holder).map(|i| signed_in[i]).sum::<usize>();
     assert!(took_over >= 1, "a survivor refreshed after the lease lapsed");
@@ -340,6 +345,7 @@ async fn redis_away_for_ten_seconds_fails_no_request_and_one_refresher_returns()
         fell_back += replica.metric("tallyfy_proxy_fleet_fallbacks_total").await;
     }
     assert!(fell_back >= 3.0, "each replica refreshed alone: {fell_back}");
+    assert_eq!(sandbox.double_redemptions(), 0, "alone, no replica presents the fleet's refresh token");
 
     assert!(redis.run().await, "Redis is back on its port");
     let (ok, failed) = traffic(&replicas, 4, Instant::now() + Duration::from_secs(4)).await;
@@ -354,6 +360,7 @@ async fn redis_away_for_ten_seconds_fails_no_request_and_one_refresher_returns()
     for replica in &replicas {
         assert_eq!(replica.metric("tallyfy_proxy_fleet_connected").await, 1.0);
     }
+    assert_eq!(sandbox.double_redemptions(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,10 +369,18 @@ async fn a_replica_with_another_key_refuses_the_fleets_tokens_and_serves_alone()
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
     let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
     let first = Replica::start(&config, &redis.url(), KEY).await;
+    // The fleet's set gone (as when its TTL lapses): a stranger starting now
+    // must still not write one the others cannot open.
+    let mut connection = redis_connection(&redis).await;
+    let sets = token_keys(&mut connection).await;
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let _: () = redis::cmd("DEL").arg(&sets[0]).query_async(&mut connection).await.expect("del");
+
     let stranger = Replica::start(&config, &redis.url(), [9; 32]).await;
     assert_eq!(sandbox.token_requests().len(), 2, "the stranger fetched its own token");
     assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
-    assert_eq!(stranger.logged("does not decrypt with this replica's encryption_key"), 1);
+    assert_eq!(stranger.logged("do not decrypt with this replica's encryption_key"), 1);
+    assert!(token_keys(&mut connection).await.is_empty(), "the stranger wrote nothing");
     for replica in [&first, &stranger] {
         let response =
             client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
@@ -373,11 +388,17 @@ async fn a_replica_with_another_key_refuses_the_fleets_tokens_and_serves_alone()
         let body = response.text().await.unwrap_or_default();
         assert_eq!(status, 200, "{body} {:?}", replica.log.lock().expect("log"));
     }
-    assert_eq!(
-        first.metric("tallyfy_proxy_fleet_undecryptable_total").await,
-        0.0,
-        "its set was never overwritten"
-    );
+    assert_eq!(first.metric("tallyfy_proxy_fleet_undecryptable_total").await, 0.0);
+}
+
+async fn redis_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis.url()).expect("url");
+    client.get_multiplexed_async_connection().await.expect("connect")
+}
+
+/// The sealed token sets' keys.
+async fn token_keys(connection: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("KEYS").arg("*/tokens/*").query_async(connection).await.expect("keys")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,15 +82,8 @@ impl Fleet {
                 }
             }
         }
-        let call = async {
-            match tokio::time::timeout(SPEND_TIMEOUT, invocation.invoke_async::<(u64, u64)>(&mut connection))
-                .await
-            {
-                Ok(answer) => answer.map_err(FleetError::from),
-                Err(_) => Err(FleetError::Unreachable("a budget check timed out".into())),
-            }
-        };
-        let (refused, wait_ms) = call.await?;
+        let call = invocation.invoke_async::<(u64, u64)>(&mut connection);
+        let (refused, wait_ms) = self.call_within(SPEND_TIMEOUT, call).await?;
         Ok((refused > 0).then(|| (refused as usize - 1, Duration::from_millis(wait_ms))))
     }
 }

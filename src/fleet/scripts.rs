@@ -33,13 +33,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// KEYS: lease, token set, channel. ARGV: fence, sealed set, TTL ms, news.
-/// Writes the set and announces it only while the lease is held with `fence`.
+/// KEYS: lease, token set, channel, generations. ARGV: fence, sealed set, TTL
+/// ms, news (empty: a quiet rewrite), credential. Writes the set only while
+/// the lease is held with `fence`; news is published and the credential's
+/// generation recorded (for replicas that missed the message).
 const WRITE: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('PUBLISH', KEYS[3], ARGV[4])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], ARGV[4])
+end
 return 1
+";
+
+/// KEYS: key check. ARGV: a value sealed with this replica's key. Stores it
+/// unless one is there, and answers the one there.
+const KEY_CHECK: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
 ";
 
 fn cached(cell: &'static OnceLock<Script>, source: &str) -> &'static Script {
@@ -64,4 +76,9 @@ pub fn release() -> &'static Script {
 pub fn write() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
     cached(&SCRIPT, WRITE)
+}
+
+pub fn key_check() -> &'static Script {
+    static SCRIPT: OnceLock<Script> = OnceLock::new();
+    cached(&SCRIPT, KEY_CHECK)
 }

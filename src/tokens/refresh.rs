@@ -179,16 +179,10 @@ impl Refresher {
             fetches.spawn(async move {
                 let result = match shared {
                     Some((fleet, metrics, name, credential)) => {
-                        shared::obtain(
-                            &fleet,
-                            &metrics,
-                            &credential,
-                            &name,
-                            installed,
-                            refresh_token,
-                            one_fetch,
-                        )
-                        .await
+                        // The slot's own refresh token is not used: in a fleet only a lease
+                        // holder presents one, the one the fleet holds.
+                        drop(refresh_token);
+                        shared::obtain(&fleet, &metrics, &credential, &name, installed, one_fetch).await
                     }
                     None => {
                         let requested_at = Instant::now();

@@ -46,7 +46,9 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if ping(self.addr).await {
-                return true;
+                // Ours, and not another test's server that took the port first.
+                let pid = self.child.as_ref().map(Child::id);
+                return pid.is_some() && server_pid(self.addr).await == pid;
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
                 return false; // exited: the port was taken
@@ -96,4 +98,12 @@ async fn ping(addr: SocketAddr) -> bool {
         tokio::time::timeout(Duration::from_millis(500), stream.read_exact(&mut answer)).await,
         Ok(Ok(_)) if &answer == b"+PONG\r\n"
     )
+}
+
+/// The `process_id` the server at `addr` reports.
+async fn server_pid(addr: SocketAddr) -> Option<u32> {
+    let client = redis::Client::open(format!("redis://{addr}/")).ok()?;
+    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await.ok()?;
+    info.lines().find_map(|line| line.strip_prefix("process_id:")).and_then(|pid| pid.trim().parse().ok())
 }

@@ -1,9 +1,16 @@
 //! A fetch in fleet mode: take the fleet's newer token set if there is one;
 //! otherwise refresh under the credential's lease and share the result; while
 //! another replica holds the lease, wait for what it writes. Whenever the fleet
-//! cannot answer (Redis away, a set this replica cannot decrypt), fetch alone.
+//! cannot answer (Redis away, a key the fleet refused), fetch alone.
+//!
+//! A rotating refresh token is presented only by a lease holder, only the one
+//! the fleet holds, and only after the stored set was rewritten without it: a
+//! holder that dies or fails after presenting it leaves no spent token behind
+//! for the next. Fetching alone never presents one (a password credential signs
+//! in with its password), so no two replicas can redeem the same token.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -12,7 +19,7 @@ use tokio::time::Instant;
 
 use super::super::issuer::{FetchError, Issued};
 use super::super::{Credential, CredentialKind};
-use crate::fleet::{Fence, Fleet, FleetError, News};
+use crate::fleet::{Announce, Fence, Fleet, FleetError, News, Stored};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -23,8 +30,8 @@ pub(super) enum Source {
     Alone,
     /// Fetched by this replica for the fleet, or taken from it: this generation.
     Fleet(u64),
-    /// The fleet's set did not decrypt here: this replica stays out of the
-    /// fleet for this credential (until a restart or a new config).
+    /// The fleet refused this replica's key: it stays out of the fleet for
+    /// this credential (the key is a restart-only setting).
     Refused,
 }
 
@@ -39,12 +46,6 @@ pub(super) struct Obtained {
 struct Shared {
     generation: u64,
     issued: Issued,
-    /// Unix milliseconds when its life began.
-    issued_at_ms: u64,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Shared {
@@ -53,7 +54,6 @@ impl Shared {
             "generation": self.generation,
             "access_token": self.issued.access_token.expose(),
             "refresh_token": self.issued.refresh_token.as_ref().map(Secret::expose),
-            "issued_at_ms": self.issued_at_ms,
             "lifetime_ms": self.issued.lifetime.as_millis() as u64,
         })
         .to_string()
@@ -67,25 +67,25 @@ impl Shared {
             refresh_token: value["refresh_token"].as_str().map(Secret::new),
             lifetime: Duration::from_millis(value["lifetime_ms"].as_u64()?),
         };
-        Some(Shared {
-            generation: value["generation"].as_u64()?,
-            issued,
-            issued_at_ms: value["issued_at_ms"].as_u64()?,
-        })
+        Some(Shared { generation: value["generation"].as_u64()?, issued })
     }
+}
 
-    /// How long it has left at `now_ms`.
-    fn remaining(&self, now_ms: u64) -> Duration {
-        let age = Duration::from_millis(now_ms.saturating_sub(self.issued_at_ms));
-        self.issued.lifetime.saturating_sub(age)
-    }
+/// A set as read: what it holds and how long Redis keeps it (the token's
+/// remaining life, on Redis's clock: no replica's clock skew counts).
+struct Current {
+    shared: Shared,
+    remaining: Duration,
+}
 
-    /// As the refresher takes it: its life began `age` ago.
-    fn obtained(self, now_ms: u64) -> Obtained {
-        let age = Duration::from_millis(now_ms.saturating_sub(self.issued_at_ms));
+impl Current {
+    /// As the refresher takes it: its life began `lifetime - remaining` ago, so
+    /// every replica plans the next refresh for the same moment.
+    fn obtained(self) -> Obtained {
+        let age = self.shared.issued.lifetime.saturating_sub(self.remaining);
         let now = Instant::now();
         let requested_at = now.checked_sub(age).unwrap_or(now);
-        Obtained { issued: self.issued, requested_at, source: Source::Fleet(self.generation) }
+        Obtained { issued: self.shared.issued, requested_at, source: Source::Fleet(self.shared.generation) }
     }
 }
 
@@ -123,63 +123,44 @@ pub(super) fn fleet_name(credential: &Credential, upstream: &str) -> String {
 }
 
 /// A fetch in fleet mode (see the module docs). `installed` is the fleet
-/// generation this replica holds (0: none); `fetch` calls Tallyfy with the
-/// refresh token to present, if any.
+/// generation this replica holds (0: none); `fetch` calls Tallyfy, presenting
+/// the refresh token it is given, if any.
 pub(super) async fn obtain<F, Fut>(
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     metrics: &Metrics,
     credential: &str,
     name: &str,
     installed: u64,
-    own_refresh_token: Option<Secret>,
     fetch: F,
 ) -> Result<Obtained, FetchError>
 where
     F: Fn(Option<Secret>) -> Fut,
     Fut: Future<Output = Result<Issued, FetchError>>,
 {
-    let mut own_refresh_token = own_refresh_token;
     let mut news = fleet.news();
     // However the holder fares, this replica fetches alone after this long.
     let deadline = Instant::now() + fleet.lease() * 2 + Duration::from_secs(1);
     loop {
         let current = match read(fleet, name).await {
             Ok(current) => current,
-            Err(error) => return alone(metrics, &error, own_refresh_token, &fetch).await,
+            Err(error) => return alone(metrics, &error, &fetch).await,
         };
-        if let Ok(shared) = newer(current, installed) {
+        if let Ok(current) = newer(current, installed) {
             Metrics::credential(&metrics.fleet_adopted, credential);
-            return Ok(shared.obtained(unix_ms()));
+            return Ok(current.obtained());
         }
         let fence = match fleet.acquire(name).await {
             Ok(fence) => fence,
-            Err(error) => return alone(metrics, &error, own_refresh_token, &fetch).await,
+            Err(error) => return alone(metrics, &error, &fetch).await,
         };
         if let Some(fence) = fence {
-            // Another replica may have written between the read and the lease.
-            let current = match read(fleet, name).await {
-                Ok(current) => current,
-                Err(error) => {
-                    fleet.release(name, fence).await;
-                    return alone(metrics, &error, own_refresh_token, &fetch).await;
-                }
-            };
-            let current = match newer(current, installed) {
-                Ok(shared) => {
-                    fleet.release(name, fence).await;
-                    Metrics::credential(&metrics.fleet_adopted, credential);
-                    return Ok(shared.obtained(unix_ms()));
-                }
-                Err(current) => current,
-            };
-            // The fleet's refresh token is the newest: any other was redeemed already.
-            let refresh_token = current.and_then(|s| s.issued.refresh_token).or(own_refresh_token.take());
-            return refresh(fleet, name, fence, refresh_token, &fetch).await;
+            let held = Held { fleet: fleet.clone(), name: name.to_owned(), fence, released: false };
+            return refresh(held, metrics, credential, installed, &fetch).await;
         }
         // Another replica is refreshing: wait for its news, polling meanwhile.
         if Instant::now() >= deadline {
             let error = FleetError::Unreachable("the lease holder wrote nothing in time".into());
-            return alone(metrics, &error, own_refresh_token, &fetch).await;
+            return alone(metrics, &error, &fetch).await;
         }
         let poll = tokio::time::sleep(Duration::from_millis(250));
         tokio::pin!(poll);
@@ -196,84 +177,141 @@ where
     }
 }
 
-/// The fleet's set when it is newer than the `installed` generation and still
-/// alive; otherwise what was read, given back.
-fn newer(current: Option<Shared>, installed: u64) -> Result<Shared, Option<Shared>> {
+/// The fleet's set when it is newer than the `installed` generation (and
+/// alive: Redis keeps nothing past its token's life); otherwise what was read.
+fn newer(current: Option<Current>, installed: u64) -> Result<Current, Option<Current>> {
     match current {
-        Some(shared) if shared.generation > installed && !shared.remaining(unix_ms()).is_zero() => Ok(shared),
+        Some(current) if current.shared.generation > installed => Ok(current),
         other => Err(other),
     }
 }
 
-async fn read(fleet: &Fleet, name: &str) -> Result<Option<Shared>, FleetError> {
-    Ok(fleet.read(name).await?.and_then(|bytes| Shared::decode(&bytes)))
+async fn read(fleet: &Fleet, name: &str) -> Result<Option<Current>, FleetError> {
+    let stored = fleet.read(name).await?;
+    Ok(stored.and_then(|Stored { plaintext, ttl }| {
+        Shared::decode(&plaintext).map(|shared| Current { shared, remaining: ttl })
+    }))
 }
 
-/// Refreshes under the lease, keeping it extended while Tallyfy answers, and
-/// shares the result.
-async fn refresh<F, Fut>(
-    fleet: &Fleet,
-    name: &str,
+/// A held lease, released when dropped (also when the fetch holding it is
+/// abandoned at shutdown).
+struct Held {
+    fleet: Arc<Fleet>,
+    name: String,
     fence: Fence,
-    refresh_token: Option<Secret>,
+    released: bool,
+}
+
+impl Held {
+    async fn release(mut self) {
+        self.released = true;
+        self.fleet.release(&self.name, self.fence).await;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (fleet, name, fence) = (self.fleet.clone(), std::mem::take(&mut self.name), self.fence);
+            runtime.spawn(async move { fleet.release(&name, fence).await });
+        }
+    }
+}
+
+/// Under the lease: re-reads (another replica may have written between the
+/// read and the lease), spends the fleet's refresh token, calls Tallyfy with
+/// the lease kept extended, and shares the result.
+async fn refresh<F, Fut>(
+    held: Held,
+    metrics: &Metrics,
+    credential: &str,
+    installed: u64,
     fetch: &F,
 ) -> Result<Obtained, FetchError>
 where
     F: Fn(Option<Secret>) -> Fut,
     Fut: Future<Output = Result<Issued, FetchError>>,
 {
-    tracing::info!(credential = name, generation = fence.0, "fleet: refreshing for the fleet");
+    let (fleet, name, fence) = (held.fleet.clone(), held.name.clone(), held.fence);
+    let current = match read(&fleet, &name).await {
+        Ok(current) => current,
+        Err(error) => {
+            held.release().await;
+            return alone(metrics, &error, fetch).await;
+        }
+    };
+    let current = match newer(current, installed) {
+        Ok(current) => {
+            held.release().await;
+            Metrics::credential(&metrics.fleet_adopted, credential);
+            return Ok(current.obtained());
+        }
+        Err(current) => current,
+    };
+    let refresh_token = match current {
+        Some(Current { shared: Shared { generation, issued }, remaining })
+            if issued.refresh_token.is_some() =>
+        {
+            // Rewritten without it first: whatever happens next, no holder presents it again.
+            let spent = Shared {
+                generation,
+                issued: Issued {
+                    access_token: issued.access_token.clone(),
+                    refresh_token: None,
+                    lifetime: issued.lifetime,
+                },
+            };
+            match fleet.write(&name, fence, &spent.encode(), remaining, Announce::Quietly).await {
+                Ok(true) => issued.refresh_token,
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    tracing::info!(credential = %name, generation = fence.0, "fleet: refreshing for the fleet");
     let requested_at = Instant::now();
-    let issued_at_ms = unix_ms();
     let call = fetch(refresh_token);
     tokio::pin!(call);
     let mut extend = tokio::time::interval_at(requested_at + fleet.lease() / 3, fleet.lease() / 3);
     let result = loop {
         tokio::select! {
             result = &mut call => break result,
-            _ = extend.tick() => { let _ = fleet.extend(name, fence).await; }
+            _ = extend.tick() => { let _ = fleet.extend(&name, fence).await; }
         }
     };
     let issued = match result {
         Ok(issued) => issued,
         Err(error) => {
-            fleet.release(name, fence).await;
+            held.release().await;
             return Err(error);
         }
     };
-    let shared = Shared { generation: fence.0, issued, issued_at_ms };
-    let ttl = shared.remaining(unix_ms());
-    match fleet.write(name, fence, &shared.encode(), ttl).await {
+    let shared = Shared { generation: fence.0, issued };
+    let remaining = shared.issued.lifetime.saturating_sub(requested_at.elapsed());
+    match fleet.write(&name, fence, &shared.encode(), remaining, Announce::NewGeneration).await {
         Ok(true) => {}
         Ok(false) => {
-            tracing::warn!(credential = name, "fleet: the refresh lease lapsed before the token was shared")
+            tracing::warn!(credential = %name, "fleet: the refresh lease lapsed before the token was shared")
         }
-        Err(error) => tracing::warn!(credential = name, %error, "fleet: the new token could not be shared"),
+        Err(error) => tracing::warn!(credential = %name, %error, "fleet: the new token could not be shared"),
     }
-    fleet.release(name, fence).await;
+    held.release().await;
     Ok(Obtained { issued: shared.issued, requested_at, source: Source::Fleet(fence.0) })
 }
 
-/// Fetches alone, counting why.
-async fn alone<F, Fut>(
-    metrics: &Metrics,
-    error: &FleetError,
-    refresh_token: Option<Secret>,
-    fetch: &F,
-) -> Result<Obtained, FetchError>
+/// Fetches alone, counting why. Never presents a refresh token: one the fleet
+/// shared may be presented by a lease holder at the same time.
+async fn alone<F, Fut>(metrics: &Metrics, error: &FleetError, fetch: &F) -> Result<Obtained, FetchError>
 where
     F: Fn(Option<Secret>) -> Fut,
     Fut: Future<Output = Result<Issued, FetchError>>,
 {
     Metrics::reason(&metrics.fleet_fallbacks, error.reason());
-    if *error == FleetError::Undecryptable {
-        tracing::error!(
-            "fleet: the shared token set does not decrypt with this replica's encryption_key; \
-             refreshing alone (check that every replica has the same key)"
-        );
-    }
     let requested_at = Instant::now();
-    let issued = fetch(refresh_token).await?;
+    let issued = fetch(None).await?;
     let source = if *error == FleetError::Undecryptable { Source::Refused } else { Source::Alone };
     Ok(Obtained { issued, requested_at, source })
 }
@@ -284,7 +322,7 @@ mod tests {
     use crate::tokens::OAuthClient;
 
     #[test]
-    fn a_set_round_trips_and_its_age_counts_against_its_life() {
+    fn a_set_round_trips_and_its_age_comes_from_redis_ttl() {
         let shared = Shared {
             generation: 7,
             issued: Issued {
@@ -292,14 +330,15 @@ mod tests {
                 refresh_token: Some(Secret::new("refresh")),
                 lifetime: Duration::from_secs(60),
             },
-            issued_at_ms: 1_000_000,
         };
         let decoded = Shared::decode(&shared.encode()).expect("decodes");
         assert_eq!(decoded.generation, 7);
         assert_eq!(decoded.issued.access_token.expose(), "access");
         assert_eq!(decoded.issued.refresh_token.as_ref().map(Secret::expose), Some("refresh"));
-        assert_eq!(decoded.remaining(1_000_000 + 15_000), Duration::from_secs(45));
-        assert_eq!(decoded.remaining(1_000_000 + 75_000), Duration::ZERO, "expired, never negative");
+        let obtained = Current { shared: decoded, remaining: Duration::from_secs(45) }.obtained();
+        let age = Instant::now() - obtained.requested_at;
+        assert!(age >= Duration::from_secs(15) && age < Duration::from_secs(16), "{age:?}");
+        assert_eq!(obtained.source, Source::Fleet(7));
     }
 
     #[test]

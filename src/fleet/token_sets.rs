@@ -1,0 +1,115 @@
+//! A credential's token set in Redis and the lease that guards its refresh.
+//! Each call is one round trip; the set is sealed and opened here, so only
+//! plaintext crosses to the refresher and only ciphertext to Redis.
+
+use std::time::Duration;
+
+use super::{Fence, Fleet, FleetError, News, scripts};
+
+/// What [`Fleet::read`] found: the opened set and how long Redis keeps it
+/// (its token's remaining life, on Redis's clock, whatever the replicas' say).
+#[derive(Debug)]
+pub struct Stored {
+    pub plaintext: Vec<u8>,
+    pub ttl: Duration,
+}
+
+/// Whether a write tells the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// A new generation: published on the channel and in the generations.
+    NewGeneration,
+    /// The same generation, rewritten (its refresh token marked spent).
+    Quietly,
+}
+
+impl Fleet {
+    /// The credential's token set, opened; `None` when the fleet holds none.
+    pub async fn read(&self, credential: &str) -> Result<Option<Stored>, FleetError> {
+        self.key_accepted()?;
+        let mut connection = self.connection()?;
+        let at = self.key("tokens", credential);
+        let mut pipe = redis::pipe();
+        pipe.atomic().get(&at).pttl(&at);
+        let (sealed, ttl_ms): (Option<Vec<u8>>, i64) = self.call(pipe.query_async(&mut connection)).await?;
+        let Some(sealed) = sealed.filter(|_| ttl_ms > 0) else { return Ok(None) };
+        let Some(plaintext) = self.settings.encryption_key.open(&at, &sealed) else {
+            self.metrics.fleet_undecryptable.inc();
+            tracing::error!(
+                credential,
+                "fleet: a token set does not decrypt with this replica's encryption_key; refreshing alone"
+            );
+            return Err(FleetError::Undecryptable);
+        };
+        Ok(Some(Stored { plaintext, ttl: Duration::from_millis(ttl_ms as u64) }))
+    }
+
+    /// Takes the credential's refresh lease for [`Fleet::lease`]; `None` while
+    /// another replica holds it.
+    pub async fn acquire(&self, credential: &str) -> Result<Option<Fence>, FleetError> {
+        self.key_accepted()?;
+        let mut connection = self.connection()?;
+        let mut invocation = scripts::acquire().prepare_invoke();
+        invocation
+            .key(self.key("lease", credential))
+            .key(format!("{}/fence", self.settings.key_prefix))
+            .arg(self.settings.lease.as_millis() as u64);
+        let fence: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok((fence > 0).then_some(Fence(fence)))
+    }
+
+    /// Extends a held lease by [`Fleet::lease`]; `false` when it was lost.
+    pub async fn extend(&self, credential: &str, fence: Fence) -> Result<bool, FleetError> {
+        let mut connection = self.connection()?;
+        let mut invocation = scripts::extend().prepare_invoke();
+        invocation
+            .key(self.key("lease", credential))
+            .arg(fence.0)
+            .arg(self.settings.lease.as_millis() as u64);
+        let extended: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(extended == 1)
+    }
+
+    /// Gives a held lease back (nothing when it lapsed and another holds it now).
+    pub async fn release(&self, credential: &str, fence: Fence) {
+        let Ok(mut connection) = self.connection() else { return };
+        let mut invocation = scripts::release().prepare_invoke();
+        invocation.key(self.key("lease", credential)).arg(fence.0);
+        let _: Result<u64, _> = self.call(invocation.invoke_async(&mut connection)).await;
+    }
+
+    /// Seals and writes the credential's set, living `ttl` in Redis, while the
+    /// lease is held with `fence`; a new generation (numbered `fence`) is
+    /// announced. `false` (nothing written) when the lease is no longer held.
+    pub async fn write(
+        &self,
+        credential: &str,
+        fence: Fence,
+        plaintext: &[u8],
+        ttl: Duration,
+        announce: Announce,
+    ) -> Result<bool, FleetError> {
+        let mut connection = self.connection()?;
+        let at = self.key("tokens", credential);
+        let sealed = self.settings.encryption_key.seal(&at, plaintext);
+        let news = match announce {
+            Announce::NewGeneration => {
+                News::Tokens { credential: credential.into(), generation: fence.0 }.encode(self.replica)
+            }
+            Announce::Quietly => String::new(),
+        };
+        let mut invocation = scripts::write().prepare_invoke();
+        invocation
+            .key(self.key("lease", credential))
+            .key(&at)
+            .key(self.channel())
+            .key(self.generations_key())
+            .arg(fence.0)
+            .arg(sealed)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(news)
+            .arg(credential);
+        let written: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(written == 1)
+    }
+}
