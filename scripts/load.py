@@ -254,7 +254,7 @@ backend tallyfy
     return ["haproxy", "-f", str(path), "-db"]
 
 
-def proxy_conf(work, name, port, admin, upstream_port, oauth=False, level="info"):
+def proxy_conf(work, name, port, admin, upstream_port, oauth=False, level="info", redis_port=None):
     credential = (
         f'kind = "client_credentials"\nclient_id = "1"\nclient_secret = {{ file = "secret" }}'
         if oauth else 'kind = "personal_token"\ntoken = { file = "token" }'
@@ -276,6 +276,15 @@ name = "tallyfy"
 name = "app"
 credential = "tallyfy"
 match = {{ any = true }}
+"""
+    if redis_port:
+        # Fleet mode, with a budget every request spends in Redis (never reached).
+        (work / "fleet-key").write_text("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=")
+        text += f"""rate_limit = {{ per_second = 1000000, burst = 1000000 }}
+[fleet]
+redis_url = "redis://127.0.0.1:{redis_port}/"
+key_prefix = "load"
+encryption_key = {{ file = "fleet-key" }}
 """
     path = work / f"{name}.toml"
     path.write_text(text)
@@ -315,6 +324,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="one 1-second round per target")
     parser.add_argument("--flat-minutes", type=float, default=0)
+    parser.add_argument("--redis", default="", help="redis-server binary, for the fleet-mode row")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.rounds = 1, 1
@@ -341,8 +351,13 @@ def main():
     try:
         up_port = free_port()
         upstream = start("upstream", nginx_conf(work, "upstream", up_port, body), up_port, cpu=side_cpu)
-        ports = {k: free_port() for k in ["nginx", "nginx_nolog", "haproxy", "floor", "tp", "tp_nolog", "tp_oauth", "tp_multi"]}
-        admins = {k: free_port() for k in ["tp", "tp_nolog", "tp_oauth", "tp_multi"]}
+        ports = {k: free_port() for k in ["nginx", "nginx_nolog", "haproxy", "floor", "tp", "tp_nolog", "tp_oauth",
+                                          "tp_multi", "tp_fleet", "redis"]}
+        admins = {k: free_port() for k in ["tp", "tp_nolog", "tp_oauth", "tp_multi", "tp_fleet"]}
+        redis = None
+        if args.redis:
+            redis = start("redis", [args.redis, "--bind", "127.0.0.1", "--port", str(ports["redis"]), "--save", "",
+                                    "--appendonly", "no", "--dir", str(work)], ports["redis"], cpu=side_cpu)
         nginx = start("nginx", nginx_conf(work, "nginx", ports["nginx"], body, up_port, access_log=True), ports["nginx"])
         nginx_nolog = start("nginx (logs off)", nginx_conf(work, "nginx_nolog", ports["nginx_nolog"], body, up_port),
                             ports["nginx_nolog"])
@@ -362,20 +377,24 @@ def main():
         tp_nolog = tallyfy("tp_nolog", "tallyfy-proxy (logs off)", level="warn")
         tp_oauth = tallyfy("tp_oauth", "tallyfy-proxy, OAuth credential", oauth=True)
         tp_multi = tallyfy("tp_multi", "tallyfy-proxy, 2 threads unpinned", cpu=None)
+        tp_fleet = tallyfy("tp_fleet", "tallyfy-proxy, fleet mode, budget in Redis",
+                           redis_port=ports["redis"]) if redis else None
 
         def url(t):
             return f"http://127.0.0.1:{t.port}{PATH}"
 
         # Warm every target (connection pools, caches), untimed.
         for t in targets[1:]:
-            run_wrk(args, url(t), 16, 1, t.pids(), pin=pin)
+            if t is not redis:
+                run_wrk(args, url(t), 16, 1, t.pids(), pin=pin)
 
         main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, tp, tp_nolog] if t]
-        results = {t.name: [] for t in main_targets + [tp_oauth, tp_multi]}
+        extra = [t for t in [tp_oauth, tp_fleet] if t]
+        results = {t.name: [] for t in main_targets + extra + [tp_multi]}
         post_results, one_conn = [], {n: [] for n in ["direct", "nginx", "tallyfy-proxy"]}
         for round_ in range(args.rounds):
             order = main_targets[round_ % len(main_targets):] + main_targets[:round_ % len(main_targets)]
-            for t in order + [tp_oauth]:
+            for t in order + extra:
                 results[t.name].append(run_wrk(args, url(t), 64, args.seconds, t.pids(), pin=pin))
             results[tp_multi.name].append(run_wrk(args, url(tp_multi), 64, args.seconds, tp_multi.pids(), pin=False))
             post_results.append(run_wrk(args, url(tp), 64, args.seconds, tp.pids(), script=str(post), pin=pin))
@@ -386,7 +405,7 @@ def main():
         base = results[nginx.name]
         base_cpu, base_p99, base_rps = median(base, "cpu_us"), median(base, "p99"), median(base, "rps")
         rows = []
-        for t in main_targets + [tp_oauth, tp_multi]:
+        for t in main_targets + extra + [tp_multi]:
             rs = results[t.name]
             cpu, rps, p99 = median(rs, "cpu_us"), median(rs, "rps"), median(rs, "p99")
             rows.append([t.name, fmt(cpu), f"{cpu / base_cpu:.2f}×", f"{rps / 1000:.1f}k", f"{rps / base_rps:.2f}×",
@@ -402,7 +421,10 @@ def main():
             ["OAuth credential (kept for replay) / personal token", f"{oauth_cpu / tp_cpu:.2f}", "≤ 1.10"],
             ["POST 2 KiB JSON with 3 dates / GET", f"{post_cpu / tp_cpu:.2f}", "≤ 1.30"],
             ["2 threads on 2 cores, unpinned / 1 core", f"{multi_cpu / tp_cpu:.2f}", "≤ 1.10"],
-        ])
+        ] + ([["fleet mode, a budget spent in Redis per request / alone (the proxy's CPU; Redis's not counted)",
+               f"{median(results[tp_fleet.name], 'cpu_us') / tp_cpu:.2f}", "—"],
+              ["fleet mode p99 / alone", f"{median(results[tp_fleet.name], 'p99') / median(results[tp.name], 'p99'):.2f}",
+               "—"]] if tp_fleet else []))
         direct = median(one_conn["direct"], "p50")
         table("One connection (wrk -t1 -c1): p50 latency", ["target", "p50 ms", "added to direct"], [
             [name, fmt(median(rs, "p50"), 3), "—" if name == "direct" else f"{(median(rs, 'p50') - direct) * 1000:.0f} µs"]

@@ -202,6 +202,25 @@ async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token
         fetches as f64 >= cycles / 1.2 - 1.0,
         "{fetches} fetches in {elapsed:?}: the token was kept fresh"
     );
+    // Exactly one fetch per cycle: every call to the token endpoint was made by
+    // a lease holder, and no two refreshes came within one token's cycle.
+    let mut refreshed: Vec<jiff::Timestamp> = replicas
+        .iter()
+        .flat_map(|replica| {
+            let log = replica.log.lock().expect("log");
+            log.iter()
+                .filter(|line| line.contains("refreshing for the fleet"))
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .filter_map(|json| json["timestamp"].as_str()?.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    refreshed.sort();
+    assert_eq!(refreshed.len(), sandbox.token_requests().len(), "every fetch under the lease");
+    for pair in refreshed.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(gap >= jiff::SignedDuration::from_millis(2000), "two refreshes {gap:?} apart: {refreshed:?}");
+    }
     let mut adopted = 0;
     for replica in &replicas {
         let taken = replica.metric("tallyfy_proxy_fleet_tokens_adopted_total").await;
