@@ -298,19 +298,20 @@ async fn forty_dead_token_401s_across_the_fleet_cause_one_refresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
     let redis = RedisServer::start().await;
-    // 30-second tokens, refreshed 22.5 to 25.5 s into their life; the token
-    // endpoint answers after 700 ms, so the holder can be killed mid-call; its
-    // 3-second lease lapses long before the old token expires.
-    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(30))).await;
-    let config = fleet_config(&sandbox, Credential::fixture_user(), 3_000, 900);
+    // 40-second tokens, refreshed 30 to 34 s into their life; the token
+    // endpoint answers after 1.2 s, so the holder can be killed mid-call (a
+    // wide window, for a loaded CI machine); its 4.6-second lease lapses and a
+    // survivor's refresh is done about 6 s later, before the old token expires.
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(40))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 4_600, 1_500);
     let mut replicas = fleet(3, &config, &redis).await;
-    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(700))));
+    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(1200))));
     let before = sandbox.token_requests().len();
 
-    let until = Instant::now() + Duration::from_secs(40);
+    let until = Instant::now() + Duration::from_secs(55);
     let addrs: Vec<SocketAddr> = replicas.iter().map(|r| r.proxy).collect();
     // Find the holder as it starts refreshing, and kill it.
-    let deadline = Instant::now() + Duration::from_secs(35);
+    let deadline = Instant::now() + Duration::from_secs(45);
     let signed_in: Vec<usize> = replicas.iter().map(|r| r.logged("refreshing for the fleet")).collect();
     let holder = loop {
         if let Some(i) = (0..3).find(|&i| replicas[i].logged("refreshing for the fleet") > signed_in[i]) {
