@@ -176,8 +176,12 @@ impl Refresher {
                 _ => None,
             };
             let installed = slot.shared_generation;
+            let adopt_only = slot.adopt_only.is_some();
             fetches.spawn(async move {
                 let result = match shared {
+                    Some((fleet, metrics, name, credential)) if adopt_only => {
+                        shared::adopt(&fleet, &metrics, &credential, &name, installed).await
+                    }
                     Some((fleet, metrics, name, credential)) => {
                         // The slot's own refresh token is not used: in a fleet only a lease
                         // holder presents one, the one the fleet holds.
@@ -217,6 +221,14 @@ impl Refresher {
         let refreshable = slot.epoch == epoch
             && slot.life != Life::Gone
             && !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. });
+        let in_fleet = self.fleet.is_some() && slot.fleet_name.is_some() && !slot.outside_fleet;
+        if refreshable && current <= rejected.generation && recently_forced && in_fleet {
+            // Another replica's refresh may have ended this token: take the
+            // fleet's newer one if there is one, without forcing a refresh.
+            slot.adopt_only = Some(slot.due);
+            slot.due = Some(now);
+            return;
+        }
         if !refreshable || current > rejected.generation || slot.failures > 0 || recently_forced {
             self.store.settle(id); // declined: release the waiters
             return;
@@ -248,8 +260,15 @@ impl Refresher {
         let jitter: f64 = rand::random();
         let slot = &mut self.slots[id.index()];
         slot.fetching = false;
+        let planned = slot.adopt_only.take();
         let Obtained { issued, requested_at, source } = match result {
             Ok(obtained) => obtained,
+            Err(FetchError::NothingNewer) => {
+                // Nothing newer: back to the plan, and the waiters get Tallyfy's answer.
+                slot.due = planned.flatten();
+                self.store.settle(id);
+                return;
+            }
             Err(error) => {
                 if let (Some(application), FetchError::Refused { status: 401, .. }) =
                     (slot.application, &error)

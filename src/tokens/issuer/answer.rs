@@ -39,6 +39,10 @@ pub enum FetchError {
     /// `application_user`: the application credential has no valid token.
     #[error("the application credential has no valid token")]
     NoApplicationToken,
+    /// Fleet mode: a look for a token newer than the rejected one found none.
+    /// Not a failure: nothing was asked of Tallyfy.
+    #[error("the fleet holds no newer token")]
+    NothingNewer,
 }
 
 impl FetchError {
@@ -59,6 +63,7 @@ impl FetchError {
             Self::Transport(_) => "transport",
             Self::Timeout => "timeout",
             Self::NoApplicationToken => "no_application_token",
+            Self::NothingNewer => "nothing_newer",
         }
     }
 }

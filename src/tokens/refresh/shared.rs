@@ -177,6 +177,26 @@ where
     }
 }
 
+/// Takes the fleet's set if it is newer than the `installed` generation, and
+/// calls nobody: for a rejection that may not force a refresh (one was forced
+/// moments ago), but whose token another replica's refresh may have ended
+/// (rotating a refresh token kills its access token at Tallyfy).
+pub(super) async fn adopt(
+    fleet: &Fleet,
+    metrics: &Metrics,
+    credential: &str,
+    name: &str,
+    installed: u64,
+) -> Result<Obtained, FetchError> {
+    match read(fleet, name).await.map(|current| newer(current, installed)) {
+        Ok(Ok(current)) => {
+            Metrics::credential(&metrics.fleet_adopted, credential);
+            Ok(current.obtained())
+        }
+        _ => Err(FetchError::NothingNewer),
+    }
+}
+
 /// The fleet's set when it is newer than the `installed` generation (and
 /// alive: Redis keeps nothing past its token's life); otherwise what was read.
 fn newer(current: Option<Current>, installed: u64) -> Result<Current, Option<Current>> {

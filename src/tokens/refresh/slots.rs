@@ -50,6 +50,10 @@ pub(super) struct Slot {
     pub(super) shared_generation: u64,
     /// The fleet's set did not decrypt here: fetch alone from now on.
     pub(super) outside_fleet: bool,
+    /// Fleet mode: the next fetch only looks for a newer set in the fleet (a
+    /// rejection came too soon after a forced refresh to force another); the
+    /// planned refresh time to go back to when there is none.
+    pub(super) adopt_only: Option<Option<Instant>>,
 }
 
 impl Refresher {
@@ -161,6 +165,7 @@ impl Refresher {
             fleet_name: (due.is_some()).then(|| shared::fleet_name(credential, &self.upstream).into()),
             shared_generation: 0,
             outside_fleet: false,
+            adopt_only: None,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
         id
