@@ -140,10 +140,6 @@ impl Fleet {
         }))
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// The lease length.
     pub fn lease(&self) -> Duration {
         self.settings.lease
@@ -206,7 +202,7 @@ impl Fleet {
     async fn check_key(&self) -> Result<(), FleetError> {
         let mut connection = self.connection()?;
         let at = format!("{}/key-check", self.settings.key_prefix);
-        let mut invocation = scripts::key_check().prepare_invoke();
+        let mut invocation = scripts::scripts().key_check.prepare_invoke();
         invocation.key(&at).arg(self.settings.encryption_key.seal(&at, KEY_CHECK));
         let stored: Vec<u8> = self.call(invocation.invoke_async(&mut connection)).await?;
         if self.settings.encryption_key.open(&at, &stored).as_deref() == Some(KEY_CHECK) {

@@ -63,8 +63,6 @@ pub struct Settings {
     /// `upstream.retry_429_max_wait_ms`: a Tallyfy 429 whose `Retry-After` is
     /// at most this is waited out instead of passed on (0: never).
     pub retry_429_max_wait: Duration,
-    /// `[fleet]` is set: `rate_limit` and `[[limits]]` also count fleet-wide.
-    pub fleet_wide: bool,
 }
 
 /// Why the proxy answers a request itself.
@@ -206,7 +204,7 @@ impl Traffic {
         path: &str,
     ) -> Vec<(Arc<str>, Spend)> {
         let mut budgets = Vec::new();
-        if !self.settings.fleet_wide || self.fleet.is_none() {
+        if self.fleet.is_none() {
             return budgets;
         }
         if let Some((_, name, rate)) = &self.gates[identity].bucket {

@@ -5,7 +5,6 @@ use std::collections::HashSet;
 use toml::Spanned;
 
 use super::ctx::{Ctx, name, org_id};
-use super::error::line_of;
 use super::raw::RawCredential;
 use super::secret_source::SecretSource;
 use super::{ConfigError, Credential, CredentialKind, OAuthClient, Provision};
@@ -193,17 +192,7 @@ impl Fields<'_, '_> {
     ) -> Result<Secret, ConfigError> {
         let key = format!("{}.{field}", self.key);
         let source = value.as_ref().ok_or_else(|| self.missing(field))?;
-        let secret = source
-            .get_ref()
-            .resolve(&self.ctx.base_dir(), self.ctx.env)
-            .map_err(|m| self.ctx.at(source, &key, m))?;
-        if source.get_ref().is_inline() {
-            self.warnings.push(format!(
-                "{}:{}: {key} is written in the file; prefer {{ env = \"NAME\" }} or {{ file = \"PATH\" }}",
-                self.ctx.file.display(),
-                line_of(self.ctx.source, source.span().start)
-            ));
-        }
+        let secret = self.ctx.secret(source, &key, self.warnings)?;
         self.sources.push((field, source.get_ref().clone()));
         Ok(secret)
     }

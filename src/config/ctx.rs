@@ -12,6 +12,8 @@ use toml::Spanned;
 
 use super::ConfigError;
 use super::error::line_of;
+use super::secret_source::SecretSource;
+use crate::secret::Secret;
 
 /// Parsing context: turns spans into lines and builds errors.
 pub(super) struct Ctx<'a> {
@@ -41,6 +43,26 @@ impl Ctx<'_> {
 
     pub fn base_dir(&self) -> PathBuf {
         self.file.parent().map(Path::to_owned).unwrap_or_default()
+    }
+
+    /// Reads the secret at `key`; one written in the file itself works, with a
+    /// warning naming its line (never its value).
+    pub fn secret(
+        &self,
+        source: &Spanned<SecretSource>,
+        key: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<Secret, ConfigError> {
+        let secret =
+            source.get_ref().resolve(&self.base_dir(), self.env).map_err(|m| self.at(source, key, m))?;
+        if source.get_ref().is_inline() {
+            warnings.push(format!(
+                "{}:{}: {key} is written in the file; prefer {{ env = \"NAME\" }} or {{ file = \"PATH\" }}",
+                self.file.display(),
+                line_of(self.source, source.span().start)
+            ));
+        }
+        Ok(secret)
     }
 }
 

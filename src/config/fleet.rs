@@ -7,7 +7,6 @@ use toml::Spanned;
 
 use super::ConfigError;
 use super::ctx::Ctx;
-use super::error::line_of;
 use super::raw::RawFleet;
 use super::secret_source::SecretSource;
 use crate::fleet::{EncryptionKey, Settings};
@@ -65,13 +64,5 @@ fn secret<'v>(
 ) -> Result<(Secret, &'v Spanned<SecretSource>), ConfigError> {
     let key = format!("fleet.{field}");
     let source = value.as_ref().ok_or_else(|| ctx.at(raw, &key, "is required in [fleet]"))?;
-    if source.get_ref().is_inline() {
-        warnings.push(format!(
-            "{}:{}: {key} is written in the file; prefer {{ env = \"NAME\" }} or {{ file = \"PATH\" }}",
-            ctx.file.display(),
-            line_of(ctx.source, source.span().start)
-        ));
-    }
-    let secret = source.get_ref().resolve(&ctx.base_dir(), ctx.env).map_err(|m| ctx.at(source, &key, m))?;
-    Ok((secret, source))
+    Ok((ctx.secret(source, &key, warnings)?, source))
 }

@@ -282,7 +282,6 @@ fn the_fleet_is_read_and_its_lease_must_outlive_three_token_calls() {
     let fleet = config.fleet.as_ref().expect("[fleet]");
     assert_eq!(fleet.key_prefix, "tallyfy-proxy/prod");
     assert_eq!(fleet.lease, Duration::from_millis(40_000), "the default");
-    assert!(config.traffic.fleet_wide, "budgets count fleet-wide");
     assert!(config.warnings.iter().any(|w| w.contains("fleet.redis_url")), "inline secrets warn");
     assert!(!format!("{config:?}").contains("s3cret"), "the URL's password never prints");
     assert!(parse(MINIMAL).expect("valid").fleet.is_none(), "no [fleet]: alone, as before");

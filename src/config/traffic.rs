@@ -63,8 +63,7 @@ pub(super) fn validate(
             "must be at most 60000: a caller waits that long",
         ));
     }
-    // Set once `[fleet]` is read (see `validate`).
-    Ok(Settings { rules, retry: retry(ctx, upstream)?, retry_429_max_wait, fleet_wide: false })
+    Ok(Settings { rules, retry: retry(ctx, upstream)?, retry_429_max_wait })
 }
 
 fn retry(ctx: &Ctx<'_>, upstream: &RawUpstream) -> Result<RetrySettings, ConfigError> {

@@ -40,7 +40,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
     let upstream = upstream::validate(&ctx, &raw.upstream)?;
     let server = server::validate(&ctx, &raw.server)?;
     let tokens = tokens::validate(&ctx, &raw.tokens)?;
-    let mut traffic = traffic::validate(&ctx, &raw.limits, &raw.upstream)?;
+    let traffic = traffic::validate(&ctx, &raw.limits, &raw.upstream)?;
     let dates = dates::dates(&ctx, &raw.dates)?;
     let links = dates::links(&ctx, &raw.links)?;
     let log = Log {
@@ -68,7 +68,6 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         .as_ref()
         .map(|f| fleet::validate(&ctx, f, tokens.fetch_timeout, &mut warnings))
         .transpose()?;
-    traffic.fleet_wide = fleet.is_some();
     let identities = identities::validate(&ctx, &raw.identities, &credentials, &dates)?;
     let verifies_certs = listen.tls.as_ref().is_some_and(|tls| tls.verifies_client_certs);
     let first_cert_rule =

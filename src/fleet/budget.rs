@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use redis::Script;
-
 use super::{Fleet, FleetError};
 
 /// One budget a request spends.
@@ -21,7 +19,7 @@ pub enum Spend {
 /// numbers (`r`: interval µs, tolerance µs; `w`: max, window ms). Looks at
 /// every budget first and spends only when all allow (a refused request spends
 /// nothing), answering `{0, 0}`, or `{i, wait ms}` for the first refusing.
-const SPEND: &str = r"
+pub(super) const SPEND: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tats = {}
@@ -58,16 +56,17 @@ const SPEND_TIMEOUT: Duration = Duration::from_millis(250);
 impl Fleet {
     /// Spends `budgets` fleet-wide: `None` when all allowed, or the index of
     /// the first that refused and how long until it would allow.
-    pub async fn spend(&self, budgets: &[Spend]) -> Result<Option<(usize, Duration)>, FleetError> {
-        static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
-        let script = SCRIPT.get_or_init(|| Script::new(SPEND));
+    pub async fn spend<'s>(
+        &self,
+        budgets: impl IntoIterator<Item = &'s Spend>,
+    ) -> Result<Option<(usize, Duration)>, FleetError> {
         if !self.is_connected() {
             // No request waits on a Redis known to be away; the subscription
             // loop notices within a second when it is back.
             return Err(FleetError::Unreachable("Redis was unreachable at the last call".into()));
         }
         let mut connection = self.connection()?;
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = super::scripts::scripts().spend.prepare_invoke();
         for budget in budgets {
             match budget {
                 Spend::Rate { key, per_second, burst } => {

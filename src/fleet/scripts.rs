@@ -1,7 +1,5 @@
 //! The compare-and-set scripts, each one round trip and atomic in Redis.
 
-use std::sync::OnceLock;
-
 use redis::Script;
 
 /// KEYS: lease, fence counter. ARGV: lease ms. Draws the next fencing number
@@ -54,31 +52,24 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 return redis.call('GET', KEYS[1])
 ";
 
-fn cached(cell: &'static OnceLock<Script>, source: &str) -> &'static Script {
-    cell.get_or_init(|| Script::new(source))
+/// The scripts, each sent to Redis by its digest (`EVALSHA`, loaded on first use).
+pub struct Scripts {
+    pub acquire: Script,
+    pub extend: Script,
+    pub release: Script,
+    pub write: Script,
+    pub key_check: Script,
+    pub spend: Script,
 }
 
-pub fn acquire() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    cached(&SCRIPT, ACQUIRE)
-}
-
-pub fn extend() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    cached(&SCRIPT, EXTEND)
-}
-
-pub fn release() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    cached(&SCRIPT, RELEASE)
-}
-
-pub fn write() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    cached(&SCRIPT, WRITE)
-}
-
-pub fn key_check() -> &'static Script {
-    static SCRIPT: OnceLock<Script> = OnceLock::new();
-    cached(&SCRIPT, KEY_CHECK)
+pub fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+        acquire: Script::new(ACQUIRE),
+        extend: Script::new(EXTEND),
+        release: Script::new(RELEASE),
+        write: Script::new(WRITE),
+        key_check: Script::new(KEY_CHECK),
+        spend: Script::new(super::budget::SPEND),
+    });
+    &SCRIPTS
 }

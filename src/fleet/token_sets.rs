@@ -49,7 +49,7 @@ impl Fleet {
     pub async fn acquire(&self, credential: &str) -> Result<Option<Fence>, FleetError> {
         self.key_accepted()?;
         let mut connection = self.connection()?;
-        let mut invocation = scripts::acquire().prepare_invoke();
+        let mut invocation = scripts::scripts().acquire.prepare_invoke();
         invocation
             .key(self.key("lease", credential))
             .key(format!("{}/fence", self.settings.key_prefix))
@@ -61,7 +61,7 @@ impl Fleet {
     /// Extends a held lease by [`Fleet::lease`]; `false` when it was lost.
     pub async fn extend(&self, credential: &str, fence: Fence) -> Result<bool, FleetError> {
         let mut connection = self.connection()?;
-        let mut invocation = scripts::extend().prepare_invoke();
+        let mut invocation = scripts::scripts().extend.prepare_invoke();
         invocation
             .key(self.key("lease", credential))
             .arg(fence.0)
@@ -73,7 +73,7 @@ impl Fleet {
     /// Gives a held lease back (nothing when it lapsed and another holds it now).
     pub async fn release(&self, credential: &str, fence: Fence) {
         let Ok(mut connection) = self.connection() else { return };
-        let mut invocation = scripts::release().prepare_invoke();
+        let mut invocation = scripts::scripts().release.prepare_invoke();
         invocation.key(self.key("lease", credential)).arg(fence.0);
         let _: Result<u64, _> = self.call(invocation.invoke_async(&mut connection)).await;
     }
@@ -98,7 +98,7 @@ impl Fleet {
             }
             Announce::Quietly => String::new(),
         };
-        let mut invocation = scripts::write().prepare_invoke();
+        let mut invocation = scripts::scripts().write.prepare_invoke();
         invocation
             .key(self.key("lease", credential))
             .key(&at)

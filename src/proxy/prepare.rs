@@ -9,8 +9,6 @@ use super::response_body::LinksTo;
 use super::{Proxy, TOKEN_RETRY_AFTER};
 use std::sync::Arc;
 
-use smallvec::SmallVec;
-
 use crate::error::ProxyError;
 use crate::fleet::Spend;
 use crate::headers;
@@ -142,8 +140,7 @@ impl Proxy {
     pub(super) async fn spend_fleet_wide(&self, budgets: &[(Arc<str>, Spend)]) -> Result<(), ProxyError> {
         let shared = &*self.shared;
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
-        let spends: SmallVec<[Spend; 2]> = budgets.iter().map(|(_, spend)| spend.clone()).collect();
-        match fleet.spend(&spends).await {
+        match fleet.spend(budgets.iter().map(|(_, spend)| spend)).await {
             Ok(None) => Ok(()),
             Ok(Some((refused, retry_after))) => {
                 let limit = budgets[refused].0.clone();
