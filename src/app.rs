@@ -3,7 +3,6 @@
 //! The binary, the sandbox command, the integration tests and the benches all start
 //! the proxy through [`start`], so they run the very same code.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,12 +101,12 @@ impl ProxyServer {
             move |connection: ConnectionInfo| {
                 let current = current.clone();
                 let connection = Arc::new(connection);
-                tower::service_fn(move |request: Request<Incoming>| {
+                move |request: Request<Incoming>| {
                     // One load per request: it finishes on the generation it started with.
                     let proxy = Proxy::clone(&current.load());
                     let connection = connection.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, &connection).await) }
-                })
+                    async move { proxy.handle(request, &connection).await }
+                }
             },
             self.shutdown,
             self.grace,
@@ -289,9 +288,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         metrics.connections("admin"),
         move |_connection| {
             let admin = admin.clone();
-            tower::service_fn(move |request: Request<Incoming>| {
-                std::future::ready(Ok::<_, Infallible>(admin.handle(&request)))
-            })
+            move |request: Request<Incoming>| std::future::ready(admin.handle(&request))
         },
         shutdown.clone(),
         grace,

@@ -21,8 +21,8 @@ use crate::links::LinkScan;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
 use crate::server::ConnectionInfo;
-use crate::tokens::CredentialTokens;
 use crate::tokens::refresh::RefreshHandle;
+use crate::tokens::{CredentialId, CredentialTokens};
 use crate::traffic::Traffic;
 use crate::upstream::Upstream;
 use crate::{dates, links, tokens};
@@ -39,6 +39,7 @@ pub use prepare::Prepared;
 use record::RequestRecord;
 use replay::Replay;
 use request_body::Outgoing;
+use response_body::LinksTo;
 use send::{Answer, Target};
 pub use settings::{RequestLimits, Settings};
 
@@ -191,13 +192,15 @@ impl Proxy {
         log.place = admitted.place;
         let figures = shared.identity_metrics(index);
         let credential = identity.credential;
+        // The rare paths are boxed (here and below): a future has room for its
+        // largest await, and every request's future is allocated and moved whole.
         if !fleet_budgets.is_empty() {
-            self.spend_fleet_wide(&fleet_budgets).await?;
+            Box::pin(self.spend_fleet_wide(&fleet_budgets)).await?;
         }
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
             log.throttle = Some("waited");
-            tokio::time::sleep(admitted.delay).await;
+            Box::pin(tokio::time::sleep(admitted.delay)).await;
         }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
@@ -214,28 +217,50 @@ impl Proxy {
         {
             return self.response(response, &links_to).await;
         }
+        let rejected = Rejected { response, replay, credential, generation: lease.generation };
+        Box::pin(self.token_rejected(rejected, &links_to, log, figures)).await
+    }
+
+    /// Tallyfy rejected the token. One refresh runs however many requests saw it;
+    /// a kept request waits for it and goes again, a streamed one cannot.
+    async fn token_rejected(
+        &self,
+        rejected: Rejected,
+        links_to: &LinksTo,
+        log: &mut RequestRecord,
+        figures: &IdentityMetrics,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let shared = &*self.shared;
+        let Rejected { response, replay, credential, generation } = rejected;
         let slot = shared.tokens.slot(credential);
         let store = shared.tokens.store();
         let settled = store.settled(slot);
-        shared.refresher.token_rejected(slot, lease.generation);
-        // Tallyfy rejected the token. One refresh runs however many requests saw it;
-        // a kept request waits for it and goes again, a streamed one cannot.
+        shared.refresher.token_rejected(slot, generation);
         let Some(replay) = replay else {
-            return self.response(response, &links_to).await;
+            return self.response(response, links_to).await;
         };
         let credential_name = shared.tokens.name(credential);
         Metrics::credential(&shared.metrics.single_flight_waiters, &credential_name);
         // One refresh may take up to three calls (refresh, then password; or mint,
         // provision, mint). A failed or declined refresh releases the wait at once.
         let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
-        let Some(fresh) = store.newer_than(slot, lease.generation, settled, wait).await else {
-            return self.response(response, &links_to).await;
+        let Some(fresh) = store.newer_than(slot, generation, settled, wait).await else {
+            return self.response(response, links_to).await;
         };
         drop(response);
         log.replayed = true;
         Metrics::credential(&shared.metrics.replays, &credential_name);
         let response =
             self.send_once(replay.request(Some(fresh.authorization)), Progress::new(), log, figures).await?;
-        self.response(response, &links_to).await
+        self.response(response, links_to).await
     }
+}
+
+/// A response whose status says Tallyfy refused the token it was sent with.
+struct Rejected {
+    response: Response<Incoming>,
+    replay: Option<Replay>,
+    credential: CredentialId,
+    /// The token generation the request was sent with.
+    generation: u64,
 }

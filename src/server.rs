@@ -20,7 +20,7 @@ mod conn_io;
 mod connection;
 mod sniff;
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +70,7 @@ pub struct ConnectionInfo {
 /// `shutdown` fires, then stops accepting (the listener is closed, so new
 /// connections are refused), lets in-flight requests finish for at most `grace`,
 /// and returns.
-pub async fn serve<M, S, B>(
+pub async fn serve<M, S, F, B>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
@@ -80,8 +80,8 @@ pub async fn serve<M, S, B>(
     grace: Duration,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,

@@ -15,11 +15,15 @@ pub enum Kind {
 
 /// `application/json`, `application/*+json` or `application/x-www-form-urlencoded`.
 pub fn kind(headers: &HeaderMap) -> Option<Kind> {
-    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
-    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?.as_bytes();
+    let essence = value.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let is = |expected: &[u8]| essence.eq_ignore_ascii_case(expected);
+    let structured_json = essence.len() >= b"application/+json".len()
+        && essence[..b"application/".len()].eq_ignore_ascii_case(b"application/")
+        && essence[essence.len() - b"+json".len()..].eq_ignore_ascii_case(b"+json");
+    if is(b"application/json") || structured_json {
         Some(Kind::Json)
-    } else if essence == "application/x-www-form-urlencoded" {
+    } else if is(b"application/x-www-form-urlencoded") {
         Some(Kind::Form)
     } else {
         None
@@ -115,6 +119,10 @@ mod tests {
         );
         assert_eq!(kind(&headers(&[("content-type", "multipart/form-data; boundary=x")])), None);
         assert_eq!(kind(&headers(&[])), None);
+        assert_eq!(kind(&headers(&[("content-type", " Application/JSON ;q")])), Some(Kind::Json), "any case");
+        assert_eq!(kind(&headers(&[("content-type", "APPLICATION/Problem+JSON")])), Some(Kind::Json));
+        assert_eq!(kind(&headers(&[("content-type", "text/json+json")])), None);
+        assert_eq!(kind(&headers(&[("content-type", "application/jsonx")])), None);
     }
 
     #[test]

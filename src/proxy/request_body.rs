@@ -79,11 +79,12 @@ impl Proxy {
             overrides: overrides.filter(|kind| *kind != BodyKind::Opaque),
         };
         if reading.dates.is_some() || reading.overrides.is_some() {
-            return self.read_whole(head, body, &reading, identity, replayable).await;
+            // Boxed: only requests with a body read it, and a GET's future stays small.
+            return Box::pin(self.read_whole(head, body, &reading, identity, replayable)).await;
         }
         let declared = super::prepare::declared_length(&head.headers);
         if replayable && declared.is_some_and(|length| length <= replay_max) {
-            return match self.read_start(body, replay_max).await? {
+            return match Box::pin(self.read_start(body, replay_max)).await? {
                 BodyStart::Complete(bytes) => {
                     Ok(Outgoing { body: Either::Left(Full::new(bytes.clone())), kept: Some(bytes) })
                 }

@@ -72,15 +72,20 @@ impl Proxy {
             }
             log.retries += 1;
             shared.metrics.retried(failure.reason());
-            tokio::time::sleep(retry.delay(log.retries, rand::random())).await;
-            outcome = self.send_once(replay.request(None), Progress::new(), log, figures).await;
+            let delay = retry.delay(log.retries, rand::random());
+            // Boxed, as the other rare paths: the common one's future stays small.
+            outcome = Box::pin(async {
+                tokio::time::sleep(delay).await;
+                self.send_once(replay.request(None), Progress::new(), log, figures).await
+            })
+            .await;
         }
         let response = outcome?;
         if response.status() != StatusCode::TOO_MANY_REQUESTS {
             traffic.answered(target.credential.index());
             return Ok(Answer::Streaming(response));
         }
-        self.throttled(response, replay, target, log, figures).await
+        Box::pin(self.throttled(response, replay, target, log, figures)).await
     }
 
     /// Tallyfy answered 429: remember it for the requests after this one, and

@@ -4,6 +4,7 @@
 //! The count ends when the response body is dropped (sent, or abandoned), not
 //! when the handler returns: a long download is a connection at work.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -81,33 +82,30 @@ impl Drop for InFlight {
 }
 
 /// The per-connection service: counts requests, and on HTTP/1 checks each
-/// chunked request's head for a `Content-Length` hyper removed.
-#[derive(Clone)]
+/// chunked request's head for a `Content-Length` hyper removed. Called by
+/// reference (hyper's own service trait), so nothing is cloned per request.
 pub(super) struct Counted<S> {
-    inner: S,
+    handler: S,
     activity: Arc<Activity>,
     tap: Option<Arc<HeadTap>>,
 }
 
 impl<S> Counted<S> {
-    pub fn new(inner: S, activity: Arc<Activity>, tap: Option<Arc<HeadTap>>) -> Self {
-        Counted { inner, activity, tap }
+    pub fn new(handler: S, activity: Arc<Activity>, tap: Option<Arc<HeadTap>>) -> Self {
+        Counted { handler, activity, tap }
     }
 }
 
-impl<S, B> tower::Service<Request<Incoming>> for Counted<S>
+impl<S, F, B> hyper::service::Service<Request<Incoming>> for Counted<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<B>>,
+    S: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Response<B>>,
 {
     type Response = Response<Guarded<B>>;
-    type Error = S::Error;
-    type Future = CountedFuture<Pin<Box<S::Future>>>;
+    type Error = Infallible;
+    type Future = CountedFuture<Pin<Box<F>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.begin();
         if let Some(tap) = &self.tap {
             let chunked = request.headers().contains_key(TRANSFER_ENCODING);
@@ -124,7 +122,7 @@ where
         let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone() };
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
-        CountedFuture { inner: Box::pin(self.inner.call(request)), in_flight: Some(in_flight) }
+        CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight) }
     }
 }
 
@@ -144,17 +142,17 @@ pin_project! {
     }
 }
 
-impl<F, B, E> Future for CountedFuture<F>
+impl<F, B> Future for CountedFuture<F>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    F: Future<Output = Response<B>>,
 {
-    type Output = Result<Response<Guarded<B>>, E>;
+    type Output = Result<Response<Guarded<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let response = ready!(this.inner.poll(cx));
         let in_flight = this.in_flight.take();
-        Poll::Ready(result.map(|response| response.map(|inner| Guarded { inner, _in_flight: in_flight })))
+        Poll::Ready(Ok(response.map(|inner| Guarded { inner, _in_flight: in_flight })))
     }
 }
 

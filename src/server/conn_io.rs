@@ -85,19 +85,22 @@ pub(super) fn head_has_content_length(head: &[u8], request_line: &[u8]) -> Optio
 }
 
 pin_project! {
-    /// A connection's stream: `prefix` first (the sniffed bytes), then `inner`;
-    /// reads are shown to the tap, writes pass straight through.
+    /// A connection's stream: `prefix` first (the sniffed bytes, with whatever
+    /// `inner` already has behind them), then `inner`; reads are shown to the
+    /// tap, writes pass straight through.
     pub(super) struct ConnIo<S> {
         prefix: Bytes,
         #[pin]
         inner: S,
         tap: Option<Arc<HeadTap>>,
+        // A read error met while handing over the sniffed bytes.
+        deferred: Option<io::Error>,
     }
 }
 
 impl<S> ConnIo<S> {
     pub fn new(inner: S, prefix: Bytes, tap: Option<Arc<HeadTap>>) -> Self {
-        ConnIo { prefix, inner, tap }
+        ConnIo { prefix, inner, tap, deferred: None }
     }
 }
 
@@ -109,6 +112,19 @@ impl<S: AsyncRead> AsyncRead for ConnIo<S> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            // The rest of the head is usually already here: hand it over in the
+            // same read, so hyper parses the head at once instead of growing its
+            // read buffer (8 KiB would become 16 KiB, for the connection's life)
+            // to make room for a second read behind the sniffed bytes.
+            if !this.prefix.has_remaining()
+                && buf.remaining() > 0
+                && let Poll::Ready(Err(error)) = this.inner.poll_read(cx, buf)
+            {
+                // The sniffed bytes go up now; the error with the next read.
+                *this.deferred = Some(error);
+            }
+        } else if let Some(error) = this.deferred.take() {
+            return Poll::Ready(Err(error));
         } else {
             ready!(this.inner.poll_read(cx, buf))?;
         }
@@ -181,6 +197,40 @@ mod tests {
         client.write_all(b"NEXT").await.expect("write");
         io.read_exact(&mut body).await.expect("read");
         assert_eq!(tap.finish_head(<[u8]>::to_vec), b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn the_sniffed_bytes_and_what_followed_them_come_in_one_read() {
+        let (mut client, server) = tokio::io::duplex(256);
+        client.write_all(b"T /api HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+        let mut io = ConnIo::new(server, Bytes::from_static(b"GE"), None);
+        let mut read = vec![0u8; 64];
+        let n = io.read(&mut read).await.expect("read");
+        assert_eq!(
+            &read[..n],
+            b"GET /api HTTP/1.1\r\nHost: a\r\n\r\n",
+            "one read: no second one to grow for"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_error_behind_the_sniffed_bytes_comes_with_the_next_read() {
+        struct Failing;
+        impl AsyncRead for Failing {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+        let mut io = ConnIo::new(Failing, Bytes::from_static(b"GET"), None);
+        let mut read = [0u8; 16];
+        assert_eq!(io.read(&mut read).await.expect("the sniffed bytes"), 3);
+        assert_eq!(&read[..3], b"GET");
+        let error = io.read(&mut read).await.expect_err("the error, not an end of stream");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]
