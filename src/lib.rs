@@ -47,9 +47,11 @@
 //!    through the override screen. [`body`] holds the plumbing: content kinds and
 //!    encodings, bounded reads, the [`body::Prefixed`] and [`body::Tracked`]
 //!    wrappers.
-//! 5. **Send** (`proxy/send.rs`). [`upstream::Upstream::send`] uses this
-//!    thread's pooled rustls client; its timeout measures Tallyfy's silence, not
-//!    the caller's upload (502 / 504 on failure). A kept request is sent again
+//! 5. **Send** (`proxy/send.rs`). [`upstream::Upstream::send`] takes one of this
+//!    thread's connections to Tallyfy (rustls, HTTP/1.1 or h2 by ALPN), which
+//!    goes back to the thread's pool when the response body ends; its timeout
+//!    measures Tallyfy's silence, not the caller's upload (502 / 504 on
+//!    failure). A kept request is sent again
 //!    after a failure that did nothing at Tallyfy, within `[upstream.retry]` and
 //!    its budget; a Tallyfy 429 is remembered for the credential and, when short,
 //!    waited out ([`traffic`]).
@@ -119,7 +121,9 @@
 //!   `issuer/` (the token endpoint and the application routes, and the
 //!   classification of their answers), `schedule.rs` (when to refresh, how long
 //!   to back off: pure, time passed in), `jwt.rs`.
-//! - [`upstream`]: the pooled client to Tallyfy, its URIs and timeouts.
+//! - [`upstream`]: the connection to Tallyfy, its URIs and timeouts; `pool.rs`
+//!   (hyper's client connections, pooled per runtime thread), `returning.rs`
+//!   (the response body that gives its connection back when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
 //!   `sniff.rs`, `conn_io.rs` (the byte stream, HTTP/1 heads tapped),
 //!   `activity.rs` (requests in flight, idleness).

@@ -24,7 +24,7 @@ use crate::server::ConnectionInfo;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
 use crate::traffic::Traffic;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamBody};
 use crate::{dates, links, tokens};
 
 mod prepare;
@@ -45,7 +45,7 @@ pub use settings::{RequestLimits, Settings};
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
 /// rewriting), or a body the proxy wrote (a rewritten one, or a JSON error).
-pub type ProxyBody = Either<Prefixed<Incoming>, Full<Bytes>>;
+pub type ProxyBody = Either<Prefixed<UpstreamBody>, Full<Bytes>>;
 
 /// How long a caller is told to wait when its credential has no valid token.
 pub const TOKEN_RETRY_AFTER: Duration = Duration::from_secs(2);
@@ -258,7 +258,7 @@ impl Proxy {
 
 /// A response whose status says Tallyfy refused the token it was sent with.
 struct Rejected {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     replay: Option<Replay>,
     credential: CredentialId,
     /// The token generation the request was sent with.

@@ -1,5 +1,6 @@
-//! The connection to Tallyfy: one pooled hyper client over rustls (HTTP/1.1 and
-//! HTTP/2 chosen by ALPN), the upstream URI for a request, and timeouts.
+//! The connection to Tallyfy: hyper's client connections over rustls (HTTP/1.1
+//! and HTTP/2 chosen by ALPN) pooled per runtime thread ([`pool`]), the upstream
+//! URI for a request, and timeouts.
 //!
 //! This is the only place requests leave the proxy for the API, and the URI it
 //! builds always names the configured upstream: the caller's target contributes its
@@ -18,16 +19,18 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use thread_local::ThreadLocal;
 
 use crate::body::Prefixed;
 use crate::body::{Progress, Tracked};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
+
+mod pool;
+mod returning;
+
+use pool::{Pool, SendError};
+pub use returning::UpstreamBody;
 
 /// The caller's body streamed: what was already read, then the rest, cut off at
 /// the size limit and screened for method overrides when the identity needs it.
@@ -63,16 +66,11 @@ pub struct Settings {
     pub pool_max_idle_per_host: usize,
 }
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, SentBody>;
-
 pub struct Upstream {
-    /// One pooled client per thread that sends requests: a request uses
-    /// connections its own thread owns, never handing off to another thread's
-    /// connection task (`pool_max_idle_per_host` is per thread).
-    clients: ThreadLocal<UpstreamClient>,
-    connector: HttpsConnector<HttpConnector>,
-    pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
+    /// Connections per thread that sends requests: a request uses connections
+    /// its own thread owns, never handing off to another thread's connection
+    /// task (`pool_max_idle_per_host` is per thread).
+    pool: Pool,
     client_header: HeaderValue,
     scheme: Scheme,
     authority: Authority,
@@ -96,29 +94,20 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
+        let origin = Uri::builder()
+            .scheme(config.scheme.clone())
+            .authority(config.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| rustls::Error::General(format!("upstream origin: {e}")))?;
         Ok(Upstream {
-            clients: ThreadLocal::new(),
-            connector: https,
-            pool_idle_timeout: config.pool_idle_timeout,
-            pool_max_idle_per_host: config.pool_max_idle_per_host,
+            pool: Pool::new(https, origin, config.pool_idle_timeout, config.pool_max_idle_per_host),
             client_header: config.client_header.clone(),
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
             path_prefix: config.path_prefix.clone(),
             request_timeout: config.request_timeout,
             body_limit,
-        })
-    }
-
-    /// This thread's client.
-    fn client(&self) -> &UpstreamClient {
-        self.clients.get_or(|| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(self.pool_idle_timeout)
-                .pool_max_idle_per_host(self.pool_max_idle_per_host)
-                .build(self.connector.clone())
         })
     }
 
@@ -172,11 +161,11 @@ impl Upstream {
         &self,
         request: Request<RequestBody>,
         progress: Arc<Progress>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut head, body) = request.into_parts();
         // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
         head.version = Version::HTTP_11;
-        let response = self.client().request(Request::from_parts(head, Tracked::new(body, progress.clone())));
+        let response = self.pool.send(Request::from_parts(head, Tracked::new(body, progress.clone())));
         tokio::pin!(response);
         loop {
             let deadline = progress.last() + self.request_timeout;
@@ -191,7 +180,11 @@ impl Upstream {
         }
     }
 
-    fn classify(&self, error: &hyper_util::client::legacy::Error) -> ProxyError {
+    fn classify(&self, error: &SendError) -> ProxyError {
+        let error = match error {
+            SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
+            SendError::Http(error) => error,
+        };
         if find_source::<LengthLimitError>(error).is_some() {
             return ProxyError::BodyTooLarge { limit: self.body_limit };
         }
@@ -205,12 +198,9 @@ impl Upstream {
             None => {}
         }
         let detail = chain(error);
-        if error.is_connect() {
-            return ProxyError::UpstreamUnreachable(detail);
-        }
         // A failing request body is the caller's (it hung up mid-upload); hyper
         // reports it as a "user" error of the body.
-        if find_source::<hyper::Error>(error).is_some_and(hyper::Error::is_user) {
+        if error.is_user() {
             return ProxyError::BodyRead(detail);
         }
         ProxyError::UpstreamBroken(detail)

@@ -5,13 +5,13 @@ use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use super::{Proxy, ProxyBody};
 use crate::body::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
+use crate::upstream::UpstreamBody;
 
 impl Proxy {
     /// Where this caller's links should point, decided while its head is at hand:
@@ -58,7 +58,7 @@ impl Proxy {
     /// unknown encodings stream through untouched.
     pub(super) async fn response(
         &self,
-        mut response: Response<Incoming>,
+        mut response: Response<UpstreamBody>,
         links_to: &LinksTo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
@@ -143,7 +143,7 @@ fn states_length(headers: &http::HeaderMap, length: usize) -> bool {
 /// `Content-Length` and `Transfer-Encoding`, whose length an intermediary must
 /// not forward (RFC 9112 §6.3) and which nginx and Envoy refuse too; and a
 /// `101 Switching Protocols`, since the proxy does not tunnel upgrades.
-fn refuse_unframeable(response: &Response<Incoming>) -> Result<(), ProxyError> {
+fn refuse_unframeable(response: &Response<UpstreamBody>) -> Result<(), ProxyError> {
     let headers = response.headers();
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(ProxyError::UpstreamBroken(

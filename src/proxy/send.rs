@@ -9,7 +9,6 @@ use http::header::CONTENT_LENGTH;
 use http::response::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
 
 use super::record::RequestRecord;
 use super::replay::Replay;
@@ -20,7 +19,7 @@ use crate::headers;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::tokens::CredentialId;
 use crate::traffic::{Failure, Said, clock, throttle};
-use crate::upstream::RequestBody;
+use crate::upstream::{RequestBody, UpstreamBody};
 
 /// A 429 body is read to tell an hourly cap from a burst throttle; more than
 /// this is not one of Tallyfy's.
@@ -37,7 +36,7 @@ pub(super) struct Target {
 
 /// Tallyfy's answer: still streaming, or already read (a 429 passed on).
 pub(super) enum Answer {
-    Streaming(Response<Incoming>),
+    Streaming(Response<UpstreamBody>),
     Read(Response<ProxyBody>),
 }
 
@@ -93,7 +92,7 @@ impl Proxy {
     /// its body is kept; otherwise pass the 429 on.
     async fn throttled(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         replay: Option<&Replay>,
         target: &Target,
         log: &mut RequestRecord,
@@ -140,7 +139,7 @@ impl Proxy {
         progress: Arc<Progress>,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = Instant::now();
         let response = self.shared.upstream.send(request, progress).await;
         if let Ok(response) = &response {
@@ -152,7 +151,7 @@ impl Proxy {
 }
 
 /// The failure a retry may mend, if this outcome is one.
-fn retryable(outcome: &Result<Response<Incoming>, ProxyError>) -> Option<Failure> {
+fn retryable(outcome: &Result<Response<UpstreamBody>, ProxyError>) -> Option<Failure> {
     match outcome {
         Err(ProxyError::UpstreamUnreachable(_)) => Some(Failure::Connect),
         Err(ProxyError::UpstreamBroken(_)) => Some(Failure::Reset),

@@ -1,0 +1,322 @@
+//! Connections to Tallyfy, pooled per runtime thread.
+//!
+//! A request takes the newest idle HTTP/1.1 connection its own thread opened
+//! (or shares the thread's HTTP/2 connection, when ALPN chose h2), and an
+//! HTTP/1.1 connection goes back to that thread's pool when its response body
+//! ends. A body dropped before its end takes its connection with it, since
+//! the rest of that response is still on the wire.
+//!
+//! What this saves against hyper-util's pooled client, per request: a task
+//! spawned to wait for the connection's return, a pool key built and hashed
+//! under a lock shared by every thread, the `Host` value formatted again, and
+//! the connection's details copied into the response. Connections a thread
+//! holds are used by that thread only (`pool_max_idle_per_host` is per thread),
+//! so no lock is contended and no request hands off to another thread.
+//!
+//! Like hyper-util's client, a request that a reused connection closed before
+//! any of it was written goes once more, on another connection: the upstream
+//! closing a kept-alive connection just as it was picked is no failure.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
+use std::time::Duration;
+
+use http::header::HOST;
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use thread_local::ThreadLocal;
+use tokio::time::Instant;
+use tower_service::Service as _;
+
+use super::SentBody;
+use super::returning::UpstreamBody;
+use crate::error::BoxError;
+
+/// Why a request got no response from Tallyfy.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be opened (refused, timed out, TLS failed).
+    Connect(BoxError),
+    /// The connection failed while the request was sent or the answer awaited.
+    Http(hyper::Error),
+}
+
+/// The per-thread pools of one upstream.
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/`: what the connector dials.
+    origin: Uri,
+    /// `Host` of every HTTP/1.1 request: the host, and the port unless the
+    /// scheme's default (as hyper-util's client wrote it).
+    host: HeaderValue,
+    idle_timeout: Duration,
+    max_idle: usize,
+    threads: ThreadLocal<Arc<Local>>,
+}
+
+/// One thread's connections.
+pub(super) struct Local {
+    state: Mutex<State>,
+    idle_timeout: Duration,
+    max_idle: usize,
+}
+
+struct State {
+    /// Idle HTTP/1.1 connections, the most recently returned last.
+    idle: Vec<Idle>,
+    /// The HTTP/2 connection, when ALPN chose h2, and when it was last used.
+    h2: Option<(http2::SendRequest<SentBody>, Instant)>,
+    /// Whether a task is closing connections idle for longer than the timeout.
+    reaping: bool,
+}
+
+struct Idle {
+    sender: http1::SendRequest<SentBody>,
+    since: Instant,
+}
+
+enum Connection {
+    Http1(http1::SendRequest<SentBody>),
+    Http2(http2::SendRequest<SentBody>),
+}
+
+/// What a checkout found in the thread's pool.
+enum Found {
+    Shared(http2::SendRequest<SentBody>),
+    Idle(Idle),
+    Nothing,
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Pool {
+        let host = host_value(&origin);
+        Pool { connector, origin, host, idle_timeout, max_idle, threads: ThreadLocal::new() }
+    }
+
+    fn local(&self) -> &Arc<Local> {
+        self.threads.get_or(|| {
+            Arc::new(Local {
+                state: Mutex::new(State { idle: Vec::new(), h2: None, reaping: false }),
+                idle_timeout: self.idle_timeout,
+                max_idle: self.max_idle,
+            })
+        })
+    }
+
+    /// Sends `request` (its URI absolute, naming the upstream) on a pooled
+    /// connection, or a new one, and waits for the response head.
+    pub async fn send(&self, mut request: Request<SentBody>) -> Result<Response<UpstreamBody>, SendError> {
+        let local = self.local();
+        loop {
+            let (connection, reused) = self.checkout(local).await?;
+            let result = match connection {
+                Connection::Http1(mut sender) => {
+                    origin_form(request.uri_mut());
+                    request.headers_mut().insert(HOST, self.host.clone());
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let back = Some((sender, local.clone()));
+                            return Ok(response.map(|body| UpstreamBody::new(body, back)));
+                        }
+                        Err(error) => error,
+                    }
+                }
+                Connection::Http2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(response.map(|body| UpstreamBody::new(body, None))),
+                    Err(error) => error,
+                },
+            };
+            request = retry_or_fail(result, reused)?;
+            tracing::debug!(
+                "a pooled upstream connection closed before the request was written; sending again"
+            );
+        }
+    }
+
+    /// An idle connection of this thread that is still open, or a new one;
+    /// and whether it was reused.
+    async fn checkout(&self, local: &Arc<Local>) -> Result<(Connection, bool), SendError> {
+        // Connections not yet done with their last exchange (a response that
+        // ended before its request body did): kept, but not waited for.
+        let mut busy = Vec::new();
+        let picked = loop {
+            let found = {
+                let mut state = local.lock();
+                let now = Instant::now();
+                let shared = match state.h2.as_mut() {
+                    Some((h2, last_used)) if !h2.is_closed() => {
+                        *last_used = now;
+                        Some(h2.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(h2) = shared {
+                    Found::Shared(h2)
+                } else {
+                    state.h2 = None;
+                    let timeout = self.idle_timeout;
+                    state.idle.retain(|idle| now.duration_since(idle.since) < timeout);
+                    state.idle.pop().map_or(Found::Nothing, Found::Idle)
+                }
+            };
+            match found {
+                Found::Shared(mut h2) => {
+                    if h2.ready().await.is_ok() {
+                        break Some(Connection::Http2(h2));
+                    }
+                    local.lock().h2 = None;
+                }
+                Found::Idle(mut idle) => {
+                    match std::future::poll_fn(|cx| Poll::Ready(idle.sender.poll_ready(cx))).await {
+                        Poll::Ready(Ok(())) => break Some(Connection::Http1(idle.sender)),
+                        Poll::Pending => busy.push(idle),
+                        // Closed by Tallyfy while idle: take another.
+                        Poll::Ready(Err(_)) => {}
+                    }
+                }
+                Found::Nothing => break None,
+            }
+        };
+        if !busy.is_empty() {
+            local.lock().idle.splice(0..0, busy);
+        }
+        match picked {
+            Some(connection) => Ok((connection, true)),
+            None => Ok((self.connect(local).await?, false)),
+        }
+    }
+
+    /// Dials Tallyfy and speaks the protocol ALPN chose; the connection runs
+    /// in its own task on this thread until it closes.
+    async fn connect(&self, local: &Arc<Local>) -> Result<Connection, SendError> {
+        let mut connector = self.connector.clone();
+        let io = connector.call(self.origin.clone()).await.map_err(SendError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|error| SendError::Connect(error.into()))?;
+            tokio::spawn(watch(connection));
+            local.lock().h2 = Some((sender.clone(), Instant::now()));
+            return Ok(Connection::Http2(sender));
+        }
+        let (sender, connection) =
+            http1::Builder::new().handshake(io).await.map_err(|error| SendError::Connect(error.into()))?;
+        tokio::spawn(watch(connection));
+        Ok(Connection::Http1(sender))
+    }
+}
+
+impl Local {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An HTTP/1.1 connection whose response body ended: idle again, unless
+    /// the thread already keeps `pool_max_idle_per_host`.
+    pub(super) fn give_back(self: &Arc<Self>, sender: http1::SendRequest<SentBody>) {
+        let mut state = self.lock();
+        if state.idle.len() >= self.max_idle || sender.is_closed() {
+            return;
+        }
+        state.idle.push(Idle { sender, since: Instant::now() });
+        if !state.reaping {
+            state.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
+        }
+    }
+}
+
+/// Closes this thread's connections once idle for `timeout`; ends when none
+/// is left (the next one given back starts it again).
+async fn reap(local: Weak<Local>, timeout: Duration) {
+    loop {
+        tokio::time::sleep(timeout / 2).await;
+        let Some(local) = local.upgrade() else { return };
+        let mut state = local.lock();
+        let now = Instant::now();
+        state.idle.retain(|idle| now.duration_since(idle.since) < timeout);
+        if state.h2.as_ref().is_some_and(|(_, last_used)| now.duration_since(*last_used) >= timeout) {
+            state.h2 = None;
+        }
+        if state.idle.is_empty() && state.h2.is_none() {
+            state.reaping = false;
+            return;
+        }
+    }
+}
+
+/// Runs a connection to its end.
+async fn watch<C, E>(connection: C)
+where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "upstream connection ended with an error");
+    }
+}
+
+/// The request again when a reused connection closed before writing any of it.
+fn retry_or_fail(
+    error: TrySendError<Request<SentBody>>,
+    reused: bool,
+) -> Result<Request<SentBody>, SendError> {
+    let mut error = error;
+    match error.take_message() {
+        Some(request) if reused => Ok(request),
+        _ => Err(SendError::Http(error.into_error())),
+    }
+}
+
+/// An absolute URI as an HTTP/1.1 request line's origin form: path and query.
+fn origin_form(uri: &mut Uri) {
+    if let Some(path_and_query) = uri.path_and_query() {
+        *uri = Uri::from(path_and_query.clone());
+    }
+}
+
+fn host_value(origin: &Uri) -> HeaderValue {
+    let host = origin.host().unwrap_or_default();
+    let default_port = match origin.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match origin.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_the_port_only_when_not_the_default() {
+        let host = |uri: &str| host_value(&uri.parse().expect("uri"));
+        assert_eq!(host("https://go.tallyfy.com/"), "go.tallyfy.com");
+        assert_eq!(host("https://go.tallyfy.com:443/"), "go.tallyfy.com");
+        assert_eq!(host("http://127.0.0.1:80/"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:9000/"), "127.0.0.1:9000");
+        assert_eq!(host("https://[::1]:8443/"), "[::1]:8443");
+    }
+
+    #[test]
+    fn the_request_line_carries_path_and_query_only() {
+        let mut uri: Uri = "https://go.tallyfy.com/api/me?x=%2F".parse().expect("uri");
+        origin_form(&mut uri);
+        assert_eq!(uri, "/api/me?x=%2F");
+        assert!(uri.authority().is_none());
+    }
+}

@@ -1,0 +1,170 @@
+//! The upstream connection pool against a real HTTP/1.1 server on loopback that
+//! counts its connections: reuse, `Host`, connections Tallyfy closes while
+//! idle, `pool_idle_timeout_ms` and `pool_max_idle_per_host`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::{TestConfig, client, start_proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// A keep-alive JSON server that counts what the proxy does to it.
+#[derive(Clone, Default)]
+struct Counts {
+    accepted: Arc<AtomicUsize>,
+    /// Connections the proxy closed (EOF seen by the server).
+    closed_by_proxy: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    hosts: Arc<Mutex<Vec<String>>>,
+}
+
+struct Behaviour {
+    /// Close each connection right after its first response, without saying
+    /// so (as a server whose keep-alive timeout just ran out).
+    close_after_response: bool,
+    /// Answer only once this many requests have arrived (they are then in
+    /// flight at once, on separate connections).
+    hold_until: usize,
+}
+
+async fn upstream(behaviour: Behaviour) -> (SocketAddr, Counts) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let counts = Counts::default();
+    let gate = Arc::new(Semaphore::new(0));
+    let behaviour = Arc::new(behaviour);
+    let shared = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            shared.accepted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve(stream, shared.clone(), behaviour.clone(), gate.clone()));
+        }
+    });
+    (addr, counts)
+}
+
+async fn serve(mut stream: TcpStream, counts: Counts, behaviour: Arc<Behaviour>, gate: Arc<Semaphore>) {
+    let mut buffer = Vec::new();
+    loop {
+        let head = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break buffer.drain(..end + 4).collect::<Vec<u8>>();
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    counts.closed_by_proxy.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let host = head.lines().find_map(|line| line.strip_prefix("host: ").or(line.strip_prefix("Host: ")));
+        counts.hosts.lock().expect("hosts").push(host.unwrap_or_default().to_owned());
+        let arrived = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if arrived <= behaviour.hold_until {
+            if arrived == behaviour.hold_until {
+                gate.add_permits(behaviour.hold_until);
+            }
+            gate.acquire().await.expect("gate").forget();
+        }
+        let response = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        if stream.write_all(response).await.is_err() {
+            return;
+        }
+        if behaviour.close_after_response {
+            return;
+        }
+    }
+}
+
+/// Waits (bounded) for `condition`, checking every 10 ms.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+async fn get(proxy: SocketAddr) -> reqwest::StatusCode {
+    let response = client().get(format!("http://{proxy}/api/me")).send().await.expect("answered");
+    let status = response.status();
+    response.bytes().await.expect("body");
+    status
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_connection_and_name_the_host() {
+    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = start_proxy(&TestConfig::personal_any(&format!("http://{addr}")).parse(dir.path())).await;
+    for _ in 0..20 {
+        assert_eq!(get(proxy.proxy_addr()).await, 200);
+    }
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1, "every request went over the first connection");
+    let hosts = counts.hosts.lock().expect("hosts").clone();
+    assert_eq!(hosts.len(), 20);
+    assert!(hosts.iter().all(|host| *host == addr.to_string()), "Host is the upstream's: {hosts:?}");
+}
+
+#[tokio::test]
+async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
+    let (addr, counts) = upstream(Behaviour { close_after_response: true, hold_until: 0 }).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let proxy = start_proxy(&TestConfig::personal_any(&format!("http://{addr}")).parse(dir.path())).await;
+    for round in 1..=10 {
+        assert_eq!(get(proxy.proxy_addr()).await, 200, "request {round}");
+    }
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 10, "a new connection for each closed one");
+}
+
+#[tokio::test]
+async fn idle_connections_close_after_the_pool_idle_timeout() {
+    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{addr}"))
+        .set("upstream", "pool_idle_timeout_ms", 300)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    assert_eq!(get(proxy.proxy_addr()).await, 200);
+    eventually("the idle connection is closed by the proxy", || {
+        counts.closed_by_proxy.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(get(proxy.proxy_addr()).await, 200, "and the next request opens another");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
+    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 3 }).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{addr}"))
+        .set("upstream", "pool_max_idle_per_host", 1)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let at_once = tokio::join!(get(proxy.proxy_addr()), get(proxy.proxy_addr()), get(proxy.proxy_addr()));
+    let statuses = [at_once.0, at_once.1, at_once.2];
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(
+        counts.accepted.load(Ordering::SeqCst),
+        3,
+        "three requests in flight at once, three connections"
+    );
+    eventually("two of the three are closed once idle", || {
+        counts.closed_by_proxy.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(get(proxy.proxy_addr()).await, 200);
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 3, "the one kept is reused");
+}
