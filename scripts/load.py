@@ -325,6 +325,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="one 1-second round per target")
     parser.add_argument("--flat-minutes", type=float, default=0)
     parser.add_argument("--redis", default="", help="redis-server binary, for the fleet-mode row")
+    parser.add_argument("--baseline", default="",
+                        help="another tallyfy-proxy binary (say, an earlier build), a row of its own in the same run")
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.rounds = 1, 1
@@ -352,8 +354,8 @@ def main():
         up_port = free_port()
         upstream = start("upstream", nginx_conf(work, "upstream", up_port, body), up_port, cpu=side_cpu)
         ports = {k: free_port() for k in ["nginx", "nginx_nolog", "haproxy", "floor", "tp", "tp_nolog", "tp_oauth",
-                                          "tp_multi", "tp_fleet", "redis"]}
-        admins = {k: free_port() for k in ["tp", "tp_nolog", "tp_oauth", "tp_multi", "tp_fleet"]}
+                                          "tp_multi", "tp_fleet", "tp_base", "redis"]}
+        admins = {k: free_port() for k in ["tp", "tp_nolog", "tp_oauth", "tp_multi", "tp_fleet", "tp_base"]}
         redis = None
         if args.redis:
             redis = start("redis", [args.redis, "--bind", "127.0.0.1", "--port", str(ports["redis"]), "--save", "",
@@ -367,9 +369,10 @@ def main():
             floor = start("hyper-floor", [args.floor, f"127.0.0.1:{ports['floor']}", f"127.0.0.1:{up_port}", "current"],
                           ports["floor"])
 
-        def tallyfy(key, name, cpu=proxy_cpu, **conf):
+        def tallyfy(key, name, cpu=proxy_cpu, binary=None, **conf):
             path = proxy_conf(work, key, ports[key], admins[key], up_port, **conf)
-            t = start(name, [args.proxy, "run", "--config", str(path)], ports[key], cpu=cpu, log=work / f"{key}.log")
+            argv = [binary or args.proxy, "run", "--config", str(path)]
+            t = start(name, argv, ports[key], cpu=cpu, log=work / f"{key}.log")
             wait_ready(admins[key])
             return t
 
@@ -379,6 +382,8 @@ def main():
         tp_multi = tallyfy("tp_multi", "tallyfy-proxy, 2 threads unpinned", cpu=None)
         tp_fleet = tallyfy("tp_fleet", "tallyfy-proxy, fleet mode, budget in Redis",
                            redis_port=ports["redis"]) if redis else None
+        tp_base = tallyfy("tp_base", "tallyfy-proxy, baseline build",
+                          binary=args.baseline) if args.baseline else None
 
         def url(t):
             return f"http://127.0.0.1:{t.port}{PATH}"
@@ -388,7 +393,7 @@ def main():
             if t is not redis:
                 run_wrk(args, url(t), 16, 1, t.pids(), pin=pin)
 
-        main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, tp, tp_nolog] if t]
+        main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, tp, tp_nolog, tp_base] if t]
         extra = [t for t in [tp_oauth, tp_fleet] if t]
         results = {t.name: [] for t in main_targets + extra + [tp_multi]}
         post_results, one_conn = [], {n: [] for n in ["direct", "nginx", "tallyfy-proxy"]}
@@ -434,8 +439,8 @@ def main():
         # Memory: idle, 1,000 idle keep-alive connections, 1,000 under load.
         rows = []
         fresh = []
-        for name in ["nginx", "hyper-floor", "tallyfy-proxy"]:
-            if name == "hyper-floor" and not args.floor:
+        for name in ["nginx", "hyper-floor", "tallyfy-proxy", "tallyfy-proxy, baseline build"]:
+            if (name == "hyper-floor" and not args.floor) or (name.endswith("baseline build") and not args.baseline):
                 continue
             t = fresh_target(args, work, name, up_port, body, proxy_cpu)
             fresh.append(t)
@@ -471,7 +476,8 @@ def fresh_target(args, work, name, up_port, body, cpu):
         return Target(name, [args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{up_port}", "current"], port, cpu)
     admin = free_port()
     path = proxy_conf(work, f"mem_{port}", port, admin, up_port)
-    t = Target(name, [args.proxy, "run", "--config", str(path)], port, cpu, log=work / f"mem_{port}.log")
+    binary = args.baseline if name.endswith("baseline build") else args.proxy
+    t = Target(name, [binary, "run", "--config", str(path)], port, cpu, log=work / f"mem_{port}.log")
     wait_ready(admin)
     time.sleep(0.3)
     return t
