@@ -70,13 +70,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    let code = match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(run(&cli.config.config, cpus())),
         Command::Check => check(&cli.config.config),
         #[cfg(feature = "sandbox")]
         Command::Sandbox { listen, admin } => runtime.block_on(sandbox(listen, admin)),
         Command::HashKey => hash_key(),
-    }
+    };
+    // The last access lines, which may be waiting for their timer.
+    tallyfy_proxy::access_log::flush_thread();
+    code
 }
 
 /// How many runtime threads serve the proxy port: one per CPU the process may
@@ -91,8 +94,9 @@ fn cpus() -> usize {
 fn single_threaded_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // Access lines are written in batches; a thread with nothing to do writes its own.
-        .on_thread_park(tallyfy_proxy::access_log::flush_thread)
+        // Access lines are written in batches; a thread with nothing to do writes
+        // its own within 50 ms.
+        .on_thread_park(tallyfy_proxy::access_log::on_park)
         .on_thread_stop(tallyfy_proxy::access_log::flush_thread)
         .build()
 }
@@ -106,7 +110,10 @@ fn serve_on_own_thread(
     let server = running.proxy_server(listener);
     std::thread::Builder::new().name("tallyfy-proxy".to_owned()).spawn(
         move || match single_threaded_runtime() {
-            Ok(runtime) => runtime.block_on(server),
+            Ok(runtime) => {
+                runtime.block_on(server);
+                tallyfy_proxy::access_log::flush_thread();
+            }
             Err(error) => tracing::error!(%error, "cannot start a runtime thread"),
         },
     )

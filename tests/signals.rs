@@ -112,3 +112,42 @@ async fn sighup_reloads_the_config() {
     let _ = child.wait();
     assert!(reloaded, "a SIGHUP reload was logged");
 }
+
+/// Access lines of this run seen on standard output so far.
+fn access_lines(lines: &std::sync::mpsc::Receiver<String>, wait: Duration) -> usize {
+    let mut seen = 0;
+    while let Ok(line) = lines.recv_timeout(wait) {
+        if line.contains("\"target\":\"tallyfy_proxy::access\"") {
+            seen += 1;
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn access_lines_reach_stdout_on_a_quiet_proxy_and_none_is_lost_at_sigterm() {
+    let sandbox = support::start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, addr, lines) = run_binary(dir.path(), &sandbox.base_url());
+    let client = support::client();
+    for _ in 0..3 {
+        client.get(format!("http://{addr}/api/me")).send().await.expect("answered");
+    }
+    // Batched, but a quiet proxy writes its lines within 50 ms on its own.
+    let quiet = tokio::task::spawn_blocking(move || (access_lines(&lines, Duration::from_secs(2)), lines))
+        .await
+        .expect("join");
+    let (seen, lines) = quiet;
+    assert_eq!(seen, 3, "each request's line, with no more traffic to push it out");
+    for _ in 0..2 {
+        client.get(format!("http://{addr}/api/me")).send().await.expect("answered");
+    }
+    // At once: the last lines may still be waiting for their timer.
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let last = tokio::task::spawn_blocking(move || access_lines(&lines, Duration::from_secs(2)))
+        .await
+        .expect("join");
+    assert_eq!(last, 2, "the lines written just before SIGTERM are on stdout");
+}
