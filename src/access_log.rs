@@ -12,7 +12,7 @@ pub mod sink;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 pub use line::Value;
-pub use sink::{MAX_DELAY, capture, discard, flush_thread, on_park};
+pub use sink::{capture, discard, flush_thread, on_park};
 
 /// The line format, set once by [`crate::telemetry::init`] (text until then).
 static FORMAT: AtomicU8 = AtomicU8::new(0);

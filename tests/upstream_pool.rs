@@ -103,11 +103,21 @@ async fn get(proxy: SocketAddr) -> reqwest::StatusCode {
     status
 }
 
+/// The proxy in front of `addr`, its config changed by `change`; the directory
+/// holding the config lives as long as the proxy is used.
+async fn proxy_to(
+    addr: SocketAddr,
+    change: impl FnOnce(TestConfig) -> TestConfig,
+) -> (tallyfy_proxy::app::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = change(TestConfig::personal_any(&format!("http://{addr}"))).parse(dir.path());
+    (start_proxy(&config).await, dir)
+}
+
 #[tokio::test]
 async fn requests_one_after_another_share_one_connection_and_name_the_host() {
     let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let proxy = start_proxy(&TestConfig::personal_any(&format!("http://{addr}")).parse(dir.path())).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for _ in 0..20 {
         assert_eq!(get(proxy.proxy_addr()).await, 200);
     }
@@ -120,8 +130,7 @@ async fn requests_one_after_another_share_one_connection_and_name_the_host() {
 #[tokio::test]
 async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
     let (addr, counts) = upstream(Behaviour { close_after_response: true, hold_until: 0 }).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let proxy = start_proxy(&TestConfig::personal_any(&format!("http://{addr}")).parse(dir.path())).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for round in 1..=10 {
         assert_eq!(get(proxy.proxy_addr()).await, 200, "request {round}");
     }
@@ -131,11 +140,7 @@ async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
 #[tokio::test]
 async fn idle_connections_close_after_the_pool_idle_timeout() {
     let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{addr}"))
-        .set("upstream", "pool_idle_timeout_ms", 300)
-        .parse(dir.path());
-    let proxy = start_proxy(&config).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_idle_timeout_ms", 300)).await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
     eventually("the idle connection is closed by the proxy", || {
         counts.closed_by_proxy.load(Ordering::SeqCst) == 1
@@ -148,11 +153,7 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 #[tokio::test]
 async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 3 }).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{addr}"))
-        .set("upstream", "pool_max_idle_per_host", 1)
-        .parse(dir.path());
-    let proxy = start_proxy(&config).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_max_idle_per_host", 1)).await;
     let at_once = tokio::join!(get(proxy.proxy_addr()), get(proxy.proxy_addr()), get(proxy.proxy_addr()));
     let statuses = [at_once.0, at_once.1, at_once.2];
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");

@@ -87,6 +87,8 @@ enum Connection {
 enum Found {
     Shared(http2::SendRequest<SentBody>),
     Idle(Idle),
+    /// An idle connection older than `pool_idle_timeout_ms`: closed, not used.
+    Stale,
     Nothing,
 }
 
@@ -162,9 +164,14 @@ impl Pool {
                     Found::Shared(h2)
                 } else {
                     state.h2 = None;
-                    let timeout = self.idle_timeout;
-                    state.idle.retain(|idle| now.duration_since(idle.since) < timeout);
-                    state.idle.pop().map_or(Found::Nothing, Found::Idle)
+                    // Only the one taken is checked for age (the reaper closes the rest).
+                    state.idle.pop().map_or(Found::Nothing, |idle| {
+                        if now.duration_since(idle.since) < self.idle_timeout {
+                            Found::Idle(idle)
+                        } else {
+                            Found::Stale
+                        }
+                    })
                 }
             };
             match found {
@@ -182,6 +189,7 @@ impl Pool {
                         Poll::Ready(Err(_)) => {}
                     }
                 }
+                Found::Stale => {}
                 Found::Nothing => break None,
             }
         };
