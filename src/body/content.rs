@@ -1,6 +1,7 @@
 //! Which bodies the rewriters read: content types ([`Kind`]), content codings
 //! ([`Encoding`]), and decoding gzip or deflate within a limit ([`decode`]).
 
+use std::borrow::Cow;
 use std::io::Read;
 
 use http::HeaderMap;
@@ -53,27 +54,36 @@ pub fn encoding(headers: &HeaderMap) -> Option<Encoding> {
     }
 }
 
-/// A decoded body, or why not.
+/// A decoded body, or why not. An uncompressed body is borrowed, not copied.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
-    Whole(Vec<u8>),
+pub enum Decoded<'a> {
+    Whole(Cow<'a, [u8]>),
     /// It inflates past the limit: here are its first `limit` bytes.
-    TooLarge(Vec<u8>),
+    TooLarge(Cow<'a, [u8]>),
     /// Not valid for its encoding (or cut off): what could be decoded.
     Corrupt(Vec<u8>),
+}
+
+impl Decoded<'_> {
+    /// The bytes decoded, whole or not.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Decoded::Whole(bytes) | Decoded::TooLarge(bytes) => bytes,
+            Decoded::Corrupt(bytes) => bytes,
+        }
+    }
 }
 
 /// Decodes `bytes`, never inflating past `limit` bytes (a zip bomb is
 /// [`Decoded::TooLarge`]). A cut-off input (the start of a larger body) decodes
 /// as far as it goes, as [`Decoded::Corrupt`].
-pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded {
+pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded<'_> {
     let mut out = Vec::new();
     let read = match encoding {
         Encoding::Identity => {
-            return if bytes.len() as u64 > limit {
-                Decoded::TooLarge(bytes[..limit as usize].to_vec())
-            } else {
-                Decoded::Whole(bytes.to_vec())
+            return match usize::try_from(limit) {
+                Ok(limit) if bytes.len() > limit => Decoded::TooLarge(Cow::Borrowed(&bytes[..limit])),
+                _ => Decoded::Whole(Cow::Borrowed(bytes)),
             };
         }
         // Several gzip members in a row are one body (RFC 1952).
@@ -92,9 +102,9 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded {
     match read {
         Ok(_) if out.len() as u64 > limit => {
             out.truncate(limit as usize);
-            Decoded::TooLarge(out)
+            Decoded::TooLarge(Cow::Owned(out))
         }
-        Ok(_) => Decoded::Whole(out),
+        Ok(_) => Decoded::Whole(Cow::Owned(out)),
         Err(_) => Decoded::Corrupt(out),
     }
 }
@@ -130,18 +140,24 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(b"{\"deadline\":\"x\"}").expect("write");
         let gz = gz.finish().expect("finish");
-        assert_eq!(decode(&gz, Encoding::Gzip, 100), Decoded::Whole(b"{\"deadline\":\"x\"}".to_vec()));
-        assert_eq!(decode(&gz, Encoding::Gzip, 5), Decoded::TooLarge(b"{\"dea".to_vec()), "over the limit");
+        assert_eq!(decode(&gz, Encoding::Gzip, 100).bytes(), b"{\"deadline\":\"x\"}");
+        assert!(matches!(decode(&gz, Encoding::Gzip, 100), Decoded::Whole(Cow::Owned(_))));
+        let over = decode(&gz, Encoding::Gzip, 5);
+        assert!(matches!(over, Decoded::TooLarge(_)), "over the limit");
+        assert_eq!(over.bytes(), b"{\"dea");
         assert!(matches!(decode(&gz[..gz.len() - 9], Encoding::Gzip, 100), Decoded::Corrupt(_)), "cut off");
         let twice = [gz.clone(), gz].concat();
         let Decoded::Whole(both) = decode(&twice, Encoding::Gzip, 100) else { panic!("two members") };
         assert_eq!(both.len(), 32, "every gzip member is decoded");
         let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         zlib.write_all(b"abc").expect("write");
-        assert_eq!(
-            decode(&zlib.finish().expect("finish"), Encoding::Deflate, 100),
-            Decoded::Whole(b"abc".to_vec())
+        let zlib = zlib.finish().expect("finish");
+        assert!(matches!(decode(&zlib, Encoding::Deflate, 100), Decoded::Whole(abc) if *abc == *b"abc"));
+        assert!(
+            matches!(decode(b"abc", Encoding::Identity, 3), Decoded::Whole(Cow::Borrowed(b"abc"))),
+            "not copied"
         );
+        assert!(matches!(decode(b"abcd", Encoding::Identity, 3), Decoded::TooLarge(Cow::Borrowed(b"abc"))));
         assert_eq!(encoding(&headers(&[("content-encoding", "br")])), None);
         assert_eq!(encoding(&headers(&[("content-encoding", "GZIP")])), Some(Encoding::Gzip));
     }

@@ -174,12 +174,7 @@ pub(crate) fn scan_string(body: &[u8], i: usize) -> Result<(usize, bool), Invali
     let mut i = i + 1;
     let mut escaped = false;
     loop {
-        while let Some(&b) = body.get(i) {
-            if STRING_STOP[b as usize] {
-                break;
-            }
-            i += 1;
-        }
+        i = skip_plain(body, i);
         match body.get(i) {
             Some(b'"') => return Ok((i + 1, escaped)),
             Some(b'\\') => {
@@ -189,6 +184,35 @@ pub(crate) fn scan_string(body: &[u8], i: usize) -> Result<(usize, bool), Invali
             _ => return Err(Invalid), // end of input or a raw control character
         }
     }
+}
+
+/// The index of the first quote, backslash or control character at or after
+/// `i` (or `body.len()`), read eight bytes at a time: most of a body is the
+/// plain inside of strings.
+#[inline]
+fn skip_plain(body: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    // Flags the bytes of `word` below `n` (n <= 0x80). A borrow can also flag
+    // bytes after a flagged one, never before it: the lowest flag is exact.
+    let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    while let Some(chunk) = body.get(i..i + 8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        let stops = below(word, 0x20)
+            | below(word ^ (ONES * u64::from(b'"')), 1)
+            | below(word ^ (ONES * u64::from(b'\\')), 1);
+        if stops != 0 {
+            // Little-endian: the lowest flag is the first such byte in the body.
+            return i + (stops.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while body.get(i).is_some_and(|&b| !STRING_STOP[usize::from(b)]) {
+        i += 1;
+    }
+    i
 }
 
 /// Validates the escape whose backslash is at `i`; returns the index after it.
@@ -268,4 +292,71 @@ fn scan_number(body: &[u8], start: usize) -> Result<usize, Invalid> {
 
 fn literal(body: &[u8], i: usize, word: &[u8]) -> Result<usize, Invalid> {
     if body.get(i..i + word.len()) == Some(word) { Ok(i + word.len()) } else { Err(Invalid) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The byte-at-a-time answer [`skip_plain`] must give.
+    fn first_stop(body: &[u8], i: usize) -> usize {
+        body[i..].iter().position(|&b| STRING_STOP[usize::from(b)]).map_or(body.len(), |at| i + at)
+    }
+
+    #[test]
+    fn every_stop_byte_is_found_at_every_offset_of_a_word() {
+        let stops = (0u8..0x20).chain([b'"', b'\\']);
+        for stop in stops {
+            for len in 0..24 {
+                for at in 0..len {
+                    // Plain bytes on both sides, including the ones a borrow could confuse.
+                    let mut body: Vec<u8> =
+                        (0..len).map(|n| [b'a', 0x21, 0x80, 0xff, b'#', b']'][n % 6]).collect();
+                    body[at] = stop;
+                    for start in 0..=at {
+                        assert_eq!(
+                            skip_plain(&body, start),
+                            at,
+                            "stop {stop:#x} at {at} of {len}, from {start}"
+                        );
+                    }
+                }
+                let plain = vec![b'x'; len];
+                assert_eq!(skip_plain(&plain, 0), len);
+            }
+        }
+    }
+
+    #[test]
+    fn two_stops_in_one_word_give_the_first() {
+        assert_eq!(skip_plain(b"ab\"c\\def", 0), 2);
+        assert_eq!(skip_plain(b"ab\x00\"cdefgh", 0), 2);
+        assert_eq!(skip_plain(b"abcdefg\\\"", 0), 7);
+        assert_eq!(skip_plain(b"\"\"\"\"\"\"\"\"", 3), 3);
+    }
+
+    proptest! {
+        #[test]
+        fn skip_plain_agrees_with_a_byte_at_a_time_scan(body in proptest::collection::vec(any::<u8>(), 0..64), start in 0usize..64) {
+            let start = start.min(body.len());
+            prop_assert_eq!(skip_plain(&body, start), first_stop(&body, start));
+        }
+
+        #[test]
+        fn strings_validate_as_serde_json_does(content in "[a-z\"\\\\\\x00-\\x1f\u{e9}\u{1F600}u0-9A-F]{0,24}") {
+            let body = format!("\"{content}\"");
+            struct Ignore;
+            impl Visitor for Ignore {
+                type Ctx = ();
+                fn key(&mut self, _: &[u8], _: (), _: StrToken) {}
+                fn element(&mut self, _: ()) {}
+                fn string(&mut self, _: &[u8], _: (), _: StrToken) {}
+                fn number(&mut self, _: &[u8], _: (), _: Range<usize>) {}
+            }
+            let ours = scan(body.as_bytes(), (), &mut Ignore).is_ok();
+            let serde = serde_json::from_str::<serde_json::Value>(&body).is_ok();
+            prop_assert_eq!(ours, serde, "{:?}", body);
+        }
+    }
 }

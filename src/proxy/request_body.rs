@@ -175,8 +175,12 @@ impl Proxy {
     ) -> Result<Bytes, ProxyError> {
         let metrics = &self.shared.metrics;
         let max = self.shared.dates.max_body_bytes;
-        let decoded = match body::decode(&bytes, encoding, max) {
-            Decoded::Whole(decoded) => decoded,
+        // An uncompressed body is scanned where it lies, not copied.
+        let rewritten = match body::decode(&bytes, encoding, max) {
+            Decoded::Whole(decoded) => match kind {
+                Kind::Json => dates::rewrite_json(&decoded, rules).ok(),
+                Kind::Form => Some(dates::rewrite_form(&decoded, rules)),
+            },
             too_large @ Decoded::TooLarge(_) => {
                 return if holds_dates(&too_large, kind, rules) {
                     Err(ProxyError::DatesBodyTooLarge { limit: max })
@@ -184,20 +188,12 @@ impl Proxy {
                     Ok(bytes)
                 };
             }
-            Decoded::Corrupt(_) => {
-                metrics.bodies_invalid.inc();
-                return Ok(bytes);
-            }
+            Decoded::Corrupt(_) => None,
         };
-        let rewritten = match kind {
-            Kind::Json => match dates::rewrite_json(&decoded, rules) {
-                Ok(rewrite) => rewrite,
-                Err(_) => {
-                    metrics.bodies_invalid.inc();
-                    return Ok(bytes);
-                }
-            },
-            Kind::Form => dates::rewrite_form(&decoded, rules),
+        // Not valid for its encoding, or not valid JSON: Tallyfy will answer it.
+        let Some(rewritten) = rewritten else {
+            metrics.bodies_invalid.inc();
+            return Ok(bytes);
         };
         let Some(new_body) = rewritten.body else {
             return Ok(bytes);
@@ -241,8 +237,8 @@ fn judge_body_overrides(
 }
 
 /// Whether the (start of a) decoded body shows date fields.
-fn holds_dates(decoded: &Decoded, kind: Kind, rules: &DateRules) -> bool {
-    let (Decoded::Whole(bytes) | Decoded::TooLarge(bytes) | Decoded::Corrupt(bytes)) = decoded;
+fn holds_dates(decoded: &Decoded<'_>, kind: Kind, rules: &DateRules) -> bool {
+    let bytes = decoded.bytes();
     match kind {
         Kind::Json => dates::may_need_rewrite(bytes, rules),
         Kind::Form => dates::form_may_need_rewrite(bytes, rules),

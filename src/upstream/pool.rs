@@ -198,7 +198,9 @@ impl Pool {
         }
         match picked {
             Some(connection) => Ok((connection, true)),
-            None => Ok((self.connect(local).await?, false)),
+            // Boxed: dialling (TLS included) is rare, and inline it would make
+            // every request's future, copied at each `.await`, kilobytes larger.
+            None => Ok((Box::pin(self.connect(local)).await?, false)),
         }
     }
 
