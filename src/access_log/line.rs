@@ -5,6 +5,7 @@
 //! with `itoa`/`ryu`-free arithmetic and the timestamp's second is cached.
 
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A field's value.
@@ -13,8 +14,10 @@ pub enum Value<'a> {
     Int(u64),
     Millis(std::time::Duration),
     Bool(bool),
-    /// Written as a JSON string, and bare in text (an address or a method).
-    Plain(&'a dyn std::fmt::Display),
+    /// A token (a method): written as a JSON string, and bare in text.
+    Bare(&'a str),
+    /// The caller's address: as [`Value::Bare`].
+    Peer(SocketAddr),
 }
 
 /// The line format.
@@ -44,7 +47,8 @@ pub fn write(out: &mut Vec<u8>, format: Format, level: &str, fields: &[(&str, Op
                     Value::Int(n) => int(out, *n),
                     Value::Millis(d) => millis(out, *d),
                     Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-                    Value::Plain(d) => plain(out, *d, false),
+                    Value::Bare(s) => out.extend_from_slice(s.as_bytes()),
+                    Value::Peer(peer) => address(out, peer),
                 }
             }
         }
@@ -64,7 +68,12 @@ pub fn write(out: &mut Vec<u8>, format: Format, level: &str, fields: &[(&str, Op
                     Value::Int(n) => int(out, *n),
                     Value::Millis(d) => millis(out, *d),
                     Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-                    Value::Plain(d) => plain(out, *d, true),
+                    Value::Bare(s) => json_string(out, s),
+                    Value::Peer(peer) => {
+                        out.push(b'"');
+                        address(out, peer);
+                        out.push(b'"');
+                    }
                 }
             }
             out.extend_from_slice(b",\"target\":\"tallyfy_proxy::access\"}");
@@ -101,55 +110,73 @@ fn millis(out: &mut Vec<u8>, d: std::time::Duration) {
     ]);
 }
 
-fn plain(out: &mut Vec<u8>, value: &dyn std::fmt::Display, quoted: bool) {
-    use std::io::Write;
-    if quoted {
-        out.push(b'"');
-    }
-    let _ = write!(out, "{value}");
-    if quoted {
-        out.push(b'"');
+/// `a.b.c.d:port` written digit by digit; an IPv6 address through `Display`.
+fn address(out: &mut Vec<u8>, peer: &SocketAddr) {
+    match peer {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                int(out, u64::from(octet));
+            }
+            out.push(b':');
+            int(out, u64::from(v4.port()));
+        }
+        SocketAddr::V6(v6) => {
+            use std::io::Write;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
 /// A quoted string with `"`, `\` and control characters escaped (as Rust's
 /// `Debug` does, which is what tracing's text format shows).
 fn text_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f | 0x7f => {
-                out.extend_from_slice(b"\\u{");
-                hex2(out, b);
-                out.push(b'}');
-            }
-            _ => out.push(b),
+    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f;
+    quoted(out, s, special, |out, b| match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        _ => {
+            out.extend_from_slice(b"\\u{");
+            hex2(out, b);
+            out.push(b'}');
         }
-    }
-    out.push(b'"');
+    });
 }
 
 fn json_string(out: &mut Vec<u8>, s: &str) {
+    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    quoted(out, s, special, |out, b| match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        _ => {
+            out.extend_from_slice(b"\\u00");
+            hex2(out, b);
+        }
+    });
+}
+
+/// `"s"`: the bytes `special` picks written by `escape`, the runs between
+/// them copied whole.
+fn quoted(out: &mut Vec<u8>, s: &str, special: impl Fn(u8) -> bool, escape: impl Fn(&mut Vec<u8>, u8)) {
     out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => {
-                out.extend_from_slice(b"\\u00");
-                hex2(out, b);
-            }
-            _ => out.push(b),
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if special(b) {
+            out.extend_from_slice(&bytes[run..i]);
+            escape(out, b);
+            run = i + 1;
         }
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -244,7 +271,8 @@ mod tests {
         let text = line(
             Format::Text,
             &[
-                ("method", Some(Value::Plain(&"GET"))),
+                ("method", Some(Value::Bare("GET"))),
+                ("peer", Some(Value::Peer(SocketAddr::from(([10, 0, 255, 7], 65_535))))),
                 ("request_id", Some(Value::Str(forged))),
                 ("status", Some(Value::Int(200))),
                 ("latency_ms", Some(Value::Millis(Duration::from_micros(1_234_567)))),
@@ -253,7 +281,7 @@ mod tests {
             ],
         );
         assert!(text.ends_with(
-            " INFO tallyfy_proxy::access: request method=GET request_id=\"x\\\" identity=idB status=200\\nnext\" status=200 latency_ms=1234.567 complete=true\n"
+            " INFO tallyfy_proxy::access: request method=GET peer=10.0.255.7:65535 request_id=\"x\\\" identity=idB status=200\\nnext\" status=200 latency_ms=1234.567 complete=true\n"
         ), "{text}");
         assert_eq!(text.matches('\n').count(), 1);
         assert_eq!(text.as_bytes()[26], b'Z', "microsecond UTC timestamp: {text}");
@@ -266,7 +294,10 @@ mod tests {
             &[
                 ("path", Some(Value::Str("/api/\u{1}x\"\\"))),
                 ("status", Some(Value::Int(0))),
-                ("peer", Some(Value::Plain(&"127.0.0.1:9"))),
+                ("peer", Some(Value::Peer(SocketAddr::from(([127, 0, 0, 1], 9))))),
+                ("peer6", Some(Value::Peer("[::1]:443".parse().expect("address")))),
+                ("method", Some(Value::Bare("PATCH"))),
+                ("identity", Some(Value::Str("tab\there \u{7f} é"))),
                 ("error_code", None),
             ],
         );
@@ -274,6 +305,9 @@ mod tests {
         assert_eq!(json["path"], "/api/\u{1}x\"\\");
         assert_eq!(json["status"], 0);
         assert_eq!(json["peer"], "127.0.0.1:9");
+        assert_eq!(json["peer6"], "[::1]:443");
+        assert_eq!(json["method"], "PATCH");
+        assert_eq!(json["identity"], "tab\there \u{7f} é");
         assert_eq!(json["level"], "INFO");
         assert_eq!(json["target"], "tallyfy_proxy::access");
         assert!(json.get("error_code").is_none());

@@ -140,11 +140,10 @@ impl RequestRecord {
         let path = self.target.as_ref().map_or("", PathAndQuery::path);
         let upstream_request_id = self.upstream_request_id.as_ref().map(|id| id.to_str().unwrap_or("-"));
         let error_detail = self.error.as_ref().map(ToString::to_string);
-        let method = self.method.as_str();
         access_log::write(
             level,
             &[
-                ("method", Some(Value::Plain(&method))),
+                ("method", Some(Value::Bare(self.method.as_str()))),
                 ("path", Some(Value::Str(path))),
                 ("status", Some(Value::Int(u64::from(status)))),
                 ("upstream_status", self.upstream_status.map(|s| Value::Int(u64::from(s.as_u16())))),
@@ -157,7 +156,7 @@ impl RequestRecord {
                 ("replayed", Some(Value::Bool(self.replayed))),
                 ("retries", (self.retries > 0).then_some(Value::Int(u64::from(self.retries)))),
                 ("throttle", self.throttle.or_else(|| self.answered_for_tallyfy()).map(Value::Str)),
-                ("peer", Some(Value::Plain(&self.peer))),
+                ("peer", Some(Value::Peer(self.peer))),
                 ("request_id", Some(Value::Str(self.request_id.to_str().unwrap_or("-")))),
                 ("upstream_request_id", upstream_request_id.map(Value::Str)),
                 ("error_code", self.error.as_ref().map(|e| Value::Str(e.code()))),

@@ -8,10 +8,9 @@
 //! written beside `proxy.toml`, an editor's swap file or a `touch` is no reload.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use notify::{RecursiveMode, Watcher as _};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -27,7 +26,7 @@ pub enum Trigger {
 }
 
 pub struct Watcher {
-    _inner: notify::RecommendedWatcher,
+    _events: events::Events,
     files: Vec<PathBuf>,
     /// SHA-256 over the watched files' contents when the config was loaded (or last compared).
     fingerprint: [u8; 32],
@@ -43,33 +42,16 @@ impl Watcher {
             files.iter().filter_map(|f| f.parent().map(Path::to_owned)).filter(|d| d.is_dir()).collect();
         let names: BTreeSet<OsString> =
             files.iter().filter_map(|f| f.file_name().map(ToOwned::to_owned)).collect();
-        let handler = move |event: notify::Result<notify::Event>| {
-            let Ok(event) = event else { return };
-            if event.kind.is_access() {
-                return;
-            }
-            let relevant = event.paths.iter().any(|path| {
-                path.file_name()
-                    .is_some_and(|name| names.contains(name) || name.to_string_lossy().starts_with(".."))
-            });
-            if relevant {
-                let _ = trigger.try_send(Trigger::Files);
-            }
-        };
-        let mut inner = match notify::recommended_watcher(handler) {
-            Ok(watcher) => watcher,
+        let relevant = move |name: &OsStr| names.contains(name) || name.as_encoded_bytes().starts_with(b"..");
+        let events = match events::Events::start(&directories, relevant, trigger) {
+            Ok(events) => events,
             Err(error) => {
                 tracing::warn!(%error, "cannot watch files; reload with SIGHUP");
                 return None;
             }
         };
-        for directory in &directories {
-            if let Err(error) = inner.watch(directory, RecursiveMode::NonRecursive) {
-                tracing::warn!(directory = %directory.display(), %error, "cannot watch; reload with SIGHUP");
-            }
-        }
         let fingerprint = fingerprint(&files);
-        Some(Watcher { _inner: inner, files, fingerprint })
+        Some(Watcher { _events: events, files, fingerprint })
     }
 
     /// Whether the files' contents differ from the last look (which this updates).
@@ -112,4 +94,147 @@ fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
         }
     }
     hash.finalize().into()
+}
+
+/// The kernel's side: one inotify instance over the directories, read by a task
+/// of the runtime that started it (no thread of its own), stopped when dropped.
+///
+/// Only finished changes are asked for: a file closed after writing, created,
+/// deleted, renamed in or out, or its permissions changed. Not `IN_MODIFY`: a
+/// log file written beside `proxy.toml` would otherwise wake the watcher on
+/// every write, and a config half-written would be read.
+#[cfg(target_os = "linux")]
+mod events {
+    use std::collections::BTreeSet;
+    use std::ffi::OsStr;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use futures_util::StreamExt as _;
+    use inotify::{Inotify, WatchMask};
+    use tokio::sync::mpsc;
+
+    use super::Trigger;
+
+    pub struct Events {
+        task: tokio::task::JoinHandle<()>,
+        /// Events the kernel delivered, wanted or not (what the tests check).
+        #[cfg(test)]
+        pub seen: Arc<AtomicU64>,
+    }
+
+    impl Drop for Events {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Events {
+        pub fn start(
+            directories: &BTreeSet<PathBuf>,
+            relevant: impl Fn(&OsStr) -> bool + Send + 'static,
+            trigger: mpsc::Sender<Trigger>,
+        ) -> std::io::Result<Events> {
+            let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+            let inotify = Inotify::init()?;
+            let mask = WatchMask::CLOSE_WRITE
+                | WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::MOVED_TO
+                | WatchMask::ATTRIB;
+            for directory in directories {
+                if let Err(error) = inotify.watches().add(directory, mask) {
+                    tracing::warn!(directory = %directory.display(), %error, "cannot watch; reload with SIGHUP");
+                }
+            }
+            let _guard = runtime.enter();
+            let mut events = inotify.into_event_stream([0u8; 4096])?;
+            let seen = Arc::new(AtomicU64::new(0));
+            let counted = seen.clone();
+            let task = runtime.spawn(async move {
+                while let Some(event) = events.next().await {
+                    if cfg!(test) {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // No name: the event is about a directory itself, or the
+                    // kernel's queue overflowed. Either may hide a change.
+                    let wanted = event.map_or(true, |event| event.name.as_deref().is_none_or(&relevant));
+                    if wanted {
+                        let _ = trigger.try_send(Trigger::Files);
+                    }
+                }
+            });
+            Ok(Events {
+                task,
+                #[cfg(test)]
+                seen,
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::io::Write as _;
+        use std::time::Duration;
+
+        use super::*;
+
+        #[tokio::test]
+        async fn writes_to_an_open_file_beside_the_config_wake_nothing() {
+            let dir = tempfile::tempdir().expect("dir");
+            let config = dir.path().join("proxy.toml");
+            std::fs::write(&config, "old").expect("write");
+            let (trigger, mut triggers) = mpsc::channel(64);
+            let relevant = |name: &OsStr| name == "proxy.toml";
+            let events =
+                Events::start(&BTreeSet::from([dir.path().to_owned()]), relevant, trigger).expect("watch");
+
+            // A log file beside the config, written line by line and kept open.
+            let mut log = std::fs::File::create(dir.path().join("access.log")).expect("log");
+            let created = 1;
+            for line in 0..100 {
+                writeln!(log, "line {line}").expect("log line");
+            }
+            // The config, written in two steps: only its close is a change.
+            let mut edit = std::fs::File::create(&config).expect("open");
+            edit.write_all(b"new ").expect("write");
+            edit.write_all(b"config").expect("write");
+            drop(edit);
+
+            let got = tokio::time::timeout(Duration::from_secs(10), triggers.recv()).await;
+            assert_eq!(got.expect("a trigger within 10 s"), Some(Trigger::Files));
+            assert!(triggers.try_recv().is_err(), "one trigger, for the config's close");
+            assert_eq!(
+                events.seen.load(Ordering::Relaxed),
+                created + 1,
+                "the log's creation and the config's close: no event per write"
+            );
+        }
+    }
+}
+
+/// Elsewhere there is no inotify: only SIGHUP reloads.
+#[cfg(not(target_os = "linux"))]
+mod events {
+    use std::collections::BTreeSet;
+    use std::ffi::OsStr;
+    use std::path::PathBuf;
+
+    use tokio::sync::mpsc;
+
+    use super::Trigger;
+
+    pub struct Events;
+
+    impl Events {
+        pub fn start(
+            _directories: &BTreeSet<PathBuf>,
+            _relevant: impl Fn(&OsStr) -> bool + Send + 'static,
+            _trigger: mpsc::Sender<Trigger>,
+        ) -> std::io::Result<Events> {
+            Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "file watching needs Linux's inotify"))
+        }
+    }
 }
