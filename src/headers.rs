@@ -7,10 +7,7 @@
 //! bearer token, `X-Tallyfy-Client` and, when absent, `Accept: application/json`.
 //! Everything else passes as sent.
 
-use http::header::{
-    ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHORIZATION};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ProxyError;
@@ -18,22 +15,25 @@ use crate::error::ProxyError;
 pub const X_TALLYFY_CLIENT: HeaderName = HeaderName::from_static("x-tallyfy-client");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
-/// Connection-scoped headers that a proxy must not forward.
-const HOP_BY_HOP: [HeaderName; 9] = [
-    CONNECTION,
-    KEEP_ALIVE,
-    PROXY_CONNECTION,
-    TE,
-    TRAILER,
-    TRANSFER_ENCODING,
-    UPGRADE,
-    PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION,
-];
+/// Connection-scoped headers that a proxy must not forward. [`hop_by_hop`]
+/// matches them by name; this list is what its test checks.
+#[cfg(test)]
+const HOP_BY_HOP: [HeaderName; 9] = {
+    use http::header::{PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [
+        CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHENTICATE,
+        PROXY_AUTHORIZATION,
+    ]
+};
 
 /// Credentials a caller may present to the proxy; none of them goes upstream.
 pub const CALLER_CREDENTIALS: [HeaderName; 4] = [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, X_API_KEY];
@@ -67,34 +67,61 @@ const UNTRUSTED: [HeaderName; 13] = [
 pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
 /// Marks the caller's credential headers sensitive, so that no `Debug` of the
-/// request (in a log line, a panic message) can show them.
+/// request (in a log line, a panic message) can show them. One pass over the
+/// headers sent (a few), not a lookup per credential name.
 pub fn mark_sensitive(headers: &mut HeaderMap) {
-    for name in CALLER_CREDENTIALS {
-        if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
-            for value in entry.iter_mut() {
-                value.set_sensitive(true);
-            }
+    for (name, value) in headers.iter_mut() {
+        if CALLER_CREDENTIALS.contains(name) {
+            value.set_sensitive(true);
         }
     }
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: smallvec::SmallVec<[HeaderName; 4]> = connection_listed(headers).collect();
-    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+/// Removes the headers whose names `dropped` picks, and those a `Connection`
+/// header lists (hop-by-hop by declaration), in one pass over the names present.
+fn remove_named(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool) {
+    let mut connection = false;
+    let mut names: smallvec::SmallVec<[HeaderName; 8]> = headers
+        .keys()
+        .filter(|name| {
+            connection |= *name == CONNECTION;
+            dropped(name.as_str())
+        })
+        .cloned()
+        .collect();
+    if connection {
+        names.extend(connection_listed(headers));
+    }
+    for name in names {
         headers.remove(name);
     }
+}
+
+/// Whether a header is connection-scoped: one of [`HOP_BY_HOP`].
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    remove_named(headers, hop_by_hop);
 }
 
 /// Turns the caller's headers into the upstream request's headers, in one pass
 /// over the names the caller sent.
 pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_header: &HeaderValue) {
-    let mut dropped: smallvec::SmallVec<[HeaderName; 8]> =
-        headers.keys().filter(|name| not_forwarded(name.as_str())).cloned().collect();
-    dropped.extend(connection_listed(headers));
-    for name in dropped {
-        headers.remove(name);
-    }
+    remove_named(headers, not_forwarded);
     debug_assert!(authorization.is_sensitive(), "tokens are stored as sensitive values");
     headers.insert(AUTHORIZATION, authorization);
     headers.insert(X_TALLYFY_CLIENT, client_header.clone());
@@ -109,35 +136,28 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
 /// `X_Api_Key` or `X_Tallyfy_Client` would alias headers the proxy controls)
 /// every name holding `_`.
 fn not_forwarded(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "authorization"
-            | "cookie"
-            | "x-api-key"
-            | "host"
-            | "x-http-method-override"
-            | "x-http-method"
-            | "x-method-override"
-            | "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-forwarded-port"
-            | "x-forwarded-prefix"
-            | "forwarded"
-            | "x-real-ip"
-            | "x-original-url"
-            | "x-rewrite-url"
-            | "x-upstream-request-id"
-    ) || name.contains('_')
+    hop_by_hop(name)
+        || matches!(
+            name,
+            "authorization"
+                | "cookie"
+                | "x-api-key"
+                | "host"
+                | "x-http-method-override"
+                | "x-http-method"
+                | "x-method-override"
+                | "x-forwarded-for"
+                | "x-forwarded-host"
+                | "x-forwarded-proto"
+                | "x-forwarded-port"
+                | "x-forwarded-prefix"
+                | "forwarded"
+                | "x-real-ip"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "x-upstream-request-id"
+        )
+        || name.as_bytes().contains(&b'_')
 }
 
 /// The names a `Connection` header lists (hop-by-hop by declaration).
@@ -285,6 +305,29 @@ mod tests {
         assert_eq!(headers["retry-after"], "30");
         assert_eq!(headers["x-upstream-request-id"], "abc", "Tallyfy's id keeps its own name");
         assert!(!headers.contains_key("x-request-id"), "the caller's id is the proxy's");
+
+        let mut every: HeaderMap =
+            HOP_BY_HOP.iter().map(|name| (name.clone(), HeaderValue::from_static("x"))).collect();
+        every.insert("connection", HeaderValue::from_static("X-Listed, keep-alive"));
+        every.insert("x-listed", HeaderValue::from_static("1"));
+        every.insert("content-length", HeaderValue::from_static("2"));
+        to_caller(&mut every);
+        assert_eq!(
+            every.keys().collect::<Vec<_>>(),
+            ["content-length"],
+            "every hop-by-hop name, and the listed one"
+        );
+    }
+
+    #[test]
+    fn credential_headers_are_marked_sensitive_and_others_are_not() {
+        let mut headers = map(&[("authorization", "Bearer k"), ("cookie", "a=1"), ("accept", "*/*")]);
+        headers.append("x-api-key", HeaderValue::from_static("one"));
+        headers.append("x-api-key", HeaderValue::from_static("two"));
+        mark_sensitive(&mut headers);
+        for (name, value) in &headers {
+            assert_eq!(value.is_sensitive(), name != "accept", "{name}");
+        }
     }
 
     #[test]

@@ -78,13 +78,15 @@ impl Proxy {
                 judge_overrides(&identity.policy, method_override::in_urlencoded(query))?;
             }
         }
-        let lease = shared.tokens.lease(identity.credential, tokio::time::Instant::now()).map_err(|_| {
+        // One clock read for the token's freshness and the limits.
+        let now = tokio::time::Instant::now();
+        let lease = shared.tokens.lease(identity.credential, now).map_err(|_| {
             ProxyError::TokenUnavailable {
                 credential: shared.tokens.name(identity.credential).to_string(),
                 retry_after: TOKEN_RETRY_AFTER,
             }
         })?;
-        let admitted = self.admit(index, identity, &head.method, head.uri.path())?;
+        let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
             None => Vec::new(),
             Some(_) => shared.traffic.fleet_budgets(
@@ -107,9 +109,9 @@ impl Proxy {
         identity: &Identity,
         method: &Method,
         path: &str,
+        now: clock::Nanos,
     ) -> Result<Admitted, ProxyError> {
         let shared = &*self.shared;
-        let now = clock::nanos(tokio::time::Instant::now());
         shared.traffic.admit(index, identity.credential.index(), method, path, now).map_err(|refused| {
             match refused {
                 Refused::RateLimited { limit, retry_after, remembered } => {
