@@ -80,12 +80,11 @@ impl Proxy {
         }
         // One clock read for the token's freshness and the limits.
         let now = tokio::time::Instant::now();
-        let lease = shared.tokens.lease(identity.credential, now).map_err(|_| {
-            ProxyError::TokenUnavailable {
+        let lease =
+            shared.tokens.lease(identity.credential, now).map_err(|_| ProxyError::TokenUnavailable {
                 credential: shared.tokens.name(identity.credential).to_string(),
                 retry_after: TOKEN_RETRY_AFTER,
-            }
-        })?;
+            })?;
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
             None => Vec::new(),
