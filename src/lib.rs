@@ -98,7 +98,8 @@
 //!   `tallyfy-sandbox` crate with a proxy in front (default `sandbox` feature;
 //!   `--no-default-features` builds a proxy with no fake inside).
 //! - [`app`]: listeners, the current generation, the servers, the drain.
-//! - [`reload`]: the reloader; `reload/watch.rs` fingerprints the files it reads.
+//! - [`reload`]: the reloader; `reload/watch.rs` watches (inotify) and
+//!   fingerprints the files it reads.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`.
 //!
 //! Translation:
