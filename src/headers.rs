@@ -17,7 +17,7 @@ pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
 
-/// Connection-scoped headers that a proxy must not forward. [`hop_by_hop`]
+/// Connection-scoped headers that a proxy must not forward. `hop_by_hop`
 /// matches them by name; this list is what its test checks.
 #[cfg(test)]
 const HOP_BY_HOP: [HeaderName; 9] = {
@@ -97,7 +97,9 @@ fn remove_named(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool) {
     }
 }
 
-/// Whether a header is connection-scoped: one of [`HOP_BY_HOP`].
+/// Whether a header is connection-scoped (RFC 9110 §7.6.1): `Connection`,
+/// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding`,
+/// `Upgrade`, `Proxy-Authenticate`, `Proxy-Authorization`.
 fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
