@@ -134,13 +134,9 @@ fn address(out: &mut Vec<u8>, peer: &SocketAddr) {
 /// `Debug` does, which is what tracing's text format shows).
 fn text_string(out: &mut Vec<u8>, s: &str) {
     let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f;
-    quoted(out, s, special, |out, b| match b {
-        b'"' => out.extend_from_slice(b"\\\""),
-        b'\\' => out.extend_from_slice(b"\\\\"),
-        b'\n' => out.extend_from_slice(b"\\n"),
-        b'\r' => out.extend_from_slice(b"\\r"),
-        b'\t' => out.extend_from_slice(b"\\t"),
-        _ => {
+    quoted(out, s, special, |out, b| match short_escape(b) {
+        Some(escape) => out.extend_from_slice(escape),
+        None => {
             out.extend_from_slice(b"\\u{");
             hex2(out, b);
             out.push(b'}');
@@ -150,17 +146,25 @@ fn text_string(out: &mut Vec<u8>, s: &str) {
 
 fn json_string(out: &mut Vec<u8>, s: &str) {
     let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
-    quoted(out, s, special, |out, b| match b {
-        b'"' => out.extend_from_slice(b"\\\""),
-        b'\\' => out.extend_from_slice(b"\\\\"),
-        b'\n' => out.extend_from_slice(b"\\n"),
-        b'\r' => out.extend_from_slice(b"\\r"),
-        b'\t' => out.extend_from_slice(b"\\t"),
-        _ => {
+    quoted(out, s, special, |out, b| match short_escape(b) {
+        Some(escape) => out.extend_from_slice(escape),
+        None => {
             out.extend_from_slice(b"\\u00");
             hex2(out, b);
         }
     });
+}
+
+/// The escapes text and JSON spell alike.
+fn short_escape(b: u8) -> Option<&'static [u8]> {
+    match b {
+        b'"' => Some(b"\\\""),
+        b'\\' => Some(b"\\\\"),
+        b'\n' => Some(b"\\n"),
+        b'\r' => Some(b"\\r"),
+        b'\t' => Some(b"\\t"),
+        _ => None,
+    }
 }
 
 /// `"s"`: the bytes `special` picks written by `escape`, the runs between

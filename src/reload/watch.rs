@@ -158,10 +158,18 @@ mod events {
                     if cfg!(test) {
                         counted.fetch_add(1, Ordering::Relaxed);
                     }
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(error) => {
+                            // Nothing more can be read: one last look, then SIGHUP only.
+                            tracing::warn!(%error, "file watching stopped; reload with SIGHUP");
+                            let _ = trigger.try_send(Trigger::Files);
+                            return;
+                        }
+                    };
                     // No name: the event is about a directory itself, or the
                     // kernel's queue overflowed. Either may hide a change.
-                    let wanted = event.map_or(true, |event| event.name.as_deref().is_none_or(&relevant));
-                    if wanted {
+                    if event.name.as_deref().is_none_or(&relevant) {
                         let _ = trigger.try_send(Trigger::Files);
                     }
                 }
