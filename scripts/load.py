@@ -94,14 +94,16 @@ def wait_port(port, timeout=15):
 
 
 def cpu_ticks(pids):
-    total = 0
+    """Clock ticks the processes spent in user space and in the kernel."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except (FileNotFoundError, ProcessLookupError, IndexError):
             pass
-    return total
+    return user, system
 
 
 def rss_kib(pids):
@@ -181,9 +183,12 @@ def run_wrk(args, url, conns, seconds, pids, script=None, pin=True):
         if e:
             errors += sum(int(g) for g in e.groups())
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    cpu_us = (after - before) / CLK_TCK * 1e6 / max(requests, 1)
-    return {"rps": rps, "cpu_us": cpu_us, "p50": parse_latency(out, 50), "p99": parse_latency(out, 99),
-            "requests": requests, "errors": errors}
+    def per_request(ticks):
+        return ticks / CLK_TCK * 1e6 / max(requests, 1)
+
+    user_us, system_us = per_request(after[0] - before[0]), per_request(after[1] - before[1])
+    return {"rps": rps, "cpu_us": user_us + system_us, "user_us": user_us, "system_us": system_us,
+            "p50": parse_latency(out, 50), "p99": parse_latency(out, 99), "requests": requests, "errors": errors}
 
 
 def median(rows, key):
@@ -405,14 +410,16 @@ def main():
         main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, tp, tp_nolog, tp_base] if t]
         extra = [t for t in [tp_oauth, tp_fleet] if t]
         results = {t.name: [] for t in main_targets + extra + [tp_multi]}
-        post_results, one_conn = [], {n: [] for n in ["direct", "nginx", "tallyfy-proxy"]}
+        single = [("direct", upstream), ("nginx", nginx)] + ([("hyper-floor", floor)] if floor else []) + [
+            ("tallyfy-proxy", tp)]
+        post_results, one_conn = [], {name: [] for name, _ in single}
         for round_ in range(args.rounds):
             order = main_targets[round_ % len(main_targets):] + main_targets[:round_ % len(main_targets)]
             for t in order + extra:
                 results[t.name].append(run_wrk(args, url(t), 64, args.seconds, t.pids(), pin=pin))
             results[tp_multi.name].append(run_wrk(args, url(tp_multi), 64, args.seconds, tp_multi.pids(), pin=False))
             post_results.append(run_wrk(args, url(tp), 64, args.seconds, tp.pids(), script=str(post), pin=pin))
-            for name, t in [("direct", upstream), ("nginx", nginx), ("tallyfy-proxy", tp)]:
+            for name, t in single[round_ % len(single):] + single[:round_ % len(single)]:
                 one_conn[name].append(run_wrk(args, url(t), 1, args.seconds, t.pids(), pin=pin))
 
         errors = sum(r["errors"] for rows in results.values() for r in rows) + sum(r["errors"] for r in post_results)
@@ -422,10 +429,12 @@ def main():
         for t in main_targets + extra + [tp_multi]:
             rs = results[t.name]
             cpu, rps, p99 = median(rs, "cpu_us"), median(rs, "rps"), median(rs, "p99")
-            rows.append([t.name, fmt(cpu), f"{cpu / base_cpu:.2f}×", f"{rps / 1000:.1f}k", f"{rps / base_rps:.2f}×",
-                         fmt(p99, 2), f"{p99 / base_p99:.2f}×"])
+            split = f"{fmt(median(rs, 'user_us'))} + {fmt(median(rs, 'system_us'))}"
+            rows.append([t.name, fmt(cpu), split, f"{cpu / base_cpu:.2f}×", f"{rps / 1000:.1f}k",
+                         f"{rps / base_rps:.2f}×", fmt(p99, 2), f"{p99 / base_p99:.2f}×"])
         table(f"GET {PATH} (700-byte JSON), wrk -t1 -c64, median of {args.rounds} × {args.seconds} s",
-              ["target", "CPU µs / request", "vs nginx", "req/s", "vs nginx", "p99 ms", "vs nginx"], rows)
+              ["target", "CPU µs / request", "user + kernel", "vs nginx", "req/s", "vs nginx", "p99 ms", "vs nginx"],
+              rows)
 
         tp_cpu = median(results[tp.name], "cpu_us")
         post_cpu = median(post_results, "cpu_us")
