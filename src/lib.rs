@@ -126,8 +126,8 @@
 //!   (hyper's client connections, pooled per runtime thread), `returning.rs`
 //!   (the response body that gives its connection back when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
-//!   `sniff.rs`, `conn_io.rs` (the byte stream, HTTP/1 heads tapped),
-//!   `activity.rs` (requests in flight, idleness).
+//!   `sniff.rs`, `conn_io.rs` (the byte stream: HTTP/1 heads tapped, small
+//!   writes gathered), `activity.rs` (requests in flight, idleness).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget
