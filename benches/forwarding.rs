@@ -7,6 +7,9 @@
 //!   the upstream directly (the difference is the proxy's cost);
 //!   `through_proxy_logged` is the production set-up: the log subscriber
 //!   installed at `info` (writing to a sink), access lines formatted, metrics on.
+//!
+//! The binary's allocator too (mimalloc, default feature), so these see what
+//! production pays.
 
 #[allow(dead_code)] // the bench uses a few of the test builder's pieces
 #[path = "../tests/support/config.rs"]
@@ -36,6 +39,10 @@ use tallyfy_proxy::tokens::TokenStore;
 use tallyfy_proxy::tokens::refresh::Refresher;
 use tallyfy_proxy::traffic::TrafficState;
 use tokio::net::TcpListener;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn config(base_url: &str) -> Config {
     let text = TestConfig::new(base_url)

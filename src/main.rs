@@ -11,6 +11,13 @@ use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::{Config, ConfigError};
 use tallyfy_proxy::telemetry;
 
+/// mimalloc rather than the system's malloc (default `mimalloc` feature): about
+/// 2-7 % less CPU per request, and memory given back after a burst of
+/// connections where glibc's heap keeps its peak (README: Performance).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a configuration the proxy refuses (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when the proxy cannot start or fails while running.
@@ -62,6 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_pages_small();
     let cli = Cli::parse();
     let runtime = match single_threaded_runtime() {
         Ok(runtime) => runtime,
@@ -80,6 +88,15 @@ fn main() -> ExitCode {
     // The last access lines, which may be waiting for their timer.
     tallyfy_proxy::access_log::flush_thread();
     code
+}
+
+/// Asks Linux for no transparent huge pages in this process. A host set to
+/// `always` would otherwise back the allocator's regions with 2 MiB pages and
+/// add megabytes of RSS for a few KiB used (14.2 instead of 9.1 MiB idle). Where
+/// it cannot be asked, memory is only larger.
+fn keep_pages_small() {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
 /// How many runtime threads serve the proxy port: one per CPU the process may
