@@ -44,8 +44,9 @@ impl Activity {
 
     /// Resolves once no request has been in flight, and none has started or
     /// ended, for `timeout` (checked every quarter of it, so no clock is read per
-    /// request: the connection goes between one and one and a quarter timeouts
-    /// after its last request ended).
+    /// request: it resolves between one and one and a quarter timeouts after the
+    /// last request ended). The idle timeout, and on HTTP/1 the head deadline:
+    /// no head completed within `timeout` of the last response's end.
     pub async fn idle_for(&self, timeout: Duration) {
         let step = (timeout / QUIET_CHECKS).max(Duration::from_millis(1));
         let mut seen = self.events.load(Ordering::Relaxed);

@@ -144,7 +144,8 @@ async fn serve_io<M, S, F, B, I>(
             let io = TokioIo::new(ConnIo::new(io, prefix, Some(tap.clone())));
             let service = Counted::new(service, activity.clone(), Some(tap));
             let connection = shared.http1.serve_connection(io, service);
-            run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer).await;
+            let timers = Timers { idle: limits.idle_timeout, head: Some(limits.header_read_timeout) };
+            run(connection, &activity, timers, &shared.shutdown, peer).await;
         }
         Protocol::Http2 => {
             let io = TokioIo::new(ConnIo::new(io, prefix, None));
@@ -153,17 +154,31 @@ async fn serve_io<M, S, F, B, I>(
             // Boxed: an HTTP/2 connection's state is larger than HTTP/1's, and every
             // connection task has room for the larger of the two (3.8 KiB against
             // 2.1 KiB), the many idle keep-alive HTTP/1 ones included.
-            Box::pin(run(connection, &activity, limits.idle_timeout, &shared.shutdown, peer)).await;
+            let timers = Timers { idle: limits.idle_timeout, head: None };
+            Box::pin(run(connection, &activity, timers, &shared.shutdown, peer)).await;
         }
     }
 }
 
+/// The clocks a connection runs on once it is served.
+#[derive(Clone, Copy)]
+struct Timers {
+    /// No request in flight for this long: closed gracefully.
+    idle: Duration,
+    /// HTTP/1: no request head completed this long after the connection was
+    /// served or its last response ended: cut, like hyper's header read timeout
+    /// (a head trickling in gets no answer). `None` for HTTP/2, whose peers are
+    /// pinged instead.
+    head: Option<Duration>,
+}
+
 /// Drives a connection to its end; on shutdown or idleness, closes it gracefully
-/// (in-flight requests finish, HTTP/2 peers get GOAWAY).
+/// (in-flight requests finish, HTTP/2 peers get GOAWAY); an HTTP/1 head that
+/// does not come in time cuts it.
 async fn run<C>(
     connection: C,
     activity: &Activity,
-    idle_timeout: Duration,
+    timers: Timers,
     shutdown: &CancellationToken,
     peer: SocketAddr,
 ) where
@@ -172,6 +187,15 @@ async fn run<C>(
 {
     tokio::pin!(connection);
     let mut closing = false;
+    // Watched for the connection's whole life, drain included: a slow head
+    // must not hold the drain open either.
+    let head_overdue = async {
+        match timers.head {
+            Some(timeout) => activity.idle_for(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(head_overdue);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -180,11 +204,14 @@ async fn run<C>(
                 }
                 return;
             }
+            () = &mut head_overdue => {
+                return tracing::debug!(%peer, "no request head within the header read timeout");
+            }
             () = shutdown.cancelled(), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
-            () = activity.idle_for(idle_timeout), if !closing => {
+            () = activity.idle_for(timers.idle), if !closing => {
                 tracing::debug!(%peer, "idle connection closed");
                 connection.as_mut().graceful_shutdown();
                 closing = true;

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{SERVER, exchange, read_until_closed, stack};
@@ -84,6 +84,77 @@ async fn a_kept_alive_http1_connection_does_not_stay_open_forever() {
     let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.text().starts_with("HTTP/1.1 200"), "{}", answer.text());
     assert!(answer.closed, "closed once idle for the header read timeout");
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_whose_next_head_trickles_is_cut() {
+    // The idle timeout far away, so only the head deadline can cut it.
+    let stack = Stack::start_with(|c| {
+        c.set("server", "header_read_timeout_ms", 400).set("server", "idle_timeout_ms", 30_000)
+    })
+    .await;
+    let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The next head starts at once and then trickles: its deadline runs from the
+    // first response's end (400 ms, checked every quarter).
+    stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n").await.expect("write");
+    let began = Instant::now();
+    let mut cut = false;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if stream.write_all(b"X").await.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    let answer = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(cut || answer.closed, "the trickling head was cut");
+    assert!(answer.bytes.is_empty(), "a cut head gets no answer: {:?}", answer.text());
+    assert!(began.elapsed() < Duration::from_millis(1500), "cut after {:?}", began.elapsed());
+    assert_eq!(stack.sandbox.received().len(), 1, "only the first request reached Tallyfy");
+}
+
+#[tokio::test]
+async fn requests_in_steady_succession_outlive_the_head_deadline() {
+    let stack = stack().await;
+    let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    let began = Instant::now();
+    // Eight requests 150 ms apart: 1.2 s on one connection, three times the head
+    // deadline, and each head well within it of the response before.
+    for n in 0..8 {
+        stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
+        let answer = read_response(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {n}: {answer}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(began.elapsed() > Duration::from_secs(1));
+    assert_eq!(stack.sandbox.received().len(), 8);
+}
+
+/// Reads one response with a `Content-Length` body.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut bytes = Vec::new();
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().expect("a length"));
+            if bytes.len() >= end + 4 + length {
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+        }
+        let mut buf = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&bytes));
+        bytes.extend_from_slice(&buf[..n]);
+    }
 }
 
 #[tokio::test]
