@@ -14,7 +14,8 @@
 //! 1. **Accept.** [`server`] accepts the connection under the connection cap,
 //!    runs the TLS handshake when configured (the client certificate's names
 //!    read by [`client_cert`]), tells HTTP/1.1 from HTTP/2 by the first bytes
-//!    under the header-read deadline, and hands each request to the current
+//!    under the header-read deadline (HTTP/1: each next head under it too,
+//!    watched by the connection), and hands each request to the current
 //!    config generation: [`app`] loads the `ArcSwap<Proxy>` once, and the request
 //!    finishes on that generation even if [`reload`] swaps in another.
 //! 2. **Record.** [`proxy::Proxy::handle`] marks the caller's credential headers
@@ -93,7 +94,7 @@
 //!
 //! Wiring, which alone reads [`config`]:
 //! - `main.rs`: the command line (`run`, `check`, `sandbox`, `hash-key`),
-//!   signals, one runtime per CPU.
+//!   signals, one runtime per CPU, the allocator (mimalloc, default feature).
 //! - [`sandbox_mode`]: the `sandbox` command, the fake Tallyfy of the
 //!   `tallyfy-sandbox` crate with a proxy in front (default `sandbox` feature;
 //!   `--no-default-features` builds a proxy with no fake inside).
