@@ -10,7 +10,7 @@
 //!   (so a kept-alive connection whose next request does not come is closed too).
 //!   The deadline is watched lazily, like the idle timeout: a check every quarter
 //!   of it, no timer per request (hyper's own header timer, armed and dropped
-//!   for every request, cost 3 % of the CPU per request);
+//!   for every request, cost about 0.3 µs of user time per request, 4 %);
 //! - any connection with no request in flight for `idle_timeout` is closed
 //!   gracefully (HTTP/2: GOAWAY), and HTTP/2 peers are pinged so a dead one is
 //!   noticed even mid-request.
