@@ -62,14 +62,7 @@ async fn a_slowloris_head_is_cut_and_never_forwarded() {
     let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
     stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n").await.expect("write");
     let began = Instant::now();
-    let mut cut = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if stream.write_all(b"X").await.is_err() {
-            cut = true;
-            break;
-        }
-    }
+    let cut = trickle(&mut stream, 40, Duration::from_millis(100)).await;
     let answer = read_until_closed(&mut stream, Duration::from_secs(3)).await;
     assert!(cut || answer.closed, "the trickling head was cut");
     assert!(began.elapsed() < Duration::from_secs(4));
@@ -101,14 +94,7 @@ async fn a_kept_alive_connection_whose_next_head_trickles_is_cut() {
     // first response's end (400 ms, checked every quarter).
     stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n").await.expect("write");
     let began = Instant::now();
-    let mut cut = false;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if stream.write_all(b"X").await.is_err() {
-            cut = true;
-            break;
-        }
-    }
+    let cut = trickle(&mut stream, 30, Duration::from_millis(50)).await;
     let answer = read_until_closed(&mut stream, Duration::from_secs(3)).await;
     assert!(cut || answer.closed, "the trickling head was cut");
     assert!(answer.bytes.is_empty(), "a cut head gets no answer: {:?}", answer.text());
@@ -131,6 +117,18 @@ async fn requests_in_steady_succession_outlive_the_head_deadline() {
     }
     assert!(began.elapsed() > Duration::from_secs(1));
     assert_eq!(stack.sandbox.received().len(), 8);
+}
+
+/// Writes one more byte of a head every `every`, `times` times; whether a write
+/// failed because the proxy cut the connection.
+async fn trickle(stream: &mut TcpStream, times: usize, every: Duration) -> bool {
+    for _ in 0..times {
+        tokio::time::sleep(every).await;
+        if stream.write_all(b"X").await.is_err() {
+            return true;
+        }
+    }
+    false
 }
 
 /// Reads one response with a `Content-Length` body.
