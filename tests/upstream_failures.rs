@@ -44,11 +44,33 @@ async fn a_silent_upstream_is_a_504() {
         .set("upstream", "request_timeout_ms", 300)
         .parse(dir.path());
     let proxy = start_proxy(&config).await;
+    let began = std::time::Instant::now();
     let response =
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
     assert_eq!(response.status(), 504);
     assert_eq!(error_code(response).await, "upstream_timeout");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "504 after {took:?}");
     holder.abort();
+}
+
+#[tokio::test]
+async fn exchanges_each_within_the_timeout_pass_however_long_the_connection_lives() {
+    // Each answer takes 200 ms against a 300 ms timeout, on one pooled
+    // connection: the silence is measured per exchange, not per connection.
+    let (upstream, _arrived) = support::slow_upstream(Duration::from_millis(200)).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{upstream}"))
+        .set("upstream", "request_timeout_ms", 300)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let client = client();
+    for n in 0..4 {
+        let response =
+            client.get(format!("http://{}/api/slow", proxy.proxy_addr())).send().await.expect("answered");
+        assert_eq!(response.status(), 200, "request {n}");
+        assert_eq!(response.text().await.expect("body"), "{\"ok\":true}");
+    }
 }
 
 /// A CA and a server certificate for 127.0.0.1, made fresh for the test.
