@@ -104,8 +104,7 @@ impl ProxyServer {
                 move |request: Request<Incoming>| {
                     // One load per request: it finishes on the generation it started with.
                     let proxy = Proxy::clone(&current.load());
-                    let connection = connection.clone();
-                    async move { proxy.handle(request, &connection).await }
+                    proxy.handle(request, connection.clone())
                 }
             },
             self.shutdown,

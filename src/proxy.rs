@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 
 use crate::body::Finished;
 use crate::body::Prefixed;
-use crate::body::Progress;
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 use crate::identity::Identities;
@@ -24,7 +23,7 @@ use crate::server::ConnectionInfo;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
 use crate::traffic::Traffic;
-use crate::upstream::{Upstream, UpstreamBody};
+use crate::upstream::{Outbound, Upstream, UpstreamBody};
 use crate::{dates, links, tokens};
 
 mod prepare;
@@ -148,34 +147,41 @@ impl Proxy {
     }
 
     /// Handles one request to the end: Tallyfy's response or a JSON error.
-    pub async fn handle(
-        &self,
+    ///
+    /// Not an `async fn`: the request's future would keep the request twice
+    /// (as its argument and as the local it is moved into), and every
+    /// request's future is allocated and copied whole. What needs no waiting
+    /// is done here, before the future is made.
+    pub fn handle(
+        self,
         mut request: Request<Incoming>,
-        connection: &ConnectionInfo,
-    ) -> Response<Finished<ProxyBody, RequestRecord>> {
-        let metrics = &self.shared.metrics;
+        connection: Arc<ConnectionInfo>,
+    ) -> impl Future<Output = Response<Finished<ProxyBody, RequestRecord>>> + Send + 'static {
         headers::mark_sensitive(request.headers_mut());
         let request_id = request_id::for_request(request.headers());
         request.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let mut log =
             RequestRecord::start(&request, connection.peer, request_id.clone(), self.shared.clone());
-        let response = match self.forward(request, connection, &mut log).await {
-            Ok(response) => response,
-            Err(error) => {
-                let response = error.to_response().map(Either::Right);
-                if error.class() == ErrorClass::Caller || matches!(error, ProxyError::TokenUnavailable { .. })
-                {
-                    metrics.rejected(error.code());
+        async move {
+            let response = match self.forward(request, &connection, &mut log).await {
+                Ok(response) => response,
+                Err(error) => {
+                    let response = error.to_response().map(Either::Right);
+                    if error.class() == ErrorClass::Caller
+                        || matches!(error, ProxyError::TokenUnavailable { .. })
+                    {
+                        self.shared.metrics.rejected(error.code());
+                    }
+                    log.failed(error);
+                    response
                 }
-                log.failed(error);
-                response
-            }
-        };
-        let mut response = response;
-        log.upstream_request_id = response.headers().get(X_UPSTREAM_REQUEST_ID).cloned();
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
-        log.head_ready(response.status());
-        response.map(|body| Finished::new(body, log))
+            };
+            let mut response = response;
+            log.upstream_request_id = response.headers().get(X_UPSTREAM_REQUEST_ID).cloned();
+            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            log.head_ready(response.status());
+            response.map(|body| Finished::new(body, log))
+        }
     }
 
     async fn forward(
@@ -204,14 +210,16 @@ impl Proxy {
         }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
-
-        let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
-        let replay = kept.map(|body| Replay::of(&head, body));
-        let response =
-            match self.send(Request::from_parts(head, body), replay.as_ref(), &target, log, figures).await? {
-                Answer::Streaming(response) => response,
-                Answer::Read(response) => return Ok(response),
-            };
+        // In a block, so that the head's room in this future ends with it.
+        let (mut first, replay) = {
+            let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
+            let replay = kept.map(|body| Box::new(Replay::of(&head, body)));
+            (Outbound::new(head, body), replay)
+        };
+        let response = match self.send(&mut first, replay.as_deref(), &target, log, figures).await? {
+            Answer::Streaming(response) => response,
+            Answer::Read(response) => return Ok(response),
+        };
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.tokens.is_refreshable(credential)
         {
@@ -250,8 +258,7 @@ impl Proxy {
         drop(response);
         log.replayed = true;
         Metrics::credential(&shared.metrics.replays, &credential_name);
-        let response =
-            self.send_once(replay.request(Some(fresh.authorization)), Progress::new(), log, figures).await?;
+        let response = self.send_once(&mut replay.outbound(Some(fresh.authorization)), log, figures).await?;
         self.response(response, links_to).await
     }
 }
@@ -259,7 +266,7 @@ impl Proxy {
 /// A response whose status says Tallyfy refused the token it was sent with.
 struct Rejected {
     response: Response<UpstreamBody>,
-    replay: Option<Replay>,
+    replay: Option<Box<Replay>>,
     credential: CredentialId,
     /// The token generation the request was sent with.
     generation: u64,

@@ -16,19 +16,21 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{Response, Uri};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::Prefixed;
-use crate::body::{Progress, Tracked};
+use crate::body::Tracked;
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
+mod outbound;
 mod pool;
 mod returning;
 
+pub use outbound::Outbound;
 use pool::{Pool, SendError};
 pub use returning::UpstreamBody;
 
@@ -152,20 +154,14 @@ impl Upstream {
         Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("upstream URI: {e}")))
     }
 
-    /// Sends `request` (whose URI came from [`Upstream::uri_for`]) and waits for the
-    /// response head. `upstream.request_timeout_ms` bounds Tallyfy's silence: the
-    /// time since the request body last moved (so a long upload is not a
-    /// timeout while it flows) until the response head arrives. The response body
-    /// streams on afterwards.
-    pub async fn send(
-        &self,
-        request: Request<RequestBody>,
-        progress: Arc<Progress>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let (mut head, body) = request.into_parts();
-        // HTTP/2 to Tallyfy is negotiated by ALPN, not inherited from the caller.
-        head.version = Version::HTTP_11;
-        let response = self.pool.send(Request::from_parts(head, Tracked::new(body, progress.clone())));
+    /// Sends the request `outbound` holds (its URI from [`Upstream::uri_for`])
+    /// and waits for the response head. `upstream.request_timeout_ms` bounds
+    /// Tallyfy's silence: the time since the request body last moved (so a long
+    /// upload is not a timeout while it flows) until the response head arrives.
+    /// The response body streams on afterwards.
+    pub async fn send(&self, outbound: &mut Outbound) -> Result<Response<UpstreamBody>, ProxyError> {
+        let Outbound { request, progress } = outbound;
+        let response = self.pool.send(request);
         tokio::pin!(response);
         loop {
             let deadline = progress.last() + self.request_timeout;
@@ -184,6 +180,7 @@ impl Upstream {
         let error = match error {
             SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
             SendError::Http(error) => error,
+            SendError::Spent => return ProxyError::Internal("a request was sent twice".into()),
         };
         if find_source::<LengthLimitError>(error).is_some() {
             return ProxyError::BodyTooLarge { limit: self.body_limit };

@@ -1,25 +1,23 @@
 //! Sending to Tallyfy: once, again while `[upstream.retry]` and its budget
 //! allow, and Tallyfy's 429s remembered (and, when short, waited out).
 
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::response::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderValue, Method, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full, Limited};
 
 use super::record::RequestRecord;
 use super::replay::Replay;
 use super::{Proxy, ProxyBody};
-use crate::body::Progress;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::tokens::CredentialId;
 use crate::traffic::{Failure, Said, clock, throttle};
-use crate::upstream::{RequestBody, UpstreamBody};
+use crate::upstream::{Outbound, UpstreamBody};
 
 /// A 429 body is read to tell an hourly cap from a burst throttle; more than
 /// this is not one of Tallyfy's.
@@ -46,7 +44,7 @@ impl Proxy {
     /// allow; then remembers a 429 (see [`crate::traffic::throttle`]).
     pub(super) async fn send(
         &self,
-        first: Request<RequestBody>,
+        first: &mut Outbound,
         replay: Option<&Replay>,
         target: &Target,
         log: &mut RequestRecord,
@@ -56,9 +54,8 @@ impl Proxy {
         let traffic = &shared.traffic;
         let retry = &traffic.settings.retry;
         traffic.sent(now());
-        let progress = Progress::new();
-        log.request_body = Some(progress.clone());
-        let mut outcome = self.send_once(first, progress, log, figures).await;
+        log.request_body = Some(first.progress().clone());
+        let mut outcome = self.send_once(first, log, figures).await;
         while let Some(failure) = retryable(&outcome) {
             let Some(replay) =
                 replay.filter(|_| retry.covers(&target.method) && log.retries + 1 < retry.attempts)
@@ -75,7 +72,7 @@ impl Proxy {
             // Boxed, as the other rare paths: the common one's future stays small.
             outcome = Box::pin(async {
                 tokio::time::sleep(delay).await;
-                self.send_once(replay.request(None), Progress::new(), log, figures).await
+                self.send_once(&mut replay.outbound(None), log, figures).await
             })
             .await;
         }
@@ -123,7 +120,7 @@ impl Proxy {
         {
             log.throttle = Some("absorbed");
             tokio::time::sleep(wait).await;
-            let response = self.send_once(replay.request(None), Progress::new(), log, figures).await?;
+            let response = self.send_once(&mut replay.outbound(None), log, figures).await?;
             if response.status() != StatusCode::TOO_MANY_REQUESTS {
                 traffic.answered(credential);
             }
@@ -135,13 +132,12 @@ impl Proxy {
     /// One send, timed for the identity's upstream latency.
     pub(super) async fn send_once(
         &self,
-        request: Request<RequestBody>,
-        progress: Arc<Progress>,
+        outbound: &mut Outbound,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = Instant::now();
-        let response = self.shared.upstream.send(request, progress).await;
+        let response = self.shared.upstream.send(outbound).await;
         if let Ok(response) = &response {
             figures.upstream(sent.elapsed());
             log.upstream_status = Some(response.status());

@@ -42,6 +42,8 @@ pub enum SendError {
     Connect(BoxError),
     /// The connection failed while the request was sent or the answer awaited.
     Http(hyper::Error),
+    /// There was no request left to send: it had been sent already (a bug).
+    Spent,
 }
 
 /// The per-thread pools of one upstream.
@@ -113,17 +115,28 @@ impl Pool {
         })
     }
 
-    /// Sends `request` (its URI absolute, naming the upstream) on a pooled
-    /// connection, or a new one, and waits for the response head.
-    pub async fn send(&self, mut request: Request<SentBody>) -> Result<Response<UpstreamBody>, SendError> {
+    /// Sends the request in `outbound` (its URI absolute, naming the upstream)
+    /// on a pooled connection, or a new one, and waits for the response head.
+    /// The request is taken from `outbound` only once a connection is ready.
+    pub async fn send(
+        &self,
+        outbound: &mut Option<Request<SentBody>>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let local = self.local();
         loop {
             let (connection, reused) = self.checkout(local).await?;
+            // The request is moved into the send before its await (held there, not here).
             let result = match connection {
                 Connection::Http1(mut sender) => {
-                    origin_form(request.uri_mut());
-                    request.headers_mut().insert(HOST, self.host.clone());
-                    match sender.try_send_request(request).await {
+                    let sent = match outbound.take() {
+                        Some(mut request) => {
+                            origin_form(request.uri_mut());
+                            request.headers_mut().insert(HOST, self.host.clone());
+                            sender.try_send_request(request)
+                        }
+                        None => return Err(SendError::Spent),
+                    };
+                    match sent.await {
                         Ok(response) => {
                             let back = Some((sender, local.clone()));
                             return Ok(response.map(|body| UpstreamBody::new(body, back)));
@@ -131,12 +144,15 @@ impl Pool {
                         Err(error) => error,
                     }
                 }
-                Connection::Http2(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => return Ok(response.map(|body| UpstreamBody::new(body, None))),
-                    Err(error) => error,
-                },
+                Connection::Http2(mut sender) => {
+                    let sent = sender.try_send_request(outbound.take().ok_or(SendError::Spent)?);
+                    match sent.await {
+                        Ok(response) => return Ok(response.map(|body| UpstreamBody::new(body, None))),
+                        Err(error) => error,
+                    }
+                }
             };
-            request = retry_or_fail(result, reused)?;
+            *outbound = Some(retry_or_fail(result, reused)?);
             tracing::debug!(
                 "a pooled upstream connection closed before the request was written; sending again"
             );

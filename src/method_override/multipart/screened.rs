@@ -15,14 +15,16 @@ pin_project! {
     pub struct Screened<B> {
         #[pin]
         inner: B,
-        screen: Option<Screen>,
+        // Boxed: screening is rare, and every request body is moved with the
+        // request through each level of its future.
+        screen: Option<Box<Screen>>,
         done: bool,
     }
 }
 
 impl<B> Screened<B> {
     pub fn new(inner: B, screen: Option<Screen>) -> Self {
-        Screened { inner, screen, done: false }
+        Screened { inner, screen: screen.map(Box::new), done: false }
     }
 }
 
