@@ -8,6 +8,8 @@ use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::json::scan::skip_unescaped;
+
 /// A field's value.
 pub enum Value<'a> {
     Str(&'a str),
@@ -133,8 +135,7 @@ fn address(out: &mut Vec<u8>, peer: &SocketAddr) {
 /// A quoted string with `"`, `\` and control characters escaped (as Rust's
 /// `Debug` does, which is what tracing's text format shows).
 fn text_string(out: &mut Vec<u8>, s: &str) {
-    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f;
-    quoted(out, s, special, |out, b| match short_escape(b) {
+    quoted::<true>(out, s, |out, b| match short_escape(b) {
         Some(escape) => out.extend_from_slice(escape),
         None => {
             out.extend_from_slice(b"\\u{");
@@ -145,8 +146,7 @@ fn text_string(out: &mut Vec<u8>, s: &str) {
 }
 
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    let special = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
-    quoted(out, s, special, |out, b| match short_escape(b) {
+    quoted::<false>(out, s, |out, b| match short_escape(b) {
         Some(escape) => out.extend_from_slice(escape),
         None => {
             out.extend_from_slice(b"\\u00");
@@ -167,20 +167,20 @@ fn short_escape(b: u8) -> Option<&'static [u8]> {
     }
 }
 
-/// `"s"`: the bytes `special` picks written by `escape`, the runs between
-/// them copied whole.
-fn quoted(out: &mut Vec<u8>, s: &str, special: impl Fn(u8) -> bool, escape: impl Fn(&mut Vec<u8>, u8)) {
+/// `"s"`: the bytes a JSON string escapes (and, with `DEL`, the delete
+/// character) written by `escape`, the runs between them copied whole (found
+/// eight bytes at a time).
+fn quoted<const DEL: bool>(out: &mut Vec<u8>, s: &str, escape: impl Fn(&mut Vec<u8>, u8)) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut run = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if special(b) {
-            out.extend_from_slice(&bytes[run..i]);
-            escape(out, b);
-            run = i + 1;
-        }
+    loop {
+        let stop = skip_unescaped::<DEL>(bytes, run);
+        out.extend_from_slice(&bytes[run..stop]);
+        let Some(&b) = bytes.get(stop) else { break };
+        escape(out, b);
+        run = stop + 1;
     }
-    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -289,6 +289,32 @@ mod tests {
         ), "{text}");
         assert_eq!(text.matches('\n').count(), 1);
         assert_eq!(text.as_bytes()[26], b'Z', "microsecond UTC timestamp: {text}");
+    }
+
+    proptest::proptest! {
+        /// Escaping found eight bytes at a time escapes exactly the bytes a
+        /// byte-by-byte pass picks, wherever they fall in a word.
+        #[test]
+        fn every_special_byte_is_escaped_wherever_it_falls(s in "[a-z\u{0}-\u{1f}\"\\\\\u{7f}é]{0,40}") {
+            let picked = |del: bool| -> Vec<u8> {
+                let mut expected = vec![b'"'];
+                for &b in s.as_bytes() {
+                    if b < 0x20 || b == b'"' || b == b'\\' || (del && b == 0x7f) {
+                        expected.extend_from_slice(b"<");
+                    } else {
+                        expected.push(b);
+                    }
+                }
+                expected.push(b'"');
+                expected
+            };
+            for del in [false, true] {
+                let mut out = Vec::new();
+                let mark = |out: &mut Vec<u8>, _: u8| out.push(b'<');
+                if del { quoted::<true>(&mut out, &s, mark) } else { quoted::<false>(&mut out, &s, mark) }
+                proptest::prop_assert_eq!(&out, &picked(del));
+            }
+        }
     }
 
     #[test]

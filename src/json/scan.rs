@@ -187,29 +187,38 @@ pub(crate) fn scan_string(body: &[u8], i: usize) -> Result<(usize, bool), Invali
 }
 
 /// The index of the first quote, backslash or control character at or after
-/// `i` (or `body.len()`), read eight bytes at a time: most of a body is the
-/// plain inside of strings.
+/// `i` (or `body.len()`): most of a body is the plain inside of strings.
 #[inline]
-fn skip_plain(body: &[u8], mut i: usize) -> usize {
+fn skip_plain(body: &[u8], i: usize) -> usize {
+    skip_unescaped::<false>(body, i)
+}
+
+/// The index of the first byte at or after `i` that a JSON string escapes
+/// (quote, backslash, control character) or, with `DEL`, the delete character
+/// too (as Rust's `Debug` does); `body.len()` if none. Read eight bytes at a time.
+#[inline]
+pub(crate) fn skip_unescaped<const DEL: bool>(body: &[u8], mut i: usize) -> usize {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
     // Flags the bytes of `word` below `n` (n <= 0x80). A borrow can also flag
     // bytes after a flagged one, never before it: the lowest flag is exact.
     let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGHS;
+    let equal = |word: u64, b: u8| below(word ^ (ONES * u64::from(b)), 1);
     while let Some(chunk) = body.get(i..i + 8) {
         let mut word = [0; 8];
         word.copy_from_slice(chunk);
         let word = u64::from_le_bytes(word);
-        let stops = below(word, 0x20)
-            | below(word ^ (ONES * u64::from(b'"')), 1)
-            | below(word ^ (ONES * u64::from(b'\\')), 1);
+        let mut stops = below(word, 0x20) | equal(word, b'"') | equal(word, b'\\');
+        if DEL {
+            stops |= equal(word, 0x7f);
+        }
         if stops != 0 {
             // Little-endian: the lowest flag is the first such byte in the body.
             return i + (stops.trailing_zeros() / 8) as usize;
         }
         i += 8;
     }
-    while body.get(i).is_some_and(|&b| !STRING_STOP[usize::from(b)]) {
+    while body.get(i).is_some_and(|&b| !STRING_STOP[usize::from(b)] && !(DEL && b == 0x7f)) {
         i += 1;
     }
     i
@@ -324,6 +333,22 @@ mod tests {
                 }
                 let plain = vec![b'x'; len];
                 assert_eq!(skip_plain(&plain, 0), len);
+            }
+        }
+    }
+
+    #[test]
+    fn delete_stops_only_when_asked_for() {
+        for len in 1..24 {
+            for at in 0..len {
+                let mut body: Vec<u8> = (0..len).map(|n| [b'a', 0x80, 0xff, 0x7e, 0x20][n % 5]).collect();
+                body[at] = 0x7f;
+                for start in 0..=at {
+                    assert_eq!(skip_unescaped::<true>(&body, start), at, "DEL at {at} of {len}");
+                    assert_eq!(skip_unescaped::<false>(&body, start), len, "DEL is plain in JSON");
+                }
+                body[at] = b'"';
+                assert_eq!(skip_unescaped::<true>(&body, 0), at, "a quote still stops");
             }
         }
     }
