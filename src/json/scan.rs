@@ -218,7 +218,7 @@ pub(crate) fn skip_unescaped<const DEL: bool>(body: &[u8], mut i: usize) -> usiz
         }
         i += 8;
     }
-    while body.get(i).is_some_and(|&b| !STRING_STOP[usize::from(b)] && !(DEL && b == 0x7f)) {
+    while body.get(i).is_some_and(|&b| !(STRING_STOP[usize::from(b)] || (DEL && b == 0x7f))) {
         i += 1;
     }
     i
