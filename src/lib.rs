@@ -48,7 +48,10 @@
 //!    through the override screen. [`body`] holds the plumbing: content kinds and
 //!    encodings, bounded reads, the [`body::Prefixed`] and [`body::Tracked`]
 //!    wrappers.
-//! 5. **Send** (`proxy/send.rs`). [`upstream::Upstream::send`] takes one of this
+//! 5. **Send** (`proxy/send.rs`). The upstream request, an [`upstream::Outbound`],
+//!    is lent down the send path and taken only where it is written (a request
+//!    moved through each async level would be held and copied at each one).
+//!    [`upstream::Upstream::send`] takes one of this
 //!    thread's connections to Tallyfy (rustls, HTTP/1.1 or h2 by ALPN), which
 //!    goes back to the thread's pool when the response body ends; its timeout
 //!    measures Tallyfy's silence, not the caller's upload (502 / 504 on
@@ -123,7 +126,8 @@
 //!   `issuer/` (the token endpoint and the application routes, and the
 //!   classification of their answers), `schedule.rs` (when to refresh, how long
 //!   to back off: pure, time passed in), `jwt.rs`.
-//! - [`upstream`]: the connection to Tallyfy, its URIs and timeouts; `pool.rs`
+//! - [`upstream`]: the connection to Tallyfy, its URIs and timeouts;
+//!   `outbound.rs` (a request on its way, lent down the send path), `pool.rs`
 //!   (hyper's client connections, pooled per runtime thread), `returning.rs`
 //!   (the response body that gives its connection back when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
@@ -147,13 +151,15 @@
 //!   uploads as they stream), [`dates`] (request dates, byte-preserving),
 //!   [`links`] (response links).
 //!
-//! Shared machinery, importing nothing of the crate or only each other:
+//! Shared machinery, importing nothing of the crate or only each other (further
+//! down):
+//! - [`telemetry`], [`access_log`] (its values escaped with [`json`]'s
+//!   eight-bytes-at-a-time scan), [`metrics`], [`client_cert`], and [`secret`]
+//!   (values whose `Debug` is `[redacted]`).
 //! - [`json`]: the streaming scanner, string escapes and edits behind dates,
-//!   links and overrides.
+//!   links, overrides and access lines.
 //! - [`body`]: content kinds and encodings, bounded reads, body wrappers.
 //! - [`error`]: `ProxyError`, classified caller / upstream / internal.
-//! - [`metrics`], [`access_log`], [`telemetry`], [`client_cert`], and [`secret`]
-//!   (values whose `Debug` is `[redacted]`).
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod access_log;
