@@ -210,12 +210,10 @@ impl Proxy {
         }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
-        // In a block, so that the head's room in this future ends with it.
-        let (mut first, replay) = {
-            let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
-            let replay = kept.map(|body| Box::new(Replay::of(&head, body)));
-            (Outbound::new(head, body), replay)
-        };
+        let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
+        // Boxed: only kept (OAuth) requests have one, and this future is copied whole.
+        let replay = kept.map(|body| Box::new(Replay::of(&head, body)));
+        let mut first = Outbound::new(head, body);
         let response = match self.send(&mut first, replay.as_deref(), &target, log, figures).await? {
             Answer::Streaming(response) => response,
             Answer::Read(response) => return Ok(response),
