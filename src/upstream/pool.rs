@@ -128,13 +128,11 @@ impl Pool {
             // The request is moved into the send before its await (held there, not here).
             let result = match connection {
                 Connection::Http1(mut sender) => {
-                    let sent = match outbound.take() {
-                        Some(mut request) => {
-                            origin_form(request.uri_mut());
-                            request.headers_mut().insert(HOST, self.host.clone());
-                            sender.try_send_request(request)
-                        }
-                        None => return Err(SendError::Spent),
+                    let sent = {
+                        let mut request = outbound.take().ok_or(SendError::Spent)?;
+                        origin_form(request.uri_mut());
+                        request.headers_mut().insert(HOST, self.host.clone());
+                        sender.try_send_request(request)
                     };
                     match sent.await {
                         Ok(response) => {

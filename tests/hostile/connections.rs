@@ -82,26 +82,18 @@ async fn a_kept_alive_http1_connection_does_not_stay_open_forever() {
 #[tokio::test]
 async fn an_http1_idle_timeout_shorter_than_the_head_deadline_closes_first() {
     // The head deadline far away: only the idle timeout can close it.
-    let stack = Stack::start_with(|c| {
-        c.set("server", "header_read_timeout_ms", 30_000).set("server", "idle_timeout_ms", 300)
-    })
-    .await;
+    let stack = stack_with_timers(30_000, 300).await;
     let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
-    let began = Instant::now();
     stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
     let answer = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     assert!(answer.text().starts_with("HTTP/1.1 200"), "{}", answer.text());
-    assert!(answer.closed, "closed once idle for the idle timeout");
-    assert!(began.elapsed() < Duration::from_secs(5), "closed after {:?}", began.elapsed());
+    assert!(answer.closed, "closed within 5 s, once idle for the idle timeout");
 }
 
 #[tokio::test]
 async fn a_kept_alive_connection_whose_next_head_trickles_is_cut() {
     // The idle timeout far away, so only the head deadline can cut it.
-    let stack = Stack::start_with(|c| {
-        c.set("server", "header_read_timeout_ms", 400).set("server", "idle_timeout_ms", 30_000)
-    })
-    .await;
+    let stack = stack_with_timers(400, 30_000).await;
     let mut stream = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
     stream.write_all(b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n").await.expect("write");
     let first = read_response(&mut stream).await;
@@ -133,6 +125,18 @@ async fn requests_in_steady_succession_outlive_the_head_deadline() {
     }
     assert!(began.elapsed() > Duration::from_secs(1));
     assert_eq!(stack.sandbox.received().len(), 8);
+}
+
+/// The sandbox and a proxy with an `any` identity, this head deadline and idle timeout.
+async fn stack_with_timers(header_read_timeout_ms: i64, idle_timeout_ms: i64) -> Stack {
+    Stack::start_with(|c| {
+        c.set("server", "header_read_timeout_ms", header_read_timeout_ms).set(
+            "server",
+            "idle_timeout_ms",
+            idle_timeout_ms,
+        )
+    })
+    .await
 }
 
 /// Writes one more byte of a head every `every`, `times` times; whether a write
