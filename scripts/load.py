@@ -334,6 +334,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--proxy", required=True)
     parser.add_argument("--floor", default="")
+    parser.add_argument("--floors", default="", help="the perf/floors binary: three more measuring sticks")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="one 1-second round per target")
@@ -367,7 +368,7 @@ def main():
     try:
         up_port = free_port()
         upstream = start("upstream", nginx_conf(work, "upstream", up_port, body), up_port, cpu=side_cpu)
-        ports = {k: free_port() for k in ["nginx", "nginx_nolog", "haproxy", "floor", "tp", "tp_nolog", "tp_oauth",
+        ports = {k: free_port() for k in ["nginx", "nginx_nolog", "haproxy", "floor", *FLOORS, "tp", "tp_nolog", "tp_oauth",
                                           "tp_multi", "tp_fleet", "tp_base", "redis"]}
         admins = {k: free_port() for k in ["tp", "tp_nolog", "tp_oauth", "tp_multi", "tp_fleet", "tp_base"]}
         redis = None
@@ -382,6 +383,8 @@ def main():
         if args.floor:
             floor = start("hyper-floor", [args.floor, f"127.0.0.1:{ports['floor']}", f"127.0.0.1:{up_port}", "current"],
                           ports["floor"])
+        floors = [start(name, [args.floors, mode, f"127.0.0.1:{ports[mode]}", f"127.0.0.1:{up_port}"], ports[mode])
+                  for mode, name in FLOORS.items()] if args.floors else []
 
         def tallyfy(key, name, cpu=proxy_cpu, binary=None, **conf):
             path = proxy_conf(work, key, ports[key], admins[key], up_port, **conf)
@@ -407,7 +410,7 @@ def main():
             if t is not redis:
                 run_wrk(args, url(t), 16, 1, t.pids(), pin=pin)
 
-        main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, tp, tp_nolog, tp_base] if t]
+        main_targets = [t for t in [nginx, nginx_nolog, haproxy, floor, *floors, tp, tp_nolog, tp_base] if t]
         extra = [t for t in [tp_oauth, tp_fleet] if t]
         results = {t.name: [] for t in main_targets + extra + [tp_multi]}
         single = [("direct", upstream), ("nginx", nginx)] + ([("hyper-floor", floor)] if floor else []) + [
@@ -483,6 +486,15 @@ def main():
         for t in reversed(targets):
             t.stop()
     shutil.rmtree(work, ignore_errors=True)
+
+
+# perf/floors: the least a proxy shaped like tallyfy-proxy (hyper's server, a
+# current-thread runtime, upstream connections kept per thread) could cost.
+FLOORS = {
+    "hyper-pooled": "floor: hyper server, hyper client conns pooled per thread",
+    "hand-client": "floor: hyper server, upstream exchange by hand",
+    "hand-both": "floor: no hyper",
+}
 
 
 def fresh_target(args, work, name, up_port, body, cpu):
