@@ -52,8 +52,9 @@
 //!    is lent down the send path and taken only where it is written (a request
 //!    moved through each async level would be held and copied at each one).
 //!    [`upstream::Upstream::send`] takes one of this
-//!    thread's connections to Tallyfy (rustls, HTTP/1.1 or h2 by ALPN), which
-//!    goes back to the thread's pool when the response body ends; its timeout
+//!    thread's connections to Tallyfy (rustls, HTTP/1.1 or h2 by ALPN; HTTP/1.1
+//!    written and read by the request's own task, no channel to a connection
+//!    task), which goes back to the thread's pool when the response body ends; its timeout
 //!    measures Tallyfy's silence, not the caller's upload (502 / 504 on
 //!    failure). A kept request is sent again
 //!    after a failure that did nothing at Tallyfy, within `[upstream.retry]` and
@@ -128,8 +129,11 @@
 //!   to back off: pure, time passed in), `jwt.rs`.
 //! - [`upstream`]: the connection to Tallyfy, its URIs and timeouts;
 //!   `outbound.rs` (a request on its way, lent down the send path), `pool.rs`
-//!   (hyper's client connections, pooled per runtime thread), `returning.rs`
-//!   (the response body that gives its connection back when it ends).
+//!   (connections pooled per runtime thread: HTTP/1.1 ones idle, the HTTP/2 one
+//!   shared), `http1/` (HTTP/1.1 spoken by the request's task: `head.rs`, heads
+//!   written and read, framing decided; `decoder.rs`, where a response body
+//!   ends), `returning.rs` (the response body that gives its connection back
+//!   when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
 //!   `sniff.rs`, `conn_io.rs` (the byte stream: HTTP/1 heads tapped, small
 //!   writes gathered), `activity.rs` (requests in flight, idleness).

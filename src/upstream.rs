@@ -1,6 +1,6 @@
-//! The connection to Tallyfy: hyper's client connections over rustls (HTTP/1.1
-//! and HTTP/2 chosen by ALPN) pooled per runtime thread ([`pool`]), the upstream
-//! URI for a request, and timeouts.
+//! The connection to Tallyfy: connections over rustls (HTTP/1.1 spoken by the
+//! request's own task, [`http1`]; HTTP/2 by hyper; ALPN chooses) pooled per
+//! runtime thread ([`pool`]), the upstream URI for a request, and timeouts.
 //!
 //! This is the only place requests leave the proxy for the API, and the URI it
 //! builds always names the configured upstream: the caller's target contributes its
@@ -26,6 +26,7 @@ use crate::body::Tracked;
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
+mod http1;
 mod outbound;
 mod pool;
 mod returning;
@@ -177,9 +178,11 @@ impl Upstream {
     }
 
     fn classify(&self, error: &SendError) -> ProxyError {
-        let error = match error {
+        let (error, callers): (&(dyn StdError + 'static), bool) = match error {
             SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
-            SendError::Http(error) => error,
+            SendError::Http1(error) => (error, error.is_callers()),
+            // hyper reports a failing request body as a "user" error.
+            SendError::Http2(error) => (error, error.is_user()),
             SendError::Spent => return ProxyError::Internal("a request was sent twice".into()),
         };
         if find_source::<LengthLimitError>(error).is_some() {
@@ -195,9 +198,8 @@ impl Upstream {
             None => {}
         }
         let detail = chain(error);
-        // A failing request body is the caller's (it hung up mid-upload); hyper
-        // reports it as a "user" error of the body.
-        if error.is_user() {
+        // A failing request body is the caller's (it hung up mid-upload).
+        if callers {
             return ProxyError::BodyRead(detail);
         }
         ProxyError::UpstreamBroken(detail)

@@ -73,8 +73,9 @@ async fn exchanges_each_within_the_timeout_pass_however_long_the_connection_live
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1, made fresh for the test.
-fn local_pki() -> (String, rustls::ServerConfig) {
+/// A CA and a server certificate for 127.0.0.1, made fresh for the test; the
+/// server offers `alpn`.
+fn local_pki(alpn: &[&[u8]]) -> (String, rustls::ServerConfig) {
     let ca_key = rcgen::KeyPair::generate().expect("CA key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -93,13 +94,13 @@ fn local_pki() -> (String, rustls::ServerConfig) {
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone()], key)
             .expect("server cert");
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    server.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     (ca.pem(), server)
 }
 
 #[tokio::test]
 async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
-    let (ca_pem, server_tls) = local_pki();
+    let (ca_pem, server_tls) = local_pki(&[b"h2", b"http/1.1"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
         .await
@@ -122,6 +123,30 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
         client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
     assert_eq!(response.status(), 502, "an unknown CA is never trusted");
     assert_eq!(received.len(), sandbox.received().len(), "nothing was delivered");
+}
+
+#[tokio::test]
+async fn tls_upstreams_that_speak_only_http_1_1_are_answered_over_http_1_1() {
+    let (ca_pem, server_tls) = local_pki(&[b"http/1.1"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
+        .await
+        .expect("TLS sandbox");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
+    let config = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    for n in 0..3 {
+        let response =
+            client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+        assert_eq!(response.status(), 200, "request {n}");
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert!(body.get("data").is_some(), "{body}");
+    }
+    let received = sandbox.received();
+    assert_eq!(received.len(), 3);
+    assert!(received.iter().all(|r| r.version == http::Version::HTTP_11), "ALPN chose HTTP/1.1");
 }
 
 #[tokio::test]

@@ -6,32 +6,37 @@
 //! ends. A body dropped before its end takes its connection with it, since
 //! the rest of that response is still on the wire.
 //!
-//! What this saves against hyper-util's pooled client, per request: a task
-//! spawned to wait for the connection's return, a pool key built and hashed
-//! under a lock shared by every thread, the `Host` value formatted again, and
-//! the connection's details copied into the response. Connections a thread
-//! holds are used by that thread only (`pool_max_idle_per_host` is per thread),
-//! so no lock is contended and no request hands off to another thread.
+//! HTTP/1.1 connections are spoken by the request's own task ([`super::http1`]);
+//! an HTTP/2 connection is hyper's, with a task of its own. What this saves
+//! against hyper-util's pooled client, per request: a task spawned to wait for
+//! the connection's return, a pool key built and hashed under a lock shared by
+//! every thread, the `Host` value formatted again, the connection's details
+//! copied into the response, and (HTTP/1.1) the hop through a channel to the
+//! connection's task and back. Connections a thread holds are used by that
+//! thread only (`pool_max_idle_per_host` is per thread), so no lock is
+//! contended and no request hands off to another thread.
 //!
 //! Like hyper-util's client, a request that a reused connection closed before
 //! any of it was written goes once more, on another connection: the upstream
-//! closing a kept-alive connection just as it was picked is no failure.
+//! closing a kept-alive connection just as it was picked is no failure. An
+//! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
+//! picked, and dropped.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::Poll;
 use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::{TrySendError, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thread_local::ThreadLocal;
 use tokio::time::Instant;
 use tower_service::Service as _;
 
 use super::SentBody;
+use super::http1;
 use super::returning::UpstreamBody;
 use crate::error::BoxError;
 
@@ -40,8 +45,10 @@ use crate::error::BoxError;
 pub enum SendError {
     /// No connection could be opened (refused, timed out, TLS failed).
     Connect(BoxError),
-    /// The connection failed while the request was sent or the answer awaited.
-    Http(hyper::Error),
+    /// An HTTP/1.1 exchange failed while the request was sent or the answer awaited.
+    Http1(http1::Error),
+    /// The HTTP/2 stream failed while the request was sent or the answer awaited.
+    Http2(hyper::Error),
     /// There was no request left to send: it had been sent already (a bug).
     Spent,
 }
@@ -76,12 +83,12 @@ struct State {
 }
 
 struct Idle {
-    sender: http1::SendRequest<SentBody>,
+    connection: Box<http1::Connection>,
     since: Instant,
 }
 
 enum Connection {
-    Http1(http1::SendRequest<SentBody>),
+    Http1(Box<http1::Connection>),
     Http2(http2::SendRequest<SentBody>),
 }
 
@@ -117,7 +124,8 @@ impl Pool {
 
     /// Sends the request in `outbound` (its URI absolute, naming the upstream)
     /// on a pooled connection, or a new one, and waits for the response head.
-    /// The request is taken from `outbound` only once a connection is ready.
+    /// The request is taken from `outbound` once written (or failed after
+    /// some of it was).
     pub async fn send(
         &self,
         outbound: &mut Option<Request<SentBody>>,
@@ -127,25 +135,32 @@ impl Pool {
             let (connection, reused) = self.checkout(local).await?;
             // The request is moved into the send before its await (held there, not here).
             let result = match connection {
-                Connection::Http1(mut sender) => {
-                    let sent = {
-                        let mut request = outbound.take().ok_or(SendError::Spent)?;
-                        origin_form(request.uri_mut());
-                        request.headers_mut().insert(HOST, self.host.clone());
-                        sender.try_send_request(request)
-                    };
-                    match sent.await {
-                        Ok(response) => {
-                            let back = Some((sender, local.clone()));
-                            return Ok(response.map(|body| UpstreamBody::new(body, back)));
+                Connection::Http1(mut connection) => {
+                    let request = outbound.as_mut().ok_or(SendError::Spent)?;
+                    request.headers_mut().insert(HOST, self.host.clone());
+                    match connection.exchange(request).await {
+                        Ok(head) => {
+                            *outbound = None;
+                            let http1::ResponseHead { response, decoder, keep_alive } = head;
+                            let body = UpstreamBody::http1(connection, decoder, keep_alive, local.clone());
+                            return Ok(response.map(|()| body));
                         }
-                        Err(error) => error,
+                        Err(failure) if failure.unsent && reused => {
+                            tracing::debug!(
+                                "a pooled upstream connection failed before the request was written; sending again"
+                            );
+                            continue;
+                        }
+                        Err(failure) => {
+                            *outbound = None;
+                            return Err(SendError::Http1(failure.error));
+                        }
                     }
                 }
                 Connection::Http2(mut sender) => {
                     let sent = sender.try_send_request(outbound.take().ok_or(SendError::Spent)?);
                     match sent.await {
-                        Ok(response) => return Ok(response.map(|body| UpstreamBody::new(body, None))),
+                        Ok(response) => return Ok(response.map(UpstreamBody::http2)),
                         Err(error) => error,
                     }
                 }
@@ -160,9 +175,6 @@ impl Pool {
     /// An idle connection of this thread that is still open, or a new one;
     /// and whether it was reused.
     async fn checkout(&self, local: &Arc<Local>) -> Result<(Connection, bool), SendError> {
-        // Connections not yet done with their last exchange (a response that
-        // ended before its request body did): kept, but not waited for.
-        let mut busy = Vec::new();
         let picked = loop {
             let found = {
                 let mut state = local.lock();
@@ -195,21 +207,16 @@ impl Pool {
                     }
                     local.lock().h2 = None;
                 }
+                // Closed by Tallyfy while idle (or not quiet): take another.
                 Found::Idle(mut idle) => {
-                    match std::future::poll_fn(|cx| Poll::Ready(idle.sender.poll_ready(cx))).await {
-                        Poll::Ready(Ok(())) => break Some(Connection::Http1(idle.sender)),
-                        Poll::Pending => busy.push(idle),
-                        // Closed by Tallyfy while idle: take another.
-                        Poll::Ready(Err(_)) => {}
+                    if idle.connection.is_open() {
+                        break Some(Connection::Http1(idle.connection));
                     }
                 }
                 Found::Stale => {}
                 Found::Nothing => break None,
             }
         };
-        if !busy.is_empty() {
-            local.lock().idle.splice(0..0, busy);
-        }
         match picked {
             Some(connection) => Ok((connection, true)),
             // Boxed: dialling (TLS included) is rare, and inline it would make
@@ -218,8 +225,9 @@ impl Pool {
         }
     }
 
-    /// Dials Tallyfy and speaks the protocol ALPN chose; the connection runs
-    /// in its own task on this thread until it closes.
+    /// Dials Tallyfy and speaks the protocol ALPN chose: an HTTP/2 connection
+    /// runs in its own task on this thread until it closes; an HTTP/1.1 one is
+    /// driven by the requests that use it.
     async fn connect(&self, local: &Arc<Local>) -> Result<Connection, SendError> {
         let mut connector = self.connector.clone();
         let io = connector.call(self.origin.clone()).await.map_err(SendError::Connect)?;
@@ -233,10 +241,7 @@ impl Pool {
             local.lock().h2 = Some((sender.clone(), Instant::now()));
             return Ok(Connection::Http2(sender));
         }
-        let (sender, connection) =
-            http1::Builder::new().handshake(io).await.map_err(|error| SendError::Connect(error.into()))?;
-        tokio::spawn(watch(connection));
-        Ok(Connection::Http1(sender))
+        Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io)))))
     }
 }
 
@@ -247,12 +252,12 @@ impl Local {
 
     /// An HTTP/1.1 connection whose response body ended: idle again, unless
     /// the thread already keeps `pool_max_idle_per_host`.
-    pub(super) fn give_back(self: &Arc<Self>, sender: http1::SendRequest<SentBody>) {
+    pub(super) fn give_back(self: &Arc<Self>, connection: Box<http1::Connection>) {
         let mut state = self.lock();
-        if state.idle.len() >= self.max_idle || sender.is_closed() {
+        if state.idle.len() >= self.max_idle {
             return;
         }
-        state.idle.push(Idle { sender, since: Instant::now() });
+        state.idle.push(Idle { connection, since: Instant::now() });
         if !state.reaping {
             state.reaping = true;
             tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
@@ -279,7 +284,7 @@ async fn reap(local: Weak<Local>, timeout: Duration) {
     }
 }
 
-/// Runs a connection to its end.
+/// Runs an HTTP/2 connection to its end.
 async fn watch<C, E>(connection: C)
 where
     C: std::future::Future<Output = Result<(), E>>,
@@ -298,14 +303,7 @@ fn retry_or_fail(
     let mut error = error;
     match error.take_message() {
         Some(request) if reused => Ok(request),
-        _ => Err(SendError::Http(error.into_error())),
-    }
-}
-
-/// An absolute URI as an HTTP/1.1 request line's origin form: path and query.
-fn origin_form(uri: &mut Uri) {
-    if let Some(path_and_query) = uri.path_and_query() {
-        *uri = Uri::from(path_and_query.clone());
+        _ => Err(SendError::Http2(error.into_error())),
     }
 }
 
@@ -334,13 +332,5 @@ mod tests {
         assert_eq!(host("http://127.0.0.1:80/"), "127.0.0.1");
         assert_eq!(host("http://127.0.0.1:9000/"), "127.0.0.1:9000");
         assert_eq!(host("https://[::1]:8443/"), "[::1]:8443");
-    }
-
-    #[test]
-    fn the_request_line_carries_path_and_query_only() {
-        let mut uri: Uri = "https://go.tallyfy.com/api/me?x=%2F".parse().expect("uri");
-        origin_form(&mut uri);
-        assert_eq!(uri, "/api/me?x=%2F");
-        assert!(uri.authority().is_none());
     }
 }

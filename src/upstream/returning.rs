@@ -1,5 +1,6 @@
-//! A response body from Tallyfy that gives its HTTP/1.1 connection back to its
-//! thread's pool the moment the body ends (see [`super::pool`]).
+//! A response body from Tallyfy. An HTTP/1.1 body is read from its connection
+//! by whoever polls it, and the connection goes back to its thread's pool the
+//! moment the body ends (see [`super::pool`]); an HTTP/2 body is hyper's.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,59 +9,108 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
 
-use super::SentBody;
+use super::http1::{Connection, Decoder};
 use super::pool::Local;
+use crate::error::BoxError;
 
-/// Tallyfy's response body, holding its connection until the last byte.
-pub struct UpstreamBody {
-    body: Incoming,
-    /// The HTTP/1.1 connection and the pool it goes back to; `None` for
-    /// HTTP/2 (the connection is shared) and once given back.
-    back: Option<(http1::SendRequest<SentBody>, Arc<Local>)>,
+/// Tallyfy's response body.
+pub struct UpstreamBody(Inner);
+
+enum Inner {
+    /// Read from the connection; `connection` is `None` once the body has
+    /// ended (the connection given back) or failed (the connection gone).
+    Http1 {
+        connection: Option<Box<Connection>>,
+        decoder: Decoder,
+        keep_alive: bool,
+        pool: Arc<Local>,
+    },
+    Http2(Incoming),
 }
 
 impl UpstreamBody {
-    pub(super) fn new(body: Incoming, back: Option<(http1::SendRequest<SentBody>, Arc<Local>)>) -> Self {
-        let mut body = UpstreamBody { body, back };
-        if body.body.is_end_stream() {
-            body.give_back();
-        }
+    pub(super) fn http1(
+        connection: Box<Connection>,
+        decoder: Decoder,
+        keep_alive: bool,
+        pool: Arc<Local>,
+    ) -> Self {
+        let mut body = UpstreamBody(Inner::Http1 { connection: Some(connection), decoder, keep_alive, pool });
+        body.give_back_if_ended();
         body
     }
 
-    fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.back.take() {
-            pool.give_back(sender);
+    pub(super) fn http2(body: Incoming) -> Self {
+        UpstreamBody(Inner::Http2(body))
+    }
+
+    /// An ended HTTP/1.1 body's connection goes back to the pool, unless the
+    /// response said it closes or Tallyfy sent more than the response.
+    fn give_back_if_ended(&mut self) {
+        if let Inner::Http1 { connection, decoder, keep_alive, pool } = &mut self.0
+            && decoder.is_done()
+            && let Some(connection) = connection.take()
+            && *keep_alive
+            && connection.is_clean()
+        {
+            pool.give_back(connection);
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
-        match &frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
-            Some(Ok(_)) => {}
-            // The connection is broken: it goes with the body.
-            Some(Err(_)) => self.back = None,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.0 {
+            Inner::Http2(body) => return Pin::new(body).poll_frame(cx).map_err(Into::into),
+            // Ended (its connection given back), or failed: a failed body
+            // never reads as one that ended.
+            Inner::Http1 { connection: None, decoder, .. } if decoder.is_done() => return Poll::Ready(None),
+            Inner::Http1 { connection: None, .. } => {
+                return Poll::Ready(Some(Err("the response body failed".into())));
+            }
+            Inner::Http1 { connection: Some(connection), decoder, .. } => {
+                ready!(connection.poll_body(decoder, cx))
+            }
+        };
+        match polled {
+            Some(Ok(data)) => {
+                self.give_back_if_ended();
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            None => {
+                self.give_back_if_ended();
+                Poll::Ready(None)
+            }
+            Some(Err(error)) => {
+                // The connection is broken: it goes with the body.
+                if let Inner::Http1 { connection, .. } = &mut self.0 {
+                    *connection = None;
+                }
+                Poll::Ready(Some(Err(error.into())))
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.0 {
+            Inner::Http1 { decoder, .. } => decoder.is_done(),
+            Inner::Http2(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.0 {
+            Inner::Http1 { decoder, .. } => {
+                decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
+            }
+            Inner::Http2(body) => body.size_hint(),
+        }
     }
 }

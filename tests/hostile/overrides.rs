@@ -185,3 +185,32 @@ async fn multipart_parts_php_would_read_as_method_are_judged_in_every_spelling()
     .await;
     assert_eq!(compressed.status(), 400, "a compressed multipart cannot be judged: {}", compressed.text());
 }
+
+#[tokio::test]
+async fn a_multipart_override_is_refused_on_a_reused_upstream_connection_too() {
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
+    let addr = proxy.proxy_addr();
+    let file = format!("/api/organizations/{ORG_ID}/file");
+    let content_type = "multipart/form-data; boundary=XyZ";
+    let refused = multipart(&[("subject_type", "Run"), ("_method", "DELETE")]);
+    let mut chunked = format!(
+        "POST {file} HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\nContent-Type: {content_type}\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n",
+        refused.len()
+    )
+    .into_bytes();
+    chunked.extend_from_slice(&refused);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let me = b"GET /api/me HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\nConnection: close\r\n\r\n";
+    for upload in [post(&file, "k", content_type, &refused), chunked] {
+        // An exchange first, so that the upload goes on a pooled connection.
+        assert_eq!(exchange(addr, me, WAIT).await.status(), 200);
+        let before = sandbox.received().len();
+        let answer = exchange(addr, &upload, WAIT).await;
+        assert_eq!(answer.status(), 403, "{}", answer.text());
+        for upstream in &sandbox.received()[before..] {
+            assert!(upstream.method != http::Method::POST || upstream.body_len < refused.len() as u64);
+            assert!(!String::from_utf8_lossy(&upstream.body).contains("DELETE"), "the override never left");
+        }
+    }
+}
