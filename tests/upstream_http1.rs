@@ -343,9 +343,9 @@ async fn a_request_whose_body_failed_is_never_sent_again() {
     );
 }
 
-#[tokio::test]
-async fn an_answer_given_before_tallyfy_takes_the_upload_is_the_response() {
-    // Tallyfy refuses the upload from its head, then neither reads nor closes.
+/// An upstream that refuses every upload from its head (a 413 that closes),
+/// then neither reads nor closes for a while.
+async fn refusing_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -364,12 +364,41 @@ async fn an_answer_given_before_tallyfy_takes_the_upload_is_the_response() {
             });
         }
     });
+    addr
+}
+
+async fn proxy_for_uploads(addr: SocketAddr) -> (tallyfy_proxy::app::Running, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("dir");
     let config = TestConfig::personal_any(&format!("http://{addr}"))
         .set("server", "max_request_body_bytes", 256 * 1024 * 1024)
         .set("upstream", "request_timeout_ms", 15_000)
         .parse(dir.path());
-    let proxy = start_proxy(&config).await;
+    (start_proxy(&config).await, dir)
+}
+
+#[tokio::test]
+async fn a_refusal_reaches_a_slow_uploader_before_its_upload_ends() {
+    let (proxy, _dir) = proxy_for_uploads(refusing_upstream().await).await;
+    let mut caller = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    caller
+        .write_all(
+            b"POST /api/upload HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/octet-stream\r\n\
+              content-length: 1000000\r\n\r\nthe first bytes of a long upload",
+        )
+        .await
+        .expect("write");
+    // The caller sends nothing more; the refusal comes anyway.
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), caller.read(&mut answer)).await;
+    let n = read.expect("answered while the upload was still open").expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_answer_given_before_tallyfy_takes_the_upload_is_the_response() {
+    // Tallyfy refuses the upload from its head, then neither reads nor closes.
+    let (proxy, _dir) = proxy_for_uploads(refusing_upstream().await).await;
     let upload = vec![b'x'; 64 * 1024 * 1024];
     let response = client()
         .post(format!("http://{}/api/upload", proxy.proxy_addr()))

@@ -24,7 +24,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SentBody;
@@ -130,6 +130,16 @@ struct Attempt {
     written: bool,
     /// Its body was polled (and may have given up bytes).
     body_read: bool,
+    /// A final answer that came before the whole request was written and does
+    /// not refuse it (below 400, connection kept): the request is finished,
+    /// then this is the response.
+    early: Option<ResponseHead>,
+}
+
+/// What came first while waiting for the caller's next body bytes.
+enum Next {
+    Frame(Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>),
+    Answered(ResponseHead),
 }
 
 /// How writing a request ended.
@@ -158,10 +168,11 @@ impl Connection {
     }
 
     /// Writes `request` (its URI's path and query as the target) and reads the
-    /// response head, passing over `1xx` interim answers. An answer that comes
-    /// while the body is still being written (Tallyfy refusing an upload, say)
-    /// is the response: the rest of the body is not sent, and the connection
-    /// closes after it.
+    /// response head, passing over `1xx` interim answers. Tallyfy's answer is
+    /// watched for while the body is still being written: a refusal (400 or
+    /// above, or one that closes the connection) ends the writing and is the
+    /// response, and the connection closes after it; any other answer waits
+    /// until the whole request is written.
     pub(super) async fn exchange(
         &mut self,
         request: &mut Request<SentBody>,
@@ -174,7 +185,11 @@ impl Connection {
         let method = request.method().clone();
         let mut attempt = Attempt::default();
         match self.send(request.body_mut(), sending, &method, &mut attempt).await {
-            Ok(Sent::Whole) => {}
+            Ok(Sent::Whole) => {
+                if let Some(head) = attempt.early.take() {
+                    return Ok(head);
+                }
+            }
             Ok(Sent::Answered(mut head)) => {
                 head.keep_alive = false;
                 return Ok(head);
@@ -182,6 +197,10 @@ impl Connection {
             Err(error) => {
                 // Tallyfy may have answered and closed before taking the whole
                 // body: that answer, if it arrived, is the response.
+                if let Some(mut head) = attempt.early.take() {
+                    head.keep_alive = false;
+                    return Ok(head);
+                }
                 if attempt.written
                     && matches!(error, Error::Io(_))
                     && let Ok(mut head) = self.read_head(&method).await
@@ -217,7 +236,18 @@ impl Connection {
                         if let Some(head) = self.write_out(method, attempt).await? {
                             return Ok(Sent::Answered(head));
                         }
-                        body.frame().await
+                        // Tallyfy's answer is watched while the caller is slow.
+                        let next = std::future::poll_fn(|cx| {
+                            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                                return Poll::Ready(Ok(Next::Frame(frame)));
+                            }
+                            self.poll_refusal(method, attempt, cx).map_ok(Next::Answered)
+                        })
+                        .await?;
+                        match next {
+                            Next::Frame(frame) => frame,
+                            Next::Answered(head) => return Ok(Sent::Answered(head)),
+                        }
                     }
                 };
                 let Some(frame) = frame else { break };
@@ -252,20 +282,28 @@ impl Connection {
         if let Some(head) = self.write_out(method, attempt).await? {
             return Ok(Sent::Answered(head));
         }
-        self.io.flush().await?;
         Ok(Sent::Whole)
     }
 
-    /// Writes the gathered request bytes. While Tallyfy takes none, its
-    /// answer is read instead: a final response head ends the writing.
+    /// Writes and flushes the gathered request bytes (TLS included). While
+    /// Tallyfy takes none, its answer is read instead: a refusal ends the writing.
     async fn write_out(
         &mut self,
         method: &Method,
         attempt: &mut Attempt,
     ) -> Result<Option<ResponseHead>, Error> {
         let mut at = 0;
-        let answered = std::future::poll_fn(|cx| {
-            while at < self.write.len() {
+        let refused = std::future::poll_fn(|cx| {
+            // An answer already read (woken by it, the socket writable again) is judged first.
+            if !self.read.is_empty()
+                && attempt.early.is_none()
+                && let Some(head) = self.take_final_head(method)?
+                && let Some(refusal) = park_unless_refusal(head, attempt)
+            {
+                return Poll::Ready(Ok(Some(refusal)));
+            }
+            let mut blocked = false;
+            while at < self.write.len() && !blocked {
                 match Pin::new(&mut self.io).poll_write(cx, &self.write[at..]) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
@@ -275,29 +313,42 @@ impl Connection {
                         attempt.written = true;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                    Poll::Pending if attempt.written => {
-                        return self.poll_early_head(method, cx).map(|h| h.map(Some));
-                    }
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => blocked = true,
                 }
             }
-            Poll::Ready(Ok(None))
+            if !blocked {
+                match Pin::new(&mut self.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(None)),
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+                    Poll::Pending => {}
+                }
+            }
+            self.poll_refusal(method, attempt, cx).map_ok(Some)
         })
         .await?;
         self.write.clear();
-        Ok(answered)
+        Ok(refused)
     }
 
-    /// A final response head that arrived while the request was being written;
-    /// `Pending` (woken when more arrives) until a whole one is there.
-    fn poll_early_head(
+    /// Reads Tallyfy's answer while the request is not all written; `Ready`
+    /// only with a refusal. Any other final answer is parked in `attempt` and
+    /// reading stops. `Pending` without a waker of its own when nothing is to
+    /// be watched: the caller polls another source first.
+    fn poll_refusal(
         &mut self,
         method: &Method,
+        attempt: &mut Attempt,
         cx: &mut Context<'_>,
     ) -> Poll<Result<ResponseHead, Error>> {
+        if !attempt.written || attempt.early.is_some() {
+            return Poll::Pending;
+        }
         loop {
             if let Some(head) = self.take_final_head(method)? {
-                return Poll::Ready(Ok(head));
+                return match park_unless_refusal(head, attempt) {
+                    Some(refusal) => Poll::Ready(Ok(refusal)),
+                    None => Poll::Pending,
+                };
             }
             self.read.reserve(READ_SIZE);
             match std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))
@@ -364,4 +415,15 @@ impl Connection {
     pub(super) fn is_clean(&self) -> bool {
         self.read.is_empty()
     }
+}
+
+/// An early answer that refuses the request (400 or above, or closing the
+/// connection) is returned; any other is parked in `attempt` for after the
+/// request is all written.
+fn park_unless_refusal(head: ResponseHead, attempt: &mut Attempt) -> Option<ResponseHead> {
+    if head.response.status().as_u16() >= 400 || !head.keep_alive {
+        return Some(head);
+    }
+    attempt.early = Some(head);
+    None
 }
