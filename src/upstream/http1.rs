@@ -327,6 +327,11 @@ impl Connection {
         })
         .await?;
         self.write.clear();
+        // A large body frame (a kept or rewritten body comes as one) is not
+        // held on to by the idle connection.
+        if self.write.capacity() > 4 * WRITE_SIZE {
+            self.write = Vec::new();
+        }
         Ok(refused)
     }
 
