@@ -17,7 +17,8 @@
 //! contended and no request hands off to another thread.
 //!
 //! Like hyper-util's client, a request that a reused connection closed before
-//! any of it was written goes once more, on another connection: the upstream
+//! any of it was written (and, over HTTP/1.1, before anything was taken from
+//! its body) goes once more, on another connection: the upstream
 //! closing a kept-alive connection just as it was picked is no failure. An
 //! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
 //! picked, and dropped.
@@ -133,7 +134,8 @@ impl Pool {
         let local = self.local();
         loop {
             let (connection, reused) = self.checkout(local).await?;
-            // The request is moved into the send before its await (held there, not here).
+            // HTTP/1.1 borrows the request for the exchange; HTTP/2 moves it
+            // into hyper's send before its await (held there, not here).
             let result = match connection {
                 Connection::Http1(mut connection) => {
                     let request = outbound.as_mut().ok_or(SendError::Spent)?;
