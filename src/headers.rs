@@ -194,9 +194,37 @@ pub fn check_limits(headers: &HeaderMap, max_headers: usize, max_bytes: usize) -
     Ok(())
 }
 
+/// The single `Content-Length` in `headers`, in plain digits; `None` when there
+/// is none, or several, or it is not a plain number.
+pub fn single_length(headers: &HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(value), None) = (values.next(), values.next()) else { return None };
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_one_plain_length_is_a_length() {
+        let with = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(http::header::CONTENT_LENGTH, HeaderValue::from_static(value));
+            }
+            single_length(&headers)
+        };
+        assert_eq!(with(&["700"]), Some(700));
+        assert_eq!(with(&["+700"]), None, "not plain digits");
+        assert_eq!(with(&["700", "700"]), None, "two fields");
+        assert_eq!(with(&[""]), None);
+        assert_eq!(with(&[]), None);
+    }
     use http::header::HOST;
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -98,9 +98,10 @@ fn local_pki(alpn: &[&[u8]]) -> (String, rustls::ServerConfig) {
     (ca.pem(), server)
 }
 
-#[tokio::test]
-async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
-    let (ca_pem, server_tls) = local_pki(&[b"h2", b"http/1.1"]);
+/// The sandbox behind TLS offering `alpn`, a directory holding its CA as
+/// `ca.pem`, and its base URL.
+async fn tls_sandbox(alpn: &[&[u8]]) -> (Sandbox, tempfile::TempDir, String) {
+    let (ca_pem, server_tls) = local_pki(alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
         .await
@@ -108,6 +109,12 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
     let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
+    (sandbox, dir, base)
+}
+
+#[tokio::test]
+async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
+    let (sandbox, dir, base) = tls_sandbox(&[b"h2", b"http/1.1"]).await;
 
     let trusting = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").parse(dir.path());
     let proxy = start_proxy(&trusting).await;
@@ -127,14 +134,7 @@ async fn tls_upstreams_are_verified_against_the_configured_ca_and_speak_h2() {
 
 #[tokio::test]
 async fn tls_upstreams_that_speak_only_http_1_1_are_answered_over_http_1_1() {
-    let (ca_pem, server_tls) = local_pki(&[b"http/1.1"]);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
-        .await
-        .expect("TLS sandbox");
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
+    let (sandbox, dir, base) = tls_sandbox(&[b"http/1.1"]).await;
     let config = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").parse(dir.path());
     let proxy = start_proxy(&config).await;
     for n in 0..3 {

@@ -24,6 +24,9 @@ struct Reply {
     then: Option<&'static [u8]>,
 }
 
+/// A plain keep-alive `200` whose body is `ok`.
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+
 fn reply(bytes: &'static [u8]) -> Reply {
     Reply { bytes, close: false, then: None }
 }
@@ -191,7 +194,7 @@ async fn bytes_beyond_an_answer_are_never_read_as_the_next_answer() {
     let upstream = scripted(vec![
         reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nokSMUGGLED"),
         Reply {
-            bytes: b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok",
+            bytes: OK,
             close: false,
             then: Some(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 8\r\n\r\nUNASKED!"),
         },
@@ -233,7 +236,7 @@ async fn head_and_no_content_answers_have_no_body_and_keep_the_connection() {
     let upstream = scripted(vec![
         reply(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 700\r\n\r\n"),
         reply(b"HTTP/1.1 204 No Content\r\n\r\n"),
-        reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"),
+        reply(OK),
     ])
     .await;
     let (proxy, _dir) = proxy_to(&upstream).await;
@@ -248,9 +251,7 @@ async fn head_and_no_content_answers_have_no_body_and_keep_the_connection() {
 
 #[tokio::test]
 async fn request_bodies_go_with_a_length_or_chunked_as_the_caller_sent_them() {
-    let upstream =
-        scripted(vec![reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")])
-            .await;
+    let upstream = scripted(vec![reply(OK)]).await;
     let (proxy, _dir) = proxy_to(&upstream).await;
     let url = format!("http://{}/api/upload", proxy.proxy_addr());
     let sized = vec![b'a'; 40_000];
@@ -309,9 +310,7 @@ fn dechunk(mut wire: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_request_whose_body_failed_is_never_sent_again() {
-    let upstream =
-        scripted(vec![reply(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok")])
-            .await;
+    let upstream = scripted(vec![reply(OK)]).await;
     let (proxy, _dir) = proxy_to(&upstream).await;
     // A connection is pooled, so the upload below goes on a reused one.
     assert_eq!(get(&proxy, "/api/me").await, (200, "ok".to_owned()));

@@ -93,7 +93,7 @@ impl Proxy {
             let total: usize = chunks.iter().map(Bytes::len).sum();
             // Tallyfy's own length is kept when it is exactly that (a new header
             // value would cost an allocation on every request).
-            if !states_length(&parts.headers, total) {
+            if headers::single_length(&parts.headers) != Some(total as u64) {
                 parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(total));
             }
             return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, ended))));
@@ -127,16 +127,6 @@ impl Proxy {
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
-}
-
-/// Whether `headers` hold one `Content-Length`, in plain digits, of `length`.
-fn states_length(headers: &http::HeaderMap, length: usize) -> bool {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let (Some(value), None) = (values.next(), values.next()) else { return false };
-    let digits = value.as_bytes();
-    !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && std::str::from_utf8(digits).ok().and_then(|d| d.parse::<usize>().ok()) == Some(length)
 }
 
 /// Responses the proxy cannot pass on safely (502): one declaring both
@@ -175,26 +165,4 @@ enum Base {
     Host(HeaderValue),
     /// The HTTP/2 `:authority`.
     Authority(http::uri::Authority),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn with(values: &[&'static str]) -> http::HeaderMap {
-        let mut headers = http::HeaderMap::new();
-        for value in values {
-            headers.append(CONTENT_LENGTH, HeaderValue::from_static(value));
-        }
-        headers
-    }
-
-    #[test]
-    fn only_one_plain_length_of_the_bytes_sent_is_kept() {
-        assert!(states_length(&with(&["700"]), 700));
-        assert!(!states_length(&with(&["701"]), 700), "another length");
-        assert!(!states_length(&with(&["+700"]), 700), "not plain digits");
-        assert!(!states_length(&with(&["700", "700"]), 700), "two fields become one");
-        assert!(!states_length(&with(&[]), 700), "none");
-    }
 }

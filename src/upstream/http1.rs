@@ -24,7 +24,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SentBody;
@@ -158,7 +158,7 @@ impl Connection {
     /// nor sent anything unasked. Looks without waiting, and without a system
     /// call when nothing arrived since the last read.
     pub(super) fn is_open(&mut self) -> bool {
-        if !self.read.is_empty() {
+        if !self.is_clean() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -348,12 +348,18 @@ impl Connection {
         if !attempt.written || attempt.early.is_some() {
             return Poll::Pending;
         }
+        let head = std::task::ready!(self.poll_head(method, cx))?;
+        match park_unless_refusal(head, attempt) {
+            Some(refusal) => Poll::Ready(Ok(refusal)),
+            None => Poll::Pending,
+        }
+    }
+
+    /// The next final response head, reading as needed.
+    fn poll_head(&mut self, method: &Method, cx: &mut Context<'_>) -> Poll<Result<ResponseHead, Error>> {
         loop {
             if let Some(head) = self.take_final_head(method)? {
-                return match park_unless_refusal(head, attempt) {
-                    Some(refusal) => Poll::Ready(Ok(refusal)),
-                    None => Poll::Pending,
-                };
+                return Poll::Ready(Ok(head));
             }
             self.read.reserve(READ_SIZE);
             match std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read))
@@ -377,15 +383,7 @@ impl Connection {
     }
 
     async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, Error> {
-        loop {
-            if let Some(head) = self.take_final_head(method)? {
-                return Ok(head);
-            }
-            self.read.reserve(READ_SIZE);
-            if self.io.read_buf(&mut self.read).await? == 0 {
-                return Err(Error::Closed);
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_head(method, cx)).await
     }
 
     /// The next piece of the response body `decoder` delimits, reading as

@@ -36,7 +36,7 @@ pub fn request_framing(headers: &mut HeaderMap, ended: bool, exact: Option<u64>)
         return Sending::Nothing;
     }
     if !headers.contains_key(TRANSFER_ENCODING) {
-        if let Some(length) = one_length(headers) {
+        if let Some(length) = crate::headers::single_length(headers) {
             return Sending::Length(length);
         }
         if let Some(length) = exact {
@@ -60,18 +60,6 @@ fn ends_chunked(headers: &HeaderMap) -> bool {
             .next()
             .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     })
-}
-
-/// The single `Content-Length` in `headers`, in plain digits; `None` when
-/// there is none, or several, or it is not a number.
-fn one_length(headers: &HeaderMap) -> Option<u64> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let (Some(value), None) = (values.next(), values.next()) else { return None };
-    let digits = value.as_bytes();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Appends the HTTP/1.1 request head: the request line with `target` (origin
