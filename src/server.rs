@@ -22,6 +22,7 @@ mod activity;
 mod conn_io;
 mod connection;
 mod sniff;
+mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;

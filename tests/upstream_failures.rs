@@ -55,6 +55,90 @@ async fn a_silent_upstream_is_a_504() {
 }
 
 #[tokio::test]
+async fn a_json_answer_that_stalls_mid_body_is_a_504() {
+    // Answers with a JSON head and the start of its body, then holds the rest:
+    // the body is read for links, within the request timeout.
+    let stalling = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = stalling.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = stalling.accept().await {
+            let _ = read_head(&mut stream).await;
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\":[";
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{addr}"))
+        .set("upstream", "request_timeout_ms", 300)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let began = std::time::Instant::now();
+    let asked = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send();
+    let response =
+        tokio::time::timeout(Duration::from_secs(5), asked).await.expect("in time").expect("answered");
+    assert_eq!(response.status(), 504);
+    assert_eq!(error_code(response).await, "upstream_timeout");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "504 after {took:?}");
+    holder.abort();
+}
+
+#[tokio::test]
+async fn a_caller_body_that_stalls_while_it_is_read_is_a_408_and_nothing_is_forwarded() {
+    let down = closed_port().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{down}"))
+        .set("upstream", "request_timeout_ms", 300)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let mut caller = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let began = std::time::Instant::now();
+    let head = b"POST /api/organizations/org/runs HTTP/1.1\r\nHost: proxy\r\nX-Api-Key: any\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"deadline\":";
+    tokio::io::AsyncWriteExt::write_all(&mut caller, head).await.expect("send");
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut caller))
+        .await
+        .expect("answered in time");
+    let took = began.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_body_timeout"), "{answer}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "408 after {took:?}");
+}
+
+/// Reads up to the end of a head (or the peer's close), as text.
+async fn read_head(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !bytes.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Reads one answer with a `Content-Length`, head and body, as text.
+async fn read_answer(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut text = read_head(stream).await;
+    let length: usize = text
+        .lines()
+        .find_map(|line| {
+            line.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+        })
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("a length: {text}"));
+    let have = text.split_once("\r\n\r\n").map_or(0, |(_, body)| body.len());
+    let mut rest = vec![0u8; length.saturating_sub(have)];
+    stream.read_exact(&mut rest).await.expect("the body");
+    text.push_str(&String::from_utf8_lossy(&rest));
+    text
+}
+
+#[tokio::test]
 async fn exchanges_each_within_the_timeout_pass_however_long_the_connection_lives() {
     // Each answer takes 200 ms against a 300 ms timeout, on one pooled
     // connection: the silence is measured per exchange, not per connection.

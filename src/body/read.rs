@@ -1,9 +1,27 @@
 //! Reading the start of a body: whole when it fits a limit, else what was read
-//! and the rest (for bodies the proxy may rewrite).
+//! and the rest (for bodies the proxy may rewrite); and the time such a read may
+//! take.
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::BodyExt;
+
+/// `read` bounded by `limit`, or `None` when it took longer. The timer is armed
+/// only when `read` is not done on its first poll: a body that came with its
+/// head, the usual case, costs no clock read and no timer.
+pub async fn within<F: Future>(limit: Duration, read: F) -> Option<F::Output> {
+    let mut read = pin!(read);
+    let first = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(done) => Some(done),
+        Poll::Pending => tokio::time::timeout(limit, read).await.ok(),
+    }
+}
 
 /// The start of a body, read until it ends or passes `limit` bytes.
 pub enum BodyStart<B> {
@@ -56,4 +74,27 @@ where
         }
     }
     Ok(ChunkStart::Complete(chunks, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_done_at_once_is_returned_and_a_late_one_is_cut_at_its_limit() {
+        let began = tokio::time::Instant::now();
+        assert_eq!(within(Duration::from_secs(5), async { 7 }).await, Some(7));
+        let late = async {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            7
+        };
+        assert_eq!(within(Duration::from_secs(5), late).await, None);
+        assert_eq!(began.elapsed(), Duration::from_secs(5), "cut at its limit, counted from the first poll");
+        let slow = async {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            8
+        };
+        assert_eq!(within(Duration::from_secs(5), slow).await, Some(8));
+        assert_eq!(began.elapsed(), Duration::from_secs(9));
+    }
 }

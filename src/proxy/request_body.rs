@@ -146,9 +146,9 @@ impl Proxy {
     /// timeout (a slow caller may not hold a task forever).
     async fn read_start(&self, body: Incoming, max: u64) -> Result<BodyStart<Incoming>, ProxyError> {
         let limit = self.shared.upstream.request_timeout();
-        tokio::time::timeout(limit, body::read_up_to(body, max))
+        body::within(limit, body::read_up_to(body, max))
             .await
-            .map_err(|_| ProxyError::BodyTimeout(limit))?
+            .ok_or(ProxyError::BodyTimeout(limit))?
             .map_err(|e| ProxyError::BodyRead(e.to_string()))
     }
 

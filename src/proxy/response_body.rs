@@ -77,9 +77,9 @@ impl Proxy {
         };
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
-        let start = tokio::time::timeout(limit, body::read_chunks(body, shared.links.max_body_bytes))
+        let start = body::within(limit, body::read_chunks(body, shared.links.max_body_bytes))
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout(limit))?
+            .ok_or(ProxyError::UpstreamTimeout(limit))?
             .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
         let (chunks, ended) = match start {
             ChunkStart::Over(chunks, rest) => {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::activity::{Activity, Counted};
 use super::conn_io::{ConnIo, HeadTap};
 use super::sniff::{Protocol, sniff};
+use super::watch::Watched;
 use super::{BoxError, ConnectionInfo, ConnectionLimits};
 use crate::client_cert;
 
@@ -186,18 +187,26 @@ async fn run<C>(
     C::Error: std::fmt::Display,
 {
     tokio::pin!(connection);
-    let mut closing = false;
     // Watched for the connection's whole life, drain included: a slow head
     // must not hold the drain open either.
-    let head_overdue = async {
+    let head_overdue = Watched::new(async {
         match timers.head {
             Some(timeout) => activity.idle_for(timeout).await,
             None => std::future::pending().await,
         }
-    };
+    });
     tokio::pin!(head_overdue);
+    let close = Watched::new(async {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = activity.idle_for(timers.idle) => tracing::debug!(%peer, "idle connection closed"),
+        }
+    });
+    tokio::pin!(close);
+    let mut closing = false;
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "connection ended with an error");
@@ -207,12 +216,7 @@ async fn run<C>(
             () = &mut head_overdue => {
                 return tracing::debug!(%peer, "no request head within the header read timeout");
             }
-            () = shutdown.cancelled(), if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = activity.idle_for(timers.idle), if !closing => {
-                tracing::debug!(%peer, "idle connection closed");
+            () = &mut close, if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
             }
