@@ -14,5 +14,5 @@ mod tracked;
 pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
 pub use finished::{Finish, Finished};
 pub use prefixed::Prefixed;
-pub use read::{BodyStart, ChunkStart, read_chunks, read_up_to, within};
+pub use read::{BodyStart, ChunkStart, Chunks, read_chunks, read_up_to, within};
 pub use tracked::{Progress, Tracked};

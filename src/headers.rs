@@ -169,7 +169,11 @@ fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + 
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Most listed names (`keep-alive`, `close`) name no field of this head:
+        // looked up first, so no name is built (and allocated) for them.
+        .filter(|name| headers.contains_key(*name))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
 }
 
 /// Turns the upstream response's headers into the caller's: hop-by-hop headers

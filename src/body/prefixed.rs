@@ -7,11 +7,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::Chunks;
+
 pin_project! {
     /// A body that yields `prefix` (one chunk or several) first, then the rest of `inner`.
     pub struct Prefixed<B> {
         first: Option<Bytes>,
-        rest: std::vec::IntoIter<Bytes>,
+        rest: smallvec::IntoIter<[Bytes; 2]>,
         #[pin]
         inner: B,
     }
@@ -19,11 +21,11 @@ pin_project! {
 
 impl<B> Prefixed<B> {
     pub fn new(prefix: Option<Bytes>, inner: B) -> Self {
-        Prefixed { first: prefix.filter(|p| !p.is_empty()), rest: Vec::new().into_iter(), inner }
+        Prefixed { first: prefix.filter(|p| !p.is_empty()), rest: Chunks::new().into_iter(), inner }
     }
 
     /// `chunks` in order, then `inner`.
-    pub fn chunks(chunks: Vec<Bytes>, inner: B) -> Self {
+    pub fn chunks(chunks: Chunks, inner: B) -> Self {
         Prefixed { first: None, rest: chunks.into_iter(), inner }
     }
 

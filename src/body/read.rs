@@ -48,12 +48,16 @@ where
     Ok(BodyStart::Complete(buffer.freeze()))
 }
 
+/// Chunks of a body as they arrived. Room for two in place: a small answer
+/// comes in one, and its read allocates nothing.
+pub type Chunks = smallvec::SmallVec<[Bytes; 2]>;
+
 /// The start of a body held as the chunks it arrived in (nothing copied).
 pub enum ChunkStart<B> {
     /// The whole body, and the body itself (ended).
-    Complete(Vec<Bytes>, B),
+    Complete(Chunks, B),
     /// More than `limit` bytes: what was read, and the rest still to come.
-    Over(Vec<Bytes>, B),
+    Over(Chunks, B),
 }
 
 /// Reads `body` as chunks until it ends or passes `limit` bytes. Trailers are dropped.
@@ -61,7 +65,7 @@ pub async fn read_chunks<B>(mut body: B, limit: u64) -> Result<ChunkStart<B>, B:
 where
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut chunks = Vec::new();
+    let mut chunks = Chunks::new();
     let mut total = 0u64;
     while !body.is_end_stream() {
         let Some(frame) = body.frame().await else { break };

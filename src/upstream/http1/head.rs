@@ -117,7 +117,9 @@ pub fn read_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opti
         .filter(|reason| Some(*reason) != status.canonical_reason())
         .map(|reason| within(reason.as_bytes(), buffer.as_ptr() as usize, length));
     let start = buffer.as_ptr() as usize;
-    let mut fields = Vec::with_capacity(parsed.headers.len());
+    // Names and where the values lie, in place for a usual head (its values
+    // can only be sliced once the head is split off the buffer).
+    let mut fields: smallvec::SmallVec<[_; 24]> = smallvec::SmallVec::with_capacity(parsed.headers.len());
     for field in parsed.headers.iter() {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Malformed("an invalid header name"))?;
