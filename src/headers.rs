@@ -162,18 +162,19 @@ fn not_forwarded(name: &str) -> bool {
         || name.as_bytes().contains(&b'_')
 }
 
-/// The names a `Connection` header lists (hop-by-hop by declaration).
+/// The names a `Connection` header lists (hop-by-hop by declaration). Read as
+/// bytes: a value holding a byte above 0x7F (which hyper accepts) still lists
+/// the names beside it.
 fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
     headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         // Most listed names (`keep-alive`, `close`) name no field of this head:
         // looked up first, so no name is built (and allocated) for them.
-        .filter(|name| headers.contains_key(*name))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .filter(|name| std::str::from_utf8(name).is_ok_and(|name| headers.contains_key(name)))
+        .filter_map(|name| HeaderName::from_bytes(name).ok())
 }
 
 /// Turns the upstream response's headers into the caller's: hop-by-hop headers
@@ -322,6 +323,15 @@ mod tests {
             assert!(!headers.contains_key(gone), "{gone}");
         }
         assert_eq!(headers["accept"], "text/csv", "an explicit Accept is kept");
+    }
+
+    #[test]
+    fn names_listed_beside_a_byte_above_0x7f_are_dropped_too() {
+        let mut headers = map(&[("x-secret-hop", "1"), ("accept", "text/csv")]);
+        headers.insert(CONNECTION, HeaderValue::from_bytes(b"X-Secret-Hop, \xff").expect("obs-text value"));
+        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        assert!(!headers.contains_key("x-secret-hop"));
+        assert_eq!(headers["accept"], "text/csv");
     }
 
     #[test]

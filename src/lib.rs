@@ -136,7 +136,8 @@
 //!   when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
 //!   `sniff.rs`, `conn_io.rs` (the byte stream: HTTP/1 heads tapped, small
-//!   writes gathered), `activity.rs` (requests in flight, idleness).
+//!   writes gathered), `activity.rs` (requests in flight, idleness),
+//!   `watch.rs` (the connection's timers polled only when they fire).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget

@@ -15,6 +15,9 @@
 //!   gracefully (HTTP/2: GOAWAY), and HTTP/2 peers are pinged so a dead one is
 //!   noticed even mid-request.
 //!
+//! These watchers are polled only when one of them fires (`watch.rs`), not each
+//! time the connection's task wakes for its requests.
+//!
 //! `serve` takes its listener and shutdown token as parameters (as mini-redis does),
 //! so tests bind `127.0.0.1:0` and decide when to stop.
 

@@ -68,3 +68,18 @@ async fn no_field_of_the_access_line_can_be_forged() {
     assert!(!line.contains("idB"), "{line}");
     assert_eq!(line.matches(" identity=").count(), 1, "{line}");
 }
+
+#[tokio::test]
+async fn a_header_the_caller_lists_in_connection_never_reaches_tallyfy_whatever_else_the_list_holds() {
+    let stack = stack().await;
+    // `Connection` lists `X-Secret-Hop` beside a byte above 0x7F (obs-text,
+    // which hyper accepts): the listed header is still hop-by-hop.
+    let request: &[u8] = b"GET /api/me HTTP/1.1\r\nHost: a\r\nX-Secret-Hop: 1\r\nX-Kept: yes\r\n\
+        Connection: X-Secret-Hop, \xff\xfe, close\r\n\r\n";
+    let answer = exchange(stack.proxy.proxy_addr(), request, WAIT).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text());
+    let received = stack.sandbox.received();
+    let upstream = &received.last().expect("forwarded").headers;
+    assert!(!upstream.contains_key("x-secret-hop"), "a Connection-listed header reached Tallyfy");
+    assert_eq!(upstream["x-kept"], "yes");
+}
