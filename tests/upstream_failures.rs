@@ -31,26 +31,8 @@ async fn an_unreachable_upstream_is_a_502() {
 #[tokio::test]
 async fn a_silent_upstream_is_a_504() {
     // Accepts connections and reads requests, but never answers.
-    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = silent.local_addr().expect("addr");
-    let holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = silent.accept().await {
-            held.push(stream);
-        }
-    });
-    let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{addr}"))
-        .set("upstream", "request_timeout_ms", 300)
-        .parse(dir.path());
-    let proxy = start_proxy(&config).await;
-    let began = std::time::Instant::now();
-    let response =
-        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
-    assert_eq!(response.status(), 504);
-    assert_eq!(error_code(response).await, "upstream_timeout");
-    let took = began.elapsed();
-    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "504 after {took:?}");
+    let (upstream, holder) = holding_upstream(b"").await;
+    answers_504_after_the_300_ms_timeout(upstream).await;
     holder.abort();
 }
 
@@ -58,19 +40,34 @@ async fn a_silent_upstream_is_a_504() {
 async fn a_json_answer_that_stalls_mid_body_is_a_504() {
     // Answers with a JSON head and the start of its body, then holds the rest:
     // the body is read for links, within the request timeout.
-    let stalling = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = stalling.local_addr().expect("addr");
+    let answer =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\":[";
+    let (upstream, holder) = holding_upstream(answer).await;
+    answers_504_after_the_300_ms_timeout(upstream).await;
+    holder.abort();
+}
+
+/// An upstream that reads each request head, writes `first` (nothing: it
+/// never answers) and holds the connection open.
+async fn holding_upstream(first: &'static [u8]) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
     let holder = tokio::spawn(async move {
         let mut held = Vec::new();
-        while let Ok((mut stream, _)) = stalling.accept().await {
+        while let Ok((mut stream, _)) = listener.accept().await {
             let _ = read_head(&mut stream).await;
-            let answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\":[";
-            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer).await;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, first).await;
             held.push(stream);
         }
     });
+    (addr, holder)
+}
+
+/// `GET /api/me` through a proxy with a 300 ms request timeout in front of
+/// `upstream`: a 504 `upstream_timeout`, neither early nor late.
+async fn answers_504_after_the_300_ms_timeout(upstream: std::net::SocketAddr) {
     let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{addr}"))
+    let config = TestConfig::personal_any(&format!("http://{upstream}"))
         .set("upstream", "request_timeout_ms", 300)
         .parse(dir.path());
     let proxy = start_proxy(&config).await;
@@ -82,7 +79,6 @@ async fn a_json_answer_that_stalls_mid_body_is_a_504() {
     assert_eq!(error_code(response).await, "upstream_timeout");
     let took = began.elapsed();
     assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "504 after {took:?}");
-    holder.abort();
 }
 
 #[tokio::test]
