@@ -323,6 +323,64 @@ async fn forty_dead_token_401s_across_the_fleet_cause_one_refresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_another_replica_is_refreshing_away_is_replayed_with_its_successor_even_right_after_a_forced_refresh()
+ {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    // A forced refresh holds off the next one for a minute: a second rejection
+    // in that minute only takes what the fleet has.
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).set(
+        "tokens",
+        "min_forced_refresh_interval_ms",
+        60_000,
+    );
+    let replicas = fleet(2, &config, &redis).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let get = |replica: &Replica| client().get(format!("http://{}{PATH}", replica.proxy)).send();
+
+    // B forces a refresh (its token died), and A takes the new set from the fleet.
+    sandbox.revoke_all_tokens();
+    assert_eq!(get(b).await.expect("answered").status(), 200, "{:#?}", b.trouble());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.metric("tallyfy_proxy_fleet_tokens_adopted_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "A took the fleet's new set");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Now A refreshes for the fleet, slowly: its set is not written yet while
+    // the token both replicas hold is already dead (as a rotated refresh token
+    // kills its access token at Tallyfy).
+    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(1500))));
+    sandbox.revoke_all_tokens();
+    let refreshing = a.logged("refreshing for the fleet");
+    let first = tokio::spawn(get(a));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.logged("refreshing for the fleet") == refreshing {
+        assert!(Instant::now() < deadline, "A refreshed for the fleet: {:#?}", a.trouble());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B's token is rejected inside its minute: it may not refresh, and must
+    // wait for A's set rather than pass the 401 on.
+    let answer = get(b).await.expect("answered");
+    assert_eq!(answer.status(), 200, "{:#?}", b.trouble());
+    assert_eq!(first.await.expect("task").expect("answered").status(), 200, "{:#?}", a.trouble());
+    // Access lines reach the log within 50 ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.logged("\"replayed\":true") < 2 {
+        assert!(Instant::now() < deadline, "B replayed both of its requests: {:#?}", b.trouble());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let grants: Vec<String> = sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    assert_eq!(
+        grants,
+        ["password", "refresh_token", "refresh_token"],
+        "one refresh each time, for the fleet"
+    );
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;

@@ -58,6 +58,17 @@ impl Fleet {
         Ok((fence > 0).then_some(Fence(fence)))
     }
 
+    /// Whether a replica holds the credential's refresh lease now (a refresh
+    /// for the fleet is under way).
+    pub async fn refreshing(&self, credential: &str) -> Result<bool, FleetError> {
+        self.key_accepted()?;
+        let mut connection = self.connection()?;
+        let held: bool = self
+            .call(redis::cmd("EXISTS").arg(self.key("lease", credential)).query_async(&mut connection))
+            .await?;
+        Ok(held)
+    }
+
     /// Extends a held lease by [`Fleet::lease`]; `false` when it was lost.
     pub async fn extend(&self, credential: &str, fence: Fence) -> Result<bool, FleetError> {
         let mut connection = self.connection()?;

@@ -162,17 +162,23 @@ where
             let error = FleetError::Unreachable("the lease holder wrote nothing in time".into());
             return alone(metrics, &error, &fetch).await;
         }
-        let poll = tokio::time::sleep(Duration::from_millis(250));
-        tokio::pin!(poll);
-        loop {
-            tokio::select! {
-                () = &mut poll => break,
-                heard = news.recv() => match heard {
-                    Ok(News::Tokens { credential, generation }) if &*credential == name && generation > installed => break,
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => { poll.as_mut().await; break }
-                },
-            }
+        news_or_a_while(&mut news, name, installed).await;
+    }
+}
+
+/// Waits for the fleet's news of a generation above `installed` for `name`, or
+/// 250 ms, whichever comes first (news can be missed: the caller reads again).
+async fn news_or_a_while(news: &mut tokio::sync::broadcast::Receiver<News>, name: &str, installed: u64) {
+    let poll = tokio::time::sleep(Duration::from_millis(250));
+    tokio::pin!(poll);
+    loop {
+        tokio::select! {
+            () = &mut poll => return,
+            heard = news.recv() => match heard {
+                Ok(News::Tokens { credential, generation }) if &*credential == name && generation > installed => return,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return poll.await,
+            },
         }
     }
 }
@@ -180,7 +186,10 @@ where
 /// Takes the fleet's set if it is newer than the `installed` generation, and
 /// calls nobody: for a rejection that may not force a refresh (one was forced
 /// moments ago), but whose token another replica's refresh may have ended
-/// (rotating a refresh token kills its access token at Tallyfy).
+/// (rotating a refresh token kills its access token at Tallyfy). While a
+/// replica holds the lease, its set may be moments away (it has redeemed the
+/// refresh token and not yet written): wait for it, as a fetch does. With no
+/// refresh under way, nothing newer is coming.
 pub(super) async fn adopt(
     fleet: &Fleet,
     metrics: &Metrics,
@@ -188,12 +197,21 @@ pub(super) async fn adopt(
     name: &str,
     installed: u64,
 ) -> Result<Obtained, FetchError> {
-    match read(fleet, name).await.map(|current| newer(current, installed)) {
-        Ok(Ok(current)) => {
-            Metrics::credential(&metrics.fleet_adopted, credential);
-            Ok(current.obtained())
+    let mut news = fleet.news();
+    let deadline = Instant::now() + fleet.lease() * 2 + Duration::from_secs(1);
+    loop {
+        match read(fleet, name).await.map(|current| newer(current, installed)) {
+            Ok(Ok(current)) => {
+                Metrics::credential(&metrics.fleet_adopted, credential);
+                return Ok(current.obtained());
+            }
+            Ok(Err(_)) => {}
+            Err(_) => return Err(FetchError::NothingNewer),
         }
-        _ => Err(FetchError::NothingNewer),
+        if Instant::now() >= deadline || !matches!(fleet.refreshing(name).await, Ok(true)) {
+            return Err(FetchError::NothingNewer);
+        }
+        news_or_a_while(&mut news, name, installed).await;
     }
 }
 
