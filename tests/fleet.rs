@@ -144,6 +144,16 @@ fn fleet_config(
         .identity(Identity::new("caller", &name, Match::Any))
 }
 
+/// [`fleet_config`] for the fixture user (40-second leases, 10-second fetches)
+/// with `tokens.min_forced_refresh_interval_ms` set.
+fn forced_refresh_interval(sandbox: &Sandbox, interval_ms: i64) -> TestConfig {
+    fleet_config(sandbox, Credential::fixture_user(), 40_000, 10_000).set(
+        "tokens",
+        "min_forced_refresh_interval_ms",
+        interval_ms,
+    )
+}
+
 async fn fleet(count: usize, config: &TestConfig, redis: &RedisServer) -> Vec<Replica> {
     let mut replicas = Vec::new();
     for _ in 0..count {
@@ -298,11 +308,7 @@ async fn forty_dead_token_401s_across_the_fleet_cause_one_refresh() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
-    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).set(
-        "tokens",
-        "min_forced_refresh_interval_ms",
-        100,
-    );
+    let config = forced_refresh_interval(&sandbox, 100);
     let replicas = fleet(3, &config, &redis).await;
     assert_eq!(sandbox.token_requests().len(), 1);
     sandbox.revoke_all_tokens();
@@ -323,18 +329,13 @@ async fn forty_dead_token_401s_across_the_fleet_cause_one_refresh() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_another_replica_is_refreshing_away_is_replayed_with_its_successor_even_right_after_a_forced_refresh()
- {
+async fn a_401_while_another_replica_refreshes_is_replayed_with_its_set_even_just_after_a_forced_refresh() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
     // A forced refresh holds off the next one for a minute: a second rejection
     // in that minute only takes what the fleet has.
-    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).set(
-        "tokens",
-        "min_forced_refresh_interval_ms",
-        60_000,
-    );
+    let config = forced_refresh_interval(&sandbox, 60_000);
     let replicas = fleet(2, &config, &redis).await;
     let (a, b) = (&replicas[0], &replicas[1]);
     let get = |replica: &Replica| client().get(format!("http://{}{PATH}", replica.proxy)).send();
