@@ -188,8 +188,10 @@ async fn news_or_a_while(news: &mut tokio::sync::broadcast::Receiver<News>, name
 /// moments ago), but whose token another replica's refresh may have ended
 /// (rotating a refresh token kills its access token at Tallyfy). While a
 /// replica holds the lease, its set may be moments away (it has redeemed the
-/// refresh token and not yet written): wait for it, as a fetch does. With no
-/// refresh under way, nothing newer is coming.
+/// refresh token and not yet written): wait for it, as a fetch does, for as
+/// long as a live holder's fetch can take (under a third of the lease: the
+/// config holds `lease_ms` above three fetch timeouts). With no refresh under
+/// way, nothing newer is coming.
 pub(super) async fn adopt(
     fleet: &Fleet,
     metrics: &Metrics,
@@ -198,8 +200,12 @@ pub(super) async fn adopt(
     installed: u64,
 ) -> Result<Obtained, FetchError> {
     let mut news = fleet.news();
-    let deadline = Instant::now() + fleet.lease() * 2 + Duration::from_secs(1);
+    let deadline = Instant::now() + fleet.lease() / 3 + Duration::from_secs(1);
     loop {
+        // The lease is looked at before the set is read: a holder writes before
+        // it lets go, so a lease free before a read that finds nothing newer
+        // means no refresh was under way.
+        let refreshing = matches!(fleet.refreshing(name).await, Ok(true));
         match read(fleet, name).await.map(|current| newer(current, installed)) {
             Ok(Ok(current)) => {
                 Metrics::credential(&metrics.fleet_adopted, credential);
@@ -208,7 +214,7 @@ pub(super) async fn adopt(
             Ok(Err(_)) => {}
             Err(_) => return Err(FetchError::NothingNewer),
         }
-        if Instant::now() >= deadline || !matches!(fleet.refreshing(name).await, Ok(true)) {
+        if !refreshing || Instant::now() >= deadline {
             return Err(FetchError::NothingNewer);
         }
         news_or_a_while(&mut news, name, installed).await;
