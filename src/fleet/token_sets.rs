@@ -63,10 +63,7 @@ impl Fleet {
     pub async fn refreshing(&self, credential: &str) -> Result<bool, FleetError> {
         self.key_accepted()?;
         let mut connection = self.connection()?;
-        let held: bool = self
-            .call(redis::cmd("EXISTS").arg(self.key("lease", credential)).query_async(&mut connection))
-            .await?;
-        Ok(held)
+        self.call(redis::cmd("EXISTS").arg(self.key("lease", credential)).query_async(&mut connection)).await
     }
 
     /// Extends a held lease by [`Fleet::lease`]; `false` when it was lost.
