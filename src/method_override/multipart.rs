@@ -8,7 +8,8 @@
 //!   lines in the middle of very long ones;
 //! - its header lines end at an empty line or one starting with NUL; a line
 //!   starting with white space or without a colon continues the previous header;
-//!   lines longer than PHP's 5 KiB line buffer are refused, not guessed at;
+//!   lines PHP would read in pieces (a line feed 5,120 bytes or more into the
+//!   line, boundary lines included) are refused, not guessed at;
 //! - if any `Content-Disposition` has any `name` PHP registers as `_method`, the
 //!   field's value (up to the next `\n--boundary`) is held and judged.
 //!
@@ -49,6 +50,15 @@ pub enum Refused {
 /// PHP reads multipart lines into a buffer of this size and hands a longer one
 /// back in pieces; the screen refuses such lines rather than guess the pieces.
 const PHP_LINE: usize = 5 * 1024;
+
+/// Whether PHP reads a line in pieces when its line feed is `newline` bytes
+/// after the line's start (or has not come yet that far in): its buffer holds
+/// `PHP_LINE` bytes, so a line feed at that offset or beyond is not in it, and
+/// the full buffer is handed back as a line of its own (`next_line` in
+/// `rfc1867.c`). The feed then ends an empty line: the end of a part's headers.
+fn splits_in_php(newline: usize) -> bool {
+    newline >= PHP_LINE
+}
 
 /// What the screen is waiting for. Offsets index `held`.
 #[derive(Debug, Clone)]
@@ -113,11 +123,16 @@ impl Screen {
                     let rest = &self.held[at + self.dash_boundary.len()..];
                     match boundary_line(rest) {
                         Line::Incomplete if end => State::Seeking { from: self.held.len() },
-                        Line::Incomplete if rest.len() > PHP_LINE => {
+                        Line::Incomplete if splits_in_php(self.dash_boundary.len() + rest.len()) => {
                             return Err(unreadable("a multipart boundary line is too long"));
                         }
                         Line::Incomplete => break,
                         Line::Other => State::Seeking { from: at + 1 },
+                        // A NUL-ended boundary line PHP reads in pieces: the
+                        // rest of it would be the part's first header line.
+                        Line::Boundary(len) if splits_in_php(self.dash_boundary.len() + len - 1) => {
+                            return Err(unreadable("a multipart boundary line is too long"));
+                        }
                         Line::Boundary(len) => State::Headers {
                             at,
                             line: at + self.dash_boundary.len() + len,
@@ -132,7 +147,7 @@ impl Screen {
                             self.state = State::Seeking { from: self.held.len() };
                             continue;
                         }
-                        if self.held.len() - *line > PHP_LINE {
+                        if splits_in_php(self.held.len() - *line) {
                             return Err(unreadable("a multipart header line is too long"));
                         }
                         break;
@@ -140,7 +155,7 @@ impl Screen {
                     if *line + newline - *at > MAX_PART_HEADERS {
                         return Err(unreadable("multipart part headers too long to read"));
                     }
-                    if newline > PHP_LINE {
+                    if splits_in_php(newline) {
                         return Err(unreadable("a multipart header line is too long"));
                     }
                     let raw = &self.held[*line..*line + newline];
@@ -323,6 +338,59 @@ mod tests {
         let long_header =
             [b"--XyZ\r\nX-Pad: ".as_slice(), &[b'a'; 6000], b"\r\n\r\nvalue\r\n--XyZ--\r\n"].concat();
         assert!(matches!(run(&long_header, 100), Err(Refused::Unreadable(_))));
+    }
+
+    /// `X-Pad: ` and `pad` bytes, then CR LF: the line feed `pad + 8` bytes in.
+    fn padded_header_then_method(pad: usize) -> Vec<u8> {
+        [
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\nX-Pad: ".as_slice(),
+            &vec![b'a'; pad],
+            b"\r\nDELETE\r\n--XyZ\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nPOST\r\n--XyZ--\r\n",
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_header_line_php_reads_in_two_pieces_is_refused_at_the_exact_length() {
+        // Line feed at offset 5119: one line for PHP, so its headers go on
+        // through `DELETE` and the second part's to the empty line, and the
+        // value judged is POST, as PHP reads it.
+        for step in [1, 100, 8192] {
+            assert!(run(&padded_header_then_method(PHP_LINE - 9), step).is_ok(), "step {step}");
+        }
+        // Line feed at offset 5120: PHP hands back 5120 bytes, then an empty
+        // line that ends the headers, so `_method` is DELETE.
+        for step in [1, 100, 8192] {
+            assert!(
+                matches!(run(&padded_header_then_method(PHP_LINE - 8), step), Err(Refused::Unreadable(_))),
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_nul_ended_boundary_line_php_reads_in_pieces_is_refused() {
+        // `--XyZ\0` then padding: PHP's first 5120 bytes match the boundary
+        // (strcmp stops at the NUL), and the rest of the line is read as the
+        // part's first header line.
+        let part = |pad: usize| {
+            [
+                b"--XyZ\0".as_slice(),
+                &vec![b'a'; pad],
+                b"Content-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            ]
+            .concat()
+        };
+        for step in [1, 100, 8192] {
+            assert!(
+                matches!(run(&part(PHP_LINE - 6), step), Err(Refused::Unreadable(_))),
+                "exactly at the piece's end, step {step}"
+            );
+            assert!(matches!(run(&part(6000), step), Err(Refused::Unreadable(_))), "step {step}");
+        }
+        // Shorter, the line is PHP's whole boundary line, and the part has no headers.
+        let short = [b"--XyZ\0".as_slice(), &[b'a'; 100], b"\r\n\r\nDELETE\r\n--XyZ--\r\n"].concat();
+        assert_eq!(run(&short, 7).expect("no part PHP reads"), short);
     }
 
     #[test]

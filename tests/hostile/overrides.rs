@@ -186,6 +186,38 @@ async fn multipart_parts_php_would_read_as_method_are_judged_in_every_spelling()
     assert_eq!(compressed.status(), 400, "a compressed multipart cannot be judged: {}", compressed.text());
 }
 
+/// PHP reads multipart lines through a 5,120-byte buffer: a line whose line feed
+/// is 5,120 bytes in comes back as 5,120 bytes and then an empty line, which ends
+/// the part's headers. Both bodies make PHP read `_method` as DELETE while a
+/// reader that took the long line whole would judge POST, or no override at all.
+#[tokio::test]
+async fn multipart_lines_php_reads_in_pieces_are_refused_at_the_exact_length() {
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
+    let addr = proxy.proxy_addr();
+    let file = format!("/api/organizations/{ORG_ID}/file");
+    let content_type = "multipart/form-data; boundary=B";
+    let header_line = [
+        &b"--B\r\nContent-Disposition: form-data; name=\"_method\"\r\nX: "[..],
+        &[b'a'; 5116],
+        b"\r\nDELETE\r\n--B\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nPOST\r\n--B--\r\n",
+    ]
+    .concat();
+    let boundary_line = [
+        &b"--B\0"[..],
+        &[b'a'; 5116],
+        b"Content-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B--\r\n",
+    ]
+    .concat();
+    for body in [header_line, boundary_line] {
+        let answer = exchange(addr, &post(&file, "k", content_type, &body), WAIT).await;
+        assert_eq!(answer.status(), 400, "{}", answer.text());
+        assert!(answer.text().contains("method_override_unreadable"), "{}", answer.text());
+    }
+    for upstream in sandbox.received() {
+        assert!(!String::from_utf8_lossy(&upstream.body).contains("DELETE"), "the override never left");
+    }
+}
+
 #[tokio::test]
 async fn a_multipart_override_is_refused_on_a_reused_upstream_connection_too() {
     let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
