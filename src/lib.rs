@@ -135,8 +135,10 @@
 //!   ends), `returning.rs` (the response body that gives its connection back
 //!   when it ends).
 //! - [`server`]: the accept loop; `connection.rs` (one connection's life),
-//!   `sniff.rs`, `conn_io.rs` (the byte stream: HTTP/1 heads tapped, small
-//!   writes gathered), `activity.rs` (requests in flight, idleness),
+//!   `sniff.rs`, `conn_io.rs` (the byte stream: reads shown to the head tap,
+//!   small writes gathered), `head_tap.rs` (each HTTP/1 head's raw bytes, so a
+//!   `Content-Length` beside `chunked` is refused; where the next head stands
+//!   after a response), `activity.rs` (requests in flight, idleness),
 //!   `watch.rs` (the connection's timers polled only when they fire).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),

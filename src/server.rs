@@ -24,6 +24,7 @@
 mod activity;
 mod conn_io;
 mod connection;
+mod head_tap;
 mod sniff;
 mod watch;
 

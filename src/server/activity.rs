@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::header::TRANSFER_ENCODING;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use super::conn_io::{HeadTap, head_has_content_length};
+use super::head_tap::{Framing, HeadTap};
 use crate::framing::AmbiguousLength;
 
 /// How many quiet checks in a row make a connection idle.
@@ -109,14 +109,10 @@ where
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.begin();
         if let Some(tap) = &self.tap {
-            let chunked = request.headers().contains_key(TRANSFER_ENCODING);
-            // A chunked request whose head is not where the tap expects it (it was
-            // pipelined behind another, or its target was normalised) cannot be
-            // shown to be free of a Content-Length: it is refused too.
-            let ambiguous = tap.finish_head(|head| {
-                chunked && head_has_content_length(head, &request_line(&request)) != Some(false)
-            });
-            if ambiguous {
+            // A chunked request whose head is not where the tap can find it (it
+            // was pipelined behind another, or its target was normalised) cannot
+            // be shown to be free of a Content-Length: it is refused too.
+            if tap.finish_head(&request_line(&request), framing(&request)) {
                 request.extensions_mut().insert(AmbiguousLength);
             }
         }
@@ -124,6 +120,25 @@ where
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
         CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight) }
+    }
+}
+
+/// How hyper framed the request's body (it accepts no coding but `chunked`,
+/// and drops a `Content-Length` beside it).
+fn framing<B>(request: &Request<B>) -> Framing {
+    if request.headers().contains_key(TRANSFER_ENCODING) {
+        return Framing::Chunked;
+    }
+    match request.headers().get(CONTENT_LENGTH) {
+        // hyper checked it; one that did not read as a number counts as a body
+        // the handler may have left unread.
+        Some(length) => Framing::Length(
+            std::str::from_utf8(length.as_bytes())
+                .ok()
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(u64::MAX),
+        ),
+        None => Framing::Empty,
     }
 }
 

@@ -1,29 +1,19 @@
 //! The byte stream under hyper: replays the bytes the protocol sniff read, for
-//! HTTP/1 keeps a copy of each request head as it arrives, and writes a small
-//! response (head and body, which hyper hands over as separate buffers) with
-//! one plain `write` instead of a `writev`.
-//!
-//! Why the copy: when a request carries both `Content-Length` and
-//! `Transfer-Encoding`, hyper frames it by `Transfer-Encoding` and drops the
-//! `Content-Length` before the service sees the request (RFC 9112 §6.3 allows
-//! that). A front proxy that framed it by `Content-Length` would then disagree
-//! with us about where the next request starts: the classic smuggling set-up.
-//! Like nginx and Envoy, the proxy refuses such requests outright; the [`HeadTap`]
-//! is how it can still see the `Content-Length` hyper removed.
+//! HTTP/1 shows every read to the connection's [`HeadTap`] (so a request's raw
+//! head can be checked), and writes a small response (head and body, which
+//! hyper hands over as separate buffers) with one plain `write` instead of a
+//! `writev`.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Capacity a cleared tap keeps for the next head; a larger buffer (after a
-/// big head) is released.
-const KEPT_CAPACITY: usize = 4 * 1024;
+use super::head_tap::HeadTap;
 
 /// Small vectored writes (a response head and a small body, as hyper hands
 /// them over) are gathered into one buffer and written with one plain `write`.
@@ -36,67 +26,6 @@ const GATHER_MAX: usize = 4 * 1024;
 thread_local! {
     /// Where small vectored writes are gathered (one per thread, reused).
     static GATHERED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A copy of the bytes an HTTP/1 connection read while waiting for a request
-/// head: recording starts when the connection opens and whenever a response
-/// has been sent, and stops when hyper hands the next request to the service.
-/// So it holds the head of the request being dispatched (and possibly the start
-/// of its body), never whole bodies. At most `cap` bytes are kept.
-#[derive(Debug)]
-pub(super) struct HeadTap {
-    recording: AtomicBool,
-    bytes: Mutex<Vec<u8>>,
-    cap: usize,
-}
-
-impl HeadTap {
-    pub fn new(cap: usize) -> HeadTap {
-        HeadTap { recording: AtomicBool::new(true), bytes: Mutex::new(Vec::new()), cap }
-    }
-
-    fn record(&self, data: &[u8]) {
-        if data.is_empty() || !self.recording.load(Ordering::Acquire) {
-            return;
-        }
-        let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
-        let room = self.cap.saturating_sub(bytes.len());
-        bytes.extend_from_slice(&data[..data.len().min(room)]);
-    }
-
-    /// The request head has been dispatched: stops recording, lets `inspect`
-    /// look at what was recorded, and clears it.
-    pub fn finish_head<R>(&self, inspect: impl FnOnce(&[u8]) -> R) -> R {
-        self.recording.store(false, Ordering::Release);
-        let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
-        let result = inspect(&bytes);
-        bytes.clear();
-        if bytes.capacity() > KEPT_CAPACITY {
-            *bytes = Vec::new();
-        }
-        result
-    }
-
-    /// The response has been sent: what arrives next is the next head.
-    pub fn resume(&self) {
-        self.recording.store(true, Ordering::Release);
-    }
-}
-
-/// Whether `head` (the recorded bytes) holds a `Content-Length` field in the head
-/// that starts with `request_line` (`METHOD SP target SP`); `None` when no such
-/// head was recorded. Lines may end in CRLF or a bare LF, as hyper's parser
-/// accepts.
-pub(super) fn head_has_content_length(head: &[u8], request_line: &[u8]) -> Option<bool> {
-    let start = memchr::memmem::find(head, request_line)?;
-    let found = head[start..]
-        .split(|&b| b == b'\n')
-        .skip(1)
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-        .take_while(|line| !line.is_empty())
-        .filter_map(|line| line.iter().position(|&b| b == b':').map(|colon| &line[..colon]))
-        .any(|name| name.eq_ignore_ascii_case(b"content-length"));
-    Some(found)
 }
 
 pin_project! {
@@ -189,39 +118,23 @@ impl<S: AsyncWrite> AsyncWrite for ConnIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::head_tap::Framing;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn content_length_is_found_in_the_dispatched_head_only() {
-        let line = b"POST /api/x ";
-        let both = b"POST /api/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\ncontent-LENGTH: 5\r\n\r\n0\r\n\r\n";
-        assert_eq!(head_has_content_length(both, line), Some(true));
-        let bare_lf = b"POST /api/x HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n";
-        assert_eq!(head_has_content_length(bare_lf, line), Some(true));
-        let body_only =
-            b"POST /api/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n20\r\nContent-Length: 5\r\n";
-        assert_eq!(head_has_content_length(body_only, line), Some(false), "a body line is not a header");
-        assert_eq!(head_has_content_length(b"junk", line), None, "not recorded: unknown");
-    }
-
     #[tokio::test]
-    async fn the_prefix_is_replayed_and_heads_are_recorded_until_dispatched() {
+    async fn the_prefix_is_replayed_and_every_read_is_shown_to_the_tap() {
         let (mut client, server) = tokio::io::duplex(256);
         let tap = Arc::new(HeadTap::new(1024));
-        let mut io = ConnIo::new(server, Bytes::from_static(b"GE"), Some(tap.clone()));
-        client.write_all(b"T / HTTP/1.1\r\n\r\n").await.expect("write");
-        let mut read = vec![0u8; 18];
+        let mut io = ConnIo::new(server, Bytes::from_static(b"PO"), Some(tap.clone()));
+        let rest = b"ST /api HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        client.write_all(rest).await.expect("write");
+        let mut read = vec![0u8; rest.len() + 2];
         io.read_exact(&mut read).await.expect("read");
-        assert_eq!(read, b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(tap.finish_head(<[u8]>::to_vec), b"GET / HTTP/1.1\r\n\r\n");
-        client.write_all(b"body").await.expect("write");
-        let mut body = [0u8; 4];
-        io.read_exact(&mut body).await.expect("read");
-        assert!(tap.finish_head(<[u8]>::is_empty), "body bytes are not recorded");
-        tap.resume();
-        client.write_all(b"NEXT").await.expect("write");
-        io.read_exact(&mut body).await.expect("read");
-        assert_eq!(tap.finish_head(<[u8]>::to_vec), b"NEXT");
+        assert!(read.starts_with(b"POST /api HTTP/1.1"));
+        assert!(
+            tap.finish_head(b"POST /api ", Framing::Chunked),
+            "the sniffed bytes were recorded with the rest"
+        );
     }
 
     #[tokio::test]
@@ -321,16 +234,5 @@ mod tests {
             io.write_vectored(&[io::IoSlice::new(b"abcd"), io::IoSlice::new(b"efgh")]).await.expect("write");
         assert_eq!(written, 7, "as writev would: the first seven bytes across both buffers");
         assert_eq!(io.inner.writes, [("write", b"abcdefg".to_vec())]);
-    }
-
-    #[tokio::test]
-    async fn the_tap_keeps_at_most_its_cap() {
-        let (mut client, server) = tokio::io::duplex(256);
-        let tap = Arc::new(HeadTap::new(4));
-        let mut io = ConnIo::new(server, Bytes::new(), Some(tap.clone()));
-        client.write_all(b"0123456789").await.expect("write");
-        let mut read = [0u8; 10];
-        io.read_exact(&mut read).await.expect("read");
-        assert_eq!(tap.finish_head(<[u8]>::to_vec), b"0123");
     }
 }

@@ -20,7 +20,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::activity::{Activity, Counted};
-use super::conn_io::{ConnIo, HeadTap};
+use super::conn_io::ConnIo;
+use super::head_tap::HeadTap;
 use super::sniff::{Protocol, sniff};
 use super::watch::Watched;
 use super::{BoxError, ConnectionInfo, ConnectionLimits};

@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{SERVER, exchange, read_until_closed, stack};
+use super::{SERVER, exchange, read_response, read_until_closed, stack};
 use crate::support::{Stack, scrape};
 
 /// The HTTP/2 client preface and an empty SETTINGS frame.
@@ -149,30 +149,6 @@ async fn trickle(stream: &mut TcpStream, times: usize, every: Duration) -> bool 
         }
     }
     false
-}
-
-/// Reads one response with a `Content-Length` body.
-async fn read_response(stream: &mut TcpStream) -> String {
-    let mut bytes = Vec::new();
-    loop {
-        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|line| line.strip_prefix("content-length:"))
-                .map_or(0, |value| value.trim().parse().expect("a length"));
-            if bytes.len() >= end + 4 + length {
-                return String::from_utf8_lossy(&bytes).into_owned();
-            }
-        }
-        let mut buf = [0u8; 8192];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("a response within 5 s")
-            .expect("read");
-        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&bytes));
-        bytes.extend_from_slice(&buf[..n]);
-    }
 }
 
 #[tokio::test]

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use tallyfy_sandbox::fixtures::ORG_ID;
 
-use super::{exchange, stack};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{exchange, read_response, read_until_closed, stack};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -139,4 +142,60 @@ async fn a_pipelined_or_oddly_targeted_chunked_request_with_a_length_is_refused_
         assert!(answer.closed && answer.responses() == 1, "{line}: {}", answer.text());
     }
     assert_eq!(stack.sandbox.received().len(), 1);
+}
+
+/// Found in review: after a response to a request whose body was not read
+/// (a 404), hyper drains that body, and the bytes it reads are the first the
+/// tap records for the next head. A decoy head in the body, with the next
+/// request's request line and no `Content-Length`, was taken for the real
+/// one, and the chunked request with a length behind it went to Tallyfy. The
+/// first head is 8,192 bytes, one whole read, so the body is read only in the
+/// drain.
+#[tokio::test]
+async fn a_decoy_head_in_a_drained_body_does_not_hide_a_length_beside_chunked() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    let attack = [
+        &b"POST /nope HTTP/1.1\r\nHost: a\r\nContent-Length: 62\r\nX-Pad: "[..],
+        &[b'a'; 8131],
+        b"\r\n\r\nPOST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n",
+    ]
+    .concat();
+    let first_head = attack.windows(4).position(|w| w == b"\r\n\r\n").map(|end| end + 4);
+    assert_eq!(first_head, Some(8192), "one whole read of hyper's");
+    let answer = exchange(addr, &attack, WAIT).await;
+    let text = answer.text();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(text.contains("HTTP/1.1 400") && text.contains("ambiguous_length"), "{text}");
+    assert!(answer.closed, "closed after the refusal");
+    assert_eq!(answer.responses(), 2, "the GET behind it got no answer: {text}");
+    assert!(stack.sandbox.received().is_empty(), "nothing reached Tallyfy");
+}
+
+/// A head that began in the same read as the previous request and ends after
+/// its response: what the tap records starts in the middle of the head, and
+/// there it looks like a head of its own with no `Content-Length`.
+#[tokio::test]
+async fn a_head_split_across_a_response_is_refused_when_chunked() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n\
+POST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\nX: ",
+        )
+        .await
+        .expect("write");
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    stream.write_all(b"POST /api/me HTTP/1.1\r\n\r\n0\r\n\r\n").await.expect("write");
+    let answer = read_until_closed(&mut stream, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 400, "{text}");
+    assert!(text.contains("ambiguous_length"), "{text}");
+    assert!(answer.closed, "closed after the refusal");
+    assert_eq!(stack.sandbox.received().len(), 1, "only the GET was forwarded");
 }

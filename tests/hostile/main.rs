@@ -101,6 +101,30 @@ async fn exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Exchange {
     read_until_closed(&mut stream, wait).await
 }
 
+/// Reads one response with a `Content-Length` body.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut bytes = Vec::new();
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .map_or(0, |value| value.trim().parse().expect("a length"));
+            if bytes.len() >= end + 4 + length {
+                return String::from_utf8_lossy(&bytes).into_owned();
+            }
+        }
+        let mut buf = [0u8; 8192];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("a response within 5 s")
+            .expect("read");
+        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&bytes));
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Reads until EOF, a reset, or `wait` passes.
 async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Exchange {
     let mut bytes = Vec::new();
