@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{Request, Response};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
@@ -108,18 +108,23 @@ where
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.begin();
+        let mut close = false;
         if let Some(tap) = &self.tap {
             // A chunked request whose head is not where the tap can find it (it
             // was pipelined behind another, or its target was normalised) cannot
-            // be shown to be free of a Content-Length: it is refused too.
-            if tap.finish_head(&request_line(&request), framing(&request)) {
+            // be shown to be free of a Content-Length: it is refused too. And its
+            // connection ends with its response: the tap does not read chunks, so
+            // it could not tell where the next head starts.
+            let framing = framing(&request);
+            close = framing == Framing::Chunked;
+            if tap.finish_head(&request_line(&request), framing) {
                 request.extensions_mut().insert(AmbiguousLength);
             }
         }
         let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone() };
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
-        CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight) }
+        CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight), close }
     }
 }
 
@@ -155,6 +160,8 @@ pin_project! {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
+        // The response closes the connection (`Connection: close`).
+        close: bool,
     }
 }
 
@@ -166,7 +173,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let response = ready!(this.inner.poll(cx));
+        let mut response = ready!(this.inner.poll(cx));
+        if *this.close {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         let in_flight = this.in_flight.take();
         Poll::Ready(Ok(response.map(|inner| Guarded { inner, _in_flight: in_flight })))
     }

@@ -199,3 +199,47 @@ POST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length
     assert!(answer.closed, "closed after the refusal");
     assert_eq!(stack.sandbox.received().len(), 1, "only the GET was forwarded");
 }
+
+/// Found in review of the tap: after a chunked request the tap cannot tell
+/// where the next head starts without reading the chunks, and a target hyper
+/// normalises (a `#fragment` dropped) let a decoy in the next request's own
+/// body pass for its head. A chunked request's connection now ends with its
+/// response.
+#[tokio::test]
+async fn a_chunked_request_is_the_last_on_its_connection() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"POST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let first = read_response(&mut stream).await;
+    assert!(first.to_ascii_lowercase().contains("connection: close"), "{first}");
+    // What the review sent next; the connection is gone, so it goes nowhere.
+    let _ = stream
+        .write_all(
+            b"POST /api/me#x HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+19\r\nPOST /api/me HTTP/1.1\r\n\r\n\r\n0\r\n\r\n",
+        )
+        .await;
+    let rest = read_until_closed(&mut stream, WAIT).await;
+    assert!(rest.closed, "closed after the chunked request's response");
+    assert_eq!(rest.text(), "", "nothing more was answered");
+    assert_eq!(stack.sandbox.received().len(), 1, "only the first request was forwarded");
+
+    // Behind a request with a length, the head is where that body ends, and a
+    // normalised target there does not match: refused, decoy or not.
+    let answer = exchange(
+        addr,
+        b"POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\
+POST /api/me#x HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n\
+19\r\nPOST /api/me HTTP/1.1\r\n\r\n\r\n0\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let text = answer.text();
+    assert_eq!(answer.responses(), 2, "{text}");
+    assert!(text.contains("HTTP/1.1 400") && text.contains("ambiguous_length"), "{text}");
+    assert_eq!(stack.sandbox.received().len(), 2, "the second head never reached Tallyfy");
+}
