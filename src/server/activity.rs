@@ -110,11 +110,11 @@ where
         self.activity.begin();
         let mut close = false;
         if let Some(tap) = &self.tap {
-            // A chunked request whose head is not where the tap can find it (it
-            // was pipelined behind another, or its target was normalised) cannot
-            // be shown to be free of a Content-Length: it is refused too. And its
-            // connection ends with its response: the tap does not read chunks, so
-            // it could not tell where the next head starts.
+            // A chunked request whose head is not where the tap's count puts it
+            // (it was pipelined behind another, or its target was normalised)
+            // cannot be shown to be free of a Content-Length: it is refused too.
+            // And its connection ends with its response: the tap does not read
+            // chunks, so it could not count where the next head starts.
             let framing = framing(&request);
             close = framing == Framing::Chunked;
             if tap.finish_head(&request_line(&request), framing) {

@@ -53,8 +53,8 @@ enum Next {
 #[derive(Debug, Clone, Copy)]
 struct Dispatched {
     framing: Framing,
-    /// Bytes read past its head's end while recording; `None` when the head
-    /// was not where it should have been.
+    /// Bytes read past its head's end before it was dispatched (kept, or left
+    /// out by the cap); `None` when the head was not where it should have been.
     past_head: Option<u64>,
 }
 
