@@ -4,6 +4,7 @@
 //! The count ends when the response body is dropped (sent, or abandoned), not
 //! when the handler returns: a long download is a connection at work.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use super::head_tap::{Framing, HeadTap};
+use super::head_tap::{Framing, HeadTap, RequestLine};
 use crate::framing::AmbiguousLength;
 
 /// How many quiet checks in a row make a connection idle.
@@ -117,7 +118,10 @@ where
             // chunks, so it could not count where the next head starts.
             let framing = framing(&request);
             close = framing == Framing::Chunked;
-            if tap.finish_head(&request_line(&request), framing) {
+            let target = request_target(&request);
+            let line =
+                RequestLine { method: request.method().as_str().as_bytes(), target: target.as_bytes() };
+            if tap.finish_head(line, framing) {
                 request.extensions_mut().insert(AmbiguousLength);
             }
         }
@@ -147,12 +151,14 @@ fn framing<B>(request: &Request<B>) -> Framing {
     }
 }
 
-/// `METHOD SP request-target SP`, as the head starts.
-fn request_line<B>(request: &Request<B>) -> Vec<u8> {
-    let target =
-        request.uri().path_and_query().map_or_else(|| request.uri().to_string(), |pq| pq.to_string());
-    let target = if request.uri().authority().is_some() { request.uri().to_string() } else { target };
-    [request.method().as_str().as_bytes(), b" ", target.as_bytes(), b" "].concat()
+/// The request target as the head wrote it, for the tap: an origin-form
+/// target as it came (no copy), any other as the URI spells it (a target hyper
+/// normalised then matches no head, and a chunked request is refused).
+fn request_target<B>(request: &Request<B>) -> Cow<'_, str> {
+    match request.uri().path_and_query() {
+        Some(target) if request.uri().authority().is_none() => Cow::Borrowed(target.as_str()),
+        _ => Cow::Owned(request.uri().to_string()),
+    }
 }
 
 pin_project! {

@@ -118,7 +118,7 @@ impl<S: AsyncWrite> AsyncWrite for ConnIo<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::head_tap::Framing;
+    use crate::server::head_tap::{Framing, RequestLine};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
@@ -132,7 +132,7 @@ mod tests {
         io.read_exact(&mut read).await.expect("read");
         assert!(read.starts_with(b"POST /api HTTP/1.1"));
         assert!(
-            tap.finish_head(b"POST /api ", Framing::Chunked),
+            tap.finish_head(RequestLine { method: b"POST", target: b"/api" }, Framing::Chunked),
             "the sniffed bytes were recorded with the rest"
         );
     }

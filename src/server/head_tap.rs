@@ -39,6 +39,22 @@ pub(super) enum Framing {
     Chunked,
 }
 
+/// `METHOD SP request-target SP`, as a dispatched request's head starts.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RequestLine<'a> {
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+}
+
+impl RequestLine<'_> {
+    fn starts(&self, bytes: &[u8]) -> bool {
+        let Some(rest) = bytes.strip_prefix(self.method).and_then(|rest| rest.strip_prefix(b" ")) else {
+            return false;
+        };
+        rest.strip_prefix(self.target).is_some_and(|rest| rest.starts_with(b" "))
+    }
+}
+
 /// Where the next head stands in the recording that follows a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -107,10 +123,10 @@ impl HeadTap {
         }
     }
 
-    /// The request whose head starts with `request_line` (`METHOD SP target SP`)
-    /// has been dispatched: stops recording, and returns whether it is chunked
-    /// and either carried a `Content-Length` or cannot be shown not to have.
-    pub fn finish_head(&self, request_line: &[u8], framing: Framing) -> bool {
+    /// The request whose head starts with `request_line` has been dispatched:
+    /// stops recording, and returns whether it is chunked and either carried a
+    /// `Content-Length` or cannot be shown not to have.
+    pub fn finish_head(&self, request_line: RequestLine<'_>, framing: Framing) -> bool {
         self.recording.store(false, Ordering::Release);
         let mut state = self.state();
         let recorded = &state.bytes[..];
@@ -121,7 +137,7 @@ impl HeadTap {
                 .map(|offset| {
                     offset + recorded[offset..].iter().take_while(|&&b| b == b'\r' || b == b'\n').count()
                 })
-                .filter(|&start| recorded[start..].starts_with(request_line)),
+                .filter(|&start| request_line.starts(&recorded[start..])),
             Next::Unknown => None,
         };
         // The usual request, a head with no body read in one piece, is not
@@ -210,10 +226,12 @@ struct Head {
 mod tests {
     use super::*;
 
-    const POST: &[u8] = b"POST /api/me ";
+    const POST: RequestLine<'static> = RequestLine { method: b"POST", target: b"/api/me" };
+    const GET: RequestLine<'static> = RequestLine { method: b"GET", target: b"/api/me" };
+    const NOPE: RequestLine<'static> = RequestLine { method: b"POST", target: b"/nope" };
 
     /// Records `reads` one by one, then dispatches a request.
-    fn dispatch(tap: &HeadTap, reads: &[&[u8]], line: &[u8], framing: Framing) -> bool {
+    fn dispatch(tap: &HeadTap, reads: &[&[u8]], line: RequestLine<'_>, framing: Framing) -> bool {
         for read in reads {
             tap.record(read);
         }
@@ -241,7 +259,7 @@ mod tests {
     #[test]
     fn requests_one_after_another_are_each_checked_from_their_first_byte() {
         let tap = HeadTap::new(1024);
-        assert!(!dispatch(&tap, &[b"GET /api/me HTTP/1.1\r\n\r\n"], b"GET /api/me ", Framing::Empty));
+        assert!(!dispatch(&tap, &[b"GET /api/me HTTP/1.1\r\n\r\n"], GET, Framing::Empty));
         tap.resume();
         let with_length = b"POST /api/me HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel";
         assert!(!dispatch(&tap, &[with_length], POST, Framing::Length(5)));
@@ -277,7 +295,7 @@ mod tests {
         // recorded looks like a head with no length.
         let tap = HeadTap::new(1024);
         let first = b"GET /api/me HTTP/1.1\r\n\r\nPOST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\nX: ";
-        assert!(!dispatch(&tap, &[first], b"GET /api/me ", Framing::Empty));
+        assert!(!dispatch(&tap, &[first], GET, Framing::Empty));
         tap.resume();
         assert!(dispatch(&tap, &[b"POST /api/me HTTP/1.1\r\n\r\n0\r\n\r\n"], POST, Framing::Chunked));
         // The same after a body with a length, read while not recording.
@@ -297,7 +315,7 @@ mod tests {
     fn a_head_whole_in_hypers_buffer_is_not_recorded_and_so_refused() {
         let tap = HeadTap::new(1024);
         let both = b"GET /api/me HTTP/1.1\r\n\r\nPOST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert!(!dispatch(&tap, &[both], b"GET /api/me ", Framing::Empty));
+        assert!(!dispatch(&tap, &[both], GET, Framing::Empty));
         tap.resume();
         assert!(tap.finish_head(POST, Framing::Chunked));
     }
@@ -312,7 +330,7 @@ mod tests {
         let head = b"POST /nope HTTP/1.1\r\nContent-Length: 62\r\n\r\n";
         let refused = |body: &[u8], next: &[u8], decoy_first: bool| {
             let tap = HeadTap::new(1024);
-            assert!(!dispatch(&tap, &[head], b"POST /nope ", Framing::Length(body.len() as u64)));
+            assert!(!dispatch(&tap, &[head], NOPE, Framing::Length(body.len() as u64)));
             tap.resume();
             let reads: [&[u8]; 2] = if decoy_first { [body, next] } else { [next, body] };
             dispatch(&tap, &reads[..if decoy_first { 2 } else { 1 }], POST, Framing::Chunked)
@@ -339,7 +357,7 @@ mod tests {
             b"\r\n\r\nPOST /api/me HTTP/1.1\r\nContent-Length: 4\r\nX: ",
         ]
         .concat();
-        assert!(!dispatch(&tap, &[&long], b"GET /api/me ", Framing::Empty));
+        assert!(!dispatch(&tap, &[&long], GET, Framing::Empty));
         tap.resume();
         assert!(dispatch(
             &tap,
