@@ -32,15 +32,19 @@ pub(super) enum Line {
 
 /// What follows a `--boundary`, as PHP's `find_boundary` compares it: the line
 /// (CR LF or LF cut off, and ended early by a NUL) must be exactly `--boundary`.
-pub(super) fn boundary_line(rest: &[u8]) -> Line {
+/// The first `searched` bytes of `rest` are known to hold no line feed.
+pub(super) fn boundary_line(rest: &[u8], searched: usize) -> Line {
     match rest {
         [] | [b'\r'] => Line::Incomplete,
         [b'\n', ..] => Line::Boundary(1),
         [b'\r', b'\n', ..] => Line::Boundary(2),
-        [0, ..] => match memchr::memchr(b'\n', rest) {
-            Some(newline) => Line::Boundary(newline + 1),
-            None => Line::Incomplete,
-        },
+        [0, ..] => {
+            let from = searched.max(1);
+            match memchr::memchr(b'\n', super::unsearched(rest, from)) {
+                Some(newline) => Line::Boundary(from + newline + 1),
+                None => Line::Incomplete,
+            }
+        }
         _ => Line::Other,
     }
 }
