@@ -1,7 +1,8 @@
 //! The names a verified client certificate vouches for: URI SANs (SPIFFE IDs) and
 //! DNS SANs; the subject CN only when the certificate has no SAN at all (as RFC
-//! 6125 treats CNs), so a CN cannot impersonate a SPIFFE ID. `client_cert`
-//! identity rules match against them.
+//! 6125 treats CNs), and never a CN that could be read as a URI (one holding
+//! `:` or `/`), so a CN cannot impersonate a SPIFFE ID. `client_cert` identity
+//! rules match against them.
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
@@ -28,10 +29,47 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
     }
     if names.is_empty() {
         for cn in parsed.subject().iter_common_name() {
-            if let Ok(cn) = cn.as_str() {
+            if let Ok(cn) = cn.as_str()
+                && !cn.contains([':', '/'])
+            {
                 names.push(cn.to_owned());
             }
         }
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate with `cn` as its subject CN and `sans` (URIs
+    /// when they hold `://`, DNS names otherwise).
+    fn certificate(cn: &str, sans: &[&str]) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = sans
+            .iter()
+            .map(|san| match san.contains("://") {
+                true => rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).expect("ia5")),
+                false => rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*san).expect("ia5")),
+            })
+            .collect();
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    #[test]
+    fn sans_are_named_and_a_cn_only_without_them() {
+        let spiffe = "spiffe://cluster.local/ns/billing/sa/app";
+        assert_eq!(names(&certificate("app.example", &[spiffe, "app.internal"])), [spiffe, "app.internal"]);
+        assert_eq!(names(&certificate("app.example", &[])), ["app.example"]);
+    }
+
+    #[test]
+    fn a_cn_shaped_like_a_uri_names_nothing() {
+        for cn in ["spiffe://cluster.local/ns/billing/sa/app", "urn:x", "a/b"] {
+            assert!(names(&certificate(cn, &[])).is_empty(), "{cn}");
+        }
+    }
 }

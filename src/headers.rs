@@ -134,9 +134,10 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
 
 /// Whether a caller header never goes upstream: hop-by-hop ones, the caller's
 /// credentials, `Host` (the client writes the upstream's), the `UNTRUSTED`
-/// claims, and (PHP folds `-` and `_` alike into its server variables, so
-/// `X_Api_Key` or `X_Tallyfy_Client` would alias headers the proxy controls)
-/// every name holding `_`.
+/// claims, and every name holding anything but letters, digits and `-`, as
+/// nginx drops them (`ignore_invalid_headers`): PHP folds `-`, `_` and `.`
+/// alike into its server variables, so `X_Api_Key` or `X-HTTP-Method.Override`
+/// would alias headers the proxy controls or drops.
 fn not_forwarded(name: &str) -> bool {
     hop_by_hop(name)
         || matches!(
@@ -159,7 +160,7 @@ fn not_forwarded(name: &str) -> bool {
                 | "x-rewrite-url"
                 | "x-upstream-request-id"
         )
-        || name.as_bytes().contains(&b'_')
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// The names a `Connection` header lists (hop-by-hop by declaration). Read as
@@ -187,12 +188,26 @@ pub fn to_caller(headers: &mut HeaderMap) {
     }
 }
 
-/// Enforces the header count and size limits with a JSON 431.
-pub fn check_limits(headers: &HeaderMap, max_headers: usize, max_bytes: usize) -> Result<(), ProxyError> {
+/// Checks the caller's fields: the count and size limits (a JSON 431), and no
+/// value starting or ending with white space (400). HTTP/1 parsing leaves that
+/// white space out; an HTTP/2 value that holds it is malformed (RFC 9113
+/// §8.2.1), and a server in front of Tallyfy would trim what the proxy judged
+/// untrimmed (a `Content-Type` of ` application/x-www-form-urlencoded`).
+pub fn check_fields(headers: &HeaderMap, max_headers: usize, max_bytes: usize) -> Result<(), ProxyError> {
     if headers.len() > max_headers {
         return Err(ProxyError::HeadersTooLarge { limit: "server.max_headers", value: headers.len() });
     }
-    let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len()).sum();
+    let mut bytes = 0;
+    for (name, value) in headers {
+        bytes += name.as_str().len() + value.len();
+        if let (Some(first), Some(last)) = (value.as_bytes().first(), value.as_bytes().last())
+            && (matches!(first, b' ' | b'\t') || matches!(last, b' ' | b'\t'))
+        {
+            return Err(ProxyError::BadRequest(
+                "header values starting or ending with white space are refused",
+            ));
+        }
+    }
     if bytes > max_bytes {
         return Err(ProxyError::HeadersTooLarge { limit: "server.max_header_bytes", value: bytes });
     }
@@ -285,7 +300,7 @@ mod tests {
     }
 
     #[test]
-    fn routing_claims_overrides_and_underscored_names_are_dropped() {
+    fn routing_claims_overrides_and_names_php_would_fold_are_dropped() {
         let mut headers = map(&[
             ("x-http-method-override", "DELETE"),
             ("x-http-method", "DELETE"),
@@ -299,6 +314,8 @@ mod tests {
             ("x-rewrite-url", "/api/oauth/token"),
             ("x_api_key", "k"),
             ("x_tallyfy_client", "Other"),
+            ("x-http-method.override", "DELETE"),
+            ("x-forwarded.for", "1.2.3.4"),
             ("x-custom", "kept"),
         ]);
         to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
@@ -377,8 +394,13 @@ mod tests {
     #[test]
     fn limits_count_fields_and_bytes() {
         let headers = map(&[("a", "1"), ("b", "22")]);
-        assert!(check_limits(&headers, 2, 100).is_ok());
-        assert!(check_limits(&headers, 1, 100).is_err());
-        assert!(check_limits(&headers, 2, 4).is_err());
+        assert!(check_fields(&headers, 2, 100).is_ok());
+        assert!(check_fields(&headers, 1, 100).is_err());
+        assert!(check_fields(&headers, 2, 4).is_err());
+        for spaced in [" application/json", "application/json\t", "\tx ", " "] {
+            let headers = map(&[("content-type", spaced)]);
+            assert!(matches!(check_fields(&headers, 2, 100), Err(ProxyError::BadRequest(_))), "{spaced:?}");
+        }
+        assert!(check_fields(&map(&[("x", "a b"), ("y", "")]), 2, 100).is_ok(), "inner space, empty value");
     }
 }

@@ -27,7 +27,8 @@
 //!    reads `/me` as `/api/me`; [`target::check`] lets only `/api/*` out and refuses
 //!    `CONNECT`, `TRACE`, foreign absolute-form targets, ambiguous decoded
 //!    segments and `/api/oauth` in any spelling; [`target::host`] wants one plain
-//!    `Host`; [`headers::check_limits`] and the declared length give 431 / 413;
+//!    `Host`; [`headers::check_fields`] gives 431 past the header limits and 400
+//!    for a value with white space at either end (HTTP/2), the declared length 413;
 //!    [`identity`] finds the `[[identities]]` rule the caller matches (401
 //!    otherwise); [`policy`] applies its orgs, methods and paths to the decoded
 //!    path, with a query `_method` judged as the method it names

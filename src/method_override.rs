@@ -49,11 +49,13 @@ pub enum BodyKind {
 }
 
 /// The kind of `headers`' body, in PHP's terms: the content type's essence is
-/// lower-cased and ends at `;`, `,` or a space. Two `Content-Type` headers, or a
-/// multipart one that also says JSON, cannot be judged.
+/// lower-cased and ends at `;`, `,` or a space. White space around the value is
+/// left out first, as any HTTP/1.1 server in front of PHP leaves it out (an
+/// HTTP/2 value may carry it). Two `Content-Type` headers, or a multipart one
+/// that also says JSON, cannot be judged.
 pub fn body_kind(headers: &HeaderMap) -> Result<BodyKind, Unreadable> {
     let mut values = headers.get_all(http::header::CONTENT_TYPE).iter();
-    let Some(value) = values.next().map(|v| v.as_bytes()) else {
+    let Some(value) = values.next().map(|v| v.as_bytes().trim_ascii()) else {
         return Ok(BodyKind::Opaque);
     };
     if values.next().is_some() {

@@ -34,7 +34,8 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     if method == Method::CONNECT {
         return Err(ProxyError::BadRequest("CONNECT is refused: this is a reverse proxy for Tallyfy's API"));
     }
-    if method.as_str() == "TRACE" || method.as_str() == "TRACK" {
+    // In any case: `trace` is a method of its own to hyper, and Symfony upper-cases it.
+    if method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK") {
         return Err(ProxyError::MethodNotAllowed);
     }
     // HTTP/2 requests always carry :scheme and :authority; only an HTTP/1 request
@@ -98,8 +99,12 @@ pub(crate) fn decode_segment(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     if raw.is_empty() {
         return Err("paths with an empty segment ('//') are refused");
     }
-    if !raw.contains(['.', '%']) {
+    if !raw.contains(['.', '%', '\\']) {
         return Ok(Cow::Borrowed(raw)); // the common case: an ID or a word
+    }
+    // Servers that read `\` as `/` would see other segments than the policy did.
+    if raw.contains('\\') {
+        return Err("paths holding a '\\' are refused");
     }
     let once: Cow<'_, [u8]> = percent_decode(raw.as_bytes()).into();
     let twice: Cow<'_, [u8]> = percent_decode(&once).into();

@@ -110,14 +110,17 @@ async fn policy_violations_are_403_and_never_forwarded() {
     );
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate with a
-/// SPIFFE URI SAN, all fresh for the test. Returns PEM texts.
+/// A CA, a server certificate for 127.0.0.1, a client certificate with a
+/// SPIFFE URI SAN and one with no SAN and the SPIFFE ID as its CN, all fresh
+/// for the test. Returns PEM texts.
 struct Pki {
     ca: String,
     server_cert: String,
     server_key: String,
     client_cert: String,
     client_key: String,
+    /// Certificate and key: no SAN, the SPIFFE ID as its CN.
+    cn_client: String,
 }
 
 fn pki() -> Pki {
@@ -137,12 +140,17 @@ fn pki() -> Pki {
         rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/billing/sa/app").expect("ia5"),
     )];
     let client = client_params.signed_by(&client_key, &issuer).expect("client cert");
+    let cn_key = rcgen::KeyPair::generate().expect("key");
+    let mut cn_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    cn_params.distinguished_name.push(rcgen::DnType::CommonName, "spiffe://cluster.local/ns/billing/sa/app");
+    let cn_client = cn_params.signed_by(&cn_key, &issuer).expect("CN-only client cert");
     Pki {
         ca: ca.pem(),
         server_cert: server.pem(),
         server_key: server_key.serialize_pem(),
         client_cert: client.pem(),
         client_key: client_key.serialize_pem(),
+        cn_client: format!("{}{}", cn_client.pem(), cn_key.serialize_pem()),
     }
 }
 
@@ -174,6 +182,19 @@ async fn mtls_client_certificates_identify_callers() {
         reqwest::Client::builder().tls_certs_only([ca.clone()]).identity(identity).build().expect("client");
     let response = with_cert.get(&url).send().await.expect("answered over mTLS");
     assert_eq!(response.status(), 200);
+
+    let cn_identity = reqwest::Identity::from_pem(pki.cn_client.as_bytes()).expect("identity");
+    let cn_only = reqwest::Client::builder()
+        .tls_certs_only([ca.clone()])
+        .identity(cn_identity)
+        .build()
+        .expect("client");
+    let response = cn_only.get(&url).send().await.expect("answered over mTLS");
+    assert_eq!(
+        response.status(),
+        401,
+        "a SPIFFE ID in the CN of a certificate without SANs vouches for nothing"
+    );
 
     let without_cert = reqwest::Client::builder().tls_certs_only([ca]).build().expect("client");
     let response = without_cert.get(&url).send().await.expect("answered over TLS");

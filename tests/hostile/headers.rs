@@ -7,13 +7,14 @@ use super::{access_line, access_log, exchange, stack};
 const WAIT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
-async fn forwarding_claims_and_underscore_aliases_never_reach_tallyfy() {
+async fn forwarding_claims_and_names_php_would_fold_never_reach_tallyfy() {
     let stack = stack().await;
     let request = "GET /api/me HTTP/1.1\r\nHost: a\r\n\
         X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\n\
         X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nForwarded: for=10.9.9.9;host=evil.example\r\n\
         X-Real-IP: 10.9.9.9\r\nX-Original-URL: /api/oauth/token\r\nX-Rewrite-URL: /api/oauth/token\r\n\
         X_Api_Key: stolen\r\nX_Tallyfy_Client: Spoofed\r\nAuthorization_Override: Bearer x\r\n\
+        X-HTTP-Method.Override: DELETE\r\nX-Forwarded.For: 10.9.9.9\r\n\
         X-Upstream-Request-Id: forged\r\nX-Kept: yes\r\nConnection: close\r\n\r\n";
     let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
     assert_eq!(answer.status(), 200, "{}", answer.text());
@@ -32,6 +33,8 @@ async fn forwarding_claims_and_underscore_aliases_never_reach_tallyfy() {
         "x_api_key",
         "x_tallyfy_client",
         "authorization_override",
+        "x-http-method.override",
+        "x-forwarded.for",
         "x-upstream-request-id",
     ] {
         assert!(!upstream.contains_key(name), "{name} reached Tallyfy");

@@ -82,6 +82,9 @@ async fn traversal_and_ambiguous_segments_are_refused_in_every_encoding() {
         "/api/me//tasks",
         "/api/x/%00",
         "/api/x/%c0%ae%c0%ae",
+        "/api/organizations\\00000000000000000000000000000000/tasks",
+        "/api/oauth\\token",
+        "/api/x\\..\\oauth",
     ] {
         let answer = exchange(addr, &request("GET", target, ""), WAIT).await;
         assert_eq!(answer.status(), 400, "{target}: {}", answer.text());
@@ -93,7 +96,7 @@ async fn traversal_and_ambiguous_segments_are_refused_in_every_encoding() {
 async fn other_request_target_forms_never_leave_the_proxy() {
     let stack = stack().await;
     let addr = stack.proxy.proxy_addr();
-    let cases: [(&[u8], u16); 7] = [
+    let cases: [(&[u8], u16); 9] = [
         (b"GET http://evil.example/api/me HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", 400),
         (b"GET go.tallyfy.com:443 HTTP/1.1\r\nHost: go.tallyfy.com\r\nConnection: close\r\n\r\n", 0),
         (
@@ -103,6 +106,8 @@ async fn other_request_target_forms_never_leave_the_proxy() {
         (b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 404),
         (b"TRACE /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
         (b"TRACK /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
+        (b"trace /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
+        (b"Track /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
         (b"GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 200),
     ];
     for (bytes, want) in cases {
