@@ -9,12 +9,16 @@
 //!   connection is closed): see [`AmbiguousLength`];
 //! - any `Transfer-Encoding` other than one `chunked` (501: the codings are not
 //!   implemented, and a list such as `gzip, chunked` is exactly what desync
-//!   attacks play on).
+//!   attacks play on);
+//! - a `Content-Length` that is not one plain number (400): HTTP/2 lets an empty
+//!   one, or two, through, and hyper's HTTP/1 server takes `5, 5` as 5, where
+//!   Tallyfy's servers might read them otherwise.
 
-use http::header::TRANSFER_ENCODING;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::request::Parts;
 
 use crate::error::ProxyError;
+use crate::headers::single_length;
 
 /// Marks a request (in its extensions) whose HTTP/1 head carried both
 /// `Content-Length` and `Transfer-Encoding`: hyper framed it by the latter and
@@ -26,6 +30,9 @@ pub struct AmbiguousLength;
 pub fn check(head: &Parts) -> Result<(), ProxyError> {
     if head.extensions.get::<AmbiguousLength>().is_some() {
         return Err(ProxyError::AmbiguousLength);
+    }
+    if head.headers.contains_key(CONTENT_LENGTH) && single_length(&head.headers).is_none() {
+        return Err(ProxyError::BadRequest("a Content-Length must be one plain number"));
     }
     let mut codings = head.headers.get_all(TRANSFER_ENCODING).iter();
     match (codings.next(), codings.next()) {
@@ -66,6 +73,22 @@ mod tests {
                 matches!(check(&head(codings, false)), Err(ProxyError::UnsupportedTransferEncoding)),
                 "{codings:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_length_is_one_plain_number() {
+        let with_lengths = |lengths: &[&'static str]| {
+            let mut head = head(&[], false);
+            for length in lengths {
+                head.headers.append(CONTENT_LENGTH, HeaderValue::from_static(length));
+            }
+            check(&head)
+        };
+        assert!(with_lengths(&["0"]).is_ok());
+        assert!(with_lengths(&["12"]).is_ok());
+        for lengths in [&[""][..], &["5, 5"], &["0", "00"], &["0", ""], &["+1"], &["1 "]] {
+            assert!(matches!(with_lengths(lengths), Err(ProxyError::BadRequest(_))), "{lengths:?}");
         }
     }
 

@@ -22,10 +22,11 @@
 //!    sensitive, gives the request its id ([`request_id`]) and starts its
 //!    record (`proxy/record.rs`).
 //! 3. **Prepare** ([`proxy::Proxy::prepare`], no I/O, the hot path the benches
-//!    measure): [`framing::check`] refuses a length beside chunking and codings
-//!    other than `chunked`; with `listen.unprefixed`, [`target::add_api_prefix`]
-//!    reads `/me` as `/api/me`; [`target::check`] lets only `/api/*` out and refuses
-//!    `CONNECT`, `TRACE`, foreign absolute-form targets, ambiguous decoded
+//!    measure): [`framing::check`] refuses a length beside chunking, a length that
+//!    is not one plain number and codings other than `chunked`; with
+//!    `listen.unprefixed`, [`target::add_api_prefix`] reads `/me` as `/api/me`;
+//!    [`target::check`] lets only `/api/*` out and refuses `CONNECT`, `TRACE`,
+//!    lower-case methods, foreign absolute-form targets, ambiguous decoded
 //!    segments and `/api/oauth` in any spelling; [`target::host`] wants one plain
 //!    `Host`; [`headers::check_fields`] gives 431 past the header limits and 400
 //!    for a value with white space at either end (HTTP/2), the declared length 413;

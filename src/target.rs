@@ -38,6 +38,11 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     if method.as_str().eq_ignore_ascii_case("TRACE") || method.as_str().eq_ignore_ascii_case("TRACK") {
         return Err(ProxyError::MethodNotAllowed);
     }
+    // As nginx does: `post` would pass rules and limits written for `POST`, and
+    // Symfony would act on it as a `POST`.
+    if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(ProxyError::BadRequest("methods are written in capitals"));
+    }
     // HTTP/2 requests always carry :scheme and :authority; only an HTTP/1 request
     // with an authority in its URI was written in absolute-form.
     if version < Version::HTTP_2

@@ -122,3 +122,75 @@ async fn a_continuation_flood_is_cut_before_it_ends_and_nothing_is_forwarded() {
     let after = client().get(stack.url("/api/me")).send().await.expect("answered");
     assert_eq!(after.status(), 200);
 }
+
+/// An h2c connection to `addr`, driven in the background.
+async fn h2c(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    client.ready().await.expect("ready")
+}
+
+/// `POST /api/me` with these `content-length` fields.
+fn post_me(lengths: &[&'static str]) -> http::Request<()> {
+    let mut request = http::Request::post("http://a/api/me").body(()).expect("request");
+    for length in lengths {
+        request.headers_mut().append("content-length", http::HeaderValue::from_static(length));
+    }
+    request
+}
+
+/// HTTP/2 lets an empty `content-length`, or two that parse alike, through;
+/// HTTP/1 would refuse them. The proxy refuses them too, instead of writing
+/// them into an HTTP/1.1 head for Tallyfy.
+#[tokio::test]
+async fn a_content_length_that_is_not_one_number_is_refused_over_http2() {
+    let stack = Stack::start().await;
+    let mut sender = h2c(stack.proxy.proxy_addr()).await;
+    for lengths in [&[""][..], &["0", "00"], &["0", ""]] {
+        let (response, _) = sender.send_request(post_me(lengths), true).expect("sent");
+        let response = response.await.expect("answered");
+        assert_eq!(response.status(), 400, "{lengths:?}");
+        sender = sender.ready().await.expect("the connection serves on");
+    }
+    assert!(stack.sandbox.received().is_empty(), "{:?}", stack.sandbox.received());
+}
+
+/// A caller that announces 100 bytes and resets its stream with NO_ERROR:
+/// hyper reads that as the body's end. The proxy holds the body to its length
+/// and writes nothing upstream, whether the body streams (a personal token) or
+/// is kept for replay (an OAuth credential). hyper also drops the request once
+/// it sees the reset, which hid the head the replay path used to write (it kept
+/// the length and sent no body): `request_framing`'s unit test holds that case.
+#[tokio::test]
+async fn a_body_reset_before_its_announced_length_is_never_sent() {
+    use crate::support::{Credential, Identity, Match, TestConfig, start_proxy, start_sandbox};
+    for credential in [
+        Credential::personal("ops", crate::support::Secret::Env(crate::support::TOKEN_ENV)),
+        Credential::fixture_user(),
+    ] {
+        let sandbox = start_sandbox().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let name = credential.name();
+        let config = TestConfig::new(&sandbox.base_url()).credential(credential).identity(Identity::new(
+            "caller",
+            &name,
+            Match::Any,
+        ));
+        let proxy = start_proxy(&config.parse(dir.path())).await;
+        let mut sender = h2c(proxy.proxy_addr()).await;
+        let mut request = post_me(&["100"]);
+        request.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain"));
+        let (response, mut body) = sender.send_request(request, false).expect("sent");
+        body.send_reset(h2::Reason::NO_ERROR);
+        // Answered or reset, the proxy never sends the announced bytes it did not get.
+        let _ = tokio::time::timeout(Duration::from_secs(5), response).await.expect("settled");
+        let url = format!("http://{}/api/me", proxy.proxy_addr());
+        let after = client().get(url).send().await.expect("answered");
+        assert_eq!(after.status(), 200, "{name}: the proxy serves on");
+        let received = sandbox.received();
+        let api: Vec<_> = received.iter().filter(|r| !r.uri.to_string().starts_with("/api/oauth/")).collect();
+        assert_eq!(api.len(), 1, "{name}: only the GET reached Tallyfy's API: {received:?}");
+        assert_eq!(api[0].method, http::Method::GET);
+    }
+}

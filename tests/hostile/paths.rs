@@ -96,7 +96,7 @@ async fn traversal_and_ambiguous_segments_are_refused_in_every_encoding() {
 async fn other_request_target_forms_never_leave_the_proxy() {
     let stack = stack().await;
     let addr = stack.proxy.proxy_addr();
-    let cases: [(&[u8], u16); 9] = [
+    let cases: [(&[u8], u16); 12] = [
         (b"GET http://evil.example/api/me HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", 400),
         (b"GET go.tallyfy.com:443 HTTP/1.1\r\nHost: go.tallyfy.com\r\nConnection: close\r\n\r\n", 0),
         (
@@ -108,6 +108,10 @@ async fn other_request_target_forms_never_leave_the_proxy() {
         (b"TRACK /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
         (b"trace /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
         (b"Track /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 405),
+        // Lower case passes no rule written for `POST`, and Symfony would act on it.
+        (b"post /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 400),
+        (b"connect /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 400),
+        (b"Get /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 400),
         (b"GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 200),
     ];
     for (bytes, want) in cases {

@@ -27,13 +27,22 @@ pub enum Sending {
 
 /// Sets the headers that delimit a request body, the way hyper's client did:
 /// an empty body sends nothing (and no `Transfer-Encoding`); a `Content-Length`
-/// already in `headers` is kept and held to; a body of known size gets one;
-/// any other body is chunked (`chunked` added last to a `Transfer-Encoding`
-/// already there, though the proxy strips the caller's).
+/// already in `headers` is kept and held to, even by a body that has already
+/// ended (an HTTP/2 caller that reset its stream before sending the bytes it
+/// announced: the send then fails before the head is written); a body of known
+/// size gets one; any other body is chunked (`chunked` added last to a
+/// `Transfer-Encoding` already there, though the proxy strips the caller's).
 pub fn request_framing(headers: &mut HeaderMap, ended: bool, exact: Option<u64>) -> Sending {
     if ended {
         headers.remove(TRANSFER_ENCODING);
-        return Sending::Nothing;
+        return match crate::headers::single_length(headers) {
+            Some(length) if length > 0 => Sending::Length(length),
+            Some(_) => Sending::Nothing,
+            None => {
+                headers.remove(CONTENT_LENGTH);
+                Sending::Nothing
+            }
+        };
     }
     if !headers.contains_key(TRANSFER_ENCODING) {
         if let Some(length) = crate::headers::single_length(headers) {
@@ -328,6 +337,16 @@ mod tests {
         headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         assert_eq!(request_framing(&mut headers, true, Some(0)), Sending::Nothing);
         assert!(headers.is_empty());
+        let mut announced = HeaderMap::new();
+        announced.insert(CONTENT_LENGTH, HeaderValue::from_static("100"));
+        assert_eq!(
+            request_framing(&mut announced, true, Some(0)),
+            Sending::Length(100),
+            "an ended body is held to the length it announced"
+        );
+        announced.insert(CONTENT_LENGTH, HeaderValue::from_static(""));
+        assert_eq!(request_framing(&mut announced, true, Some(0)), Sending::Nothing);
+        assert!(announced.is_empty(), "and a length that is no number is not written");
         assert_eq!(request_framing(&mut headers, false, Some(12)), Sending::Length(12));
         assert_eq!(headers[CONTENT_LENGTH], "12");
         assert_eq!(
