@@ -220,6 +220,7 @@ async fn garbage_empty_and_broken_token_responses_are_recovered_from() {
         TokenFault::Garbage,
         TokenFault::Empty,
         TokenFault::MissingToken,
+        TokenFault::Oversized,
         TokenFault::ServerError,
         TokenFault::Drop,
     ] {
@@ -232,6 +233,21 @@ async fn garbage_empty_and_broken_token_responses_are_recovered_from() {
         ready_within(&setup.proxy, Duration::from_secs(10)).await;
         assert_eq!(setup.get("user-caller", ME).await.status(), 200, "{fault:?}: recovered");
     }
+}
+
+/// `expires_in: 18446744073709551615` (and a JWT `exp` as far off): the
+/// lifetime is read as ten years, so the refresher's clock arithmetic holds,
+/// and it lives on to refresh a token Tallyfy then rejects.
+#[tokio::test]
+async fn an_endless_token_lifetime_is_capped_and_the_refresher_lives_on() {
+    let setup = Setup::start(Duration::from_secs(u64::MAX), None, false).await;
+    ready_within(&setup.proxy, Duration::from_secs(10)).await;
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200);
+    let before = setup.token_calls();
+    setup.sandbox.set_token_lifetime(Duration::from_secs(3600));
+    setup.sandbox.revoke_all_tokens();
+    assert_eq!(setup.get("user-caller", ME).await.status(), 200, "refreshed and replayed");
+    assert!(setup.token_calls() > before, "the refresher fetched again");
 }
 
 #[tokio::test]

@@ -157,6 +157,9 @@ pub enum TokenFault {
     Garbage,
     /// 200 JSON without `access_token`.
     MissingToken,
+    /// 200 JSON with an `access_token` and 1 MiB of padding beside it: an
+    /// answer no client should read whole.
+    Oversized,
     /// Answers correctly after the delay.
     Slow(Duration),
     /// Closes the connection without answering (HTTP/2: resets the stream).

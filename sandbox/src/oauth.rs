@@ -66,6 +66,11 @@ pub(super) async fn fault(shared: &Shared) -> Option<Result<Reply, Dropped>> {
         TokenFault::MissingToken => {
             respond::json(StatusCode::OK, &json!({"token_type": "Bearer", "expires_in": 3600}))
         }
+        TokenFault::Oversized => respond::json(
+            StatusCode::OK,
+            &json!({"token_type": "Bearer", "expires_in": 3600, "access_token": "oversized",
+                    "padding": "x".repeat(1024 * 1024)}),
+        ),
     };
     Some(Ok(reply))
 }

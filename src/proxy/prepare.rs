@@ -143,12 +143,14 @@ impl Proxy {
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
         match fleet.spend(budgets.iter().map(|(_, spend)| spend)).await {
             Ok(None) => Ok(()),
-            Ok(Some((refused, retry_after))) => {
+            // The refused budget's index comes from Redis: one out of range is
+            // an answer this replica cannot use, like no answer.
+            Ok(Some((refused, retry_after))) if refused < budgets.len() => {
                 let limit = budgets[refused].0.clone();
                 shared.metrics.limit_rejected(&limit);
                 Err(ProxyError::RateLimited { limit, retry_after })
             }
-            Err(_) => {
+            Ok(Some(_)) | Err(_) => {
                 Metrics::reason(&shared.metrics.fleet_fallbacks, "budget_unreachable");
                 Ok(())
             }

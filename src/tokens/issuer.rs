@@ -13,7 +13,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 mod answer;
 
-pub use answer::{FetchError, Issued, MIN_LIFETIME, parse_token, refusal};
+pub use answer::{FetchError, Issued, MAX_ANSWER_BYTES, MIN_LIFETIME, parse_token, refusal};
 
 use super::{OAuthClient, Provision, Settings};
 use crate::headers::X_TALLYFY_CLIENT;
@@ -140,7 +140,7 @@ impl Issuer {
         if status.is_success() {
             return Ok(());
         }
-        let body = response.bytes().await.unwrap_or_default();
+        let body = bounded_body(response).await.unwrap_or_default();
         Err(refusal(status, &body))
     }
 
@@ -169,12 +169,25 @@ impl Issuer {
     ) -> Result<Issued, FetchError> {
         let response = sent.map_err(transport)?;
         let status = response.status();
-        let body = response.bytes().await.map_err(transport)?;
+        let body = bounded_body(response).await?;
         if !status.is_success() {
             return Err(refusal(status, &body));
         }
         parse_token(&body, self.default_lifetime, unix_now())
     }
+}
+
+/// A token endpoint's answer, read up to [`MAX_ANSWER_BYTES`]: a longer one
+/// fails the fetch instead of filling memory.
+async fn bounded_body(mut response: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(FetchError::Malformed("the answer is longer than 64 KiB"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn transport(error: reqwest::Error) -> FetchError {

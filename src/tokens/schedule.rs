@@ -52,20 +52,27 @@ impl Schedule {
     }
 }
 
+/// The longest lifetime a token is given, whatever Tallyfy says: ten years.
+/// Far beyond any token Tallyfy issues, and far inside what `Instant`
+/// arithmetic can hold (an `expires_in` of 2^64 seconds would overflow it).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// How long a freshly issued token lives: `expires_in` when given (it is relative,
 /// so clock skew between the proxy and Tallyfy cannot distort it), else the JWT
-/// `exp` claim measured against the local clock, else `fallback`.
+/// `exp` claim measured against the local clock, else `fallback`; at most
+/// [`MAX_LIFETIME`].
 pub fn lifetime(
     expires_in: Option<u64>,
     jwt_exp: Option<u64>,
     now_unix: u64,
     fallback: Duration,
 ) -> Duration {
-    match (expires_in, jwt_exp) {
+    let lifetime = match (expires_in, jwt_exp) {
         (Some(seconds), _) => Duration::from_secs(seconds),
         (None, Some(exp)) => Duration::from_secs(exp.saturating_sub(now_unix)),
         (None, None) => fallback,
-    }
+    };
+    lifetime.min(MAX_LIFETIME)
 }
 
 #[cfg(test)]
@@ -128,5 +135,9 @@ mod tests {
         assert_eq!(lifetime(None, Some(1_000_060), 1_000_000, fallback), Duration::from_secs(60));
         assert_eq!(lifetime(None, Some(5), 1_000_000, fallback), Duration::ZERO, "already expired");
         assert_eq!(lifetime(None, None, 0, fallback), fallback);
+        assert_eq!(lifetime(Some(u64::MAX), None, 0, fallback), MAX_LIFETIME, "capped");
+        assert_eq!(lifetime(None, Some(u64::MAX), 0, fallback), MAX_LIFETIME, "capped");
+        let far = tokio::time::Instant::now() + MAX_LIFETIME;
+        assert!(Schedule::default().refresh_at(far, MAX_LIFETIME, 1.0) > far, "and held in an Instant");
     }
 }

@@ -23,15 +23,22 @@ pub fn backoff(streak: u32) -> Duration {
     Duration::from_secs(1u64 << streak.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
+/// The longest wait a 429 is remembered for, whatever its `Retry-After` says
+/// (or another replica reports): Tallyfy's limits are per hour, so an hour
+/// covers any of them, and a broken or hostile `Retry-After: 99999999999` does
+/// not lock a credential out until the proxy restarts.
+pub const MAX_REMEMBERED: Duration = Duration::from_secs(3600);
+
 /// `Retry-After` as a wait from `now`: delay-seconds, or an HTTP date (given
-/// `now_unix`, seconds since the epoch). `None` when absent or unreadable.
+/// `now_unix`, seconds since the epoch), at most [`MAX_REMEMBERED`]. `None`
+/// when absent or unreadable.
 pub fn retry_after(headers: &HeaderMap, now_unix: u64) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+        return Some(Duration::from_secs(seconds).min(MAX_REMEMBERED));
     }
     let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_second();
-    Some(Duration::from_secs(u64::try_from(at).ok()?.saturating_sub(now_unix)))
+    Some(Duration::from_secs(u64::try_from(at).ok()?.saturating_sub(now_unix)).min(MAX_REMEMBERED))
 }
 
 /// Whether a 429 body is one of Tallyfy's hourly caps.
@@ -94,7 +101,9 @@ impl Throttle {
         limit: &str,
         now: Nanos,
     ) -> Duration {
-        let wait = retry_after.unwrap_or_else(|| backoff(self.streak.fetch_add(1, Ordering::Relaxed) + 1));
+        let wait = retry_after
+            .unwrap_or_else(|| backoff(self.streak.fetch_add(1, Ordering::Relaxed) + 1))
+            .min(MAX_REMEMBERED);
         let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         if hourly {
             let mut capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -165,6 +174,20 @@ mod tests {
         assert_eq!(retry_after(&headers, 1_445_412_470), Some(Duration::from_secs(10)));
         headers.insert(RETRY_AFTER, "soon".parse().expect("value"));
         assert_eq!(retry_after(&headers, 0), None);
+    }
+
+    #[test]
+    fn no_429_is_remembered_for_more_than_an_hour() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "18446744073709551615".parse().expect("value"));
+        assert_eq!(retry_after(&headers, 0), Some(MAX_REMEMBERED));
+        headers.insert(RETRY_AFTER, "Fri, 01 Jan 9999 00:00:00 GMT".parse().expect("value"));
+        assert_eq!(retry_after(&headers, 0), Some(MAX_REMEMBERED));
+        // Another replica's report is held to the same bound.
+        let throttle = Throttle::default();
+        assert_eq!(throttle.remember(Some(Duration::MAX), false, "", "", 0), MAX_REMEMBERED);
+        assert_eq!(throttle.wait(0, || (String::new(), String::new())), Some(MAX_REMEMBERED));
+        assert_eq!(throttle.wait(3600 * SECOND, || (String::new(), String::new())), None, "lifted");
     }
 
     #[test]

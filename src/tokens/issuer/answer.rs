@@ -78,6 +78,13 @@ struct TokenBody {
 /// Tokens that live shorter than this are treated as malformed.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 
+/// A longer access token is refused: it would ride on every request (Tallyfy's
+/// JWTs are about 1 KiB).
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// A token answer (or a refusal) longer than this is not read: the fetch fails.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// A successful token response -> [`Issued`]. Pure; `now_unix` for the JWT `exp`.
 pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Result<Issued, FetchError> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -89,6 +96,9 @@ pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Re
         parsed.access_token.filter(|t| !t.is_empty()).ok_or(FetchError::Malformed("no access_token"))?;
     if access_token.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
         return Err(FetchError::Malformed("access_token is not a header-safe string"));
+    }
+    if access_token.len() > MAX_TOKEN_BYTES {
+        return Err(FetchError::Malformed("access_token is longer than 16 KiB"));
     }
     let expires_in = match parsed.expires_in {
         Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
