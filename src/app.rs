@@ -20,7 +20,7 @@ use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
-use crate::server::{self, ConnectionInfo, ConnectionLimits};
+use crate::server::{self, ConnectionInfo, ConnectionLimits, ConnectionSlots};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
 use crate::traffic::TrafficState;
@@ -32,7 +32,8 @@ fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
     ConnectionLimits {
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
-        max_connections: server.max_connections,
+        send_timeout: server.send_timeout,
+        slots: ConnectionSlots::new(server.max_connections),
         max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
         max_header_fields: server.max_headers * 2,
     }
@@ -280,7 +281,8 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         ConnectionLimits {
             header_read_timeout: config.server.header_read_timeout.min(Duration::from_secs(5)),
             idle_timeout: config.server.idle_timeout,
-            max_connections: ADMIN_MAX_CONNECTIONS,
+            send_timeout: config.server.send_timeout.min(Duration::from_secs(5)),
+            slots: ConnectionSlots::new(ADMIN_MAX_CONNECTIONS),
             max_head_bytes: 16 * 1024,
             max_header_fields: 64,
         },

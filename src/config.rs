@@ -110,6 +110,9 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// A connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
+    /// A connection whose responses being sent make no progress (the caller
+    /// takes nothing, or Tallyfy sends nothing) for this long is cut.
+    pub send_timeout: Duration,
     /// Connections open at once on the proxy listener; more are closed at once.
     pub max_connections: usize,
 }

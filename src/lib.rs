@@ -136,11 +136,13 @@
 //!   written and read, framing decided; `decoder.rs`, where a response body
 //!   ends), `returning.rs` (the response body that gives its connection back
 //!   when it ends).
-//! - [`server`]: the accept loop; `connection.rs` (one connection's life),
+//! - [`server`]: the accept loop and the connection places every socket of a
+//!   listener shares; `connection.rs` (one connection's life and its timers),
 //!   `sniff.rs`, `conn_io.rs` (the byte stream: reads shown to the head tap,
 //!   small writes gathered), `head_tap.rs` (each HTTP/1 head's raw bytes, so a
 //!   `Content-Length` beside `chunked` is refused; where the next head stands
-//!   after a response), `activity.rs` (requests in flight, idleness),
+//!   after a response), `activity.rs` (requests in flight, idleness, responses
+//!   that stall),
 //!   `watch.rs` (the connection's timers polled only when they fire).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),

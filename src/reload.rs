@@ -295,6 +295,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if o.idle_timeout != n.idle_timeout {
         changed.push("server.idle_timeout_ms");
     }
+    if o.send_timeout != n.send_timeout {
+        changed.push("server.send_timeout_ms");
+    }
     if o.max_connections != n.max_connections {
         changed.push("server.max_connections");
     }

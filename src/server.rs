@@ -56,13 +56,27 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// A connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
-    /// Connections open at once; more are accepted and closed at once.
-    pub max_connections: usize,
+    /// A connection whose responses make no progress for this long is cut.
+    pub send_timeout: Duration,
+    /// Places for connections open at once; more are accepted and closed at once.
+    pub slots: ConnectionSlots,
     /// Hard ceiling for a request head in bytes. The pipeline answers a friendlier
     /// JSON 431 below it; above it hyper closes with a bare 431.
     pub max_head_bytes: usize,
     /// Hard ceiling for the number of header fields (same split as above).
     pub max_header_fields: usize,
+}
+
+/// The places for open connections under a listener's `max_connections`: one
+/// pool, shared by every socket the listener is served on (the proxy port has
+/// one per CPU), so the limit holds for the port, not for each of its threads.
+#[derive(Debug, Clone)]
+pub struct ConnectionSlots(Arc<Semaphore>);
+
+impl ConnectionSlots {
+    pub fn new(max_connections: usize) -> ConnectionSlots {
+        ConnectionSlots(Arc::new(Semaphore::new(max_connections)))
+    }
 }
 
 /// What the proxy knows about a connection before any request arrives.
@@ -104,7 +118,7 @@ pub async fn serve<M, S, F, B>(
         .max_header_list_size(u32::try_from(limits.max_head_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(ping)
         .keep_alive_timeout(ping);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = limits.slots.0.clone();
     let shared = Arc::new(Listener {
         tls: tls.map(TlsAcceptor::from),
         limits,

@@ -105,6 +105,7 @@ pub struct RawServer {
     pub max_request_body_bytes: Option<Spanned<u64>>,
     pub shutdown_grace_ms: Option<Spanned<u64>>,
     pub idle_timeout_ms: Option<Spanned<u64>>,
+    pub send_timeout_ms: Option<Spanned<u64>>,
     pub max_connections: Option<Spanned<usize>>,
 }
 

@@ -30,6 +30,7 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawServer) -> Result<Server, ConfigE
         },
         shutdown_grace: millis(ctx, raw.shutdown_grace_ms.as_ref(), "server.shutdown_grace_ms", 25_000)?,
         idle_timeout: millis(ctx, raw.idle_timeout_ms.as_ref(), "server.idle_timeout_ms", 60_000)?,
+        send_timeout: millis(ctx, raw.send_timeout_ms.as_ref(), "server.send_timeout_ms", 60_000)?,
         max_connections: positive(raw.max_connections.as_ref(), "server.max_connections", 10_000)?,
     })
 }

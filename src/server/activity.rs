@@ -1,8 +1,11 @@
 //! What a connection is doing: requests in flight and requests started, so an
-//! idle connection can be closed; and the service wrapper that keeps count.
+//! idle connection can be closed; responses being sent and the frames they
+//! gave, so one that stalls can be cut; and the service wrapper that keeps
+//! count.
 //!
 //! The count ends when the response body is dropped (sent, or abandoned), not
-//! when the handler returns: a long download is a connection at work.
+//! when the handler returns: a long download is a connection at work, as long
+//! as it moves.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -30,6 +33,10 @@ pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// Bumped when a request starts and when it ends.
     events: AtomicU64,
+    /// Responses whose head is out and whose body is not done.
+    sending: AtomicUsize,
+    /// Bumped for every frame a response body gives.
+    frames: AtomicU64,
 }
 
 impl Activity {
@@ -41,6 +48,30 @@ impl Activity {
     fn end(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resolves once responses have been waiting to be sent, and none of them
+    /// gave a frame, for `timeout` (checked every quarter of it, like
+    /// [`Activity::idle_for`]): the caller takes nothing (a full socket buffer,
+    /// an HTTP/2 window it never opens) or Tallyfy sends nothing more. Like
+    /// nginx's `send_timeout`, for the connection as a whole.
+    pub async fn stalled_for(&self, timeout: Duration) {
+        let step = (timeout / QUIET_CHECKS).max(Duration::from_millis(1));
+        let mut seen = self.frames.load(Ordering::Relaxed);
+        let mut stalled = 0;
+        loop {
+            tokio::time::sleep(step).await;
+            let frames = self.frames.load(Ordering::Relaxed);
+            if frames == seen && self.sending.load(Ordering::Relaxed) > 0 {
+                stalled += 1;
+                if stalled >= QUIET_CHECKS {
+                    return;
+                }
+            } else {
+                seen = frames;
+                stalled = 0;
+            }
+        }
     }
 
     /// Resolves once no request has been in flight, and none has started or
@@ -72,10 +103,22 @@ impl Activity {
 struct InFlight {
     activity: Arc<Activity>,
     tap: Option<Arc<HeadTap>>,
+    /// Its response's head is out: it counts among those being sent.
+    sending: bool,
+}
+
+impl InFlight {
+    fn sending(&mut self) {
+        self.sending = true;
+        self.activity.sending.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.sending {
+            self.activity.sending.fetch_sub(1, Ordering::Relaxed);
+        }
         self.activity.end();
         if let Some(tap) = &self.tap {
             tap.resume();
@@ -125,7 +168,7 @@ where
                 request.extensions_mut().insert(AmbiguousLength);
             }
         }
-        let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone() };
+        let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone(), sending: false };
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
         CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight), close }
@@ -183,17 +226,21 @@ where
         if *this.close {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        let in_flight = this.in_flight.take();
-        Poll::Ready(Ok(response.map(|inner| Guarded { inner, _in_flight: in_flight })))
+        let mut in_flight = this.in_flight.take();
+        if let Some(in_flight) = &mut in_flight {
+            in_flight.sending();
+        }
+        Poll::Ready(Ok(response.map(|inner| Guarded { inner, in_flight })))
     }
 }
 
 pin_project! {
-    /// A response body that holds its request's count until it is dropped.
+    /// A response body that holds its request's count until it is dropped,
+    /// and counts the frames it gives.
     pub struct Guarded<B> {
         #[pin]
         inner: B,
-        _in_flight: Option<InFlight>,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -205,7 +252,12 @@ impl<B: Body> Body for Guarded<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let (Poll::Ready(Some(_)), Some(in_flight)) = (&frame, this.in_flight.as_ref()) {
+            in_flight.activity.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -244,5 +296,30 @@ mod tests {
         let ended = tokio::time::Instant::now();
         idle.await.expect("idle task");
         assert!(ended.elapsed() >= Duration::from_secs(60) && ended.elapsed() <= Duration::from_secs(75));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_that_stops_moving_is_a_stall_and_one_that_moves_is_not() {
+        let activity = Arc::new(Activity::default());
+        let stalled = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.stalled_for(Duration::from_secs(60)).await }
+        });
+        // A request waiting for Tallyfy, with no response out yet, is no stall.
+        activity.begin();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!stalled.is_finished(), "waiting for the response head is not a stall");
+        // A download that moves every 10 s for ten minutes is no stall either.
+        activity.sending.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..60 {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            activity.frames.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(!stalled.is_finished(), "a slow download moves");
+        // Then nothing more is taken.
+        let stopped = tokio::time::Instant::now();
+        stalled.await.expect("stall task");
+        let waited = stopped.elapsed();
+        assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(75), "{waited:?}");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,12 @@ async fn tls_connection<M, S, F, B>(
         .map(client_cert::names)
         .unwrap_or_default();
     let (protocol, prefix) = match session.alpn_protocol() {
-        Some(b"h2") => (Protocol::Http2, Bytes::new()),
+        // The preface must still come within the deadline: a peer that agreed
+        // on h2 and then says nothing holds no place for longer.
+        Some(b"h2") => match sniff(&mut stream, deadline).await {
+            Some((_, prefix)) => (Protocol::Http2, prefix),
+            None => return tracing::debug!(%peer, "no HTTP/2 preface within the header read timeout"),
+        },
         Some(_) => (Protocol::Http1, Bytes::new()),
         None => match sniff(&mut stream, deadline).await {
             Some(sniffed) => sniffed,
@@ -146,7 +152,12 @@ async fn serve_io<M, S, F, B, I>(
             let io = TokioIo::new(ConnIo::new(io, prefix, Some(tap.clone())));
             let service = Counted::new(service, activity.clone(), Some(tap));
             let connection = shared.http1.serve_connection(io, service);
-            let timers = Timers { idle: limits.idle_timeout, head: Some(limits.header_read_timeout) };
+            let timers = Timers {
+                idle: limits.idle_timeout,
+                head: Some(limits.header_read_timeout),
+                send: limits.send_timeout,
+                closing: limits.header_read_timeout,
+            };
             run(connection, &activity, timers, &shared.shutdown, peer).await;
         }
         Protocol::Http2 => {
@@ -156,7 +167,12 @@ async fn serve_io<M, S, F, B, I>(
             // Boxed: an HTTP/2 connection's state is larger than HTTP/1's, and every
             // connection task has room for the larger of the two (3.8 KiB against
             // 2.1 KiB), the many idle keep-alive HTTP/1 ones included.
-            let timers = Timers { idle: limits.idle_timeout, head: None };
+            let timers = Timers {
+                idle: limits.idle_timeout,
+                head: None,
+                send: limits.send_timeout,
+                closing: limits.header_read_timeout,
+            };
             Box::pin(run(connection, &activity, timers, &shared.shutdown, peer)).await;
         }
     }
@@ -172,11 +188,19 @@ struct Timers {
     /// (a head trickling in gets no answer). `None` for HTTP/2, whose peers are
     /// pinged instead.
     head: Option<Duration>,
+    /// Responses waiting to be sent and none of them moving for this long:
+    /// cut ([`Activity::stalled_for`]).
+    send: Duration,
+    /// Closed gracefully, and still open with no request in flight this long
+    /// after: cut (an HTTP/2 peer that never acknowledges the GOAWAY's ping,
+    /// an HTTP/1 one that never takes its last response).
+    closing: Duration,
 }
 
 /// Drives a connection to its end; on shutdown or idleness, closes it gracefully
-/// (in-flight requests finish, HTTP/2 peers get GOAWAY); an HTTP/1 head that
-/// does not come in time cuts it.
+/// (in-flight requests finish, HTTP/2 peers get GOAWAY), and cuts it if it is
+/// still open [`Timers::closing`] after; an HTTP/1 head that does not come in
+/// time, or responses that stall for [`Timers::send`], cut it.
 async fn run<C>(
     connection: C,
     activity: &Activity,
@@ -204,7 +228,10 @@ async fn run<C>(
         }
     });
     tokio::pin!(close);
-    let mut closing = false;
+    let stalled = Watched::new(activity.stalled_for(timers.send));
+    tokio::pin!(stalled);
+    // Made when the graceful close begins; rare, so boxed.
+    let mut closing: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     loop {
         tokio::select! {
             biased;
@@ -217,9 +244,20 @@ async fn run<C>(
             () = &mut head_overdue => {
                 return tracing::debug!(%peer, "no request head within the header read timeout");
             }
-            () = &mut close, if !closing => {
+            () = &mut stalled => {
+                return tracing::debug!(%peer, "responses made no progress within the send timeout; cut");
+            }
+            () = &mut close, if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(Box::pin(activity.idle_for(timers.closing)));
+            }
+            () = async {
+                match closing.as_mut() {
+                    Some(overdue) => overdue.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                return tracing::debug!(%peer, "closed gracefully but not ended by the peer; cut");
             }
         }
     }

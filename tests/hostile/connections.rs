@@ -176,6 +176,20 @@ async fn connections_beyond_max_connections_are_closed_at_once_and_counted() {
     assert!(began.elapsed() < Duration::from_secs(1), "at once, not at a timeout");
     let metrics = scrape(admin).await;
     assert!(metrics.contains(r#"tallyfy_proxy_connections_refused_total{listener="proxy"} 1"#), "{metrics}");
+    // Another socket of the proxy port (the binary serves one per CPU) shares the places.
+    let extra = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    extra.set_nonblocking(true).expect("nonblocking");
+    let extra_addr = extra.local_addr().expect("addr");
+    tokio::spawn(stack.proxy.proxy_server(extra));
+    let other =
+        exchange(extra_addr, b"GET /api/me HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(3)).await;
+    assert!(
+        other.closed && other.bytes.is_empty(),
+        "closed unanswered on another socket: {:?}",
+        other.text()
+    );
+    let metrics = scrape(admin).await;
+    assert!(metrics.contains(r#"tallyfy_proxy_connections_refused_total{listener="proxy"} 2"#), "{metrics}");
 
     drop(held.pop());
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -203,4 +217,123 @@ async fn the_admin_listener_cuts_silent_peers_too() {
         let answer = exchange(stack.proxy.admin_addr(), start, Duration::from_secs(5)).await;
         assert!(answer.closed && answer.bytes.is_empty(), "{start:?}");
     }
+}
+
+/// Waits until the admin listener at `admin` reports `line`, or fails naming `what`.
+async fn metrics_show(admin: std::net::SocketAddr, line: &str, within: Duration, what: &str) -> Duration {
+    let began = Instant::now();
+    loop {
+        if scrape(admin).await.contains(line) {
+            return began.elapsed();
+        }
+        assert!(began.elapsed() < within, "{what}: no `{line}` within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const OPEN_ONE: &str = r#"tallyfy_proxy_connections_open{listener="proxy"} 1"#;
+const OPEN_NONE: &str = r#"tallyfy_proxy_connections_open{listener="proxy"} 0"#;
+
+/// The sandbox and a proxy that cuts a connection whose responses stop moving
+/// for 600 ms, and keeps idle ones a minute (so only the stall can end them).
+async fn send_timeout_stack() -> Stack {
+    Stack::start_with(|c| c.set("server", "send_timeout_ms", 600).set("server", "idle_timeout_ms", 60_000))
+        .await
+}
+
+/// A caller that asks for a 64 MiB download on a tiny receive buffer and
+/// never reads: once the socket buffers are full the response stops moving,
+/// and the connection (and with it the upstream one) is cut, where it used to
+/// be held as long as the caller liked.
+#[tokio::test]
+async fn an_http1_caller_that_never_reads_its_response_is_cut_at_the_send_timeout() {
+    let stack = send_timeout_stack().await;
+    let admin = stack.proxy.admin_addr();
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let mut stream = socket.connect(stack.proxy.proxy_addr()).await.expect("connect");
+    let org = tallyfy_sandbox::fixtures::ORG_ID;
+    let request =
+        format!("GET /api/organizations/{org}/file/f1/dl?bytes=67108864 HTTP/1.1\r\nHost: a\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    metrics_show(admin, OPEN_ONE, Duration::from_secs(5), "the download's connection").await;
+    let took = metrics_show(admin, OPEN_NONE, Duration::from_secs(5), "the stalled connection is cut").await;
+    assert!(took >= Duration::from_millis(450), "not before the send timeout: {took:?}");
+    drop(stream);
+}
+
+/// An HTTP/2 caller that sets its stream window to 0 and answers pings: every
+/// response head goes out, no body can, and the connection is cut at the send
+/// timeout instead of holding its streams forever.
+#[tokio::test]
+async fn an_http2_caller_that_never_opens_its_window_is_cut_at_the_send_timeout() {
+    let stack = send_timeout_stack().await;
+    let admin = stack.proxy.admin_addr();
+    let tcp = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    let mut heads = Vec::new();
+    for _ in 0..3 {
+        let mut client = client.clone().ready().await.expect("ready");
+        let request = http::Request::get("http://a/api/me").body(()).expect("request");
+        let (response, _) = client.send_request(request, true).expect("sent");
+        heads.push(tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("ok"));
+    }
+    assert!(heads.iter().all(|head| head.status() == 200), "the heads went out");
+    let began = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "the proxy ended the connection");
+    assert!(
+        began.elapsed() >= Duration::from_millis(450),
+        "not before the send timeout: {:?}",
+        began.elapsed()
+    );
+    metrics_show(admin, OPEN_NONE, Duration::from_secs(2), "and let go of it").await;
+}
+
+/// A peer that agrees on h2 by ALPN, completes the TLS handshake and says
+/// nothing: the preface must come within the header read timeout (400 ms
+/// here), as on a plain connection. It used to be held until the idle close,
+/// which could not end a connection whose preface never came.
+#[tokio::test]
+async fn a_tls_peer_that_agrees_on_h2_and_sends_no_preface_is_cut_at_the_header_timeout() {
+    let dir = tempfile::tempdir().expect("dir");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.path().join("server.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).expect("write");
+    let sandbox = crate::support::start_sandbox().await;
+    let tls = crate::support::table([("cert", "server.pem".into()), ("key", "server.key".into())]);
+    let config = super::short_timers(crate::support::TestConfig::personal_any(&sandbox.base_url()))
+        .set("listen", "tls", tls);
+    let proxy = crate::support::start_proxy(&config.parse(dir.path())).await;
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("trusted");
+    let mut client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 agreed");
+    let began = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 1024];
+        // Whatever the proxy writes (an early SETTINGS), until it closes.
+        while tokio::io::AsyncReadExt::read(&mut tls, &mut buffer).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the proxy ended the connection");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(2), "cut after {took:?}");
+    assert!(sandbox.received().is_empty());
 }
