@@ -1,7 +1,8 @@
-//! The admin listener: `/livez` (the process is up), `/readyz` (every credential
+//! The admin listener: `/livez` (the process is up, its token refresher too), `/readyz` (every credential
 //! holds a valid token) and `/metrics` (Prometheus). Kept off the proxy port so probes never reach Tallyfy.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::time::Instant;
 
 use bytes::Bytes;
@@ -20,11 +21,17 @@ pub struct Admin {
     /// The config generation serving now (its token store answers readiness).
     current: Arc<ArcSwap<Proxy>>,
     metrics: Arc<Metrics>,
+    /// Whether the token refresher still runs ([`crate::reload::RefresherTask::alive`]).
+    refresher_alive: Arc<AtomicBool>,
 }
 
 impl Admin {
-    pub fn new(current: Arc<ArcSwap<Proxy>>, metrics: Arc<Metrics>) -> Self {
-        Admin { current, metrics }
+    pub fn new(
+        current: Arc<ArcSwap<Proxy>>,
+        metrics: Arc<Metrics>,
+        refresher_alive: Arc<AtomicBool>,
+    ) -> Self {
+        Admin { current, metrics, refresher_alive }
     }
 
     pub fn handle<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
@@ -35,7 +42,13 @@ impl Admin {
             );
         }
         match request.uri().path() {
-            "/livez" => reply(StatusCode::OK, json!({"status":"live"})),
+            "/livez" if self.refresher_alive.load(Ordering::Relaxed) => {
+                reply(StatusCode::OK, json!({"status":"live"}))
+            }
+            "/livez" => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status":"not_live","reason":"the token refresher stopped"}),
+            ),
             "/metrics" => {
                 let text = self.metrics.render(&self.current.load().tokens().expiries(), Instant::now());
                 let mut response = Response::new(Full::new(Bytes::from(text)));

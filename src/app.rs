@@ -262,7 +262,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let (reloader, reload) =
         Reloader::new(config.clone(), current.clone(), metrics.clone(), refresh_handle, traffic);
     let reloader = tokio::spawn(reloader.run(shutdown.clone()));
-    let admin = Admin::new(current.clone(), metrics.clone());
+    let admin = Admin::new(current.clone(), metrics.clone(), refresher.alive());
     let admin_current = current.clone();
 
     let proxy_server = ProxyServer {

@@ -15,6 +15,7 @@
 mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -47,19 +48,48 @@ const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 pub struct RefresherTask {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    alive: Arc<AtomicBool>,
 }
 
 impl RefresherTask {
     pub fn spawn(refresher: Refresher) -> RefresherTask {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(refresher.run(stop.clone()));
-        RefresherTask { stop, task }
+        let alive = Arc::new(AtomicBool::new(true));
+        let watchdog = Watchdog { alive: alive.clone(), stop: stop.clone() };
+        let run = refresher.run(stop.clone());
+        let task = tokio::spawn(async move {
+            let _watchdog = watchdog;
+            run.await;
+        });
+        RefresherTask { stop, task, alive }
+    }
+
+    /// False once the refresher has stopped without being told to (a panic):
+    /// no token would be refreshed again, so `/livez` answers 503 and the
+    /// process is restarted rather than left to fail every request later.
+    pub fn alive(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
     }
 
     /// Stops it (fetches still running are abandoned).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Notes, when the refresher's task ends (or unwinds), whether it was told to.
+struct Watchdog {
+    alive: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if !self.stop.is_cancelled() {
+            self.alive.store(false, Ordering::Relaxed);
+            tracing::error!("the token refresher stopped unexpectedly; /livez answers 503 from now on");
+        }
     }
 }
 
@@ -322,6 +352,26 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 mod tests {
     use super::*;
     use tokio::time::Instant;
+
+    #[tokio::test]
+    async fn a_refresher_that_ends_untold_is_no_longer_alive_and_one_stopped_still_is() {
+        for panics in [true, false] {
+            let stop = CancellationToken::new();
+            let alive = Arc::new(AtomicBool::new(true));
+            let watchdog = Watchdog { alive: alive.clone(), stop: stop.clone() };
+            let task = tokio::spawn(async move {
+                let _watchdog = watchdog;
+                assert!(!panics, "a refresher bug (this panic is the test's)");
+                std::future::pending::<()>().await;
+            });
+            if !panics {
+                stop.cancel();
+                task.abort();
+            }
+            let _ = task.await;
+            assert_eq!(alive.load(Ordering::Relaxed), !panics, "panics: {panics}");
+        }
+    }
 
     /// Sends `count` file events `every` apart, from a task of its own.
     fn events(count: usize, every: Duration, signal_at: Option<usize>) -> mpsc::Receiver<Trigger> {
