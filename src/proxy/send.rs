@@ -4,7 +4,7 @@
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::response::Parts;
 use http::{HeaderValue, Method, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Either, Full, Limited};
@@ -159,6 +159,11 @@ fn retryable(outcome: &Result<Response<UpstreamBody>, ProxyError>) -> Option<Fai
 /// A read upstream response as the caller gets it.
 fn passed_on(mut parts: Parts, body: Bytes) -> Response<ProxyBody> {
     headers::to_caller(&mut parts.headers);
+    if body.is_empty() {
+        // Nothing was read (an empty body, or one too large or broken to
+        // read): no coding describes the empty body sent instead.
+        parts.headers.remove(CONTENT_ENCODING);
+    }
     parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     Response::from_parts(parts, Either::Right(Full::new(body)))
 }
@@ -169,4 +174,25 @@ fn now() -> clock::Nanos {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzipped_429() -> Parts {
+        let mut parts = Response::new(()).into_parts().0;
+        parts.status = StatusCode::TOO_MANY_REQUESTS;
+        parts.headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        parts
+    }
+
+    #[test]
+    fn a_429_whose_body_could_not_be_read_goes_on_empty_and_uncoded() {
+        let response = passed_on(gzipped_429(), Bytes::new());
+        assert!(!response.headers().contains_key(CONTENT_ENCODING), "no coding for an empty body");
+        assert_eq!(response.headers()[CONTENT_LENGTH], "0");
+        let response = passed_on(gzipped_429(), Bytes::from_static(b"\x1f\x8b..."));
+        assert_eq!(response.headers()[CONTENT_ENCODING], "gzip", "a body read whole keeps its coding");
+    }
 }
