@@ -54,7 +54,10 @@ impl Activity {
     /// gave a frame, for `timeout` (checked every quarter of it, like
     /// [`Activity::idle_for`]): the caller takes nothing (a full socket buffer,
     /// an HTTP/2 window it never opens) or Tallyfy sends nothing more. Like
-    /// nginx's `send_timeout`, for the connection as a whole.
+    /// nginx's `send_timeout` on HTTP/1. On HTTP/2 it watches the connection
+    /// as a whole: it is cut when none of its responses moves, so a peer that
+    /// keeps one stream moving keeps its stalled ones (at most the connection's
+    /// concurrent streams); a watch per stream would need a timer per response.
     pub async fn stalled_for(&self, timeout: Duration) {
         let step = (timeout / QUIET_CHECKS).max(Duration::from_millis(1));
         let mut seen = self.frames.load(Ordering::Relaxed);

@@ -191,9 +191,10 @@ struct Timers {
     /// Responses waiting to be sent and none of them moving for this long:
     /// cut ([`Activity::stalled_for`]).
     send: Duration,
-    /// Closed gracefully, and still open with no request in flight this long
-    /// after: cut (an HTTP/2 peer that never acknowledges the GOAWAY's ping,
-    /// an HTTP/1 one that never takes its last response).
+    /// Closed gracefully for idleness, and still open with no request in
+    /// flight this long after: cut (an HTTP/2 peer that never acknowledges the
+    /// GOAWAY's ping, an HTTP/1 one that never takes its last response). A
+    /// close for shutdown is bounded by the drain's grace period instead.
     closing: Duration,
 }
 
@@ -221,16 +222,22 @@ async fn run<C>(
         }
     });
     tokio::pin!(head_overdue);
+    // Whether the close is for idleness (not for shutdown, whose drain has its
+    // own grace period and may still be delivering responses).
     let close = Watched::new(async {
         tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = activity.idle_for(timers.idle) => tracing::debug!(%peer, "idle connection closed"),
+            () = shutdown.cancelled() => false,
+            () = activity.idle_for(timers.idle) => {
+                tracing::debug!(%peer, "idle connection closed");
+                true
+            }
         }
     });
     tokio::pin!(close);
     let stalled = Watched::new(activity.stalled_for(timers.send));
     tokio::pin!(stalled);
-    // Made when the graceful close begins; rare, so boxed.
+    let mut closed = false;
+    // Made when a graceful close for idleness begins; rare, so boxed.
     let mut closing: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     loop {
         tokio::select! {
@@ -247,9 +254,12 @@ async fn run<C>(
             () = &mut stalled => {
                 return tracing::debug!(%peer, "responses made no progress within the send timeout; cut");
             }
-            () = &mut close, if closing.is_none() => {
+            idle = &mut close, if !closed => {
                 connection.as_mut().graceful_shutdown();
-                closing = Some(Box::pin(activity.idle_for(timers.closing)));
+                closed = true;
+                if idle {
+                    closing = Some(Box::pin(activity.idle_for(timers.closing)));
+                }
             }
             () = async {
                 match closing.as_mut() {

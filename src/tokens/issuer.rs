@@ -167,14 +167,20 @@ impl Issuer {
         &self,
         sent: Result<reqwest::Response, reqwest::Error>,
     ) -> Result<Issued, FetchError> {
-        let response = sent.map_err(transport)?;
-        let status = response.status();
-        let body = bounded_body(response).await?;
-        if !status.is_success() {
-            return Err(refusal(status, &body));
-        }
-        parse_token(&body, self.default_lifetime, unix_now())
+        token_answer(sent.map_err(transport)?, self.default_lifetime).await
     }
+}
+
+/// A token endpoint's answer: the token, or the refusal its status says.
+async fn token_answer(response: reqwest::Response, default_lifetime: Duration) -> Result<Issued, FetchError> {
+    let status = response.status();
+    if !status.is_success() {
+        // Refused whatever its body: a long or broken one only loses its code.
+        let body = bounded_body(response).await.unwrap_or_default();
+        return Err(refusal(status, &body));
+    }
+    let body = bounded_body(response).await?;
+    parse_token(&body, default_lifetime, unix_now())
 }
 
 /// A token endpoint's answer, read up to [`MAX_ANSWER_BYTES`]: a longer one
@@ -216,6 +222,24 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(status: u16, body: Vec<u8>) -> reqwest::Response {
+        let mut response = http::Response::new(body);
+        *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+        reqwest::Response::from(response)
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_up_to_64_kib_and_a_refusal_keeps_its_status_whatever_its_body() {
+        let hour = Duration::from_secs(3600);
+        let token = br#"{"access_token":"abc","expires_in":60}"#.to_vec();
+        assert!(token_answer(answer(200, token), hour).await.is_ok());
+        let padded = format!(r#"{{"access_token":"abc","pad":"{}"}}"#, "x".repeat(MAX_ANSWER_BYTES));
+        let long = token_answer(answer(200, padded.into_bytes()), hour).await;
+        assert!(matches!(long, Err(FetchError::Malformed(_))), "{long:?}");
+        let refused = token_answer(answer(401, vec![b' '; 2 * MAX_ANSWER_BYTES]), hour).await;
+        assert!(matches!(refused, Err(FetchError::Refused { status: 401, .. })), "{refused:?}");
+    }
 
     #[test]
     fn emails_are_encoded_as_one_path_segment() {

@@ -15,9 +15,11 @@
 //! are forgotten after [`RETIRED_GRACE`], once requests of the old config are long
 //! done.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -177,8 +179,8 @@ impl Refresher {
             };
             let installed = slot.shared_generation;
             let adopt_only = slot.adopt_only.is_some();
-            fetches.spawn(async move {
-                let result = match shared {
+            let fetch = async move {
+                match shared {
                     Some((fleet, metrics, name, credential)) if adopt_only => {
                         shared::adopt(&fleet, &metrics, &credential, &name, installed).await
                     }
@@ -196,7 +198,15 @@ impl Refresher {
                             source: Source::Alone,
                         })
                     }
-                };
+                }
+            };
+            // A fetch that panics fails like any other, so its slot is not left
+            // fetching (and never refreshed) for ever.
+            fetches.spawn(async move {
+                let result = AssertUnwindSafe(fetch).catch_unwind().await.unwrap_or_else(|_| {
+                    tracing::error!("a token fetch panicked; retried with backoff");
+                    Err(FetchError::Transport("the fetch panicked".to_owned()))
+                });
                 Outcome { slot: id, result }
             });
         }

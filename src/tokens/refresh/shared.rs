@@ -18,6 +18,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use super::super::issuer::{FetchError, Issued};
+use super::super::schedule::MAX_LIFETIME;
 use super::super::{Credential, CredentialKind};
 use crate::fleet::{Announce, Fence, Fleet, FleetError, News, Stored};
 use crate::metrics::Metrics;
@@ -65,7 +66,7 @@ impl Shared {
         let issued = Issued {
             access_token: Secret::new(value["access_token"].as_str()?),
             refresh_token: value["refresh_token"].as_str().map(Secret::new),
-            lifetime: Duration::from_millis(value["lifetime_ms"].as_u64()?),
+            lifetime: Duration::from_millis(value["lifetime_ms"].as_u64()?).min(MAX_LIFETIME),
         };
         Some(Shared { generation: value["generation"].as_u64()?, issued })
     }
@@ -364,6 +365,13 @@ where
 mod tests {
     use super::*;
     use crate::tokens::OAuthClient;
+
+    #[test]
+    fn a_set_from_another_replica_lives_at_most_the_longest_lifetime() {
+        let bytes = br#"{"generation":1,"access_token":"a","lifetime_ms":18446744073709551615}"#;
+        let shared = Shared::decode(bytes).expect("decoded");
+        assert_eq!(shared.issued.lifetime, MAX_LIFETIME);
+    }
 
     #[test]
     fn a_set_round_trips_and_its_age_comes_from_redis_ttl() {
