@@ -28,15 +28,24 @@ use crate::framing::AmbiguousLength;
 /// How many quiet checks in a row make a connection idle.
 const QUIET_CHECKS: u32 = 4;
 
+/// Ticks of the stall watch (a quarter of the send timeout each) a response may
+/// go without giving a frame: found stalled between one and one and a quarter
+/// send timeouts after its last frame.
+const STALE_TICKS: u64 = QUIET_CHECKS as u64 + 1;
+/// Buckets of responses by the tick of their last frame: enough that a
+/// stalled response is found before its bucket comes round again.
+const RING: usize = 8;
+
 #[derive(Debug, Default)]
 pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// Bumped when a request starts and when it ends.
     events: AtomicU64,
-    /// Responses whose head is out and whose body is not done.
-    sending: AtomicUsize,
-    /// Bumped for every frame a response body gives.
-    frames: AtomicU64,
+    /// The stall watch's clock, bumped by [`Activity::stalled_for`].
+    tick: AtomicU64,
+    /// Responses whose head is out and whose body is not done, counted by the
+    /// tick of their last frame (modulo [`RING`]).
+    last_moved: [AtomicUsize; RING],
 }
 
 impl Activity {
@@ -50,30 +59,45 @@ impl Activity {
         self.events.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Resolves once responses have been waiting to be sent, and none of them
-    /// gave a frame, for `timeout` (checked every quarter of it, like
-    /// [`Activity::idle_for`]): the caller takes nothing (a full socket buffer,
-    /// an HTTP/2 window it never opens) or Tallyfy sends nothing more. Like
-    /// nginx's `send_timeout` on HTTP/1. On HTTP/2 it watches the connection
-    /// as a whole: it is cut when none of its responses moves, so a peer that
-    /// keeps one stream moving keeps its stalled ones (at most the connection's
-    /// concurrent streams); a watch per stream would need a timer per response.
+    /// Resolves once any response whose head is out has given no frame for
+    /// `timeout` (between one and one and a quarter of it: the watch ticks every
+    /// quarter, and each response notes the tick of its last frame, so no clock
+    /// is read per frame): the caller takes nothing (a full socket buffer, an
+    /// HTTP/2 window it never opens for that stream) or Tallyfy sends nothing
+    /// more. Like nginx's `send_timeout`; on HTTP/2 one stalled stream is enough,
+    /// however busy its siblings, so a peer cannot keep stalled streams (each
+    /// holding an upstream connection) by moving another.
     pub async fn stalled_for(&self, timeout: Duration) {
         let step = (timeout / QUIET_CHECKS).max(Duration::from_millis(1));
-        let mut seen = self.frames.load(Ordering::Relaxed);
-        let mut stalled = 0;
         loop {
             tokio::time::sleep(step).await;
-            let frames = self.frames.load(Ordering::Relaxed);
-            if frames == seen && self.sending.load(Ordering::Relaxed) > 0 {
-                stalled += 1;
-                if stalled >= QUIET_CHECKS {
-                    return;
-                }
-            } else {
-                seen = frames;
-                stalled = 0;
+            let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
+            // A response last moved STALE_TICKS ago or earlier (those earlier were
+            // found at their own STALE_TICKS, before their bucket came round).
+            let stale = (STALE_TICKS..RING as u64)
+                .filter(|&age| age <= now)
+                .any(|age| self.last_moved[bucket(now - age)].load(Ordering::Relaxed) > 0);
+            if stale {
+                return;
             }
+        }
+    }
+
+    /// A response's head is out: it counts as moved now. Returns the tick noted.
+    fn sending(&self) -> u64 {
+        let now = self.tick.load(Ordering::Relaxed);
+        self.last_moved[bucket(now)].fetch_add(1, Ordering::Relaxed);
+        now
+    }
+
+    /// A response gave a frame: moves its count from the tick noted to now's
+    /// (two atomic additions at most once per tick, one load otherwise).
+    fn moved(&self, noted: &mut u64) {
+        let now = self.tick.load(Ordering::Relaxed);
+        if now != *noted {
+            self.last_moved[bucket(*noted)].fetch_sub(1, Ordering::Relaxed);
+            self.last_moved[bucket(now)].fetch_add(1, Ordering::Relaxed);
+            *noted = now;
         }
     }
 
@@ -102,25 +126,34 @@ impl Activity {
     }
 }
 
+fn bucket(tick: u64) -> usize {
+    (tick % RING as u64) as usize
+}
+
 /// Ends a request's count (and re-arms the head tap) when dropped.
 struct InFlight {
     activity: Arc<Activity>,
     tap: Option<Arc<HeadTap>>,
-    /// Its response's head is out: it counts among those being sent.
-    sending: bool,
+    /// Its response's head is out: the stall watch's tick of its last frame.
+    moved: Option<u64>,
 }
 
 impl InFlight {
     fn sending(&mut self) {
-        self.sending = true;
-        self.activity.sending.fetch_add(1, Ordering::Relaxed);
+        self.moved = Some(self.activity.sending());
+    }
+
+    fn moved(&mut self) {
+        if let Some(noted) = &mut self.moved {
+            self.activity.moved(noted);
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.sending {
-            self.activity.sending.fetch_sub(1, Ordering::Relaxed);
+        if let Some(noted) = self.moved {
+            self.activity.last_moved[bucket(noted)].fetch_sub(1, Ordering::Relaxed);
         }
         self.activity.end();
         if let Some(tap) = &self.tap {
@@ -171,7 +204,7 @@ where
                 request.extensions_mut().insert(AmbiguousLength);
             }
         }
-        let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone(), sending: false };
+        let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone(), moved: None };
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
         CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight), close }
@@ -257,8 +290,8 @@ impl<B: Body> Body for Guarded<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
         let frame = this.inner.poll_frame(cx);
-        if let (Poll::Ready(Some(_)), Some(in_flight)) = (&frame, this.in_flight.as_ref()) {
-            in_flight.activity.frames.fetch_add(1, Ordering::Relaxed);
+        if let (Poll::Ready(Some(_)), Some(in_flight)) = (&frame, this.in_flight.as_mut()) {
+            in_flight.moved();
         }
         frame
     }
@@ -313,10 +346,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(!stalled.is_finished(), "waiting for the response head is not a stall");
         // A download that moves every 10 s for ten minutes is no stall either.
-        activity.sending.fetch_add(1, Ordering::Relaxed);
+        let mut download = activity.sending();
         for _ in 0..60 {
             tokio::time::sleep(Duration::from_secs(10)).await;
-            activity.frames.fetch_add(1, Ordering::Relaxed);
+            activity.moved(&mut download);
         }
         assert!(!stalled.is_finished(), "a slow download moves");
         // Then nothing more is taken.
@@ -324,5 +357,24 @@ mod tests {
         stalled.await.expect("stall task");
         let waited = stopped.elapsed();
         assert!(waited >= Duration::from_secs(60) && waited <= Duration::from_secs(75), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_stalled_response_is_found_however_busy_the_others_are() {
+        let activity = Arc::new(Activity::default());
+        let stalled = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.stalled_for(Duration::from_secs(60)).await }
+        });
+        let _stuck = activity.sending();
+        let began = tokio::time::Instant::now();
+        let mut busy = activity.sending();
+        while !stalled.is_finished() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            activity.moved(&mut busy);
+            assert!(began.elapsed() <= Duration::from_secs(76), "never found");
+        }
+        let waited = began.elapsed();
+        assert!(waited >= Duration::from_secs(60), "not before the timeout: {waited:?}");
     }
 }

@@ -337,3 +337,55 @@ async fn a_tls_peer_that_agrees_on_h2_and_sends_no_preface_is_cut_at_the_header_
     assert!(took >= Duration::from_millis(350) && took < Duration::from_secs(2), "cut after {took:?}");
     assert!(sandbox.received().is_empty());
 }
+
+/// An HTTP/2 caller that reads one download slowly and leaves another
+/// unread: the unread one's stalled stream (and its upstream connection) is
+/// not kept alive by its busy sibling; the connection is cut at the send
+/// timeout, as a connection whose only response stalls would be.
+#[tokio::test]
+async fn one_stalled_http2_stream_is_found_however_busy_its_siblings() {
+    let stack = send_timeout_stack().await;
+    let tcp = TcpStream::connect(stack.proxy.proxy_addr()).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    let org = tallyfy_sandbox::fixtures::ORG_ID;
+    let download = format!("http://a/api/organizations/{org}/file/f1/dl?bytes=67108864");
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let mut client = client.clone().ready().await.expect("ready");
+        let request = http::Request::get(&download).body(()).expect("request");
+        let (response, _) = client.send_request(request, true).expect("sent");
+        let response =
+            tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("ok");
+        assert_eq!(response.status(), 200);
+        bodies.push(response.into_body());
+    }
+    let _unread = bodies.pop();
+    let mut busy = bodies.pop().expect("the busy one");
+    let began = Instant::now();
+    let mut taken = 0;
+    // About 300 KB/s: moving all along, far from done when the cut comes.
+    let cut = loop {
+        match tokio::time::timeout(Duration::from_secs(5), busy.data()).await {
+            Ok(Some(Ok(chunk))) => {
+                taken += chunk.len();
+                let _ = busy.flow_control().release_capacity(chunk.len());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(_) => break true,
+            Err(_) => break false,
+        }
+        if began.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+    };
+    assert!(cut, "the busy stream ended: the connection was cut ({taken} bytes taken)");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "cut after {took:?}");
+    assert!(taken < 64 * 1024 * 1024, "before the busy download was done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection).await.expect("the connection ended");
+}
