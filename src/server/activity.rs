@@ -217,17 +217,12 @@ fn framing<B>(request: &Request<B>) -> Framing {
     if request.headers().contains_key(TRANSFER_ENCODING) {
         return Framing::Chunked;
     }
-    match request.headers().get(CONTENT_LENGTH) {
-        // hyper checked it; one that did not read as a number counts as a body
-        // the handler may have left unread.
-        Some(length) => Framing::Length(
-            std::str::from_utf8(length.as_bytes())
-                .ok()
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(u64::MAX),
-        ),
-        None => Framing::Empty,
+    if !request.headers().contains_key(CONTENT_LENGTH) {
+        return Framing::Empty;
     }
+    // One that is not a single plain number (refused later) counts as a body
+    // the handler may have left unread.
+    Framing::Length(crate::headers::single_length(request.headers()).unwrap_or(u64::MAX))
 }
 
 /// The request target as the head wrote it, for the tap: an origin-form

@@ -188,8 +188,8 @@ struct Timers {
     /// (a head trickling in gets no answer). `None` for HTTP/2, whose peers are
     /// pinged instead.
     head: Option<Duration>,
-    /// Responses waiting to be sent and none of them moving for this long:
-    /// cut ([`Activity::stalled_for`]).
+    /// A response waiting to be sent that has not moved for this long: cut
+    /// ([`Activity::stalled_for`]).
     send: Duration,
     /// Closed gracefully for idleness, and still open with no request in
     /// flight this long after: cut (an HTTP/2 peer that never acknowledges the
@@ -252,7 +252,7 @@ async fn run<C>(
                 return tracing::debug!(%peer, "no request head within the header read timeout");
             }
             () = &mut stalled => {
-                return tracing::debug!(%peer, "responses made no progress within the send timeout; cut");
+                return tracing::debug!(%peer, "a response made no progress within the send timeout; cut");
             }
             idle = &mut close, if !closed => {
                 connection.as_mut().graceful_shutdown();

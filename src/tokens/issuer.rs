@@ -13,7 +13,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 mod answer;
 
-pub use answer::{FetchError, Issued, MAX_ANSWER_BYTES, MIN_LIFETIME, parse_token, refusal};
+pub use answer::{FetchError, Issued, MIN_LIFETIME, parse_token, refusal};
 
 use super::{OAuthClient, Provision, Settings};
 use crate::headers::X_TALLYFY_CLIENT;
@@ -182,6 +182,9 @@ async fn token_answer(response: reqwest::Response, default_lifetime: Duration) -
     let body = bounded_body(response).await?;
     parse_token(&body, default_lifetime, unix_now())
 }
+
+/// A token answer (or a refusal) longer than this is not read: the fetch fails.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// A token endpoint's answer, read up to [`MAX_ANSWER_BYTES`]: a longer one
 /// fails the fetch instead of filling memory.

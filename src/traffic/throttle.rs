@@ -27,18 +27,17 @@ pub fn backoff(streak: u32) -> Duration {
 /// (or another replica reports): Tallyfy's limits are per hour, so an hour
 /// covers any of them, and a broken or hostile `Retry-After: 99999999999` does
 /// not lock a credential out until the proxy restarts.
-pub const MAX_REMEMBERED: Duration = Duration::from_secs(3600);
+const MAX_REMEMBERED: Duration = Duration::from_secs(3600);
 
 /// `Retry-After` as a wait from `now`: delay-seconds, or an HTTP date (given
-/// `now_unix`, seconds since the epoch), at most [`MAX_REMEMBERED`]. `None`
-/// when absent or unreadable.
+/// `now_unix`, seconds since the epoch). `None` when absent or unreadable.
 pub fn retry_after(headers: &HeaderMap, now_unix: u64) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds).min(MAX_REMEMBERED));
+        return Some(Duration::from_secs(seconds));
     }
     let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_second();
-    Some(Duration::from_secs(u64::try_from(at).ok()?.saturating_sub(now_unix)).min(MAX_REMEMBERED))
+    Some(Duration::from_secs(u64::try_from(at).ok()?.saturating_sub(now_unix)))
 }
 
 /// Whether a 429 body is one of Tallyfy's hourly caps.
@@ -179,12 +178,12 @@ mod tests {
     #[test]
     fn no_429_is_remembered_for_more_than_an_hour() {
         let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, "18446744073709551615".parse().expect("value"));
-        assert_eq!(retry_after(&headers, 0), Some(MAX_REMEMBERED));
-        headers.insert(RETRY_AFTER, "Fri, 01 Jan 9999 00:00:00 GMT".parse().expect("value"));
-        assert_eq!(retry_after(&headers, 0), Some(MAX_REMEMBERED));
-        // Another replica's report is held to the same bound.
         let throttle = Throttle::default();
+        for far in ["18446744073709551615", "Fri, 01 Jan 9999 00:00:00 GMT"] {
+            headers.insert(RETRY_AFTER, far.parse().expect("value"));
+            assert_eq!(throttle.remember(retry_after(&headers, 0), true, "org", "x", 0), MAX_REMEMBERED);
+        }
+        // Another replica's report is held to the same bound.
         assert_eq!(throttle.remember(Some(Duration::MAX), false, "", "", 0), MAX_REMEMBERED);
         assert_eq!(throttle.wait(0, || (String::new(), String::new())), Some(MAX_REMEMBERED));
         assert_eq!(throttle.wait(3600 * SECOND, || (String::new(), String::new())), None, "lifted");

@@ -82,9 +82,6 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// JWTs are about 1 KiB).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
-/// A token answer (or a refusal) longer than this is not read: the fetch fails.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
-
 /// A successful token response -> [`Issued`]. Pure; `now_unix` for the JWT `exp`.
 pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Result<Issued, FetchError> {
     if body.iter().all(u8::is_ascii_whitespace) {
