@@ -132,27 +132,51 @@ fn address(out: &mut Vec<u8>, peer: &SocketAddr) {
     }
 }
 
-/// A quoted string with `"`, `\` and control characters escaped (as Rust's
-/// `Debug` does, which is what tracing's text format shows).
+/// A quoted string with `"`, `\`, control characters and unprintable
+/// characters escaped (as Rust's `Debug` does, which is what tracing's text
+/// format shows): a line separator or a bidi override in a path cannot
+/// rearrange or split the line a reader sees.
 fn text_string(out: &mut Vec<u8>, s: &str) {
-    quoted::<true>(out, s, |out, b| match short_escape(b) {
-        Some(escape) => out.extend_from_slice(escape),
-        None => {
-            out.extend_from_slice(b"\\u{");
-            hex2(out, b);
-            out.push(b'}');
-        }
-    });
+    quoted(
+        out,
+        s,
+        |out, b| match short_escape(b) {
+            Some(escape) => out.extend_from_slice(escape),
+            None => {
+                out.extend_from_slice(b"\\u{");
+                hex2(out, b);
+                out.push(b'}');
+            }
+        },
+        |out, c| {
+            use std::io::Write;
+            let _ = write!(out, "{}", c.escape_debug());
+        },
+    );
 }
 
+/// As [`text_string`], in JSON's spelling (`\u2028`, surrogate pairs beyond
+/// the first plane).
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    quoted::<false>(out, s, |out, b| match short_escape(b) {
-        Some(escape) => out.extend_from_slice(escape),
-        None => {
-            out.extend_from_slice(b"\\u00");
-            hex2(out, b);
-        }
-    });
+    quoted(
+        out,
+        s,
+        |out, b| match short_escape(b) {
+            Some(escape) => out.extend_from_slice(escape),
+            None => {
+                out.extend_from_slice(b"\\u00");
+                hex2(out, b);
+            }
+        },
+        |out, c| {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let [high, low] = unit.to_be_bytes();
+                out.extend_from_slice(b"\\u");
+                hex2(out, high);
+                hex2(out, low);
+            }
+        },
+    );
 }
 
 /// The escapes text and JSON spell alike.
@@ -167,19 +191,37 @@ fn short_escape(b: u8) -> Option<&'static [u8]> {
     }
 }
 
-/// `"s"`: the bytes a JSON string escapes (and, with `DEL`, the delete
-/// character) written by `escape`, the runs between them copied whole (found
-/// eight bytes at a time).
-fn quoted<const DEL: bool>(out: &mut Vec<u8>, s: &str, escape: impl Fn(&mut Vec<u8>, u8)) {
+/// `"s"`: the ASCII bytes a JSON string escapes, and the delete character,
+/// written by `escape`; characters beyond ASCII that Rust's `Debug` would
+/// escape (unprintable ones: line separators, bidi controls, zero-width
+/// marks) written by `escape_char`, the printable ones kept; the runs between
+/// copied whole (found eight bytes at a time).
+fn quoted(
+    out: &mut Vec<u8>,
+    s: &str,
+    escape: impl Fn(&mut Vec<u8>, u8),
+    escape_char: impl Fn(&mut Vec<u8>, char),
+) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut run = 0;
     loop {
-        let stop = skip_unescaped::<DEL>(bytes, run);
+        let stop = skip_unescaped::<true>(bytes, run);
         out.extend_from_slice(&bytes[run..stop]);
         let Some(&b) = bytes.get(stop) else { break };
-        escape(out, b);
-        run = stop + 1;
+        if b.is_ascii() {
+            escape(out, b);
+            run = stop + 1;
+            continue;
+        }
+        // The run before it is ASCII, so a character starts here.
+        let Some(c) = s.get(stop..).and_then(|rest| rest.chars().next()) else { break };
+        run = stop + c.len_utf8();
+        if c.escape_debug().len() == 1 {
+            out.extend_from_slice(&bytes[stop..run]);
+        } else {
+            escape_char(out, c);
+        }
     }
     out.push(b'"');
 }
@@ -292,29 +334,49 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Escaping found eight bytes at a time escapes exactly the bytes a
-        /// byte-by-byte pass picks, wherever they fall in a word.
+        /// Escaping found eight bytes at a time escapes exactly what a
+        /// character-by-character pass picks, wherever it falls in a word.
         #[test]
-        fn every_special_byte_is_escaped_wherever_it_falls(s in "[a-z\u{0}-\u{1f}\"\\\\\u{7f}é]{0,40}") {
-            let picked = |del: bool| -> Vec<u8> {
-                let mut expected = vec![b'"'];
-                for &b in s.as_bytes() {
-                    if b < 0x20 || b == b'"' || b == b'\\' || (del && b == 0x7f) {
-                        expected.extend_from_slice(b"<");
-                    } else {
-                        expected.push(b);
-                    }
+        fn every_special_character_is_escaped_wherever_it_falls(
+            s in "[a-z\u{0}-\u{1f}\"\\\\\u{7f}é😀\u{2028}\u{202e}\u{200b}\u{e0001}]{0,40}"
+        ) {
+            let mut expected = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '\u{0}'..='\u{1f}' | '"' | '\\' | '\u{7f}' => expected.push('<'),
+                    '\u{2028}' | '\u{202e}' | '\u{200b}' | '\u{e0001}' => expected.push('#'),
+                    _ => expected.push(c),
                 }
-                expected.push(b'"');
-                expected
-            };
-            for del in [false, true] {
-                let mut out = Vec::new();
-                let mark = |out: &mut Vec<u8>, _: u8| out.push(b'<');
-                if del { quoted::<true>(&mut out, &s, mark) } else { quoted::<false>(&mut out, &s, mark) }
-                proptest::prop_assert_eq!(&out, &picked(del));
             }
+            expected.push('"');
+            let mut out = Vec::new();
+            quoted(&mut out, &s, |out, _| out.push(b'<'), |out, _| out.push(b'#'));
+            proptest::prop_assert_eq!(String::from_utf8(out).expect("UTF-8"), expected);
         }
+    }
+
+    #[test]
+    fn unprintable_characters_cannot_rearrange_a_line() {
+        // A line separator, a right-to-left override and a zero-width space
+        // in a path; an accent and an emoji stay as they are.
+        let path = "/api/caf\u{e9}\u{2028}status=200\u{202e}x\u{200b}\u{1f600}";
+        let text = line(Format::Text, &[("path", Some(Value::Str(path)))]);
+        assert!(
+            text.ends_with(" path=\"/api/caf\u{e9}\\u{2028}status=200\\u{202e}x\\u{200b}\u{1f600}\"\n"),
+            "{text}"
+        );
+        let json = line(Format::Json, &[("path", Some(Value::Str(path)))]);
+        assert!(
+            json.contains("\"path\":\"/api/caf\u{e9}\\u2028status=200\\u202ex\\u200b\u{1f600}\""),
+            "{json}"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(json.trim_end()).expect("one JSON object");
+        assert_eq!(parsed["path"], path);
+        // Beyond the first plane, JSON spells a surrogate pair.
+        let tag = line(Format::Json, &[("path", Some(Value::Str("\u{e0001}")))]);
+        assert!(tag.contains(r#""path":"\udb40\udc01""#), "{tag}");
+        let parsed: serde_json::Value = serde_json::from_str(tag.trim_end()).expect("one JSON object");
+        assert_eq!(parsed["path"], "\u{e0001}");
     }
 
     #[test]

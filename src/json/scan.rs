@@ -194,10 +194,12 @@ fn skip_plain(body: &[u8], i: usize) -> usize {
 }
 
 /// The index of the first byte at or after `i` that a JSON string escapes
-/// (quote, backslash, control character) or, with `DEL`, the delete character
-/// too (as Rust's `Debug` does); `body.len()` if none. Read eight bytes at a time.
+/// (quote, backslash, control character) or, with `LOG`, the delete character
+/// and any byte of a non-ASCII character too (the access log looks at each such
+/// character: Rust's `Debug` escapes the unprintable ones); `body.len()` if
+/// none. Read eight bytes at a time.
 #[inline]
-pub(crate) fn skip_unescaped<const DEL: bool>(body: &[u8], mut i: usize) -> usize {
+pub(crate) fn skip_unescaped<const LOG: bool>(body: &[u8], mut i: usize) -> usize {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
     // Flags the bytes of `word` below `n` (n <= 0x80). A borrow can also flag
@@ -209,8 +211,8 @@ pub(crate) fn skip_unescaped<const DEL: bool>(body: &[u8], mut i: usize) -> usiz
         word.copy_from_slice(chunk);
         let word = u64::from_le_bytes(word);
         let mut stops = below(word, 0x20) | equal(word, b'"') | equal(word, b'\\');
-        if DEL {
-            stops |= equal(word, 0x7f);
+        if LOG {
+            stops |= equal(word, 0x7f) | (word & HIGHS);
         }
         if stops != 0 {
             // Little-endian: the lowest flag is the first such byte in the body.
@@ -218,7 +220,7 @@ pub(crate) fn skip_unescaped<const DEL: bool>(body: &[u8], mut i: usize) -> usiz
         }
         i += 8;
     }
-    while body.get(i).is_some_and(|&b| !(STRING_STOP[usize::from(b)] || (DEL && b == 0x7f))) {
+    while body.get(i).is_some_and(|&b| !(STRING_STOP[usize::from(b)] || (LOG && b >= 0x7f))) {
         i += 1;
     }
     i
@@ -338,17 +340,19 @@ mod tests {
     }
 
     #[test]
-    fn delete_stops_only_when_asked_for() {
+    fn delete_and_high_bytes_stop_only_for_the_log() {
         for len in 1..24 {
             for at in 0..len {
-                let mut body: Vec<u8> = (0..len).map(|n| [b'a', 0x80, 0xff, 0x7e, 0x20][n % 5]).collect();
-                body[at] = 0x7f;
-                for start in 0..=at {
-                    assert_eq!(skip_unescaped::<true>(&body, start), at, "DEL at {at} of {len}");
-                    assert_eq!(skip_unescaped::<false>(&body, start), len, "DEL is plain in JSON");
+                for stop in [0x7f, 0x80, 0xe2, 0xff] {
+                    let mut body: Vec<u8> = (0..len).map(|n| [b'a', 0x7e, 0x20][n % 3]).collect();
+                    body[at] = stop;
+                    for start in 0..=at {
+                        assert_eq!(skip_unescaped::<true>(&body, start), at, "{stop:#x} at {at} of {len}");
+                        assert_eq!(skip_unescaped::<false>(&body, start), len, "{stop:#x} is plain in JSON");
+                    }
+                    body[at] = b'"';
+                    assert_eq!(skip_unescaped::<true>(&body, 0), at, "a quote still stops");
                 }
-                body[at] = b'"';
-                assert_eq!(skip_unescaped::<true>(&body, 0), at, "a quote still stops");
             }
         }
     }

@@ -73,6 +73,26 @@ async fn no_field_of_the_access_line_can_be_forged() {
 }
 
 #[tokio::test]
+async fn no_character_of_a_path_can_rearrange_or_split_the_access_line() {
+    let _capture = access_log();
+    let stack = stack().await;
+    // Raw UTF-8 in the path (hyper accepts it): a line separator (U+2028),
+    // a right-to-left override (U+202E) and a zero-width space (U+200B),
+    // which a log viewer would show as a break, reversed text, or nothing.
+    let request: &[u8] =
+        b"GET /api/me/unprintable\xe2\x80\xa8status=200\xe2\x80\xaeidentity=x\xe2\x80\x8b HTTP/1.1\r\n\
+        Host: a\r\nConnection: close\r\n\r\n";
+    let answer = exchange(stack.proxy.proxy_addr(), request, WAIT).await;
+    assert!(answer.status() >= 400, "{}", answer.text());
+    let line = access_line("/api/me/unprintable").await;
+    assert!(
+        line.contains(r#" path="/api/me/unprintable\u{2028}status=200\u{202e}identity=x\u{200b}""#),
+        "{line}"
+    );
+    assert!(line.is_ascii(), "every character escaped: {line}");
+}
+
+#[tokio::test]
 async fn a_header_the_caller_lists_in_connection_never_reaches_tallyfy_whatever_else_the_list_holds() {
     let stack = stack().await;
     // `Connection` lists `X-Secret-Hop` beside a byte above 0x7F (obs-text,
