@@ -43,6 +43,9 @@ fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
 /// and a flood of them must not exhaust file descriptors.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 
+/// The longest any admin connection timer runs.
+const ADMIN_TIMER_CAP: Duration = Duration::from_secs(5);
+
 /// The proxy and admin listeners, bound before anything starts, so a port
 /// conflict is reported at once and tests can bind `127.0.0.1:0`.
 pub struct Listeners {
@@ -279,9 +282,12 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         listeners.admin,
         None,
         ConnectionLimits {
-            header_read_timeout: config.server.header_read_timeout.min(Duration::from_secs(5)),
-            idle_timeout: config.server.idle_timeout,
-            send_timeout: config.server.send_timeout.min(Duration::from_secs(5)),
+            // Every timer at most 5 s: the admin port's 256 places go to probes
+            // and scrapes, and a peer holding idle connections open (an HTTP/2
+            // preface, then nothing) must not keep the kubelet out.
+            header_read_timeout: config.server.header_read_timeout.min(ADMIN_TIMER_CAP),
+            idle_timeout: config.server.idle_timeout.min(ADMIN_TIMER_CAP),
+            send_timeout: config.server.send_timeout.min(ADMIN_TIMER_CAP),
             slots: ConnectionSlots::new(ADMIN_MAX_CONNECTIONS),
             max_head_bytes: 16 * 1024,
             max_header_fields: 64,

@@ -21,8 +21,13 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
                 names.push((*uri).to_owned());
             }
         }
+        // A DNS name holds no `:` or `/`: one that does (a DNS SAN reading
+        // `spiffe://...`, which no CA without name constraints checks) would
+        // pass for a URI SAN, and names nothing.
         for name in &san.value.general_names {
-            if let GeneralName::DNSName(dns) = name {
+            if let GeneralName::DNSName(dns) = name
+                && !dns.contains([':', '/'])
+            {
                 names.push((*dns).to_owned());
             }
         }
@@ -64,6 +69,18 @@ mod tests {
         let spiffe = "spiffe://cluster.local/ns/billing/sa/app";
         assert_eq!(names(&certificate("app.example", &[spiffe, "app.internal"])), [spiffe, "app.internal"]);
         assert_eq!(names(&certificate("app.example", &[])), ["app.example"]);
+    }
+
+    #[test]
+    fn a_dns_name_shaped_like_a_uri_names_nothing() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = ["spiffe://cluster.local/ns/billing/sa/app", "urn:x", "app.internal"]
+            .into_iter()
+            .map(|dns| rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(dns).expect("ia5")))
+            .collect();
+        let cert = params.self_signed(&key).expect("certificate").der().clone();
+        assert_eq!(names(&cert), ["app.internal"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! bearer token, `X-Tallyfy-Client` and, when absent, `Accept: application/json`.
 //! Everything else passes as sent.
 
-use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHORIZATION};
+use http::header::{ACCEPT, ALT_SVC, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::error::ProxyError;
@@ -179,10 +179,16 @@ fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + 
 }
 
 /// Turns the upstream response's headers into the caller's: hop-by-hop headers
-/// dropped, and Tallyfy's own `X-Request-Id` moved to `X-Upstream-Request-Id`
-/// (the caller's `X-Request-Id` is set by the pipeline).
+/// dropped, fields that speak for Tallyfy's origin dropped (`Set-Cookie`: a
+/// session minted for the proxy's token, usable straight at Tallyfy as that
+/// token's user, whatever the caller's policy, and useless through the proxy,
+/// which never forwards a `Cookie`; `Alt-Svc`: an alternative service for the
+/// proxy's origin), and Tallyfy's own `X-Request-Id` moved to
+/// `X-Upstream-Request-Id` (the caller's `X-Request-Id` is set by the pipeline).
 pub fn to_caller(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
+    headers.remove(SET_COOKIE);
+    headers.remove(ALT_SVC);
     if let Some(upstream_id) = headers.remove(X_REQUEST_ID) {
         headers.insert(X_UPSTREAM_REQUEST_ID, upstream_id);
     }

@@ -60,29 +60,74 @@ pub enum ChunkStart<B> {
     Over(Chunks, B),
 }
 
-/// Reads `body` as chunks until it ends or passes `limit` bytes. Trailers are dropped.
+/// Chunks kept as they came; past this many, the rest is gathered into one
+/// buffer. A body sent one byte per chunk would otherwise cost a `Bytes` (and
+/// the read buffer it pins) per byte: tens of MiB for a 1 MiB answer.
+const KEPT_CHUNKS: usize = 16;
+
+/// Reads `body` as chunks until it ends or passes `limit` bytes: the first
+/// [`KEPT_CHUNKS`] as they came (nothing copied), any others gathered after
+/// them in one. Trailers are dropped.
 pub async fn read_chunks<B>(mut body: B, limit: u64) -> Result<ChunkStart<B>, B::Error>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut chunks = Chunks::new();
+    let mut gathered = BytesMut::new();
     let mut total = 0u64;
+    let finish = |mut chunks: Chunks, gathered: BytesMut| {
+        if !gathered.is_empty() {
+            chunks.push(gathered.freeze());
+        }
+        chunks
+    };
     while !body.is_end_stream() {
         let Some(frame) = body.frame().await else { break };
         if let Ok(data) = frame?.into_data() {
             total += data.len() as u64;
-            chunks.push(data);
+            if chunks.len() < KEPT_CHUNKS {
+                chunks.push(data);
+            } else {
+                gathered.extend_from_slice(&data);
+            }
             if total > limit {
-                return Ok(ChunkStart::Over(chunks, body));
+                return Ok(ChunkStart::Over(finish(chunks, gathered), body));
             }
         }
     }
-    Ok(ChunkStart::Complete(chunks, body))
+    Ok(ChunkStart::Complete(finish(chunks, gathered), body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pieces` one-byte frames of `x`.
+    fn trickle(
+        pieces: usize,
+    ) -> http_body_util::StreamBody<
+        impl futures_util::Stream<Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>> + Unpin,
+    > {
+        http_body_util::StreamBody::new(futures_util::stream::iter(
+            (0..pieces).map(|_| Ok(http_body::Frame::data(Bytes::from_static(b"x")))),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_tiny_chunks_is_held_in_a_few() {
+        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(10_000), 1 << 20).await else {
+            panic!("the whole body fits");
+        };
+        assert_eq!(chunks.len(), KEPT_CHUNKS + 1, "the first as they came, the rest gathered");
+        assert_eq!(chunks.concat(), vec![b'x'; 10_000]);
+        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(trickle(10_000), 5_000).await else {
+            panic!("past the limit");
+        };
+        assert_eq!(chunks.len(), KEPT_CHUNKS + 1);
+        assert_eq!(chunks.concat().len(), 5_001, "read until one past the limit");
+        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(3), 10).await else { panic!("fits") };
+        assert_eq!(chunks.len(), 3, "a few chunks are kept as they came");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_read_done_at_once_is_returned_and_a_late_one_is_cut_at_its_limit() {

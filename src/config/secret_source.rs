@@ -73,6 +73,12 @@ impl<'de> serde::Deserialize<'de> for SecretSource {
 
 struct SourceVisitor;
 
+fn unquoted<E: de::Error>() -> E {
+    E::custom(
+        r#"a secret is a quoted string, { env = "NAME" } or { file = "PATH" } (its value is not shown)"#,
+    )
+}
+
 impl<'de> Visitor<'de> for SourceVisitor {
     type Value = SecretSource;
 
@@ -82,6 +88,25 @@ impl<'de> Visitor<'de> for SourceVisitor {
 
     fn visit_str<E: de::Error>(self, value: &str) -> Result<SecretSource, E> {
         Ok(SecretSource::Inline(Secret::new(value)))
+    }
+
+    // A secret written unquoted (`password = 48151623`) is refused without
+    // its value: serde's own message would quote it, and config errors are
+    // printed by `check` and logged by a reload.
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretSource, E> {
+        Err(unquoted())
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretSource, E> {
+        Err(unquoted())
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretSource, E> {
+        Err(unquoted())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretSource, E> {
+        Err(unquoted())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SecretSource, A::Error> {

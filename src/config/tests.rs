@@ -98,6 +98,20 @@ fn plain_text_secrets_work_with_a_warning_that_hides_them() {
 }
 
 #[test]
+fn a_secret_written_unquoted_is_refused_without_its_value() {
+    for value in ["48151623", "-48151623", "18446744073709551615", "4815.1623", "true"] {
+        let source = MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", value);
+        let error = error_of(&source);
+        assert!(error.key.ends_with(".token"), "{error}");
+        assert!(error.message.contains("quoted string"), "{error}");
+        let shown = error.to_string();
+        for piece in ["4815", "1623", "18446744073709551615", "true"] {
+            assert!(!shown.contains(piece), "{value} shown: {shown}");
+        }
+    }
+}
+
+#[test]
 fn secret_files_are_read_relative_to_the_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("token"), "file-token\n").expect("write");

@@ -8,10 +8,19 @@ use super::{Fence, Fleet, FleetError, News, scripts};
 
 /// What [`Fleet::read`] found: the opened set and how long Redis keeps it
 /// (its token's remaining life, on Redis's clock, whatever the replicas' say).
-#[derive(Debug)]
 pub struct Stored {
+    /// The opened set: its tokens in clear, never shown by `Debug`.
     pub plaintext: Vec<u8>,
     pub ttl: Duration,
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stored")
+            .field("plaintext", &format_args!("[redacted, {} bytes]", self.plaintext.len()))
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// Whether a write tells the fleet.
@@ -119,5 +128,21 @@ impl Fleet {
             .arg(credential);
         let written: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
         Ok(written == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_opened_set_never_shows_its_tokens() {
+        let stored = Stored {
+            plaintext: br#"{"access_token":"at-s3cret","refresh_token":"rt-s3cret"}"#.to_vec(),
+            ttl: Duration::from_secs(60),
+        };
+        let shown = format!("{stored:?} {:?}", Ok::<_, ()>(Some(&stored)));
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
     }
 }

@@ -127,10 +127,21 @@ impl Proxy {
                 });
             }
         };
-        if let Some(kind) = &reading.overrides {
-            judge_body_overrides(&bytes, kind, &head.headers, max, identity)?;
+        let mut bytes = bytes;
+        let mut dates = reading.dates;
+        if let Some(kind) = &reading.overrides
+            && let Some(decoded) = judge_body_overrides(&bytes, kind, &head.headers, max, identity)?
+        {
+            // What was judged is what goes: a compressed body's raw bytes can
+            // hide a `_method` (in a gzip header's file name, or after the
+            // stream's end) that PHP, which reads a body as it comes, would
+            // find and the decoded reading would not.
+            head.headers.remove(CONTENT_ENCODING);
+            head.headers.insert(CONTENT_LENGTH, HeaderValue::from(decoded.len()));
+            bytes = decoded;
+            dates = dates.map(|(rules, kind, _)| (rules, kind, Encoding::Identity));
         }
-        let bytes = match reading.dates {
+        let bytes = match dates {
             Some((rules, kind, encoding)) => self.rewrite_dates(head, bytes, kind, encoding, rules)?,
             None => bytes,
         };
@@ -205,15 +216,17 @@ impl Proxy {
     }
 }
 
-/// Judges the `_method` overrides a whole JSON or form body carries (decoded
-/// first when it is compressed: the stack behind Tallyfy's edge may decode it).
+/// Judges the `_method` overrides a whole JSON or form body carries, decoded
+/// first when it is compressed (the stack behind Tallyfy's edge may decode it).
+/// Returns the decoded bytes of a compressed body: they, not the raw ones, are
+/// what must be sent.
 fn judge_body_overrides(
     bytes: &[u8],
     kind: &BodyKind,
     headers: &http::HeaderMap,
     max: u64,
     identity: &Identity,
-) -> Result<(), ProxyError> {
+) -> Result<Option<Bytes>, ProxyError> {
     let encoding = body::encoding(headers)
         .ok_or(ProxyError::OverrideUnreadable("a body in an unknown Content-Encoding cannot be judged"))?;
     let decoded = match body::decode(bytes, encoding, max) {
@@ -233,7 +246,8 @@ fn judge_body_overrides(
         }),
         BodyKind::Multipart(_) | BodyKind::Opaque => Ok(Vec::new()),
     };
-    judge_overrides(&identity.policy, found)
+    judge_overrides(&identity.policy, found)?;
+    Ok((encoding != Encoding::Identity).then(|| Bytes::from(decoded.into_owned())))
 }
 
 /// Whether the (start of a) decoded body shows date fields.

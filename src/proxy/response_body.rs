@@ -2,7 +2,7 @@
 //! absolute links in JSON bodies pointed at the proxy so callers stay on it.
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, LOCATION, TRANSFER_ENCODING};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -64,6 +64,12 @@ impl Proxy {
         let shared = &*self.shared;
         refuse_unframeable(&response)?;
         headers::to_caller(response.headers_mut());
+        // Looked at only where a `Location` means something to follow (no
+        // lookup on a plain 200).
+        let status = response.status();
+        if status.is_redirection() || status == StatusCode::CREATED {
+            self.location_to_proxy(response.headers_mut(), links_to);
+        }
         let headers = response.headers();
         let encoding = body::encoding(headers);
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
@@ -126,6 +132,26 @@ impl Proxy {
         // by a length Tallyfy declared.
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
+    }
+}
+
+impl Proxy {
+    /// A `Location` that points into Tallyfy's API (`{upstream_base}/api/...`)
+    /// is pointed at the proxy, as the body's links are: a caller that follows
+    /// a redirect stays on the proxy instead of taking its own credential
+    /// (an `X-Api-Key` a client keeps across hosts) to Tallyfy. Other
+    /// locations (a file's storage URL) are left as they are.
+    fn location_to_proxy(&self, headers: &mut http::HeaderMap, to: &LinksTo) {
+        let Some(location) = headers.get(LOCATION) else { return };
+        let from = format!("{}/api/", self.shared.upstream_base.trim_end_matches('/'));
+        let Some(rest) = location.as_bytes().strip_prefix(from.as_bytes()) else { return };
+        let Some(public_base) = self.public_base(to) else { return };
+        let mut pointed = public_base.trim_end_matches('/').as_bytes().to_vec();
+        pointed.extend_from_slice(if to.unprefixed { b"/" } else { b"/api/" });
+        pointed.extend_from_slice(rest);
+        if let Ok(value) = HeaderValue::from_bytes(&pointed) {
+            headers.insert(LOCATION, value);
+        }
     }
 }
 

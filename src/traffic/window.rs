@@ -31,9 +31,14 @@ pub fn count(window: Option<Window>, now: Nanos, max: u32, per: Duration) -> Res
 }
 
 /// Keys a rule has windows for at most; beyond it, closed windows are dropped
-/// first, then the oldest. Organisation IDs come from callers' paths, so the
-/// map must not grow without bound.
+/// first, then the open ones that counted least ([`EVICTED`] of them at once).
+/// Organisation IDs come from callers' paths, so the map must not grow without
+/// bound.
 pub const MAX_KEYS: usize = 10_000;
+
+/// Open windows let go at once when the map is full of them: the scan is paid
+/// once per this many new keys, not for each.
+const EVICTED: usize = MAX_KEYS / 16;
 
 /// The windows of one rule, by organisation and credential (one key,
 /// `org\ncredential`, with the organisation lowercased).
@@ -97,14 +102,19 @@ impl Windows {
     }
 }
 
+/// Drops the closed windows; when open ones still fill the map, drops the
+/// [`EVICTED`] that counted least (the oldest among equals). Dropping the
+/// oldest instead let a caller empty its own full window by opening fresh
+/// ones elsewhere; now a window is let go only while most others counted more.
 fn make_room(open: &mut HashMap<Box<str>, Window>, now: Nanos, per: Duration) {
     let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
     open.retain(|_, w| now < w.opened.saturating_add(per));
-    if open.len() >= MAX_KEYS
-        && let Some(oldest) = open.iter().min_by_key(|(_, w)| w.opened).map(|(k, _)| k.clone())
-    {
-        open.remove(&oldest);
+    if open.len() < MAX_KEYS {
+        return;
     }
+    let mut ranks: Vec<(u32, Nanos)> = open.values().map(|w| (w.count, w.opened)).collect();
+    let (_, &mut last, _) = ranks.select_nth_unstable(EVICTED - 1);
+    open.retain(|_, w| (w.count, w.opened) > last);
 }
 
 #[cfg(test)]
@@ -143,5 +153,20 @@ mod tests {
             assert_eq!(windows.count(&format!("org-{i}"), "app", i, 1, HOUR), Ok(()));
         }
         assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
+    }
+
+    #[test]
+    fn fresh_windows_elsewhere_do_not_empty_a_full_one() {
+        let windows = Windows::default();
+        for i in 0..30 {
+            assert_eq!(windows.count("target", "app", i, 30, HOUR), Ok(()));
+        }
+        assert!(windows.count("target", "app", 30, 30, HOUR).is_err());
+        // Fresh windows, one request each, past the map's size, all within the hour.
+        for i in 0..(2 * MAX_KEYS as u64) {
+            assert_eq!(windows.count(&format!("org-{i}"), "app", 100 + i, 30, HOUR), Ok(()));
+        }
+        assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
+        assert!(windows.count("target", "app", 200_000, 30, HOUR).is_err(), "still full");
     }
 }

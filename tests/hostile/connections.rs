@@ -219,6 +219,27 @@ async fn the_admin_listener_cuts_silent_peers_too() {
     }
 }
 
+/// The admin port's places go to probes: an HTTP/2 peer that answers pings
+/// and asks nothing is let go after 5 s, however long `idle_timeout_ms` (60 s
+/// here, the default). 256 such peers used to hold every place for a minute
+/// at a time, and the kubelet's `/livez` found the port full.
+#[tokio::test]
+async fn the_admin_listener_lets_an_idle_http2_peer_go_within_5_seconds() {
+    let stack = Stack::start_with(|config| config.set("server", "header_read_timeout_ms", 400)).await;
+    let tcp = TcpStream::connect(stack.proxy.admin_addr()).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let (response, _) = client
+        .send_request(http::Request::get("http://a/livez").body(()).expect("request"), true)
+        .expect("sent");
+    assert_eq!(response.await.expect("answered").status(), 200);
+    let began = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(9), connection).await;
+    assert!(ended.is_ok(), "let go within the admin cap, not the 60 s idle timeout");
+    assert!(began.elapsed() >= Duration::from_secs(4), "at the cap: {:?}", began.elapsed());
+}
+
 /// Waits until the admin listener at `admin` reports `line`, or fails naming `what`.
 async fn metrics_show(admin: std::net::SocketAddr, line: &str, within: Duration, what: &str) -> Duration {
     let began = Instant::now();

@@ -116,6 +116,41 @@ async fn allowed_overrides_and_plain_posts_are_forwarded_untouched() {
     assert_eq!(&received[1].body[..], plain, "byte for byte");
 }
 
+#[tokio::test]
+async fn a_compressed_form_goes_as_judged_so_its_raw_bytes_hide_no_method() {
+    let (sandbox, proxy, _dir) = stack_with_identities(identities()).await;
+    let addr = proxy.proxy_addr();
+    let tasks = format!("/api/organizations/{ORG_ID}/tasks");
+    let hex = |text: &str| -> Vec<u8> {
+        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex")).collect()
+    };
+    // A gzip stream whose header's file name (FNAME) is `&_method=DELETE&`:
+    // decoded, the body is `title=t`; PHP, splitting the raw bytes on `&`,
+    // finds `_method=DELETE`.
+    let gzip =
+        hex("1f8b08080000000000ff265f6d6574686f643d44454c45544526002bc92cc949b52d0100308f8ea407000000");
+    // A zlib stream of `title=t`, then `&_method=DELETE` after its end.
+    let deflate = hex("789c2bc92cc949b52d01000bba02d4265f6d6574686f643d44454c455445");
+    for (coding, body) in [("gzip", gzip), ("deflate", deflate)] {
+        let mut request = format!(
+            "POST {tasks} HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Encoding: {coding}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        let answer = exchange(addr, &request, WAIT).await;
+        assert!(answer.status() < 500 && answer.status() != 403, "{coding}: {}", answer.text());
+    }
+    let received = sandbox.received();
+    assert_eq!(received.len(), 2, "both forwarded, as judged");
+    for upstream in &received {
+        assert_eq!(&upstream.body[..], b"title=t", "the decoded body, the one judged");
+        assert!(!upstream.headers.contains_key("content-encoding"));
+        assert_eq!(upstream.headers["content-length"], "7");
+    }
+}
+
 fn multipart(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
     for (name, value) in fields {

@@ -21,8 +21,14 @@ struct Recorder {
 
 impl Recorder {
     async fn start(response: &'static [u8]) -> Recorder {
+        Recorder::answering(|_| response).await
+    }
+
+    /// As [`Recorder::start`], with an answer that may name the recorder's own address.
+    async fn answering(answer: impl FnOnce(SocketAddr) -> &'static [u8]) -> Recorder {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let response = answer(addr);
         let heads = Arc::new(Mutex::new(Vec::new()));
         let recorded = heads.clone();
         tokio::spawn(async move {
@@ -79,6 +85,68 @@ async fn a_response_with_both_length_and_chunking_is_502_never_a_second_response
             answer.text()
         );
         assert_eq!(answer.text().matches("HTTP/1.1 200").count(), 0, "{}", answer.text());
+    }
+}
+
+#[tokio::test]
+async fn a_response_under_a_transfer_coding_other_than_chunked_is_502() {
+    // `gzip, chunked`: de-chunked, the body is still gzip, and the caller
+    // would get it with no `Content-Encoding` to say so. `chunked, gzip`: the
+    // body could only be read until close, chunk sizes and all.
+    const GZIP_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+        Transfer-Encoding: gzip, chunked\r\n\r\n1f\r\n\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\x03\xabVJI,IT\xb2\x8a\x8e\xad\x05\x00\x94d\xb2^\x0b\x00\x00\x00\r\n0\r\n\r\n";
+    const CHUNKED_GZIP: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+        Transfer-Encoding: chunked, gzip\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    for response in [GZIP_CHUNKED, CHUNKED_GZIP] {
+        let recorder = Recorder::start(response).await;
+        let (proxy, _dir) = proxy_to(&recorder).await;
+        let answer = exchange(
+            proxy.proxy_addr(),
+            b"GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            WAIT,
+        )
+        .await;
+        assert_eq!(answer.status(), 502, "{}", answer.text());
+        assert!(answer.text().contains("upstream_error"), "{}", answer.text());
+        assert!(!answer.bytes.windows(2).any(|w| w == b"\x1f\x8b"), "no gzip bytes reached the caller");
+        assert!(!answer.text().contains("\r\n2\r\n{}"), "no chunk framing reached the caller");
+    }
+}
+
+#[tokio::test]
+async fn a_redirect_into_tallyfys_api_stays_on_the_proxy_and_tallyfys_cookies_stay_behind() {
+    for (status, location, expected) in [
+        // Into Tallyfy's API: pointed at the proxy, as the caller named it.
+        ("302 Found", "{up}/api/organizations/o/runs?page=2", "http://a/api/organizations/o/runs?page=2"),
+        ("201 Created", "{up}/api/organizations/o/runs/r1", "http://a/api/organizations/o/runs/r1"),
+        // Elsewhere (a file's storage, a look-alike host): left as it is.
+        ("302 Found", "https://files.example/o/f1?sig=x", "https://files.example/o/f1?sig=x"),
+        ("302 Found", "{up}.evil.example/api/me", "{up}.evil.example/api/me"),
+    ] {
+        let recorder = Recorder::answering(|addr| {
+            let up = format!("http://{addr}");
+            let answer = format!(
+                "HTTP/1.1 {status}\r\nLocation: {}\r\nSet-Cookie: tallyfy_session=s3cr3t; path=/; secure; httponly\r\n\
+                 Alt-Svc: h3=\":443\"\r\nContent-Length: 0\r\n\r\n",
+                location.replace("{up}", &up)
+            );
+            Box::leak(answer.into_bytes().into_boxed_slice())
+        })
+        .await;
+        let up = format!("http://{}", recorder.addr);
+        let (proxy, _dir) = proxy_to(&recorder).await;
+        let answer = exchange(
+            proxy.proxy_addr(),
+            b"GET /api/me/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            WAIT,
+        )
+        .await;
+        let text = answer.text();
+        let head = text.to_ascii_lowercase();
+        let expected = expected.replace("{up}", &up);
+        assert!(text.contains(&format!("\r\nlocation: {expected}\r\n")), "{location}: {text}");
+        assert!(!head.contains("set-cookie") && !text.contains("s3cr3t"), "{text}");
+        assert!(!head.contains("alt-svc"), "{text}");
     }
 }
 
