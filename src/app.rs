@@ -29,13 +29,14 @@ use crate::traffic::TrafficState;
 /// configured ones, so the pipeline's JSON 431 answers every request between
 /// the two.
 fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
+    let ceilings = server.header_ceilings();
     ConnectionLimits {
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
         send_timeout: server.send_timeout,
         slots: ConnectionSlots::new(server.max_connections),
-        max_head_bytes: (server.max_header_bytes * 2).max(16 * 1024),
-        max_header_fields: server.max_headers * 2,
+        max_head_bytes: ceilings.bytes,
+        max_header_fields: ceilings.fields,
     }
 }
 

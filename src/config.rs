@@ -15,6 +15,7 @@ mod listen_tls;
 mod raw;
 mod secret_source;
 mod server;
+mod sources;
 mod tokens;
 mod traffic;
 mod upstream;
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 pub use secret_source::SecretSource;
+pub use sources::{Fingerprint, files, fingerprint};
 
 // The domain types the file is translated into, under the names the file uses.
 pub use crate::identity::Identity;
@@ -64,6 +66,10 @@ pub struct Config {
     pub fleet: Option<Fleet>,
     /// Things that work but deserve attention (plain-text secrets, for one).
     pub warnings: Vec<String>,
+    /// What the files it was read from held just after it was read ([`Config::load`]
+    /// only): the reloader starts from this, so a file changed while the proxy
+    /// was starting (or a reload was being applied) is still a change.
+    pub loaded_from: Option<Fingerprint>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +123,21 @@ pub struct Server {
     pub max_connections: usize,
 }
 
+/// What hyper's parser is given at start ([`Server::header_ceilings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderCeilings {
+    pub bytes: usize,
+    pub fields: usize,
+}
+
+impl Server {
+    /// Twice the header limits (16 KiB of head at least), so a reload may raise
+    /// them that far and the proxy's own check (a JSON 431) speaks first.
+    pub fn header_ceilings(&self) -> HeaderCeilings {
+        HeaderCeilings { bytes: (self.max_header_bytes * 2).max(16 * 1024), fields: self.max_headers * 2 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Log {
     pub format: LogFormat,
@@ -134,7 +155,9 @@ impl Config {
             key: String::new(),
             message: format!("cannot read: {e}"),
         })?;
-        Self::parse(&source, path, &|name| std::env::var(name).ok())
+        let mut config = Self::parse(&source, path, &|name| std::env::var(name).ok())?;
+        config.loaded_from = files(&config).map(|files| fingerprint(&files));
+        Ok(config)
     }
 
     /// Validates TOML text. `file` names it in errors and anchors relative paths;

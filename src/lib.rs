@@ -105,15 +105,17 @@
 //!   `tallyfy-sandbox` crate with a proxy in front (default `sandbox` feature;
 //!   `--no-default-features` builds a proxy with no fake inside).
 //! - [`app`]: listeners, the current generation, the servers, the drain.
-//! - [`reload`]: the reloader; `reload/watch.rs` watches (inotify) and
-//!   fingerprints the files it reads.
+//! - [`reload`]: the reloader (a refused load tried again until it succeeds);
+//!   `reload/watch.rs` watches (inotify) the files the config reads and
+//!   compares their fingerprint with the one taken when it was read.
 //! - [`admin`]: `/livez`, `/readyz`, `/metrics`.
 //!
 //! Translation:
 //! - [`config`]: `proxy.toml` read by serde (`config/raw.rs`), then each section
 //!   validated into its domain's types (`ctx`, `upstream`, `limits`,
 //!   `listen_tls`, `credentials`, `identities`, `dates`, `fleet`,
-//!   `secret_source`).
+//!   `secret_source`); `sources` names the files a config was read from and
+//!   fingerprints what they held.
 //!
 //! The pipeline:
 //! - [`proxy`]: `handle` and `forward` in `proxy.rs`; `prepare.rs`,

@@ -9,8 +9,11 @@
 //! tokens, any refresh already running and the requests waiting on it; changed
 //! ones are fetched before the new generation serves (for at most
 //! [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
-//! one keeps running. Settings of the listeners themselves need a restart and
-//! are reported so.
+//! one keeps running; the load is tried again every [`RETRY_REJECTED`] until it
+//! succeeds (a ConfigMap naming a secret whose Secret volume has not been
+//! updated yet succeeds a moment later, and that file may be one no event
+//! speaks of). Settings of the listeners themselves need a restart and are
+//! reported so.
 
 mod watch;
 
@@ -43,6 +46,9 @@ pub const READY_WAIT: Duration = Duration::from_secs(10);
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// ...or this long after the first event, however busy they stay.
 const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
+
+/// How soon a reload that was rejected or failed is tried again.
+pub const RETRY_REJECTED: Duration = Duration::from_secs(10);
 
 /// The process's refresher task and the means to stop it.
 pub struct RefresherTask {
@@ -181,6 +187,34 @@ pub struct Reloader {
     watcher: Option<watch::Watcher>,
     /// Counts swapped-in generations, so waiters for readiness follow reloads.
     swapped: tokio::sync::watch::Sender<u64>,
+    /// The last reload's failure while it stands: tried again at
+    /// [`RETRY_REJECTED`], logged again only when the reason changes.
+    failing: Option<String>,
+    /// The restart-only settings in effect.
+    started: Started,
+}
+
+/// The settings only a restart changes, as the process runs them: a reload is
+/// compared with these, not with the last reload, whose changes to them never
+/// took effect.
+struct Started {
+    listen: (std::net::SocketAddr, std::net::SocketAddr),
+    tls: Option<[u8; 32]>,
+    server: crate::config::Server,
+    log: crate::config::Log,
+    fleet: Option<crate::config::Fleet>,
+}
+
+impl Started {
+    fn from(config: &Config) -> Started {
+        Started {
+            listen: (config.listen.proxy, config.listen.admin),
+            tls: config.listen.tls.as_ref().map(|tls| tls.fingerprint),
+            server: config.server.clone(),
+            log: config.log.clone(),
+            fleet: config.fleet.clone(),
+        }
+    }
 }
 
 impl Reloader {
@@ -193,10 +227,23 @@ impl Reloader {
     ) -> (Reloader, ReloadHandle) {
         let (trigger, triggers) = mpsc::channel(64);
         let watcher = watch::Watcher::start(&config, trigger.clone());
+        let started = Started::from(&config);
         let (swapped, generations) = tokio::sync::watch::channel(0);
         let handle = ReloadHandle { trigger: trigger.clone(), generations };
         (
-            Reloader { config, current, metrics, refresher, traffic, triggers, trigger, watcher, swapped },
+            Reloader {
+                config,
+                current,
+                metrics,
+                refresher,
+                traffic,
+                triggers,
+                trigger,
+                watcher,
+                swapped,
+                failing: None,
+                started,
+            },
             handle,
         )
     }
@@ -204,11 +251,22 @@ impl Reloader {
     /// Reloads on every trigger until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
+            let retry = async {
+                match self.failing {
+                    Some(_) => tokio::time::sleep(RETRY_REJECTED).await,
+                    None => std::future::pending().await,
+                }
+            };
             let first = tokio::select! {
                 () = shutdown.cancelled() => return,
-                Some(trigger) = self.triggers.recv() => trigger,
+                Some(trigger) = self.triggers.recv() => Some(trigger),
+                () = retry => None,
             };
-            let signalled = first == Trigger::Signal || settle_burst(&mut self.triggers).await;
+            let signalled = match first {
+                Some(Trigger::Signal) => true,
+                Some(Trigger::Files) => settle_burst(&mut self.triggers).await,
+                None => true, // a retry: whatever the files say
+            };
             let files_changed = self.watcher.as_mut().is_some_and(watch::Watcher::changed);
             if signalled || files_changed {
                 self.reload(&shutdown).await;
@@ -225,9 +283,7 @@ impl Reloader {
         let new = match Config::load(&self.config.file) {
             Ok(config) => config,
             Err(error) => {
-                tracing::error!(%error, "config reload rejected; the running config stays");
-                outcome(&self.metrics, "invalid");
-                return;
+                return self.failed("invalid", "config reload rejected; the running config stays", error);
             }
         };
         // Watching the new config's files starts now, with their contents as just
@@ -236,20 +292,16 @@ impl Reloader {
         let clients = match clients(&new) {
             Ok(clients) => clients,
             Err(error) => {
-                tracing::error!(%error, "config reload failed; the running config stays");
-                outcome(&self.metrics, "failed");
-                return;
+                return self.failed("failed", "config reload failed; the running config stays", error);
             }
         };
         let tokens = match self.refresher.reconfigure(credential_set(&new), clients.issuer).await {
             Ok(tokens) => tokens,
             Err(error) => {
-                tracing::error!(%error, "config reload failed; the running config stays");
-                outcome(&self.metrics, "failed");
-                return;
+                return self.failed("failed", "config reload failed; the running config stays", error);
             }
         };
-        for setting in restart_only_changes(&self.config, &new) {
+        for setting in restart_only_changes(&self.started, &new) {
             tracing::warn!(
                 setting,
                 "changed, but takes effect only after a restart; everything else is reloaded"
@@ -283,8 +335,22 @@ impl Reloader {
         self.swapped.send_modify(|generation| *generation += 1);
         self.watcher = watcher;
         self.config = new;
+        self.failing = None;
         outcome(&self.metrics, "applied");
         tracing::info!("config reloaded");
+    }
+
+    /// A reload that did not apply: logged and counted when its reason is new
+    /// (a retry failing alike says so at debug level only), and tried again.
+    fn failed(&mut self, outcome: &str, message: &str, error: impl std::fmt::Display) {
+        let reason = error.to_string();
+        if self.failing.as_deref() == Some(reason.as_str()) {
+            tracing::debug!(error = %reason, "{message} (tried again)");
+            return;
+        }
+        tracing::error!(error = %reason, "{message}; tried again every {}s", RETRY_REJECTED.as_secs());
+        self.metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
+        self.failing = Some(reason);
     }
 }
 
@@ -309,16 +375,15 @@ async fn settle_burst(triggers: &mut mpsc::Receiver<Trigger>) -> bool {
 /// Settings a running process cannot change: the listeners (addresses, TLS,
 /// connection timers and caps), the drain grace and the log setup. The request
 /// limits of `[server]` (headers, body size) are reloaded.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+fn restart_only_changes(started: &Started, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
-    if old.listen.proxy != new.listen.proxy || old.listen.admin != new.listen.admin {
+    if started.listen != (new.listen.proxy, new.listen.admin) {
         changed.push("listen addresses");
     }
-    let tls = |c: &Config| c.listen.tls.as_ref().map(|tls| tls.fingerprint);
-    if tls(old) != tls(new) {
+    if started.tls != new.listen.tls.as_ref().map(|tls| tls.fingerprint) {
         changed.push("listen.tls");
     }
-    let (o, n) = (&old.server, &new.server);
+    let (o, n) = (&started.server, &new.server);
     if o.header_read_timeout != n.header_read_timeout {
         changed.push("server.header_read_timeout_ms");
     }
@@ -334,10 +399,20 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if o.shutdown_grace != n.shutdown_grace {
         changed.push("server.shutdown_grace_ms");
     }
-    if old.log != new.log {
+    // The header limits are reloaded, within the ceilings hyper's parser was
+    // given at start (twice the limits then); above them, a head is refused by
+    // the parser with a bare 431 until a restart.
+    let ceilings = o.header_ceilings();
+    if n.max_headers > ceilings.fields {
+        changed.push("server.max_headers (above twice its value at start)");
+    }
+    if n.max_header_bytes > ceilings.bytes {
+        changed.push("server.max_header_bytes (above twice its value at start)");
+    }
+    if started.log != new.log {
         changed.push("[log]");
     }
-    let fleet_changed = match (&old.fleet, &new.fleet) {
+    let fleet_changed = match (&started.fleet, &new.fleet) {
         (None, None) => false,
         (Some(o), Some(n)) => !o.same_as(n),
         _ => true,
@@ -371,6 +446,33 @@ mod tests {
             let _ = task.await;
             assert_eq!(alive.load(Ordering::Relaxed), !panics, "panics: {panics}");
         }
+    }
+
+    fn config_with(server: &str) -> Config {
+        let source = format!(
+            "[listen]\nproxy = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:9901\"\n\
+             [upstream]\nbase_url = \"https://go.tallyfy.com\"\n[server]\n{server}\n\
+             [[credentials]]\nname = \"ops\"\nkind = \"personal_token\"\ntoken = {{ env = \"T\" }}\n\
+             [[identities]]\nname = \"app\"\ncredential = \"ops\"\nmatch = {{ any = true }}\n"
+        );
+        Config::parse(&source, std::path::Path::new("proxy.toml"), &|_| Some("t".to_owned())).expect("valid")
+    }
+
+    #[test]
+    fn restart_only_settings_are_compared_with_the_ones_in_effect() {
+        let started = Started::from(&config_with("max_headers = 100\nmax_header_bytes = 32768"));
+        let changes = |server: &str| restart_only_changes(&started, &config_with(server));
+        assert!(changes("max_headers = 200\nmax_header_bytes = 65536").is_empty(), "within the ceilings");
+        assert_eq!(
+            changes("max_headers = 201\nmax_header_bytes = 65537"),
+            [
+                "server.max_headers (above twice its value at start)",
+                "server.max_header_bytes (above twice its value at start)"
+            ]
+        );
+        // An earlier reload's change to a timer never took effect: a later
+        // reload that keeps it is still told so.
+        assert_eq!(changes("max_headers = 100\nidle_timeout_ms = 1000"), ["server.idle_timeout_ms"]);
     }
 
     /// Sends `count` file events `every` apart, from a task of its own.

@@ -86,6 +86,57 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     assert_eq!(mint_status(&proxy, "k1").await, 200, "the running config still serves");
 }
 
+/// A ConfigMap naming a new secret file lands before the Secret volume that
+/// holds it: the reload is refused (the file is missing), and the file's later
+/// arrival is no event the watcher listens for (its name is in no config that
+/// loaded). The refused load is tried again until it succeeds.
+#[tokio::test]
+async fn a_refused_reload_is_tried_again_until_the_file_it_missed_arrives() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
+    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+
+    config(&sandbox.base_url(), "k1")
+        .credential(Credential::personal("ops", Secret::File("secrets/ops_token")))
+        .identity(Identity::new("second", "ops", Match::ApiKey("k2")))
+        .write(&dir.path().join("proxy.toml"));
+    wait_for("the reload is refused", async || reloads(&proxy, "invalid") >= 1).await;
+    std::fs::write(dir.path().join("secrets/ops_token"), tallyfy_sandbox::fixtures::PERSONAL_TOKEN)
+        .expect("the Secret lands");
+    let me = format!("http://{}/api/me", proxy.proxy_addr());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client().get(&me).header("x-api-key", "k2").send().await.expect("answered").status();
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new identity never served: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reloads(&proxy, "invalid"), 1, "the retries that failed alike were not counted again");
+    assert_eq!(reloads(&proxy, "applied"), 1);
+}
+
+/// A secret rotated after the config was read but before the proxy watched its
+/// files (the start can take seconds: Redis, the listeners) is seen at once.
+#[tokio::test]
+async fn a_file_changed_while_the_proxy_was_starting_is_a_change() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/app_secret"), "an-old-secret\n").expect("write");
+    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let loaded = Config::load(&dir.path().join("proxy.toml")).expect("valid");
+    std::fs::write(dir.path().join("secrets/app_secret"), format!("{APP_CLIENT_SECRET}\n")).expect("rotate");
+    let proxy = start_proxy_unready(&loaded).await;
+    ready_within(&proxy, Duration::from_secs(10)).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 200);
+    assert_eq!(reloads(&proxy, "applied"), 1);
+}
+
 #[tokio::test]
 async fn a_kubernetes_symlink_swap_is_detected_and_unchanged_credentials_keep_their_tokens() {
     let sandbox = start_sandbox().await;

@@ -97,6 +97,7 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         traffic,
         fleet,
         warnings,
+        loaded_from: None,
     })
 }
 

@@ -11,10 +11,9 @@ use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, SecretSource};
+use crate::config::{Config, Fingerprint, files, fingerprint};
 
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +27,8 @@ pub enum Trigger {
 pub struct Watcher {
     _events: events::Events,
     files: Vec<PathBuf>,
-    /// SHA-256 over the watched files' contents when the config was loaded (or last compared).
-    fingerprint: [u8; 32],
+    /// What the watched files held when the config was read (or last compared).
+    fingerprint: Fingerprint,
 }
 
 impl Watcher {
@@ -43,14 +42,21 @@ impl Watcher {
         let names: BTreeSet<OsString> =
             files.iter().filter_map(|f| f.file_name().map(ToOwned::to_owned)).collect();
         let relevant = move |name: &OsStr| names.contains(name) || name.as_encoded_bytes().starts_with(b"..");
-        let events = match events::Events::start(&directories, relevant, trigger) {
+        let events = match events::Events::start(&directories, relevant, trigger.clone()) {
             Ok(events) => events,
             Err(error) => {
                 tracing::warn!(%error, "cannot watch files; reload with SIGHUP");
                 return None;
             }
         };
-        let fingerprint = fingerprint(&files);
+        // From what the files held when the config was read: one changed since
+        // (while the proxy started, or the reload was applied) is a change, and
+        // is looked at now rather than at the next event, which may never come.
+        let now = fingerprint(&files);
+        let fingerprint = config.loaded_from.unwrap_or(now);
+        if fingerprint != now {
+            let _ = trigger.try_send(Trigger::Files);
+        }
         Some(Watcher { _events: events, files, fingerprint })
     }
 
@@ -59,41 +65,6 @@ impl Watcher {
         let now = fingerprint(&self.files);
         std::mem::replace(&mut self.fingerprint, now) != now
     }
-}
-
-/// The config file and every file it reads (secrets, `upstream.ca_file`), as
-/// paths the watcher can compare; `None` for a config not read from a file.
-fn files(config: &Config) -> Option<Vec<PathBuf>> {
-    let config_dir = config.file.parent().filter(|_| config.file.is_file())?;
-    let config_dir = if config_dir.as_os_str().is_empty() { Path::new(".") } else { config_dir };
-    let mut files = vec![config_dir.join(config.file.file_name()?)];
-    for sources in &config.credential_sources {
-        for (_, source) in sources {
-            if let SecretSource::File(path) = source {
-                files.push(config_dir.join(path));
-            }
-        }
-    }
-    files.extend(config.upstream.ca_file.clone());
-    files.sort();
-    files.dedup();
-    Some(files)
-}
-
-/// SHA-256 over each file's path and contents (a missing file counts as such).
-fn fingerprint(files: &[PathBuf]) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    for file in files {
-        hash.update(file.as_os_str().as_encoded_bytes());
-        match std::fs::read(file) {
-            Ok(contents) => {
-                hash.update((contents.len() as u64).to_le_bytes());
-                hash.update(&contents);
-            }
-            Err(_) => hash.update(u64::MAX.to_le_bytes()),
-        }
-    }
-    hash.finalize().into()
 }
 
 /// The kernel's side: one inotify instance over the directories, read by a task

@@ -23,6 +23,22 @@ pub struct Credential {
     pub kind: CredentialKind,
 }
 
+impl Credential {
+    /// Lets go of the secrets it holds (a personal token, a client secret, a
+    /// password): what a forgotten slot keeps is its name and settings only.
+    pub fn forget_secrets(&mut self) {
+        match &mut self.kind {
+            CredentialKind::PersonalToken { token } => *token = Secret::new(""),
+            CredentialKind::ClientCredentials { client, .. } => client.secret = Secret::new(""),
+            CredentialKind::Password { client, password, .. } => {
+                client.secret = Secret::new("");
+                *password = Secret::new("");
+            }
+            CredentialKind::ApplicationUser { .. } => {}
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CredentialKind {
     /// A personal access token from Tallyfy's Settings > Integrations > REST API.
@@ -61,4 +77,36 @@ pub struct Provision {
     pub last_name: String,
     pub role: Option<String>,
     pub timezone: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forgotten_credential_holds_no_secret() {
+        let client = OAuthClient { id: "9".to_owned(), secret: Secret::new("client-s3cret") };
+        let mut credential = Credential {
+            name: "user".to_owned(),
+            kind: CredentialKind::Password {
+                client,
+                username: "a@b.c".to_owned(),
+                password: Secret::new("pass-s3cret"),
+                scope: None,
+            },
+        };
+        credential.forget_secrets();
+        let CredentialKind::Password { client, password, username, .. } = &credential.kind else {
+            panic!("still a password credential");
+        };
+        assert_eq!((client.secret.expose(), password.expose(), username.as_str()), ("", "", "a@b.c"));
+        let mut personal = Credential {
+            name: "ops".to_owned(),
+            kind: CredentialKind::PersonalToken { token: Secret::new("tok") },
+        };
+        personal.forget_secrets();
+        assert!(
+            matches!(&personal.kind, CredentialKind::PersonalToken { token } if token.expose().is_empty())
+        );
+    }
 }

@@ -138,6 +138,7 @@ impl Refresher {
                 && !slot.fetching
             {
                 slot.life = Life::Gone;
+                slot.credential.forget_secrets();
                 slot.refresh_token = None;
                 slot.due = None;
                 self.store.clear(slot.id);

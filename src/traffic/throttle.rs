@@ -65,6 +65,9 @@ pub struct Throttle {
     capped: Mutex<HashMap<(String, String), Nanos>>,
     /// Entries in `capped`, so requests skip the lock while there are none.
     capped_len: AtomicUsize,
+    /// The latest `until` in `capped`: past it, every cap has run out and the
+    /// map is emptied, so the requests after a cap go back to skipping the lock.
+    capped_until: AtomicU64,
 }
 
 /// Hourly caps a credential remembers at most (organisations come from paths).
@@ -78,8 +81,13 @@ impl Throttle {
         let until = self.until.load(Ordering::Relaxed);
         let mut wait = (until > now).then(|| Duration::from_nanos(until - now));
         if self.capped_len.load(Ordering::Relaxed) > 0 {
+            let mut capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if now >= self.capped_until.load(Ordering::Relaxed) {
+                capped.clear();
+                self.capped_len.store(0, Ordering::Relaxed);
+                return wait;
+            }
             let (org, limit) = key();
-            let capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(&until) = capped.get(&(org.to_ascii_lowercase(), limit))
                 && until > now
             {
@@ -111,6 +119,7 @@ impl Throttle {
             }
             if capped.len() < MAX_CAPPED {
                 capped.insert((org.to_ascii_lowercase(), limit.to_owned()), until);
+                self.capped_until.fetch_max(until, Ordering::Relaxed);
             }
             self.capped_len.store(capped.len(), Ordering::Relaxed);
         } else {
@@ -161,6 +170,25 @@ mod tests {
         assert_eq!(throttle.wait(SECOND, || key("org", "guest-invites")), Some(Duration::from_secs(599)));
         assert_eq!(throttle.wait(SECOND, || key("org", "comments")), None);
         assert_eq!(throttle.wait(SECOND, || key("other", "guest-invites")), None);
+    }
+
+    #[test]
+    fn once_every_hourly_cap_has_run_out_requests_skip_them_again() {
+        let throttle = Throttle::default();
+        throttle.remember(Some(Duration::from_secs(600)), true, "org", "guest-invites", 0);
+        throttle.remember(Some(Duration::from_secs(60)), true, "org", "comments", 0);
+        let asked = std::cell::Cell::new(0);
+        let key = || {
+            asked.set(asked.get() + 1);
+            ("org".to_owned(), "comments".to_owned())
+        };
+        assert_eq!(throttle.wait(30 * SECOND, key), Some(Duration::from_secs(30)));
+        assert_eq!(throttle.wait(300 * SECOND, key), None, "this cap ran out, the other still stands");
+        assert_eq!(asked.get(), 2);
+        assert_eq!(throttle.wait(600 * SECOND, key), None);
+        assert_eq!(throttle.wait(601 * SECOND, key), None);
+        assert_eq!(asked.get(), 2, "no key built (nor lock taken) once every cap ran out");
+        assert_eq!(throttle.capped_len.load(Ordering::Relaxed), 0);
     }
 
     #[test]
