@@ -3,14 +3,17 @@
 //! body ([`read`]), and the wrappers every request and response body passes
 //! through: [`Prefixed`] (what was read, then the rest), [`Tracked`] (when the
 //! request body last moved, for the upstream timeout) and [`Finished`] (the
-//! moment a response is over, for its access line and metrics).
+//! moment a response is over, for its access line and metrics); and the
+//! [`Budget`] every body held whole is counted against.
 
+mod budget;
 mod content;
 mod finished;
 mod prefixed;
 mod read;
 mod tracked;
 
+pub use budget::{Budget, held_forced};
 pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
 pub use finished::{Finish, Finished};
 pub use prefixed::Prefixed;

@@ -121,6 +121,9 @@ pub struct Server {
     pub send_timeout: Duration,
     /// Connections open at once on the proxy listener; more are closed at once.
     pub max_connections: usize,
+    /// Bytes of request and response bodies held whole at once, all threads
+    /// together (each runtime thread has its share).
+    pub max_buffered_bytes: u64,
 }
 
 /// What hyper's parser is given at start ([`Server::header_ceilings`]).

@@ -63,6 +63,10 @@ pub enum ProxyError {
     TooManyInFlight { max: usize },
     #[error("no valid Tallyfy token for credential {credential}")]
     TokenUnavailable { credential: String, retry_after: Duration },
+    #[error(
+        "the proxy holds as many bodies as its memory budget (server.max_buffered_bytes) allows; retry shortly"
+    )]
+    BuffersFull,
     #[error("Tallyfy could not be reached: {0}")]
     UpstreamUnreachable(String),
     #[error("Tallyfy's connection failed: {0}")]
@@ -96,7 +100,7 @@ impl ProxyError {
             | Self::UpstreamUnreachable(_)
             | Self::UpstreamBroken(_)
             | Self::UpstreamTimeout(_) => ErrorClass::Upstream,
-            Self::Internal(_) => ErrorClass::Internal,
+            Self::Internal(_) | Self::BuffersFull => ErrorClass::Internal,
         }
     }
 
@@ -119,7 +123,9 @@ impl ProxyError {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Not 429: the caller is not too fast, the identity's requests are
             // slow to finish; it is the server that is briefly unavailable to it.
-            Self::TokenUnavailable { .. } | Self::TooManyInFlight { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TokenUnavailable { .. } | Self::TooManyInFlight { .. } | Self::BuffersFull => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamUnreachable(_) | Self::UpstreamBroken(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -146,6 +152,7 @@ impl ProxyError {
             Self::RateLimited { .. } => "rate_limited",
             Self::TooManyInFlight { .. } => "too_many_in_flight",
             Self::TokenUnavailable { .. } => "token_unavailable",
+            Self::BuffersFull => "buffers_full",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamBroken(_) => "upstream_error",
             Self::UpstreamTimeout(_) => "upstream_timeout",
@@ -185,7 +192,7 @@ impl ProxyError {
             Self::TokenUnavailable { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(whole_seconds(*retry_after)));
             }
-            Self::TooManyInFlight { .. } => {
+            Self::TooManyInFlight { .. } | Self::BuffersFull => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::MethodNotAllowed => {

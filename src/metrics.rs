@@ -80,6 +80,8 @@ pub struct Metrics {
     pub dates_rewritten: Counter,
     pub bodies_invalid: Counter,
     pub links_rewritten: Counter,
+    /// Bodies the buffer budget had no room for (refused, or streamed as they were).
+    pub buffers_full: Counter,
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_refused: Family<ListenerLabel, Counter>,
@@ -115,6 +117,7 @@ impl Metrics {
         let dates_rewritten = Counter::default();
         let bodies_invalid = Counter::default();
         let links_rewritten = Counter::default();
+        let buffers_full = Counter::default();
         let config_reloads = Family::default();
         let connections_open = Family::default();
         let connections_refused = Family::default();
@@ -204,6 +207,12 @@ impl Metrics {
             "Upstream URLs in responses rewritten to the proxy",
             links_rewritten.clone(),
         );
+        registry.register(
+            "buffers_full",
+            "Bodies server.max_buffered_bytes had no room for: refused with 503 (one that must be judged or \
+             rewritten), or streamed as they were (one kept for a replay, an answer read for its links)",
+            buffers_full.clone(),
+        );
         registry.register("config_reloads", "Configuration reloads by outcome", config_reloads.clone());
         registry.register("connections_open", "Connections open now, by listener", connections_open.clone());
         registry.register(
@@ -224,6 +233,7 @@ impl Metrics {
             dates_rewritten,
             bodies_invalid,
             links_rewritten,
+            buffers_full,
             config_reloads,
             connections_open,
             connections_refused,

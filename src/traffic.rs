@@ -265,7 +265,9 @@ impl Traffic {
     /// Whether a request of `method` may be sent again ([`RetrySettings::covers`],
     /// or any request once 429s are waited out), so its body is worth keeping.
     pub fn may_resend(&self, method: &Method) -> bool {
-        self.settings.retry.covers(method) || !self.settings.retry_429_max_wait.is_zero()
+        // A refused connection is the failure every covered method may retry.
+        self.settings.retry.covers(method, retry::Failure::Connect)
+            || !self.settings.retry_429_max_wait.is_zero()
     }
 
     /// Counts a first send for the retry budget.

@@ -74,16 +74,20 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::body::{BodyStart, read_up_to};
+    use crate::body::{BodyStart, Budget, read_up_to};
     use http_body_util::{BodyExt, Full};
 
     #[tokio::test]
     async fn a_read_prefix_is_replayed_before_the_rest() {
         let body = Full::new(Bytes::from_static(b"0123456789"));
-        let BodyStart::Over(prefix, rest) = read_up_to(body, 3).await.expect("reads") else { panic!("over") };
+        let BodyStart::Over(prefix, rest) = read_up_to(body, 3, Budget::unlimited()).await.expect("reads")
+        else {
+            panic!("over")
+        };
         let whole = Prefixed::new(Some(prefix), rest).collect().await.expect("collects").to_bytes();
         assert_eq!(whole, "0123456789");
-        let small = read_up_to(Full::new(Bytes::from_static(b"ab")), 3).await.expect("reads");
+        let small =
+            read_up_to(Full::new(Bytes::from_static(b"ab")), 3, Budget::unlimited()).await.expect("reads");
         assert!(matches!(small, BodyStart::Complete(b) if b == "ab"));
     }
 }

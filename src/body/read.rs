@@ -8,6 +8,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+
+use super::budget::{Budget, Reservation, held};
 use http_body::Body;
 use http_body_util::BodyExt;
 
@@ -23,79 +25,116 @@ pub async fn within<F: Future>(limit: Duration, read: F) -> Option<F::Output> {
     }
 }
 
-/// The start of a body, read until it ends or passes `limit` bytes.
+/// The start of a body, read until it ends, passes `limit` bytes or finds
+/// the thread's [`Budget`] spent. The bytes read are counted against the
+/// budget until they are dropped.
 pub enum BodyStart<B> {
     /// The whole body.
     Complete(Bytes),
     /// More than `limit` bytes: what was read, and the rest still to come.
     Over(Bytes, B),
+    /// The budget could not hold the next piece: what was read, and the rest.
+    Unbudgeted(Bytes, B),
 }
 
-/// Reads `body` whole if it fits in `limit` bytes. Trailers are dropped.
-pub async fn read_up_to<B>(mut body: B, limit: u64) -> Result<BodyStart<B>, B::Error>
+/// Reads `body` whole if it fits in `limit` bytes (and in the budget).
+/// Trailers are dropped.
+pub async fn read_up_to<B>(mut body: B, limit: u64, budget: Budget) -> Result<BodyStart<B>, B::Error>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut buffer = BytesMut::new();
+    let mut reservation = budget.reserve();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
+            if !reservation.grow(data.len()) {
+                // This piece goes on uncounted, with what was read: the body streams from here.
+                buffer.extend_from_slice(&data);
+                return Ok(BodyStart::Unbudgeted(held(buffer.freeze(), reservation), body));
+            }
             buffer.extend_from_slice(&data);
             if buffer.len() as u64 > limit {
-                return Ok(BodyStart::Over(buffer.freeze(), body));
+                return Ok(BodyStart::Over(held(buffer.freeze(), reservation), body));
             }
         }
     }
-    Ok(BodyStart::Complete(buffer.freeze()))
+    Ok(BodyStart::Complete(held(buffer.freeze(), reservation)))
 }
 
 /// Chunks of a body as they arrived. Room for two in place: a small answer
 /// comes in one, and its read allocates nothing.
 pub type Chunks = smallvec::SmallVec<[Bytes; 2]>;
 
-/// The start of a body held as the chunks it arrived in (nothing copied).
+/// The start of a body held as the chunks it arrived in (nothing copied),
+/// each counted against the budget until it is dropped.
 pub enum ChunkStart<B> {
     /// The whole body, and the body itself (ended).
     Complete(Chunks, B),
     /// More than `limit` bytes: what was read, and the rest still to come.
     Over(Chunks, B),
+    /// The budget could not hold the next chunk: what was read, and the rest.
+    Unbudgeted(Chunks, B),
 }
 
-/// Chunks kept as they came; past this many, the rest is gathered into one
-/// buffer. A body sent one byte per chunk would otherwise cost a `Bytes` (and
-/// the read buffer it pins) per byte: tens of MiB for a 1 MiB answer.
+/// Chunks kept as they came whatever their size; past this many, small ones
+/// are gathered into one buffer. A body sent one byte per chunk would
+/// otherwise cost a `Bytes` (and the read buffer it pins) per byte: tens of
+/// MiB for a 1 MiB answer.
 const KEPT_CHUNKS: usize = 16;
 
-/// Reads `body` as chunks until it ends or passes `limit` bytes: the first
-/// [`KEPT_CHUNKS`] as they came (nothing copied), any others gathered after
-/// them in one. Trailers are dropped.
-pub async fn read_chunks<B>(mut body: B, limit: u64) -> Result<ChunkStart<B>, B::Error>
+/// A chunk at least this large is always kept as it came (no copy): at most
+/// `limit / SMALL_CHUNK` of them fit in a body read whole.
+const SMALL_CHUNK: usize = 4 * 1024;
+
+/// Reads `body` as chunks until it ends or passes `limit` bytes (or finds the
+/// budget spent): the first [`KEPT_CHUNKS`], and any of [`SMALL_CHUNK`] or
+/// more, as they came (nothing copied); smaller ones after those gathered in
+/// order. Trailers are dropped.
+pub async fn read_chunks<B>(mut body: B, limit: u64, budget: Budget) -> Result<ChunkStart<B>, B::Error>
 where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut chunks = Chunks::new();
     let mut gathered = BytesMut::new();
+    // Counts what is gathered; each chunk kept as it came carries its own part.
+    let mut reservation = budget.reserve();
     let mut total = 0u64;
-    let finish = |mut chunks: Chunks, gathered: BytesMut| {
+    let finish = |mut chunks: Chunks, gathered: BytesMut, reservation: Reservation| {
         if !gathered.is_empty() {
-            chunks.push(gathered.freeze());
+            chunks.push(held(gathered.freeze(), reservation));
         }
         chunks
+    };
+    // What was gathered goes out as one chunk before a chunk kept whole.
+    let flush = |chunks: &mut Chunks, gathered: &mut BytesMut, reservation: &mut Reservation| {
+        if !gathered.is_empty() {
+            let own = reservation.split(gathered.len());
+            chunks.push(held(gathered.split().freeze(), own));
+        }
     };
     while !body.is_end_stream() {
         let Some(frame) = body.frame().await else { break };
         if let Ok(data) = frame?.into_data() {
-            total += data.len() as u64;
-            if chunks.len() < KEPT_CHUNKS {
+            if !reservation.grow(data.len()) {
+                // This chunk goes on uncounted, after what was read: the body streams from here.
+                let mut chunks = finish(chunks, gathered, reservation);
                 chunks.push(data);
+                return Ok(ChunkStart::Unbudgeted(chunks, body));
+            }
+            total += data.len() as u64;
+            if chunks.len() < KEPT_CHUNKS || data.len() >= SMALL_CHUNK {
+                flush(&mut chunks, &mut gathered, &mut reservation);
+                let own = reservation.split(data.len());
+                chunks.push(held(data, own));
             } else {
                 gathered.extend_from_slice(&data);
             }
             if total > limit {
-                return Ok(ChunkStart::Over(finish(chunks, gathered), body));
+                return Ok(ChunkStart::Over(finish(chunks, gathered, reservation), body));
             }
         }
     }
-    Ok(ChunkStart::Complete(finish(chunks, gathered), body))
+    Ok(ChunkStart::Complete(finish(chunks, gathered, reservation), body))
 }
 
 #[cfg(test)]
@@ -115,18 +154,64 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_in_tiny_chunks_is_held_in_a_few() {
-        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(10_000), 1 << 20).await else {
+        let Ok(ChunkStart::Complete(chunks, _)) =
+            read_chunks(trickle(10_000), 1 << 20, Budget::unlimited()).await
+        else {
             panic!("the whole body fits");
         };
         assert_eq!(chunks.len(), KEPT_CHUNKS + 1, "the first as they came, the rest gathered");
         assert_eq!(chunks.concat(), vec![b'x'; 10_000]);
-        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(trickle(10_000), 5_000).await else {
+        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(trickle(10_000), 5_000, Budget::unlimited()).await
+        else {
             panic!("past the limit");
         };
         assert_eq!(chunks.len(), KEPT_CHUNKS + 1);
         assert_eq!(chunks.concat().len(), 5_001, "read until one past the limit");
-        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(3), 10).await else { panic!("fits") };
+        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(3), 10, Budget::unlimited()).await
+        else {
+            panic!("fits")
+        };
         assert_eq!(chunks.len(), 3, "a few chunks are kept as they came");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_finds_the_budget_spent_loses_no_byte() {
+        let budget = Budget::alone(1000);
+        let mut spent = budget.reserve();
+        spent.force(1000);
+        let body = || trickle(5);
+        let Ok(BodyStart::Unbudgeted(prefix, rest)) = read_up_to(body(), 100, budget).await else {
+            panic!("no room");
+        };
+        let rest = rest.collect().await.expect("the rest").to_bytes();
+        assert_eq!([prefix, rest].concat(), b"xxxxx");
+        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(body(), 100, budget).await else {
+            panic!("no room");
+        };
+        let rest = rest.collect().await.expect("the rest").to_bytes();
+        assert_eq!([chunks.concat(), rest.to_vec()].concat(), b"xxxxx");
+        drop(spent);
+    }
+
+    #[tokio::test]
+    async fn large_chunks_past_the_first_are_kept_as_they_came_and_small_ones_around_them_in_order() {
+        // 20 one-byte chunks, one of 5,000 bytes, 3 one-byte chunks.
+        let pieces: Vec<Bytes> = (0..20u8)
+            .map(|i| Bytes::from(vec![i]))
+            .chain([Bytes::from(vec![b'L'; 5_000])])
+            .chain((0..3u8).map(|i| Bytes::from(vec![100 + i])))
+            .collect();
+        let whole: Vec<u8> = pieces.concat();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+            pieces.into_iter().map(|piece| Ok::<_, std::convert::Infallible>(http_body::Frame::data(piece))),
+        ));
+        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(body, 1 << 20, Budget::unlimited()).await
+        else {
+            panic!("fits");
+        };
+        let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [vec![1; KEPT_CHUNKS], vec![4, 5_000, 3]].concat());
+        assert_eq!(chunks.concat(), whole, "in order");
     }
 
     #[tokio::test(start_paused = true)]

@@ -107,6 +107,7 @@ pub struct RawServer {
     pub idle_timeout_ms: Option<Spanned<u64>>,
     pub send_timeout_ms: Option<Spanned<u64>>,
     pub max_connections: Option<Spanned<usize>>,
+    pub max_buffered_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

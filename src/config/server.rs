@@ -32,5 +32,12 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawServer) -> Result<Server, ConfigE
         idle_timeout: millis(ctx, raw.idle_timeout_ms.as_ref(), "server.idle_timeout_ms", 60_000)?,
         send_timeout: millis(ctx, raw.send_timeout_ms.as_ref(), "server.send_timeout_ms", 60_000)?,
         max_connections: positive(raw.max_connections.as_ref(), "server.max_connections", 10_000)?,
+        max_buffered_bytes: match &raw.max_buffered_bytes {
+            None => 64 * 1024 * 1024,
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(ctx.at(v, "server.max_buffered_bytes", "must be greater than 0"));
+            }
+            Some(v) => *v.get_ref(),
+        },
     })
 }

@@ -218,6 +218,7 @@ fn credential_and_identity_mistakes_name_the_key() {
         (FULL.replace("methods = [\"get\"", "methods = [\"g e t\""), "identities[0].methods"),
         (FULL.replace("paths = [\"/api", "paths = [\"/v2"), "identities[0].paths"),
         (FULL.replace("[401, 419]", "[200]"), "tokens.dead_token_statuses"),
+        (FULL.replace("[401, 419]", "[401, 500]"), "tokens.dead_token_statuses"),
     ];
     for (source, key) in cases {
         let error = error_of(&source);

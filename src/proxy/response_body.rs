@@ -83,12 +83,19 @@ impl Proxy {
         };
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
-        let start = body::within(limit, body::read_chunks(body, shared.links.max_body_bytes))
+        let budget = shared.limits.buffer_budget;
+        let start = body::within(limit, body::read_chunks(body, shared.links.max_body_bytes, budget))
             .await
             .ok_or(ProxyError::UpstreamTimeout(limit))?
             .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
         let (chunks, ended) = match start {
             ChunkStart::Over(chunks, rest) => {
+                return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, rest))));
+            }
+            // No room to hold it: it streams as it is, links unrewritten, as
+            // one too large would (the answer is never lost for it).
+            ChunkStart::Unbudgeted(chunks, rest) => {
+                shared.metrics.buffers_full.inc();
                 return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, rest))));
             }
             ChunkStart::Complete(chunks, ended) => (chunks, ended),
@@ -106,7 +113,7 @@ impl Proxy {
         }
         let bytes = match chunks.len() {
             1 => chunks.into_iter().next().unwrap_or_default(),
-            _ => Bytes::from(chunks.concat()),
+            _ => body::held_forced(budget, Bytes::from(chunks.concat())),
         };
         let Some(public_base) = self.public_base(links_to) else {
             return Ok(Response::from_parts(parts, Either::Right(Full::new(bytes))));
@@ -125,7 +132,7 @@ impl Proxy {
             Some((body, count)) => {
                 shared.metrics.links_rewritten.inc_by(count as u64);
                 parts.headers.remove(CONTENT_ENCODING);
-                Bytes::from(body)
+                body::held_forced(budget, Bytes::from(body))
             }
         };
         // A body the proxy re-frames is described by the bytes it sends, never

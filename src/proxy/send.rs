@@ -58,7 +58,7 @@ impl Proxy {
         let mut outcome = self.send_once(first, log, figures).await;
         while let Some(failure) = retryable(&outcome) {
             let Some(replay) =
-                replay.filter(|_| retry.covers(&target.method) && log.retries + 1 < retry.attempts)
+                replay.filter(|_| retry.covers(&target.method, failure) && log.retries + 1 < retry.attempts)
             else {
                 break;
             };

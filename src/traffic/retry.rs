@@ -1,10 +1,13 @@
-//! `[upstream.retry]`: sending a request to Tallyfy again after a failure that
-//! cannot have done anything there, within a budget.
+//! `[upstream.retry]`: sending a request to Tallyfy again after a failure,
+//! within a budget.
 //!
-//! Only idempotent methods (GET, HEAD, OPTIONS; PUT and DELETE with
-//! `retry_unsafe`), only requests whose whole body the proxy holds, only
-//! before any response byte went to the caller, and only on a refused
-//! connection, a connection lost before the response head, or 502/503/504.
+//! Only requests whose whole body the proxy holds, only before any response
+//! byte went to the caller. GET, HEAD and OPTIONS (which do nothing twice) on a
+//! refused connection, a connection lost before the response head, or
+//! 502/503/504; PUT and DELETE, with `retry_unsafe`, only on the failures that
+//! say Tallyfy did nothing: a refused connection or a 503 (a lost connection,
+//! a 502 or a 504 may come after Tallyfy acted: a DELETE sent again would get
+//! 404 for a delete that succeeded).
 //! The budget (as Envoy's and Finagle's) lets retries add at most
 //! `budget_percent` of the requests of the last ten seconds (and always a few,
 //! so a quiet app can retry too): when Tallyfy is down, the proxy does not
@@ -70,11 +73,13 @@ impl Failure {
 }
 
 impl RetrySettings {
-    /// Whether requests of `method` may be sent again at all.
-    pub fn covers(&self, method: &Method) -> bool {
+    /// Whether a request of `method` may be sent again after `failure`.
+    pub fn covers(&self, method: &Method, failure: Failure) -> bool {
+        let did_nothing =
+            matches!(failure, Failure::Connect | Failure::Status(StatusCode::SERVICE_UNAVAILABLE));
         self.attempts > 1
             && (matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
-                || (self.retry_unsafe && matches!(*method, Method::PUT | Method::DELETE)))
+                || (self.retry_unsafe && matches!(*method, Method::PUT | Method::DELETE) && did_nothing))
     }
 
     /// The delay before retry number `retry` (1 = the first), with "equal
@@ -146,13 +151,29 @@ mod tests {
 
     #[test]
     fn only_idempotent_methods_are_covered_unless_unsafe_ones_are_allowed() {
+        let every = [
+            Failure::Connect,
+            Failure::Reset,
+            Failure::Status(StatusCode::BAD_GATEWAY),
+            Failure::Status(StatusCode::SERVICE_UNAVAILABLE),
+            Failure::Status(StatusCode::GATEWAY_TIMEOUT),
+        ];
         let settings = RetrySettings { attempts: 3, ..RetrySettings::default() };
-        assert!(settings.covers(&Method::GET) && settings.covers(&Method::HEAD));
-        assert!(!settings.covers(&Method::POST) && !settings.covers(&Method::PUT));
+        for failure in every {
+            assert!(settings.covers(&Method::GET, failure) && settings.covers(&Method::HEAD, failure));
+            assert!(!settings.covers(&Method::POST, failure) && !settings.covers(&Method::PUT, failure));
+            assert!(!RetrySettings::default().covers(&Method::GET, failure), "one attempt is no retry");
+        }
         let unsafe_too = RetrySettings { retry_unsafe: true, ..settings.clone() };
-        assert!(unsafe_too.covers(&Method::PUT) && unsafe_too.covers(&Method::DELETE));
-        assert!(!unsafe_too.covers(&Method::POST), "POST never");
-        assert!(!RetrySettings::default().covers(&Method::GET), "one attempt is no retry");
+        for failure in every {
+            // Only what says Tallyfy did nothing: a DELETE it acted on, sent
+            // again, would be a 404 for a delete that succeeded.
+            let did_nothing =
+                matches!(failure, Failure::Connect | Failure::Status(StatusCode::SERVICE_UNAVAILABLE));
+            assert_eq!(unsafe_too.covers(&Method::PUT, failure), did_nothing, "{failure:?}");
+            assert_eq!(unsafe_too.covers(&Method::DELETE, failure), did_nothing, "{failure:?}");
+            assert!(!unsafe_too.covers(&Method::POST, failure), "POST never");
+        }
     }
 
     #[test]

@@ -102,19 +102,29 @@ impl Windows {
     }
 }
 
-/// Drops the closed windows; when open ones still fill the map, drops the
-/// [`EVICTED`] that counted least (the oldest among equals). Dropping the
-/// oldest instead let a caller empty its own full window by opening fresh
-/// ones elsewhere; now a window is let go only while most others counted more.
+/// Drops the closed windows, then, while open ones still hold more than
+/// `MAX_KEYS - EVICTED` places, the ones that counted least (the oldest among
+/// equals) down to that: the scan under the rule's lock is paid once per
+/// [`EVICTED`] new keys at most. Dropping the oldest instead let a caller empty
+/// its own full window by opening fresh ones elsewhere; now a full window goes
+/// only once about [`MAX_KEYS`] others are full too.
 fn make_room(open: &mut HashMap<Box<str>, Window>, now: Nanos, per: Duration) {
+    const { assert!(EVICTED >= 1 && EVICTED < MAX_KEYS) };
     let per = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
     open.retain(|_, w| now < w.opened.saturating_add(per));
-    if open.len() < MAX_KEYS {
-        return;
-    }
+    let Some(excess) = open.len().checked_sub(MAX_KEYS - EVICTED).filter(|&n| n > 0) else { return };
     let mut ranks: Vec<(u32, Nanos)> = open.values().map(|w| (w.count, w.opened)).collect();
-    let (_, &mut last, _) = ranks.select_nth_unstable(EVICTED - 1);
-    open.retain(|_, w| (w.count, w.opened) > last);
+    let (_, &mut last, _) = ranks.select_nth_unstable(excess - 1);
+    // Exactly `excess`: all below the cut, and as many at it as are needed.
+    let mut at_cut = excess - ranks.iter().filter(|&&rank| rank < last).count();
+    open.retain(|_, w| match (w.count, w.opened).cmp(&last) {
+        std::cmp::Ordering::Less => false,
+        std::cmp::Ordering::Equal if at_cut > 0 => {
+            at_cut -= 1;
+            false
+        }
+        _ => true,
+    });
 }
 
 #[cfg(test)]
@@ -153,6 +163,23 @@ mod tests {
             assert_eq!(windows.count(&format!("org-{i}"), "app", i, 1, HOUR), Ok(()));
         }
         assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
+    }
+
+    #[test]
+    fn a_full_map_is_emptied_a_sixteenth_at_a_time_even_when_few_windows_closed() {
+        let mut open = HashMap::new();
+        for i in 0..MAX_KEYS as u64 {
+            // The first ten close at 1 h; the rest stay open.
+            let opened = if i < 10 { 0 } else { 1_000 * SECOND };
+            open.insert(format!("org-{i}").into_boxed_str(), Window { opened, count: 1 + (i % 7) as u32 });
+        }
+        // Open windows that counted more than one.
+        let counted_more =
+            |open: &HashMap<Box<str>, Window>| open.values().filter(|w| w.opened > 0 && w.count > 1).count();
+        let before = counted_more(&open);
+        make_room(&mut open, 3_600 * SECOND, HOUR);
+        assert_eq!(open.len(), MAX_KEYS - EVICTED, "down to the mark, not one place below the cap");
+        assert_eq!(counted_more(&open), before, "only windows that counted one went");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod budget;
 mod connections;
 mod framing;
 mod headers;

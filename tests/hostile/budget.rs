@@ -1,0 +1,48 @@
+//! `server.max_buffered_bytes`: a thread whose share of the budget is spent.
+
+use std::time::Duration;
+
+use tallyfy_sandbox::fixtures::ORG_ID;
+
+use super::{exchange, keyed_identity, stack_with_identities};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_spent_budget_refuses_bodies_that_must_be_read_whole_and_streams_answers_as_they_are() {
+    let (sandbox, proxy, _dir) =
+        stack_with_identities([keyed_identity("narrow", "k").with("methods", vec!["GET", "POST"])]).await;
+    let addr = proxy.proxy_addr();
+    let form = format!(
+        "POST /api/organizations/{ORG_ID}/tasks HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntitle=t"
+    );
+    let list = format!(
+        "GET /api/organizations/{ORG_ID}/runs?per_page=2 HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\nConnection: close\r\n\r\n"
+    );
+    // As Laravel writes them, slashes escaped.
+    let upstream_links = format!("\"{}\\/api\\/organizations", sandbox.base_url().replace('/', "\\/"));
+
+    // The proxy serves on this test's thread (a current-thread runtime):
+    // bodies held here spend the share its requests would use.
+    let mut held_elsewhere = tallyfy_proxy::body::Budget::unlimited().reserve();
+    held_elsewhere.force(1 << 40);
+    let refused = exchange(addr, form.as_bytes(), WAIT).await;
+    assert_eq!(refused.status(), 503, "{}", refused.text());
+    assert!(refused.text().contains("buffers_full"), "{}", refused.text());
+    assert!(refused.text().to_ascii_lowercase().contains("retry-after: 1\r\n"), "{}", refused.text());
+    assert!(sandbox.received().is_empty(), "a body that could not be judged was not sent");
+    let streamed = exchange(addr, list.as_bytes(), WAIT).await;
+    assert_eq!(streamed.status(), 200, "{}", streamed.text());
+    assert!(streamed.text().contains(&upstream_links), "streamed as it came: {}", streamed.text());
+
+    drop(held_elsewhere);
+    let judged = exchange(addr, form.as_bytes(), WAIT).await;
+    assert_ne!(judged.status(), 503, "room again: {}", judged.text());
+    assert_eq!(&sandbox.received().last().expect("forwarded").body[..], b"title=t");
+    let rewritten = exchange(addr, list.as_bytes(), WAIT).await;
+    assert!(!rewritten.text().contains(&upstream_links), "{}", rewritten.text());
+    assert!(rewritten.text().contains("\"http://a/api/organizations"), "{}", rewritten.text());
+    let metrics = crate::support::scrape(proxy.admin_addr()).await;
+    assert!(metrics.contains("tallyfy_proxy_buffers_full_total 2"), "{metrics}");
+}
