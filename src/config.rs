@@ -151,15 +151,24 @@ pub struct Log {
 impl Config {
     /// Reads and validates the file at `path`, resolving secrets from the process
     /// environment and from files.
+    ///
+    /// Read twice: once to learn which files it reads, then, after their
+    /// fingerprint is taken, the config that runs. A file changed in between is
+    /// seen as a change by the reloader (one reload more at worst), never
+    /// folded unread into the fingerprint.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: None,
-            key: String::new(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let mut config = Self::parse(&source, path, &|name| std::env::var(name).ok())?;
-        config.loaded_from = files(&config).map(|files| fingerprint(&files));
+        let read = || {
+            let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                file: path.to_owned(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            })?;
+            Self::parse(&source, path, &|name| std::env::var(name).ok())
+        };
+        let loaded_from = files(&read()?).map(|files| fingerprint(&files));
+        let mut config = read()?;
+        config.loaded_from = loaded_from;
         Ok(config)
     }
 

@@ -10,8 +10,11 @@
 //! the decoded text, so `https:\/\/go.tallyfy.com\/api\/` (PHP's default) matches like the plain form.
 //! The comparison is exact bytes (Tallyfy writes lowercase scheme and host).
 
+mod location;
 #[cfg(test)]
 mod tests;
+
+pub use location::ApiLocation;
 
 use memchr::memmem;
 

@@ -16,7 +16,7 @@ use crate::body::Prefixed;
 use crate::error::{ErrorClass, ProxyError};
 use crate::headers::{self, X_REQUEST_ID, X_UPSTREAM_REQUEST_ID};
 use crate::identity::Identities;
-use crate::links::LinkScan;
+use crate::links::{ApiLocation, LinkScan};
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
 use crate::server::ConnectionInfo;
@@ -69,6 +69,8 @@ struct Shared {
     upstream_base: String,
     /// The pre-scan for those links.
     link_scan: LinkScan,
+    /// `{upstream_base}/api/` as a `Location` may spell it.
+    api_location: ApiLocation,
     /// `listen.public_url`, or `None` to derive it from each request.
     public_url: Option<String>,
     /// Scheme of the proxy listener, for derived public URLs.
@@ -122,6 +124,7 @@ impl Proxy {
             shared: Arc::new(Shared {
                 upstream_base: upstream.base(),
                 link_scan: LinkScan::new(&upstream.origin()),
+                api_location: ApiLocation::new(&upstream.base()),
                 upstream,
                 identities: Identities::new(identities),
                 tokens,

@@ -198,9 +198,10 @@ pub struct Reloader {
     watcher: Option<watch::Watcher>,
     /// Counts swapped-in generations, so waiters for readiness follow reloads.
     swapped: tokio::sync::watch::Sender<u64>,
-    /// The last reload's failure while it stands: tried again at
-    /// [`RETRY_REJECTED`], logged again only when the reason changes.
-    failing: Option<String>,
+    /// The last reload's failure while it stands, and when to try again: a
+    /// retry failing alike is logged at debug level only (a signal or a file
+    /// change is always logged and counted).
+    failing: Option<(String, tokio::time::Instant)>,
     /// The restart-only settings in effect.
     started: Started,
 }
@@ -262,9 +263,10 @@ impl Reloader {
     /// Reloads on every trigger until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         loop {
+            let retry_at = self.failing.as_ref().map(|(_, at)| *at);
             let retry = async {
-                match self.failing {
-                    Some(_) => tokio::time::sleep(RETRY_REJECTED).await,
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             };
@@ -273,6 +275,7 @@ impl Reloader {
                 Some(trigger) = self.triggers.recv() => Some(trigger),
                 () = retry => None,
             };
+            let retrying = first.is_none();
             let signalled = match first {
                 Some(Trigger::Signal) => true,
                 Some(Trigger::Files) => settle_burst(&mut self.triggers).await,
@@ -280,21 +283,26 @@ impl Reloader {
             };
             let files_changed = self.watcher.as_mut().is_some_and(watch::Watcher::changed);
             if signalled || files_changed {
-                self.reload(&shutdown).await;
+                self.reload(&shutdown, retrying).await;
             } else {
                 tracing::debug!("files near the config changed, but not the config or its files: no reload");
             }
         }
     }
 
-    async fn reload(&mut self, shutdown: &CancellationToken) {
+    async fn reload(&mut self, shutdown: &CancellationToken, retrying: bool) {
         let outcome = |metrics: &Metrics, outcome: &str| {
             metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
         };
         let new = match Config::load(&self.config.file) {
             Ok(config) => config,
             Err(error) => {
-                return self.failed("invalid", "config reload rejected; the running config stays", error);
+                return self.failed(
+                    retrying,
+                    "invalid",
+                    "config reload rejected; the running config stays",
+                    error,
+                );
             }
         };
         // Watching the new config's files starts now, with their contents as just
@@ -303,13 +311,23 @@ impl Reloader {
         let clients = match clients(&new) {
             Ok(clients) => clients,
             Err(error) => {
-                return self.failed("failed", "config reload failed; the running config stays", error);
+                return self.failed(
+                    retrying,
+                    "failed",
+                    "config reload failed; the running config stays",
+                    error,
+                );
             }
         };
         let tokens = match self.refresher.reconfigure(credential_set(&new), clients.issuer).await {
             Ok(tokens) => tokens,
             Err(error) => {
-                return self.failed("failed", "config reload failed; the running config stays", error);
+                return self.failed(
+                    retrying,
+                    "failed",
+                    "config reload failed; the running config stays",
+                    error,
+                );
             }
         };
         for setting in restart_only_changes(&self.started, &new) {
@@ -351,17 +369,18 @@ impl Reloader {
         tracing::info!("config reloaded");
     }
 
-    /// A reload that did not apply: logged and counted when its reason is new
-    /// (a retry failing alike says so at debug level only), and tried again.
-    fn failed(&mut self, outcome: &str, message: &str, error: impl std::fmt::Display) {
+    /// A reload that did not apply: tried again [`RETRY_REJECTED`] later;
+    /// logged and counted, unless it was such a retry failing as before.
+    fn failed(&mut self, retrying: bool, outcome: &str, message: &str, error: impl std::fmt::Display) {
         let reason = error.to_string();
-        if self.failing.as_deref() == Some(reason.as_str()) {
+        let again_alike = retrying && self.failing.as_ref().is_some_and(|(last, _)| *last == reason);
+        if again_alike {
             tracing::debug!(error = %reason, "{message} (tried again)");
-            return;
+        } else {
+            tracing::error!(error = %reason, "{message}; tried again every {}s", RETRY_REJECTED.as_secs());
+            self.metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
         }
-        tracing::error!(error = %reason, "{message}; tried again every {}s", RETRY_REJECTED.as_secs());
-        self.metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
-        self.failing = Some(reason);
+        self.failing = Some((reason, tokio::time::Instant::now() + RETRY_REJECTED));
     }
 }
 
@@ -412,13 +431,17 @@ fn restart_only_changes(started: &Started, new: &Config) -> Vec<&'static str> {
     }
     // The header limits are reloaded, within the ceilings hyper's parser was
     // given at start (twice the limits then); above them, a head is refused by
-    // the parser with a bare 431 until a restart.
+    // the parser with a bare 431 until a restart. The parser counts a head's
+    // framing too: the request line (8 KiB allowed for it here) and, per field,
+    // `: ` and CRLF over HTTP/1 or 32 bytes over HTTP/2.
     let ceilings = o.header_ceilings();
     if n.max_headers > ceilings.fields {
         changed.push("server.max_headers (above twice its value at start)");
     }
-    if n.max_header_bytes > ceilings.bytes {
-        changed.push("server.max_header_bytes (above twice its value at start)");
+    if n.max_header_bytes.saturating_add(32 * n.max_headers).saturating_add(8 * 1024) > ceilings.bytes {
+        changed.push(
+            "server.max_header_bytes (with the head's framing, above what the parser was given at start)",
+        );
     }
     if started.log != new.log {
         changed.push("[log]");
@@ -473,12 +496,12 @@ mod tests {
     fn restart_only_settings_are_compared_with_the_ones_in_effect() {
         let started = Started::from(&config_with("max_headers = 100\nmax_header_bytes = 32768"));
         let changes = |server: &str| restart_only_changes(&started, &config_with(server));
-        assert!(changes("max_headers = 200\nmax_header_bytes = 65536").is_empty(), "within the ceilings");
+        assert!(changes("max_headers = 200\nmax_header_bytes = 40000").is_empty(), "within the ceilings");
         assert_eq!(
-            changes("max_headers = 201\nmax_header_bytes = 65537"),
+            changes("max_headers = 201\nmax_header_bytes = 60000"),
             [
                 "server.max_headers (above twice its value at start)",
-                "server.max_header_bytes (above twice its value at start)"
+                "server.max_header_bytes (with the head's framing, above what the parser was given at start)"
             ]
         );
         // An earlier reload's change to a timer never took effect: a later

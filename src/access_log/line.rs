@@ -132,9 +132,10 @@ fn address(out: &mut Vec<u8>, peer: &SocketAddr) {
     }
 }
 
-/// A quoted string with `"`, `\`, control characters and unprintable
-/// characters escaped (as Rust's `Debug` does, which is what tracing's text
-/// format shows): a line separator or a bidi override in a path cannot
+/// A quoted string with `"`, `\`, control characters and the characters
+/// `char::escape_debug` escapes (unprintable ones, and combining marks, which
+/// `str`'s `Debug` escapes only at a string's start) written as tracing's text
+/// format writes escapes: a line separator or a bidi override in a path cannot
 /// rearrange or split the line a reader sees.
 fn text_string(out: &mut Vec<u8>, s: &str) {
     quoted(

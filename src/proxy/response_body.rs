@@ -26,7 +26,7 @@ impl Proxy {
         unprefixed: bool,
     ) -> LinksTo {
         let shared = &*self.shared;
-        let base = if !shared.links.enabled || head.method == http::Method::HEAD {
+        let base = if !shared.links.enabled {
             Base::Nowhere
         } else if shared.public_url.is_some() {
             Base::PublicUrl
@@ -39,7 +39,7 @@ impl Proxy {
         } else {
             head.headers.get(http::header::HOST).map_or(Base::Nowhere, |value| Base::Host(value.clone()))
         };
-        LinksTo { base, unprefixed }
+        LinksTo { base, unprefixed, bodyless: head.method == http::Method::HEAD }
     }
 
     fn public_base(&self, to: &LinksTo) -> Option<String> {
@@ -75,6 +75,7 @@ impl Proxy {
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
         let eligible = !matches!(links_to.base, Base::Nowhere)
             && !bodyless
+            && !links_to.bodyless
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
@@ -150,8 +151,7 @@ impl Proxy {
     /// locations (a file's storage URL) are left as they are.
     fn location_to_proxy(&self, headers: &mut http::HeaderMap, to: &LinksTo) {
         let Some(location) = headers.get(LOCATION) else { return };
-        let from = format!("{}/api/", self.shared.upstream_base.trim_end_matches('/'));
-        let Some(rest) = location.as_bytes().strip_prefix(from.as_bytes()) else { return };
+        let Some(rest) = self.shared.api_location.rest(location.as_bytes()) else { return };
         let Some(public_base) = self.public_base(to) else { return };
         let mut pointed = public_base.trim_end_matches('/').as_bytes().to_vec();
         pointed.extend_from_slice(if to.unprefixed { b"/" } else { b"/api/" });
@@ -187,10 +187,13 @@ fn refuse_unframeable(response: &Response<UpstreamBody>) -> Result<(), ProxyErro
 pub(super) struct LinksTo {
     base: Base,
     unprefixed: bool,
+    /// A `HEAD`: its answer has no body to rewrite (and its `Content-Length`
+    /// is the `GET`'s), but its `Location` is pointed at the proxy all the same.
+    bodyless: bool,
 }
 
 enum Base {
-    /// Links are off, or the request is a HEAD, or the caller named no host.
+    /// Links are off, or the caller named no host.
     Nowhere,
     /// `listen.public_url`.
     PublicUrl,

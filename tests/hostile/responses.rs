@@ -119,6 +119,9 @@ async fn a_redirect_into_tallyfys_api_stays_on_the_proxy_and_tallyfys_cookies_st
         // Into Tallyfy's API: pointed at the proxy, as the caller named it.
         ("302 Found", "{up}/api/organizations/o/runs?page=2", "http://a/api/organizations/o/runs?page=2"),
         ("201 Created", "{up}/api/organizations/o/runs/r1", "http://a/api/organizations/o/runs/r1"),
+        // Its scheme in capitals: Tallyfy all the same. Another port: not Tallyfy.
+        ("302 Found", "{UP}/api/me", "http://a/api/me"),
+        ("302 Found", "{up}:80/api/me", "{up}:80/api/me"),
         // Elsewhere (a file's storage, a look-alike host): left as it is.
         ("302 Found", "https://files.example/o/f1?sig=x", "https://files.example/o/f1?sig=x"),
         ("302 Found", "{up}.evil.example/api/me", "{up}.evil.example/api/me"),
@@ -128,25 +131,24 @@ async fn a_redirect_into_tallyfys_api_stays_on_the_proxy_and_tallyfys_cookies_st
             let answer = format!(
                 "HTTP/1.1 {status}\r\nLocation: {}\r\nSet-Cookie: tallyfy_session=s3cr3t; path=/; secure; httponly\r\n\
                  Alt-Svc: h3=\":443\"\r\nContent-Length: 0\r\n\r\n",
-                location.replace("{up}", &up)
+                location.replace("{up}", &up).replace("{UP}", &up.replacen("http", "HTTP", 1))
             );
             Box::leak(answer.into_bytes().into_boxed_slice())
         })
         .await;
         let up = format!("http://{}", recorder.addr);
         let (proxy, _dir) = proxy_to(&recorder).await;
-        let answer = exchange(
-            proxy.proxy_addr(),
-            b"GET /api/me/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-            WAIT,
-        )
-        .await;
-        let text = answer.text();
-        let head = text.to_ascii_lowercase();
-        let expected = expected.replace("{up}", &up);
-        assert!(text.contains(&format!("\r\nlocation: {expected}\r\n")), "{location}: {text}");
-        assert!(!head.contains("set-cookie") && !text.contains("s3cr3t"), "{text}");
-        assert!(!head.contains("alt-svc"), "{text}");
+        // `curl -I -L` follows a HEAD's redirect too.
+        for method in ["GET", "HEAD"] {
+            let request = format!("{method} /api/me/ HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let answer = exchange(proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+            let text = answer.text();
+            let head = text.to_ascii_lowercase();
+            let expected = expected.replace("{up}", &up);
+            assert!(text.contains(&format!("\r\nlocation: {expected}\r\n")), "{method} {location}: {text}");
+            assert!(!head.contains("set-cookie") && !text.contains("s3cr3t"), "{text}");
+            assert!(!head.contains("alt-svc"), "{text}");
+        }
     }
 }
 
