@@ -95,12 +95,15 @@ impl ProxyError {
             | Self::UnknownCaller
             | Self::Forbidden(_)
             | Self::RateLimited { .. }
-            | Self::TooManyInFlight { .. } => ErrorClass::Caller,
+            | Self::TooManyInFlight { .. }
+            // As `TooManyInFlight`: the proxy is briefly unavailable to this
+            // caller (an access line at info, a local rejection), no fault of its own.
+            | Self::BuffersFull => ErrorClass::Caller,
             Self::TokenUnavailable { .. }
             | Self::UpstreamUnreachable(_)
             | Self::UpstreamBroken(_)
             | Self::UpstreamTimeout(_) => ErrorClass::Upstream,
-            Self::Internal(_) | Self::BuffersFull => ErrorClass::Internal,
+            Self::Internal(_) => ErrorClass::Internal,
         }
     }
 

@@ -144,6 +144,7 @@ impl Reservation {
 
     /// Moves `n` of its bytes (at most what it holds) into a reservation of their own.
     pub fn split(&mut self, n: usize) -> Reservation {
+        debug_assert!(n <= self.bytes, "split {n} of {}", self.bytes);
         let n = n.min(self.bytes);
         self.bytes -= n;
         Reservation { per_thread: self.per_thread, counter: self.counter, bytes: n }

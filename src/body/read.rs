@@ -47,13 +47,18 @@ where
     let mut reservation = budget.reserve();
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame?.into_data() {
-            if !reservation.grow(data.len()) {
+            // The limit first: a body too large is `Over` (413, or streamed)
+            // whatever the budget, never a 503 a retry could not mend.
+            let over = (buffer.len() + data.len()) as u64 > limit;
+            if over {
+                reservation.force(data.len());
+            } else if !reservation.grow(data.len()) {
                 // This piece goes on uncounted, with what was read: the body streams from here.
                 buffer.extend_from_slice(&data);
                 return Ok(BodyStart::Unbudgeted(held(buffer.freeze(), reservation), body));
             }
             buffer.extend_from_slice(&data);
-            if buffer.len() as u64 > limit {
+            if over {
                 return Ok(BodyStart::Over(held(buffer.freeze(), reservation), body));
             }
         }
@@ -115,7 +120,10 @@ where
     while !body.is_end_stream() {
         let Some(frame) = body.frame().await else { break };
         if let Ok(data) = frame?.into_data() {
-            if !reservation.grow(data.len()) {
+            // The limit first, as in `read_up_to`.
+            if total + data.len() as u64 > limit {
+                reservation.force(data.len());
+            } else if !reservation.grow(data.len()) {
                 // This chunk goes on uncounted, after what was read: the body streams from here.
                 let mut chunks = finish(chunks, gathered, reservation);
                 chunks.push(data);
@@ -174,23 +182,51 @@ mod tests {
         assert_eq!(chunks.len(), 3, "a few chunks are kept as they came");
     }
 
+    /// 30 one-byte frames, `0`, `1`, ... `29`.
+    fn counting() -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        http_body_util::StreamBody::new(futures_util::stream::iter(
+            (0..30u8).map(|i| Ok(http_body::Frame::data(Bytes::from(vec![i])))),
+        ))
+    }
+
     #[tokio::test]
-    async fn a_read_that_finds_the_budget_spent_loses_no_byte() {
-        let budget = Budget::alone(1000);
-        let mut spent = budget.reserve();
-        spent.force(1000);
-        let body = || trickle(5);
-        let Ok(BodyStart::Unbudgeted(prefix, rest)) = read_up_to(body(), 100, budget).await else {
-            panic!("no room");
+    async fn a_read_that_finds_the_budget_spent_midway_loses_no_byte_and_gives_all_back() {
+        let whole: Vec<u8> = (0..30).collect();
+        // Room for 20 bytes: the budget runs out past the 16 chunks kept as they came.
+        let budget = Budget::alone(20);
+        let Ok(BodyStart::Unbudgeted(prefix, rest)) = read_up_to(counting(), 100, budget).await else {
+            panic!("no room past 20 bytes");
         };
+        assert_eq!(budget.used_here(), 20, "what was read is counted, the piece that did not fit is not");
         let rest = rest.collect().await.expect("the rest").to_bytes();
-        assert_eq!([prefix, rest].concat(), b"xxxxx");
-        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(body(), 100, budget).await else {
-            panic!("no room");
+        assert_eq!([prefix, rest].concat(), whole, "every byte, in order");
+        assert_eq!(budget.used_here(), 0, "all given back");
+
+        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(counting(), 100, budget).await else {
+            panic!("no room past 20 bytes");
         };
+        assert_eq!(budget.used_here(), 20);
         let rest = rest.collect().await.expect("the rest").to_bytes();
-        assert_eq!([chunks.concat(), rest.to_vec()].concat(), b"xxxxx");
-        drop(spent);
+        assert_eq!([chunks.concat(), rest.to_vec()].concat(), whole, "every byte, in order");
+        drop(chunks);
+        assert_eq!(budget.used_here(), 0, "all given back");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_its_limit_is_over_whatever_the_budget() {
+        // A share exactly the limit (a many-CPU host's): the read that crosses
+        // the limit is `Over`, not `Unbudgeted`.
+        let budget = Budget::alone(10);
+        let Ok(BodyStart::Over(prefix, _)) = read_up_to(counting(), 10, budget).await else { panic!("over") };
+        assert_eq!(prefix.len(), 11);
+        drop(prefix);
+        assert_eq!(budget.used_here(), 0);
+        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(counting(), 10, budget).await else {
+            panic!("over")
+        };
+        assert_eq!(chunks.concat().len(), 11);
+        drop(chunks);
+        assert_eq!(budget.used_here(), 0);
     }
 
     #[tokio::test]

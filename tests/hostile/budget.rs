@@ -24,8 +24,11 @@ async fn a_spent_budget_refuses_bodies_that_must_be_read_whole_and_streams_answe
     let upstream_links = format!("\"{}\\/api\\/organizations", sandbox.base_url().replace('/', "\\/"));
 
     // The proxy serves on this test's thread (a current-thread runtime):
-    // bodies held here spend the share its requests would use.
-    let mut held_elsewhere = tallyfy_proxy::body::Budget::unlimited().reserve();
+    // bodies held here spend the share its requests would use, and what its
+    // requests count shows on this thread's counter.
+    let counter = tallyfy_proxy::body::Budget::unlimited();
+    let before = counter.used_here();
+    let mut held_elsewhere = counter.reserve();
     held_elsewhere.force(1 << 40);
     let refused = exchange(addr, form.as_bytes(), WAIT).await;
     assert_eq!(refused.status(), 503, "{}", refused.text());
@@ -45,4 +48,14 @@ async fn a_spent_budget_refuses_bodies_that_must_be_read_whole_and_streams_answe
     assert!(rewritten.text().contains("\"http://a/api/organizations"), "{}", rewritten.text());
     let metrics = crate::support::scrape(proxy.admin_addr()).await;
     assert!(metrics.contains("tallyfy_proxy_buffers_full_total 2"), "{metrics}");
+    // Every byte counted for those requests was given back with their bodies.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while counter.used_here() != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} bytes still counted",
+            counter.used_here() - before
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
