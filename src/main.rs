@@ -228,8 +228,11 @@ fn print_traffic(config: &Config) {
     }
     let traffic = &config.traffic;
     if traffic.retry.attempts > 1 {
-        let methods =
-            if traffic.retry.retry_unsafe { "GET, HEAD, OPTIONS, PUT, DELETE" } else { "GET, HEAD, OPTIONS" };
+        let methods = if traffic.retry.retry_unsafe {
+            "GET, HEAD, OPTIONS; PUT, DELETE after a refused connection or a 503"
+        } else {
+            "GET, HEAD, OPTIONS"
+        };
         println!(
             "  retry         {} sends at most ({methods}), budget {} % of the last 10 s",
             traffic.retry.attempts, traffic.retry.budget_percent

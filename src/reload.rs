@@ -403,8 +403,9 @@ async fn settle_burst(triggers: &mut mpsc::Receiver<Trigger>) -> bool {
 }
 
 /// Settings a running process cannot change: the listeners (addresses, TLS,
-/// connection timers and caps), the drain grace and the log setup. The request
-/// limits of `[server]` (headers, body size) are reloaded.
+/// connection timers and caps), the drain grace, the log setup and `[fleet]`.
+/// The request limits of `[server]` (headers, body size) are reloaded, the
+/// header limits within what the parser was given at start.
 fn restart_only_changes(started: &Started, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     if started.listen != (new.listen.proxy, new.listen.admin) {
@@ -438,7 +439,13 @@ fn restart_only_changes(started: &Started, new: &Config) -> Vec<&'static str> {
     if n.max_headers > ceilings.fields {
         changed.push("server.max_headers (above twice its value at start)");
     }
-    if n.max_header_bytes.saturating_add(32 * n.max_headers).saturating_add(8 * 1024) > ceilings.bytes {
+    // What the limits need of the parser, framing counted; warned of only when
+    // the new limits need more than the parser has and than the limits at
+    // start needed (those are what a restart would give it, too).
+    let needed = |s: &crate::config::Server| {
+        s.max_header_bytes.saturating_add(32 * s.max_headers).saturating_add(8 * 1024)
+    };
+    if needed(n) > ceilings.bytes.max(needed(o)) {
         changed.push(
             "server.max_header_bytes (with the head's framing, above what the parser was given at start)",
         );
@@ -507,6 +514,13 @@ mod tests {
         // An earlier reload's change to a timer never took effect: a later
         // reload that keeps it is still told so.
         assert_eq!(changes("max_headers = 100\nidle_timeout_ms = 1000"), ["server.idle_timeout_ms"]);
+        // Limits whose framing never fitted the parser's ceiling (16 KiB here):
+        // unchanged, they are no news at every reload.
+        let small = Started::from(&config_with("max_headers = 100\nmax_header_bytes = 8192"));
+        assert!(
+            restart_only_changes(&small, &config_with("max_headers = 100\nmax_header_bytes = 8192"))
+                .is_empty()
+        );
     }
 
     /// Sends `count` file events `every` apart, from a task of its own.

@@ -110,6 +110,12 @@ impl Proxy {
     ) -> Result<Outgoing, ProxyError> {
         let shared = &*self.shared;
         let max = shared.dates.max_body_bytes.min(shared.limits.max_request_body_bytes);
+        // Declared too large to judge: 413 before a byte is read (or counted).
+        if reading.overrides.is_some()
+            && super::prepare::declared_length(&head.headers).is_some_and(|length| length > max)
+        {
+            return Err(ProxyError::PolicyBodyTooLarge { limit: max });
+        }
         let bytes = match self.read_start(body, max).await? {
             BodyStart::Complete(bytes) => {
                 whole_as_declared(&bytes, super::prepare::declared_length(&head.headers))?;
