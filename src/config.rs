@@ -122,7 +122,7 @@ pub struct Server {
     /// Connections open at once on the proxy listener; more are closed at once.
     pub max_connections: usize,
     /// Bytes of request and response bodies held whole at once, all threads
-    /// together (each runtime thread has its share).
+    /// together (handed to each runtime thread in slabs).
     pub max_buffered_bytes: u64,
 }
 

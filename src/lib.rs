@@ -48,9 +48,9 @@
 //!    rewritten (byte-preserving) or a body `_method` judged; kept when small
 //!    enough to replay; otherwise streamed, size-capped, multipart uploads
 //!    through the override screen. [`body`] holds the plumbing: content kinds and
-//!    encodings, bounded reads counted against the thread's share of
-//!    `server.max_buffered_bytes` ([`body::Budget`]: 503 `buffers_full` for a body
-//!    that must be read whole when it is spent), the [`body::Prefixed`] and
+//!    encodings, bounded reads counted against `server.max_buffered_bytes`
+//!    ([`body::Budget`], handed to each thread in slabs: 503 `buffers_full` for a
+//!    body that must be read whole when it is spent), the [`body::Prefixed`] and
 //!    [`body::Tracked`] wrappers.
 //! 5. **Send** (`proxy/send.rs`). The upstream request, an [`upstream::Outbound`],
 //!    is lent down the send path and taken only where it is written (a request

@@ -145,11 +145,9 @@ pub fn proxy_settings(config: &Config) -> proxy::Settings {
             max_header_bytes: config.server.max_header_bytes,
             max_headers: config.server.max_headers,
             max_request_body_bytes: config.server.max_request_body_bytes,
-            // One share per runtime thread (the binary runs one per CPU), none
-            // smaller than the largest body read whole.
+            // Never below the largest body read whole.
             buffer_budget: crate::body::Budget::new(
                 config.server.max_buffered_bytes,
-                std::thread::available_parallelism().map_or(1, usize::from),
                 config
                     .dates
                     .max_body_bytes

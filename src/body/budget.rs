@@ -8,15 +8,17 @@
 //! back when the last handle to them is dropped ([`held`]): a body sent on is
 //! counted until it is out, however slowly the other side reads.
 //!
-//! Counted per runtime thread, each thread with its share of the budget: the
-//! counters sit on cache lines of their own, so a request never touches a line
-//! another core writes (a request stays on its thread; a body dropped on
-//! another thread gives its bytes back to the thread that counted them).
+//! One total for the process, handed to the runtime threads in slabs of
+//! [`SLAB`] bytes: a thread counts its bodies on a counter of its own (a cache
+//! line no other core writes, as a request stays on its thread) against the
+//! slabs it holds, and goes to the shared total only for another slab; it
+//! gives slabs back when it holds more than two spare. Any one thread may use
+//! the whole total (one busy HTTP/2 connection lives on one thread).
 //!
-//! When a thread's share is spent, a body that must be read whole to be judged
-//! (a `_method`, dates) is refused with 503 `buffers_full`; one that only
-//! would have been kept for a replay, or read for its links, streams instead,
-//! as one too large for those limits does.
+//! When the total is spent, a body that must be read whole to be judged (a
+//! `_method`, dates) is refused with 503 `buffers_full`; one that only would
+//! have been kept for a replay, or read for its links, streams instead, as one
+//! too large for those limits does.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,24 +28,33 @@ use bytes::Bytes;
 /// Counters, one cache line each; threads beyond this many share them.
 const SLOTS: usize = 256;
 
-#[repr(align(128))]
-struct Counter(AtomicUsize);
+/// What a thread takes from the total at a time.
+pub const SLAB: usize = 64 * 1024;
 
-/// One counter per thread (threads past [`SLOTS`] share).
-pub struct Counters([Counter; SLOTS]);
+/// One thread's count, and the slabs it holds.
+#[repr(align(128))]
+struct Counter {
+    used: AtomicUsize,
+    granted: AtomicUsize,
+}
+
+/// The counters of the threads, and the slabs handed out of the total.
+pub struct Counters {
+    threads: [Counter; SLOTS],
+    granted: AtomicUsize,
+}
 
 impl Counters {
     const fn new() -> Counters {
-        Counters([const { Counter(AtomicUsize::new(0)) }; SLOTS])
-    }
-
-    fn here(&'static self) -> &'static AtomicUsize {
-        &self.0[slot()].0
+        Counters {
+            threads: [const { Counter { used: AtomicUsize::new(0), granted: AtomicUsize::new(0) } }; SLOTS],
+            granted: AtomicUsize::new(0),
+        }
     }
 }
 
 /// The process's counters.
-static USED: Counters = Counters::new();
+static COUNTERS: Counters = Counters::new();
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
@@ -61,84 +72,109 @@ fn slot() -> usize {
     })
 }
 
-/// One thread's share of `server.max_buffered_bytes`.
+/// `server.max_buffered_bytes`, and the counters it is spent on.
 #[derive(Clone, Copy)]
 pub struct Budget {
-    per_thread: usize,
+    total: usize,
     counters: &'static Counters,
 }
 
 impl std::fmt::Debug for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Budget").field("per_thread", &self.per_thread).finish()
+        f.debug_struct("Budget").field("total", &self.total).finish()
     }
 }
 
 impl PartialEq for Budget {
     fn eq(&self, other: &Budget) -> bool {
-        self.per_thread == other.per_thread && std::ptr::eq(self.counters, other.counters)
+        self.total == other.total && std::ptr::eq(self.counters, other.counters)
     }
 }
 
 impl Eq for Budget {}
 
 impl Budget {
-    /// `total` shared by `threads`; each share at least `largest` (the largest
-    /// single body the proxy reads whole), so any one body can be read on an
-    /// idle thread however many threads share the total.
-    pub fn new(total: u64, threads: usize, largest: u64) -> Budget {
-        let share = total / threads.max(1) as u64;
-        Budget { per_thread: usize::try_from(share.max(largest)).unwrap_or(usize::MAX), counters: &USED }
+    /// `total`, never below `largest` (the largest single body the proxy reads
+    /// whole) and a slab for it, so any one body fits an otherwise idle proxy.
+    pub fn new(total: u64, largest: u64) -> Budget {
+        let floor = largest.saturating_add(SLAB as u64);
+        Budget { total: usize::try_from(total.max(floor)).unwrap_or(usize::MAX), counters: &COUNTERS }
     }
 
     /// No bound (tests and benches of other things).
     pub fn unlimited() -> Budget {
-        Budget { per_thread: usize::MAX, counters: &USED }
+        Budget { total: usize::MAX, counters: &COUNTERS }
     }
 
     /// `total` on counters of its own (unit tests run side by side on threads
     /// that may share a slot of the process's counters).
     #[cfg(test)]
     pub(crate) fn alone(total: u64) -> Budget {
-        Budget { counters: Box::leak(Box::new(Counters::new())), ..Budget::new(total, 1, 0) }
+        Budget {
+            total: usize::try_from(total).unwrap_or(usize::MAX),
+            counters: Box::leak(Box::new(Counters::new())),
+        }
     }
 
     /// An empty reservation on this thread's counter.
     pub fn reserve(self) -> Reservation {
-        Reservation { per_thread: self.per_thread, counter: self.counters.here(), bytes: 0 }
+        let slot = slot();
+        Reservation { budget: self, slot, bytes: 0 }
     }
 
     /// Bytes this thread has counted and not yet given back.
     pub fn used_here(self) -> usize {
-        self.counters.here().load(Ordering::Relaxed)
+        self.counters.threads[slot()].used.load(Ordering::Relaxed)
+    }
+
+    /// Slabs handed out of the total, all threads together.
+    pub fn granted(self) -> usize {
+        self.counters.granted.load(Ordering::Relaxed)
     }
 }
 
-/// Bytes counted against one thread's share, given back when dropped.
+/// Bytes counted on one thread's counter, given back when dropped.
 #[derive(Debug)]
 pub struct Reservation {
-    per_thread: usize,
-    counter: &'static AtomicUsize,
+    budget: Budget,
+    slot: usize,
     bytes: usize,
 }
 
 impl Reservation {
-    /// Counts `n` more bytes, or says the share is spent (nothing counted).
+    fn counter(&self) -> &'static Counter {
+        &self.budget.counters.threads[self.slot]
+    }
+
+    /// Counts `n` more bytes, or says the total is spent (nothing counted).
     pub fn grow(&mut self, n: usize) -> bool {
-        // Only this thread adds to its counter, so a load then an add cannot
-        // overshoot; a give-back from elsewhere in between only errs low.
-        if self.counter.load(Ordering::Relaxed).saturating_add(n) > self.per_thread {
-            return false;
+        let counter = self.counter();
+        // Only this thread adds to its counter and its slabs; a give-back from
+        // elsewhere in between only errs low.
+        let used = counter.used.load(Ordering::Relaxed);
+        let granted = counter.granted.load(Ordering::Relaxed);
+        let short = used.saturating_add(n).saturating_sub(granted);
+        if short > 0 {
+            let wanted = short.div_ceil(SLAB).saturating_mul(SLAB);
+            let total = self.budget.total;
+            let taken =
+                self.budget.counters.granted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                    out.checked_add(wanted).filter(|&after| after <= total)
+                });
+            if taken.is_err() {
+                return false;
+            }
+            counter.granted.fetch_add(wanted, Ordering::Relaxed);
         }
-        self.counter.fetch_add(n, Ordering::Relaxed);
+        counter.used.fetch_add(n, Ordering::Relaxed);
         self.bytes += n;
         true
     }
 
-    /// Counts `n` more bytes whatever the share (a rewritten copy that exists
+    /// Counts `n` more bytes whatever the total (a rewritten copy that exists
     /// already: counted, so the next body sees the pressure).
     pub fn force(&mut self, n: usize) {
-        self.counter.fetch_add(n, Ordering::Relaxed);
+        self.counter().used.fetch_add(n, Ordering::Relaxed);
         self.bytes += n;
     }
 
@@ -147,7 +183,7 @@ impl Reservation {
         debug_assert!(n <= self.bytes, "split {n} of {}", self.bytes);
         let n = n.min(self.bytes);
         self.bytes -= n;
-        Reservation { per_thread: self.per_thread, counter: self.counter, bytes: n }
+        Reservation { budget: self.budget, slot: self.slot, bytes: n }
     }
 
     pub fn bytes(&self) -> usize {
@@ -157,8 +193,21 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+        if self.bytes == 0 {
+            return;
+        }
+        let counter = self.counter();
+        let used = counter.used.fetch_sub(self.bytes, Ordering::Relaxed).saturating_sub(self.bytes);
+        // Spare slabs go back to the total, by the thread that holds them
+        // (another thread dropping bytes it did not count only lowers the count).
+        if slot() == self.slot {
+            let granted = counter.granted.load(Ordering::Relaxed);
+            let spare = granted.saturating_sub(used.saturating_add(SLAB));
+            if spare >= 2 * SLAB {
+                let back = spare / SLAB * SLAB;
+                counter.granted.fetch_sub(back, Ordering::Relaxed);
+                self.budget.counters.granted.fetch_sub(back, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -172,7 +221,7 @@ pub fn held(bytes: Bytes, reservation: Reservation) -> Bytes {
     Bytes::from_owner(Held { bytes, _reservation: reservation })
 }
 
-/// `bytes`, counted whatever the share ([`Reservation::force`]).
+/// `bytes`, counted whatever the total ([`Reservation::force`]).
 pub fn held_forced(budget: Budget, bytes: Bytes) -> Bytes {
     let mut reservation = budget.reserve();
     reservation.force(bytes.len());
@@ -195,35 +244,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_share_is_spent_and_given_back_when_the_last_handle_is_dropped() {
-        let budget = Budget::alone(1000);
+    fn the_total_is_spent_and_given_back_when_the_last_handle_is_dropped() {
+        let budget = Budget::alone(4 * SLAB as u64);
         let mut first = budget.reserve();
-        assert!(first.grow(600));
+        assert!(first.grow(3 * SLAB));
         let mut second = budget.reserve();
-        assert!(!second.grow(401), "over the share: nothing counted");
+        assert!(!second.grow(SLAB + 1), "past the total: nothing counted");
         assert_eq!(second.bytes(), 0);
-        assert!(second.grow(400));
-        let bytes = held(Bytes::from(vec![7; 600]), first);
+        assert!(second.grow(SLAB));
+        let bytes = held(Bytes::from(vec![7; 3 * SLAB]), first);
         let slice = bytes.slice(10..20);
         drop(bytes);
-        assert_eq!(budget.used_here(), 1000, "a slice still holds them");
+        assert_eq!(budget.used_here(), 4 * SLAB, "a slice still holds them");
         drop(slice);
-        assert_eq!(budget.used_here(), 400, "given back with the last handle");
+        assert_eq!(budget.used_here(), SLAB, "given back with the last handle");
+        assert!(budget.granted() <= 3 * SLAB, "spare slabs went back to the total");
         let piece = second.split(150);
         drop(second);
         assert_eq!(budget.used_here(), 150);
         drop(piece);
-        let forced = held_forced(budget, Bytes::from(vec![0; 5000]));
-        assert_eq!(budget.used_here(), 5000, "counted past the share");
+        let forced = held_forced(budget, Bytes::from(vec![0; 5 * SLAB]));
+        assert_eq!(budget.used_here(), 5 * SLAB, "counted past the total");
         assert!(!budget.reserve().grow(1), "and felt by the next");
         drop(forced);
         assert_eq!(budget.used_here(), 0);
+        assert!(budget.granted() <= 2 * SLAB, "at most two slabs kept spare");
     }
 
     #[test]
-    fn a_share_is_never_below_the_largest_single_body() {
-        assert_eq!(Budget::new(64 << 20, 2, 2 << 20).per_thread, 32 << 20);
-        assert_eq!(Budget::new(64 << 20, 64, 2 << 20).per_thread, 2 << 20);
+    fn one_thread_may_spend_the_whole_total_and_others_then_wait_for_it() {
+        let budget = Budget::alone(8 * SLAB as u64);
+        let mut busy = budget.reserve();
+        assert!(busy.grow(8 * SLAB), "no per-thread share: one HTTP/2 connection's thread may take it all");
+        let refused = std::thread::spawn(move || budget.reserve().grow(1)).join().expect("joined");
+        assert!(!refused, "another thread finds it spent");
+        drop(busy);
+        let granted = std::thread::spawn(move || {
+            let mut other = budget.reserve();
+            other.grow(SLAB)
+        })
+        .join()
+        .expect("joined");
+        assert!(granted, "given back, it serves another thread");
+    }
+
+    #[test]
+    fn the_total_is_never_below_the_largest_single_body_and_a_slab() {
+        assert_eq!(Budget::new(64 << 20, 2 << 20).total, 64 << 20);
+        assert_eq!(Budget::new(1, 2 << 20).total, (2 << 20) + SLAB);
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
+#[cfg(test)]
+use super::budget::SLAB;
 use super::budget::{Budget, Reservation, held};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -182,30 +184,34 @@ mod tests {
         assert_eq!(chunks.len(), 3, "a few chunks are kept as they came");
     }
 
-    /// 30 one-byte frames, `0`, `1`, ... `29`.
+    /// Ten frames of a quarter slab each, the first all `0`, the next all `1`, ...
     fn counting() -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
         http_body_util::StreamBody::new(futures_util::stream::iter(
-            (0..30u8).map(|i| Ok(http_body::Frame::data(Bytes::from(vec![i])))),
+            (0..10u8).map(|i| Ok(http_body::Frame::data(Bytes::from(vec![i; SLAB / 4])))),
         ))
     }
 
     #[tokio::test]
     async fn a_read_that_finds_the_budget_spent_midway_loses_no_byte_and_gives_all_back() {
-        let whole: Vec<u8> = (0..30).collect();
-        // Room for 20 bytes: the budget runs out past the 16 chunks kept as they came.
-        let budget = Budget::alone(20);
-        let Ok(BodyStart::Unbudgeted(prefix, rest)) = read_up_to(counting(), 100, budget).await else {
-            panic!("no room past 20 bytes");
+        let whole: Vec<u8> = (0..10u8).flat_map(|i| vec![i; SLAB / 4]).collect();
+        // Room for two slabs: the ninth frame does not fit.
+        let budget = Budget::alone(2 * SLAB as u64);
+        let Ok(BodyStart::Unbudgeted(prefix, rest)) = read_up_to(counting(), 1 << 20, budget).await else {
+            panic!("no room past two slabs");
         };
-        assert_eq!(budget.used_here(), 20, "what was read is counted, the piece that did not fit is not");
+        assert_eq!(
+            budget.used_here(),
+            2 * SLAB,
+            "what was read is counted, the piece that did not fit is not"
+        );
         let rest = rest.collect().await.expect("the rest").to_bytes();
         assert_eq!([prefix, rest].concat(), whole, "every byte, in order");
         assert_eq!(budget.used_here(), 0, "all given back");
 
-        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(counting(), 100, budget).await else {
-            panic!("no room past 20 bytes");
+        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(counting(), 1 << 20, budget).await else {
+            panic!("no room past two slabs");
         };
-        assert_eq!(budget.used_here(), 20);
+        assert_eq!(budget.used_here(), 2 * SLAB);
         let rest = rest.collect().await.expect("the rest").to_bytes();
         assert_eq!([chunks.concat(), rest.to_vec()].concat(), whole, "every byte, in order");
         drop(chunks);
@@ -214,17 +220,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_its_limit_is_over_whatever_the_budget() {
-        // A share exactly the limit (a many-CPU host's): the read that crosses
-        // the limit is `Over`, not `Unbudgeted`.
-        let budget = Budget::alone(10);
-        let Ok(BodyStart::Over(prefix, _)) = read_up_to(counting(), 10, budget).await else { panic!("over") };
-        assert_eq!(prefix.len(), 11);
-        drop(prefix);
-        assert_eq!(budget.used_here(), 0);
-        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(counting(), 10, budget).await else {
+        // A total exactly the limit: the read that crosses the limit is
+        // `Over`, not `Unbudgeted`.
+        let budget = Budget::alone(SLAB as u64);
+        let limit = SLAB as u64;
+        let Ok(BodyStart::Over(prefix, _)) = read_up_to(counting(), limit, budget).await else {
             panic!("over")
         };
-        assert_eq!(chunks.concat().len(), 11);
+        assert_eq!(prefix.len(), SLAB + SLAB / 4);
+        drop(prefix);
+        assert_eq!(budget.used_here(), 0);
+        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(counting(), limit, budget).await else {
+            panic!("over")
+        };
+        assert_eq!(chunks.concat().len(), SLAB + SLAB / 4);
         drop(chunks);
         assert_eq!(budget.used_here(), 0);
     }

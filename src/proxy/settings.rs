@@ -28,6 +28,6 @@ pub struct RequestLimits {
     pub max_headers: usize,
     /// Request bodies above it: 413 (checked on `Content-Length` and while streaming).
     pub max_request_body_bytes: u64,
-    /// What bodies held whole may take, this thread's share.
+    /// What bodies held whole may take, all threads together.
     pub buffer_budget: crate::body::Budget,
 }
