@@ -11,9 +11,14 @@
 //! One total for the process, handed to the runtime threads in slabs of
 //! [`SLAB`] bytes: a thread counts its bodies on a counter of its own (a cache
 //! line no other core writes, as a request stays on its thread) against the
-//! slabs it holds, and goes to the shared total only for another slab; it
-//! gives slabs back when it holds more than two spare. Any one thread may use
-//! the whole total (one busy HTTP/2 connection lives on one thread).
+//! slabs it holds, and goes to the shared total only for another slab. When
+//! bytes are given back (on whichever thread) the counting thread keeps one
+//! spare slab and the rest returns to the total; before a refusal, the spare
+//! slabs every thread keeps (and any an ended thread left) are taken back.
+//! Any one thread may use the whole total (one busy HTTP/2 connection lives on
+//! one thread). Bytes counted past the total ([`Reservation::force`]: a
+//! rewritten copy that exists already) take no slab: the total can be passed
+//! by such copies, and the next body on that thread feels them.
 //!
 //! When the total is spent, a body that must be read whole to be judged (a
 //! `_method`, dates) is refused with 503 `buffers_full`; one that only would
@@ -131,6 +136,27 @@ impl Budget {
     pub fn granted(self) -> usize {
         self.counters.granted.load(Ordering::Relaxed)
     }
+
+    /// Takes `wanted` bytes of slabs from the total, if it has them.
+    fn take(self, wanted: usize) -> bool {
+        let total = self.total;
+        self.counters
+            .granted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
+                out.checked_add(wanted).filter(|&after| after <= total)
+            })
+            .is_ok()
+    }
+
+    /// Takes back every slab any thread holds past its count (the rare path
+    /// of a refusal: it reads every thread's line). Whether any came back.
+    fn reclaim(self) -> bool {
+        let mut any = false;
+        for counter in &self.counters.threads {
+            any |= give_back(counter, 0, &self.counters.granted);
+        }
+        any
+    }
 }
 
 /// Bytes counted on one thread's counter, given back when dropped.
@@ -148,20 +174,22 @@ impl Reservation {
 
     /// Counts `n` more bytes, or says the total is spent (nothing counted).
     pub fn grow(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
         let counter = self.counter();
-        // Only this thread adds to its counter and its slabs; a give-back from
-        // elsewhere in between only errs low.
+        // A give-back racing this (another thread's, or one sharing the slot)
+        // can leave the count a chunk past the slabs for a moment: the next
+        // grow takes what is missing.
         let used = counter.used.load(Ordering::Relaxed);
         let granted = counter.granted.load(Ordering::Relaxed);
         let short = used.saturating_add(n).saturating_sub(granted);
         if short > 0 {
-            let wanted = short.div_ceil(SLAB).saturating_mul(SLAB);
-            let total = self.budget.total;
-            let taken =
-                self.budget.counters.granted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |out| {
-                    out.checked_add(wanted).filter(|&after| after <= total)
-                });
-            if taken.is_err() {
+            let Some(wanted) = short.div_ceil(SLAB).checked_mul(SLAB) else { return false };
+            // Slabs idle threads keep (one each, or more left by bodies dropped
+            // elsewhere, or by a thread that ended) are taken back before a refusal.
+            let taken = self.budget.take(wanted) || (self.budget.reclaim() && self.budget.take(wanted));
+            if !taken {
                 return false;
             }
             counter.granted.fetch_add(wanted, Ordering::Relaxed);
@@ -197,19 +225,28 @@ impl Drop for Reservation {
             return;
         }
         let counter = self.counter();
-        let used = counter.used.fetch_sub(self.bytes, Ordering::Relaxed).saturating_sub(self.bytes);
-        // Spare slabs go back to the total, by the thread that holds them
-        // (another thread dropping bytes it did not count only lowers the count).
-        if slot() == self.slot {
-            let granted = counter.granted.load(Ordering::Relaxed);
-            let spare = granted.saturating_sub(used.saturating_add(SLAB));
-            if spare >= 2 * SLAB {
-                let back = spare / SLAB * SLAB;
-                counter.granted.fetch_sub(back, Ordering::Relaxed);
-                self.budget.counters.granted.fetch_sub(back, Ordering::Relaxed);
-            }
-        }
+        counter.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        // Whichever thread drops the bytes: the counting thread keeps one spare
+        // slab (so a small body after it touches no shared line), the rest
+        // goes back to the total.
+        give_back(counter, SLAB, &self.budget.counters.granted);
     }
+}
+
+/// Gives back to `pool` the whole slabs `counter` holds past its count and
+/// `kept` bytes, in one atomic step on the slot (two threads sharing a slot, or
+/// a drop racing the counting thread's, never give the same slab twice).
+fn give_back(counter: &Counter, kept: usize, pool: &AtomicUsize) -> bool {
+    let mut back = 0;
+    let updated = counter.granted.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |granted| {
+        let used = counter.used.load(Ordering::Relaxed);
+        back = granted.saturating_sub(used.saturating_add(kept)) / SLAB * SLAB;
+        (back > 0).then(|| granted - back)
+    });
+    if updated.is_ok() {
+        pool.fetch_sub(back, Ordering::Relaxed);
+    }
+    updated.is_ok()
 }
 
 /// `bytes` carrying `reservation`: given back when the last handle to the
@@ -268,7 +305,7 @@ mod tests {
         assert!(!budget.reserve().grow(1), "and felt by the next");
         drop(forced);
         assert_eq!(budget.used_here(), 0);
-        assert!(budget.granted() <= 2 * SLAB, "at most two slabs kept spare");
+        assert!(budget.granted() <= SLAB, "one spare slab kept at most");
     }
 
     #[test]
@@ -292,6 +329,35 @@ mod tests {
     fn the_total_is_never_below_the_largest_single_body_and_a_slab() {
         assert_eq!(Budget::new(64 << 20, 2 << 20).total, 64 << 20);
         assert_eq!(Budget::new(1, 2 << 20).total, (2 << 20) + SLAB);
+    }
+
+    #[test]
+    fn spare_slabs_of_idle_or_ended_threads_are_taken_back_before_a_refusal() {
+        let budget = Budget::alone(4 * SLAB as u64);
+        // A thread that counted a body, let it go and ended: it kept a spare slab.
+        std::thread::spawn(move || {
+            let mut reservation = budget.reserve();
+            assert!(reservation.grow(3 * SLAB));
+        })
+        .join()
+        .expect("joined");
+        assert_eq!(budget.granted(), SLAB, "one spare slab kept");
+        // Another thread needs the whole total: the spare comes back first.
+        let mut whole = budget.reserve();
+        assert!(whole.grow(4 * SLAB), "the ended thread's slab was taken back");
+        drop(whole);
+        assert_eq!(budget.granted(), SLAB);
+    }
+
+    #[test]
+    fn bytes_counted_here_and_dropped_elsewhere_give_their_slabs_back() {
+        let budget = Budget::alone(4 * SLAB as u64);
+        let mut reservation = budget.reserve();
+        assert!(reservation.grow(3 * SLAB));
+        let bytes = held(Bytes::from(vec![1; 3 * SLAB]), reservation);
+        std::thread::spawn(move || drop(bytes)).join().expect("joined");
+        assert_eq!(budget.used_here(), 0);
+        assert_eq!(budget.granted(), SLAB, "all but one spare went back to the total");
     }
 
     #[test]

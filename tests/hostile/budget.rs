@@ -1,4 +1,4 @@
-//! `server.max_buffered_bytes`: a thread whose share of the budget is spent.
+//! `server.max_buffered_bytes`: a proxy whose budget is spent.
 
 use std::time::Duration;
 
@@ -24,8 +24,8 @@ async fn a_spent_budget_refuses_bodies_that_must_be_read_whole_and_streams_answe
     let upstream_links = format!("\"{}\\/api\\/organizations", sandbox.base_url().replace('/', "\\/"));
 
     // The proxy serves on this test's thread (a current-thread runtime):
-    // bodies held here spend the share its requests would use, and what its
-    // requests count shows on this thread's counter.
+    // bytes counted here (past the total: they take no slab) are felt by its
+    // requests, and what its requests count shows on this thread's counter.
     let counter = tallyfy_proxy::body::Budget::unlimited();
     let before = counter.used_here();
     let mut held_elsewhere = counter.reserve();
