@@ -24,6 +24,16 @@ fn config(base_url: &str, key: &'static str) -> TestConfig {
         .identity(Identity::new("caller", "app", Match::ApiKey(key)))
 }
 
+/// A directory holding `proxy.toml` ([`config`] with key `k1`) and
+/// `secrets/app_secret` holding `secret`.
+fn config_dir(base_url: &str, secret: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
+    std::fs::write(dir.path().join("secrets/app_secret"), secret).expect("write");
+    config(base_url, "k1").write(&dir.path().join("proxy.toml"));
+    dir
+}
+
 fn load(path: &Path) -> Config {
     Config::parse(&std::fs::read_to_string(path).expect("read"), path, &env).expect("valid")
 }
@@ -53,10 +63,7 @@ async fn mint_status(proxy: &tallyfy_proxy::app::Running, key: &str) -> u16 {
 #[tokio::test]
 async fn a_rotated_secret_file_is_used_without_a_restart() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
-    std::fs::write(dir.path().join("secrets/app_secret"), "an-old-secret\n").expect("write");
-    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let dir = config_dir(&sandbox.base_url(), "an-old-secret\n");
     let proxy = start_proxy_unready(&load(&dir.path().join("proxy.toml"))).await;
 
     let refused =
@@ -73,10 +80,7 @@ async fn a_rotated_secret_file_is_used_without_a_restart() {
 #[tokio::test]
 async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
-    std::fs::write(dir.path().join("secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
-    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
     let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
     assert_eq!(mint_status(&proxy, "k1").await, 200);
 
@@ -93,10 +97,7 @@ async fn a_broken_config_is_refused_and_the_old_one_keeps_serving() {
 #[tokio::test]
 async fn a_refused_reload_is_tried_again_until_the_file_it_missed_arrives() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
-    std::fs::write(dir.path().join("secrets/app_secret"), APP_CLIENT_SECRET).expect("write");
-    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
     let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
 
     config(&sandbox.base_url(), "k1")
@@ -125,10 +126,7 @@ async fn a_refused_reload_is_tried_again_until_the_file_it_missed_arrives() {
 #[tokio::test]
 async fn a_file_changed_while_the_proxy_was_starting_is_a_change() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::create_dir(dir.path().join("secrets")).expect("mkdir");
-    std::fs::write(dir.path().join("secrets/app_secret"), "an-old-secret\n").expect("write");
-    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let dir = config_dir(&sandbox.base_url(), "an-old-secret\n");
     let loaded = Config::load(&dir.path().join("proxy.toml")).expect("valid");
     std::fs::write(dir.path().join("secrets/app_secret"), format!("{APP_CLIENT_SECRET}\n")).expect("rotate");
     let proxy = start_proxy_unready(&loaded).await;

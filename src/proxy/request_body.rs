@@ -110,15 +110,14 @@ impl Proxy {
     ) -> Result<Outgoing, ProxyError> {
         let shared = &*self.shared;
         let max = shared.dates.max_body_bytes.min(shared.limits.max_request_body_bytes);
+        let declared = super::prepare::declared_length(&head.headers);
         // Declared too large to judge: 413 before a byte is read (or counted).
-        if reading.overrides.is_some()
-            && super::prepare::declared_length(&head.headers).is_some_and(|length| length > max)
-        {
+        if reading.overrides.is_some() && declared.is_some_and(|length| length > max) {
             return Err(ProxyError::PolicyBodyTooLarge { limit: max });
         }
-        let bytes = match self.read_start(body, max).await? {
+        let mut bytes = match self.read_start(body, max).await? {
             BodyStart::Complete(bytes) => {
-                whole_as_declared(&bytes, super::prepare::declared_length(&head.headers))?;
+                whole_as_declared(&bytes, declared)?;
                 bytes
             }
             // What must be judged or rewritten cannot stream unread: nothing is sent.
@@ -143,7 +142,6 @@ impl Proxy {
                 });
             }
         };
-        let mut bytes = bytes;
         let mut dates = reading.dates;
         if let Some(kind) = &reading.overrides
             && let Some(decoded) = judge_body_overrides(&bytes, kind, &head.headers, max, identity)?

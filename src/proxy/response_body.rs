@@ -39,7 +39,7 @@ impl Proxy {
         } else {
             head.headers.get(http::header::HOST).map_or(Base::Nowhere, |value| Base::Host(value.clone()))
         };
-        LinksTo { base, unprefixed, bodyless: head.method == http::Method::HEAD }
+        LinksTo { base, unprefixed, head_request: head.method == http::Method::HEAD }
     }
 
     fn public_base(&self, to: &LinksTo) -> Option<String> {
@@ -75,7 +75,7 @@ impl Proxy {
         let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
         let eligible = !matches!(links_to.base, Base::Nowhere)
             && !bodyless
-            && !links_to.bodyless
+            && !links_to.head_request
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
@@ -141,9 +141,7 @@ impl Proxy {
         parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
-}
 
-impl Proxy {
     /// A `Location` that points into Tallyfy's API (`{upstream_base}/api/...`)
     /// is pointed at the proxy, as the body's links are: a caller that follows
     /// a redirect stays on the proxy instead of taking its own credential
@@ -189,7 +187,7 @@ pub(super) struct LinksTo {
     unprefixed: bool,
     /// A `HEAD`: its answer has no body to rewrite (and its `Content-Length`
     /// is the `GET`'s), but its `Location` is pointed at the proxy all the same.
-    bodyless: bool,
+    head_request: bool,
 }
 
 enum Base {
