@@ -129,7 +129,10 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
 
 /// Whether a caller header never goes upstream: hop-by-hop ones, the caller's
 /// credentials, `Host` (the client writes the upstream's), the `UNTRUSTED`
-/// claims, and every name holding anything but letters, digits and `-`, as
+/// claims, `Proxy` and every `Proxy-*` name (PHP behind FastCGI reads a
+/// `Proxy` header as its `HTTP_PROXY` setting, the "httpoxy" hole, and a
+/// caller's `Proxy-*` fields speak to proxies, not to Tallyfy), and every name
+/// holding anything but letters, digits and `-`, as
 /// nginx drops them (`ignore_invalid_headers`): PHP folds `-`, `_` and `.`
 /// alike into its server variables, so `X_Api_Key` or `X-HTTP-Method.Override`
 /// would alias headers the proxy controls or drops.
@@ -154,19 +157,23 @@ fn not_forwarded(name: &str) -> bool {
                 | "x-original-url"
                 | "x-rewrite-url"
                 | "x-upstream-request-id"
+                | "proxy"
         )
+        || name.starts_with("proxy-")
         || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// The names a `Connection` header lists (hop-by-hop by declaration). Read as
 /// bytes: a value holding a byte above 0x7F (which hyper accepts) still lists
-/// the names beside it.
+/// the names beside it. `X-Request-Id` is never one of them: on a request it
+/// is the proxy's own, set before the caller's headers are cleaned.
 fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
     headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
+        .filter(|name| !name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()))
         // Most listed names (`keep-alive`, `close`) name no field of this head:
         // looked up first, so no name is built (and allocated) for them.
         .filter(|name| std::str::from_utf8(name).is_ok_and(|name| headers.contains_key(name)))

@@ -21,8 +21,8 @@ use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::Prefixed;
 use crate::body::Tracked;
+use crate::body::{DataOnly, Prefixed};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
@@ -35,9 +35,10 @@ pub use outbound::Outbound;
 use pool::{Pool, SendError};
 pub use returning::UpstreamBody;
 
-/// The caller's body streamed: what was already read, then the rest, cut off at
-/// the size limit and screened for method overrides when the identity needs it.
-pub type StreamedBody = Prefixed<Screened<Limited<Incoming>>>;
+/// The caller's body streamed: what was already read, then the rest (its
+/// trailers dropped), cut off at the size limit and screened for method
+/// overrides when the identity needs it.
+pub type StreamedBody = Prefixed<Screened<Limited<DataOnly<Incoming>>>>;
 
 /// The body sent upstream: a kept (replayable) body, or the caller's body streamed.
 pub type RequestBody = Either<Full<Bytes>, StreamedBody>;

@@ -57,16 +57,20 @@ async fn api_keys_basic_and_source_rules_identify_callers() {
 #[tokio::test]
 async fn source_rules_match_the_peer_address() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = ops_config(&sandbox.base_url()).identity(Identity::new(
-        "sidecar",
-        "ops",
-        Match::Source(vec!["127.0.0.1/32"]),
-    ));
-    let proxy = start_proxy(&config.parse(dir.path())).await;
-    let response =
-        client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
-    assert_eq!(response.status(), 200);
+    // The IPv4-mapped spelling (as a dual-stack listener shows IPv4 peers)
+    // names the same caller.
+    for network in ["127.0.0.1/32", "::ffff:127.0.0.1/128", "::ffff:127.0.0.0/104"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = ops_config(&sandbox.base_url()).identity(Identity::new(
+            "sidecar",
+            "ops",
+            Match::Source(vec![network]),
+        ));
+        let proxy = start_proxy(&config.parse(dir.path())).await;
+        let response =
+            client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+        assert_eq!(response.status(), 200, "{network}");
+    }
 }
 
 #[tokio::test]

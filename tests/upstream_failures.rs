@@ -2,11 +2,9 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use support::{TestConfig, client, closed_port, start_proxy};
-use tallyfy_sandbox::{Sandbox, SandboxConfig};
+use support::{TestConfig, client, closed_port, start_proxy, tls_sandbox};
 use tokio::net::{TcpListener, TcpStream};
 
 async fn error_code(response: reqwest::Response) -> String {
@@ -151,45 +149,6 @@ async fn exchanges_each_within_the_timeout_pass_however_long_the_connection_live
         assert_eq!(response.status(), 200, "request {n}");
         assert_eq!(response.text().await.expect("body"), "{\"ok\":true}");
     }
-}
-
-/// A CA and a server certificate for 127.0.0.1, made fresh for the test; the
-/// server offers `alpn`.
-fn local_pki(alpn: &[&[u8]]) -> (String, rustls::ServerConfig) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tallyfy-proxy test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-        .expect("leaf params");
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
-    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
-    let mut server =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key)
-            .expect("server cert");
-    server.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
-    (ca.pem(), server)
-}
-
-/// The sandbox behind TLS offering `alpn`, a directory holding its CA as
-/// `ca.pem`, and its base URL.
-async fn tls_sandbox(alpn: &[&[u8]]) -> (Sandbox, tempfile::TempDir, String) {
-    let (ca_pem, server_tls) = local_pki(alpn);
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
-        .await
-        .expect("TLS sandbox");
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
-    (sandbox, dir, base)
 }
 
 #[tokio::test]

@@ -234,7 +234,9 @@ async fn answers_that_break_framing_are_a_502() {
 #[tokio::test]
 async fn head_and_no_content_answers_have_no_body_and_keep_the_connection() {
     let upstream = scripted(vec![
-        reply(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 700\r\n\r\n"),
+        // Not JSON: a JSON answer's length is left out of a HEAD's (its GET's
+        // body may be rewritten), and this one's must pass on with no body after it.
+        reply(b"HTTP/1.1 200 OK\r\ncontent-type: application/pdf\r\ncontent-length: 700\r\n\r\n"),
         reply(b"HTTP/1.1 204 No Content\r\n\r\n"),
         reply(OK),
     ])

@@ -22,6 +22,8 @@ struct Counts {
     closed_by_proxy: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     hosts: Arc<Mutex<Vec<String>>>,
+    /// The method of every request, in order.
+    methods: Arc<Mutex<Vec<String>>>,
 }
 
 struct Behaviour {
@@ -31,6 +33,9 @@ struct Behaviour {
     /// Answer only once this many requests have arrived (they are then in
     /// flight at once, on separate connections).
     hold_until: usize,
+    /// Read each connection's second request, then close without a byte of
+    /// answer (a keep-alive timeout that ran out as the request arrived).
+    close_at_second: bool,
 }
 
 async fn upstream(behaviour: Behaviour) -> (SocketAddr, Counts) {
@@ -51,6 +56,7 @@ async fn upstream(behaviour: Behaviour) -> (SocketAddr, Counts) {
 
 async fn serve(mut stream: TcpStream, counts: Counts, behaviour: Arc<Behaviour>, gate: Arc<Semaphore>) {
     let mut buffer = Vec::new();
+    let mut on_this_connection = 0;
     loop {
         let head = loop {
             if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -69,6 +75,11 @@ async fn serve(mut stream: TcpStream, counts: Counts, behaviour: Arc<Behaviour>,
         let host = head.lines().find_map(|line| line.strip_prefix("host: ").or(line.strip_prefix("Host: ")));
         counts.hosts.lock().expect("hosts").push(host.unwrap_or_default().to_owned());
         let arrived = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        counts.methods.lock().expect("methods").push(head.split(' ').next().unwrap_or_default().to_owned());
+        on_this_connection += 1;
+        if behaviour.close_at_second && on_this_connection == 2 {
+            return;
+        }
         if arrived <= behaviour.hold_until {
             if arrived == behaviour.hold_until {
                 gate.add_permits(behaviour.hold_until);
@@ -116,7 +127,8 @@ async fn proxy_to(
 
 #[tokio::test]
 async fn requests_one_after_another_share_one_connection_and_name_the_host() {
-    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: false }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for _ in 0..20 {
         assert_eq!(get(proxy.proxy_addr()).await, 200);
@@ -129,7 +141,8 @@ async fn requests_one_after_another_share_one_connection_and_name_the_host() {
 
 #[tokio::test]
 async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
-    let (addr, counts) = upstream(Behaviour { close_after_response: true, hold_until: 0 }).await;
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: true, hold_until: 0, close_at_second: false }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for round in 1..=10 {
         assert_eq!(get(proxy.proxy_addr()).await, 200, "request {round}");
@@ -139,7 +152,8 @@ async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
 
 #[tokio::test]
 async fn idle_connections_close_after_the_pool_idle_timeout() {
-    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 0 }).await;
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: false }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_idle_timeout_ms", 300)).await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
     eventually("the idle connection is closed by the proxy", || {
@@ -152,7 +166,8 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 
 #[tokio::test]
 async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
-    let (addr, counts) = upstream(Behaviour { close_after_response: false, hold_until: 3 }).await;
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: false, hold_until: 3, close_at_second: false }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_max_idle_per_host", 1)).await;
     let at_once = tokio::join!(get(proxy.proxy_addr()), get(proxy.proxy_addr()), get(proxy.proxy_addr()));
     let statuses = [at_once.0, at_once.1, at_once.2];
@@ -168,4 +183,32 @@ async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     .await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 3, "the one kept is reused");
+}
+
+#[tokio::test]
+async fn a_safe_request_a_reused_connection_closes_unanswered_goes_again_on_another() {
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: true }).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
+    assert_eq!(get(proxy.proxy_addr()).await, 200);
+    assert_eq!(get(proxy.proxy_addr()).await, 200, "sent again when the kept connection closed unanswered");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(*counts.methods.lock().expect("methods"), ["GET", "GET", "GET"]);
+}
+
+#[tokio::test]
+async fn an_unsafe_request_a_reused_connection_closes_unanswered_is_never_sent_again() {
+    let (addr, counts) =
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: true }).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
+    assert_eq!(get(proxy.proxy_addr()).await, 200);
+    let response = client()
+        .post(format!("http://{}/api/me", proxy.proxy_addr()))
+        .body("{}")
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 502, "Tallyfy may have acted on it");
+    assert_eq!(*counts.methods.lock().expect("methods"), ["GET", "POST"], "the POST went once");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
 }

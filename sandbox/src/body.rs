@@ -21,6 +21,8 @@ pub(super) struct ReadBody {
     pub sha256: String,
     /// The body ended with an error (the client went away or broke framing).
     pub failed: bool,
+    /// Trailer fields that followed the body (empty when none came).
+    pub trailers: http::HeaderMap,
 }
 
 impl ReadBody {
@@ -40,10 +42,17 @@ where
     let mut hasher = Sha256::new();
     let mut len = 0u64;
     let mut failed = false;
+    let mut trailers = http::HeaderMap::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(frame) => {
-                let Ok(data) = frame.into_data() else { continue }; // trailers
+                let data = match frame.into_data() {
+                    Ok(data) => data,
+                    Err(frame) => {
+                        trailers.extend(frame.into_trailers().unwrap_or_default());
+                        continue;
+                    }
+                };
                 hasher.update(&data);
                 len += data.len() as u64;
                 let room = KEPT_BYTES.saturating_sub(kept.len());
@@ -56,7 +65,7 @@ where
             }
         }
     }
-    ReadBody { prefix: kept.freeze(), len, sha256: hex(&hasher.finalize()), failed }
+    ReadBody { prefix: kept.freeze(), len, sha256: hex(&hasher.finalize()), failed, trailers }
 }
 
 #[cfg(test)]

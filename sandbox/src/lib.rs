@@ -106,6 +106,8 @@ pub struct ReceivedRequest {
     pub body: bytes::Bytes,
     /// The full body length (what arrived before the body ended or failed).
     pub body_len: u64,
+    /// Trailer fields sent after the body (empty when none came).
+    pub trailers: http::HeaderMap,
 }
 
 const REDACTED_HEADERS: [&str; 4] = ["authorization", "cookie", "x-api-key", "proxy-authorization"];
@@ -130,6 +132,7 @@ impl fmt::Debug for ReceivedRequest {
             .field("version", &self.version)
             .field("headers", &headers)
             .field("body_len", &self.body_len)
+            .field("trailers", &self.trailers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }

@@ -62,6 +62,7 @@ pub(super) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
         headers: parts.headers.clone(),
         body: body.prefix.clone(),
         body_len: body.len,
+        trailers: body.trailers.clone(),
     });
     let request_id = parts.headers.get("x-request-id").cloned().unwrap_or_else(|| {
         HeaderValue::from_str(&random_hex(32)).expect("hex digits are a valid header value")

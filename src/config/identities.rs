@@ -1,14 +1,15 @@
 //! `[[identities]]`: the match rule and the optional policy of each caller identity.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use toml::Spanned;
 
 use super::ctx::{Ctx, methods, name, org_id, sha256_hex};
 use super::raw::{RawIdentity, RawMatch, RawRate};
 use super::{ConfigError, Credential, Dates, Identity};
-use crate::identity::Matcher;
+use crate::identity::{Matcher, Sha256Digest};
 use crate::policy::{PathPattern, Policy};
 use crate::tokens::CredentialId;
 use crate::traffic::{IdentityLimits, Rate};
@@ -20,6 +21,7 @@ pub(super) fn validate(
     dates: &Dates,
 ) -> Result<Vec<Identity>, ConfigError> {
     let mut names = HashSet::new();
+    let mut reachable = Reachable::default();
     let mut identities = Vec::with_capacity(raw.len());
     for (i, spanned) in raw.iter().enumerate() {
         let raw_identity = spanned.get_ref();
@@ -32,6 +34,9 @@ pub(super) fn validate(
                 format!("duplicate identity name {:?}", identity.name),
             ));
         }
+        reachable
+            .check(&identity)
+            .map_err(|message| ctx.at(&raw_identity.matcher, format!("{key}.match"), message))?;
         identities.push(identity);
     }
     if identities.is_empty() {
@@ -42,6 +47,41 @@ pub(super) fn validate(
         ));
     }
     Ok(identities)
+}
+
+/// The rules seen so far, to refuse one that could never match: the first
+/// matching rule wins, so nothing after an `any` rule is ever reached, and a
+/// key (or Basic user and password) already taken names the earlier identity.
+#[derive(Default)]
+struct Reachable {
+    any: Option<String>,
+    api_keys: HashMap<Sha256Digest, String>,
+    basic: HashMap<(String, Sha256Digest), String>,
+}
+
+impl Reachable {
+    fn check(&mut self, identity: &Identity) -> Result<(), String> {
+        if let Some(first) = &self.any {
+            return Err(format!(
+                "can never match: identity {first:?} before it matches every caller (put the `any` rule last)"
+            ));
+        }
+        let earlier = match &identity.matcher {
+            Matcher::Any => {
+                self.any = Some(identity.name.clone());
+                None
+            }
+            Matcher::ApiKey { sha256 } => self.api_keys.insert(*sha256, identity.name.clone()),
+            Matcher::Basic { user, password_sha256 } => {
+                self.basic.insert((user.clone(), *password_sha256), identity.name.clone())
+            }
+            Matcher::ClientCert { .. } | Matcher::Source { .. } => None,
+        };
+        match earlier {
+            Some(first) => Err(format!("can never match: identity {first:?} has the same key")),
+            None => Ok(()),
+        }
+    }
 }
 
 fn one(
@@ -158,8 +198,20 @@ fn matcher(ctx: &Ctx<'_>, spanned: &Spanned<RawMatch>, key: &str) -> Result<Matc
                 ctx.at(spanned, format!("{key}.source"), format!("{s:?} is not an address or CIDR network"))
             })
         })
+        .map(|net| net.map(ipv4_if_mapped))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Matcher::Source { networks })
+}
+
+/// A network of IPv4-mapped IPv6 addresses (`::ffff:10.0.0.0/104`) as the IPv4
+/// network it maps: an IPv4 caller is matched by its IPv4 address, on a
+/// dual-stack listener too, so the mapped form would match no one.
+fn ipv4_if_mapped(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    match (IpAddr::V6(v6.addr()).to_canonical(), v6.prefix_len().checked_sub(96)) {
+        (IpAddr::V4(v4), Some(prefix)) => Ipv4Net::new(v4, prefix).map_or(net, IpNet::V4),
+        _ => net,
+    }
 }
 
 fn policy(ctx: &Ctx<'_>, raw: &RawIdentity, key: &str) -> Result<Policy, ConfigError> {

@@ -46,6 +46,63 @@ fn the_committed_example_is_valid() {
 }
 
 #[test]
+fn the_upstream_host_is_read_as_tallyfy_writes_it_in_links() {
+    for (base_url, authority) in [
+        ("https://Go.Tallyfy.COM:443", "go.tallyfy.com"),
+        ("http://LocalHost:80", "localhost"),
+        ("http://LocalHost:8080", "localhost:8080"),
+        ("https://[::1]:443", "[::1]"),
+        ("https://go.tallyfy.com:8443", "go.tallyfy.com:8443"),
+    ] {
+        let source = MINIMAL.replace("https://go.tallyfy.com", base_url);
+        let config = parse(&source).expect("valid");
+        assert_eq!(config.upstream.authority.as_str(), authority, "{base_url}");
+        assert_eq!(config.upstream.base_url, base_url, "messages show it as written");
+    }
+}
+
+#[test]
+fn identity_rules_that_could_never_match_are_refused() {
+    let key = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let rule = |name: &str, matcher: &str| {
+        format!("\n[[identities]]\nname = \"{name}\"\ncredential = \"ops\"\nmatch = {matcher}\n")
+    };
+    let keyed = |hex: &str| format!("{{ api_key_sha256 = \"{hex}\" }}");
+    let basic =
+        |password: &str| format!("{{ basic = {{ user = \"u\", password_sha256 = \"{password}\" }} }}");
+    let without_app = MINIMAL.split("\n[[identities]]").next().expect("head").to_owned();
+    for (rules, refused) in [
+        (rule("a", &keyed(key)) + &rule("b", &keyed(&key.to_ascii_uppercase())), "identities[1].match"),
+        (rule("a", &basic(key)) + &rule("b", &basic(key)), "identities[1].match"),
+        (rule("a", "{ any = true }") + &rule("b", &keyed(key)), "identities[1].match"),
+    ] {
+        let error = parse(&(without_app.clone() + &rules)).expect_err("refused").to_string();
+        assert!(error.contains(refused) && error.contains("can never match"), "{error}");
+    }
+    let other_password = key.replace('9', "8");
+    for rules in [
+        rule("a", &keyed(key)) + &rule("b", "{ any = true }"),
+        rule("a", &basic(key)) + &rule("b", &basic(&other_password)),
+    ] {
+        parse(&(without_app.clone() + &rules)).expect("every rule can match");
+    }
+}
+
+#[test]
+fn ipv4_mapped_source_networks_are_read_as_ipv4() {
+    let source = MINIMAL.replace(
+        "match = { any = true }",
+        r#"match = { source = ["::ffff:127.0.0.1/128", "::ffff:10.0.0.0/104", "fd00::/8", "::/0"] }"#,
+    );
+    let config = parse(&source).expect("valid");
+    let crate::identity::Matcher::Source { networks } = &config.identities[0].matcher else {
+        panic!("a source rule")
+    };
+    let shown: Vec<String> = networks.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8", "::/0"]);
+}
+
+#[test]
 fn defaults_fill_what_is_left_out() {
     let config = parse(MINIMAL).expect("valid");
     assert_eq!(config.upstream.token_url.to_string(), "https://go.tallyfy.com/api/oauth/token");

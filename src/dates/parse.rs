@@ -24,6 +24,18 @@ pub(super) enum Parsed {
     Local(DateTime),
 }
 
+/// Whether `b` could be an RFC 2822 date and nothing else. jiff's parser also
+/// takes the grammar's comments and folding white space, so
+/// `Tue, 15 Jul 2025 17:00:00 +0000 (bring laptop)` would parse, and its
+/// rewrite would lose the text: a value holding `(`, a line break, or white
+/// space at either end is text, not a date.
+fn rfc2822_alone(b: &[u8]) -> bool {
+    let (Some(first), Some(last)) = (b.first(), b.last()) else { return false };
+    !first.is_ascii_whitespace()
+        && !last.is_ascii_whitespace()
+        && !b.iter().any(|&c| matches!(c, b'(' | b')' | b'\r' | b'\n'))
+}
+
 /// Parses `s` in any accepted form.
 pub(super) fn parse(s: &str, order: InputOrder, allow_epoch: bool) -> Option<Parsed> {
     let b = s.as_bytes();
@@ -33,7 +45,7 @@ pub(super) fn parse(s: &str, order: InputOrder, allow_epoch: bool) -> Option<Par
     if b.len() >= 10 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-' {
         return iso(b, order);
     }
-    if (16..=64).contains(&b.len()) && b.contains(&b':') {
+    if (16..=64).contains(&b.len()) && b.contains(&b':') && rfc2822_alone(b) {
         static RFC2822: rfc2822::DateTimeParser = rfc2822::DateTimeParser::new();
         return RFC2822.parse_timestamp(b).ok().map(Parsed::Instant);
     }

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::Proxy;
 use super::prepare::judge_overrides;
-use crate::body::{self, BodyStart, Decoded, Encoding, Kind, Prefixed};
+use crate::body::{self, BodyStart, DataOnly, Decoded, Encoding, Kind, Prefixed};
 use crate::dates::{self, DateRules};
 use crate::error::ProxyError;
 use crate::identity::Identity;
@@ -182,7 +182,7 @@ impl Proxy {
         let max = self.shared.limits.max_request_body_bytes;
         let already = prefix.as_ref().map_or(0, |p| p.len() as u64);
         let remaining = usize::try_from(max.saturating_sub(already)).unwrap_or(usize::MAX);
-        Prefixed::new(prefix, Screened::new(Limited::new(rest, remaining), screen))
+        Prefixed::new(prefix, Screened::new(Limited::new(DataOnly::new(rest), remaining), screen))
     }
 
     /// Rewrites the dates of a whole body. Returns the bytes to send: the very

@@ -2,8 +2,8 @@
 //! absolute links in JSON bodies pointed at the proxy so callers stay on it.
 
 use bytes::Bytes;
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, LOCATION, TRANSFER_ENCODING};
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{ACCEPT_RANGES, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, LOCATION, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::{Proxy, ProxyBody};
@@ -72,14 +72,23 @@ impl Proxy {
         }
         let headers = response.headers();
         let encoding = body::encoding(headers);
-        let bodyless = matches!(response.status(), StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-        let eligible = !matches!(links_to.base, Base::Nowhere)
-            && !bodyless
-            && !links_to.head_request
+        // A part of a body (206) is never rewritten: its `Content-Range`
+        // counts Tallyfy's bytes, and a link may straddle its ends.
+        let whole = !matches!(
+            response.status(),
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED | StatusCode::PARTIAL_CONTENT
+        );
+        let read_for_links = !matches!(links_to.base, Base::Nowhere)
+            && whole
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
-        let (Some(encoding), true) = (encoding, eligible) else {
+        let (Some(encoding), true, false) = (encoding, read_for_links, links_to.head_request) else {
+            if read_for_links && links_to.head_request {
+                // The `GET`'s body may be rewritten to another length: like
+                // nginx's body filters, the `HEAD` answer then names none.
+                response.headers_mut().remove(CONTENT_LENGTH);
+            }
             return Ok(response.map(|body| Either::Left(Prefixed::new(None, body))));
         };
         let (mut parts, body) = response.into_parts();
@@ -132,7 +141,7 @@ impl Proxy {
             None => bytes,
             Some((body, count)) => {
                 shared.metrics.links_rewritten.inc_by(count as u64);
-                parts.headers.remove(CONTENT_ENCODING);
+                describe_rewritten(&mut parts.headers);
                 body::held_forced(budget, Bytes::from(body))
             }
         };
@@ -157,6 +166,25 @@ impl Proxy {
         if let Ok(value) = HeaderValue::from_bytes(&pointed) {
             headers.insert(LOCATION, value);
         }
+    }
+}
+
+/// The fields that describe Tallyfy's bytes rather than the rewritten ones
+/// (sent decoded): its `Content-Encoding` goes; a strong `ETag`, a promise of
+/// the very bytes, becomes weak, as nginx's body filters make it; and
+/// `Accept-Ranges` and the digests go, since a range or a digest of Tallyfy's
+/// bytes would splice or check the wrong ones.
+fn describe_rewritten(headers: &mut HeaderMap) {
+    headers.remove(CONTENT_ENCODING);
+    headers.remove(ACCEPT_RANGES);
+    for digest in ["content-md5", "digest", "content-digest", "repr-digest"] {
+        headers.remove(digest);
+    }
+    if let Some(etag) = headers.get(ETAG)
+        && etag.as_bytes().starts_with(b"\"")
+        && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())
+    {
+        headers.insert(ETAG, weak);
     }
 }
 
@@ -185,8 +213,9 @@ fn refuse_unframeable(response: &Response<UpstreamBody>) -> Result<(), ProxyErro
 pub(super) struct LinksTo {
     base: Base,
     unprefixed: bool,
-    /// A `HEAD`: its answer has no body to rewrite (and its `Content-Length`
-    /// is the `GET`'s), but its `Location` is pointed at the proxy all the same.
+    /// A `HEAD`: its answer has no body to rewrite (and names no length where
+    /// the `GET`'s body would be read for links), but its `Location` is
+    /// pointed at the proxy all the same.
     head_request: bool,
 }
 

@@ -118,9 +118,11 @@ impl From<Malformed> for Error {
 #[derive(Debug)]
 pub(super) struct Failure {
     pub error: Error,
-    /// The connection failed before a byte was written or anything was taken
-    /// from the body: the request is whole and may go elsewhere.
-    pub unsent: bool,
+    /// The request may go on another connection, if this one had been used
+    /// before: the connection failed before a byte was written or anything was
+    /// taken from the body (the request is whole), or the request is a safe one
+    /// without a body and got not a byte of answer ([`unanswered_safe`]).
+    pub resendable: bool,
 }
 
 /// How far an attempt got with its request.
@@ -209,12 +211,18 @@ impl Connection {
                     return Ok(head);
                 }
                 // Only a request untouched (not a byte written, nothing taken
-                // from its body) may go again, and only when the connection failed.
-                let unsent = !attempt.written && !attempt.body_read && matches!(error, Error::Io(_));
-                return Err(Failure { error, unsent });
+                // from its body) may go again, and only when the connection
+                // failed; or a safe one Tallyfy never answered.
+                let untouched = !attempt.written && !attempt.body_read && matches!(error, Error::Io(_));
+                let resendable = untouched || unanswered_safe(&method, &attempt, &error, &self.read);
+                return Err(Failure { error, resendable });
             }
         }
-        self.read_head(&method).await.map_err(|error| Failure { error, unsent: false })
+        let answer = self.read_head(&method).await;
+        answer.map_err(|error| Failure {
+            resendable: unanswered_safe(&method, &attempt, &error, &self.read),
+            error,
+        })
     }
 
     /// Writes the gathered head and the body. The head leaves at once when the
@@ -418,6 +426,19 @@ impl Connection {
     pub(super) fn is_clean(&self) -> bool {
         self.read.is_empty()
     }
+}
+
+/// A safe request without a body that got not a byte of answer before its
+/// connection closed or failed. On a kept-alive connection that is what a
+/// close by Tallyfy looks like when it crossed the request on the wire (it
+/// reached the proxy after the pool looked at the connection): sending the
+/// request again, on another connection, cannot do anything twice. nginx and
+/// Go's client do the same.
+fn unanswered_safe(method: &Method, attempt: &Attempt, error: &Error, read: &BytesMut) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+        && !attempt.body_read
+        && read.is_empty()
+        && matches!(error, Error::Io(_) | Error::Closed)
 }
 
 /// An early answer that refuses the request (400 or above, or closing the

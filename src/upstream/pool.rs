@@ -19,7 +19,10 @@
 //! Like hyper-util's client, a request that a reused connection closed before
 //! any of it was written (and, over HTTP/1.1, before anything was taken from
 //! its body) goes once more, on another connection: the upstream
-//! closing a kept-alive connection just as it was picked is no failure. An
+//! closing a kept-alive connection just as it was picked is no failure. Over
+//! HTTP/1.1 so does a safe request without a body (`GET`, `HEAD`, `OPTIONS`)
+//! that a reused connection closed without a byte of answer, as nginx and Go's
+//! client resend it: Tallyfy's close can cross the request on the wire. An
 //! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
 //! picked, and dropped.
 
@@ -147,9 +150,9 @@ impl Pool {
                             let body = UpstreamBody::http1(connection, decoder, keep_alive, local.clone());
                             return Ok(response.map(|()| body));
                         }
-                        Err(failure) if failure.unsent && reused => {
+                        Err(failure) if failure.resendable && reused => {
                             tracing::debug!(
-                                "a pooled upstream connection failed before the request was written; sending again"
+                                "a pooled upstream connection failed before the request was written or answered; sending again"
                             );
                             continue;
                         }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::support::{self, TestConfig, start_proxy};
 use super::{access_line, access_log, exchange, stack};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -105,4 +106,61 @@ async fn a_header_the_caller_lists_in_connection_never_reaches_tallyfy_whatever_
     let upstream = &received.last().expect("forwarded").headers;
     assert!(!upstream.contains_key("x-secret-hop"), "a Connection-listed header reached Tallyfy");
     assert_eq!(upstream["x-kept"], "yes");
+}
+
+#[tokio::test]
+async fn proxy_headers_never_reach_tallyfy_where_php_would_read_them_as_its_http_proxy() {
+    let stack = stack().await;
+    let request = "GET /api/me HTTP/1.1\r\nHost: a\r\nProxy: http://evil.example:3128\r\n\
+        Proxy-Token: caller-secret\r\nPROXY-Anything: x\r\nX-Kept: yes\r\nConnection: close\r\n\r\n";
+    let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text());
+    let received = stack.sandbox.received();
+    let upstream = &received.last().expect("forwarded").headers;
+    for name in ["proxy", "proxy-token", "proxy-anything"] {
+        assert!(!upstream.contains_key(name), "{name} reached Tallyfy");
+    }
+    assert_eq!(upstream["x-kept"], "yes");
+}
+
+#[tokio::test]
+async fn a_connection_list_cannot_remove_the_request_id_the_proxy_sends() {
+    let stack = stack().await;
+    let request = "GET /api/me HTTP/1.1\r\nHost: a\r\nConnection: X-Request-Id, close\r\n\r\n";
+    let answer = exchange(stack.proxy.proxy_addr(), request.as_bytes(), WAIT).await;
+    assert_eq!(answer.status(), 200, "{}", answer.text());
+    let sent_back = answer
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix("x-request-id: ").map(str::to_owned))
+        .expect("the caller got a request id");
+    let received = stack.sandbox.received();
+    let upstream = &received.last().expect("forwarded").headers;
+    assert_eq!(upstream.get("x-request-id").expect("Tallyfy got the request id"), sent_back.as_str());
+}
+
+/// A chunked upload's trailer fields hold the caller's own key, another
+/// client header and a method override; Tallyfy speaks HTTP/2, where hyper's
+/// client would send them on as a last HEADERS frame. None of them arrives.
+#[tokio::test]
+async fn trailers_never_reach_tallyfy_even_over_http2() {
+    let (sandbox, dir, base) = support::tls_sandbox(&[b"h2"]).await;
+    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let request: &[u8] =
+        b"POST /api/organizations/org/runs HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\n\
+        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\
+        Authorization: Bearer caller-secret\r\nX-Api-Key: caller-key\r\nX-Tallyfy-Client: Evil\r\n\
+        X-HTTP-Method-Override: DELETE\r\nCookie: session=1\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    assert!(answer.status() > 0, "{}", answer.text());
+    let received = sandbox.received();
+    let upstream = received.last().expect("forwarded");
+    assert_eq!(upstream.version, http::Version::HTTP_2, "ALPN chose h2");
+    assert_eq!(upstream.body, "abc");
+    assert!(
+        upstream.trailers.is_empty(),
+        "trailers reached Tallyfy: {:?}",
+        upstream.trailers.keys().map(|name| name.as_str()).collect::<Vec<_>>()
+    );
 }

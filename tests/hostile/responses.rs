@@ -203,3 +203,57 @@ async fn the_caller_gets_the_proxys_request_id_and_tallyfys_under_its_own_name()
     assert!(head.contains(&format!("x-request-id: {id}\r\n")), "{head}");
     access_line(&format!("request_id=\"{id}\"")).await;
 }
+
+/// `status` with a JSON body holding a link into Tallyfy's API, and fields
+/// that describe Tallyfy's bytes.
+fn json_answer_with_a_link(addr: SocketAddr, status: &str) -> &'static [u8] {
+    let body = format!(r#"{{"data":[],"links":{{"next":"http://{addr}/api/runs?page=2"}}}}"#);
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nETag: \"v1\"\r\nAccept-Ranges: bytes\r\n\
+         Content-MD5: c3R1Yg==\r\nDigest: sha-256=c3R1Yg==\r\nContent-Range: bytes 0-{last}/{len}\r\n\
+         Content-Length: {len}\r\n\r\n{body}",
+        last = body.len() - 1,
+        len = body.len()
+    );
+    Box::leak(answer.into_bytes().into_boxed_slice())
+}
+
+#[tokio::test]
+async fn a_rewritten_body_keeps_no_field_that_describes_tallyfys_bytes() {
+    let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "200 OK")).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 200, "{text}");
+    assert!(text.contains(r#""next":"http://a/api/runs?page=2""#), "the link was rewritten: {text}");
+    let head = text.to_ascii_lowercase();
+    assert!(head.contains("\r\netag: w/\"v1\"\r\n"), "a strong ETag promises Tallyfy's bytes: {text}");
+    for gone in ["accept-ranges", "content-md5", "digest:"] {
+        assert!(!head.contains(gone), "{gone} describes Tallyfy's bytes: {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_partial_answer_is_passed_on_as_it_came() {
+    let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "206 Partial Content")).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nRange: bytes=0-\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 206, "{text}");
+    let up = format!("http://{}/api/runs?page=2", recorder.addr);
+    assert!(text.contains(&up), "the part is Tallyfy's bytes, as its Content-Range counts them: {text}");
+    assert!(text.contains("\r\netag: \"v1\"\r\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_head_answer_names_no_length_where_the_gets_body_would_be_rewritten() {
+    let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "200 OK")).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request = b"HEAD /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 200, "{text}");
+    assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
+}

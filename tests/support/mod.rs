@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tallyfy_proxy::app::{self, Listeners, Running};
 use tallyfy_proxy::config::Config;
 use tallyfy_sandbox::{Sandbox, SandboxConfig};
@@ -165,4 +166,43 @@ pub async fn slow_upstream(
 /// The Prometheus text the admin listener at `admin` serves.
 pub async fn scrape(admin: SocketAddr) -> String {
     client().get(format!("http://{admin}/metrics")).send().await.expect("scraped").text().await.expect("text")
+}
+
+/// A CA and a server certificate for 127.0.0.1, made fresh for the test; the
+/// server offers `alpn`.
+pub fn local_pki(alpn: &[&[u8]]) -> (String, rustls::ServerConfig) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tallyfy-proxy test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf_params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .expect("leaf params");
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).expect("key der");
+    let mut server =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key)
+            .expect("server cert");
+    server.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    (ca.pem(), server)
+}
+
+/// The sandbox behind TLS offering `alpn`, a directory holding its CA as
+/// `ca.pem`, and its base URL.
+pub async fn tls_sandbox(alpn: &[&[u8]]) -> (Sandbox, tempfile::TempDir, String) {
+    let (ca_pem, server_tls) = local_pki(alpn);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let sandbox = Sandbox::start_tls(listener, SandboxConfig::default(), Arc::new(server_tls))
+        .await
+        .expect("TLS sandbox");
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let base = format!("https://127.0.0.1:{}", sandbox.addr().port());
+    (sandbox, dir, base)
 }

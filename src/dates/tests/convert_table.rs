@@ -62,6 +62,12 @@ fn look_alikes_pass_unchanged() {
             ("2025-02-29T12:00:00Z", None),
             ("2025-13-45", None),
             ("2025-06-30 meeting", None),
+            // text around an RFC 2822 date, which jiff's parser would take as a comment or folding
+            ("Tue, 15 Jul 2025 17:00:00 +0000 (bring laptop)", None),
+            ("Tue, 15 Jul 2025 (call) 17:00:00 +0000", None),
+            (" Tue, 15 Jul 2025 17:00:00 +0000", None),
+            ("Tue,\t15 Jul 2025 17:00:00 +0000\t", None),
+            ("Tue, 15 Jul 2025\r\n 17:00:00 +0000", None),
             ("17:00:00", None),
             ("", None),
             ("Prepare Q3 report", None),

@@ -53,6 +53,8 @@ fn look_alikes_and_non_date_positions_stay() {
         r#"{"taskdata":{"f":"1752598800","g":1752598800,"h":"deadline_before=2025-06-30"}}"#,
         r#"{"deadline":"2025-15-07 17:00:00","deadline":-1752598800,"started_at":175259880000}"#,
         r#"{"2025-07-15T17:00:00Z":"deadline"}"#,
+        // a form answer that starts with a date but holds more text (found in review: it lost the text)
+        r#"{"prerun":{"f":"Tue, 15 Jul 2025 17:00:00 +0000 (bring laptop)"}}"#,
     ] {
         assert_eq!(json(body), (body.to_owned(), 0), "{body}");
     }
