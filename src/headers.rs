@@ -1,11 +1,12 @@
 //! Header hygiene, both directions. Pure functions over `HeaderMap`s.
 //!
 //! Upstream requests lose hop-by-hop headers (RFC 9110 §7.6.1, including every
-//! name listed in `Connection`), the caller's own credentials and `Host`, the
-//! headers a framework behind Tallyfy's edge could trust for routing or
-//! addressing (`UNTRUSTED`), and every name holding `_`; they gain the Tallyfy
-//! bearer token, `X-Tallyfy-Client` and, when absent, `Accept: application/json`.
-//! Everything else passes as sent.
+//! name listed in `Connection` but the proxy's `X-Request-Id`), the caller's own
+//! credentials and `Host`, the headers a framework behind Tallyfy's edge could
+//! trust for routing or addressing (`UNTRUSTED`), `Proxy` and every `Proxy-*`
+//! name, and every name holding anything but letters, digits and `-`; they gain
+//! the Tallyfy bearer token, `X-Tallyfy-Client` and, when absent,
+//! `Accept: application/json`. Everything else passes as sent.
 
 use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, COOKIE, PROXY_AUTHORIZATION};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -78,8 +79,9 @@ pub fn mark_sensitive(headers: &mut HeaderMap) {
 }
 
 /// Removes the headers whose names `dropped` picks, and those a `Connection`
-/// header lists (hop-by-hop by declaration), in one pass over the names present.
-fn remove_named(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool) {
+/// header lists (hop-by-hop by declaration) except `spared`, in one pass over
+/// the names present.
+fn remove_named(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool, spared: Option<&HeaderName>) {
     let mut connection = false;
     let mut names: smallvec::SmallVec<[HeaderName; 8]> = headers
         .keys()
@@ -90,7 +92,7 @@ fn remove_named(headers: &mut HeaderMap, dropped: impl Fn(&str) -> bool) {
         .cloned()
         .collect();
     if connection {
-        names.extend(connection_listed(headers));
+        names.extend(connection_listed(headers).filter(|name| Some(name) != spared));
     }
     for name in names {
         headers.remove(name);
@@ -118,7 +120,9 @@ fn hop_by_hop(name: &str) -> bool {
 /// Turns the caller's headers into the upstream request's headers, in one pass
 /// over the names the caller sent.
 pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_header: &HeaderValue) {
-    remove_named(headers, not_forwarded);
+    // The request id is the proxy's own, set before the caller's headers are
+    // cleaned: no `Connection` list of the caller's removes it.
+    remove_named(headers, not_forwarded, Some(&X_REQUEST_ID));
     debug_assert!(authorization.is_sensitive(), "tokens are stored as sensitive values");
     headers.insert(AUTHORIZATION, authorization);
     headers.insert(X_TALLYFY_CLIENT, client_header.clone());
@@ -165,15 +169,13 @@ fn not_forwarded(name: &str) -> bool {
 
 /// The names a `Connection` header lists (hop-by-hop by declaration). Read as
 /// bytes: a value holding a byte above 0x7F (which hyper accepts) still lists
-/// the names beside it. `X-Request-Id` is never one of them: on a request it
-/// is the proxy's own, set before the caller's headers are cleaned.
+/// the names beside it.
 fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + '_ {
     headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|name| !name.eq_ignore_ascii_case(X_REQUEST_ID.as_str().as_bytes()))
         // Most listed names (`keep-alive`, `close`) name no field of this head:
         // looked up first, so no name is built (and allocated) for them.
         .filter(|name| std::str::from_utf8(name).is_ok_and(|name| headers.contains_key(name)))
@@ -189,7 +191,7 @@ fn connection_listed(headers: &HeaderMap) -> impl Iterator<Item = HeaderName> + 
 /// `X-Upstream-Request-Id` (the caller's `X-Request-Id` is set by the pipeline).
 pub fn to_caller(headers: &mut HeaderMap) {
     // In the one pass over the names present: no lookup per dropped name.
-    remove_named(headers, |name| hop_by_hop(name) || matches!(name, "set-cookie" | "alt-svc"));
+    remove_named(headers, |name| hop_by_hop(name) || matches!(name, "set-cookie" | "alt-svc"), None);
     if let Some(upstream_id) = headers.remove(X_REQUEST_ID) {
         headers.insert(X_UPSTREAM_REQUEST_ID, upstream_id);
     }

@@ -48,8 +48,8 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     if version < Version::HTTP_2
         && let Some(authority) = uri.authority()
     {
-        let web_scheme = matches!(uri.scheme(), Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS);
-        if !web_scheme || !authority.as_str().eq_ignore_ascii_case(upstream.as_str()) {
+        let web_scheme = uri.scheme().filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS);
+        if !web_scheme.is_some_and(|scheme| canonical_authority(scheme, authority) == *upstream) {
             return Err(ProxyError::BadRequest("absolute-form targets naming another host are refused"));
         }
     }
@@ -70,6 +70,20 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
         segment.map_err(ProxyError::BadRequest)?;
     }
     Ok(())
+}
+
+/// An authority as it names its host for `scheme` whatever its spelling: the
+/// host in lower case, the scheme's default port left out
+/// (`Go.Tallyfy.com:443` is `go.tallyfy.com` over `https`). The upstream's is
+/// kept so, since Tallyfy writes its links so and they are found byte for byte.
+pub fn canonical_authority(scheme: &Scheme, authority: &Authority) -> Authority {
+    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
+    let host = authority.host().to_ascii_lowercase();
+    let text = match authority.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host,
+    };
+    text.parse().unwrap_or_else(|_| authority.clone())
 }
 
 /// `listen.unprefixed`: a path outside `/api` (as Tallyfy's SDKs send to
@@ -104,11 +118,12 @@ pub(crate) fn decode_segment(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     if raw.is_empty() {
         return Err("paths with an empty segment ('//') are refused");
     }
-    if !raw.contains(['.', '%', '\\']) {
+    // Bytes, not chars: the three are ASCII, and a char pattern decodes UTF-8.
+    if !raw.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return Ok(Cow::Borrowed(raw)); // the common case: an ID or a word
     }
     // Servers that read `\` as `/` would see other segments than the policy did.
-    if raw.contains('\\') {
+    if raw.as_bytes().contains(&b'\\') {
         return Err("paths holding a '\\' are refused");
     }
     let once: Cow<'_, [u8]> = percent_decode(raw.as_bytes()).into();
@@ -260,6 +275,14 @@ mod tests {
             Err(ProxyError::BadRequest(_))
         ));
         assert!(check_h1(Method::GET, "https://go.tallyfy.com/api/me").is_ok());
+        // The upstream's host however spelled, its scheme's default port written or not.
+        assert!(check_h1(Method::GET, "https://Go.Tallyfy.COM:443/api/me").is_ok());
+        for other_port in ["https://go.tallyfy.com:8443/api/me", "http://go.tallyfy.com:443/api/me"] {
+            assert!(
+                matches!(check_h1(Method::GET, other_port), Err(ProxyError::BadRequest(_))),
+                "{other_port}"
+            );
+        }
     }
 
     #[test]

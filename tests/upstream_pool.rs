@@ -33,9 +33,10 @@ struct Behaviour {
     /// Answer only once this many requests have arrived (they are then in
     /// flight at once, on separate connections).
     hold_until: usize,
-    /// Read each connection's second request, then close without a byte of
-    /// answer (a keep-alive timeout that ran out as the request arrived).
-    close_at_second: bool,
+    /// Read this request of each connection (1 for the first), then close
+    /// without a byte of answer (on a kept connection: a keep-alive timeout
+    /// that ran out as the request arrived).
+    close_unanswered_at: Option<usize>,
 }
 
 async fn upstream(behaviour: Behaviour) -> (SocketAddr, Counts) {
@@ -77,7 +78,7 @@ async fn serve(mut stream: TcpStream, counts: Counts, behaviour: Arc<Behaviour>,
         let arrived = counts.requests.fetch_add(1, Ordering::SeqCst) + 1;
         counts.methods.lock().expect("methods").push(head.split(' ').next().unwrap_or_default().to_owned());
         on_this_connection += 1;
-        if behaviour.close_at_second && on_this_connection == 2 {
+        if behaviour.close_unanswered_at == Some(on_this_connection) {
             return;
         }
         if arrived <= behaviour.hold_until {
@@ -128,7 +129,7 @@ async fn proxy_to(
 #[tokio::test]
 async fn requests_one_after_another_share_one_connection_and_name_the_host() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: false }).await;
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_unanswered_at: None }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for _ in 0..20 {
         assert_eq!(get(proxy.proxy_addr()).await, 200);
@@ -142,7 +143,7 @@ async fn requests_one_after_another_share_one_connection_and_name_the_host() {
 #[tokio::test]
 async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: true, hold_until: 0, close_at_second: false }).await;
+        upstream(Behaviour { close_after_response: true, hold_until: 0, close_unanswered_at: None }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     for round in 1..=10 {
         assert_eq!(get(proxy.proxy_addr()).await, 200, "request {round}");
@@ -153,7 +154,7 @@ async fn a_connection_tallyfy_closed_while_idle_is_not_a_failure() {
 #[tokio::test]
 async fn idle_connections_close_after_the_pool_idle_timeout() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: false }).await;
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_unanswered_at: None }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_idle_timeout_ms", 300)).await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
     eventually("the idle connection is closed by the proxy", || {
@@ -167,7 +168,7 @@ async fn idle_connections_close_after_the_pool_idle_timeout() {
 #[tokio::test]
 async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: false, hold_until: 3, close_at_second: false }).await;
+        upstream(Behaviour { close_after_response: false, hold_until: 3, close_unanswered_at: None }).await;
     let (proxy, _dir) = proxy_to(addr, |config| config.set("upstream", "pool_max_idle_per_host", 1)).await;
     let at_once = tokio::join!(get(proxy.proxy_addr()), get(proxy.proxy_addr()), get(proxy.proxy_addr()));
     let statuses = [at_once.0, at_once.1, at_once.2];
@@ -188,7 +189,8 @@ async fn no_more_idle_connections_are_kept_than_pool_max_idle_per_host() {
 #[tokio::test]
 async fn a_safe_request_a_reused_connection_closes_unanswered_goes_again_on_another() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: true }).await;
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_unanswered_at: Some(2) })
+            .await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
     assert_eq!(get(proxy.proxy_addr()).await, 200, "sent again when the kept connection closed unanswered");
@@ -199,16 +201,40 @@ async fn a_safe_request_a_reused_connection_closes_unanswered_goes_again_on_anot
 #[tokio::test]
 async fn an_unsafe_request_a_reused_connection_closes_unanswered_is_never_sent_again() {
     let (addr, counts) =
-        upstream(Behaviour { close_after_response: false, hold_until: 0, close_at_second: true }).await;
+        upstream(Behaviour { close_after_response: false, hold_until: 0, close_unanswered_at: Some(2) })
+            .await;
     let (proxy, _dir) = proxy_to(addr, |config| config).await;
     assert_eq!(get(proxy.proxy_addr()).await, 200);
+    // No body: only its method keeps it from going again.
     let response = client()
         .post(format!("http://{}/api/me", proxy.proxy_addr()))
-        .body("{}")
+        .header("content-length", "0")
         .send()
         .await
         .expect("answered");
     assert_eq!(response.status(), 502, "Tallyfy may have acted on it");
     assert_eq!(*counts.methods.lock().expect("methods"), ["GET", "POST"], "the POST went once");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_safe_request_a_new_connection_closes_unanswered_is_a_502_sent_once() {
+    let behaviour = Behaviour { close_after_response: false, hold_until: 0, close_unanswered_at: Some(1) };
+    let (addr, counts) = upstream(behaviour).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
+    assert_eq!(get(proxy.proxy_addr()).await, 502, "a new connection's close is Tallyfy's answer");
+    assert_eq!(*counts.methods.lock().expect("methods"), ["GET"]);
+}
+
+#[tokio::test]
+async fn a_safe_request_goes_again_once_however_many_kept_connections_close_unanswered() {
+    // Three connections kept (three requests at once), each of which closes
+    // its second request unanswered.
+    let behaviour = Behaviour { close_after_response: false, hold_until: 3, close_unanswered_at: Some(2) };
+    let (addr, counts) = upstream(behaviour).await;
+    let (proxy, _dir) = proxy_to(addr, |config| config).await;
+    let at_once = tokio::join!(get(proxy.proxy_addr()), get(proxy.proxy_addr()), get(proxy.proxy_addr()));
+    assert_eq!([at_once.0, at_once.1, at_once.2], [200, 200, 200]);
+    assert_eq!(get(proxy.proxy_addr()).await, 502, "sent on two kept connections, then given up");
+    assert_eq!(counts.requests.load(Ordering::SeqCst), 5, "three, then the one request twice");
 }

@@ -78,7 +78,14 @@ impl Reachable {
             Matcher::ClientCert { .. } | Matcher::Source { .. } => None,
         };
         match earlier {
-            Some(first) => Err(format!("can never match: identity {first:?} has the same key")),
+            Some(first) => Err(format!(
+                "can never match: identity {first:?} has the same {}",
+                if matches!(identity.matcher, Matcher::Basic { .. }) {
+                    "user and password"
+                } else {
+                    "API key"
+                }
+            )),
             None => Ok(()),
         }
     }

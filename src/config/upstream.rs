@@ -1,7 +1,6 @@
 //! `[upstream]`: where Tallyfy is, how to reach it and which client header to add.
 
 use http::HeaderValue;
-use http::uri::{Authority, Scheme};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -65,7 +64,11 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
         })?,
     };
     let scheme = base.scheme().cloned().expect("http_url checked the scheme");
-    let authority = canonical_authority(&scheme, base.authority().expect("http_url checked the authority"));
+    // As Tallyfy writes it in its own links, which are found byte for byte.
+    let authority = crate::target::canonical_authority(
+        &scheme,
+        base.authority().expect("http_url checked the authority"),
+    );
     Ok(Upstream {
         scheme,
         authority,
@@ -85,17 +88,4 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
         )?,
         pool_max_idle_per_host: raw.pool_max_idle_per_host.unwrap_or(64),
     })
-}
-
-/// `base_url`'s authority as Tallyfy writes it in its own links: the host in
-/// lower case, the scheme's default port left out. Its links are found byte
-/// for byte, so `https://Go.Tallyfy.com:443` would otherwise match none.
-fn canonical_authority(scheme: &Scheme, authority: &Authority) -> Authority {
-    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-    let host = authority.host().to_ascii_lowercase();
-    let text = match authority.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host,
-    };
-    text.parse().unwrap_or_else(|_| authority.clone())
 }

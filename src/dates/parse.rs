@@ -25,10 +25,10 @@ pub(super) enum Parsed {
 }
 
 /// Whether `b` could be an RFC 2822 date and nothing else. jiff's parser also
-/// takes the grammar's comments and folding white space, so
+/// takes a comment after the date and white space around it, so
 /// `Tue, 15 Jul 2025 17:00:00 +0000 (bring laptop)` would parse, and its
-/// rewrite would lose the text: a value holding `(`, a line break, or white
-/// space at either end is text, not a date.
+/// rewrite would lose the text: a value holding a parenthesis or a line break,
+/// or white space at either end, is text, not a date.
 fn rfc2822_alone(b: &[u8]) -> bool {
     let (Some(first), Some(last)) = (b.first(), b.last()) else { return false };
     !first.is_ascii_whitespace()

@@ -83,13 +83,19 @@ impl Proxy {
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
             && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
-        let (Some(encoding), true, false) = (encoding, read_for_links, links_to.head_request) else {
-            if read_for_links && links_to.head_request {
-                // The `GET`'s body may be rewritten to another length: like
-                // nginx's body filters, the `HEAD` answer then names none.
-                response.headers_mut().remove(CONTENT_LENGTH);
-            }
-            return Ok(response.map(|body| Either::Left(Prefixed::new(None, body))));
+        if links_to.head_request && read_for_links {
+            // The `GET`'s body may be rewritten: like nginx's body filters, the
+            // `HEAD` answer then names no length and describes no bytes.
+            let headers = response.headers_mut();
+            headers.remove(CONTENT_LENGTH);
+            drop_byte_promises(headers);
+        } else if status == StatusCode::NOT_MODIFIED && !matches!(links_to.base, Base::Nowhere) {
+            // Its `ETag` may stand for a body sent rewritten, with a weak one.
+            weaken_etag(response.headers_mut());
+        }
+        let encoding = match encoding {
+            Some(encoding) if read_for_links && !links_to.head_request => encoding,
+            _ => return Ok(response.map(|body| Either::Left(Prefixed::new(None, body)))),
         };
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
@@ -169,17 +175,28 @@ impl Proxy {
     }
 }
 
-/// The fields that describe Tallyfy's bytes rather than the rewritten ones
-/// (sent decoded): its `Content-Encoding` goes; a strong `ETag`, a promise of
-/// the very bytes, becomes weak, as nginx's body filters make it; and
-/// `Accept-Ranges` and the digests go, since a range or a digest of Tallyfy's
-/// bytes would splice or check the wrong ones.
+/// A rewritten body is sent decoded, and is not the bytes Tallyfy's fields
+/// promise ([`drop_byte_promises`]).
 fn describe_rewritten(headers: &mut HeaderMap) {
     headers.remove(CONTENT_ENCODING);
+    drop_byte_promises(headers);
+}
+
+/// Drops what promises Tallyfy's very bytes: a strong `ETag` becomes weak, as
+/// nginx's body filters make it, and `Accept-Ranges` and the digests go, since
+/// a range or a digest of Tallyfy's bytes would splice or check the wrong ones.
+fn drop_byte_promises(headers: &mut HeaderMap) {
     headers.remove(ACCEPT_RANGES);
     for digest in ["content-md5", "digest", "content-digest", "repr-digest"] {
         headers.remove(digest);
     }
+    weaken_etag(headers);
+}
+
+/// A strong `ETag` made weak (`"v1"` becomes `W/"v1"`); a weak or malformed
+/// one is left as it is. Weak comparison (`If-None-Match`, a cache's update
+/// on `304`) still matches it with Tallyfy's.
+fn weaken_etag(headers: &mut HeaderMap) {
     if let Some(etag) = headers.get(ETAG)
         && etag.as_bytes().starts_with(b"\"")
         && let Ok(weak) = HeaderValue::from_bytes(&[b"W/", etag.as_bytes()].concat())

@@ -10,7 +10,8 @@
 //! the codec (README: Performance). HTTP/2 stays with hyper ([`super::pool`]).
 //!
 //! The request is lent (`&mut`): when nothing of it could be written, it is
-//! still whole and can go on another connection.
+//! still whole and can go on another connection; so can a safe one without a
+//! body that a reused connection closed unanswered ([`Resend`]).
 
 use std::io::{self, Write as _};
 use std::pin::Pin;
@@ -118,11 +119,21 @@ impl From<Malformed> for Error {
 #[derive(Debug)]
 pub(super) struct Failure {
     pub error: Error,
-    /// The request may go on another connection, if this one had been used
-    /// before: the connection failed before a byte was written or anything was
-    /// taken from the body (the request is whole), or the request is a safe one
-    /// without a body and got not a byte of answer ([`unanswered_safe`]).
-    pub resendable: bool,
+    pub resend: Resend,
+}
+
+/// Whether a request an exchange failed may go on another connection, when
+/// the failed one had been used before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Resend {
+    /// No: Tallyfy may have acted on it.
+    Never,
+    /// The connection failed before a byte was written or anything was taken
+    /// from the body: the request is whole, and may go again however often.
+    Untouched,
+    /// A safe request without a body that got not a byte of answer
+    /// ([`unanswered_safe`]): once.
+    Unanswered,
 }
 
 /// How far an attempt got with its request.
@@ -213,14 +224,17 @@ impl Connection {
                 // Only a request untouched (not a byte written, nothing taken
                 // from its body) may go again, and only when the connection
                 // failed; or a safe one Tallyfy never answered.
-                let untouched = !attempt.written && !attempt.body_read && matches!(error, Error::Io(_));
-                let resendable = untouched || unanswered_safe(&method, &attempt, &error, &self.read);
-                return Err(Failure { error, resendable });
+                let resend = if !attempt.written && !attempt.body_read && matches!(error, Error::Io(_)) {
+                    Resend::Untouched
+                } else {
+                    unanswered_safe(&method, &attempt, &error, &self.read)
+                };
+                return Err(Failure { error, resend });
             }
         }
         let answer = self.read_head(&method).await;
         answer.map_err(|error| Failure {
-            resendable: unanswered_safe(&method, &attempt, &error, &self.read),
+            resend: unanswered_safe(&method, &attempt, &error, &self.read),
             error,
         })
     }
@@ -434,11 +448,12 @@ impl Connection {
 /// reached the proxy after the pool looked at the connection): sending the
 /// request again, on another connection, cannot do anything twice. nginx and
 /// Go's client do the same.
-fn unanswered_safe(method: &Method, attempt: &Attempt, error: &Error, read: &BytesMut) -> bool {
-    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+fn unanswered_safe(method: &Method, attempt: &Attempt, error: &Error, read: &BytesMut) -> Resend {
+    let unanswered = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
         && !attempt.body_read
         && read.is_empty()
-        && matches!(error, Error::Io(_) | Error::Closed)
+        && matches!(error, Error::Io(_) | Error::Closed);
+    if unanswered { Resend::Unanswered } else { Resend::Never }
 }
 
 /// An early answer that refuses the request (400 or above, or closing the

@@ -21,8 +21,10 @@
 //! its body) goes once more, on another connection: the upstream
 //! closing a kept-alive connection just as it was picked is no failure. Over
 //! HTTP/1.1 so does a safe request without a body (`GET`, `HEAD`, `OPTIONS`)
-//! that a reused connection closed without a byte of answer, as nginx and Go's
-//! client resend it: Tallyfy's close can cross the request on the wire. An
+//! that a reused connection closed without a byte of answer, once, as nginx
+//! and Go's client resend it: Tallyfy's close can cross the request on the
+//! wire. This is not a retry of `[upstream.retry]`, which judges the outcome
+//! after it. An
 //! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
 //! picked, and dropped.
 
@@ -40,7 +42,7 @@ use tokio::time::Instant;
 use tower_service::Service as _;
 
 use super::SentBody;
-use super::http1;
+use super::http1::{self, Resend};
 use super::returning::UpstreamBody;
 use crate::error::BoxError;
 
@@ -135,6 +137,8 @@ impl Pool {
         outbound: &mut Option<Request<SentBody>>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let local = self.local();
+        // A sent request goes again once at most, whatever the connections.
+        let mut resent_unanswered = false;
         loop {
             let (connection, reused) = self.checkout(local).await?;
             // HTTP/1.1 borrows the request for the exchange; HTTP/2 moves it
@@ -150,9 +154,18 @@ impl Pool {
                             let body = UpstreamBody::http1(connection, decoder, keep_alive, local.clone());
                             return Ok(response.map(|()| body));
                         }
-                        Err(failure) if failure.resendable && reused => {
+                        Err(failure) if reused && failure.resend == Resend::Untouched => {
                             tracing::debug!(
-                                "a pooled upstream connection failed before the request was written or answered; sending again"
+                                "a pooled upstream connection failed before the request was written; sending again"
+                            );
+                            continue;
+                        }
+                        Err(failure)
+                            if reused && failure.resend == Resend::Unanswered && !resent_unanswered =>
+                        {
+                            resent_unanswered = true;
+                            tracing::debug!(
+                                "a pooled upstream connection closed without answering a safe request; sending it again"
                             );
                             continue;
                         }

@@ -255,5 +255,19 @@ async fn a_head_answer_names_no_length_where_the_gets_body_would_be_rewritten() 
     let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
     let text = answer.text();
     assert_eq!(answer.status(), 200, "{text}");
-    assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
+    let head = text.to_ascii_lowercase();
+    assert!(!head.contains("content-length"), "{text}");
+    assert!(head.contains("\r\netag: w/\"v1\"\r\n") && !head.contains("accept-ranges"), "{text}");
+}
+
+#[tokio::test]
+async fn a_not_modified_answer_names_its_etag_as_the_rewritten_answers_do() {
+    let recorder = Recorder::start(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n").await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request =
+        b"GET /api/runs HTTP/1.1\r\nHost: a\r\nIf-None-Match: W/\"v1\"\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 304, "{text}");
+    assert!(text.to_ascii_lowercase().contains("\r\netag: w/\"v1\"\r\n"), "{text}");
 }
