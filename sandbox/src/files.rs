@@ -39,7 +39,19 @@ pub(super) fn download(call: &Call<'_>, file_id: &str) -> Reply {
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or(DEFAULT_DOWNLOAD)
         .min(MAX_DOWNLOAD);
-    let mut response = Response::new(PatternBody::new(len).boxed());
+    let mut body = PatternBody::new(len);
+    // `trailers=1`: a trailer section after the bytes, holding fields no
+    // caller of the proxy should ever see (HTTP/2 answers carry it).
+    if query_param(call.query(), "trailers").is_some() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("set-cookie", HeaderValue::from_static("tallyfy_session=s3cr3t; path=/"));
+        trailers.insert("x-request-id", HeaderValue::from_static("sandbox-trailer"));
+        body.trailers = Some(trailers);
+    }
+    // `late_end=1`: the end is said apart from the last bytes (over HTTP/2, an
+    // empty DATA frame with END_STREAM after them), as some servers send it.
+    body.late_end = query_param(call.query(), "late_end").is_some();
+    let mut response = Response::new(body.boxed());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
@@ -60,12 +72,24 @@ struct PatternBody {
     pattern: Bytes,
     sent: u64,
     len: u64,
+    /// Sent after the bytes, once.
+    trailers: Option<http::HeaderMap>,
+    /// The body does not say it has ended until it is polled past its bytes.
+    late_end: bool,
+    ended: bool,
 }
 
 impl PatternBody {
     fn new(len: u64) -> PatternBody {
         let pattern: Vec<u8> = (0..PATTERN_LEN as u64).map(pattern_byte).collect();
-        PatternBody { pattern: Bytes::from(pattern), sent: 0, len }
+        PatternBody {
+            pattern: Bytes::from(pattern),
+            sent: 0,
+            len,
+            trailers: None,
+            late_end: false,
+            ended: false,
+        }
     }
 }
 
@@ -80,7 +104,8 @@ impl Body for PatternBody {
         let this = self.get_mut();
         let remaining = this.len - this.sent;
         if remaining == 0 {
-            return Poll::Ready(None);
+            this.ended = this.trailers.is_none();
+            return Poll::Ready(this.trailers.take().map(|trailers| Ok(Frame::trailers(trailers))));
         }
         let start = (this.sent % 251) as usize;
         let size = remaining.min(CHUNK as u64) as usize;
@@ -89,7 +114,7 @@ impl Body for PatternBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.sent == self.len
+        self.sent == self.len && self.trailers.is_none() && (!self.late_end || self.ended)
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -36,8 +36,8 @@ mod head;
 
 pub(super) use decoder::Decoder;
 use decoder::Malformed;
-pub(super) use head::ResponseHead;
 use head::Sending;
+pub(super) use head::{MAX_HEAD, ResponseHead};
 
 /// How much room a read is given.
 const READ_SIZE: usize = 8 * 1024;

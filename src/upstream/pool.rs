@@ -59,6 +59,22 @@ pub enum SendError {
     Spent,
 }
 
+/// How much of one response Tallyfy may send over HTTP/2 before the proxy
+/// takes it (as its caller reads). hyper's 2 MiB default let three callers
+/// that never read use up a whole connection's window.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// How much of all of a connection's responses Tallyfy may send ahead: a
+/// stream window for each of the 128 streams a server usually allows at once,
+/// so callers that do not read stall only their own responses, never another
+/// caller's on the same connection (hyper's default, 5 MiB, was 2.5 streams).
+const H2_CONNECTION_WINDOW: u32 = 128 * H2_STREAM_WINDOW;
+/// A connection Tallyfy's side stopped answering on (a hung process keeps its
+/// TCP connection open) is found by a PING unanswered for
+/// [`H2_PING_TIMEOUT`], and closed, and the next request dials another;
+/// without it every request of the thread waited for its timeout, for ever.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The per-thread pools of one upstream.
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
@@ -252,6 +268,12 @@ impl Pool {
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .keep_alive_interval(H2_PING_INTERVAL)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .max_header_list_size(http1::MAX_HEAD as u32)
                 .handshake(io)
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;

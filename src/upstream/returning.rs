@@ -1,6 +1,8 @@
 //! A response body from Tallyfy. An HTTP/1.1 body is read from its connection
 //! by whoever polls it, and the connection goes back to its thread's pool the
-//! moment the body ends (see [`super::pool`]); an HTTP/2 body is hyper's.
+//! moment the body ends (see [`super::pool`]); an HTTP/2 body is hyper's, its
+//! trailer fields dropped (a field section [`crate::headers::to_caller`] never
+//! cleans: a `Set-Cookie` or Tallyfy's own `X-Request-Id` could ride in it).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use hyper::body::Incoming;
 
 use super::http1::{Connection, Decoder};
 use super::pool::Local;
+use crate::body::DataOnly;
 use crate::error::BoxError;
 
 /// Tallyfy's response body.
@@ -26,7 +29,7 @@ enum Inner {
         keep_alive: bool,
         pool: Arc<Local>,
     },
-    Http2(Incoming),
+    Http2(DataOnly<Incoming>),
 }
 
 impl UpstreamBody {
@@ -42,7 +45,7 @@ impl UpstreamBody {
     }
 
     pub(super) fn http2(body: Incoming) -> Self {
-        UpstreamBody(Inner::Http2(body))
+        UpstreamBody(Inner::Http2(DataOnly::new(body)))
     }
 
     /// An ended HTTP/1.1 body's connection goes back to the pool, unless the
@@ -101,7 +104,10 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Inner::Http1 { decoder, .. } => decoder.is_done(),
-            Inner::Http2(body) => body.is_end_stream(),
+            // All the bytes its length announced have come: an `END_STREAM`
+            // in a frame of its own may follow, but a caller's HTTP/1.1
+            // response ends at the length, and the body is read no further.
+            Inner::Http2(body) => body.is_end_stream() || body.size_hint().exact() == Some(0),
         }
     }
 

@@ -10,6 +10,7 @@
 //! - `headers`: forwarding claims and underscore aliases, the access log
 //! - `http2`: rapid reset and CONTINUATION floods, bounded
 //! - `reloads`: unrelated files, bursts, and dead tokens while reloading
+//! - `upstream_h2`: Tallyfy over HTTP/2: callers that never read, its trailers
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -23,6 +24,7 @@ mod overrides;
 mod paths;
 mod reloads;
 mod responses;
+mod upstream_h2;
 
 use std::net::SocketAddr;
 use std::time::Duration;

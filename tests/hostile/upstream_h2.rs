@@ -1,0 +1,171 @@
+//! Tallyfy over HTTP/2, where one connection per thread carries every
+//! caller's requests: what one caller's habits, or Tallyfy's answers, must not
+//! do to another caller.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::{access_line, access_log};
+use crate::support::{self, TestConfig, start_proxy};
+
+/// The sandbox behind TLS speaking only h2, and a proxy in front of it.
+async fn h2_stack() -> (tallyfy_sandbox::Sandbox, tallyfy_proxy::app::Running, tempfile::TempDir) {
+    let (sandbox, dir, base) = support::tls_sandbox(&[b"h2"]).await;
+    let config = super::short_timers(TestConfig::personal_any(&base))
+        .set("upstream", "ca_file", "ca.pem")
+        .set("server", "idle_timeout_ms", 60_000);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    (sandbox, proxy, dir)
+}
+
+fn download(file: &str, bytes: u64, extra: &str) -> String {
+    let org = tallyfy_sandbox::fixtures::ORG_ID;
+    format!("/api/organizations/{org}/file/{file}/dl?bytes={bytes}{extra}")
+}
+
+/// Callers that ask for downloads and never read them (an HTTP/2 window of
+/// 0) hold their own streams' windows on the thread's connection to Tallyfy.
+/// With hyper's windows (2 MiB a stream, 5 MiB the connection) three of them
+/// used up the connection's, and every other caller's answer on it stopped.
+#[tokio::test]
+async fn callers_that_never_read_stall_no_other_callers_answer() {
+    let (_sandbox, proxy, _dir) = h2_stack().await;
+    let tcp = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(connection);
+    let mut unread = Vec::new();
+    for n in 0..6 {
+        let mut client = client.clone().ready().await.expect("ready");
+        let path = download(&format!("unread{n}"), 8 * 1024 * 1024, "");
+        let request = http::Request::get(format!("http://a{path}")).body(()).expect("request");
+        let (response, _) = client.send_request(request, true).expect("sent");
+        let head = tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("ok");
+        assert_eq!(head.status(), 200);
+        unread.push(head);
+    }
+    // Tallyfy fills the windows it is given within a moment: this wait is for
+    // the stall to set in where it can, not for anything to be ready.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = format!("http://{}{}", proxy.proxy_addr(), download("wanted", 1024 * 1024, ""));
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = support::client().get(url).send().await.expect("answered");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("the whole body")
+    })
+    .await
+    .expect("another caller's download is not held up by the unread ones");
+    assert_eq!(read.len(), 1024 * 1024);
+    drop(unread);
+}
+
+/// Tallyfy's trailer fields are a field section the proxy does not clean: a
+/// `Set-Cookie` (a session of the proxy's token) and Tallyfy's own
+/// `X-Request-Id` ride in them here, and neither reaches the caller.
+#[tokio::test]
+async fn tallyfys_trailers_never_reach_the_caller() {
+    let (_sandbox, proxy, _dir) = h2_stack().await;
+    let tcp = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let path = download("trailed", 1000, "&trailers=1");
+    let request = http::Request::get(format!("http://a{path}")).body(()).expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent");
+    let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("ok");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let collected = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut bytes = 0;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            bytes += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        (bytes, body.trailers().await.expect("the stream ends cleanly"))
+    })
+    .await
+    .expect("the body within 5 s");
+    assert_eq!(collected.0, 1000);
+    assert!(
+        collected.1.is_none(),
+        "Tallyfy's trailers reached the caller: {:?}",
+        collected.1.map(|t| t.len())
+    );
+}
+
+/// An answer whose length has all come is complete in the access log, though
+/// HTTP/2's end of stream comes in a frame of its own here.
+#[tokio::test]
+async fn an_answer_delivered_whole_is_logged_complete() {
+    let _capture = access_log();
+    let (_sandbox, proxy, _dir) = h2_stack().await;
+    let url = format!("http://{}{}", proxy.proxy_addr(), download("logged-whole", 9, "&late_end=1"));
+    let response = support::client().get(url).send().await.expect("answered");
+    assert_eq!(response.bytes().await.expect("body").len(), 9);
+    let line = access_line("logged-whole").await;
+    assert!(line.contains("complete=true"), "{line}");
+}
+
+/// A Tallyfy connection whose far end stops answering (a hung process keeps
+/// its TCP connection open, so no close ever comes) is found by a PING left
+/// unanswered and replaced. Without the PINGs, every request of the thread
+/// went on it and waited for its timeout, for as long as traffic came.
+#[tokio::test]
+async fn a_connection_whose_far_end_hangs_is_found_and_replaced() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let (ca_pem, server_tls) = support::local_pki(&[b"h2"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut connection) = h2::server::handshake(tls).await else { return };
+                let mut requests = 0;
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    requests += 1;
+                    if nth == 1 && requests == 2 {
+                        // Hung: the connection is held open and never read
+                        // or written again (no answer, no PING reply).
+                        let _held = connection;
+                        std::future::pending::<()>().await;
+                        return;
+                    }
+                    let _ = respond.send_response(http::Response::new(()), true);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&format!("https://127.0.0.1:{}", addr.port())))
+        .set("upstream", "ca_file", "ca.pem")
+        .set("upstream", "request_timeout_ms", 120_000)
+        .set("server", "idle_timeout_ms", 120_000);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    let status =
+        |url: String| async move { support::client().get(url).send().await.expect("answered").status() };
+
+    assert_eq!(status(url.clone()).await, 200);
+    let began = tokio::time::Instant::now();
+    let hung = tokio::time::timeout(Duration::from_secs(60), status(url.clone()))
+        .await
+        .expect("the hung connection is given up long before the request timeout");
+    assert_eq!(hung, 502, "the request on the hung connection fails as Tallyfy's");
+    assert!(began.elapsed() < Duration::from_secs(40), "found by PING: {:?}", began.elapsed());
+    assert_eq!(status(url).await, 200, "the next request dials a new connection");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
