@@ -2,8 +2,8 @@
 //! read and how they are encoded ([`content`]), reading a bounded start of a
 //! body ([`read`]), and the wrappers every request and response body passes
 //! through: [`Prefixed`] (what was read, then the rest), [`DataOnly`] (a
-//! caller's body without its trailers), [`Tracked`] (when the request body
-//! last moved, for the upstream timeout) and [`Finished`] (the
+//! body without its trailers), [`Tracked`] (when the request body
+//! last moved, for the upstream timeout, and how it failed) and [`Finished`] (the
 //! moment a response is over, for its access line and metrics); and the
 //! [`Budget`] every body held whole is counted against.
 
@@ -21,4 +21,4 @@ pub use data_only::DataOnly;
 pub use finished::{Finish, Finished};
 pub use prefixed::Prefixed;
 pub use read::{BodyStart, ChunkStart, Chunks, read_chunks, read_up_to, within};
-pub use tracked::{Progress, Tracked};
+pub use tracked::{BodyFailure, Progress, Tracked};

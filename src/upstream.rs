@@ -21,8 +21,8 @@ use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::Tracked;
 use crate::body::{DataOnly, Prefixed};
+use crate::body::{Progress, Tracked};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
@@ -168,7 +168,7 @@ impl Upstream {
         loop {
             let deadline = progress.last() + self.request_timeout;
             tokio::select! {
-                result = &mut response => return result.map_err(|error| self.classify(&error)),
+                result = &mut response => return result.map_err(|error| self.classify(&error, progress)),
                 () = tokio::time::sleep_until(deadline.into()) => {
                     if progress.last() + self.request_timeout <= Instant::now() {
                         return Err(ProxyError::UpstreamTimeout(self.request_timeout));
@@ -178,7 +178,13 @@ impl Upstream {
         }
     }
 
-    fn classify(&self, error: &SendError) -> ProxyError {
+    /// What a failed send was: the caller's body, when it failed (whatever
+    /// the protocol made of that: hyper's HTTP/2 client only resets the
+    /// stream, and says why nowhere), else Tallyfy's side.
+    fn classify(&self, error: &SendError, progress: &Progress) -> ProxyError {
+        if let Some(failure) = progress.failure() {
+            return self.body_failed(failure, true);
+        }
         let (error, callers): (&(dyn StdError + 'static), bool) = match error {
             SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
             SendError::Http1(error) => (error, error.is_callers()),
@@ -186,6 +192,12 @@ impl Upstream {
             SendError::Http2(error) => (error, error.is_user()),
             SendError::Spent => return ProxyError::Internal("a request was sent twice".into()),
         };
+        self.body_failed(error, callers)
+    }
+
+    /// `error` as the caller's answer: its body's limit, an override refused,
+    /// or its body failing (`callers`), else Tallyfy's connection failing.
+    fn body_failed(&self, error: &(dyn StdError + 'static), callers: bool) -> ProxyError {
         if find_source::<LengthLimitError>(error).is_some() {
             return ProxyError::BodyTooLarge { limit: self.body_limit };
         }

@@ -1,15 +1,20 @@
 //! A request body that reports when it last made progress, so the upstream
-//! timeout measures Tallyfy's silence rather than the caller's upload time.
+//! timeout measures Tallyfy's silence rather than the caller's upload time,
+//! and how it failed, if it did, whatever the protocol made of the failure.
 
+use std::error::Error;
+use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+type BoxError = Box<dyn Error + Send + Sync>;
 
 /// When a body was last read from (or finished), shared with the sender.
 #[derive(Debug)]
@@ -19,11 +24,25 @@ pub struct Progress {
     last: AtomicU64,
     /// Body bytes read so far.
     bytes: AtomicU64,
+    /// How the body failed, if it did.
+    failure: OnceLock<BodyFailure>,
 }
 
 impl Progress {
     pub fn new() -> Arc<Progress> {
-        Arc::new(Progress { origin: Instant::now(), last: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+        Arc::new(Progress {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            failure: OnceLock::new(),
+        })
+    }
+
+    /// How the body failed (its size limit, an override screen, the caller
+    /// gone), if it did. hyper's HTTP/2 client reports a failing body only as
+    /// a stream it reset, with no cause: the sender looks here instead.
+    pub fn failure(&self) -> Option<&BodyFailure> {
+        self.failure.get()
     }
 
     fn touch(&self) {
@@ -57,25 +76,51 @@ impl<B> Tracked<B> {
     }
 }
 
-impl<B: Body> Body for Tracked<B> {
+/// A body's error, shared: the sender keeps it in [`Progress`], the
+/// connection gets it too. Its source is the error the body gave.
+#[derive(Debug, Clone)]
+pub struct BodyFailure(Arc<BoxError>);
+
+impl fmt::Display for BodyFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the request body failed")
+    }
+}
+
+impl Error for BodyFailure {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&**self.0)
+    }
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BodyFailure;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, BodyFailure>>> {
         let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(frame) = &polled {
-            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref))
-                && let Some(data) = data
-            {
-                this.progress.bytes.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+        let polled = std::task::ready!(this.inner.poll_frame(cx));
+        this.progress.touch();
+        Poll::Ready(match polled {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.progress.bytes.fetch_add(data.remaining() as u64, Ordering::Relaxed);
+                }
+                Some(Ok(frame))
             }
-            this.progress.touch();
-        }
-        polled
+            Some(Err(error)) => {
+                let failure = BodyFailure(Arc::new(error.into()));
+                Some(Err(this.progress.failure.get_or_init(|| failure).clone()))
+            }
+            None => None,
+        })
     }
 
     fn is_end_stream(&self) -> bool {

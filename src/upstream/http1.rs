@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::SentBody;
+use crate::body::BodyFailure;
 use crate::error::BoxError;
 
 mod decoder;
@@ -151,7 +152,7 @@ struct Attempt {
 
 /// What came first while waiting for the caller's next body bytes.
 enum Next {
-    Frame(Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>),
+    Frame(Option<Result<http_body::Frame<bytes::Bytes>, BodyFailure>>),
     Answered(ResponseHead),
 }
 
@@ -273,7 +274,9 @@ impl Connection {
                     }
                 };
                 let Some(frame) = frame else { break };
-                let Ok(data) = frame.map_err(Error::Body)?.into_data() else { continue };
+                let Ok(data) = frame.map_err(|failure| Error::Body(failure.into()))?.into_data() else {
+                    continue;
+                };
                 if data.is_empty() {
                     continue;
                 }

@@ -169,3 +169,28 @@ async fn a_connection_whose_far_end_hangs_is_found_and_replaced() {
     assert_eq!(status(url).await, 200, "the next request dials a new connection");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// A caller's upload that runs past `server.max_request_body_bytes` is the
+/// caller's 413, over HTTP/2 as over HTTP/1.1. hyper's HTTP/2 client only
+/// resets the stream and says why nowhere: it was a 502, Tallyfy's failure.
+#[tokio::test]
+async fn an_upload_past_the_limit_is_the_callers_413_over_http2_too() {
+    let (sandbox, dir, base) = support::tls_sandbox(&[b"h2"]).await;
+    let config = super::short_timers(TestConfig::personal_any(&base))
+        .set("upstream", "ca_file", "ca.pem")
+        .set("server", "max_request_body_bytes", 100_000);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let chunk = "a".repeat(50_000);
+    let mut request = String::from(
+        "POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    for _ in 0..6 {
+        request.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+    }
+    request.push_str("0\r\n\r\n");
+    let answer = super::exchange(proxy.proxy_addr(), request.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(answer.status(), 413, "{}", answer.text());
+    assert!(answer.text().contains("body_too_large"), "{}", answer.text());
+    assert!(sandbox.received().iter().all(|r| r.body_len <= 100_000), "no more than the limit went on");
+}
