@@ -55,6 +55,12 @@ impl Progress {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// The body (held whole) is to be read again from its start, for another
+    /// send: it is still one body, counted once.
+    pub fn read_again(&self) {
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+
     /// The last moment the body moved (its creation, at first).
     pub fn last(&self) -> Instant {
         self.origin + Duration::from_micros(self.last.load(Ordering::Relaxed))
@@ -73,6 +79,14 @@ pin_project! {
 impl<B> Tracked<B> {
     pub fn new(inner: B, progress: Arc<Progress>) -> Self {
         Tracked { inner, progress }
+    }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
     }
 }
 

@@ -23,8 +23,10 @@
 //! HTTP/1.1 so does a safe request without a body (`GET`, `HEAD`, `OPTIONS`)
 //! that a reused connection closed without a byte of answer, once, as nginx
 //! and Go's client resend it: Tallyfy's close can cross the request on the
-//! wire. This is not a retry of `[upstream.retry]`, which judges the outcome
-//! after it. An
+//! wire. Over HTTP/2, a request whose body is held whole (or empty) goes
+//! again, once, when Tallyfy says it did not process its stream
+//! ([`refused_unprocessed`]). None of this is a retry of `[upstream.retry]`,
+//! which judges the outcome after it. An
 //! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
 //! picked, and dropped.
 
@@ -33,7 +35,7 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::client::conn::{TrySendError, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -44,7 +46,9 @@ use tower_service::Service as _;
 use super::SentBody;
 use super::http1::{self, Resend};
 use super::returning::UpstreamBody;
+use crate::body::Tracked;
 use crate::error::BoxError;
+use http_body_util::Either;
 
 /// Why a request got no response from Tallyfy.
 #[derive(Debug)]
@@ -155,11 +159,12 @@ impl Pool {
         let local = self.local();
         // A sent request goes again once at most, whatever the connections.
         let mut resent_unanswered = false;
+        let mut resent_refused = false;
         loop {
             let (connection, reused) = self.checkout(local).await?;
             // HTTP/1.1 borrows the request for the exchange; HTTP/2 moves it
             // into hyper's send before its await (held there, not here).
-            let result = match connection {
+            match connection {
                 Connection::Http1(mut connection) => {
                     let request = outbound.as_mut().ok_or(SendError::Spent)?;
                     request.headers_mut().insert(HOST, self.host.clone());
@@ -192,17 +197,33 @@ impl Pool {
                     }
                 }
                 Connection::Http2(mut sender) => {
-                    let sent = sender.try_send_request(outbound.take().ok_or(SendError::Spent)?);
-                    match sent.await {
+                    let request = outbound.take().ok_or(SendError::Spent)?;
+                    // Boxed (this future is every request's): sent again,
+                    // once, if Tallyfy refuses the stream unprocessed.
+                    let copy = if resent_refused { None } else { whole_copy(&request) };
+                    let mut error = match sender.try_send_request(request).await {
                         Ok(response) => return Ok(response.map(UpstreamBody::http2)),
                         Err(error) => error,
+                    };
+                    match (error.take_message(), copy) {
+                        // Not sent: it may go on another connection, if this
+                        // one had been used before.
+                        (Some(request), _) if reused => {
+                            *outbound = Some(request);
+                            tracing::debug!(
+                                "a pooled upstream connection closed before the request was written; sending again"
+                            );
+                        }
+                        (None, Some(copy)) if refused_unprocessed(error.error()) => {
+                            copy.body().progress().read_again();
+                            *outbound = Some(*copy);
+                            resent_refused = true;
+                            tracing::debug!("Tallyfy refused a stream unprocessed; sending it again");
+                        }
+                        _ => return Err(SendError::Http2(error.into_error())),
                     }
                 }
-            };
-            *outbound = Some(retry_or_fail(result, reused)?);
-            tracing::debug!(
-                "a pooled upstream connection closed before the request was written; sending again"
-            );
+            }
         }
     }
 
@@ -335,16 +356,33 @@ where
     }
 }
 
-/// The request again when a reused connection closed before writing any of it.
-fn retry_or_fail(
-    error: TrySendError<Request<SentBody>>,
-    reused: bool,
-) -> Result<Request<SentBody>, SendError> {
-    let mut error = error;
-    match error.take_message() {
-        Some(request) if reused => Ok(request),
-        _ => Err(SendError::Http2(error.into_error())),
+/// A copy of a request whose body is held whole (or empty), to send again.
+fn whole_copy(request: &Request<SentBody>) -> Option<Box<Request<SentBody>>> {
+    let Either::Left(body) = request.body().inner() else { return None };
+    let mut copy = Request::new(Tracked::new(Either::Left(body.clone()), request.body().progress().clone()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(Box::new(copy))
+}
+
+/// Whether Tallyfy said it did not process the request's stream (RFC 9113
+/// §8.7), so that it may go again whatever its method: it refused the stream
+/// (`REFUSED_STREAM`), or a graceful `GOAWAY` (`NO_ERROR`) named a last stream
+/// before it. (A `GOAWAY` for an error is left alone: h2 gives its error to
+/// every stream, processed or not.)
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            let refused = h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            let went_away = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return h2.is_remote() && (refused || went_away);
+        }
+        source = cause.source();
     }
+    false
 }
 
 fn host_value(origin: &Uri) -> HeaderValue {

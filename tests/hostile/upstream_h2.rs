@@ -2,6 +2,10 @@
 //! caller's requests: what one caller's habits, or Tallyfy's answers, must not
 //! do to another caller.
 
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -17,6 +21,38 @@ async fn h2_stack() -> (tallyfy_sandbox::Sandbox, tallyfy_proxy::app::Running, t
         .set("server", "idle_timeout_ms", 60_000);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     (sandbox, proxy, dir)
+}
+
+/// An h2 server of the test's own behind TLS, with a CA of its own: `serve`
+/// gets each connection, numbered from 1. Its base URL, its CA's PEM, and how
+/// many connections it accepted.
+async fn h2_upstream<F, Fut>(serve: F) -> (String, String, Arc<AtomicUsize>)
+where
+    F: Fn(usize, h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (ca_pem, server_tls) = support::local_pki(&[b"h2"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("https://127.0.0.1:{}", listener.local_addr().expect("addr").port());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(connection) = h2::server::handshake(tls).await else { return };
+                serve(nth, connection).await;
+            });
+        }
+    });
+    (base, ca_pem, accepted)
 }
 
 fn download(file: &str, bytes: u64, extra: &str) -> String {
@@ -117,40 +153,24 @@ async fn an_answer_delivered_whole_is_logged_complete() {
 /// went on it and waited for its timeout, for as long as traffic came.
 #[tokio::test]
 async fn a_connection_whose_far_end_hangs_is_found_and_replaced() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    let (ca_pem, server_tls) = support::local_pki(&[b"h2"]);
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let Ok(mut connection) = h2::server::handshake(tls).await else { return };
-                let mut requests = 0;
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    requests += 1;
-                    if nth == 1 && requests == 2 {
-                        // Hung: the connection is held open and never read
-                        // or written again (no answer, no PING reply).
-                        let _held = connection;
-                        std::future::pending::<()>().await;
-                        return;
-                    }
-                    let _ = respond.send_response(http::Response::new(()), true);
-                }
-            });
+    let (base, ca_pem, accepted) = h2_upstream(|nth, mut connection| async move {
+        let mut requests = 0;
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            requests += 1;
+            if nth == 1 && requests == 2 {
+                // Hung: the connection is held open and never read or
+                // written again (no answer, no PING reply).
+                let _held = connection;
+                std::future::pending::<()>().await;
+                return;
+            }
+            let _ = respond.send_response(http::Response::new(()), true);
         }
-    });
+    })
+    .await;
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&format!("https://127.0.0.1:{}", addr.port())))
+    let config = super::short_timers(TestConfig::personal_any(&base))
         .set("upstream", "ca_file", "ca.pem")
         .set("upstream", "request_timeout_ms", 120_000)
         .set("server", "idle_timeout_ms", 120_000);
@@ -193,4 +213,62 @@ async fn an_upload_past_the_limit_is_the_callers_413_over_http2_too() {
     assert_eq!(answer.status(), 413, "{}", answer.text());
     assert!(answer.text().contains("body_too_large"), "{}", answer.text());
     assert!(sandbox.received().iter().all(|r| r.body_len <= 100_000), "no more than the limit went on");
+}
+
+/// A stream Tallyfy refuses unprocessed (`REFUSED_STREAM`, RFC 9113 §8.7) is
+/// sent again, once, whatever its method, when its body is held whole; one
+/// whose body streamed cannot be, and is Tallyfy's 502. Each was a 502.
+#[tokio::test]
+async fn a_stream_tallyfy_refused_unprocessed_goes_again() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let (base, ca_pem, _) = h2_upstream(move |_, mut connection| {
+        let log = log.clone();
+        async move {
+            let mut refused = HashSet::new();
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let line = format!("{} {}", request.method(), request.uri().path());
+                log.lock().expect("log").push(line.clone());
+                if request.headers().contains_key("x-refuse") && refused.insert(line) {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                }
+                let _ = respond.send_response(http::Response::new(()), true);
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
+    let http = support::client();
+
+    let get = http.get(url("/api/me")).header("x-refuse", "1").send().await.expect("answered");
+    assert_eq!(get.status(), 200, "a GET refused unprocessed went again");
+    let kept = http
+        .post(url("/api/runs"))
+        .header("x-refuse", "1")
+        .header("content-type", "application/json")
+        .body(r#"{"name":"x"}"#)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(kept.status(), 200, "a POST whose body is held whole went again: Tallyfy never saw it");
+    let streamed = http
+        .post(url("/api/upload"))
+        .header("x-refuse", "1")
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter([Ok::<_, std::io::Error>(
+            bytes::Bytes::from_static(b"raw bytes"),
+        )])))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(streamed.status(), 502, "a streamed body cannot go twice");
+    assert_eq!(
+        *seen.lock().expect("log"),
+        ["GET /api/me", "GET /api/me", "POST /api/runs", "POST /api/runs", "POST /api/upload"]
+    );
 }
