@@ -188,8 +188,9 @@ impl Upstream {
         let (error, callers): (&(dyn StdError + 'static), bool) = match error {
             SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
             SendError::Http1(error) => (error, error.is_callers()),
-            // hyper reports a failing request body as a "user" error.
-            SendError::Http2(error) => (error, error.is_user()),
+            // A failing body is in `progress`; hyper's other "user" errors
+            // (a request dropped when the connection went away) are not the caller's.
+            SendError::Http2(error) => (error, false),
             SendError::Spent => return ProxyError::Internal("a request was sent twice".into()),
         };
         self.body_failed(error, callers)

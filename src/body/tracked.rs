@@ -14,7 +14,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-type BoxError = Box<dyn Error + Send + Sync>;
+use crate::error::BoxError;
 
 /// When a body was last read from (or finished), shared with the sender.
 #[derive(Debug)]

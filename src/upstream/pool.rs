@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Either;
 use hyper::client::conn::http2;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
@@ -48,7 +49,6 @@ use super::http1::{self, Resend};
 use super::returning::UpstreamBody;
 use crate::body::Tracked;
 use crate::error::BoxError;
-use http_body_util::Either;
 
 /// Why a request got no response from Tallyfy.
 #[derive(Debug)]
@@ -64,13 +64,15 @@ pub enum SendError {
 }
 
 /// How much of one response Tallyfy may send over HTTP/2 before the proxy
-/// takes it (as its caller reads). hyper's 2 MiB default let three callers
-/// that never read use up a whole connection's window.
-const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// takes it (as its caller reads): one download's pace is this much per round
+/// trip (20 MiB/s at 50 ms).
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// How much of all of a connection's responses Tallyfy may send ahead: a
 /// stream window for each of the 128 streams a server usually allows at once,
 /// so callers that do not read stall only their own responses, never another
-/// caller's on the same connection (hyper's default, 5 MiB, was 2.5 streams).
+/// caller's on the same connection (hyper's default, 5 MiB, was 2.5 of its
+/// 2 MiB streams: three unread downloads stopped every answer on it). What
+/// unread responses can hold in the thread's h2 buffers is bounded by it.
 const H2_CONNECTION_WINDOW: u32 = 128 * H2_STREAM_WINDOW;
 /// A connection Tallyfy's side stopped answering on (a hung process keeps its
 /// TCP connection open) is found by a PING unanswered for
@@ -206,12 +208,13 @@ impl Pool {
                         Err(error) => error,
                     };
                     match (error.take_message(), copy) {
-                        // Not sent: it may go on another connection, if this
-                        // one had been used before.
-                        (Some(request), _) if reused => {
+                        // Not sent: it may go on another connection, however
+                        // often if this one had been used before, else once.
+                        (Some(request), _) if reused || !resent_refused => {
+                            resent_refused |= !reused;
                             *outbound = Some(request);
                             tracing::debug!(
-                                "a pooled upstream connection closed before the request was written; sending again"
+                                "an upstream connection closed before the request was written; sending again"
                             );
                         }
                         (None, Some(copy)) if refused_unprocessed(error.error()) => {
@@ -299,7 +302,7 @@ impl Pool {
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
             tokio::spawn(watch(connection));
-            local.lock().h2 = Some((sender.clone(), Instant::now()));
+            local.keep_h2(sender.clone());
             return Ok(Connection::Http2(sender));
         }
         Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io)))))
@@ -319,6 +322,19 @@ impl Local {
             return;
         }
         state.idle.push(Idle { connection, since: Instant::now() });
+        self.reap_later(&mut state);
+    }
+
+    /// A new HTTP/2 connection, shared by the thread's requests, and closed
+    /// like an idle HTTP/1.1 one once unused for `pool_idle_timeout_ms` (its
+    /// PINGs would keep it open at Tallyfy's end for ever).
+    fn keep_h2(self: &Arc<Self>, sender: http2::SendRequest<SentBody>) {
+        let mut state = self.lock();
+        state.h2 = Some((sender, Instant::now()));
+        self.reap_later(&mut state);
+    }
+
+    fn reap_later(self: &Arc<Self>, state: &mut State) {
         if !state.reaping {
             state.reaping = true;
             tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
@@ -368,17 +384,16 @@ fn whole_copy(request: &Request<SentBody>) -> Option<Box<Request<SentBody>>> {
 }
 
 /// Whether Tallyfy said it did not process the request's stream (RFC 9113
-/// §8.7), so that it may go again whatever its method: it refused the stream
-/// (`REFUSED_STREAM`), or a graceful `GOAWAY` (`NO_ERROR`) named a last stream
-/// before it. (A `GOAWAY` for an error is left alone: h2 gives its error to
-/// every stream, processed or not.)
+/// §8.7, §6.8), so that it may go again whatever its method: it refused the
+/// stream (`REFUSED_STREAM`), or a `GOAWAY` named a last stream before it. h2
+/// gives a `GOAWAY`'s error only to the streams after that last one, whatever
+/// its code; the streams up to it end with the connection's own failure.
 fn refused_unprocessed(error: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
             let refused = h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            let went_away = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
-            return h2.is_remote() && (refused || went_away);
+            return h2.is_remote() && (refused || h2.is_go_away());
         }
         source = cause.source();
     }

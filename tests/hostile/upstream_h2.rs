@@ -272,3 +272,64 @@ async fn a_stream_tallyfy_refused_unprocessed_goes_again() {
         ["GET /api/me", "GET /api/me", "POST /api/runs", "POST /api/runs", "POST /api/upload"]
     );
 }
+
+/// The thread's HTTP/2 connection, once unused for `pool_idle_timeout_ms`, is
+/// closed like an idle HTTP/1.1 one: it was kept (and PINGed) for ever.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_pool_idle_timeout() {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
+    let (base, ca_pem, accepted) = h2_upstream(move |_, mut connection| {
+        let counted = counted.clone();
+        async move {
+            while let Some(Ok((_, mut respond))) = connection.accept().await {
+                let _ = respond.send_response(http::Response::new(()), true);
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base))
+        .set("upstream", "ca_file", "ca.pem")
+        .set("upstream", "pool_idle_timeout_ms", 300);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    assert_eq!(support::client().get(&url).send().await.expect("answered").status(), 200);
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while closed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the idle connection was closed");
+    assert_eq!(support::client().get(&url).send().await.expect("answered").status(), 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "and the next request dialled another");
+}
+
+/// Tallyfy's answer heads may be as large over HTTP/2 as over HTTP/1.1: h2's
+/// own 16 KiB limit made a 20 KiB one a 502.
+#[tokio::test]
+async fn a_large_answer_head_passes_over_http2_as_over_http1() {
+    let (base, ca_pem, _) = h2_upstream(|_, mut connection| async move {
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            let mut response = http::Response::new(());
+            let value = http::HeaderValue::from_str(&"v".repeat(20 * 1024)).expect("value");
+            response.headers_mut().insert("x-large", value);
+            let _ = respond.send_response(response, true);
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let response = support::client()
+        .get(format!("http://{}/api/me", proxy.proxy_addr()))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-large"].len(), 20 * 1024);
+}
