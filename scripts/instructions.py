@@ -9,6 +9,7 @@ time, mostly loopback TCP) is not, so this measures the proxy's own work.
 """
 import argparse
 import http.client
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,21 +24,31 @@ CONNECTIONS = 8
 
 
 def send(port, count):
-    """`count` GETs over CONNECTIONS keep-alive connections, each answer read whole."""
+    """`count` GETs over CONNECTIONS keep-alive connections, each answer read
+    whole; any answer but a 200 (or a failure) ends the measurement."""
+    failures = []
+
     def run(n):
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        for _ in range(n):
-            connection.request("GET", L.PATH)
-            response = connection.getresponse()
-            response.read()
-            if response.status != 200:
-                raise SystemExit(f"instructions: the proxy answered {response.status}")
-        connection.close()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            for _ in range(n):
+                connection.request("GET", L.PATH)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(f"the proxy answered {response.status}")
+                    return
+            connection.close()
+        except Exception as error:  # reported below, from the main thread
+            failures.append(repr(error))
+
     threads = [threading.Thread(target=run, args=(count // CONNECTIONS,)) for _ in range(CONNECTIONS)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        raise SystemExit(f"instructions: {failures[0]}")
     return count // CONNECTIONS * CONNECTIONS
 
 
@@ -46,17 +57,24 @@ def instructions(binary, work, name, up_port, count):
     port, admin = L.free_port(), L.free_port()
     argv = [binary, "run", "--config", str(L.proxy_conf(work, name, port, admin, up_port))]
     out = work / f"{name}.callgrind"
-    proxy = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(work / f"{name}.log", "wb") as log:
+        proxy = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         L.wait_ready(admin, timeout=120)
         served = send(port, count)
     finally:
         proxy.send_signal(signal.SIGTERM)
-        proxy.wait(timeout=300)
+        try:
+            proxy.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            raise SystemExit(f"instructions: {name} did not stop on SIGTERM")
+    if proxy.returncode != 0:
+        raise SystemExit(f"instructions: {name} exited with {proxy.returncode} (log: {work / name}.log)")
     for line in out.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
             return served, int(line.split()[1])
@@ -67,14 +85,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--proxy", required=True)
     parser.add_argument("--baseline", help="another build's binary, measured the same way")
-    parser.add_argument("--requests", type=int, default=8000)
+    parser.add_argument("--requests", type=int, default=8000, help="at least 80")
     args = parser.parse_args()
+    if args.requests < 80:
+        parser.error("--requests must be at least 80 (ten per connection in the shorter run)")
     work = Path(tempfile.mkdtemp(prefix="tallyfy-instructions-"))
     up_port = L.free_port()
-    upstream = L.Target("upstream", L.nginx_conf(work, "upstream", up_port, L.page_700_bytes()), up_port, 0)
+    upstream = None
     rows = []
     try:
-        L.wait_port(up_port)
+        # Unpinned: pinning changes no instruction count.
+        upstream = L.Target("upstream", L.nginx_conf(work, "upstream", up_port, L.page_700_bytes()), up_port, None)
         binaries = [("tallyfy-proxy", args.proxy)] + ([("baseline", args.baseline)] if args.baseline else [])
         for name, binary in binaries:
             few, few_total = instructions(binary, work, f"{name}-few", up_port, args.requests // 10)
@@ -83,7 +104,9 @@ def main():
             rows.append((name, per_request))
             print(f"instructions: {name}: {per_request:,.0f} per request ({few} and {many} requests)", flush=True)
     finally:
-        upstream.stop()
+        if upstream is not None:
+            upstream.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print()
     print("| build | instructions per request (user space) | vs this build |")
     print("|---|---|---|")

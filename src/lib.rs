@@ -50,8 +50,9 @@
 //!    through the override screen. [`body`] holds the plumbing: content kinds and
 //!    encodings, bounded reads counted against `server.max_buffered_bytes`
 //!    ([`body::Budget`], handed to each thread in slabs: 503 `buffers_full` for a
-//!    body that must be read whole when it is spent), the [`body::Prefixed`] and
-//!    [`body::Tracked`] wrappers.
+//!    body that must be read whole when it is spent), the [`body::Prefixed`],
+//!    [`body::DataOnly`] (trailer fields never go on) and [`body::Tracked`]
+//!    (progress, and how the body failed) wrappers.
 //! 5. **Send** (`proxy/send.rs`). The upstream request, an [`upstream::Outbound`],
 //!    is lent down the send path and taken only where it is written (a request
 //!    moved through each async level would be held and copied at each one).
@@ -60,7 +61,10 @@
 //!    written and read by the request's own task, no channel to a connection
 //!    task), which goes back to the thread's pool when the response body ends; its timeout
 //!    measures Tallyfy's silence, not the caller's upload (502 / 504 on
-//!    failure). A kept request is sent again
+//!    failure). The pool sends a request again on another connection when
+//!    Tallyfy cannot have acted on it (nothing of it written; a safe bodyless
+//!    request a kept connection closed unanswered; an HTTP/2 stream refused
+//!    unprocessed). A kept request is sent again
 //!    after a failure that did nothing at Tallyfy, within `[upstream.retry]` and
 //!    its budget; a Tallyfy 429 is remembered for the credential and, when short,
 //!    waited out ([`traffic`]).
@@ -69,7 +73,8 @@
 //!    however many requests saw it, and a kept request waits for the new token
 //!    and is replayed once.
 //! 7. **Body back** (`proxy/response_body.rs`): unframeable answers refused,
-//!    hop-by-hop headers dropped ([`headers::to_caller`]), and JSON bodies that
+//!    hop-by-hop headers and Tallyfy's trailers dropped ([`headers::to_caller`]),
+//!    and JSON bodies that
 //!    may hold Tallyfy's absolute links ([`links::LinkScan`], no copy otherwise)
 //!    pointed back at the proxy ([`links`]).
 //! 8. **Answer.** Any [`error::ProxyError`] on the way becomes a JSON response in

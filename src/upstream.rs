@@ -21,8 +21,7 @@ use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::body::{DataOnly, Prefixed};
-use crate::body::{Progress, Tracked};
+use crate::body::{DataOnly, Prefixed, Progress, Tracked};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
 
@@ -183,7 +182,7 @@ impl Upstream {
     /// stream, and says why nowhere), else Tallyfy's side.
     fn classify(&self, error: &SendError, progress: &Progress) -> ProxyError {
         if let Some(failure) = progress.failure() {
-            return self.body_failed(failure, true);
+            return self.judge_failure(failure, true);
         }
         let (error, callers): (&(dyn StdError + 'static), bool) = match error {
             SendError::Connect(error) => return ProxyError::UpstreamUnreachable(chain(&**error)),
@@ -193,12 +192,12 @@ impl Upstream {
             SendError::Http2(error) => (error, false),
             SendError::Spent => return ProxyError::Internal("a request was sent twice".into()),
         };
-        self.body_failed(error, callers)
+        self.judge_failure(error, callers)
     }
 
     /// `error` as the caller's answer: its body's limit, an override refused,
     /// or its body failing (`callers`), else Tallyfy's connection failing.
-    fn body_failed(&self, error: &(dyn StdError + 'static), callers: bool) -> ProxyError {
+    fn judge_failure(&self, error: &(dyn StdError + 'static), callers: bool) -> ProxyError {
         if find_source::<LengthLimitError>(error).is_some() {
             return ProxyError::BodyTooLarge { limit: self.body_limit };
         }

@@ -1,10 +1,12 @@
-//! A caller's body as it is sent on: its data, never its trailer fields.
+//! A body without its trailer fields: a caller's upload on its way to
+//! Tallyfy, or Tallyfy's HTTP/2 answer on its way back.
 //!
 //! Trailers are a field section the proxy never cleans: a caller's chunked
 //! upload (or HTTP/2 stream) can end with `Authorization`, `X-Api-Key`,
-//! `X-Tallyfy-Client` or `X-HTTP-Method-Override` there. The HTTP/1.1 writer
-//! never sends trailers, but hyper's HTTP/2 client would pass them on as a
-//! last `HEADERS` frame. Like nginx, the proxy drops them.
+//! `X-Tallyfy-Client` or `X-HTTP-Method-Override` there, and Tallyfy's answer
+//! with a `Set-Cookie`. The HTTP/1.1 writer never sends trailers, but hyper's
+//! HTTP/2 client and server would pass them on as a last `HEADERS` frame.
+//! Like nginx, the proxy drops them.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};

@@ -57,6 +57,9 @@ fn the_upstream_host_is_read_as_tallyfy_writes_it_in_links() {
         let source = MINIMAL.replace("https://go.tallyfy.com", base_url);
         let config = parse(&source).expect("valid");
         assert_eq!(config.upstream.authority.as_str(), authority, "{base_url}");
+        let scheme = base_url.split("://").next().expect("a scheme");
+        let token_url = format!("{scheme}://{authority}/api/oauth/token");
+        assert_eq!(config.upstream.token_url.to_string(), token_url, "the fleet names token sets by it too");
         assert_eq!(config.upstream.base_url, base_url, "messages show it as written");
     }
 }

@@ -21,16 +21,15 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
     if path_prefix.ends_with("/api") {
         return Err(ctx.at(&raw.base_url, "upstream.base_url", "give the host only (\"https://go.tallyfy.com\"): the caller's /api/... path is appended as received"));
     }
+    let scheme = base.scheme().cloned().expect("http_url checked the scheme");
+    // As Tallyfy writes it in its own links, which are found byte for byte.
+    let authority = crate::target::canonical_authority(
+        &scheme,
+        base.authority().expect("http_url checked the authority"),
+    );
     let token_url = match &raw.token_url {
         Some(url) => http_url(ctx, url, "upstream.token_url")?,
-        None => format!(
-            "{}://{}{}{DEFAULT_TOKEN_PATH}",
-            base.scheme_str().unwrap_or("https"),
-            base.authority().map(|a| a.as_str()).unwrap_or_default(),
-            path_prefix
-        )
-        .parse()
-        .map_err(|e| {
+        None => format!("{scheme}://{authority}{path_prefix}{DEFAULT_TOKEN_PATH}").parse().map_err(|e| {
             ctx.at(&raw.base_url, "upstream.token_url", format!("cannot derive from base_url: {e}"))
         })?,
     };
@@ -63,12 +62,6 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
             ctx.at(v, "upstream.client_header", "must be a non-empty, visible-ASCII header value")
         })?,
     };
-    let scheme = base.scheme().cloned().expect("http_url checked the scheme");
-    // As Tallyfy writes it in its own links, which are found byte for byte.
-    let authority = crate::target::canonical_authority(
-        &scheme,
-        base.authority().expect("http_url checked the authority"),
-    );
     Ok(Upstream {
         scheme,
         authority,

@@ -18,7 +18,8 @@
 //!
 //! Like hyper-util's client, a request that a reused connection closed before
 //! any of it was written (and, over HTTP/1.1, before anything was taken from
-//! its body) goes once more, on another connection: the upstream
+//! its body) goes again, on another connection (over HTTP/2, once more too
+//! after a new connection closed so): the upstream
 //! closing a kept-alive connection just as it was picked is no failure. Over
 //! HTTP/1.1 so does a safe request without a body (`GET`, `HEAD`, `OPTIONS`)
 //! that a reused connection closed without a byte of answer, once, as nginx
@@ -161,7 +162,9 @@ impl Pool {
         let local = self.local();
         // A sent request goes again once at most, whatever the connections.
         let mut resent_unanswered = false;
-        let mut resent_refused = false;
+        // Over HTTP/2, a request goes once more at most on a connection that
+        // was not reused: refused unprocessed, or handed back unsent.
+        let mut resent_h2 = false;
         loop {
             let (connection, reused) = self.checkout(local).await?;
             // HTTP/1.1 borrows the request for the exchange; HTTP/2 moves it
@@ -202,7 +205,7 @@ impl Pool {
                     let request = outbound.take().ok_or(SendError::Spent)?;
                     // Boxed (this future is every request's): sent again,
                     // once, if Tallyfy refuses the stream unprocessed.
-                    let copy = if resent_refused { None } else { whole_copy(&request) };
+                    let copy = if resent_h2 { None } else { whole_copy(&request) };
                     let mut error = match sender.try_send_request(request).await {
                         Ok(response) => return Ok(response.map(UpstreamBody::http2)),
                         Err(error) => error,
@@ -210,8 +213,8 @@ impl Pool {
                     match (error.take_message(), copy) {
                         // Not sent: it may go on another connection, however
                         // often if this one had been used before, else once.
-                        (Some(request), _) if reused || !resent_refused => {
-                            resent_refused |= !reused;
+                        (Some(request), _) if reused || !resent_h2 => {
+                            resent_h2 |= !reused;
                             *outbound = Some(request);
                             tracing::debug!(
                                 "an upstream connection closed before the request was written; sending again"
@@ -220,7 +223,7 @@ impl Pool {
                         (None, Some(copy)) if refused_unprocessed(error.error()) => {
                             copy.body().progress().read_again();
                             *outbound = Some(*copy);
-                            resent_refused = true;
+                            resent_h2 = true;
                             tracing::debug!("Tallyfy refused a stream unprocessed; sending it again");
                         }
                         _ => return Err(SendError::Http2(error.into_error())),
