@@ -72,6 +72,12 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
     Ok(())
 }
 
+/// The methods that ask for nothing to be done (RFC 9110 §9.2.1) among those
+/// the proxy passes on: sending one again cannot do anything twice.
+pub fn is_safe(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
 /// An authority as it names its host for `scheme` whatever its spelling: the
 /// host in lower case, the scheme's default port left out
 /// (`Go.Tallyfy.com:443` is `go.tallyfy.com` over `https`). The upstream's is

@@ -78,7 +78,7 @@ impl RetrySettings {
         let did_nothing =
             matches!(failure, Failure::Connect | Failure::Status(StatusCode::SERVICE_UNAVAILABLE));
         self.attempts > 1
-            && (matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+            && (crate::target::is_safe(method)
                 || (self.retry_unsafe && matches!(*method, Method::PUT | Method::DELETE) && did_nothing))
     }
 

@@ -452,7 +452,7 @@ impl Connection {
 /// request again, on another connection, cannot do anything twice. nginx and
 /// Go's client do the same.
 fn unanswered_safe(method: &Method, attempt: &Attempt, error: &Error, read: &BytesMut) -> Resend {
-    let unanswered = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+    let unanswered = crate::target::is_safe(method)
         && !attempt.body_read
         && read.is_empty()
         && matches!(error, Error::Io(_) | Error::Closed);

@@ -50,6 +50,7 @@ use super::http1::{self, Resend};
 use super::returning::UpstreamBody;
 use crate::body::Tracked;
 use crate::error::BoxError;
+use crate::target::canonical_authority;
 
 /// Why a request got no response from Tallyfy.
 #[derive(Debug)]
@@ -403,17 +404,15 @@ fn refused_unprocessed(error: &hyper::Error) -> bool {
     false
 }
 
+/// The origin's authority as `Host` names it: its port only when not the scheme's default.
 fn host_value(origin: &Uri) -> HeaderValue {
-    let host = origin.host().unwrap_or_default();
-    let default_port = match origin.scheme_str() {
-        Some("https") => 443,
-        _ => 80,
-    };
-    let value = match origin.port_u16() {
-        Some(port) if port != default_port => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static(""))
+    origin
+        .scheme()
+        .zip(origin.authority())
+        .and_then(|(scheme, authority)| {
+            HeaderValue::from_str(canonical_authority(scheme, authority).as_str()).ok()
+        })
+        .unwrap_or_else(|| HeaderValue::from_static(""))
 }
 
 #[cfg(test)]
