@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tallyfy_proxy::app::{self, Listeners};
 use tallyfy_proxy::config::{Config, ConfigError};
 use tallyfy_proxy::telemetry;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// mimalloc rather than the system's malloc (default `mimalloc` feature): less
 /// CPU per request (2.5 %, and 7 % on a noisier stretch, in A/B runs), less
@@ -255,8 +256,10 @@ async fn run(path: &Path, threads: usize) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    // Installed before the listeners open, so an early SIGHUP reloads rather than kills.
-    let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+    // Installed before the listeners open, so an early SIGHUP reloads and an
+    // early SIGTERM drains, rather than either killing a half-started proxy.
+    let stop = StopSignals::install();
+    let hangup = match signal(SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(error) => {
             tracing::warn!(%error, "cannot listen for SIGHUP; reload by changing the files");
@@ -304,7 +307,7 @@ async fn run(path: &Path, threads: usize) -> ExitCode {
             }
         }
     });
-    shutdown_signal().await;
+    stop.received().await;
     tracing::info!(
         grace_ms = config.server.shutdown_grace.as_millis() as u64,
         "shutting down: draining in-flight requests"
@@ -322,6 +325,7 @@ async fn run(path: &Path, threads: usize) -> ExitCode {
 #[cfg(feature = "sandbox")]
 async fn sandbox(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> ExitCode {
     telemetry::init(tallyfy_proxy::config::LogFormat::Text, "info");
+    let stop = StopSignals::install();
     let mut mode = match tallyfy_proxy::sandbox_mode::start(listen, admin).await {
         Ok(mode) => mode,
         Err(error) => {
@@ -331,30 +335,48 @@ async fn sandbox(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> E
     };
     mode.proxy.ready().await;
     println!("{}", mode.banner());
-    shutdown_signal().await;
+    stop.received().await;
     mode.proxy.begin_shutdown();
     mode.proxy.stopped().await;
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
+/// SIGINT and SIGTERM, listened for from before the listeners open: a stop
+/// that arrives while the proxy is starting drains it and exits 0, instead of
+/// the signal's default action killing it half-started.
+struct StopSignals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(signal) => Some(signal),
             Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
-                let _ = interrupt.await;
-                return;
+                tracing::warn!(%error, "cannot listen for {name}");
+                None
             }
         };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+        StopSignals {
+            interrupt: listen(SignalKind::interrupt(), "SIGINT"),
+            terminate: listen(SignalKind::terminate(), "SIGTERM"),
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    async fn received(mut self) {
+        async fn next(signal: &mut Option<Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            () = next(&mut self.interrupt) => {}
+            () = next(&mut self.terminate) => {}
+        }
+    }
 }
