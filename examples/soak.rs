@@ -39,6 +39,9 @@ struct Args {
     rate: u64,
 }
 
+/// The shortest run whose memory drift is judged (±10 %).
+const FLAT_JUDGED_FROM: Duration = Duration::from_secs(30);
+
 /// The least time between two dead-token bursts: over the forced-refresh interval.
 const DEAD_TOKEN_GAP: Duration = Duration::from_secs(6);
 
@@ -240,6 +243,8 @@ async fn main() -> ExitCode {
     let (mut rss_warm, mut rss_max) = (None, 0);
     let began = Instant::now();
     let mut ticker = tokio::time::interval(interval);
+    // A stalled driver sends on at the rate, not a catch-up burst.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
     let mut last_sample = Instant::now();
     while began.elapsed() < total {
@@ -322,8 +327,8 @@ async fn main() -> ExitCode {
     println!("| latency p50 / p99 | {:.2} ms / {:.2} ms |", pct(0.5), pct(0.99));
     println!("| token endpoint calls | {fetches} |");
     println!(
-        "| proxy RSS after {} s / at the end / max | {:.1} / {:.1} / {:.1} MiB ({:+.1} %) |",
-        warm.as_secs(),
+        "| proxy RSS after {:.1} s / at the end / max | {:.1} / {:.1} / {:.1} MiB ({:+.1} %) |",
+        warm.as_secs_f64(),
         rss_warm as f64 / 1024.0,
         rss_end as f64 / 1024.0,
         rss_max as f64 / 1024.0,
@@ -333,7 +338,13 @@ async fn main() -> ExitCode {
     for failure in failures.iter().take(10) {
         println!("failure: {failure}");
     }
-    let passed = failures.is_empty() && ok == sent && drift.abs() <= 0.10 && exited_cleanly;
+    // Memory is judged flat only over a run long enough to have a steady state:
+    // a few seconds in, the pools are still filling (the smoke run prints it).
+    let flat = drift.abs() <= 0.10 || total < FLAT_JUDGED_FROM;
+    if total < FLAT_JUDGED_FROM {
+        println!("memory drift not judged: runs under {} s have no steady state", FLAT_JUDGED_FROM.as_secs());
+    }
+    let passed = failures.is_empty() && ok == sent && flat && exited_cleanly;
     println!("soak: {}", if passed { "passed" } else { "FAILED" });
     if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }

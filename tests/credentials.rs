@@ -131,20 +131,21 @@ async fn a_missing_user_is_provisioned_then_minted() {
 
 #[tokio::test]
 async fn tokens_are_refreshed_before_expiry_under_continuous_traffic() {
-    // Two-second tokens, traffic until each kind was refreshed twice (about 3.5 s;
-    // the schedule itself is tested on a paused clock in tokens::refresh).
-    let setup = Setup::start(Duration::from_secs(2), None, true).await;
+    // Four-second tokens (a refresh has most of a second to finish on a loaded
+    // machine), traffic until each kind was refreshed twice (about 7 s; the
+    // schedule itself is tested on a paused clock in tokens::refresh).
+    let setup = Setup::start(Duration::from_secs(4), None, true).await;
     let grants =
         || -> Vec<String> { setup.sandbox.token_requests().iter().map(|t| t.grant.clone()).collect() };
     let count = |grants: &[String], grant: &str| grants.iter().filter(|g| *g == grant).count();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut requests = 0;
     loop {
         let seen = grants();
         if count(&seen, "refresh_token") >= 2 && count(&seen, "user_token") >= 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "two refreshes of each token within 15 s: {seen:?}");
+        assert!(Instant::now() < deadline, "two refreshes of each token within 30 s: {seen:?}");
         for (caller, path) in [("user-caller", ME.to_owned()), ("minted-caller", my_tasks())] {
             let response = setup.get(caller, &path).await;
             assert_eq!(response.status(), 200, "request {requests} by {caller} failed");
@@ -205,7 +206,10 @@ async fn mid_life_outage_serves_until_expiry_then_503_then_recovers() {
             assert!(asked >= expires_at - Duration::from_millis(50), "503 only once the token has expired");
             break;
         }
-        assert_eq!(status, 200, "only 200 or, after expiry, 503");
+        // A request that left the proxy just before the expiry can reach
+        // Tallyfy just after it: Tallyfy's 401, for that one request only.
+        let in_flight_at_expiry = status == 401 && asked + Duration::from_millis(500) >= expires_at;
+        assert!(status == 200 || in_flight_at_expiry, "only 200 or, after expiry, 503: {status}");
         assert!(started.elapsed() < Duration::from_secs(10), "the token should have expired by now");
         tokio::time::sleep(Duration::from_millis(50)).await; // pacing the poll, not waiting for readiness
     }

@@ -218,7 +218,9 @@ fn the_path_is_in_the_sandboxs_org() {
 async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token_twice() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
-    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3))).await;
+    // 6-second tokens: a refresh has a second or more to finish even on a
+    // loaded machine, and 20 s still hold four cycles.
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(6))).await;
     let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
     let replicas = fleet(3, &config, &redis).await;
     assert_eq!(password_grants(&sandbox), 1, "one sign-in for the fleet: {:?}", sandbox.token_requests());
@@ -227,12 +229,12 @@ async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token
     let (ok, failed) = traffic(&replicas, 6, started + Duration::from_secs(20)).await;
     let elapsed = started.elapsed();
     assert_eq!(failed, 0, "{ok} answered; {:#?}", replicas.iter().map(Replica::trouble).collect::<Vec<_>>());
-    assert!(ok > 1000, "traffic flowed: {ok}");
+    assert!(ok > 200, "traffic flowed: {ok}");
     assert_eq!(sandbox.double_redemptions(), 0, "no refresh token presented twice");
-    // A 3-second token is refreshed 2.25 to 2.55 s into its life: about 8
-    // cycles in 20 s. Three replicas refreshing alone would fetch about 24 times.
+    // A 6-second token is refreshed 4.5 to 5.1 s into its life: about 4
+    // cycles in 20 s. Three replicas refreshing alone would fetch about 12 times.
     let fetches = sandbox.token_requests().len() - 1;
-    let cycles = elapsed.as_secs_f64() / 2.25;
+    let cycles = elapsed.as_secs_f64() / 4.5;
     assert!(fetches as f64 <= cycles + 1.0, "{fetches} fetches in {elapsed:?}: one per cycle");
     assert!(
         fetches as f64 >= cycles / 1.2 - 1.0,
@@ -255,7 +257,7 @@ async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token
     assert_eq!(refreshed.len(), sandbox.token_requests().len(), "every fetch under the lease");
     for pair in refreshed.windows(2) {
         let gap = pair[1].duration_since(pair[0]);
-        assert!(gap >= jiff::SignedDuration::from_millis(2000), "two refreshes {gap:?} apart: {refreshed:?}");
+        assert!(gap >= jiff::SignedDuration::from_millis(4000), "two refreshes {gap:?} apart: {refreshed:?}");
     }
     let mut adopted = 0;
     for replica in &replicas {
@@ -278,7 +280,7 @@ async fn three_replicas_refresh_once_per_cycle_and_never_present_a_refresh_token
     let sealed: Vec<u8> =
         redis::cmd("GET").arg(token_keys[0]).query_async(&mut redis_client).await.expect("get");
     let ttl: i64 = redis::cmd("PTTL").arg(token_keys[0]).query_async(&mut redis_client).await.expect("pttl");
-    assert!((1..=3000).contains(&ttl), "the TTL ({ttl} ms) never exceeds the token's life");
+    assert!((1..=6000).contains(&ttl), "the TTL ({ttl} ms) never exceeds the token's life");
     let text = String::from_utf8_lossy(&sealed);
     for clear in [
         "eyJ",
@@ -386,13 +388,15 @@ async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     // 40-second tokens, refreshed 30 to 34 s into their life; the token
-    // endpoint answers after 1.2 s, so the holder can be killed mid-call (a
-    // wide window, for a loaded CI machine); its 4.6-second lease lapses and a
-    // survivor's refresh is done about 6 s later, before the old token expires.
+    // endpoint answers after 0.9 s, so the holder can be killed mid-call (a
+    // wide window, for a loaded CI machine) and the survivor's call still has
+    // 0.6 s to spare within the 1.5-second fetch timeout; the holder's 4.6-second
+    // lease lapses and a survivor's refresh is done about 6 s later, before the
+    // old token expires.
     let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(40))).await;
     let config = fleet_config(&sandbox, Credential::fixture_user(), 4_600, 1_500);
     let mut replicas = fleet(3, &config, &redis).await;
-    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(1200))));
+    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(900))));
     let before = sandbox.token_requests().len();
 
     let until = Instant::now() + Duration::from_secs(55);

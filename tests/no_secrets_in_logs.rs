@@ -45,7 +45,9 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         .init();
     let access = tallyfy_proxy::access_log::capture();
 
-    let lifetime = Duration::from_secs(2);
+    // Four seconds: a refresh logged at trace level still has most of a second
+    // to finish on a loaded machine before the token it replaces expires.
+    let lifetime = Duration::from_secs(4);
     let sandbox = start_sandbox_with(SandboxConfig {
         token_lifetime: lifetime,
         user_token_lifetime: lifetime,
@@ -72,10 +74,10 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     // Rounds of traffic until the tokens were refreshed in the background and
     // once after a rejection, so every token path has logged.
     let refreshed = || sandbox.token_requests().iter().filter(|t| t.grant == "refresh_token").count() >= 2;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut round = 0;
     while round <= 3 || !refreshed() {
-        assert!(Instant::now() < deadline, "refreshes within 15 s: {:?}", sandbox.token_requests().len());
+        assert!(Instant::now() < deadline, "refreshes within 30 s: {:?}", sandbox.token_requests().len());
         if round == 3 {
             sandbox.revoke_all_tokens(); // forces a rejected token, a refresh and a replay
         }

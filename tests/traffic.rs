@@ -74,6 +74,7 @@ async fn a_burst_over_the_rate_limit_gets_exactly_the_excess_refused_and_nothing
     let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id.with("rate_limit", rate))).await;
     let http = client();
     let mut statuses = Vec::new();
+    let began = Instant::now();
     for _ in 0..8 {
         let response = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
         if response.status() == 429 {
@@ -89,25 +90,40 @@ async fn a_burst_over_the_rate_limit_gets_exactly_the_excess_refused_and_nothing
             statuses.push(response.status().as_u16());
         }
     }
-    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
-    assert_eq!(sandbox.count("GET", "/api/me"), 5, "the refused requests never reached Tallyfy");
+    // The bucket refills one a second: a machine so slow that the eight took
+    // more than a second may pass one more per whole second, never fewer.
+    let refilled = began.elapsed().as_secs() as usize;
+    let passed = statuses.iter().filter(|status| **status == 200).count();
+    assert_eq!(&statuses[..5], [200; 5], "{statuses:?}");
+    assert!(passed <= 5 + refilled && statuses.iter().all(|s| [200, 429].contains(s)), "{statuses:?}");
+    if refilled == 0 {
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    }
+    let refused = (8 - passed) as f64;
+    assert_eq!(sandbox.count("GET", "/api/me"), passed, "the refused requests never reached Tallyfy");
     let metrics = scrape(proxy.admin_addr()).await;
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_local_rejections_total{reason="rate_limited"}"#), 3.0);
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_limit_rejections_total{limit="billing.rate_limit"}"#), 3.0);
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_local_rejections_total{reason="rate_limited"}"#), refused);
+    assert_eq!(
+        sample(&metrics, r#"tallyfy_proxy_limit_rejections_total{limit="billing.rate_limit"}"#),
+        refused
+    );
 }
 
 #[tokio::test]
 async fn an_hourly_style_cap_is_kept_per_org_and_reopens_with_its_window() {
     let sandbox = start_sandbox().await;
-    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 2, 1);
+    // A 3 s window, so the three POSTs fall in it on however slow a machine.
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 2, 3);
     let (proxy, _dir) = proxy(with_limits(config(&sandbox.base_url(), |id| id), vec![cap])).await;
     let http = client();
-    for _ in 0..2 {
-        assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
-    }
+    assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
+    // The window opened before that answer came back: it closes by opened + 3 s.
+    let opened = Instant::now();
+    assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429);
     let refused = post_guest(&http, &proxy, ORG_ID).await;
     assert_eq!(refused.status(), 429);
-    assert_eq!(refused.headers()["retry-after"], "1");
+    let wait: u64 = refused.headers()["retry-after"].to_str().expect("text").parse().expect("seconds");
+    assert!((1..=3).contains(&wait), "the rest of the window: {wait}");
     assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 2, "the third never reached Tallyfy");
     assert_ne!(post_guest(&http, &proxy, OTHER_ORG_ID).await.status(), 429, "another org counts apart");
     assert_ne!(
@@ -116,8 +132,8 @@ async fn an_hourly_style_cap_is_kept_per_org_and_reopens_with_its_window() {
         "only POST is counted"
     );
 
-    // The window closes a second after it opened.
-    let reopened = Instant::now() + Duration::from_secs(1);
+    // The window closes 3 s after it opened.
+    let reopened = opened + Duration::from_secs(3);
     tokio::time::sleep_until(reopened.into()).await;
     assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "a new window");
     assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 3);
@@ -129,8 +145,10 @@ async fn a_remembered_429_keeps_tallyfy_from_seeing_the_next_calls_and_lifts_at_
     let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id)).await;
     let http = client();
     sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(1) });
-    let throttled_at = Instant::now();
     let first = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    // The proxy remembered the 429 before this answer reached the test: the
+    // memory lifts at most Retry-After after this instant.
+    let throttled_at = Instant::now();
     assert_eq!(first.status(), 429, "Tallyfy's own 429 is passed on");
     assert_eq!(first.headers()["retry-after"], "1");
     assert_eq!(first.text().await.expect("body"), r#"{"message":"Too Many Attempts."}"#);
@@ -206,10 +224,10 @@ async fn get_is_retried_on_a_503_and_post_never() {
 
 #[tokio::test]
 async fn a_refused_connection_is_retried() {
-    let down = closed_port().await;
+    let down = closed_port();
     let retry = table([("attempts", 3.into()), ("backoff_ms", 10.into())]);
     let (proxy, _dir) =
-        proxy(config(&format!("http://{down}"), |id| id).set("upstream", "retry", retry)).await;
+        proxy(config(&format!("http://{}", down.addr), |id| id).set("upstream", "retry", retry)).await;
     let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
     assert_eq!(response.status(), 502);
     let metrics = scrape(proxy.admin_addr()).await;

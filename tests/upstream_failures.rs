@@ -14,9 +14,9 @@ async fn error_code(response: reqwest::Response) -> String {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
-    let down = closed_port().await;
+    let down = closed_port();
     let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{down}"))
+    let config = TestConfig::personal_any(&format!("http://{}", down.addr))
         .set("upstream", "connect_timeout_ms", 500)
         .parse(dir.path());
     let proxy = start_proxy(&config).await;
@@ -81,9 +81,9 @@ async fn answers_504_after_the_300_ms_timeout(upstream: std::net::SocketAddr) {
 
 #[tokio::test]
 async fn a_caller_body_that_stalls_while_it_is_read_is_a_408_and_nothing_is_forwarded() {
-    let down = closed_port().await;
+    let down = closed_port();
     let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{down}"))
+    let config = TestConfig::personal_any(&format!("http://{}", down.addr))
         .set("upstream", "request_timeout_ms", 300)
         .parse(dir.path());
     let proxy = start_proxy(&config).await;
@@ -134,16 +134,17 @@ async fn read_answer(stream: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn exchanges_each_within_the_timeout_pass_however_long_the_connection_lives() {
-    // Each answer takes 200 ms against a 300 ms timeout, on one pooled
-    // connection: the silence is measured per exchange, not per connection.
-    let (upstream, _arrived) = support::slow_upstream(Duration::from_millis(200)).await;
+    // Each answer takes 400 ms against a 1.5 s timeout, on one pooled
+    // connection: the silence is measured per exchange, not per connection
+    // (the five together last longer than the timeout).
+    let (upstream, _arrived) = support::slow_upstream(Duration::from_millis(400)).await;
     let dir = tempfile::tempdir().expect("dir");
     let config = TestConfig::personal_any(&format!("http://{upstream}"))
-        .set("upstream", "request_timeout_ms", 300)
+        .set("upstream", "request_timeout_ms", 1500)
         .parse(dir.path());
     let proxy = start_proxy(&config).await;
     let client = client();
-    for n in 0..4 {
+    for n in 0..5 {
         let response =
             client.get(format!("http://{}/api/slow", proxy.proxy_addr())).send().await.expect("answered");
         assert_eq!(response.status(), 200, "request {n}");

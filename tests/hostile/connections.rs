@@ -42,16 +42,13 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
         .expect("closed by the proxy")
         .expect("gracefully");
     let took = began.elapsed();
-    assert!(
-        took >= Duration::from_millis(550) && took < Duration::from_millis(1000),
-        "closed after {took:?}"
-    );
+    assert!(took >= Duration::from_millis(550) && took < Duration::from_secs(3), "closed after {took:?}");
 
     // A peer that never answers pings is dropped when a ping goes unanswered
     // (every half idle timeout, at least 1 s, and as long to answer).
     let began = Instant::now();
     let answer = exchange(stack.proxy.proxy_addr(), H2_PREFACE_AND_SETTINGS, Duration::from_secs(5)).await;
-    assert!(answer.closed && began.elapsed() < Duration::from_secs(3), "closed after {:?}", began.elapsed());
+    assert!(answer.closed && began.elapsed() < Duration::from_secs(5), "closed after {:?}", began.elapsed());
     assert!(crate::http2::goaway_code(&answer.bytes).is_some(), "with a GOAWAY");
     assert!(stack.sandbox.received().is_empty());
 }
@@ -276,10 +273,14 @@ async fn an_http1_caller_that_never_reads_its_response_is_cut_at_the_send_timeou
     let org = tallyfy_sandbox::fixtures::ORG_ID;
     let request =
         format!("GET /api/organizations/{org}/file/f1/dl?bytes=67108864 HTTP/1.1\r\nHost: a\r\n\r\n");
+    // The stall cannot begin before the request is sent: whatever the
+    // machine's speed, the cut comes at least the send timeout after this.
+    let began = Instant::now();
     stream.write_all(request.as_bytes()).await.expect("request");
     metrics_show(admin, OPEN_ONE, Duration::from_secs(5), "the download's connection").await;
-    let took = metrics_show(admin, OPEN_NONE, Duration::from_secs(5), "the stalled connection is cut").await;
-    assert!(took >= Duration::from_millis(450), "not before the send timeout: {took:?}");
+    metrics_show(admin, OPEN_NONE, Duration::from_secs(5), "the stalled connection is cut").await;
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(600), "not before the send timeout: {took:?}");
     drop(stream);
 }
 
@@ -297,6 +298,9 @@ async fn an_http2_caller_that_never_opens_its_window_is_cut_at_the_send_timeout(
         .await
         .expect("h2c handshake");
     let connection = tokio::spawn(connection);
+    // No body can move from the first request on: the cut comes at least the
+    // send timeout after this, however slowly the heads arrive.
+    let began = Instant::now();
     let mut heads = Vec::new();
     for _ in 0..3 {
         let mut client = client.clone().ready().await.expect("ready");
@@ -305,11 +309,10 @@ async fn an_http2_caller_that_never_opens_its_window_is_cut_at_the_send_timeout(
         heads.push(tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("ok"));
     }
     assert!(heads.iter().all(|head| head.status() == 200), "the heads went out");
-    let began = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
     assert!(ended.is_ok(), "the proxy ended the connection");
     assert!(
-        began.elapsed() >= Duration::from_millis(450),
+        began.elapsed() >= Duration::from_millis(600),
         "not before the send timeout: {:?}",
         began.elapsed()
     );

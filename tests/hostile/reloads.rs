@@ -60,7 +60,10 @@ async fn unrelated_files_and_untouched_contents_never_reload_and_a_burst_reloads
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(reloads(&proxy, "applied"), 1, "one reload for the burst");
+    // One reload; two when the machine stalled one 10 ms pause past the
+    // 150 ms debounce. A reload per write would be ten.
+    let applied = reloads(&proxy, "applied");
+    assert!((1..=2).contains(&applied), "one reload for the burst, not {applied}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

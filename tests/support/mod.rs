@@ -127,10 +127,18 @@ fn dechunk(head: &str, body: &str) -> String {
     out
 }
 
-/// An address nothing listens on: bound, then released.
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("addr")
+/// An address nothing listens on, kept so while the guard lives: its socket is
+/// bound (no other process can take the port) but never listens, so every
+/// connection to it is refused.
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    _bound: tokio::net::TcpSocket,
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    ClosedPort { addr: socket.local_addr().expect("addr"), _bound: socket }
 }
 
 /// An upstream that reports each request on the returned channel, then answers
