@@ -114,7 +114,7 @@ impl Rules {
             return found;
         }
         let mut lowered = [0u8; 64];
-        let raw = path.strip_prefix('/').unwrap_or(path).split('/');
+        let raw = target::split_at_slashes(path.strip_prefix('/').unwrap_or(path));
         for (at, segment) in raw.enumerate().take(self.last_position + 1) {
             let Some((_, by_literal)) = self.index.iter().find(|(p, _)| *p == at) else { continue };
             // A segment that does not decode was refused before limits are looked at.
