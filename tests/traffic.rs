@@ -189,6 +189,39 @@ async fn an_hourly_cap_from_tallyfy_holds_back_only_its_org_and_limit() {
     );
 }
 
+/// Tallyfy gzips its 429 for a caller that accepts gzip (as the Python SDK
+/// does): the cap is still read as an hourly cap of its org and limit, where
+/// read coded it held back every call of the credential for the whole hour.
+#[tokio::test]
+async fn a_gzipped_hourly_cap_holds_back_only_its_org_and_limit() {
+    let sandbox = start_sandbox().await;
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 30, 3600);
+    let (proxy, _dir) = proxy(with_limits(config(&sandbox.base_url(), |id| id), vec![cap])).await;
+    let http = client();
+    sandbox.fail_api("/guests", 1, ApiFault::HourlyCap { retry_after: 1800 });
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let capped = http
+        .post(url(&proxy, &guests(ORG_ID)))
+        .header("accept-encoding", "gzip")
+        .json(&body)
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(capped.status(), 429);
+    assert_eq!(capped.headers()["content-encoding"], "gzip", "Tallyfy's coded 429, passed on");
+    let received = sandbox.received();
+    let sent = received.last().expect("the POST reached Tallyfy");
+    assert_eq!(sent.headers["accept-encoding"], "gzip", "the caller's coding was asked for");
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "the org's cap is remembered");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 1);
+    assert_ne!(post_guest(&http, &proxy, OTHER_ORG_ID).await.status(), 429, "another org is not capped");
+    assert_eq!(
+        http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(),
+        200,
+        "nor the credential's other calls"
+    );
+}
+
 #[tokio::test]
 async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
     let sandbox = start_sandbox().await;
@@ -200,6 +233,20 @@ async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
     assert_eq!(response.status(), 200);
     assert!(began.elapsed() >= Duration::from_millis(950), "it waited Tallyfy's Retry-After");
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more");
+}
+
+/// `retry_429_max_wait_ms = 0` (the default) means a 429 is never waited out,
+/// even one whose `Retry-After` is 0 or a date already past, and even when the
+/// request's body is kept for a retry.
+#[tokio::test]
+async fn with_no_429_wait_a_retry_after_of_zero_is_passed_on_too() {
+    let sandbox = start_sandbox().await;
+    let retry = table([("attempts", 3.into()), ("backoff_ms", 10.into())]);
+    let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id).set("upstream", "retry", retry)).await;
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(0) });
+    let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 429, "passed on");
+    assert_eq!(sandbox.count("GET", "/api/me"), 1, "never sent again");
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use super::record::RequestRecord;
 use super::replay::Replay;
 use super::{Proxy, ProxyBody};
+use crate::body;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{IdentityMetrics, Metrics};
@@ -98,14 +99,19 @@ impl Proxy {
         let shared = &*self.shared;
         let traffic = &shared.traffic;
         let retry_after = throttle::retry_after(response.headers(), unix_now());
-        let (parts, body) = response.into_parts();
+        let (parts, answer) = response.into_parts();
         let limit = shared.upstream.request_timeout();
-        let bytes = tokio::time::timeout(limit, Limited::new(body, MAX_429_BODY).collect())
+        let bytes = tokio::time::timeout(limit, Limited::new(answer, MAX_429_BODY).collect())
             .await
             .map_err(|_| ProxyError::UpstreamTimeout(limit))?
             .map(|collected| collected.to_bytes())
             .unwrap_or_default();
-        let hourly = throttle::is_hourly_cap(&bytes);
+        // Read as Tallyfy coded it (a caller asking for gzip gets a gzipped
+        // 429): read coded, an hourly cap would pass for a credential-wide one.
+        let hourly = body::encoding(&parts.headers).is_some_and(|encoding| {
+            matches!(body::decode(&bytes, encoding, MAX_429_BODY as u64),
+                body::Decoded::Whole(decoded) if throttle::is_hourly_cap(&decoded))
+        });
         let credential = target.credential.index();
         let path = target.uri.path();
         let said = Said { retry_after, hourly };
@@ -115,8 +121,11 @@ impl Proxy {
             tokio::spawn(async move { fleet.tell_throttled(remembered).await });
         }
         Metrics::credential(&shared.metrics.upstream_429s, &shared.tokens.name(target.credential));
+        // A max wait of 0 is "never", even for a `Retry-After: 0` (or a date past).
+        let max_wait = traffic.settings.retry_429_max_wait;
         if let (Some(replay), Some(wait)) = (replay, retry_after)
-            && wait <= traffic.settings.retry_429_max_wait
+            && !max_wait.is_zero()
+            && wait <= max_wait
         {
             log.throttle = Some("absorbed");
             tokio::time::sleep(wait).await;

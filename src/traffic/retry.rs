@@ -96,13 +96,22 @@ const SLOTS: usize = 10;
 pub const MIN_RETRIES_PER_WINDOW: u64 = 10;
 
 /// Requests and retries of the last ten seconds, in one-second slots of
-/// atomics: `(second << 40) | (requests << 20) | retries` per slot.
+/// atomics: `(second << 40) | (requests << 20) | retries` per slot, where
+/// `second` is the clock's second modulo 2^24 (its 24 bits wrap after 194
+/// days, and are compared as wrapping).
 #[derive(Debug, Default)]
 pub struct Budget {
     slots: [AtomicU64; SLOTS],
 }
 
 const FIELD: u64 = (1 << 20) - 1;
+/// The seconds a slot's 24 bits hold.
+const SECONDS: u64 = (1 << 24) - 1;
+
+/// The slot's second, of the clock's second modulo 2^24.
+fn second_of(now: Nanos) -> u64 {
+    (now / 1_000_000_000) & SECONDS
+}
 
 impl Budget {
     /// Counts a request (first sends only).
@@ -112,11 +121,11 @@ impl Budget {
 
     /// Takes a retry from the budget, or says there is none left.
     pub fn try_retry(&self, now: Nanos, percent: u32) -> bool {
-        let second = now / 1_000_000_000;
+        let second = second_of(now);
         let (mut requests, mut retries) = (0u64, 0u64);
         for slot in &self.slots {
             let value = slot.load(Ordering::Relaxed);
-            if second.saturating_sub(value >> 40) < SLOTS as u64 {
+            if second.wrapping_sub(value >> 40) & SECONDS < SLOTS as u64 {
                 requests += (value >> 20) & FIELD;
                 retries += value & FIELD;
             }
@@ -130,8 +139,8 @@ impl Budget {
     }
 
     fn add(&self, now: Nanos, requests: u64, retries: u64) {
-        let second = now / 1_000_000_000;
-        let slot = &self.slots[(second % SLOTS as u64) as usize];
+        let slot = &self.slots[(now / 1_000_000_000 % SLOTS as u64) as usize];
+        let second = second_of(now);
         let _ = slot.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
             // A slot last written in another second starts again.
             let fresh = if value >> 40 == second { value } else { second << 40 };
@@ -187,6 +196,25 @@ mod tests {
         let later = now + 11 * SECOND;
         let granted = (0..1000).filter(|_| budget.try_retry(later, 20)).count();
         assert_eq!(granted as u64, MIN_RETRIES_PER_WINDOW, "a quiet window still allows a few");
+    }
+
+    /// The slots keep 24 bits of the second: after 2^24 s (194 days) of uptime
+    /// the budget limits as on the first day, where a shifted-out second made
+    /// every slot look stale and every retry granted.
+    #[test]
+    fn the_budget_still_limits_after_194_days() {
+        for start in [(1 << 24) - 3, 1 << 24, 3 << 24, (1 << 30) + 7] {
+            let budget = Budget::default();
+            let now = start * SECOND;
+            for _ in 0..1000 {
+                budget.request(now);
+            }
+            let granted = (0..1000).filter(|_| budget.try_retry(now + 4 * SECOND, 20)).count();
+            assert_eq!(granted, 200, "at second {start}");
+            let later = now + 15 * SECOND;
+            let granted = (0..1000).filter(|_| budget.try_retry(later, 20)).count();
+            assert_eq!(granted as u64, MIN_RETRIES_PER_WINDOW, "at second {start}, eleven seconds on");
+        }
     }
 
     #[test]
