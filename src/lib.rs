@@ -156,7 +156,8 @@
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget
-//!   (`retry`); the counts survive reloads in one process-wide state.
+//!   (`retry`), keys from callers' paths bounded in size (`key`); the counts
+//!   survive reloads in one process-wide state.
 //! - [`fleet`]: `[fleet]`, replicas sharing one Redis: the connection and the
 //!   key check, the channel and the generations poll (`news.rs`), refresh
 //!   leases with fencing numbers and token sets (`token_sets.rs`,

@@ -7,7 +7,8 @@
 //!   per organisation and credential (Tallyfy's hourly caps, kept locally);
 //! - [`throttle`]: what Tallyfy's 429s said, per credential, until their
 //!   `Retry-After`;
-//! - [`retry`]: `[upstream.retry]` and its budget.
+//! - [`retry`]: `[upstream.retry]` and its budget;
+//! - [`key`]: keys made of what callers write in their paths, bounded in size.
 //!
 //! The state (buckets, windows, throttles, budget) lives in one process-wide
 //! [`TrafficState`]. Each config generation gets a [`Traffic`]: its rules and,
@@ -20,6 +21,7 @@
 pub mod bucket;
 pub mod clock;
 pub mod in_flight;
+pub mod key;
 pub mod retry;
 pub mod rules;
 pub mod throttle;
@@ -135,8 +137,11 @@ impl Traffic {
         admitted.rule = matching.first().copied();
         let limit_key = |segs: &[std::borrow::Cow<'_, str>], rule: Option<usize>| -> (String, String) {
             match rule.map(|i| self.rules.get(i)) {
-                Some(rule) => (rule.org(segs).to_owned(), rule.name.to_string()),
-                None => (org_of(segs).to_owned(), format!("{method} {path}")),
+                Some(rule) => (rule.org(segs).into_owned(), rule.name.to_string()),
+                None => (
+                    key::bounded(org_of(segs), key::LONGEST_ORG).into_owned(),
+                    key::unmatched_limit(method, segs),
+                ),
             }
         };
         if let Some(wait) = throttle.wait(now, || {
@@ -174,7 +179,7 @@ impl Traffic {
         for (rule, org) in matching() {
             let settings = &rule.settings;
             rule.windows
-                .peek(org, credential_name, now, settings.max, settings.per)
+                .peek(&org, credential_name, now, settings.max, settings.per)
                 .map_err(|w| refused(rule, w))?;
         }
         if let Some((bucket, name, _)) = &gate.bucket {
@@ -187,7 +192,7 @@ impl Traffic {
         for (rule, org) in matching() {
             let settings = &rule.settings;
             rule.windows
-                .count(org, credential_name, now, settings.max, settings.per)
+                .count(&org, credential_name, now, settings.max, settings.per)
                 .map_err(|w| refused(rule, w))?;
         }
         Ok(admitted)
@@ -244,8 +249,11 @@ impl Traffic {
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
         let (org, limit) = match rule.map(|i| self.rules.get(i)) {
-            Some(rule) => (rule.org(&segments).to_owned(), rule.name.to_string()),
-            None => (org_of(&segments).to_owned(), format!("{method} {path}")),
+            Some(rule) => (rule.org(&segments).into_owned(), rule.name.to_string()),
+            None => (
+                key::bounded(org_of(&segments), key::LONGEST_ORG).into_owned(),
+                key::unmatched_limit(method, &segments),
+            ),
         };
         let (throttle, name) = &self.throttles[credential];
         let wait = throttle.remember(said.retry_after, said.hourly, &org, &limit, now);

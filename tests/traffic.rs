@@ -189,6 +189,55 @@ async fn an_hourly_cap_from_tallyfy_holds_back_only_its_org_and_limit() {
     );
 }
 
+/// An hourly cap on a path no `[[limits]]` rule names is remembered for the
+/// path as Tallyfy reads it: its respellings (a trailing `/`, percent-encoded
+/// letters, other cases) are held back too, where they used to go through.
+#[tokio::test]
+async fn an_unnamed_hourly_cap_holds_back_every_spelling_of_its_path() {
+    let sandbox = start_sandbox().await;
+    let (proxy, _dir) = proxy(config(&sandbox.base_url(), |id| id)).await;
+    let http = client();
+    let comments = format!("/api/organizations/{ORG_ID}/tasks/t1/comments");
+    sandbox.fail_api("/comments", 1, ApiFault::HourlyCap { retry_after: 600 });
+    let body = serde_json::json!({ "comment": "hello" });
+    let post = |path: String| http.post(url(&proxy, &path)).json(&body).send();
+    assert_eq!(post(comments.clone()).await.expect("answered").status(), 429, "Tallyfy's cap");
+    let upper_org = ORG_ID.to_ascii_uppercase();
+    for respelled in [
+        format!("{comments}/"),
+        comments.replace("comments", "c%6fmments"),
+        comments.replace("organizations", "Organizations"),
+        comments.replace(ORG_ID, &upper_org),
+    ] {
+        let answer = post(respelled.clone()).await.expect("answered");
+        assert_eq!(answer.status(), 429, "{respelled}");
+        let json: serde_json::Value = answer.json().await.expect("JSON");
+        assert_eq!(json["error"]["code"], "rate_limited", "answered by the proxy for {respelled}");
+    }
+    let reached = sandbox.received().iter().filter(|r| r.uri.contains("omments")).count();
+    assert_eq!(reached, 1, "no respelling reached Tallyfy");
+    assert_eq!(
+        http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(),
+        200,
+        "the credential's other calls go on"
+    );
+}
+
+/// A `[[limits]]` rule counts an organisation of any length in a key of
+/// bounded size: two spellings of a 60,000-byte org (in other cases) share
+/// one window, as short ones do.
+#[tokio::test]
+async fn a_huge_org_is_counted_under_one_bounded_key() {
+    let sandbox = start_sandbox().await;
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 1, 3600);
+    let (proxy, _dir) = proxy(with_limits(config(&sandbox.base_url(), |id| id), vec![cap])).await;
+    let http = client();
+    let huge = "a".repeat(60_000);
+    assert_ne!(post_guest(&http, &proxy, &huge).await.status(), 429);
+    assert_eq!(post_guest(&http, &proxy, &huge.to_ascii_uppercase()).await.status(), 429, "one window");
+    assert_ne!(post_guest(&http, &proxy, &"b".repeat(60_000)).await.status(), 429, "another org");
+}
+
 /// Tallyfy gzips its 429 for a caller that accepts gzip (as the Python SDK
 /// does): the cap is still read as an hourly cap of its org and limit, where
 /// read coded it held back every call of the credential for the whole hour.

@@ -1,6 +1,7 @@
 //! `[[limits]]` rules as the pipeline uses them: which requests a rule counts,
 //! and under which organisation.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use http::Method;
 use smallvec::SmallVec;
 
+use super::key;
 use super::window::Windows;
 use crate::policy::PathPattern;
 use crate::target;
@@ -45,9 +47,10 @@ impl Rule {
             && self.settings.path.matches(segments)
     }
 
-    /// The organisation a counted request is for (`""` when the pattern names none).
-    pub fn org<'s, S: AsRef<str>>(&self, segments: &'s [S]) -> &'s str {
-        self.org_at.and_then(|at| segments.get(at)).map_or("", AsRef::as_ref)
+    /// The organisation a counted request is for (`""` when the pattern names
+    /// none), as a key of bounded size ([`key::bounded`]).
+    pub fn org<'s, S: AsRef<str>>(&self, segments: &'s [S]) -> Cow<'s, str> {
+        key::bounded(self.org_at.and_then(|at| segments.get(at)).map_or("", AsRef::as_ref), key::LONGEST_ORG)
     }
 }
 
@@ -205,5 +208,15 @@ mod tests {
             rule.applies(&Method::POST, &segments("/api/Organizations/abc/Guests/x")),
             "as policy paths match"
         );
+    }
+
+    /// The org comes from the caller's path and keys a window (and a Redis key
+    /// in a fleet): a 60,000-byte one is held as a 71-byte digest, where it
+    /// used to be held whole, 10,000 of them to a rule.
+    #[test]
+    fn a_huge_org_is_keyed_by_a_digest() {
+        let path = format!("/api/organizations/{}/guests", "o".repeat(60_000));
+        let org = guests().org(&segments(&path)).into_owned();
+        assert_eq!(org.len(), "sha256:".len() + 64, "{}", &org[..80.min(org.len())]);
     }
 }

@@ -53,7 +53,8 @@ fn key<'b>(buffer: &'b mut SmallVec<[u8; 128]>, org: &str, credential: &str) -> 
     buffer.extend(org.bytes().map(|b| b.to_ascii_lowercase()));
     buffer.push(b'\n');
     buffer.extend_from_slice(credential.as_bytes());
-    // Lowercasing ASCII bytes keeps UTF-8 valid; '\n' never occurs in a decoded path segment.
+    // Lowercasing ASCII bytes keeps UTF-8 valid. An org may hold a '\n' (`%0A`),
+    // but the credential (a config name, no '\n') comes last: keys cannot meet.
     std::str::from_utf8(buffer).unwrap_or_default()
 }
 

@@ -86,7 +86,7 @@ async fn dead_tokens_while_reloads_run_back_to_back_fail_no_request() {
         .write(&config);
     let proxy = start_proxy(&load(&config)).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
-    let until = Instant::now() + Duration::from_secs(2);
+    let until = Instant::now() + Duration::from_millis(2500);
 
     let reloading = {
         let handle = proxy.reload_handle();
@@ -110,8 +110,11 @@ async fn dead_tokens_while_reloads_run_back_to_back_fail_no_request() {
             })
         })
         .collect();
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    // Revoked 700 ms apart: a revoke that came within the forced-refresh
+    // interval (100 ms) of the last refresh would be answered 401 by design,
+    // and on a loaded machine a refresh can take most of 400 ms.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
         sandbox.revoke_all_tokens();
     }
     reloading.await.expect("reloads");
@@ -125,5 +128,5 @@ async fn dead_tokens_while_reloads_run_back_to_back_fail_no_request() {
     assert!(ok > 100, "traffic flowed: {ok}");
     assert_eq!(failed, Vec::<u16>::new(), "no request failed ({ok} succeeded)");
     let fetches = sandbox.token_requests().len();
-    assert!(fetches <= 1 + 4 * 2, "unchanged credentials were not fetched per reload: {fetches}");
+    assert!(fetches <= 1 + 3 * 2, "unchanged credentials were not fetched per reload: {fetches}");
 }
