@@ -203,7 +203,7 @@ impl Proxy {
         let credential = identity.credential;
         // The rare paths are boxed (here and below): a future has room for its
         // largest await, and every request's future is allocated and moved whole.
-        if !fleet_budgets.is_empty() {
+        if !fleet_budgets.budgets.is_empty() {
             Box::pin(self.spend_fleet_wide(&fleet_budgets)).await?;
         }
         if !admitted.delay.is_zero() {

@@ -87,6 +87,21 @@ pub struct Admitted {
     pub delay: Duration,
 }
 
+/// Fleet mode: what a request spends fleet-wide (its budgets, by limit name),
+/// and what it counted locally, to give back when the fleet refuses it.
+#[derive(Debug, Default)]
+pub struct FleetSpend {
+    pub budgets: Vec<(Arc<str>, Spend)>,
+    identity: usize,
+    credential: usize,
+    /// When the local counts were taken.
+    counted: Nanos,
+    /// Whether the identity's bucket was taken.
+    bucket: bool,
+    /// The windows counted: by rule, the organisation's key (lower case).
+    windows: SmallVec<[(usize, String); 2]>,
+}
+
 /// The name under which Tallyfy's own limits are reported.
 pub const TALLYFY_LIMIT: &str = "tallyfy";
 
@@ -199,26 +214,30 @@ impl Traffic {
     }
 
     /// Fleet mode: the budgets (by limit name) a request [`Traffic::admit`]
-    /// let through spends fleet-wide before it is sent, in one Redis round
-    /// trip. Empty outside fleet mode, and for requests no limit counts.
+    /// let through at `counted` spends fleet-wide before it is sent, in one
+    /// Redis round trip, with what it counted locally. Empty outside fleet
+    /// mode, and for requests no limit counts.
     pub fn fleet_budgets(
         &self,
         identity: usize,
         credential: usize,
         method: &Method,
         path: &str,
-    ) -> Vec<(Arc<str>, Spend)> {
-        let mut budgets = Vec::new();
+        counted: Nanos,
+    ) -> FleetSpend {
+        let mut spend = FleetSpend { identity, credential, counted, ..FleetSpend::default() };
+        let budgets = &mut spend.budgets;
         if self.fleet.is_none() {
-            return budgets;
+            return spend;
         }
         if let Some((_, name, rate)) = &self.gates[identity].bucket {
             let key = format!("rate/{name}/{}-{}", rate.per_second, rate.burst);
             budgets.push((name.clone(), Spend::Rate { key, per_second: rate.per_second, burst: rate.burst }));
+            spend.bucket = true;
         }
         let mut matching = self.rules.candidates(path);
         if matching.is_empty() {
-            return budgets;
+            return spend;
         }
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
@@ -230,8 +249,26 @@ impl Traffic {
             let org = rule.org(&segments).to_ascii_lowercase();
             let key = format!("limit/{}/{max}-{}/{org}/{credential_name}", rule.name, per.as_millis());
             budgets.push((rule.name.clone(), Spend::Window { key, max, per }));
+            spend.windows.push((i, org));
         }
-        budgets
+        spend
+    }
+
+    /// Fleet mode: the fleet refused a request this replica had counted
+    /// ([`Traffic::fleet_budgets`]); its local counts are given back, so this
+    /// replica's windows and bucket hold only requests that were sent (a
+    /// refused request spends nothing), and do not refuse on after the
+    /// fleet's window has closed.
+    pub fn give_back(&self, spend: &FleetSpend) {
+        if spend.bucket
+            && let Some((bucket, _, _)) = &self.gates[spend.identity].bucket
+        {
+            bucket.give_back();
+        }
+        let credential_name = &self.throttles[spend.credential].1;
+        for (rule, org) in &spend.windows {
+            self.rules.get(*rule).windows.give_back(org, credential_name, spend.counted);
+        }
     }
 
     /// Tallyfy answered 429 to a request of `credential` for `path`: remember it

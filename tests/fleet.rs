@@ -603,3 +603,43 @@ async fn an_identitys_rate_limit_counts_across_the_fleet() {
         "{admitted} admitted: the burst is the fleet's, not each replica's"
     );
 }
+
+/// A request the fleet refuses spends nothing on the replica that asked: its
+/// local window is given back, so once the fleet's window closes that replica
+/// admits again, where its own window (opened by the refused request) used to
+/// refuse on for up to another `per`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_fleet_refuses_spends_nothing_locally() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
+    let cap = support::table([
+        ("name", "guest-invites".into()),
+        ("methods", Value::from(vec!["POST"])),
+        ("path", "/api/organizations/{org}/guests".into()),
+        ("max", 1.into()),
+        ("per_seconds", 2.into()),
+    ]);
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap);
+    let replicas = fleet(2, &config, &redis).await;
+    let http = client();
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let post = |replica: &Replica| http.post(format!("http://{}{guests}", replica.proxy)).json(&body).send();
+    assert_ne!(post(&replicas[0]).await.expect("answered").status(), 429, "the fleet's one");
+    // The fleet's window opened before that answer came back: it closes by t0 + 2 s.
+    let t0 = Instant::now();
+    tokio::time::sleep_until((t0 + Duration::from_secs(1)).into()).await;
+    let refused = post(&replicas[1]).await.expect("answered");
+    assert_eq!(refused.status(), 429, "refused fleet-wide");
+    assert_eq!(sandbox.count("POST", &guests), 1);
+    // Past the fleet's window, and 0.8 s before the one the refused request
+    // would have opened on replica 1.
+    tokio::time::sleep_until((t0 + Duration::from_millis(2200)).into()).await;
+    assert_ne!(
+        post(&replicas[1]).await.expect("answered").status(),
+        429,
+        "a new window, fleet-wide and here"
+    );
+    assert_eq!(sandbox.count("POST", &guests), 2);
+}

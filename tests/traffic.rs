@@ -284,6 +284,28 @@ async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more");
 }
 
+/// A request sent again after a short 429 that meets a second 429 passes it on,
+/// and the second is remembered and counted like the first: the next call is
+/// held back by the proxy instead of going straight to a throttling Tallyfy.
+#[tokio::test]
+async fn a_429_to_the_request_sent_again_is_remembered_too() {
+    let sandbox = start_sandbox().await;
+    let config = config(&sandbox.base_url(), |id| id).set("upstream", "retry_429_max_wait_ms", 2000);
+    let (proxy, _dir) = proxy(config).await;
+    sandbox.fail_api("/api/me", 2, ApiFault::Throttled { retry_after: Some(1) });
+    let http = client();
+    let response = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 429, "the second 429 is passed on");
+    assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more, not twice");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_upstream_429_total{credential="ops"}"#), 2.0);
+    // Remembered: the next call waits it out (at most 2 s) rather than go at once.
+    let began = Instant::now();
+    assert_eq!(http.get(url(&proxy, "/api/me")).send().await.expect("answered").status(), 200);
+    assert!(began.elapsed() >= Duration::from_millis(500), "held back: {:?}", began.elapsed());
+    assert_eq!(sandbox.count("GET", "/api/me"), 3);
+}
+
 /// `retry_429_max_wait_ms = 0` (the default) means a 429 is never waited out,
 /// even one whose `Retry-After` is 0 or a date already past, and even when the
 /// request's body is kept for a retry.

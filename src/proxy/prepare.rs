@@ -7,10 +7,8 @@ use http::{Method, Uri};
 
 use super::response_body::LinksTo;
 use super::{Proxy, TOKEN_RETRY_AFTER};
-use std::sync::Arc;
 
 use crate::error::ProxyError;
-use crate::fleet::Spend;
 use crate::headers;
 use crate::identity::{Caller, Identity};
 use crate::method_override;
@@ -18,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::server::ConnectionInfo;
 use crate::tokens::Lease;
-use crate::traffic::{Admitted, Refused, clock};
+use crate::traffic::{Admitted, FleetSpend, Refused, clock};
 use crate::{framing, target};
 
 /// A request whose head has been rewritten for Tallyfy.
@@ -34,7 +32,7 @@ pub struct Prepared<'p> {
     pub admitted: Admitted,
     /// Fleet mode: the budgets to spend fleet-wide before sending (empty
     /// otherwise, and for requests no limit counts).
-    pub fleet_budgets: Vec<(Arc<str>, Spend)>,
+    pub fleet_budgets: FleetSpend,
 }
 
 impl Proxy {
@@ -87,12 +85,13 @@ impl Proxy {
             })?;
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
-            None => Vec::new(),
+            None => FleetSpend::default(),
             Some(_) => shared.traffic.fleet_budgets(
                 index,
                 identity.credential.index(),
                 &head.method,
                 head.uri.path(),
+                clock::nanos(now),
             ),
         };
         head.uri = shared.upstream.uri_for(&head.uri)?;
@@ -138,14 +137,16 @@ impl Proxy {
     /// Fleet mode: spends the request's budgets fleet-wide (one Redis round
     /// trip). When Redis cannot answer, this replica's own counts (already
     /// passed) stand.
-    pub(super) async fn spend_fleet_wide(&self, budgets: &[(Arc<str>, Spend)]) -> Result<(), ProxyError> {
+    pub(super) async fn spend_fleet_wide(&self, spend: &FleetSpend) -> Result<(), ProxyError> {
         let shared = &*self.shared;
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
+        let budgets = &spend.budgets;
         match fleet.spend(budgets.iter().map(|(_, spend)| spend)).await {
             Ok(None) => Ok(()),
             // The refused budget's index comes from Redis: one out of range is
             // an answer this replica cannot use, like no answer.
             Ok(Some((refused, retry_after))) if refused < budgets.len() => {
+                shared.traffic.give_back(spend);
                 let limit = budgets[refused].0.clone();
                 shared.metrics.limit_rejected(&limit);
                 Err(ProxyError::RateLimited { limit, retry_after })

@@ -130,9 +130,11 @@ impl Proxy {
             log.throttle = Some("absorbed");
             tokio::time::sleep(wait).await;
             let response = self.send_once(&mut replay.outbound(None), log, figures).await?;
-            if response.status() != StatusCode::TOO_MANY_REQUESTS {
-                traffic.answered(credential);
+            if response.status() == StatusCode::TOO_MANY_REQUESTS {
+                // Remembered, counted and told like the first; never waited out twice.
+                return Box::pin(self.throttled(response, None, target, log, figures)).await;
             }
+            traffic.answered(credential);
             return Ok(Answer::Streaming(response));
         }
         Ok(Answer::Read(passed_on(parts, bytes)))

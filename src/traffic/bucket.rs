@@ -62,6 +62,15 @@ impl Bucket {
             }
         }
     }
+
+    /// Gives one taken place back (a request the fleet refused after it was
+    /// taken here): the arrival time moves back one interval.
+    pub fn give_back(&self) {
+        let interval = self.rate.interval();
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| Some(tat.saturating_sub(interval)));
+    }
 }
 
 #[cfg(test)]
@@ -69,6 +78,17 @@ mod tests {
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_place_given_back_can_be_taken_again() {
+        let bucket = Bucket::new(Rate { per_second: 1, burst: 2 });
+        let now = 100 * SECOND;
+        assert!(bucket.take(now).is_ok() && bucket.take(now).is_ok());
+        assert!(bucket.take(now).is_err(), "the burst is spent");
+        bucket.give_back();
+        assert!(bucket.take(now).is_ok(), "the place given back");
+        assert!(bucket.take(now).is_err());
+    }
 
     #[test]
     fn a_burst_passes_at_once_then_the_rate_holds() {

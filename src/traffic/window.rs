@@ -103,6 +103,25 @@ impl Windows {
     }
 }
 
+impl Windows {
+    /// Takes back one request of `credential` for `org` counted at `counted`
+    /// (one the fleet then refused): from the window it was counted in, if that
+    /// one is still kept; a window it leaves empty is dropped, as if never opened.
+    pub fn give_back(&self, org: &str, credential: &str, counted: Nanos) {
+        let mut buffer = SmallVec::new();
+        let key = key(&mut buffer, org, credential);
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(window) = open.get_mut(key) else { return };
+        if window.opened > counted {
+            return; // a later window, opened by another request
+        }
+        window.count = window.count.saturating_sub(1);
+        if window.count == 0 {
+            open.remove(key);
+        }
+    }
+}
+
 /// Drops the closed windows, then, while open ones still hold more than
 /// `MAX_KEYS - EVICTED` places, the ones that counted least (the oldest among
 /// equals) down to that: the scan under the rule's lock is paid once per
@@ -134,6 +153,19 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_request_given_back_leaves_no_trace_and_a_later_window_is_left_alone() {
+        let windows = Windows::default();
+        let per = Duration::from_secs(2);
+        assert_eq!(windows.count("Org", "app", 10 * SECOND, 1, per), Ok(()));
+        assert!(windows.count("org", "app", 11 * SECOND, 1, per).is_err(), "full");
+        windows.give_back("ORG", "app", 10 * SECOND);
+        assert_eq!(windows.open.lock().expect("lock").len(), 0, "the emptied window is dropped");
+        assert_eq!(windows.count("org", "app", 11 * SECOND, 1, per), Ok(()), "counted afresh");
+        windows.give_back("org", "app", 10 * SECOND);
+        assert!(windows.count("org", "app", 12 * SECOND, 1, per).is_err(), "the later window kept its count");
+    }
 
     #[test]
     fn thirty_an_hour_then_refused_until_the_window_closes() {
