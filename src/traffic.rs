@@ -14,7 +14,9 @@
 //! [`TrafficState`]. Each config generation gets a [`Traffic`]: its rules and,
 //! per identity and credential, the state it counts in, found by settings, so
 //! a reload that leaves a limit unchanged keeps its counts (an hourly window
-//! is not reset) and a changed one starts afresh. Requests read a generation's
+//! is not reset) and a changed one starts afresh; an identity's open requests
+//! are counted by its name alone (a changed `max_in_flight` counts the
+//! requests already open). Requests read a generation's
 //! `Traffic` through the generation's snapshot and count in atomics: no lock on
 //! the hot path (the windows of a matching `[[limits]]` rule take a short one).
 
@@ -177,7 +179,7 @@ impl Traffic {
         // nothing of the limits it passed.
         let gate = &self.gates[identity];
         if let Some(in_flight) = &gate.in_flight {
-            admitted.place = Some(in_flight.enter().ok_or(Refused::InFlight { max: in_flight.max })?);
+            admitted.place = Some(in_flight.enter().ok_or(Refused::InFlight { max: in_flight.max() })?);
         }
         let refused = |rule: &Rule, wait| Refused::RateLimited {
             limit: rule.name.clone(),
@@ -343,7 +345,7 @@ fn org_of<S: AsRef<str>>(segments: &[S]) -> &str {
     }
 }
 
-/// Key of an identity's bucket or in-flight count: its name and settings.
+/// Key of an identity's bucket: its name and settings.
 type IdentityKey<T> = (String, T);
 
 /// The process-wide traffic state, across config generations. Only the
@@ -352,7 +354,8 @@ type IdentityKey<T> = (String, T);
 #[derive(Debug, Default)]
 pub struct TrafficState {
     buckets: Mutex<HashMap<IdentityKey<Rate>, Arc<Bucket>>>,
-    in_flight: Mutex<HashMap<IdentityKey<usize>, Arc<InFlight>>>,
+    /// By identity name alone: a changed `max_in_flight` keeps the count.
+    in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
     windows: Mutex<HashMap<RuleSettings, Arc<Windows>>>,
     throttles: Mutex<HashMap<String, Arc<Throttle>>>,
     budget: Arc<Budget>,
@@ -403,9 +406,9 @@ impl TrafficState {
                     (bucket, Arc::from(format!("{name}.rate_limit")), rate)
                 }),
                 in_flight: limits.max_in_flight.map(|max| {
-                    let key = (name.to_owned(), max);
-                    let count = in_flight.remove(&key).unwrap_or_else(|| Arc::new(InFlight::new(max)));
-                    kept_in_flight.insert(key, count.clone());
+                    let count = in_flight.remove(name).unwrap_or_else(|| Arc::new(InFlight::new(max)));
+                    count.set_max(max);
+                    kept_in_flight.insert(name.to_owned(), count.clone());
                     count
                 }),
             })

@@ -64,6 +64,21 @@ fn open_requests_are_capped_until_their_places_are_given_back() {
     assert!(traffic.admit(0, 0, &Method::GET, "/api/me", 0).is_ok());
 }
 
+/// A reload that changes `max_in_flight` keeps the identity's count: the
+/// requests open under the old maximum hold their places against the new one,
+/// where a fresh count let old and new together run past it.
+#[test]
+fn a_changed_max_in_flight_counts_the_requests_already_open() {
+    let state = TrafficState::new();
+    let first = state.generation(&Settings::default(), &[("billing", limited(None, Some(4)))], &["ops"]);
+    let held: Vec<_> =
+        (0..3).map(|_| first.admit(0, 0, &Method::GET, "/api/me", SECOND).expect("open")).collect();
+    let lowered = state.generation(&Settings::default(), &[("billing", limited(None, Some(2)))], &["ops"]);
+    assert!(lowered.admit(0, 0, &Method::GET, "/api/me", SECOND).is_err(), "three open fill two");
+    drop(held);
+    assert!(lowered.admit(0, 0, &Method::GET, "/api/me", SECOND).is_ok());
+}
+
 #[test]
 fn an_hourly_cap_counts_per_org_and_credential_and_reopens_with_the_window() {
     let state = TrafficState::new();
