@@ -22,7 +22,7 @@ use crate::request_id;
 use crate::server::ConnectionInfo;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
-use crate::traffic::Traffic;
+use crate::traffic::{Traffic, throttle};
 use crate::upstream::{Outbound, Upstream, UpstreamBody};
 use crate::{dates, links, tokens};
 
@@ -209,7 +209,8 @@ impl Proxy {
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
             log.throttle = Some("waited");
-            Box::pin(tokio::time::sleep(admitted.delay)).await;
+            let asleep = throttle::spread(admitted.delay, rand::random());
+            Box::pin(tokio::time::sleep(asleep)).await;
         }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };

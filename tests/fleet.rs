@@ -519,6 +519,20 @@ async fn redis_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnect
     client.get_multiplexed_async_connection().await.expect("connect")
 }
 
+/// The sandbox org's guests path, and a fleet config (the fixture user) with a
+/// `guest-invites` limit of `max` `POST`s per `per_seconds` on it.
+fn guest_invites(sandbox: &Sandbox, max: i64, per_seconds: i64) -> (String, TestConfig) {
+    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
+    let cap = support::table([
+        ("name", "guest-invites".into()),
+        ("methods", Value::from(vec!["POST"])),
+        ("path", "/api/organizations/{org}/guests".into()),
+        ("max", max.into()),
+        ("per_seconds", per_seconds.into()),
+    ]);
+    (guests, fleet_config(sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap))
+}
+
 /// The sealed token sets' keys.
 async fn token_keys(connection: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     redis::cmd("KEYS").arg("*/tokens/*").query_async(connection).await.expect("keys")
@@ -529,15 +543,7 @@ async fn a_limit_of_30_across_three_replicas_admits_30_in_all_and_429s_are_share
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
-    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
-    let cap = support::table([
-        ("name", "guest-invites".into()),
-        ("methods", Value::from(vec!["POST"])),
-        ("path", "/api/organizations/{org}/guests".into()),
-        ("max", 30.into()),
-        ("per_seconds", 3600.into()),
-    ]);
-    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap);
+    let (guests, config) = guest_invites(&sandbox, 30, 3600);
     let replicas = fleet(3, &config, &redis).await;
     let http = client();
     let body = serde_json::json!({ "email": "guest@example.com" });
@@ -613,15 +619,7 @@ async fn a_request_the_fleet_refuses_spends_nothing_locally() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
-    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
-    let cap = support::table([
-        ("name", "guest-invites".into()),
-        ("methods", Value::from(vec!["POST"])),
-        ("path", "/api/organizations/{org}/guests".into()),
-        ("max", 1.into()),
-        ("per_seconds", 2.into()),
-    ]);
-    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap);
+    let (guests, config) = guest_invites(&sandbox, 1, 2);
     let replicas = fleet(2, &config, &redis).await;
     let http = client();
     let body = serde_json::json!({ "email": "guest@example.com" });

@@ -23,6 +23,13 @@ pub fn backoff(streak: u32) -> Duration {
     Duration::from_secs(1u64 << streak.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
+/// How long a request held back by a remembered 429 sleeps: the `wait`, and up
+/// to a tenth more (`jitter` in `[0, 1)`), so the requests one 429 held back
+/// do not all reach Tallyfy in the instant it lifts.
+pub fn spread(wait: Duration, jitter: f64) -> Duration {
+    wait + wait.mul_f64(0.1 * jitter.clamp(0.0, 1.0))
+}
+
 /// The longest wait a 429 is remembered for, whatever its `Retry-After` says
 /// (or another replica reports): Tallyfy's limits are per hour, so an hour
 /// covers any of them, and a broken or hostile `Retry-After: 99999999999` does
@@ -141,6 +148,15 @@ mod tests {
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn held_back_requests_wake_over_a_tenth_of_the_wait() {
+        let wait = Duration::from_secs(2);
+        assert_eq!(spread(wait, 0.0), wait, "never sooner than the 429 lifts");
+        assert_eq!(spread(wait, 0.5), Duration::from_millis(2100));
+        assert!(spread(wait, 0.999_999) < Duration::from_millis(2200));
+        assert_eq!(spread(wait, 7.0), Duration::from_millis(2200), "jitter is clamped");
+    }
 
     #[test]
     fn without_retry_after_the_wait_doubles_from_one_second_to_a_minute() {
