@@ -95,6 +95,11 @@ pub(super) fn millis(
 
 pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
     let text = value.get_ref();
+    let authority = text.split_once("://").map_or(text.as_str(), |(_, rest)| rest);
+    if authority.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@')) {
+        // Checked first, and the URL never quoted: its user-info may be a password.
+        return Err(ctx.at(value, key, "must not carry credentials in the URL (its value is not shown)"));
+    }
     let uri: Uri = text.parse().map_err(|e| ctx.at(value, key, format!("{text:?} is not a URL: {e}")))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
     if !scheme_ok || uri.authority().is_none() {
@@ -104,23 +109,39 @@ pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Res
             format!("{text:?} must start with http:// or https:// and name a host"),
         ));
     }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(ctx.at(value, key, "must not carry credentials in the URL"));
-    }
     Ok(uri)
 }
 
-/// A list of HTTP methods (`["GET", "post"]`), uppercased.
+/// A list of HTTP methods (`["GET", "post"]`), uppercased: the methods
+/// Tallyfy's API serves. Any other word (`PSOT`) is a typo that would make a
+/// rule or a policy name a method no request has.
 pub(super) fn methods(
     ctx: &Ctx<'_>,
     list: &Spanned<Vec<String>>,
     key: &str,
 ) -> Result<Vec<Method>, ConfigError> {
+    const SERVED: [Method; 7] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ];
     list.get_ref()
         .iter()
         .map(|m| {
             Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                .map_err(|_| ctx.at(list, key, format!("{m:?} is not an HTTP method")))
+                .ok()
+                .filter(|method| SERVED.contains(method))
+                .ok_or_else(|| {
+                    ctx.at(
+                        list,
+                        key,
+                        format!("{m:?} is not one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                    )
+                })
         })
         .collect()
 }

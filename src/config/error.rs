@@ -14,15 +14,34 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// One line: the key and the message quote what the file holds (a quoted
+    /// TOML key may hold a newline or an escape sequence), so control
+    /// characters are written escaped, never raw into a log or a terminal.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        write!(f, "{}", Escaped(&self.file.display().to_string()))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if !self.key.is_empty() {
-            write!(f, ": {}", self.key)?;
+            write!(f, ": {}", Escaped(&self.key))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", Escaped(&self.message))
+    }
+}
+
+/// Text with its control characters escaped (`\n`, `\u{1b}`).
+struct Escaped<'a>(&'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -55,5 +74,23 @@ mod tests {
             message: "must start with http:// or https://".into(),
         };
         assert_eq!(e.to_string(), "proxy.toml:7: upstream.base_url: must start with http:// or https://");
+    }
+
+    /// A quoted key holding a newline and a forged log line, or an escape
+    /// sequence, stays on one line with its bytes escaped.
+    #[test]
+    fn control_characters_never_reach_the_line_raw() {
+        let e = ConfigError {
+            file: "proxy.toml".into(),
+            line: Some(3),
+            key: "evil\n2026-11-27T00:00:00Z  INFO tallyfy_proxy::access: forged\u{1b}[2J".into(),
+            message: "unknown field `x\ry`".into(),
+        };
+        let line = e.to_string();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.contains("evil\\n2026") && line.contains("\\u{1b}[2J") && line.contains("x\\ry"),
+            "{line}"
+        );
     }
 }

@@ -36,10 +36,9 @@ impl SecretSource {
     pub fn resolve(&self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
         let value = match self {
             Self::Env(name) => env(name).ok_or_else(|| format!("environment variable {name} is not set"))?,
-            Self::File(path) => {
-                let path = base_dir.join(path);
-                std::fs::read_to_string(&path)
-                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?
+            Self::File(path) => read_secret_file(&base_dir.join(path))?,
+            Self::Inline(secret) if secret.expose().is_empty() => {
+                return Err(format!("{} is empty", self.describe()));
             }
             Self::Inline(secret) => return Ok(secret.clone()),
         };
@@ -63,6 +62,29 @@ impl SecretSource {
     pub fn is_inline(&self) -> bool {
         matches!(self, Self::Inline(_))
     }
+}
+
+/// The most a secret file may hold: a token, a key or a certificate is far
+/// smaller, and a path pointing at something else must not be read whole.
+pub const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+/// A secret file's text: a regular file (not a FIFO or a device, which a
+/// reload would block on or read forever) of at most [`MAX_SECRET_FILE`] bytes.
+pub(crate) fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let cannot = |e: &dyn fmt::Display| format!("cannot read secret file {}: {e}", path.display());
+    let metadata = std::fs::metadata(path).map_err(|e| cannot(&e))?;
+    if !metadata.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_SECRET_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| cannot(&e))?;
+    if text.len() as u64 > MAX_SECRET_FILE {
+        return Err(cannot(&format_args!("larger than {} KiB", MAX_SECRET_FILE / 1024)));
+    }
+    Ok(text)
 }
 
 impl<'de> serde::Deserialize<'de> for SecretSource {
@@ -123,5 +145,45 @@ impl<'de> Visitor<'de> for SourceVisitor {
             return Err(de::Error::custom(format!("`{extra}`: give exactly one of env or file")));
         }
         Ok(source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(dir: &Path, name: &str) -> Result<Secret, String> {
+        SecretSource::File(name.into()).resolve(dir, &|_| None)
+    }
+
+    /// A secret path that names a FIFO, a directory or a huge file is refused
+    /// at once: a reload used to block on the FIFO (the whole proxy with it)
+    /// or read the file whole.
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("token"), "t0ken\n").expect("write");
+        assert_eq!(read(dir.path(), "token").expect("read").expose(), "t0ken");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(made.success());
+        assert!(read(dir.path(), "fifo").expect_err("a FIFO").contains("not a regular file"));
+        std::fs::create_dir(dir.path().join("dir")).expect("dir");
+        assert!(read(dir.path(), "dir").expect_err("a directory").contains("not a regular file"));
+        std::fs::write(dir.path().join("huge"), vec![b'x'; 64 * 1024 + 1]).expect("write");
+        assert!(read(dir.path(), "huge").expect_err("too large").contains("larger than 64 KiB"));
+        std::fs::write(dir.path().join("edge"), vec![b'x'; 64 * 1024]).expect("write");
+        assert_eq!(read(dir.path(), "edge").expect("64 KiB is fine").expose().len(), 64 * 1024);
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused_from_every_source() {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("empty"), "\n").expect("write");
+        assert!(read(dir.path(), "empty").is_err());
+        let inline = SecretSource::Inline(Secret::new(""));
+        assert_eq!(inline.resolve(dir.path(), &|_| None).expect_err("empty"), "inline value is empty");
+        let env = SecretSource::Env("E".into());
+        assert!(env.resolve(dir.path(), &|_| Some(String::new())).is_err());
     }
 }

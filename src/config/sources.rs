@@ -31,17 +31,31 @@ pub fn files(config: &Config) -> Option<Vec<PathBuf>> {
     Some(files)
 }
 
-/// What `files` hold now.
+/// The most of one file the fingerprint reads: beyond it a file is refused
+/// when the config is read anyway (a secret file over 64 KiB, a config or CA
+/// bundle this large is no config).
+const FINGERPRINTED: u64 = 16 * 1024 * 1024;
+
+/// What `files` hold now. Only regular files are read (a FIFO or a device the
+/// config names would block the reloader or never end), each up to
+/// [`FINGERPRINTED`] bytes.
 pub fn fingerprint(files: &[PathBuf]) -> Fingerprint {
+    use std::io::Read;
     let mut hash = Sha256::new();
     for file in files {
         hash.update(file.as_os_str().as_encoded_bytes());
-        match std::fs::read(file) {
-            Ok(contents) => {
+        let mut contents = Vec::new();
+        let read = std::fs::metadata(file)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .and_then(|_| std::fs::File::open(file).ok())
+            .and_then(|f| f.take(FINGERPRINTED).read_to_end(&mut contents).ok());
+        match read {
+            Some(_) => {
                 hash.update((contents.len() as u64).to_le_bytes());
                 hash.update(&contents);
             }
-            Err(_) => hash.update(u64::MAX.to_le_bytes()),
+            None => hash.update(u64::MAX.to_le_bytes()),
         }
     }
     hash.finalize().into()

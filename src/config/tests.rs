@@ -148,6 +148,45 @@ fn bad_values_name_key_and_line() {
     }
 }
 
+/// Values a file may hold by mistake that used to pass or to print what they
+/// should not: a password in a URL that does not parse, an empty inline
+/// secret, a level typo that turned every log line off, a bound no runtime
+/// can take.
+#[test]
+fn mistakes_are_refused_without_printing_a_secret() {
+    let cases = [
+        (MINIMAL.replace("https://go.tallyfy.com", "https://app:S3CRET^@go.tallyfy.com"), "S3CRET"),
+        (MINIMAL.replace("https://go.tallyfy.com", "https://app:S3CRET@go.tallyfy.com"), "S3CRET"),
+        (MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", "\"\""), "inline value is empty"),
+    ];
+    for (source, hidden_or_said) in cases {
+        let error = error_of(&source).to_string();
+        if hidden_or_said == "S3CRET" {
+            assert!(!error.contains("S3CRET") && error.contains("credentials"), "{error}");
+        } else {
+            assert!(error.contains(hidden_or_said), "{error}");
+        }
+    }
+    for (key, value) in [
+        ("max_connections", "4611686018427387904"),
+        ("max_headers", "1000000"),
+        ("max_header_bytes", "2000000"),
+    ] {
+        let error = error_of(&format!("{MINIMAL}\n[server]\n{key} = {value}\n"));
+        assert_eq!(error.key, format!("server.{key}"), "{error}");
+        assert!(error.message.starts_with("must be at most"), "{error}");
+    }
+    let typo =
+        MINIMAL.replace("match = { any = true }", "match = { any = true }\nmethods = [\"GET\", \"PSOT\"]");
+    let error = error_of(&typo).to_string();
+    assert!(error.contains("\"PSOT\" is not one of"), "{error}");
+    let level = error_of(&format!("{MINIMAL}\n[log]\nlevel = \"inof\"\n")).to_string();
+    assert!(level.contains("log.level") && level.contains("\"inof\" is not a level"), "{level}");
+    for fine in ["warn", "info,hyper=warn", "tallyfy_proxy=debug", "OFF"] {
+        parse(&format!("{MINIMAL}\n[log]\nlevel = \"{fine}\"\n")).unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+}
+
 #[test]
 fn plain_text_secrets_work_with_a_warning_that_hides_them() {
     let source = MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", "\"inline-secret\"");

@@ -57,6 +57,21 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
                 tracing_subscriber::EnvFilter::builder()
                     .parse(level.get_ref())
                     .map_err(|e| ctx.at(level, "log.level", format!("not a valid filter: {e}")))?;
+                // A bare word is read as a target name: `inof` would log nothing at all.
+                if let Some(word) = level.get_ref().split(',').map(str::trim).find(|directive| {
+                    !directive.is_empty()
+                        && !directive.contains('=')
+                        && directive.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
+                }) {
+                    return Err(ctx.at(
+                        level,
+                        "log.level",
+                        format!(
+                            "{word:?} is not a level (error, warn, info, debug, trace, off); \
+                             a target's level is written target=level"
+                        ),
+                    ));
+                }
                 level.get_ref().clone()
             }
         },
