@@ -41,6 +41,9 @@ pub use watch::Trigger;
 /// config serves anyway (callers of a credential still without a token get 503).
 pub const READY_WAIT: Duration = Duration::from_secs(10);
 
+/// How often that wait looks at the credentials it waits for.
+const READY_POLL: Duration = Duration::from_millis(25);
+
 /// A burst of file events (an editor's save, a Kubernetes symlink swap) is one
 /// reload: it happens once the files have been quiet this long...
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -346,13 +349,27 @@ impl Reloader {
             traffic(&new, &self.traffic),
         );
         // Changed credentials are fetched before the new config serves. Meanwhile
-        // the old generation serves on with the tokens it holds. A shutdown does
-        // not wait for this.
-        if !tokens.not_ready(tokio::time::Instant::now()).is_empty() {
+        // the old generation serves on with the tokens it holds. Only those the
+        // old generation could serve with are waited for: a credential that had
+        // no token before gains nothing by the wait, and the rest of the new
+        // config (a removed API key, a narrowed policy) must not wait on it. A
+        // shutdown does not wait for this.
+        let unready_before = self.current.load().tokens().not_ready(tokio::time::Instant::now());
+        let awaited = |now| {
+            let mut names = tokens.not_ready(now);
+            names.retain(|name| !unready_before.contains(name));
+            names
+        };
+        if !awaited(tokio::time::Instant::now()).is_empty() {
+            let settled = async {
+                while !awaited(tokio::time::Instant::now()).is_empty() {
+                    tokio::time::sleep(READY_POLL).await;
+                }
+            };
             tokio::select! {
-                () = tokens.ready() => {}
+                () = settled => {}
                 () = tokio::time::sleep(READY_WAIT) => {
-                    let waiting = tokens.not_ready(tokio::time::Instant::now()).join(", ");
+                    let waiting = awaited(tokio::time::Instant::now()).join(", ");
                     tracing::warn!(credentials = %waiting, "reloaded config serves before these credentials have a token");
                 }
                 () = shutdown.cancelled() => {}

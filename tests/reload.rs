@@ -193,3 +193,35 @@ async fn in_flight_requests_finish_on_the_config_they_started_with() {
     };
     assert_eq!(status("k1").await, 401, "new requests see the new config");
 }
+
+/// A reload that removes an identity applies at once, even while another
+/// credential still has no token: waiting for that credential gains nothing
+/// (the old generation has none either), and the removed key used to keep
+/// working with a real token for the whole 10-second wait.
+#[tokio::test]
+async fn a_removed_key_stops_at_once_while_another_credential_has_no_token() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), "not-the-app-secret");
+    std::fs::write(dir.path().join("secrets/ops_token"), tallyfy_sandbox::fixtures::PERSONAL_TOKEN)
+        .expect("write");
+    let both = |keys: &[(&'static str, &'static str)]| {
+        keys.iter().fold(
+            config(&sandbox.base_url(), "k-app")
+                .credential(Credential::personal("ops", Secret::File("secrets/ops_token"))),
+            |config, (name, key)| config.identity(Identity::new(name, "ops", Match::ApiKey(key))),
+        )
+    };
+    both(&[("one", "k1"), ("two", "k2")]).write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy_unready(&load(&dir.path().join("proxy.toml"))).await;
+    let me = format!("http://{}/api/me", proxy.proxy_addr());
+    let status =
+        async |key: &str| client().get(&me).header("x-api-key", key).send().await.expect("answered").status();
+    assert_eq!(status("k2").await, 200, "served with the ops token; the app credential has none");
+
+    both(&[("one", "k1")]).write(&dir.path().join("proxy.toml"));
+    let written = Instant::now();
+    wait_for("the reload applies", async || reloads(&proxy, "applied") >= 1).await;
+    assert!(written.elapsed() < Duration::from_secs(5), "applied after {:?}", written.elapsed());
+    assert_ne!(status("k2").await, 200, "the removed key no longer serves");
+    assert_eq!(status("k1").await, 200);
+}
