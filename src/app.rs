@@ -37,12 +37,16 @@ fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
         slots: ConnectionSlots::new(server.max_connections),
         max_head_bytes: ceilings.bytes,
         max_header_fields: ceilings.fields,
+        // Callers share addresses (a NAT, a node's sidecars): no cap per peer.
+        per_peer: None,
     }
 }
 
 /// Connections the admin listener holds at once: probes and scrapes need few,
 /// and a flood of them must not exhaust file descriptors.
 pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// The most admin connections one peer address may hold open.
+pub const ADMIN_MAX_PER_PEER: usize = 16;
 
 /// The longest any admin connection timer runs.
 const ADMIN_TIMER_CAP: Duration = Duration::from_secs(5);
@@ -292,6 +296,10 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
             slots: ConnectionSlots::new(ADMIN_MAX_CONNECTIONS),
             max_head_bytes: 16 * 1024,
             max_header_fields: 64,
+            // And one peer address holds at most 16 of them: a peer that keeps
+            // connections alive with a request every few seconds (the timers
+            // never fire) cannot take all 256.
+            per_peer: Some(ADMIN_MAX_PER_PEER),
         },
         metrics.connections("admin"),
         move |_connection| {

@@ -152,7 +152,8 @@
 //!   `Content-Length` beside `chunked` is refused; where the next head stands
 //!   after a response), `activity.rs` (requests in flight, idleness, responses
 //!   that stall),
-//!   `watch.rs` (the connection's timers polled only when they fire).
+//!   `watch.rs` (the connection's timers polled only when they fire),
+//!   `peers.rs` (connections per peer address, capped on the admin port).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.
 //! - [`traffic`]: local limits (`bucket`, `in_flight`, `window`, `rules`),
 //!   Tallyfy's 429s remembered (`throttle`), retries and their budget

@@ -25,6 +25,7 @@ mod activity;
 mod conn_io;
 mod connection;
 mod head_tap;
+mod peers;
 mod sniff;
 mod watch;
 
@@ -65,6 +66,9 @@ pub struct ConnectionLimits {
     pub max_head_bytes: usize,
     /// Hard ceiling for the number of header fields (same split as above).
     pub max_header_fields: usize,
+    /// The most connections one peer address may hold open (the admin port);
+    /// `None`: no cap but `slots`.
+    pub per_peer: Option<usize>,
 }
 
 /// The places for open connections under a listener's `max_connections`: one
@@ -119,6 +123,7 @@ pub async fn serve<M, S, F, B>(
         .keep_alive_interval(ping)
         .keep_alive_timeout(ping);
     let permits = limits.slots.0.clone();
+    let peers = limits.per_peer.map(peers::PeerPlaces::new);
     let shared = Arc::new(Listener {
         tls: tls.map(TlsAcceptor::from),
         limits,
@@ -135,6 +140,17 @@ pub async fn serve<M, S, F, B>(
             Some(_finished) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let peer_place = match &peers {
+                        None => None,
+                        Some(peers) => match peers.take(peer.ip()) {
+                            Some(place) => Some(place),
+                            None => {
+                                counters.refused.inc();
+                                tracing::debug!(%peer, "this peer's connections are at their cap; connection closed");
+                                continue;
+                            }
+                        },
+                    };
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
                         counters.refused.inc();
                         tracing::debug!(%peer, "max_connections reached; connection closed");
@@ -143,7 +159,7 @@ pub async fn serve<M, S, F, B>(
                     if let Err(error) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %error, "set_nodelay failed");
                     }
-                    let open = OpenConnection::new(&counters.open, permit);
+                    let open = OpenConnection::new(&counters.open, permit, peer_place);
                     connections.spawn(connection(shared.clone(), stream, peer, open));
                 }
                 Err(error) => {

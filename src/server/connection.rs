@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::activity::{Activity, Counted};
 use super::conn_io::ConnIo;
 use super::head_tap::HeadTap;
+use super::peers::PeerPlace;
 use super::sniff::{Protocol, sniff};
 use super::watch::Watched;
 use super::{BoxError, ConnectionInfo, ConnectionLimits};
@@ -38,16 +39,18 @@ pub(super) struct Listener<M> {
     pub shutdown: CancellationToken,
 }
 
-/// Holds a connection's place under `max_connections` and in the open gauge.
+/// Holds a connection's place under `max_connections`, under its peer's cap
+/// (if the listener has one) and in the open gauge.
 pub(super) struct OpenConnection {
     open: Gauge,
     _permit: OwnedSemaphorePermit,
+    _peer_place: Option<PeerPlace>,
 }
 
 impl OpenConnection {
-    pub fn new(open: &Gauge, permit: OwnedSemaphorePermit) -> Self {
+    pub fn new(open: &Gauge, permit: OwnedSemaphorePermit, peer_place: Option<PeerPlace>) -> Self {
         open.inc();
-        OpenConnection { open: open.clone(), _permit: permit }
+        OpenConnection { open: open.clone(), _permit: permit, _peer_place: peer_place }
     }
 }
 

@@ -237,6 +237,44 @@ async fn the_admin_listener_lets_an_idle_http2_peer_go_within_5_seconds() {
     assert!(began.elapsed() >= Duration::from_secs(4), "at the cap: {:?}", began.elapsed());
 }
 
+/// One peer address keeping its admin connections busy (a `/livez` every few
+/// seconds on each, so no timer ever fires) holds at most 16 of the port's 256
+/// places: another address (the kubelet's) still has its probe answered. One
+/// peer used to be able to take all 256 and fail the pod's liveness probe.
+#[tokio::test]
+async fn one_peer_cannot_take_every_admin_place() {
+    // The default timers (the admin port's at 5 s): the held connections stay.
+    let stack = Stack::start_with(|config| config).await;
+    let admin = stack.proxy.admin_addr();
+    let livez = b"GET /livez HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut stream = TcpStream::connect(admin).await.expect("connect");
+        stream.write_all(livez).await.expect("write");
+        assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 200"), "one of the peer's 16");
+        held.push(stream);
+    }
+    let seventeenth = exchange(admin, livez, Duration::from_secs(5)).await;
+    assert!(seventeenth.closed && seventeenth.bytes.is_empty(), "{:?}", seventeenth.text());
+    // Another address on the loopback network: the kubelet's probe.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+    let mut kubelet = socket.connect(admin).await.expect("connect");
+    kubelet.write_all(livez).await.expect("write");
+    assert!(read_response(&mut kubelet).await.starts_with("HTTP/1.1 200"), "another peer is answered");
+    // A place given back is the peer's again.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = exchange(admin, livez, Duration::from_millis(300)).await;
+        if answer.text().starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the admin listener at `admin` reports `line`, or fails naming `what`.
 async fn metrics_show(admin: std::net::SocketAddr, line: &str, within: Duration, what: &str) -> Duration {
     let began = Instant::now();
