@@ -99,6 +99,10 @@ pub struct ListenTls {
     pub verifies_client_certs: bool,
     /// SHA-256 over the certificate, key and client CA files, to notice changes.
     pub fingerprint: [u8; 32],
+    /// Those files (as written: relative to the config file's directory),
+    /// watched so a renewed certificate is noticed (and logged as taking
+    /// effect after a restart).
+    pub files: Vec<std::path::PathBuf>,
 }
 
 /// Limits and timeouts of the proxy listener.

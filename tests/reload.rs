@@ -225,3 +225,27 @@ async fn a_removed_key_stops_at_once_while_another_credential_has_no_token() {
     assert_ne!(status("k2").await, 200, "the removed key no longer serves");
     assert_eq!(status("k1").await, 200);
 }
+
+/// A renewed `listen.tls` certificate (cert-manager rewriting its Secret) is
+/// noticed: the reload runs, and says the certificate takes effect after a
+/// restart. Its files were not watched, so nothing noticed until a SIGHUP.
+#[tokio::test]
+async fn a_renewed_listen_certificate_is_noticed() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
+    let write_cert = |dir: &Path| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+    };
+    write_cert(dir.path());
+    let tls = support::table([("cert", "server.pem".into()), ("key", "server.key".into())]);
+    config(&sandbox.base_url(), "k1").set("listen", "tls", tls).write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    write_cert(dir.path());
+    wait_for("the renewed certificate is noticed", async || reloads(&proxy, "applied") >= 1).await;
+}

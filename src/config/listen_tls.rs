@@ -64,6 +64,11 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
         client_cert_required,
         verifies_client_certs: raw.client_ca.is_some(),
         fingerprint: fingerprint(ctx, raw),
+        files: [Some(&raw.cert), Some(&raw.key), raw.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|path| std::path::PathBuf::from(path.get_ref()))
+            .collect(),
     })
 }
 

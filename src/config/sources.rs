@@ -1,5 +1,5 @@
 //! The files a config is read from (`proxy.toml`, its secret files,
-//! `upstream.ca_file`) and a fingerprint of what they held, so the reloader can
+//! `upstream.ca_file`, the `listen.tls` files) and a fingerprint of what they held, so the reloader can
 //! tell a real change from a touch, and a change made while the config was
 //! being started from one made before it was read.
 
@@ -26,6 +26,7 @@ pub fn files(config: &Config) -> Option<Vec<PathBuf>> {
         }
     }
     files.extend(config.upstream.ca_file.clone());
+    files.extend(config.listen.tls.iter().flat_map(|tls| tls.files.iter().map(|path| config_dir.join(path))));
     files.sort();
     files.dedup();
     Some(files)
