@@ -78,13 +78,14 @@ pub(super) fn for_identity(
     order: Option<&Spanned<String>>,
     key: &str,
 ) -> Result<Option<Arc<DateRules>>, ConfigError> {
+    // Checked even with rewriting off: a typo must not wait until it is turned on.
+    let order = order.map(|order| input_order(ctx, order, key).map(|o| (order, o))).transpose()?;
     if !dates.enabled {
         return Ok(None);
     }
     match order {
         None => Ok(Some(dates.rules.clone())),
-        Some(order) => {
-            let input_order = input_order(ctx, order, key)?;
+        Some((_, input_order)) => {
             Ok(Some(Arc::new(DateRules { input_order, ..DateRules::clone(&dates.rules) })))
         }
     }

@@ -120,7 +120,7 @@ pub struct RawTokens {
     pub default_lifetime_ms: Option<Spanned<u64>>,
     pub dead_token_statuses: Option<Spanned<Vec<u16>>>,
     pub replay_max_body_bytes: Option<u64>,
-    pub min_forced_refresh_interval_ms: Option<u64>,
+    pub min_forced_refresh_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -180,6 +180,12 @@ fn mistakes_are_refused_without_printing_a_secret() {
         MINIMAL.replace("match = { any = true }", "match = { any = true }\nmethods = [\"GET\", \"PSOT\"]");
     let error = error_of(&typo).to_string();
     assert!(error.contains("\"PSOT\" is not one of"), "{error}");
+    let guard_off = error_of(&format!("{MINIMAL}\n[tokens]\nmin_forced_refresh_interval_ms = 0\n"));
+    assert_eq!(guard_off.key, "tokens.min_forced_refresh_interval_ms", "{guard_off}");
+    let order =
+        MINIMAL.replace("match = { any = true }", "match = { any = true }\ndate_input_order = \"dmy\"");
+    let order = error_of(&format!("{order}\n[dates]\nenabled = false\n"));
+    assert!(order.message.contains("\"dmy\""), "checked with rewriting off: {order}");
     let level = error_of(&format!("{MINIMAL}\n[log]\nlevel = \"inof\"\n")).to_string();
     assert!(level.contains("log.level") && level.contains("\"inof\" is not a level"), "{level}");
     for fine in ["warn", "info,hyper=warn", "tallyfy_proxy=debug", "OFF"] {

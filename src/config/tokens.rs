@@ -1,7 +1,5 @@
 //! `[tokens]`: refresh schedule, replay and dead-token statuses.
 
-use std::time::Duration;
-
 use toml::Spanned;
 
 use super::ctx::{Ctx, millis};
@@ -67,8 +65,13 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawTokens) -> Result<Tokens, ConfigE
         )?,
         dead_token_statuses,
         replay_max_body_bytes: raw.replay_max_body_bytes.unwrap_or(1024 * 1024),
-        min_forced_refresh_interval: Duration::from_millis(
-            raw.min_forced_refresh_interval_ms.unwrap_or(5_000),
-        ),
+        // Not 0: the interval is what keeps callers drawing 401s for other
+        // reasons from hammering the token endpoint.
+        min_forced_refresh_interval: millis(
+            ctx,
+            raw.min_forced_refresh_interval_ms.as_ref(),
+            "tokens.min_forced_refresh_interval_ms",
+            5_000,
+        )?,
     })
 }
