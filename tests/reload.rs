@@ -249,3 +249,25 @@ async fn a_renewed_listen_certificate_is_noticed() {
     write_cert(dir.path());
     wait_for("the renewed certificate is noticed", async || reloads(&proxy, "applied") >= 1).await;
 }
+
+/// A secret file that is a symlink into another directory (a vault agent's
+/// output, say) is watched where it lives: rotating it there reloads. Only the
+/// link's own directory was watched, so the rotation waited for a SIGHUP.
+#[tokio::test]
+async fn a_secret_linked_into_another_directory_is_watched_there() {
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (conf, vault) = (dir.path().join("conf"), dir.path().join("vault"));
+    std::fs::create_dir_all(conf.join("secrets")).expect("mkdir");
+    std::fs::create_dir(&vault).expect("mkdir");
+    std::fs::write(vault.join("app_secret"), "an-old-secret").expect("write");
+    std::os::unix::fs::symlink("../../vault/app_secret", conf.join("secrets/app_secret")).expect("link");
+    config(&sandbox.base_url(), "k1").write(&conf.join("proxy.toml"));
+    let proxy = start_proxy_unready(&load(&conf.join("proxy.toml"))).await;
+    // Rotated as agents do: a new file renamed over the old one.
+    std::fs::write(vault.join("app_secret.new"), APP_CLIENT_SECRET).expect("write");
+    std::fs::rename(vault.join("app_secret.new"), vault.join("app_secret")).expect("rename");
+    wait_for("the rotated secret is reloaded", async || reloads(&proxy, "applied") >= 1).await;
+    ready_within(&proxy, Duration::from_secs(10)).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 200);
+}

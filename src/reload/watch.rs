@@ -1,7 +1,8 @@
 //! File watching for reloads. The directories of `proxy.toml` and of every file
-//! it reads are watched (not the files): Kubernetes updates mounted ConfigMaps
-//! and Secrets by swapping a `..data` symlink in the directory, which a watch on
-//! the file itself would miss.
+//! it reads are watched (not the files), and those of the files their symlinks
+//! lead to: Kubernetes updates mounted ConfigMaps and Secrets by swapping a
+//! `..data` symlink in the directory, which a watch on the file itself would
+//! miss, and a secret linked into another directory changes there.
 //!
 //! Only events about those files (or Kubernetes' `..`-prefixed entries) count,
 //! and a reload happens only when their contents really changed: a log file
@@ -37,10 +38,14 @@ impl Watcher {
     /// sandbox) or watching is not possible here (then only SIGHUP reloads).
     pub fn start(config: &Config, trigger: mpsc::Sender<Trigger>) -> Option<Watcher> {
         let files = files(config)?;
+        // Each file where it is named and where its symlinks lead: a secret
+        // linked into another directory changes there.
+        let watched: Vec<PathBuf> =
+            files.iter().cloned().chain(files.iter().filter_map(|f| std::fs::canonicalize(f).ok())).collect();
         let directories: BTreeSet<PathBuf> =
-            files.iter().filter_map(|f| f.parent().map(Path::to_owned)).filter(|d| d.is_dir()).collect();
+            watched.iter().filter_map(|f| f.parent().map(Path::to_owned)).filter(|d| d.is_dir()).collect();
         let names: BTreeSet<OsString> =
-            files.iter().filter_map(|f| f.file_name().map(ToOwned::to_owned)).collect();
+            watched.iter().filter_map(|f| f.file_name().map(ToOwned::to_owned)).collect();
         let relevant = move |name: &OsStr| names.contains(name) || name.as_encoded_bytes().starts_with(b"..");
         let events = match events::Events::start(&directories, relevant, trigger.clone()) {
             Ok(events) => events,
