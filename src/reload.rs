@@ -7,8 +7,8 @@
 //! The process has one refresher; a reload asks it to map the new credentials
 //! onto slots ([`RefreshHandle::reconfigure`]): unchanged credentials keep their
 //! tokens, any refresh already running and the requests waiting on it; changed
-//! ones are fetched before the new generation serves (for at most
-//! [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
+//! ones the running generation has a token for are fetched before the new
+//! generation serves (for at most [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
 //! one keeps running; the load is tried again every [`RETRY_REJECTED`] until it
 //! succeeds (a ConfigMap naming a secret whose Secret volume has not been
 //! updated yet succeeds a moment later, and that file may be one no event
@@ -350,14 +350,19 @@ impl Reloader {
         );
         // Changed credentials are fetched before the new config serves. Meanwhile
         // the old generation serves on with the tokens it holds. Only those the
-        // old generation could serve with are waited for: a credential that had
-        // no token before gains nothing by the wait, and the rest of the new
-        // config (a removed API key, a narrowed policy) must not wait on it. A
-        // shutdown does not wait for this.
-        let unready_before = self.current.load().tokens().not_ready(tokio::time::Instant::now());
+        // old generation could serve with are waited for: a credential it did
+        // not have, or had no token for, gains nothing by the wait, and the rest
+        // of the new config (a removed API key, a narrowed policy) must not wait
+        // on it. A shutdown does not wait for this.
+        let before = self.current.load();
+        let (unready_before, known_before) = (
+            before.tokens().not_ready(tokio::time::Instant::now()),
+            before.tokens().expiries().into_iter().map(|(name, _)| name).collect::<Vec<_>>(),
+        );
+        drop(before);
         let awaited = |now| {
             let mut names = tokens.not_ready(now);
-            names.retain(|name| !unready_before.contains(name));
+            names.retain(|name| known_before.contains(name) && !unready_before.contains(name));
             names
         };
         if !awaited(tokio::time::Instant::now()).is_empty() {

@@ -271,3 +271,37 @@ async fn a_secret_linked_into_another_directory_is_watched_there() {
     ready_within(&proxy, Duration::from_secs(10)).await;
     assert_eq!(mint_status(&proxy, "k1").await, 200);
 }
+
+/// The same when the credential without a token is new in the reloaded file:
+/// the running config never had it, so nothing waits for its first token.
+#[tokio::test]
+async fn a_removed_key_stops_at_once_beside_a_new_credential_without_a_token() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), "not-the-app-secret");
+    std::fs::write(dir.path().join("secrets/ops_token"), tallyfy_sandbox::fixtures::PERSONAL_TOKEN)
+        .expect("write");
+    let ops = || {
+        TestConfig::new(&sandbox.base_url())
+            .credential(Credential::personal("ops", Secret::File("secrets/ops_token")))
+    };
+    ops()
+        .identity(Identity::new("one", "ops", Match::ApiKey("k1")))
+        .identity(Identity::new("two", "ops", Match::ApiKey("k2")))
+        .write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    let me = format!("http://{}/api/me", proxy.proxy_addr());
+    let status =
+        async |key: &str| client().get(&me).header("x-api-key", key).send().await.expect("answered").status();
+    assert_eq!(status("k2").await, 200);
+
+    ops()
+        .credential(Credential::client_credentials("app", APP_CLIENT_ID, Secret::File("secrets/app_secret")))
+        .identity(Identity::new("one", "ops", Match::ApiKey("k1")))
+        .identity(Identity::new("new", "app", Match::ApiKey("k3")))
+        .write(&dir.path().join("proxy.toml"));
+    let written = Instant::now();
+    wait_for("the reload applies", async || reloads(&proxy, "applied") >= 1).await;
+    assert!(written.elapsed() < Duration::from_secs(5), "applied after {:?}", written.elapsed());
+    assert_ne!(status("k2").await, 200, "the removed key no longer serves");
+    assert_eq!(status("k3").await, 503, "the new credential's callers wait for its token");
+}

@@ -100,13 +100,19 @@ pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Res
         // Checked first, and the URL never quoted: its user-info may be a password.
         return Err(ctx.at(value, key, "must not carry credentials in the URL (its value is not shown)"));
     }
-    let uri: Uri = text.parse().map_err(|e| ctx.at(value, key, format!("{text:?} is not a URL: {e}")))?;
+    // Quoted only when it holds no `@`: a misspelt scheme (`https:/u:pw@host`)
+    // hides user-info from the check above.
+    let shown = |text: &str| {
+        if text.contains('@') { "the value (not shown)".to_owned() } else { format!("{text:?}") }
+    };
+    let uri: Uri =
+        text.parse().map_err(|e| ctx.at(value, key, format!("{} is not a URL: {e}", shown(text))))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
     if !scheme_ok || uri.authority().is_none() {
         return Err(ctx.at(
             value,
             key,
-            format!("{text:?} must start with http:// or https:// and name a host"),
+            format!("{} must start with http:// or https:// and name a host", shown(text)),
         ));
     }
     Ok(uri)

@@ -57,18 +57,17 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
                 tracing_subscriber::EnvFilter::builder()
                     .parse(level.get_ref())
                     .map_err(|e| ctx.at(level, "log.level", format!("not a valid filter: {e}")))?;
-                // A bare word is read as a target name: `inof` would log nothing at all.
-                if let Some(word) = level.get_ref().split(',').map(str::trim).find(|directive| {
-                    !directive.is_empty()
-                        && !directive.contains('=')
-                        && directive.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
-                }) {
+                // A bare word is read as a target name (`tallyfy_proxy`: all of
+                // it), so a misspelt level (`inof`, `warning`) would log nothing.
+                if let Some(word) =
+                    level.get_ref().split(',').map(str::trim).find(|directive| misspelt_level(directive))
+                {
                     return Err(ctx.at(
                         level,
                         "log.level",
                         format!(
                             "{word:?} is not a level (error, warn, info, debug, trace, off); \
-                             a target's level is written target=level"
+                             a bare word is read as a target name"
                         ),
                     ));
                 }
@@ -114,6 +113,34 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         warnings,
         loaded_from: None,
     })
+}
+
+/// Whether a bare `log.level` directive is a level spelt wrong: not a level,
+/// but within two edits of one or starting with one (`inof`, `warning`,
+/// `debugging`). Other bare words are target names, as `EnvFilter` reads them.
+fn misspelt_level(directive: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let word = directive.to_ascii_lowercase();
+    if word.is_empty() || word.contains(['=', ':', '[']) || LEVELS.contains(&word.as_str()) {
+        return false;
+    }
+    LEVELS.iter().any(|level| word.starts_with(level) || edits(&word, level) <= 2)
+}
+
+/// Levenshtein distance (short words only).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn read_raw(ctx: &Ctx<'_>) -> Result<RawConfig, ConfigError> {
