@@ -129,9 +129,7 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
     if !headers.contains_key(ACCEPT) {
         headers.insert(ACCEPT, APPLICATION_JSON);
     }
-    if headers.contains_key(ACCEPT_ENCODING) {
-        narrow_accept_encoding(headers);
-    }
+    narrow_accept_encoding(headers);
 }
 
 /// Leaves in `Accept-Encoding` only the codings the proxy can undo (`gzip`,
@@ -140,9 +138,27 @@ pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_h
 /// and links would pass unrewritten, and a 429's `RATE_LIMIT_EXCEEDED` would go
 /// unseen (an org's hourly cap taken for the whole credential's throttle).
 fn narrow_accept_encoding(headers: &mut HeaderMap) {
+    let undone = |item: &[u8]| {
+        let coding = item.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+        [&b"gzip"[..], b"x-gzip", b"deflate", b"identity"]
+            .iter()
+            .any(|known| coding.eq_ignore_ascii_case(known))
+    };
     let mut values = headers.get_all(ACCEPT_ENCODING).iter();
-    let first = values.next();
-    let several = values.next().is_some();
+    match (values.next(), values.next()) {
+        (None, _) => return,
+        // The common case, one value holding only such codings: nothing to change.
+        (Some(only), None)
+            if only
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .all(|item| item.is_empty() || undone(item)) =>
+        {
+            return;
+        }
+        _ => {}
+    }
     let items = || {
         headers
             .get_all(ACCEPT_ENCODING)
@@ -151,15 +167,6 @@ fn narrow_accept_encoding(headers: &mut HeaderMap) {
             .map(<[u8]>::trim_ascii)
             .filter(|item| !item.is_empty())
     };
-    let undone = |item: &[u8]| {
-        let coding = item.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-        [&b"gzip"[..], b"x-gzip", b"deflate", b"identity"]
-            .iter()
-            .any(|known| coding.eq_ignore_ascii_case(known))
-    };
-    if first.is_some() && !several && items().all(undone) {
-        return; // the common case: nothing to change, nothing allocated
-    }
     let kept: Vec<&[u8]> = items().filter(|item| undone(item)).collect();
     let narrowed = if kept.is_empty() { b"identity".to_vec() } else { kept.join(&b", "[..]) };
     let narrowed = HeaderValue::from_bytes(&narrowed).unwrap_or(HeaderValue::from_static("identity"));

@@ -203,8 +203,8 @@ impl Proxy {
         let credential = identity.credential;
         // The rare paths are boxed (here and below): a future has room for its
         // largest await, and every request's future is allocated and moved whole.
-        if !fleet_budgets.budgets.is_empty() {
-            Box::pin(self.spend_fleet_wide(&fleet_budgets)).await?;
+        if let Some(spend) = &fleet_budgets {
+            Box::pin(self.spend_fleet_wide(spend)).await?;
         }
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.

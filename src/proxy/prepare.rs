@@ -32,7 +32,8 @@ pub struct Prepared<'p> {
     pub admitted: Admitted,
     /// Fleet mode: the budgets to spend fleet-wide before sending (empty
     /// otherwise, and for requests no limit counts).
-    pub fleet_budgets: FleetSpend,
+    /// Boxed: rare, and every request's future holds this whole.
+    pub fleet_budgets: Option<Box<FleetSpend>>,
 }
 
 impl Proxy {
@@ -85,14 +86,15 @@ impl Proxy {
             })?;
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
-            None => FleetSpend::default(),
-            Some(_) => shared.traffic.fleet_budgets(
+            None => None,
+            Some(_) => Some(Box::new(shared.traffic.fleet_budgets(
                 index,
                 identity.credential.index(),
                 &head.method,
                 head.uri.path(),
                 clock::nanos(now),
-            ),
+            )))
+            .filter(|spend| !spend.budgets.is_empty()),
         };
         head.uri = shared.upstream.uri_for(&head.uri)?;
         headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
