@@ -152,18 +152,9 @@ impl Traffic {
             matching.retain(|i| self.rules.get(*i).applies(method, segs));
         }
         admitted.rule = matching.first().copied();
-        let limit_key = |segs: &[std::borrow::Cow<'_, str>], rule: Option<usize>| -> (String, String) {
-            match rule.map(|i| self.rules.get(i)) {
-                Some(rule) => (rule.org(segs).into_owned(), rule.name.to_string()),
-                None => (
-                    key::bounded(org_of(segs), key::LONGEST_ORG).into_owned(),
-                    key::unmatched_limit(method, segs),
-                ),
-            }
-        };
         if let Some(wait) = throttle.wait(now, || {
             let segs = segments.get_or_insert_with(&mut decoded);
-            limit_key(segs, admitted.rule)
+            self.limit_key(method, segs, admitted.rule)
         }) {
             if wait > self.settings.retry_429_max_wait {
                 return Err(Refused::RateLimited {
@@ -287,16 +278,28 @@ impl Traffic {
     ) -> Throttled {
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
-        let (org, limit) = match rule.map(|i| self.rules.get(i)) {
-            Some(rule) => (rule.org(&segments).into_owned(), rule.name.to_string()),
-            None => (
-                key::bounded(org_of(&segments), key::LONGEST_ORG).into_owned(),
-                key::unmatched_limit(method, &segments),
-            ),
-        };
+        let (org, limit) = self.limit_key(method, &segments, rule);
         let (throttle, name) = &self.throttles[credential];
         let wait = throttle.remember(said.retry_after, said.hourly, &org, &limit, now);
         Throttled { credential: name.to_string(), wait, hourly: said.hourly, org, limit }
+    }
+
+    /// The organisation and limit a remembered hourly cap is kept under: the
+    /// `[[limits]]` rule the request matched, else its method and path as
+    /// Tallyfy reads it ([`key::unmatched_limit`]).
+    fn limit_key<S: AsRef<str>>(
+        &self,
+        method: &Method,
+        segments: &[S],
+        rule: Option<usize>,
+    ) -> (String, String) {
+        match rule.map(|i| self.rules.get(i)) {
+            Some(rule) => (rule.org(segments).into_owned(), rule.name.to_string()),
+            None => (
+                key::bounded(org_of(segments), key::LONGEST_ORG).into_owned(),
+                key::unmatched_limit(method, segments),
+            ),
+        }
     }
 
     /// Fleet mode: the fleet this generation counts in.
