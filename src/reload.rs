@@ -8,9 +8,9 @@
 //! onto slots ([`RefreshHandle::reconfigure`]): unchanged credentials keep their
 //! tokens, any refresh already running and the requests waiting on it; changed
 //! ones the running generation has a token for are fetched before the new
-//! generation serves (for at most [`READY_WAIT`]). An invalid config is logged in one line, counted, and the old
-//! one keeps running; the load is tried again every [`RETRY_REJECTED`] until it
-//! succeeds (a ConfigMap naming a secret whose Secret volume has not been
+//! generation serves (for at most [`READY_WAIT`]). An invalid config is logged
+//! in one line, counted, and the old one keeps running; the load is tried
+//! again every [`RETRY_REJECTED`] until it succeeds (a ConfigMap naming a secret whose Secret volume has not been
 //! updated yet succeeds a moment later, and that file may be one no event
 //! speaks of). Settings of the listeners themselves need a restart and are
 //! reported so.
@@ -354,15 +354,20 @@ impl Reloader {
         // not have, or had no token for, gains nothing by the wait, and the rest
         // of the new config (a removed API key, a narrowed policy) must not wait
         // on it. A shutdown does not wait for this.
-        let before = self.current.load();
-        let (unready_before, known_before) = (
-            before.tokens().not_ready(tokio::time::Instant::now()),
-            before.tokens().expiries().into_iter().map(|(name, _)| name).collect::<Vec<_>>(),
-        );
-        drop(before);
+        let served_before: Vec<Arc<str>> = {
+            let before = self.current.load();
+            let unready = before.tokens().not_ready(tokio::time::Instant::now());
+            before
+                .tokens()
+                .expiries()
+                .into_iter()
+                .map(|(name, _)| name)
+                .filter(|name| !unready.contains(name))
+                .collect()
+        };
         let awaited = |now| {
             let mut names = tokens.not_ready(now);
-            names.retain(|name| known_before.contains(name) && !unready_before.contains(name));
+            names.retain(|name| served_before.contains(name));
             names
         };
         if !awaited(tokio::time::Instant::now()).is_empty() {
