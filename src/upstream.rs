@@ -155,6 +155,13 @@ impl Upstream {
         Uri::from_parts(parts).map_err(|e| ProxyError::Internal(format!("upstream URI: {e}")))
     }
 
+    /// The path of an upstream URI (one [`Upstream::uri_for`] made) as the
+    /// caller sent it, the `base_url` path taken off: the path the request was
+    /// admitted on, so a 429 is remembered under the same org and limit.
+    pub fn received_path<'a>(&self, uri: &'a Uri) -> &'a str {
+        uri.path().strip_prefix(self.path_prefix.as_str()).unwrap_or(uri.path())
+    }
+
     /// Sends the request `outbound` holds (its URI from [`Upstream::uri_for`])
     /// and waits for the response head. `upstream.request_timeout_ms` bounds
     /// Tallyfy's silence: the time since the request body last moved (so a long

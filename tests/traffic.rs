@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use support::{
     Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, closed_port, scrape, start_proxy,
-    start_sandbox, table,
+    start_sandbox, start_sandbox_with, table,
 };
 use tallyfy_proxy::app::Running;
-use tallyfy_sandbox::ApiFault;
 use tallyfy_sandbox::fixtures::{ORG_ID, OTHER_ORG_ID, PERSONAL_TOKEN};
+use tallyfy_sandbox::{ApiFault, SandboxConfig};
 use tokio::net::TcpListener;
 use toml::Value;
 
@@ -187,6 +187,44 @@ async fn an_hourly_cap_from_tallyfy_holds_back_only_its_org_and_limit() {
         200,
         "nor other calls"
     );
+}
+
+/// A `base_url` with a path of its own (Tallyfy behind a prefix) changes
+/// nothing about which org and limit a cap is remembered under: both the
+/// named rule's cap and an unnamed path's are kept on the path the caller sent,
+/// where the prefix used to shift the segments so neither ever held a call back.
+#[tokio::test]
+async fn a_base_url_path_does_not_shift_what_a_remembered_cap_holds_back() {
+    let sandbox =
+        start_sandbox_with(SandboxConfig { path_prefix: "/tallyfy".into(), ..SandboxConfig::default() })
+            .await;
+    let prefixed = format!("{}/tallyfy", sandbox.base_url());
+    let cap = limit("guest-invites", "POST", "/api/organizations/{org}/guests", 30, 3600);
+    let (proxy, _dir) = proxy(with_limits(config(&prefixed, |id| id), vec![cap])).await;
+    let http = client();
+    sandbox.fail_api("/guests", 1, ApiFault::HourlyCap { retry_after: 600 });
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "Tallyfy's cap");
+    let held = post_guest(&http, &proxy, ORG_ID).await;
+    assert_eq!(held.status(), 429);
+    let json: serde_json::Value = held.json().await.expect("JSON");
+    assert_eq!(json["error"]["code"], "rate_limited", "answered by the proxy: {json}");
+    assert_eq!(sandbox.count("POST", &format!("/tallyfy{}", guests(ORG_ID))), 1, "sent once");
+    assert_ne!(post_guest(&http, &proxy, OTHER_ORG_ID).await.status(), 429, "another org is not capped");
+
+    let comments = format!("/api/organizations/{ORG_ID}/tasks/t1/comments");
+    sandbox.fail_api("/comments", 1, ApiFault::HourlyCap { retry_after: 600 });
+    let body = serde_json::json!({ "comment": "hello" });
+    let post = || http.post(url(&proxy, &comments)).json(&body).send();
+    assert_eq!(post().await.expect("answered").status(), 429, "Tallyfy's cap");
+    let held = post().await.expect("answered");
+    assert_eq!(held.status(), 429);
+    let json: serde_json::Value = held.json().await.expect("JSON");
+    assert_eq!(json["error"]["code"], "rate_limited", "answered by the proxy: {json}");
+    let reached = sandbox.received().iter().filter(|r| r.uri.contains("/comments")).count();
+    assert_eq!(reached, 1, "the unnamed cap held the second back");
+    let me = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(me.status(), 200, "the credential's other calls reach Tallyfy under its prefix");
+    assert!(sandbox.received().iter().all(|r| r.uri.starts_with("/tallyfy/api/")), "every call prefixed");
 }
 
 /// An hourly cap on a path no `[[limits]]` rule names is remembered for the

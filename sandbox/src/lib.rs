@@ -79,8 +79,13 @@ pub struct SandboxConfig {
     pub token_lifetime: Duration,
     /// `expires_in` of application-minted user tokens.
     pub user_token_lifetime: Duration,
-    /// Base of absolute links (`links.next`); default `http(s)://{local addr}`.
+    /// Base of absolute links (`links.next`); default `http(s)://{local addr}`
+    /// followed by `path_prefix`.
     pub public_base_url: Option<String>,
+    /// A path the API is served under (Tallyfy behind a prefix: `/tallyfy`
+    /// serves `/tallyfy/api/...`; no trailing slash); empty by default. Any
+    /// other path gets a plain 404.
+    pub path_prefix: String,
 }
 
 impl Default for SandboxConfig {
@@ -90,6 +95,7 @@ impl Default for SandboxConfig {
             token_lifetime: Duration::from_secs(3600),
             user_token_lifetime: Duration::from_secs(3600),
             public_base_url: None,
+            path_prefix: String::new(),
         }
     }
 }

@@ -138,7 +138,8 @@ impl<'a> Route<'a> {
 }
 
 async fn route(call: &Call<'_>) -> Result<Reply, Dropped> {
-    let path = call.parts.uri.path();
+    let served = call.parts.uri.path().strip_prefix(call.shared.settings.path_prefix.as_str());
+    let Some(path) = served else { return Ok(respond::plain_not_found()) };
     if call.parts.method == Method::POST && (path == "/api/oauth/token" || path == "/oauth/token") {
         return oauth::token(call).await;
     }

@@ -21,6 +21,8 @@ pub(super) struct Settings {
     pub request_date_format: String,
     /// No trailing slash.
     pub public_base_url: String,
+    /// What every served path starts with (no trailing slash; usually empty).
+    pub path_prefix: String,
 }
 
 pub(super) struct Shared {
@@ -33,10 +35,17 @@ pub(super) struct Shared {
 
 impl Shared {
     pub fn new(config: SandboxConfig, base_url: &str) -> Shared {
-        let public_base_url =
-            config.public_base_url.as_deref().unwrap_or(base_url).trim_end_matches('/').to_owned();
+        let path_prefix = config.path_prefix.trim_end_matches('/').to_owned();
+        let public_base_url = match config.public_base_url.as_deref() {
+            Some(base) => base.trim_end_matches('/').to_owned(),
+            None => format!("{base_url}{path_prefix}"),
+        };
         Shared {
-            settings: Settings { request_date_format: config.request_date_format, public_base_url },
+            settings: Settings {
+                request_date_format: config.request_date_format,
+                public_base_url,
+                path_prefix,
+            },
             state: Mutex::new(State {
                 tokens: TokenStore::default(),
                 store: seed::store(),

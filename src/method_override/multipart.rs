@@ -338,7 +338,7 @@ mod tests {
 
     #[test]
     fn what_php_would_read_as_a_method_part_is_judged_however_it_is_spelled() {
-        let cases: [&[u8]; 7] = [
+        let cases: [&[u8]; 12] = [
             // PHP takes the first Content-Disposition; every one is judged.
             b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
             // A line without a colon continues the previous header.
@@ -353,6 +353,13 @@ mod tests {
             b"--XyZ\nContent-Disposition:form-data; NAME=\" .method\"\n\nDELETE\n--XyZ--\n",
             // A header whose continuation starts with white space.
             b"--XyZ\r\nContent-Disposition: form-data;\r\n name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A run of `=` is one separator (`php_ap_getword`).
+            b"--XyZ\r\nContent-Disposition: form-data; name==_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            b"--XyZ\r\nContent-Disposition: form-data; name===\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            // A run of `;` too, and C's white space includes the vertical tab.
+            b"--XyZ\r\nContent-Disposition: form-data;;\x0bname=_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            b"--XyZ\r\nContent-Disposition: form-data; name=\x0b_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+            b"--XyZ\r\nContent-Disposition: form-data; name=_method\x0bjunk\r\n\r\nDELETE\r\n--XyZ--\r\n",
         ];
         for (i, body) in cases.iter().enumerate() {
             for step in [1, 3, body.len()] {

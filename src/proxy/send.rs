@@ -113,7 +113,7 @@ impl Proxy {
                 body::Decoded::Whole(decoded) if throttle::is_hourly_cap(&decoded))
         });
         let credential = target.credential.index();
-        let path = target.uri.path();
+        let path = shared.upstream.received_path(&target.uri);
         let said = Said { retry_after, hourly };
         let remembered = traffic.remember_429(credential, &target.method, path, target.rule, said, now());
         if let Some(fleet) = traffic.fleet() {

@@ -195,12 +195,18 @@ async fn multipart_parts_php_would_read_as_method_are_judged_in_every_spelling()
     let addr = proxy.proxy_addr();
     let file = format!("/api/organizations/{ORG_ID}/file");
     let content_type = "multipart/form-data; boundary=XyZ";
-    let bodies: [&[u8]; 5] = [
+    let bodies: [&[u8]; 9] = [
         b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
         b"--XyZ\r\nContent-Disposition: form-data; name=x;\r\nname=_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
         b"--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\0\r\nDELETE\r\n--XyZ--\r\n",
         b"--XyZ\0x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
         b"AAAA--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        // PHP's `php_ap_getword` takes a run of `=` as one separator, and C's
+        // `isspace` (a vertical tab) separates pairs and ends a value.
+        b"--XyZ\r\nContent-Disposition: form-data; name==_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        b"--XyZ\r\nContent-Disposition: form-data;\x0bname=_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        b"--XyZ\r\nContent-Disposition: form-data; name=\x0b_method\r\n\r\nDELETE\r\n--XyZ--\r\n",
+        b"--XyZ\r\nContent-Disposition: form-data; name=_method\x0bjunk\r\n\r\nDELETE\r\n--XyZ--\r\n",
     ];
     for body in bodies {
         let answer = exchange(addr, &post(&file, "k", content_type, body), WAIT).await;

@@ -93,59 +93,93 @@ fn is_c_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// Every `name=` parameter of a `Content-Disposition` value, as PHP reads each.
+/// Every `name=` parameter of a `Content-Disposition` value, as PHP's
+/// `rfc1867_post_handler` reads each: pairs split at `;` by `php_ap_getword`
+/// (a run of `;` is one separator), C white space skipped before each, a pair
+/// with an `=` split at its first one (a run of `=` again one separator), its
+/// key compared whole, and the value read by `php_ap_getword_conf`. So
+/// `name==_method` and `name=\x0b_method` name `_method`, as PHP registers them.
 pub(super) fn field_names(value: &[u8]) -> Vec<Vec<u8>> {
     let mut names = Vec::new();
-    for pair in split_unquoted(value.trim_ascii_start(), b';') {
-        let pair = pair.trim_ascii_start();
-        let Some(eq) = split_unquoted(pair, b'=').next().map(<[u8]>::len).filter(|&n| n < pair.len()) else {
-            continue;
-        };
-        if pair[..eq].eq_ignore_ascii_case(b"name") {
-            names.push(unquote(pair[eq + 1..].trim_ascii_start()));
+    let mut rest = skip_c_space(value);
+    while !rest.is_empty() {
+        let (pair, after) = getword(rest, b';');
+        rest = skip_c_space(after);
+        if pair.contains(&b'=') {
+            let (key, value) = getword(pair, b'=');
+            if key.eq_ignore_ascii_case(b"name") {
+                names.push(getword_conf(value));
+            }
         }
     }
     names
 }
 
-/// Splits at `stop` outside single or double quotes (PHP's `php_ap_getword`).
-fn split_unquoted(text: &[u8], stop: u8) -> impl Iterator<Item = &[u8]> {
-    let mut rest = Some(text);
-    std::iter::from_fn(move || {
-        let text = rest?;
-        let mut i = 0;
-        while i < text.len() && text[i] != stop {
-            if text[i] == b'"' || text[i] == b'\'' {
-                let quote = text[i];
-                i += 1;
-                while i < text.len() && text[i] != quote {
-                    i += if text[i] == b'\\' && text.get(i + 1) == Some(&quote) { 2 } else { 1 };
-                }
+fn skip_c_space(text: &[u8]) -> &[u8] {
+    &text[text.iter().position(|&b| !is_c_space(b)).unwrap_or(text.len())..]
+}
+
+/// `php_ap_getword`: the text up to the first `stop` outside single or double
+/// quotes (a backslash escapes the quote inside), and what follows the run of
+/// `stop`s there; the whole text and nothing when there is no `stop`.
+fn getword(text: &[u8], stop: u8) -> (&[u8], &[u8]) {
+    let mut i = 0;
+    while i < text.len() && text[i] != stop {
+        let quote = text[i];
+        i += 1;
+        if quote == b'"' || quote == b'\'' {
+            while i < text.len() && text[i] != quote {
+                i += if text[i] == b'\\' && text.get(i + 1) == Some(&quote) { 2 } else { 1 };
             }
             i += 1;
         }
-        let i = i.min(text.len());
-        rest = (i < text.len()).then(|| &text[i + 1..]);
-        Some(&text[..i])
-    })
+    }
+    if i >= text.len() {
+        return (text, &[]);
+    }
+    let after = text[i..].iter().position(|&b| b != stop).map_or(text.len(), |n| i + n);
+    (&text[..i], &text[after..])
 }
 
-/// A parameter value: quoted (with `\"` unescaped, up to the closing quote) or
-/// up to the first space (PHP's `php_ap_getword_conf`).
-fn unquote(value: &[u8]) -> Vec<u8> {
-    match value.first() {
-        Some(&quote @ (b'"' | b'\'')) => {
-            let mut out = Vec::new();
-            let mut i = 1;
-            while i < value.len() && value[i] != quote {
-                if value[i] == b'\\' && value.get(i + 1) == Some(&quote) {
-                    i += 1;
-                }
-                out.push(value[i]);
-                i += 1;
-            }
-            out
+/// `php_ap_getword_conf`: after C white space, a quoted value up to its
+/// closing quote, or an unquoted one up to the next C white space; a backslash
+/// escapes a backslash (and, quoted, the quote).
+fn getword_conf(value: &[u8]) -> Vec<u8> {
+    let value = skip_c_space(value);
+    let (text, quote) = match value.first() {
+        Some(&quote @ (b'"' | b'\'')) => (&value[1..], Some(quote)),
+        _ => (&value[..value.iter().position(|&b| is_c_space(b)).unwrap_or(value.len())], None),
+    };
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() && Some(text[i]) != quote {
+        if text[i] == b'\\' && text.get(i + 1).is_some_and(|&next| next == b'\\' || Some(next) == quote) {
+            i += 1;
         }
-        _ => value.iter().take_while(|b| !b.is_ascii_whitespace()).copied().collect(),
+        out.push(text[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_names;
+
+    #[test]
+    fn names_are_read_as_php_reads_them() {
+        let names = |value: &[u8]| field_names(value);
+        let one = |name: &[u8]| vec![name.to_vec()];
+        assert_eq!(names(b"form-data; name=\"a\""), one(b"a"));
+        assert_eq!(names(b"form-data; name==b"), one(b"b"), "a run of = is one separator");
+        assert_eq!(names(b"form-data;;;name=c"), one(b"c"), "and a run of ;");
+        assert_eq!(names(b"form-data;\x0bname=\x0bd\x0be"), one(b"d"), "C white space");
+        assert_eq!(names(b"form-data; name =x"), Vec::<Vec<u8>>::new(), "the key is compared whole");
+        assert_eq!(names(b"form-data; name=\"a\\\"b\\\\c\""), one(b"a\"b\\c"), "escapes, quoted");
+        assert_eq!(names(b"form-data; name=a\\\\b\\c"), one(b"a\\b\\c"), "and unquoted");
+        assert_eq!(names(b"form-data; x=\"; name=no\"; name=yes"), one(b"yes"), "quotes hide a ;");
+        assert_eq!(names(b"form-data; name=\"open; x=y"), one(b"open; x=y"), "to the end when unclosed");
+        assert_eq!(names(b"form-data; \"name=q\""), Vec::<Vec<u8>>::new(), "quotes hide an =");
+        assert_eq!(names(b"form-data; name=a; NAME='b'"), vec![b"a".to_vec(), b"b".to_vec()]);
     }
 }
