@@ -109,6 +109,21 @@ pub fn php_name(raw: &[u8]) -> (Cow<'_, [u8]>, bool) {
     }
 }
 
+/// The whole name PHP registers: [`php_name`]'s base, then an array's
+/// brackets as written (`tasks[s1][deadline]`, ` started.at` as `started_at`).
+pub fn php_full_name(raw: &[u8]) -> Cow<'_, [u8]> {
+    let (base, array) = php_name(raw);
+    let raw = raw.split(|&b| b == 0).next().unwrap_or_default();
+    match raw.iter().position(|&b| b == b'[') {
+        Some(bracket) if array => {
+            let mut name = base.into_owned();
+            name.extend_from_slice(&raw[bracket..]);
+            Cow::Owned(name)
+        }
+        _ => base,
+    }
+}
+
 fn fold(name: &[u8], needed: bool) -> Cow<'_, [u8]> {
     if !needed {
         return Cow::Borrowed(name);

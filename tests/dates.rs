@@ -152,6 +152,32 @@ async fn guests_forms_and_gzip_bodies_are_rewritten() {
     assert!(String::from_utf8_lossy(&forwarded.body).contains("2025-30-09 17:00:00"));
 }
 
+/// Bodies Laravel reads as JSON (`isJson`: any content type saying `/json` or
+/// `+json`) and form names PHP folds into a date field's are rewritten too:
+/// they reached Tallyfy unrewritten, its `2025-03-04` read as 3 April.
+#[tokio::test]
+async fn bodies_and_names_as_laravel_reads_them_are_rewritten() {
+    let stack = Stack::start().await;
+    let http = &stack.client;
+    let tasks = stack.url(&format!("/api/organizations/{ORG_ID}/tasks"));
+    for content_type in ["text/json", "application/vnd.api+json; charset=utf-8", "TEXT/JSON"] {
+        post(http, tasks.clone(), content_type, r#"{"title":"T","deadline":"2025-03-04 10:00:00"}"#).await;
+        let sent = stack.sandbox.received().last().expect("forwarded").body.clone();
+        assert_eq!(
+            String::from_utf8_lossy(&sent),
+            r#"{"title":"T","deadline":"2025-04-03 10:00:00"}"#,
+            "{content_type}"
+        );
+    }
+    let form = "title=T&+deadline=2025-03-04+10%3A00%3A00&started.at=2025-03-04&deadline%00x=2025-03-04";
+    post(http, tasks.clone(), "application/x-www-form-urlencoded", form).await;
+    let sent = stack.sandbox.received().last().expect("forwarded").body.clone();
+    assert_eq!(
+        String::from_utf8_lossy(&sent),
+        "title=T&+deadline=2025-04-03+10%3A00%3A00&started.at=2025-04-03+00%3A00%3A00&deadline%00x=2025-04-03+00%3A00%3A00"
+    );
+}
+
 #[tokio::test]
 async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
     let stack = Stack::start().await;

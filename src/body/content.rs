@@ -14,21 +14,22 @@ pub enum Kind {
     Form,
 }
 
-/// `application/json`, `application/*+json` or `application/x-www-form-urlencoded`.
+/// How Tallyfy's Laravel reads a request body: as JSON when its content type
+/// says `/json` or `+json` anywhere (`Request::isJson`: `text/json`,
+/// `application/vnd.api+json`; in any case here, a superset, since a body read
+/// as JSON that Laravel leaves unread is only rewritten in vain); otherwise as
+/// a form when its essence (up to `;`, `,` or a space, any case, as PHP fills
+/// `$_POST`) is `application/x-www-form-urlencoded`.
 pub fn kind(headers: &HeaderMap) -> Option<Kind> {
-    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?.as_bytes();
-    let essence = value.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
-    let is = |expected: &[u8]| essence.eq_ignore_ascii_case(expected);
-    let structured_json = essence.len() >= b"application/+json".len()
-        && essence[..b"application/".len()].eq_ignore_ascii_case(b"application/")
-        && essence[essence.len() - b"+json".len()..].eq_ignore_ascii_case(b"+json");
-    if is(b"application/json") || structured_json {
-        Some(Kind::Json)
-    } else if is(b"application/x-www-form-urlencoded") {
-        Some(Kind::Form)
-    } else {
-        None
+    let value = headers.get(CONTENT_TYPE)?.as_bytes().trim_ascii();
+    let says_json = value
+        .windows(b"/json".len())
+        .any(|window| window.eq_ignore_ascii_case(b"/json") || window.eq_ignore_ascii_case(b"+json"));
+    if says_json {
+        return Some(Kind::Json);
     }
+    let essence = &value[..value.iter().position(|b| b";, ".contains(b)).unwrap_or(value.len())];
+    essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded").then_some(Kind::Form)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +121,7 @@ mod tests {
     }
 
     #[test]
-    fn content_types_are_classified_by_essence() {
+    fn content_types_are_classified_as_laravel_reads_them() {
         assert_eq!(kind(&headers(&[("content-type", "application/json; charset=utf-8")])), Some(Kind::Json));
         assert_eq!(kind(&headers(&[("content-type", "application/vnd.api+json")])), Some(Kind::Json));
         assert_eq!(
@@ -131,8 +132,22 @@ mod tests {
         assert_eq!(kind(&headers(&[])), None);
         assert_eq!(kind(&headers(&[("content-type", " Application/JSON ;q")])), Some(Kind::Json), "any case");
         assert_eq!(kind(&headers(&[("content-type", "APPLICATION/Problem+JSON")])), Some(Kind::Json));
-        assert_eq!(kind(&headers(&[("content-type", "text/json+json")])), None);
-        assert_eq!(kind(&headers(&[("content-type", "application/jsonx")])), None);
+        // Whatever Laravel's `isJson` reads as JSON.
+        assert_eq!(kind(&headers(&[("content-type", "text/json")])), Some(Kind::Json));
+        assert_eq!(kind(&headers(&[("content-type", "text/json+json")])), Some(Kind::Json));
+        assert_eq!(kind(&headers(&[("content-type", "application/jsonx")])), Some(Kind::Json));
+        assert_eq!(
+            kind(&headers(&[("content-type", "application/x-www-form-urlencoded; x=/json")])),
+            Some(Kind::Json),
+            "Laravel reads it as JSON"
+        );
+        assert_eq!(
+            kind(&headers(&[("content-type", "application/x-www-form-urlencoded,text/plain")])),
+            Some(Kind::Form),
+            "the essence ends at a comma, as PHP reads it"
+        );
+        assert_eq!(kind(&headers(&[("content-type", "text/plain")])), None);
+        assert_eq!(kind(&headers(&[("content-type", "application/x-www-form-urlencodedx")])), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::borrow::Cow;
 use super::convert::convert_value;
 use super::{DateRules, Rewrite};
 use crate::json::{Edit, splice};
+use crate::method_override::php_full_name;
 
 /// Rewrites the date values of a form body. Never fails: anything unreadable is left alone.
 pub fn rewrite_form(body: &[u8], rules: &DateRules) -> Rewrite {
@@ -43,10 +44,12 @@ pub fn form_may_need_rewrite(body: &[u8], rules: &DateRules) -> bool {
     })
 }
 
-/// `Some(allow_epoch)` when the decoded name is a date position: `Some(false)` inside a form object,
-/// `Some(true)` for a field, `None` otherwise.
+/// `Some(allow_epoch)` when the decoded name, as PHP registers it ([`php_full_name`]: `+deadline`,
+/// `dead.line`, `deadline%00x` fold to names Tallyfy reads), is a date position: `Some(false)` inside
+/// a form object, `Some(true)` for a field, `None` otherwise.
 fn classify(name: &[u8], rules: &DateRules) -> Option<bool> {
-    let segments = segments(name);
+    let name = php_full_name(name);
+    let segments = segments(&name);
     let (last, parents) = segments.split_last()?;
     let is = |names: &[String], seg: &[u8]| names.iter().any(|n| n.as_bytes() == seg);
     if parents.iter().any(|seg| is(&rules.form_objects, seg)) {

@@ -122,6 +122,22 @@ fn nesting_limit_matches_serde_json() {
     }
 }
 
+/// Names PHP folds into a date field's (a leading space, `.` for `_`, a NUL
+/// ending the name) are dates too: Tallyfy reads them as that field.
+#[test]
+fn form_names_are_read_as_php_registers_them() {
+    assert_eq!(
+        form("+deadline=2025-03-04+10%3A00%3A00&started.at=2025-03-04&deadline%00x=2025-03-04&%20prerun.x[f]=2025-03-04"),
+        (
+            "+deadline=2025-04-03+10%3A00%3A00&started.at=2025-04-03+00%3A00%3A00&deadline%00x=2025-04-03+00%3A00%3A00&%20prerun.x[f]=2025-03-04"
+                .to_owned(),
+            3
+        )
+    );
+    assert_eq!(form("%20prerun[f]=2025-03-04"), ("%20prerun[f]=2025-04-03+00%3A00%3A00".to_owned(), 1));
+    assert_eq!(form("dead_line=2025-03-04&deadlinex=2025-03-04").1, 0, "other names stay");
+}
+
 #[test]
 fn form_bodies() {
     assert_eq!(
