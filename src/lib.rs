@@ -140,8 +140,8 @@
 //!   to back off: pure, time passed in), `jwt.rs`.
 //! - [`upstream`]: the connection to Tallyfy, its URIs and timeouts;
 //!   `outbound.rs` (a request on its way, lent down the send path), `pool.rs`
-//!   (connections pooled per runtime thread: HTTP/1.1 ones idle, the HTTP/2 one
-//!   shared), `http1/` (HTTP/1.1 spoken by the request's task: `head.rs`, heads
+//!   (connections pooled per runtime thread: HTTP/1.1 ones idle, each carrying
+//!   one credential's requests, the HTTP/2 one shared), `http1/` (HTTP/1.1 spoken by the request's task: `head.rs`, heads
 //!   written and read, framing decided; `decoder.rs`, where a response body
 //!   ends), `returning.rs` (the response body that gives its connection back
 //!   when it ends).

@@ -23,7 +23,7 @@ use crate::server::ConnectionInfo;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
 use crate::traffic::{Traffic, throttle};
-use crate::upstream::{Outbound, Upstream, UpstreamBody};
+use crate::upstream::{Outbound, Tenant, Upstream, UpstreamBody};
 use crate::{dates, links, tokens};
 
 mod prepare;
@@ -216,8 +216,9 @@ impl Proxy {
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
         let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
         // Boxed: only kept (OAuth) requests have one, and this future is copied whole.
-        let replay = kept.map(|body| Box::new(Replay::of(&head, body)));
-        let mut first = Outbound::new(head, body);
+        let tenant = Tenant(credential.index());
+        let replay = kept.map(|body| Box::new(Replay::of(&head, body, tenant)));
+        let mut first = Outbound::new(head, body, tenant);
         let response = match self.send(&mut first, replay.as_deref(), &target, log, figures).await? {
             Answer::Streaming(response) => response,
             Answer::Read(response) => return Ok(response),

@@ -30,7 +30,7 @@ mod outbound;
 mod pool;
 mod returning;
 
-pub use outbound::Outbound;
+pub use outbound::{Outbound, Tenant};
 use pool::{Pool, SendError};
 pub use returning::UpstreamBody;
 
@@ -104,7 +104,13 @@ impl Upstream {
             .build()
             .map_err(|e| rustls::Error::General(format!("upstream origin: {e}")))?;
         Ok(Upstream {
-            pool: Pool::new(https, origin, config.pool_idle_timeout, config.pool_max_idle_per_host),
+            pool: Pool::new(
+                https,
+                origin,
+                config.connect_timeout,
+                config.pool_idle_timeout,
+                config.pool_max_idle_per_host,
+            ),
             client_header: config.client_header.clone(),
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
@@ -168,8 +174,8 @@ impl Upstream {
     /// upload is not a timeout while it flows) until the response head arrives.
     /// The response body streams on afterwards.
     pub async fn send(&self, outbound: &mut Outbound) -> Result<Response<UpstreamBody>, ProxyError> {
-        let Outbound { request, progress } = outbound;
-        let response = self.pool.send(request);
+        let Outbound { request, progress, tenant } = outbound;
+        let response = self.pool.send(request, *tenant);
         tokio::pin!(response);
         loop {
             let deadline = progress.last() + self.request_timeout;

@@ -26,6 +26,35 @@ async fn an_unreachable_upstream_is_a_502() {
     assert_eq!(error_code(response).await, "upstream_unreachable");
 }
 
+/// A TLS handshake Tallyfy's side never answers is a failed connect, within
+/// `connect_timeout_ms` (502 `upstream_unreachable`, and retryable as one),
+/// not a request timeout: the TCP connect alone used to be bounded.
+#[tokio::test]
+async fn a_tls_handshake_that_stalls_is_a_502_within_the_connect_timeout() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("https://{addr}"))
+        .set("upstream", "connect_timeout_ms", 300)
+        .set("upstream", "request_timeout_ms", 10_000)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let began = std::time::Instant::now();
+    let asked = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send();
+    let response =
+        tokio::time::timeout(Duration::from_secs(8), asked).await.expect("in time").expect("answered");
+    assert_eq!(response.status(), 502);
+    assert_eq!(error_code(response).await, "upstream_unreachable");
+    assert!(began.elapsed() < Duration::from_secs(5), "not the request timeout: {:?}", began.elapsed());
+    holder.abort();
+}
+
 #[tokio::test]
 async fn a_silent_upstream_is_a_504() {
     // Accepts connections and reads requests, but never answers.

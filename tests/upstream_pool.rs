@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::{TestConfig, client, start_proxy};
+use support::{Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, start_proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -237,4 +237,73 @@ async fn a_safe_request_goes_again_once_however_many_kept_connections_close_unan
     assert_eq!([at_once.0, at_once.1, at_once.2], [200, 200, 200]);
     assert_eq!(get(proxy.proxy_addr()).await, 502, "sent on two kept connections, then given up");
     assert_eq!(counts.requests.load(Ordering::SeqCst), 5, "three, then the one request twice");
+}
+
+/// An upstream that answers each connection's first request, and meets every
+/// later one on the same connection with an answer it did not ask for (as
+/// bytes an earlier answer left on the wire, arriving just after the
+/// connection was picked again): it counts the connections it accepted.
+async fn upstream_that_smuggles() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut buffer, mut answered) = (Vec::new(), 0);
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                    buffer.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buffer.drain(..end + 4);
+                        answered += 1;
+                        let answer: &[u8] = if answered == 1 {
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-smuggled: yes\r\ncontent-length: 9\r\n\r\n\"not you\""
+                        };
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// An HTTP/1.1 connection carries one credential's requests only: whatever
+/// Tallyfy's side gets wrong about where an answer ends, the bytes can only
+/// reach a caller of the same credential, never another tenant's.
+#[tokio::test]
+async fn a_connection_never_carries_two_credentials_requests() {
+    let (addr, accepted) = upstream_that_smuggles().await;
+    let (proxy, _dir) = proxy_to(addr, |_| {
+        TestConfig::new(&format!("http://{addr}"))
+            .credential(Credential::personal("alice", Secret::Env(TOKEN_ENV)))
+            .credential(Credential::personal("bob", Secret::Env(TOKEN_ENV)))
+            .identity(Identity::new("alice-app", "alice", Match::ApiKey("alice-key")))
+            .identity(Identity::new("bob-app", "bob", Match::ApiKey("bob-key")))
+    })
+    .await;
+    let at = proxy.proxy_addr();
+    let get_as = |key: &'static str| async move {
+        let response = client()
+            .get(format!("http://{at}/api/me"))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("answered");
+        let smuggled = response.headers().contains_key("x-smuggled");
+        response.bytes().await.expect("body");
+        smuggled
+    };
+    assert!(!get_as("alice-key").await);
+    assert!(!get_as("bob-key").await, "bob's request went on a connection of its own");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert!(get_as("alice-key").await, "alice's own connection, reused (what the upstream gets wrong)");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }

@@ -7,19 +7,21 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::{Either, Full};
 
-use crate::upstream::Outbound;
+use crate::upstream::{Outbound, Tenant};
 
 pub(super) struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    tenant: Tenant,
 }
 
 impl Replay {
-    /// A copy of the upstream request `head` with its whole `body`.
-    pub(super) fn of(head: &Parts, body: Bytes) -> Replay {
-        Replay { method: head.method.clone(), uri: head.uri.clone(), headers: head.headers.clone(), body }
+    /// A copy of the upstream request `head` with its whole `body`, sent for `tenant`.
+    pub(super) fn of(head: &Parts, body: Bytes, tenant: Tenant) -> Replay {
+        let (method, uri, headers) = (head.method.clone(), head.uri.clone(), head.headers.clone());
+        Replay { method, uri, headers, body, tenant }
     }
 
     /// The request once more, with `authorization` in place of the token it
@@ -32,6 +34,6 @@ impl Replay {
         if let Some(authorization) = authorization {
             head.headers.insert(AUTHORIZATION, authorization);
         }
-        Outbound::new(head, Either::Left(Full::new(self.body.clone())))
+        Outbound::new(head, Either::Left(Full::new(self.body.clone())), self.tenant)
     }
 }

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::SentBody;
+use super::{SentBody, Tenant};
 use crate::body::BodyFailure;
 use crate::error::BoxError;
 
@@ -56,6 +56,8 @@ pub(super) struct Connection {
     read: BytesMut,
     /// Request bytes not yet written (kept for its capacity).
     write: Vec<u8>,
+    /// The only credential whose requests it carries.
+    tenant: Tenant,
 }
 
 /// Why an exchange failed.
@@ -164,8 +166,12 @@ enum Sent {
 }
 
 impl Connection {
-    pub(super) fn new(io: Io) -> Connection {
-        Connection { io, read: BytesMut::new(), write: Vec::new() }
+    pub(super) fn new(io: Io, tenant: Tenant) -> Connection {
+        Connection { io, read: BytesMut::new(), write: Vec::new(), tenant }
+    }
+
+    pub(super) fn tenant(&self) -> Tenant {
+        self.tenant
     }
 
     /// Whether an idle connection is still open: Tallyfy has neither closed it

@@ -18,17 +18,26 @@ pub struct Outbound {
     /// Empty once written (or, after a failure, gone with its connection).
     pub(super) request: Option<Request<SentBody>>,
     pub(super) progress: Arc<Progress>,
+    pub(super) tenant: Tenant,
 }
+
+/// Whose requests an HTTP/1.1 connection to Tallyfy carries: the credential
+/// (its index in the config generation, whose pool is its own) they are sent
+/// with. A connection carries one tenant's requests only, so bytes Tallyfy
+/// sends past an answer's end (a framing fault on its side, found too late to
+/// drop the connection) can reach no other credential's caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tenant(pub usize);
 
 impl Outbound {
     /// `head` and `body` as Tallyfy gets them: as HTTP/1.1 (HTTP/2 to Tallyfy
     /// is ALPN's choice, not inherited from the caller), the body reporting to
-    /// a new [`Progress`].
-    pub fn new(mut head: Parts, body: RequestBody) -> Outbound {
+    /// a new [`Progress`], sent for `tenant`.
+    pub fn new(mut head: Parts, body: RequestBody, tenant: Tenant) -> Outbound {
         head.version = Version::HTTP_11;
         let progress = Progress::new();
         let body = Tracked::new(body, progress.clone());
-        Outbound { request: Some(Request::from_parts(head, body)), progress }
+        Outbound { request: Some(Request::from_parts(head, body)), progress, tenant }
     }
 
     /// How far its body has been read, and when it last moved.

@@ -1,9 +1,10 @@
 //! Connections to Tallyfy, pooled per runtime thread.
 //!
 //! A request takes the newest idle HTTP/1.1 connection its own thread opened
-//! (or shares the thread's HTTP/2 connection, when ALPN chose h2), and an
-//! HTTP/1.1 connection goes back to that thread's pool when its response body
-//! ends. A body dropped before its end takes its connection with it, since
+//! for the same credential ([`Tenant`]: one credential's answers never travel
+//! on another's connection), or shares the thread's HTTP/2 connection, when
+//! ALPN chose h2; an HTTP/1.1 connection goes back to that thread's pool when
+//! its response body ends. A body dropped before its end takes its connection with it, since
 //! the rest of that response is still on the wire.
 //!
 //! HTTP/1.1 connections are spoken by the request's own task ([`super::http1`]);
@@ -45,9 +46,9 @@ use thread_local::ThreadLocal;
 use tokio::time::Instant;
 use tower_service::Service as _;
 
-use super::SentBody;
 use super::http1::{self, Resend};
 use super::returning::UpstreamBody;
+use super::{SentBody, Tenant};
 use crate::body::Tracked;
 use crate::error::BoxError;
 use crate::target::canonical_authority;
@@ -91,6 +92,8 @@ pub struct Pool {
     /// `Host` of every HTTP/1.1 request: the host, and the port unless the
     /// scheme's default (as hyper-util's client wrote it).
     host: HeaderValue,
+    /// `upstream.connect_timeout_ms`: TCP, TLS and the HTTP/2 handshake together.
+    connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
     threads: ThreadLocal<Arc<Local>>,
@@ -104,7 +107,7 @@ pub(super) struct Local {
 }
 
 struct State {
-    /// Idle HTTP/1.1 connections, the most recently returned last.
+    /// Idle HTTP/1.1 connections, every tenant's, the most recently returned last.
     idle: Vec<Idle>,
     /// The HTTP/2 connection, when ALPN chose h2, and when it was last used.
     h2: Option<(http2::SendRequest<SentBody>, Instant)>,
@@ -135,11 +138,12 @@ impl Pool {
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
+        connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
     ) -> Pool {
         let host = host_value(&origin);
-        Pool { connector, origin, host, idle_timeout, max_idle, threads: ThreadLocal::new() }
+        Pool { connector, origin, host, connect_timeout, idle_timeout, max_idle, threads: ThreadLocal::new() }
     }
 
     fn local(&self) -> &Arc<Local> {
@@ -153,12 +157,13 @@ impl Pool {
     }
 
     /// Sends the request in `outbound` (its URI absolute, naming the upstream)
-    /// on a pooled connection, or a new one, and waits for the response head.
-    /// The request is taken from `outbound` once written (or failed after
-    /// some of it was).
+    /// on a pooled connection of `tenant`, or a new one, and waits for the
+    /// response head. The request is taken from `outbound` once written (or
+    /// failed after some of it was).
     pub async fn send(
         &self,
         outbound: &mut Option<Request<SentBody>>,
+        tenant: Tenant,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let local = self.local();
         // A sent request goes again once at most, whatever the connections.
@@ -167,7 +172,7 @@ impl Pool {
         // was not reused: refused unprocessed, or handed back unsent.
         let mut resent_h2 = false;
         loop {
-            let (connection, reused) = self.checkout(local).await?;
+            let (connection, reused) = self.checkout(local, tenant).await?;
             // HTTP/1.1 borrows the request for the exchange; HTTP/2 moves it
             // into hyper's send before its await (held there, not here).
             match connection {
@@ -234,9 +239,9 @@ impl Pool {
         }
     }
 
-    /// An idle connection of this thread that is still open, or a new one;
-    /// and whether it was reused.
-    async fn checkout(&self, local: &Arc<Local>) -> Result<(Connection, bool), SendError> {
+    /// An idle connection of this thread and `tenant` that is still open, or a
+    /// new one; and whether it was reused.
+    async fn checkout(&self, local: &Arc<Local>, tenant: Tenant) -> Result<(Connection, bool), SendError> {
         let picked = loop {
             let found = {
                 let mut state = local.lock();
@@ -253,7 +258,8 @@ impl Pool {
                 } else {
                     state.h2 = None;
                     // Only the one taken is checked for age (the reaper closes the rest).
-                    state.idle.pop().map_or(Found::Nothing, |idle| {
+                    let newest = state.idle.iter().rposition(|idle| idle.connection.tenant() == tenant);
+                    newest.map(|at| state.idle.remove(at)).map_or(Found::Nothing, |idle| {
                         if now.duration_since(idle.since) < self.idle_timeout {
                             Found::Idle(idle)
                         } else {
@@ -283,14 +289,23 @@ impl Pool {
             Some(connection) => Ok((connection, true)),
             // Boxed: dialling (TLS included) is rare, and inline it would make
             // every request's future, copied at each `.await`, kilobytes larger.
-            None => Ok((Box::pin(self.connect(local)).await?, false)),
+            None => Ok((Box::pin(self.connect(local, tenant)).await?, false)),
         }
     }
 
-    /// Dials Tallyfy and speaks the protocol ALPN chose: an HTTP/2 connection
-    /// runs in its own task on this thread until it closes; an HTTP/1.1 one is
-    /// driven by the requests that use it.
-    async fn connect(&self, local: &Arc<Local>) -> Result<Connection, SendError> {
+    /// Dials Tallyfy and speaks the protocol ALPN chose, within
+    /// `upstream.connect_timeout_ms` (a TLS or HTTP/2 handshake that stalls
+    /// is a failed connect, as a TCP one is): an HTTP/2 connection runs in its
+    /// own task on this thread until it closes; an HTTP/1.1 one is driven by
+    /// the requests of `tenant` that use it.
+    async fn connect(&self, local: &Arc<Local>, tenant: Tenant) -> Result<Connection, SendError> {
+        let stalled = || SendError::Connect("connect timed out (TCP, TLS and HTTP/2 handshakes)".into());
+        tokio::time::timeout(self.connect_timeout, self.handshake(local, tenant))
+            .await
+            .map_err(|_| stalled())?
+    }
+
+    async fn handshake(&self, local: &Arc<Local>, tenant: Tenant) -> Result<Connection, SendError> {
         let mut connector = self.connector.clone();
         let io = connector.call(self.origin.clone()).await.map_err(SendError::Connect)?;
         if io.connected().is_negotiated_h2() {
@@ -309,7 +324,7 @@ impl Pool {
             local.keep_h2(sender.clone());
             return Ok(Connection::Http2(sender));
         }
-        Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io)))))
+        Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io), tenant))))
     }
 }
 
@@ -318,12 +333,15 @@ impl Local {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An HTTP/1.1 connection whose response body ended: idle again, unless
-    /// the thread already keeps `pool_max_idle_per_host`.
+    /// An HTTP/1.1 connection whose response body ended: idle again, in place
+    /// of the thread's oldest when it already keeps `pool_max_idle_per_host`.
     pub(super) fn give_back(self: &Arc<Self>, connection: Box<http1::Connection>) {
         let mut state = self.lock();
         if state.idle.len() >= self.max_idle {
-            return;
+            if state.idle.is_empty() {
+                return;
+            }
+            state.idle.remove(0);
         }
         state.idle.push(Idle { connection, since: Instant::now() });
         self.reap_later(&mut state);

@@ -149,7 +149,7 @@ pub fn read_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opti
             .map_err(|_| Malformed("an invalid header value"))?;
         headers.append(name, value);
     }
-    let (decoder, delimited) = body_framing(method, status, version, &headers)?;
+    let (decoder, delimited) = body_framing(method, status, version, &mut headers)?;
     let keep_alive = delimited && persists(version, &headers);
     let mut response = Response::new(());
     *response.status_mut() = status;
@@ -172,12 +172,14 @@ fn within(part: &[u8], start: usize, length: usize) -> std::ops::Range<usize> {
 /// Where the body of a response to `method` ends (RFC 9112 §6.3), and whether
 /// that end leaves the connection usable (a body read until close, or framed
 /// both ways, does not). HTTP/1.0 has no transfer codings: one named is a
-/// broken response (§6.1).
+/// broken response (§6.1). A length given more than once (`5, 5`, or two
+/// fields) is restated once, as RFC 9110 §8.6 asks of a proxy: a caller (an
+/// HTTP/2 one above all) would refuse it as it came.
 fn body_framing(
     method: &Method,
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> Result<(Decoder, bool), Malformed> {
     if method == Method::HEAD
         || status.is_informational()
@@ -200,9 +202,10 @@ fn body_framing(
         let both = headers.contains_key(CONTENT_LENGTH);
         return Ok((Decoder::Chunked(Chunked::Size), !both));
     }
-    let mut length = None;
+    let (mut length, mut items) = (None, 0);
     for value in headers.get_all(CONTENT_LENGTH) {
         for item in value.as_bytes().split(|&b| b == b',') {
+            items += 1;
             let digits = item.trim_ascii();
             let parsed = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
                 .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
@@ -215,7 +218,12 @@ fn body_framing(
         }
     }
     Ok(match length {
-        Some(length) => (Decoder::Length(length), true),
+        Some(length) => {
+            if items > 1 {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            (Decoder::Length(length), true)
+        }
         None => (Decoder::UntilClose, false),
     })
 }
@@ -278,6 +286,12 @@ mod tests {
             (head.decoder, head.keep_alive)
         };
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"), (Decoder::Length(7), true));
+        // A repeated length is passed on once.
+        for repeated in ["Content-Length: 7, 7\r\n", "Content-Length: 7\r\ncontent-length: 7\r\n"] {
+            let head = head(&format!("HTTP/1.1 200 OK\r\n{repeated}\r\n"));
+            let lengths: Vec<_> = head.response.headers().get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["7"], "{repeated:?}");
+        }
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\nTransfer-Encoding:  Chunked \r\n\r\n"),
             (Decoder::Chunked(Chunked::Size), true)
