@@ -32,6 +32,7 @@
 //! idle connection Tallyfy closed (or wrote to unasked) is noticed when it is
 //! picked, and dropped.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -83,6 +84,13 @@ const H2_CONNECTION_WINDOW: u32 = 128 * H2_STREAM_WINDOW;
 /// without it every request of the thread waited for its timeout, for ever.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a thread keeps open on its HTTP/2 connection before the next
+/// request dials another (which then takes the thread's new requests, the
+/// full one serving its streams to their end): the least RFC 9113 §6.5.2 asks
+/// a server to allow. Beyond the server's own limit hyper queues a request,
+/// its timeout running, behind whatever holds the streams, so one caller's
+/// slow uploads or unread downloads would hold back every other caller's.
+const H2_STREAMS_PER_CONNECTION: usize = 100;
 
 /// The per-thread pools of one upstream.
 pub struct Pool {
@@ -109,8 +117,8 @@ pub(super) struct Local {
 struct State {
     /// Idle HTTP/1.1 connections, every tenant's, the most recently returned last.
     idle: Vec<Idle>,
-    /// The HTTP/2 connection, when ALPN chose h2, and when it was last used.
-    h2: Option<(http2::SendRequest<SentBody>, Instant)>,
+    /// The HTTP/2 connection new requests go on, when ALPN chose h2.
+    h2: Option<Shared>,
     /// Whether a task is closing connections idle for longer than the timeout.
     reaping: bool,
 }
@@ -120,14 +128,39 @@ struct Idle {
     since: Instant,
 }
 
+/// A thread's HTTP/2 connection: its sender, when it was last used, and how
+/// many of its streams are open.
+struct Shared {
+    sender: http2::SendRequest<SentBody>,
+    last_used: Instant,
+    open: Arc<AtomicUsize>,
+}
+
+/// A stream's place on its HTTP/2 connection, held until its response body
+/// is dropped (or its send failed).
+pub(super) struct StreamPlace(Arc<AtomicUsize>);
+
+impl StreamPlace {
+    fn take(open: &Arc<AtomicUsize>) -> StreamPlace {
+        open.fetch_add(1, Ordering::Relaxed);
+        StreamPlace(open.clone())
+    }
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 enum Connection {
     Http1(Box<http1::Connection>),
-    Http2(http2::SendRequest<SentBody>),
+    Http2(http2::SendRequest<SentBody>, StreamPlace),
 }
 
 /// What a checkout found in the thread's pool.
 enum Found {
-    Shared(http2::SendRequest<SentBody>),
+    Shared(http2::SendRequest<SentBody>, StreamPlace),
     Idle(Idle),
     /// An idle connection older than `pool_idle_timeout_ms`: closed, not used.
     Stale,
@@ -207,13 +240,13 @@ impl Pool {
                         }
                     }
                 }
-                Connection::Http2(mut sender) => {
+                Connection::Http2(mut sender, place) => {
                     let request = outbound.take().ok_or(SendError::Spent)?;
                     // Boxed (this future is every request's): sent again,
                     // once, if Tallyfy refuses the stream unprocessed.
                     let copy = if resent_h2 { None } else { whole_copy(&request) };
                     let mut error = match sender.try_send_request(request).await {
-                        Ok(response) => return Ok(response.map(UpstreamBody::http2)),
+                        Ok(response) => return Ok(response.map(|body| UpstreamBody::http2(body, place))),
                         Err(error) => error,
                     };
                     match (error.take_message(), copy) {
@@ -247,14 +280,16 @@ impl Pool {
                 let mut state = local.lock();
                 let now = Instant::now();
                 let shared = match state.h2.as_mut() {
-                    Some((h2, last_used)) if !h2.is_closed() => {
-                        *last_used = now;
-                        Some(h2.clone())
+                    Some(h2) if !h2.sender.is_closed() => {
+                        h2.last_used = now;
+                        // A full connection: the next one is dialled below.
+                        (h2.open.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)
+                            .then(|| (h2.sender.clone(), StreamPlace::take(&h2.open)))
                     }
                     _ => None,
                 };
-                if let Some(h2) = shared {
-                    Found::Shared(h2)
+                if let Some((h2, place)) = shared {
+                    Found::Shared(h2, place)
                 } else {
                     state.h2 = None;
                     // Only the one taken is checked for age (the reaper closes the rest).
@@ -269,9 +304,9 @@ impl Pool {
                 }
             };
             match found {
-                Found::Shared(mut h2) => {
+                Found::Shared(mut h2, place) => {
                     if h2.ready().await.is_ok() {
-                        break Some(Connection::Http2(h2));
+                        break Some(Connection::Http2(h2, place));
                     }
                     local.lock().h2 = None;
                 }
@@ -321,8 +356,8 @@ impl Pool {
                 .await
                 .map_err(|error| SendError::Connect(error.into()))?;
             tokio::spawn(watch(connection));
-            local.keep_h2(sender.clone());
-            return Ok(Connection::Http2(sender));
+            let place = local.keep_h2(sender.clone());
+            return Ok(Connection::Http2(sender, place));
         }
         Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io), tenant))))
     }
@@ -347,13 +382,18 @@ impl Local {
         self.reap_later(&mut state);
     }
 
-    /// A new HTTP/2 connection, shared by the thread's requests, and closed
+    /// A new HTTP/2 connection, shared by the thread's requests from now on
+    /// (one it replaces serves its open streams to their end), and closed
     /// like an idle HTTP/1.1 one once unused for `pool_idle_timeout_ms` (its
-    /// PINGs would keep it open at Tallyfy's end for ever).
-    fn keep_h2(self: &Arc<Self>, sender: http2::SendRequest<SentBody>) {
+    /// PINGs would keep it open at Tallyfy's end for ever). The place of the
+    /// stream that dialled it.
+    fn keep_h2(self: &Arc<Self>, sender: http2::SendRequest<SentBody>) -> StreamPlace {
+        let open = Arc::new(AtomicUsize::new(0));
+        let place = StreamPlace::take(&open);
         let mut state = self.lock();
-        state.h2 = Some((sender, Instant::now()));
+        state.h2 = Some(Shared { sender, last_used: Instant::now(), open });
         self.reap_later(&mut state);
+        place
     }
 
     fn reap_later(self: &Arc<Self>, state: &mut State) {
@@ -373,7 +413,7 @@ async fn reap(local: Weak<Local>, timeout: Duration) {
         let mut state = local.lock();
         let now = Instant::now();
         state.idle.retain(|idle| now.duration_since(idle.since) < timeout);
-        if state.h2.as_ref().is_some_and(|(_, last_used)| now.duration_since(*last_used) >= timeout) {
+        if state.h2.as_ref().is_some_and(|h2| now.duration_since(h2.last_used) >= timeout) {
             state.h2 = None;
         }
         if state.idle.is_empty() && state.h2.is_none() {

@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::http1::{Connection, Decoder};
-use super::pool::Local;
+use super::pool::{Local, StreamPlace};
 use crate::body::DataOnly;
 use crate::error::BoxError;
 
@@ -23,13 +23,9 @@ pub struct UpstreamBody(Inner);
 enum Inner {
     /// Read from the connection; `connection` is `None` once the body has
     /// ended (the connection given back) or failed (the connection gone).
-    Http1 {
-        connection: Option<Box<Connection>>,
-        decoder: Decoder,
-        keep_alive: bool,
-        pool: Arc<Local>,
-    },
-    Http2(DataOnly<Incoming>),
+    Http1 { connection: Option<Box<Connection>>, decoder: Decoder, keep_alive: bool, pool: Arc<Local> },
+    /// Its stream's place on its connection is given up when it is dropped.
+    Http2 { body: DataOnly<Incoming>, _place: StreamPlace },
 }
 
 impl UpstreamBody {
@@ -44,8 +40,8 @@ impl UpstreamBody {
         body
     }
 
-    pub(super) fn http2(body: Incoming) -> Self {
-        UpstreamBody(Inner::Http2(DataOnly::new(body)))
+    pub(super) fn http2(body: Incoming, place: StreamPlace) -> Self {
+        UpstreamBody(Inner::Http2 { body: DataOnly::new(body), _place: place })
     }
 
     /// An ended HTTP/1.1 body's connection goes back to the pool, unless the
@@ -71,7 +67,7 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = match &mut self.0 {
-            Inner::Http2(body) => return Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Http2 { body, .. } => return Pin::new(body).poll_frame(cx).map_err(Into::into),
             // Ended (its connection given back), or failed: a failed body
             // never reads as one that ended.
             Inner::Http1 { connection: None, decoder, .. } if decoder.is_done() => return Poll::Ready(None),
@@ -107,7 +103,7 @@ impl Body for UpstreamBody {
             // All the bytes its length announced have come: an `END_STREAM`
             // in a frame of its own may follow, but a caller's HTTP/1.1
             // response ends at the length, and the body is read no further.
-            Inner::Http2(body) => body.is_end_stream() || body.size_hint().exact() == Some(0),
+            Inner::Http2 { body, .. } => body.is_end_stream() || body.size_hint().exact() == Some(0),
         }
     }
 
@@ -116,7 +112,7 @@ impl Body for UpstreamBody {
             Inner::Http1 { decoder, .. } => {
                 decoder.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
             }
-            Inner::Http2(body) => body.size_hint(),
+            Inner::Http2 { body, .. } => body.size_hint(),
         }
     }
 }

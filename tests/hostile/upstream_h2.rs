@@ -34,6 +34,21 @@ where
         + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    h2_upstream_with(h2::server::Builder::new(), serve).await
+}
+
+/// [`h2_upstream`] with the server's settings from `settings`.
+async fn h2_upstream_with<F, Fut>(
+    settings: h2::server::Builder,
+    serve: F,
+) -> (String, String, Arc<AtomicUsize>)
+where
+    F: Fn(usize, h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, bytes::Bytes>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (ca_pem, server_tls) = support::local_pki(&[b"h2"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -44,10 +59,10 @@ where
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
-            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            let (acceptor, serve, settings) = (acceptor.clone(), serve.clone(), settings.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let Ok(connection) = h2::server::handshake(tls).await else { return };
+                let Ok(connection) = settings.handshake(tls).await else { return };
                 serve(nth, connection).await;
             });
         }
@@ -332,4 +347,64 @@ async fn a_large_answer_head_passes_over_http2_as_over_http1() {
         .expect("answered");
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-large"].len(), 20 * 1024);
+}
+
+/// Streams one thread keeps open on an HTTP/2 connection stop at 100 (what
+/// RFC 9113 asks every server to allow): the next request dials another
+/// connection. Before, it queued in hyper behind the streams holding Tallyfy's
+/// limit (one caller's slow requests), its timeout running, whoever sent it.
+#[tokio::test]
+async fn requests_beyond_a_connections_streams_go_on_another_connection() {
+    const HELD: usize = 100;
+    let held = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (counted, released) = (held.clone(), release.clone());
+    let mut settings = h2::server::Builder::new();
+    settings.max_concurrent_streams(HELD as u32);
+    let (base, ca_pem, accepted) = h2_upstream_with(settings, move |_, mut connection| {
+        let (counted, released) = (counted.clone(), released.clone());
+        async move {
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let (counted, released) = (counted.clone(), released.clone());
+                tokio::spawn(async move {
+                    if request.uri().path() == "/api/hold" {
+                        let waiting = released.notified();
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let _ = tokio::time::timeout(Duration::from_secs(20), waiting).await;
+                    }
+                    let _ = respond.send_response(http::Response::new(()), true);
+                });
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").set(
+        "upstream",
+        "request_timeout_ms",
+        20_000,
+    );
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
+    let http = support::client();
+    assert_eq!(http.get(url("/api/me")).send().await.expect("answered").status(), 200);
+    let holding: Vec<_> = (0..HELD).map(|_| tokio::spawn(http.get(url("/api/hold")).send())).collect();
+    let all_held = tokio::time::timeout(Duration::from_secs(10), async {
+        while held.load(Ordering::SeqCst) < HELD {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(all_held.is_ok(), "Tallyfy holds {HELD} streams");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "all on the thread's one connection");
+    let answered = tokio::time::timeout(Duration::from_secs(5), http.get(url("/api/me")).send()).await;
+    let status = answered.expect("answered while the streams are held").expect("answered").status();
+    assert_eq!(status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "on a connection of its own");
+    release.notify_waiters();
+    for request in holding {
+        assert_eq!(request.await.expect("joined").expect("answered").status(), 200);
+    }
+    assert_eq!(http.get(url("/api/me")).send().await.expect("answered").status(), 200);
 }
