@@ -14,22 +14,29 @@ pub enum Kind {
     Form,
 }
 
-/// How Tallyfy's Laravel reads a request body: as JSON when its content type
-/// says `/json` or `+json` anywhere (`Request::isJson`: `text/json`,
-/// `application/vnd.api+json`; in any case here, a superset, since a body read
-/// as JSON that Laravel leaves unread is only rewritten in vain); otherwise as
-/// a form when its essence (up to `;`, `,` or a space, any case, as PHP fills
-/// `$_POST`) is `application/x-www-form-urlencoded`.
+/// How Tallyfy's Laravel reads a request body. A form when its essence (up to
+/// `;`, `,` or a space, any case, as PHP fills `$_POST`) is
+/// `application/x-www-form-urlencoded`, unless the content type also says
+/// `/json` or `+json` (`Request::isJson`, which is case-sensitive: such a form
+/// is read as JSON). Any other that says `/json` or `+json`, in any case
+/// (`text/json`, `application/vnd.api+json`), is JSON: a superset of
+/// `isJson`, since a body read as JSON that Laravel leaves unread is only
+/// rewritten in vain.
 pub fn kind(headers: &HeaderMap) -> Option<Kind> {
     let value = headers.get(CONTENT_TYPE)?.as_bytes().trim_ascii();
-    let says_json = value
-        .windows(b"/json".len())
-        .any(|window| window.eq_ignore_ascii_case(b"/json") || window.eq_ignore_ascii_case(b"+json"));
-    if says_json {
-        return Some(Kind::Json);
-    }
+    let says_json = |any_case: bool| {
+        value.windows(b"/json".len()).any(|window| {
+            [b"/json", b"+json"]
+                .iter()
+                .any(|json| if any_case { window.eq_ignore_ascii_case(*json) } else { window == *json })
+        })
+    };
     let essence = &value[..value.iter().position(|b| b";, ".contains(b)).unwrap_or(value.len())];
-    essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded").then_some(Kind::Form)
+    if essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
+        Some(if says_json(false) { Kind::Json } else { Kind::Form })
+    } else {
+        says_json(true).then_some(Kind::Json)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +147,11 @@ mod tests {
             kind(&headers(&[("content-type", "application/x-www-form-urlencoded; x=/json")])),
             Some(Kind::Json),
             "Laravel reads it as JSON"
+        );
+        assert_eq!(
+            kind(&headers(&[("content-type", "application/x-www-form-urlencoded; charset=/JSON")])),
+            Some(Kind::Form),
+            "but only as isJson says, case-sensitively"
         );
         assert_eq!(
             kind(&headers(&[("content-type", "application/x-www-form-urlencoded,text/plain")])),

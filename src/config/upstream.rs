@@ -19,7 +19,7 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
     }
     let path_prefix = base.path().trim_end_matches('/').to_owned();
     if path_prefix.ends_with("/api") {
-        return Err(ctx.at(&raw.base_url, "upstream.base_url", "give the host only (\"https://go.tallyfy.com\"): the caller's /api/... path is appended as received"));
+        return Err(ctx.at(&raw.base_url, "upstream.base_url", "must not end in /api (\"https://go.tallyfy.com\"): the caller's /api/... path is appended as received"));
     }
     let scheme = base.scheme().cloned().expect("http_url checked the scheme");
     // As Tallyfy writes it in its own links, which are found byte for byte.

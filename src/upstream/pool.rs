@@ -121,6 +121,19 @@ struct State {
     h2: Option<Shared>,
     /// Whether a task is closing connections idle for longer than the timeout.
     reaping: bool,
+    /// Whether a request is dialling the connection that replaces a full
+    /// HTTP/2 one.
+    dialling: bool,
+}
+
+/// A dial under way for a full HTTP/2 connection: over when dropped, however
+/// the dial ends (a caller gone mid-dial included).
+struct Dialling<'a>(&'a Local);
+
+impl Drop for Dialling<'_> {
+    fn drop(&mut self) {
+        self.0.lock().dialling = false;
+    }
 }
 
 struct Idle {
@@ -161,6 +174,9 @@ enum Connection {
 /// What a checkout found in the thread's pool.
 enum Found {
     Shared(http2::SendRequest<SentBody>, StreamPlace),
+    /// The HTTP/2 connection holds [`H2_STREAMS_PER_CONNECTION`] streams:
+    /// this request dials the next one (no other does meanwhile).
+    Full(http2::SendRequest<SentBody>, StreamPlace),
     Idle(Idle),
     /// An idle connection older than `pool_idle_timeout_ms`: closed, not used.
     Stale,
@@ -182,7 +198,7 @@ impl Pool {
     fn local(&self) -> &Arc<Local> {
         self.threads.get_or(|| {
             Arc::new(Local {
-                state: Mutex::new(State { idle: Vec::new(), h2: None, reaping: false }),
+                state: Mutex::new(State { idle: Vec::new(), h2: None, reaping: false, dialling: false }),
                 idle_timeout: self.idle_timeout,
                 max_idle: self.max_idle,
             })
@@ -279,28 +295,36 @@ impl Pool {
             let found = {
                 let mut state = local.lock();
                 let now = Instant::now();
+                let dialling = state.dialling;
                 let shared = match state.h2.as_mut() {
                     Some(h2) if !h2.sender.is_closed() => {
                         h2.last_used = now;
-                        // A full connection: the next one is dialled below.
-                        (h2.open.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION)
-                            .then(|| (h2.sender.clone(), StreamPlace::take(&h2.open)))
+                        let full = h2.open.load(Ordering::Relaxed) >= H2_STREAMS_PER_CONNECTION;
+                        Some((h2.sender.clone(), StreamPlace::take(&h2.open), full && !dialling))
                     }
                     _ => None,
                 };
-                if let Some((h2, place)) = shared {
-                    Found::Shared(h2, place)
-                } else {
-                    state.h2 = None;
-                    // Only the one taken is checked for age (the reaper closes the rest).
-                    let newest = state.idle.iter().rposition(|idle| idle.connection.tenant() == tenant);
-                    newest.map(|at| state.idle.remove(at)).map_or(Found::Nothing, |idle| {
-                        if now.duration_since(idle.since) < self.idle_timeout {
-                            Found::Idle(idle)
-                        } else {
-                            Found::Stale
-                        }
-                    })
+                match shared {
+                    // Requests that come while the next connection is dialled
+                    // go on the full one, past the cap but within the limit a
+                    // server usually allows (128 and up).
+                    Some((h2, place, false)) => Found::Shared(h2, place),
+                    Some((h2, place, true)) => {
+                        state.dialling = true;
+                        Found::Full(h2, place)
+                    }
+                    None => {
+                        state.h2 = None;
+                        // Only the one taken is checked for age (the reaper closes the rest).
+                        let newest = state.idle.iter().rposition(|idle| idle.connection.tenant() == tenant);
+                        newest.map(|at| state.idle.remove(at)).map_or(Found::Nothing, |idle| {
+                            if now.duration_since(idle.since) < self.idle_timeout {
+                                Found::Idle(idle)
+                            } else {
+                                Found::Stale
+                            }
+                        })
+                    }
                 }
             };
             match found {
@@ -308,7 +332,26 @@ impl Pool {
                     if h2.ready().await.is_ok() {
                         break Some(Connection::Http2(h2, place));
                     }
-                    local.lock().h2 = None;
+                    local.forget_h2(&place);
+                }
+                Found::Full(mut h2, place) => {
+                    let dialled = {
+                        let _dialling = Dialling(local);
+                        Box::pin(self.connect(local, tenant)).await
+                    };
+                    // The new connection takes the request (its place on the
+                    // full one is given up); if none could be opened, the
+                    // full one, still working, takes it after all.
+                    match dialled {
+                        Ok(connection) => return Ok((connection, false)),
+                        Err(error) => {
+                            if h2.ready().await.is_ok() {
+                                break Some(Connection::Http2(h2, place));
+                            }
+                            local.forget_h2(&place);
+                            return Err(error);
+                        }
+                    }
                 }
                 // Closed by Tallyfy while idle (or not quiet): take another.
                 Found::Idle(mut idle) => {
@@ -394,6 +437,15 @@ impl Local {
         state.h2 = Some(Shared { sender, last_used: Instant::now(), open });
         self.reap_later(&mut state);
         place
+    }
+
+    /// The thread's HTTP/2 connection failed: it is forgotten, unless another
+    /// replaced it meanwhile (`place` is a stream's place on the failed one).
+    fn forget_h2(&self, place: &StreamPlace) {
+        let mut state = self.lock();
+        if state.h2.as_ref().is_some_and(|h2| Arc::ptr_eq(&h2.open, &place.0)) {
+            state.h2 = None;
+        }
     }
 
     fn reap_later(self: &Arc<Self>, state: &mut State) {

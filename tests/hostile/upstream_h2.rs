@@ -34,12 +34,14 @@ where
         + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    h2_upstream_with(h2::server::Builder::new(), serve).await
+    h2_upstream_with(h2::server::Builder::new(), usize::MAX, serve).await
 }
 
-/// [`h2_upstream`] with the server's settings from `settings`.
+/// [`h2_upstream`] with the server's settings from `settings`, accepting
+/// `accepting` connections (then refusing every other).
 async fn h2_upstream_with<F, Fut>(
     settings: h2::server::Builder,
+    accepting: usize,
     serve: F,
 ) -> (String, String, Arc<AtomicUsize>)
 where
@@ -57,8 +59,9 @@ where
     let counted = accepted.clone();
     let serve = Arc::new(serve);
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let nth = counted.fetch_add(1, Ordering::SeqCst) + 1;
+        for nth in 1..=accepting {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
             let (acceptor, serve, settings) = (acceptor.clone(), serve.clone(), settings.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
@@ -66,6 +69,7 @@ where
                 serve(nth, connection).await;
             });
         }
+        // The listener closes with this task: any further dial is refused.
     });
     (base, ca_pem, accepted)
 }
@@ -349,47 +353,62 @@ async fn a_large_answer_head_passes_over_http2_as_over_http1() {
     assert_eq!(response.headers()["x-large"].len(), 20 * 1024);
 }
 
-/// Streams one thread keeps open on an HTTP/2 connection stop at 100 (what
-/// RFC 9113 asks every server to allow): the next request dials another
-/// connection. Before, it queued in hyper behind the streams holding Tallyfy's
-/// limit (one caller's slow requests), its timeout running, whoever sent it.
-#[tokio::test]
-async fn requests_beyond_a_connections_streams_go_on_another_connection() {
-    const HELD: usize = 100;
-    let held = Arc::new(AtomicUsize::new(0));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let (counted, released) = (held.clone(), release.clone());
-    let mut settings = h2::server::Builder::new();
-    settings.max_concurrent_streams(HELD as u32);
-    let (base, ca_pem, accepted) = h2_upstream_with(settings, move |_, mut connection| {
-        let (counted, released) = (counted.clone(), released.clone());
-        async move {
+/// A server for the stream-cap tests: it holds each `/api/hold` stream until
+/// `release` (counting them in `held`), and answers every other at once.
+fn holding<C>(
+    held: Arc<AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+) -> impl Fn(usize, h2::server::Connection<C, bytes::Bytes>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
++ Send
++ Sync
++ 'static
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    move |_, mut connection| {
+        let (held, release) = (held.clone(), release.clone());
+        Box::pin(async move {
             while let Some(Ok((request, mut respond))) = connection.accept().await {
-                let (counted, released) = (counted.clone(), released.clone());
+                let (held, release) = (held.clone(), release.clone());
                 tokio::spawn(async move {
                     if request.uri().path() == "/api/hold" {
-                        let waiting = released.notified();
-                        counted.fetch_add(1, Ordering::SeqCst);
+                        let waiting = release.notified();
+                        held.fetch_add(1, Ordering::SeqCst);
                         let _ = tokio::time::timeout(Duration::from_secs(20), waiting).await;
                     }
                     let _ = respond.send_response(http::Response::new(()), true);
                 });
             }
-        }
-    })
-    .await;
+        })
+    }
+}
+
+/// A proxy in front of `base` (its CA `ca_pem`), and `HELD` requests to
+/// `/api/hold` sent through it once a first request has opened the thread's
+/// connection; returns when Tallyfy holds them all.
+async fn hold_streams(
+    base: &str,
+    ca_pem: &str,
+    held: &AtomicUsize,
+) -> (
+    tallyfy_proxy::app::Running,
+    tempfile::TempDir,
+    Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>>,
+) {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = TestConfig::personal_any(&base).set("upstream", "ca_file", "ca.pem").set(
+    let config = TestConfig::personal_any(base).set("upstream", "ca_file", "ca.pem").set(
         "upstream",
         "request_timeout_ms",
         20_000,
     );
     let proxy = start_proxy(&config.parse(dir.path())).await;
-    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
     let http = support::client();
-    assert_eq!(http.get(url("/api/me")).send().await.expect("answered").status(), 200);
-    let holding: Vec<_> = (0..HELD).map(|_| tokio::spawn(http.get(url("/api/hold")).send())).collect();
+    let first = http.get(format!("http://{}/api/me", proxy.proxy_addr())).send().await.expect("answered");
+    assert_eq!(first.status(), 200);
+    first.bytes().await.expect("the first answer, whole: its stream's place given up");
+    let hold = format!("http://{}/api/hold", proxy.proxy_addr());
+    let holding: Vec<_> = (0..HELD).map(|_| tokio::spawn(http.get(&hold).send())).collect();
     let all_held = tokio::time::timeout(Duration::from_secs(10), async {
         while held.load(Ordering::SeqCst) < HELD {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -397,8 +416,28 @@ async fn requests_beyond_a_connections_streams_go_on_another_connection() {
     })
     .await;
     assert!(all_held.is_ok(), "Tallyfy holds {HELD} streams");
+    (proxy, dir, holding)
+}
+
+/// Streams the proxy keeps open on one HTTP/2 connection of a thread.
+const HELD: usize = 100;
+
+/// Streams one thread keeps open on an HTTP/2 connection stop at 100 (what
+/// RFC 9113 asks every server to allow): the next request dials another
+/// connection. Before, it queued in hyper behind the streams holding Tallyfy's
+/// limit (one caller's slow requests), its timeout running, whoever sent it.
+#[tokio::test]
+async fn requests_beyond_a_connections_streams_go_on_another_connection() {
+    let (held, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+    let mut settings = h2::server::Builder::new();
+    settings.max_concurrent_streams(HELD as u32);
+    let server = holding(held.clone(), release.clone());
+    let (base, ca_pem, accepted) = h2_upstream_with(settings, usize::MAX, server).await;
+    let (proxy, _dir, holding) = hold_streams(&base, &ca_pem, &held).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "all on the thread's one connection");
-    let answered = tokio::time::timeout(Duration::from_secs(5), http.get(url("/api/me")).send()).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    let http = support::client();
+    let answered = tokio::time::timeout(Duration::from_secs(5), http.get(&url).send()).await;
     let status = answered.expect("answered while the streams are held").expect("answered").status();
     assert_eq!(status, 200);
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "on a connection of its own");
@@ -406,5 +445,34 @@ async fn requests_beyond_a_connections_streams_go_on_another_connection() {
     for request in holding {
         assert_eq!(request.await.expect("joined").expect("answered").status(), 200);
     }
-    assert_eq!(http.get(url("/api/me")).send().await.expect("answered").status(), 200);
+    // Every place was given back: more requests than a connection's streams,
+    // one after another, all go on the newest connection.
+    for _ in 0..HELD + 20 {
+        let answer = http.get(&url).send().await.expect("answered");
+        assert_eq!(answer.status(), 200);
+        answer.bytes().await.expect("whole");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no stream's place was kept");
+}
+
+/// When the connection that would take over from a full one cannot be opened,
+/// the request goes on the full one (still working, and here allowing more
+/// streams): not a 502 for want of a second connection.
+#[tokio::test]
+async fn a_request_beyond_a_full_connection_goes_on_it_when_no_other_opens() {
+    let (held, release) = (Arc::new(AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+    let mut settings = h2::server::Builder::new();
+    settings.max_concurrent_streams(2 * HELD as u32);
+    let server = holding(held.clone(), release.clone());
+    let (base, ca_pem, accepted) = h2_upstream_with(settings, 1, server).await;
+    let (proxy, _dir, holding) = hold_streams(&base, &ca_pem, &held).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    let answered = tokio::time::timeout(Duration::from_secs(5), support::client().get(&url).send()).await;
+    let status = answered.expect("answered while the streams are held").expect("answered").status();
+    assert_eq!(status, 200, "on the full connection: the second was refused");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    release.notify_waiters();
+    for request in holding {
+        assert_eq!(request.await.expect("joined").expect("answered").status(), 200);
+    }
 }

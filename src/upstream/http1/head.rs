@@ -186,6 +186,10 @@ fn body_framing(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
+        // No body, so no framing to refuse; a repeated length is still restated.
+        if let Ok((Some(length), true)) = declared_length(headers) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
         return Ok((Decoder::Done, status != StatusCode::SWITCHING_PROTOCOLS));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -202,6 +206,21 @@ fn body_framing(
         let both = headers.contains_key(CONTENT_LENGTH);
         return Ok((Decoder::Chunked(Chunked::Size), !both));
     }
+    Ok(match declared_length(headers)? {
+        (Some(length), repeated) => {
+            if repeated {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            (Decoder::Length(length), true)
+        }
+        (None, _) => (Decoder::UntilClose, false),
+    })
+}
+
+/// The one length `Content-Length` gives, if any, and whether it was given
+/// more than once (`5, 5`, or two fields); refused when two differ or one is
+/// not a plain number.
+fn declared_length(headers: &HeaderMap) -> Result<(Option<u64>, bool), Malformed> {
     let (mut length, mut items) = (None, 0);
     for value in headers.get_all(CONTENT_LENGTH) {
         for item in value.as_bytes().split(|&b| b == b',') {
@@ -217,15 +236,7 @@ fn body_framing(
             }
         }
     }
-    Ok(match length {
-        Some(length) => {
-            if items > 1 {
-                headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
-            }
-            (Decoder::Length(length), true)
-        }
-        None => (Decoder::UntilClose, false),
-    })
+    Ok((length, items > 1))
 }
 
 /// Whether the connection stays open after this response: HTTP/1.1 unless
@@ -286,11 +297,16 @@ mod tests {
             (head.decoder, head.keep_alive)
         };
         assert_eq!(framing("HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"), (Decoder::Length(7), true));
-        // A repeated length is passed on once.
+        // A repeated length is passed on once, with a body or without.
         for repeated in ["Content-Length: 7, 7\r\n", "Content-Length: 7\r\ncontent-length: 7\r\n"] {
-            let head = head(&format!("HTTP/1.1 200 OK\r\n{repeated}\r\n"));
-            let lengths: Vec<_> = head.response.headers().get_all("content-length").iter().collect();
-            assert_eq!(lengths, ["7"], "{repeated:?}");
+            for status in ["200 OK", "304 Not Modified", "204 No Content"] {
+                let head = head(&format!("HTTP/1.1 {status}\r\n{repeated}\r\n"));
+                let lengths: Vec<_> = head.response.headers().get_all("content-length").iter().collect();
+                assert_eq!(lengths, ["7"], "{status} {repeated:?}");
+            }
+            let wire = format!("HTTP/1.1 200 OK\r\n{repeated}\r\n");
+            let to_head = read(&wire, Method::HEAD).expect("read").expect("whole").0;
+            assert_eq!(to_head.response.headers().get_all("content-length").iter().count(), 1);
         }
         assert_eq!(
             framing("HTTP/1.1 200 OK\r\nTransfer-Encoding:  Chunked \r\n\r\n"),
