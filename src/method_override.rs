@@ -176,7 +176,7 @@ pub fn in_json(body: &[u8]) -> Result<Vec<Method>, Unreadable> {
         return Ok(Vec::new());
     }
     let mut visitor = TopLevel { values: Vec::new(), unreadable: false };
-    json_scan::scan(body, Depth::Root, &mut visitor)
+    json_scan::scan(json_scan::Reader::Php, body, Depth::Root, &mut visitor)
         .map_err(|_| Unreadable("a JSON body that may carry _method must be valid JSON"))?;
     if visitor.unreadable {
         return Err(Unreadable("a _method override must be a JSON string"));
@@ -270,6 +270,10 @@ mod tests {
         assert_eq!(in_json(br#"{"title":"_method"}"#), Ok(vec![]));
         assert_eq!(in_json(br#"{"title":"x"}"#), Ok(vec![]));
         assert!(in_json(br#"{"_method":5}"#).is_err());
+        // Read as PHP reads it: a number beyond a double is infinity, 200 containers deep is data.
+        assert_eq!(in_json(br#"{"_method":"DELETE","x":1e400}"#), Ok(vec![Method::DELETE]));
+        let deep = format!(r#"{{"_method":"DELETE","x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(in_json(deep.as_bytes()), Ok(vec![Method::DELETE]));
         assert!(in_json(br#"{"_method":"DELETE""#).is_err(), "invalid JSON that may carry it");
         assert_eq!(
             in_json(br#"{"title":"#),

@@ -19,7 +19,8 @@ pub fn rewrite_json(body: &[u8], rules: &DateRules) -> Result<Rewrite, RewriteEr
         return Ok(Rewrite::default());
     }
     let mut visitor = DateVisitor { rules, edits: Vec::new() };
-    json_scan::scan(body, Ctx::Plain, &mut visitor).map_err(|_| RewriteError::InvalidJson)?;
+    json_scan::scan(json_scan::Reader::Php, body, Ctx::Plain, &mut visitor)
+        .map_err(|_| RewriteError::InvalidJson)?;
     Ok(Rewrite { dates_rewritten: visitor.edits.len(), body: splice(body, &visitor.edits) })
 }
 

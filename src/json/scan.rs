@@ -6,19 +6,39 @@
 //! of the value a key or array element introduces is computed from the context of its container, so a
 //! visitor can track "am I inside `prerun`?" without building a key path.
 //!
-//! Validation is as strict as `serde_json::from_slice::<serde_json::Value>`: UTF-8, string escapes
-//! (including surrogate pairing), control characters, the number grammar, literals, structure,
-//! trailing bytes, numbers overflowing f64 and the nesting limit of 127 containers all agree with
-//! serde_json.
+//! Validation follows the reader the body is for ([`Reader`]): UTF-8, string escapes (including
+//! surrogate pairing), control characters, the number grammar, literals, structure and trailing
+//! bytes as `serde_json::from_slice::<serde_json::Value>` checks them (and PHP's `json_decode`);
+//! the nesting limit and numbers overflowing f64 as that reader takes them.
 
 use std::ops::Range;
 
-/// The body is not valid JSON (or nests deeper than [`MAX_DEPTH`]).
+/// The body is not valid JSON (or nests deeper than its [`Reader`] reads).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Invalid;
 
-/// Deepest container nesting accepted; the same limit serde_json applies (128 minus the root).
-pub(crate) const MAX_DEPTH: usize = 127;
+/// Whose reading of JSON a scan agrees with, where readers differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// serde_json's (and most callers' libraries'), for Tallyfy's answers: at
+    /// most 127 containers nested, numbers within f64.
+    Serde,
+    /// PHP's `json_decode` as Laravel calls it on a request body: 512
+    /// containers nested, a number beyond f64 read as infinity. A body Tallyfy
+    /// reads must be read as Tallyfy reads it: one it reads and the scan
+    /// refused would pass with its dates unrewritten.
+    Php,
+}
+
+impl Reader {
+    /// The most containers nested.
+    pub(crate) const fn max_depth(self) -> usize {
+        match self {
+            Reader::Serde => 127,
+            Reader::Php => 512,
+        }
+    }
+}
 
 /// A JSON string token. `start..end` spans the token including both quotes.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +84,13 @@ struct Frame<C> {
 /// Scans `body` as one JSON document, reporting tokens to `visitor`.
 ///
 /// On `Err` the visitor may already have seen some tokens; callers must discard what it collected.
-pub(crate) fn scan<V: Visitor>(body: &[u8], root: V::Ctx, visitor: &mut V) -> Result<(), Invalid> {
+pub(crate) fn scan<V: Visitor>(
+    reader: Reader,
+    body: &[u8],
+    root: V::Ctx,
+    visitor: &mut V,
+) -> Result<(), Invalid> {
+    let max_depth = reader.max_depth();
     if std::str::from_utf8(body).is_err() {
         return Err(Invalid);
     }
@@ -75,7 +101,7 @@ pub(crate) fn scan<V: Visitor>(body: &[u8], root: V::Ctx, visitor: &mut V) -> Re
         i = skip_ws(body, i);
         match body.get(i).copied() {
             Some(open @ (b'{' | b'[')) => {
-                if stack.len() >= MAX_DEPTH {
+                if stack.len() >= max_depth {
                     return Err(Invalid);
                 }
                 let object = open == b'{';
@@ -99,7 +125,7 @@ pub(crate) fn scan<V: Visitor>(body: &[u8], root: V::Ctx, visitor: &mut V) -> Re
                 i = end;
             }
             Some(b'-' | b'0'..=b'9') => {
-                let end = scan_number(body, i)?;
+                let end = scan_number(body, i, reader)?;
                 visitor.number(body, ctx, i..end);
                 i = end;
             }
@@ -258,7 +284,7 @@ pub(crate) fn hex4(body: &[u8], at: usize) -> Option<u16> {
     Some(n)
 }
 
-fn scan_number(body: &[u8], start: usize) -> Result<usize, Invalid> {
+fn scan_number(body: &[u8], start: usize, reader: Reader) -> Result<usize, Invalid> {
     let (mut i, mut exponent) = (start, false);
     let digits = |body: &[u8], mut i: usize| {
         while body.get(i).is_some_and(u8::is_ascii_digit) {
@@ -292,7 +318,7 @@ fn scan_number(body: &[u8], start: usize) -> Result<usize, Invalid> {
         exponent = true;
     }
     // Like serde_json, reject numbers that overflow f64 (`1e309`); only long or exponent forms can.
-    if exponent || i - start > 308 {
+    if reader == Reader::Serde && (exponent || i - start > 308) {
         let text = std::str::from_utf8(&body[start..i]).map_err(|_| Invalid)?;
         if text.parse::<f64>().map_or(true, f64::is_infinite) {
             return Err(Invalid);
@@ -383,7 +409,7 @@ mod tests {
                 fn string(&mut self, _: &[u8], _: (), _: StrToken) {}
                 fn number(&mut self, _: &[u8], _: (), _: Range<usize>) {}
             }
-            let ours = scan(body.as_bytes(), (), &mut Ignore).is_ok();
+            let ours = scan(Reader::Serde, body.as_bytes(), (), &mut Ignore).is_ok();
             let serde = serde_json::from_str::<serde_json::Value>(&body).is_ok();
             prop_assert_eq!(ours, serde, "{:?}", body);
         }

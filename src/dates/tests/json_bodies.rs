@@ -111,15 +111,27 @@ fn invalid_json_is_reported_when_a_candidate_is_present() {
     assert_eq!(rewrite_json(b"{not json", &rules), Ok(Rewrite::default()));
 }
 
+/// A request body is read as PHP's `json_decode` reads it (Laravel's default
+/// depth, 512 containers; a number beyond f64 is infinity), not as serde_json:
+/// a body Tallyfy reads and the scan refused would keep its dates unrewritten.
 #[test]
-fn nesting_limit_matches_serde_json() {
+fn request_bodies_are_read_as_php_reads_them() {
     let rules = DateRules::default();
-    for depth in [126, 127, 128, 100_000] {
-        let body = format!("{}\"deadline\"{}", "[".repeat(depth), "]".repeat(depth));
-        let ours = rewrite_json(body.as_bytes(), &rules).is_ok();
-        let serde = serde_json::from_str::<serde_json::Value>(&body).is_ok();
-        assert_eq!(ours, serde, "depth {depth}");
+    for (depth, read) in [(127, true), (128, true), (512, true), (513, false), (100_000, false)] {
+        let body =
+            format!("{}{{\"deadline\":\"2025-03-04\"}}{}", "[".repeat(depth - 1), "]".repeat(depth - 1));
+        let rewritten = rewrite_json(body.as_bytes(), &rules);
+        assert_eq!(rewritten.is_ok(), read, "{depth} containers");
+        if read {
+            assert_eq!(rewritten.expect("read").dates_rewritten, 1, "{depth} containers");
+        }
     }
+    let huge = br#"{"deadline":"2025-03-04 10:00:00","x":1e400,"y":-1e999}"#;
+    let rewritten = rewrite_json(huge, &rules).expect("PHP reads it (INF)");
+    assert_eq!(
+        rewritten.body.expect("rewritten"),
+        br#"{"deadline":"2025-04-03 10:00:00","x":1e400,"y":-1e999}"#
+    );
 }
 
 /// Names PHP folds into a date field's (a leading space, `.` for `_`, a NUL

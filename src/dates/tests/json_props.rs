@@ -12,6 +12,14 @@ use crate::dates::{DateRules, InputOrder, convert, convert_field, may_need_rewri
 
 const ZONES: [&str; 4] = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"];
 
+/// Whether PHP's `json_decode` (what Tallyfy reads a body with) reads `bytes`:
+/// as serde_json does, but a number beyond f64 is infinity, not an error (the
+/// documents here nest far below either's depth limit).
+fn php_reads(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(bytes)
+        .map_or_else(|error| error.to_string().contains("number out of range"), |_| true)
+}
+
 fn rules() -> impl Strategy<Value = DateRules> {
     (0..ZONES.len(), any::<bool>()).prop_map(|(z, ydm)| DateRules {
         timezone: TimeZone::get(ZONES[z]).expect("bundled zone"),
@@ -132,7 +140,7 @@ proptest! {
         }
     }
 
-    /// (4) a mutated document is rejected exactly when serde_json rejects it (when it is scanned).
+    /// (4) a mutated document is rejected exactly when PHP rejects it (when it is scanned).
     #[test]
     fn validation_agrees_with_serde_json((_doc, text) in doc_and_text(), cut in any::<prop::sample::Index>(),
         mutation in 0..3u8, byte in prop::sample::select(b"{}[],:\"\\ 0-.eEtx\x01\xff".to_vec())) {
@@ -143,23 +151,21 @@ proptest! {
             1 => { bytes.remove(at); }
             _ => bytes.insert(at, byte),
         }
-        let serde_ok = serde_json::from_slice::<Value>(&bytes).is_ok();
         let ours = rewrite_json(&bytes, &DateRules::default());
         if may_need_rewrite(&bytes, &DateRules::default()) {
-            prop_assert_eq!(ours.is_ok(), serde_ok, "{:?}", String::from_utf8_lossy(&bytes));
+            prop_assert_eq!(ours.is_ok(), php_reads(&bytes), "{:?}", String::from_utf8_lossy(&bytes));
         } else {
             prop_assert_eq!(ours.map(|r| r.body), Ok(None));
         }
     }
 
-    /// Random JSON-ish bytes after a date field: our validator and serde_json agree.
+    /// Random JSON-ish bytes after a date field: our validator and PHP's agree.
     #[test]
     fn validator_agrees_on_random_bytes(tail in prop::collection::vec(
         prop::sample::select(b"{}[],:\"\\/ \n0123456789-+.eEtrufalsn\\u00dD8cC".to_vec()), 0..24)) {
         let mut bytes = b"{\"deadline\":".to_vec();
         bytes.extend_from_slice(&tail);
-        let serde_ok = serde_json::from_slice::<Value>(&bytes).is_ok();
-        prop_assert_eq!(rewrite_json(&bytes, &DateRules::default()).is_ok(), serde_ok);
+        prop_assert_eq!(rewrite_json(&bytes, &DateRules::default()).is_ok(), php_reads(&bytes));
     }
 
     /// RFC 3339 with any offset: the hand-written parser gives the instant jiff formatted.
