@@ -127,6 +127,8 @@ fn request_bodies_are_read_as_php_reads_them() {
         }
     }
     let huge = br#"{"deadline":"2025-03-04 10:00:00","x":1e400,"y":-1e999}"#;
+    let broken = br#"{"deadline":"2025-03-04 10:00:00","x":1e999.0}"#;
+    assert_eq!(rewrite_json(broken, &rules), Err(RewriteError::InvalidJson), "a fraction after the exponent");
     let rewritten = rewrite_json(huge, &rules).expect("PHP reads it (INF)");
     assert_eq!(
         rewritten.body.expect("rewritten"),

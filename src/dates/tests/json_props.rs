@@ -12,12 +12,17 @@ use crate::dates::{DateRules, InputOrder, convert, convert_field, may_need_rewri
 
 const ZONES: [&str; 4] = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"];
 
-/// Whether PHP's `json_decode` (what Tallyfy reads a body with) reads `bytes`:
-/// as serde_json does, but a number beyond f64 is infinity, not an error (the
-/// documents here nest far below either's depth limit).
-fn php_reads(bytes: &[u8]) -> bool {
-    serde_json::from_slice::<Value>(bytes)
-        .map_or_else(|error| error.to_string().contains("number out of range"), |_| true)
+/// Whether PHP's `json_decode` (what Tallyfy reads a body with) reads `bytes`,
+/// as far as serde_json can tell: the two agree on everything but a number
+/// beyond a double (PHP's infinity, serde_json's error, which may hide a later
+/// fault: `1e999.0`), which gives `None` (that case has tests of its own), and
+/// depth (the documents here nest far below either limit).
+fn php_reads(bytes: &[u8]) -> Option<bool> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(_) => Some(true),
+        Err(error) if error.to_string().starts_with("number out of range") => None,
+        Err(_) => Some(false),
+    }
 }
 
 fn rules() -> impl Strategy<Value = DateRules> {
@@ -142,7 +147,7 @@ proptest! {
 
     /// (4) a mutated document is rejected exactly when PHP rejects it (when it is scanned).
     #[test]
-    fn validation_agrees_with_serde_json((_doc, text) in doc_and_text(), cut in any::<prop::sample::Index>(),
+    fn validation_agrees_with_php((_doc, text) in doc_and_text(), cut in any::<prop::sample::Index>(),
         mutation in 0..3u8, byte in prop::sample::select(b"{}[],:\"\\ 0-.eEtx\x01\xff".to_vec())) {
         let mut bytes = format!("{{\"deadline\":{text}}}").into_bytes();
         let at = cut.index(bytes.len());
@@ -153,7 +158,8 @@ proptest! {
         }
         let ours = rewrite_json(&bytes, &DateRules::default());
         if may_need_rewrite(&bytes, &DateRules::default()) {
-            prop_assert_eq!(ours.is_ok(), php_reads(&bytes), "{:?}", String::from_utf8_lossy(&bytes));
+            let Some(php) = php_reads(&bytes) else { return Ok(()) };
+            prop_assert_eq!(ours.is_ok(), php, "{:?}", String::from_utf8_lossy(&bytes));
         } else {
             prop_assert_eq!(ours.map(|r| r.body), Ok(None));
         }
@@ -165,7 +171,9 @@ proptest! {
         prop::sample::select(b"{}[],:\"\\/ \n0123456789-+.eEtrufalsn\\u00dD8cC".to_vec()), 0..24)) {
         let mut bytes = b"{\"deadline\":".to_vec();
         bytes.extend_from_slice(&tail);
-        prop_assert_eq!(rewrite_json(&bytes, &DateRules::default()).is_ok(), php_reads(&bytes));
+        if let Some(php) = php_reads(&bytes) {
+            prop_assert_eq!(rewrite_json(&bytes, &DateRules::default()).is_ok(), php);
+        }
     }
 
     /// RFC 3339 with any offset: the hand-written parser gives the instant jiff formatted.
