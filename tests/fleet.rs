@@ -383,6 +383,46 @@ async fn a_401_while_another_replica_refreshes_is_replayed_with_its_set_even_jus
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 
+/// An older token set back in Redis (a failover that lost the writes after
+/// it, a restart from an old snapshot, an old sealed value written back) is
+/// never the source of a refresh token: the one it holds was spent, and a
+/// spent refresh token presented again has Tallyfy revoke the whole family.
+/// The lease holder signs in with the password instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_set_back_in_redis_never_has_its_refresh_token_presented_again() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = forced_refresh_interval(&sandbox, 100);
+    let replicas = fleet(1, &config, &redis).await;
+    let replica = &replicas[0];
+    let mut connection = redis_connection(&redis).await;
+    let sets = token_keys(&mut connection).await;
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let old: Vec<u8> = redis::cmd("DUMP").arg(&sets[0]).query_async(&mut connection).await.expect("dump");
+    let get = || client().get(format!("http://{}{PATH}", replica.proxy)).send();
+
+    // A dead token: the replica redeems the set's refresh token for a new set.
+    sandbox.revoke_all_tokens();
+    assert_eq!(get().await.expect("answered").status(), 200, "{:#?}", replica.trouble());
+    // The older set, its refresh token spent, comes back.
+    let ttl: i64 = redis::cmd("PTTL").arg(&sets[0]).query_async(&mut connection).await.expect("pttl");
+    let _: () = redis::cmd("RESTORE")
+        .arg(&sets[0])
+        .arg(ttl.max(1000))
+        .arg(old)
+        .arg("REPLACE")
+        .query_async(&mut connection)
+        .await
+        .expect("restore");
+    tokio::time::sleep(Duration::from_millis(150)).await; // past min_forced_refresh_interval_ms
+    sandbox.revoke_all_tokens();
+    assert_eq!(get().await.expect("answered").status(), 200, "{:#?}", replica.trouble());
+    let grants: Vec<String> = sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    assert_eq!(grants, ["password", "refresh_token", "password"], "a sign-in, not the spent token");
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lease_holder_is_replaced_with_no_failed_request() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;

@@ -240,7 +240,13 @@ impl Refresher {
             slot.due = Some(now);
             return;
         }
-        if !refreshable || current > rejected.generation || slot.failures > 0 || recently_forced {
+        if current > rejected.generation {
+            // A late report of a token already replaced: its waiters take the
+            // newer one at once. Settling here would release the waiters of a
+            // rejection of the current token that is still to be judged.
+            return;
+        }
+        if !refreshable || slot.failures > 0 || recently_forced {
             self.store.settle(id); // declined: release the waiters
             return;
         }
@@ -286,13 +292,22 @@ impl Refresher {
                 {
                     // The application token was refused while minting: renew it, and
                     // mint again as soon as it is back. Requests waiting for this
-                    // credential keep waiting for that second mint.
-                    slot.awaiting_application = true;
+                    // credential keep waiting for that second mint. At most once per
+                    // `min_forced_refresh_interval`, as a dead token forces one: a
+                    // mint Tallyfy always refuses is an ordinary failure, retried
+                    // with backoff, not a loop of mints and application tokens.
+                    let min_forced = self.min_forced_interval;
                     let application = &mut self.slots[application.index()];
-                    if !application.fetching && application.life != Life::Gone {
+                    let renewable = !application.fetching
+                        && application.life != Life::Gone
+                        && application.last_forced.is_none_or(|at| now.duration_since(at) >= min_forced);
+                    if renewable {
+                        application.last_forced = Some(now);
                         application.due = Some(now);
+                        self.slots[id.index()].awaiting_application = true;
+                        return self.failed(id, now, jitter, &error, false);
                     }
-                    return self.failed(id, now, jitter, &error, false);
+                    return self.failed(id, now, jitter, &error, true);
                 }
                 return self.failed(id, now, jitter, &error, true);
             }

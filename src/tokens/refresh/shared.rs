@@ -297,8 +297,12 @@ where
         Err(current) => current,
     };
     let refresh_token = match current {
+        // Never the refresh token of a set older than the one this replica
+        // installed (a Redis that lost writes, or an old sealed value written
+        // back): it may have been spent since, and a spent one presented again
+        // has Tallyfy revoke the whole family. The holder signs in instead.
         Some(Current { shared: Shared { generation, issued }, remaining })
-            if issued.refresh_token.is_some() =>
+            if issued.refresh_token.is_some() && generation >= installed =>
         {
             // Rewritten without it first: whatever happens next, no holder presents it again.
             let spent = Shared {

@@ -39,6 +39,8 @@ struct Fake {
     calls: Mutex<Vec<(Call, Instant)>>,
     /// Whether the minted user exists yet (a mint for a missing one is a 404).
     user_exists: Mutex<bool>,
+    /// Whether every mint is refused with a 401 (the application lost the org).
+    mint_refused: Mutex<bool>,
 }
 
 impl Fake {
@@ -49,6 +51,7 @@ impl Fake {
             failures: Mutex::default(),
             calls: Mutex::default(),
             user_exists: Mutex::new(true),
+            mint_refused: Mutex::new(false),
         })
     }
 
@@ -113,6 +116,11 @@ impl TokenSource for Source {
 
     fn mint_user_token<'a>(&'a self, _: &'a HeaderValue, _: &'a str, _: &'a str) -> Answer<'a, Issued> {
         Box::pin(async move {
+            if *self.0.mint_refused.lock().expect("lock") {
+                self.0.calls.lock().expect("lock").push((Call::Mint, Instant::now()));
+                tokio::time::sleep(self.0.latency).await;
+                return Err(FetchError::Refused { status: 401, code: "http_401".into() });
+            }
             if !*self.0.user_exists.lock().expect("lock") {
                 self.0.calls.lock().expect("lock").push((Call::Mint, Instant::now()));
                 return Err(FetchError::Refused { status: 404, code: "http_404".into() });
@@ -352,6 +360,46 @@ async fn a_missing_user_is_provisioned_then_minted_with_the_application_token() 
     let running = Running::start(&fake, vec![application(), minted]).await;
     assert_eq!(fake.calls(), [Call::ClientCredentials, Call::Mint, Call::Provision, Call::Mint]);
     assert!(running.lease(1).is_ok());
+}
+
+/// A mint Tallyfy always refuses with a 401 renews the application token at
+/// most once per `min_forced_refresh_interval` and is otherwise retried with
+/// backoff: it used to loop, mint and application token, at network speed.
+#[tokio::test(start_paused = true)]
+async fn a_mint_tallyfy_always_refuses_backs_off_instead_of_looping() {
+    let fake = Arc::new(Fake {
+        lifetime: HOUR,
+        latency: Duration::from_millis(10),
+        failures: Mutex::default(),
+        calls: Mutex::default(),
+        user_exists: Mutex::new(true),
+        mint_refused: Mutex::new(true),
+    });
+    let minted = Credential {
+        name: "jane".into(),
+        kind: CredentialKind::ApplicationUser {
+            application: CredentialId::new(0),
+            org: "org".into(),
+            email: "jane@example.com".into(),
+            provision: None,
+        },
+    };
+    let (mut refresher, _handle) = Refresher::new(TokenStore::new(), Arc::new(Metrics::new()));
+    let tokens =
+        refresher.configure(&set(vec![application(), minted]), Source(fake.clone())).expect("configured");
+    let stop = CancellationToken::new();
+    tokio::spawn(refresher.run(stop.clone()));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    stop.cancel();
+    let calls = fake.calls();
+    let count = |call: Call| calls.iter().filter(|made| **made == call).count();
+    // Backoff from 200 ms, doubling to 30 s, and an application renewal at
+    // most every 5 s (each letting the mint go once more): about twenty mints
+    // in the minute, where the loop made thousands.
+    assert!(count(Call::Mint) <= 30, "{} mints", count(Call::Mint));
+    assert!(count(Call::ClientCredentials) <= 14, "{} application tokens", count(Call::ClientCredentials));
+    assert!(count(Call::Mint) >= 5, "still retried: {} mints", count(Call::Mint));
+    assert!(tokens.lease(CredentialId::new(1), Instant::now()).is_err(), "no token to serve");
 }
 
 #[tokio::test(start_paused = true)]
