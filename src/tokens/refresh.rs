@@ -61,7 +61,7 @@ pub struct Refresher {
     epoch: u32,
     /// Indexed by [`SlotId`].
     slots: Vec<Slot>,
-    rejected: mpsc::Receiver<Rejected>,
+    rejected: mpsc::UnboundedReceiver<Rejected>,
     reconfigures: mpsc::Receiver<Reconfigure>,
     /// Fleet mode: the Redis the replicas share, and its news of new token sets.
     fleet: Option<(Arc<Fleet>, tokio::sync::broadcast::Receiver<News>)>,
@@ -69,7 +69,10 @@ pub struct Refresher {
 
 impl Refresher {
     pub fn new(store: Arc<TokenStore>, metrics: Arc<Metrics>) -> (Refresher, RefreshHandle) {
-        let (rejected_tx, rejected) = mpsc::channel(1024);
+        // Unbounded: each request reports at most once, so the queue holds no
+        // more than the requests in flight; a bounded one dropped reports when
+        // full, another credential's only report among them.
+        let (rejected_tx, rejected) = mpsc::unbounded_channel();
         let (reconfigure_tx, reconfigures) = mpsc::channel(4);
         let handle =
             RefreshHandle { rejected: rejected_tx, reconfigure: reconfigure_tx, store: store.clone() };

@@ -44,19 +44,16 @@ pub(super) struct Reconfigure {
 /// The request and reload side of the refresher. Cheap to clone.
 #[derive(Clone)]
 pub struct RefreshHandle {
-    pub(super) rejected: mpsc::Sender<Rejected>,
+    pub(super) rejected: mpsc::UnboundedSender<Rejected>,
     pub(super) reconfigure: mpsc::Sender<Reconfigure>,
     pub(super) store: Arc<TokenStore>,
 }
 
 impl RefreshHandle {
-    /// Reports a rejected token. Never blocks: when the queue is full, reports
-    /// are already pending. When the refresher is gone (shutdown), waiters are
-    /// released at once.
+    /// Reports a rejected token. Never blocks, and never drops a report. When
+    /// the refresher is gone (shutdown), waiters are released at once.
     pub fn token_rejected(&self, slot: SlotId, generation: u64) {
-        if let Err(mpsc::error::TrySendError::Closed(_)) =
-            self.rejected.try_send(Rejected { slot, generation })
-        {
+        if self.rejected.send(Rejected { slot, generation }).is_err() {
             self.store.settle(slot);
         }
     }

@@ -265,6 +265,26 @@ async fn a_failing_endpoint_backs_off_exponentially_and_the_old_token_serves_unt
     assert!(recovered.elapsed() <= schedule.backoff_max);
 }
 
+/// However many reports of one credential's dead token are queued, another
+/// credential's report is heard: a full queue used to drop it, and its waiters
+/// waited out their whole timeout.
+#[tokio::test(start_paused = true)]
+async fn a_storm_of_one_credentials_rejections_never_drowns_anothers() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application(), user()]).await;
+    let (first, second) = (running.slot(0), running.slot(1));
+    let storm = running.lease(0).expect("token").generation;
+    for _ in 0..2000 {
+        running.handle.token_rejected(first, storm);
+    }
+    let rejected = running.lease(1).expect("token").generation;
+    let store = running.tokens.store().clone();
+    let settled = store.settled(second);
+    running.handle.token_rejected(second, rejected);
+    let lease = store.newer_than(second, rejected, settled, Duration::from_secs(10)).await;
+    assert_eq!(lease.expect("a newer token for the other credential").generation, rejected + 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_hundred_rejections_of_one_token_make_one_fetch_and_every_waiter_gets_its_successor() {
     let mut fake = Fake::new(HOUR);
