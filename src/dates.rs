@@ -105,7 +105,7 @@ pub struct Rewrite {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RewriteError {
-    /// The body is not valid JSON as PHP reads it (truncated, bad token, bad UTF-8, nesting deeper than 512).
+    /// The body is not valid JSON as PHP reads it (truncated, bad token, bad UTF-8, nesting deeper than 511).
     /// Only reported when the pre-scan found a candidate; date-free bodies are not validated.
     #[error("request body is not valid JSON")]
     InvalidJson,

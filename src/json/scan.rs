@@ -23,7 +23,7 @@ pub(crate) enum Reader {
     /// serde_json's (and most callers' libraries'), for Tallyfy's answers: at
     /// most 127 containers nested, numbers within f64.
     Serde,
-    /// PHP's `json_decode` as Laravel calls it on a request body: 512
+    /// PHP's `json_decode` as Laravel calls it on a request body: 511
     /// containers nested, a number beyond f64 read as infinity. A body Tallyfy
     /// reads must be read as Tallyfy reads it: one it reads and the scan
     /// refused would pass with its dates unrewritten.
@@ -35,7 +35,8 @@ impl Reader {
     pub(crate) const fn max_depth(self) -> usize {
         match self {
             Reader::Serde => 127,
-            Reader::Php => 512,
+            // Laravel's depth, 512, counts the innermost value as a level too.
+            Reader::Php => 511,
         }
     }
 }

@@ -179,8 +179,17 @@ async fn token_answer(response: reqwest::Response, default_lifetime: Duration) -
         let body = bounded_body(response).await.unwrap_or_default();
         return Err(refusal(status, &body));
     }
+    // A JWT's `exp` is read against Tallyfy's clock: the proxy's own may run
+    // ahead of it (by more than a token's life, none would ever do).
+    let tallyfy_now = tallyfy_clock(response.headers());
     let body = bounded_body(response).await?;
-    parse_token(&body, default_lifetime, unix_now())
+    parse_token(&body, default_lifetime, tallyfy_now.unwrap_or_else(unix_now))
+}
+
+/// Tallyfy's clock (unix seconds), from an answer's `Date`.
+fn tallyfy_clock(headers: &http::HeaderMap) -> Option<u64> {
+    let date = headers.get(http::header::DATE)?.to_str().ok()?;
+    u64::try_from(jiff::fmt::rfc2822::parse(date).ok()?.timestamp().as_second()).ok()
 }
 
 /// A token answer (or a refusal) longer than this is not read: the fetch fails.
@@ -242,6 +251,29 @@ mod tests {
         assert!(matches!(long, Err(FetchError::Malformed(_))), "{long:?}");
         let refused = token_answer(answer(401, vec![b' '; 2 * MAX_ANSWER_BYTES]), hour).await;
         assert!(matches!(refused, Err(FetchError::Refused { status: 401, .. })), "{refused:?}");
+    }
+
+    /// Without `expires_in`, a JWT's `exp` is read against Tallyfy's `Date`,
+    /// not the proxy's clock: a proxy clock years ahead (this test's `exp` is
+    /// in 2001) still gives the token its hour.
+    #[tokio::test]
+    async fn a_jwts_expiry_is_read_against_tallyfys_clock() {
+        use base64::Engine;
+        let hour = Duration::from_secs(3600);
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"exp":1000003600}"#);
+        let body = format!(r#"{{"access_token":"eyJhbGciOiJSUzI1NiJ9.{payload}.c2ln"}}"#).into_bytes();
+        let mut dated = http::Response::new(body.clone());
+        // 1,000,000,000 seconds: Sun, 09 Sep 2001 01:46:40 GMT.
+        dated
+            .headers_mut()
+            .insert(http::header::DATE, "Sun, 09 Sep 2001 01:46:40 GMT".parse().expect("value"));
+        let issued = token_answer(reqwest::Response::from(dated), hour).await.expect("a valid token");
+        assert_eq!(issued.lifetime, hour);
+        let undated = token_answer(answer(200, body), hour).await;
+        assert!(
+            matches!(undated, Err(FetchError::Malformed(_))),
+            "against the proxy's clock it expired: {undated:?}"
+        );
     }
 
     #[test]

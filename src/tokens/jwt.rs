@@ -5,17 +5,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-/// When a JWT says it stops being accepted, and when it was issued (unix seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expiry {
-    /// The `exp` claim.
-    pub exp: u64,
-    /// The `iat` claim, when given.
-    pub iat: Option<u64>,
-}
-
-/// The `exp` claim (and `iat`, if any), if `token` is a JWT that has one.
-pub fn expiry(token: &str) -> Option<Expiry> {
+/// The `exp` claim (unix seconds), if `token` is a JWT that has one.
+pub fn expiry(token: &str) -> Option<u64> {
     let mut parts = token.split('.');
     let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
@@ -23,13 +14,12 @@ pub fn expiry(token: &str) -> Option<Expiry> {
     }
     let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let seconds = |claim: &serde_json::Value| match claim {
+    match &claims["exp"] {
         serde_json::Value::Number(n) => {
             n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
         }
         _ => None,
-    };
-    Some(Expiry { exp: seconds(&claims["exp"])?, iat: seconds(&claims["iat"]) })
+    }
 }
 
 #[cfg(test)]
@@ -42,13 +32,8 @@ mod tests {
 
     #[test]
     fn reads_exp_from_the_payload() {
-        let exp = |exp, iat| Some(Expiry { exp, iat });
-        assert_eq!(expiry(&jwt(r#"{"sub":"1","exp":1767225600}"#)), exp(1_767_225_600, None));
-        assert_eq!(expiry(&jwt(r#"{"exp":1767225600.5}"#)), exp(1_767_225_600, None));
-        assert_eq!(
-            expiry(&jwt(r#"{"exp":1767225600,"iat":1767222000}"#)),
-            exp(1_767_225_600, Some(1_767_222_000))
-        );
+        assert_eq!(expiry(&jwt(r#"{"sub":"1","exp":1767225600}"#)), Some(1_767_225_600));
+        assert_eq!(expiry(&jwt(r#"{"exp":1767225600.5}"#)), Some(1_767_225_600));
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl Refresher {
             let refresh_token = slot.refresh_token.take();
             let kind = slot.credential.kind.clone();
             let (id, application) = (slot.id, slot.application);
+            let application_generation = application
+                .and_then(|application| self.store.lease(application, now).ok())
+                .map(|l| l.generation);
             let (issuer, store) = (issuer.clone(), self.store.clone());
             let one_fetch = move |refresh_token| {
                 let (issuer, store, kind) = (issuer.clone(), store.clone(), kind.clone());
@@ -211,7 +214,7 @@ impl Refresher {
                     tracing::error!("a token fetch panicked; retried with backoff");
                     Err(FetchError::Transport("the fetch panicked".to_owned()))
                 });
-                Outcome { slot: id, result }
+                Outcome { slot: id, result, application_generation }
             });
         }
     }
@@ -245,8 +248,16 @@ impl Refresher {
         }
         if current > rejected.generation {
             // A late report of a token already replaced: its waiters take the
-            // newer one at once. Settling here would release the waiters of a
-            // rejection of the current token that is still to be judged.
+            // newer one at once (when it is valid: else they are released).
+            // Settling otherwise would release the waiters of a rejection of
+            // the current token that is still to be judged.
+            if self.store.lease(id, now).is_err() {
+                self.store.settle(id);
+            }
+            return;
+        }
+        if slot.awaiting_application {
+            // A mint waits for its application's new token: its waiters are kept for it.
             return;
         }
         if !refreshable || slot.failures > 0 || recently_forced {
@@ -275,7 +286,7 @@ impl Refresher {
         }
     }
 
-    fn on_outcome(&mut self, Outcome { slot: id, result }: Outcome) {
+    fn on_outcome(&mut self, Outcome { slot: id, result, application_generation }: Outcome) {
         let now = Instant::now();
         let jitter: f64 = rand::random();
         let slot = &mut self.slots[id.index()];
@@ -300,9 +311,24 @@ impl Refresher {
                     // mint Tallyfy always refuses is an ordinary failure, retried
                     // with backoff, not a loop of mints and application tokens.
                     let min_forced = self.min_forced_interval;
+                    let replaced = self.store.lease(application, now).ok().map(|l| l.generation)
+                        > application_generation;
                     let application = &mut self.slots[application.index()];
-                    let renewable = !application.fetching
-                        && application.life != Life::Gone
+                    if application.fetching || replaced {
+                        // The application token is being renewed, or was since
+                        // the mint began: mint again with the new one (when it
+                        // is published), no failure counted, the waiters kept.
+                        let slot = &mut self.slots[id.index()];
+                        if replaced {
+                            slot.due = Some(now);
+                        } else {
+                            slot.awaiting_application = true;
+                            slot.due = Some(now + self.schedule.backoff_max);
+                        }
+                        self.metrics.refresh_failed(&slot.credential.name, error.reason());
+                        return;
+                    }
+                    let renewable = application.life != Life::Gone
                         && application.last_forced.is_none_or(|at| now.duration_since(at) >= min_forced);
                     if renewable {
                         application.last_forced = Some(now);

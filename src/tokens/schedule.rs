@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::jwt::Expiry;
-
 /// Refresh settings from `[tokens]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
@@ -61,14 +59,18 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// How long a freshly issued token lives: `expires_in` when given and above 0
 /// (it is relative, so clock skew between the proxy and Tallyfy cannot distort
-/// it); else the JWT's `exp` less its `iat` (relative too), or, without `iat`,
-/// `exp` measured against the local clock; else `expires_in` (0: already
+/// it), else the JWT `exp` claim measured against `now_unix` (Tallyfy's clock,
+/// from its answer's `Date`, when it gave one), else `expires_in` (0: already
 /// expired) or `fallback`; at most [`MAX_LIFETIME`].
-pub fn lifetime(expires_in: Option<u64>, jwt: Option<Expiry>, now_unix: u64, fallback: Duration) -> Duration {
-    let lifetime = match (expires_in, jwt) {
+pub fn lifetime(
+    expires_in: Option<u64>,
+    jwt_exp: Option<u64>,
+    now_unix: u64,
+    fallback: Duration,
+) -> Duration {
+    let lifetime = match (expires_in, jwt_exp) {
         (Some(seconds), _) if seconds > 0 => Duration::from_secs(seconds),
-        (_, Some(Expiry { exp, iat: Some(iat) })) if exp > iat => Duration::from_secs(exp - iat),
-        (_, Some(Expiry { exp, .. })) => Duration::from_secs(exp.saturating_sub(now_unix)),
+        (_, Some(exp)) => Duration::from_secs(exp.saturating_sub(now_unix)),
         (Some(seconds), None) => Duration::from_secs(seconds),
         (None, None) => fallback,
     };
@@ -130,20 +132,15 @@ mod tests {
     #[test]
     fn lifetime_prefers_expires_in_then_exp() {
         let fallback = HOUR;
-        let exp = |exp| Some(Expiry { exp, iat: None });
-        assert_eq!(lifetime(Some(600), exp(1_000_300), 1_000_000, fallback), Duration::from_secs(600));
+        assert_eq!(lifetime(Some(600), Some(1_000_300), 1_000_000, fallback), Duration::from_secs(600));
         assert_eq!(lifetime(Some(600), None, 0, fallback), Duration::from_secs(600));
-        assert_eq!(lifetime(None, exp(1_000_060), 1_000_000, fallback), Duration::from_secs(60));
-        assert_eq!(lifetime(None, exp(5), 1_000_000, fallback), Duration::ZERO, "already expired");
+        assert_eq!(lifetime(None, Some(1_000_060), 1_000_000, fallback), Duration::from_secs(60));
+        assert_eq!(lifetime(None, Some(5), 1_000_000, fallback), Duration::ZERO, "already expired");
         assert_eq!(lifetime(None, None, 0, fallback), fallback);
         assert_eq!(lifetime(Some(u64::MAX), None, 0, fallback), MAX_LIFETIME, "capped");
-        assert_eq!(lifetime(None, exp(u64::MAX), 0, fallback), MAX_LIFETIME, "capped");
-        // `exp` less `iat` needs no clock: a proxy clock an hour ahead still
-        // gives the token its hour, where `exp` against it gave nothing.
-        let issued = Some(Expiry { exp: 1_003_600, iat: Some(1_000_000) });
-        assert_eq!(lifetime(None, issued, 1_003_600 + 3600, fallback), HOUR);
+        assert_eq!(lifetime(None, Some(u64::MAX), 0, fallback), MAX_LIFETIME, "capped");
         // An `expires_in` of 0 beside a JWT that says more is not "expired at once".
-        assert_eq!(lifetime(Some(0), issued, 0, fallback), HOUR);
+        assert_eq!(lifetime(Some(0), Some(1_000_060), 1_000_000, fallback), Duration::from_secs(60));
         assert_eq!(lifetime(Some(0), None, 0, fallback), Duration::ZERO);
         let far = tokio::time::Instant::now() + MAX_LIFETIME;
         assert!(Schedule::default().refresh_at(far, MAX_LIFETIME, 1.0) > far, "and held in an Instant");

@@ -13,6 +13,8 @@ pub(super) struct Outcome {
     /// The token, when its life began (lifetimes count from the request, not
     /// from the answer), and where it came from.
     pub(super) result: Result<Obtained, FetchError>,
+    /// A mint's: the generation of the application token it was made with.
+    pub(super) application_generation: Option<u64>,
 }
 
 /// One fetch for one slot: the grant its kind calls for.

@@ -265,6 +265,43 @@ async fn a_failing_endpoint_backs_off_exponentially_and_the_old_token_serves_unt
     assert!(recovered.elapsed() <= schedule.backoff_max);
 }
 
+/// A mint refused (401) because its application token was replaced while it
+/// was under way mints again at once with the new one: its waiters get the
+/// new user token, and the application is not renewed a second time.
+#[tokio::test(start_paused = true)]
+async fn a_mint_refused_with_an_application_token_since_replaced_mints_again_at_once() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let minted = Credential {
+        name: "jane".into(),
+        kind: CredentialKind::ApplicationUser {
+            application: CredentialId::new(0),
+            org: "org".into(),
+            email: "jane@example.com".into(),
+            provision: None,
+        },
+    };
+    let running = Running::start(&fake, vec![application(), minted]).await;
+    let (app, user) = (running.slot(0), running.slot(1));
+    let store = running.tokens.store().clone();
+    let app_generation = running.lease(0).expect("token").generation;
+    let user_generation = running.lease(1).expect("token").generation;
+    // The application's token is rejected: its renewal takes 300 ms.
+    running.handle.token_rejected(app, app_generation);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Meanwhile the user's is too, and its mint (made with the old application
+    // token) is refused once the application's new token is out.
+    *fake.mint_refused.lock().expect("lock") = true;
+    let settled = store.settled(user);
+    running.handle.token_rejected(user, user_generation);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    *fake.mint_refused.lock().expect("lock") = false;
+    let lease = store.newer_than(user, user_generation, settled, Duration::from_secs(10)).await;
+    assert!(lease.is_some(), "the waiter got the re-minted token: {:?}", fake.calls());
+    let after_start = &fake.calls()[2..];
+    assert_eq!(after_start, [Call::ClientCredentials, Call::Mint, Call::Mint], "one renewal, two mints");
+}
+
 /// However many reports of one credential's dead token are queued, another
 /// credential's report is heard: a full queue used to drop it, and its waiters
 /// waited out their whole timeout.
