@@ -292,41 +292,7 @@ impl Pool {
     /// new one; and whether it was reused.
     async fn checkout(&self, local: &Arc<Local>, tenant: Tenant) -> Result<(Connection, bool), SendError> {
         let picked = loop {
-            let found = {
-                let mut state = local.lock();
-                let now = Instant::now();
-                let dialling = state.dialling;
-                let shared = match state.h2.as_mut() {
-                    Some(h2) if !h2.sender.is_closed() => {
-                        h2.last_used = now;
-                        let full = h2.open.load(Ordering::Relaxed) >= H2_STREAMS_PER_CONNECTION;
-                        Some((h2.sender.clone(), StreamPlace::take(&h2.open), full && !dialling))
-                    }
-                    _ => None,
-                };
-                match shared {
-                    // Requests that come while the next connection is dialled
-                    // go on the full one, past the cap but within the limit a
-                    // server usually allows (128 and up).
-                    Some((h2, place, false)) => Found::Shared(h2, place),
-                    Some((h2, place, true)) => {
-                        state.dialling = true;
-                        Found::Full(h2, place)
-                    }
-                    None => {
-                        state.h2 = None;
-                        // Only the one taken is checked for age (the reaper closes the rest).
-                        let newest = state.idle.iter().rposition(|idle| idle.connection.tenant() == tenant);
-                        newest.map(|at| state.idle.remove(at)).map_or(Found::Nothing, |idle| {
-                            if now.duration_since(idle.since) < self.idle_timeout {
-                                Found::Idle(idle)
-                            } else {
-                                Found::Stale
-                            }
-                        })
-                    }
-                }
-            };
+            let found = local.find(tenant);
             match found {
                 Found::Shared(mut h2, place) => {
                     if h2.ready().await.is_ok() {
@@ -437,6 +403,42 @@ impl Local {
         state.h2 = Some(Shared { sender, last_used: Instant::now(), open });
         self.reap_later(&mut state);
         place
+    }
+
+    /// What this thread's pool offers a request of `tenant` now: a place on
+    /// the HTTP/2 connection (the dial of the next one when it is full), else
+    /// the tenant's newest idle HTTP/1.1 connection (only the one taken is
+    /// checked for age: the reaper closes the rest).
+    fn find(&self, tenant: Tenant) -> Found {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let offered = state.h2.as_mut().filter(|h2| !h2.sender.is_closed()).map(|h2| {
+            h2.last_used = now;
+            let full = h2.open.load(Ordering::Relaxed) >= H2_STREAMS_PER_CONNECTION;
+            (h2.sender.clone(), StreamPlace::take(&h2.open), full)
+        });
+        match offered {
+            // Requests that come while the next connection is dialled go on
+            // the full one, past the cap but within the limit a server
+            // usually allows (128 and up).
+            Some((h2, place, full)) if !full || state.dialling => Found::Shared(h2, place),
+            Some((h2, place, _)) => {
+                state.dialling = true;
+                Found::Full(h2, place)
+            }
+            None => {
+                state.h2 = None;
+                let Some(at) = state.idle.iter().rposition(|idle| idle.connection.tenant() == tenant) else {
+                    return Found::Nothing;
+                };
+                let idle = state.idle.remove(at);
+                if now.duration_since(idle.since) < self.idle_timeout {
+                    Found::Idle(idle)
+                } else {
+                    Found::Stale
+                }
+            }
+        }
     }
 
     /// The thread's HTTP/2 connection failed: it is forgotten, unless another

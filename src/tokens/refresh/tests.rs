@@ -167,6 +167,19 @@ fn user() -> Credential {
     }
 }
 
+/// A user token minted by credential 0 (an application) for jane.
+fn minted(provision: Option<Provision>) -> Credential {
+    Credential {
+        name: "jane".into(),
+        kind: CredentialKind::ApplicationUser {
+            application: CredentialId::new(0),
+            org: "org".into(),
+            email: "jane@example.com".into(),
+            provision,
+        },
+    }
+}
+
 fn settings() -> Settings {
     Settings {
         schedule: Schedule::default(),
@@ -272,15 +285,7 @@ async fn a_failing_endpoint_backs_off_exponentially_and_the_old_token_serves_unt
 async fn a_mint_refused_with_an_application_token_since_replaced_mints_again_at_once() {
     let mut fake = Fake::new(HOUR);
     Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
-    let minted = Credential {
-        name: "jane".into(),
-        kind: CredentialKind::ApplicationUser {
-            application: CredentialId::new(0),
-            org: "org".into(),
-            email: "jane@example.com".into(),
-            provision: None,
-        },
-    };
+    let minted = minted(None);
     let running = Running::start(&fake, vec![application(), minted]).await;
     let (app, user) = (running.slot(0), running.slot(1));
     let store = running.tokens.store().clone();
@@ -400,20 +405,12 @@ async fn refresh_tokens_rotate_are_presented_once_and_a_refused_one_falls_back_t
 async fn a_missing_user_is_provisioned_then_minted_with_the_application_token() {
     let fake = Fake::new(HOUR);
     *fake.user_exists.lock().expect("lock") = false;
-    let minted = Credential {
-        name: "jane".into(),
-        kind: CredentialKind::ApplicationUser {
-            application: CredentialId::new(0),
-            org: "org".into(),
-            email: "jane@example.com".into(),
-            provision: Some(Provision {
-                first_name: "Jane".into(),
-                last_name: "Doe".into(),
-                role: None,
-                timezone: None,
-            }),
-        },
-    };
+    let minted = minted(Some(Provision {
+        first_name: "Jane".into(),
+        last_name: "Doe".into(),
+        role: None,
+        timezone: None,
+    }));
     let running = Running::start(&fake, vec![application(), minted]).await;
     assert_eq!(fake.calls(), [Call::ClientCredentials, Call::Mint, Call::Provision, Call::Mint]);
     assert!(running.lease(1).is_ok());
@@ -432,15 +429,7 @@ async fn a_mint_tallyfy_always_refuses_backs_off_instead_of_looping() {
         user_exists: Mutex::new(true),
         mint_refused: Mutex::new(true),
     });
-    let minted = Credential {
-        name: "jane".into(),
-        kind: CredentialKind::ApplicationUser {
-            application: CredentialId::new(0),
-            org: "org".into(),
-            email: "jane@example.com".into(),
-            provision: None,
-        },
-    };
+    let minted = minted(None);
     let (mut refresher, _handle) = Refresher::new(TokenStore::new(), Arc::new(Metrics::new()));
     let tokens =
         refresher.configure(&set(vec![application(), minted]), Source(fake.clone())).expect("configured");

@@ -221,16 +221,9 @@ fn body_framing(
 /// more than once (`5, 5`, or two fields); refused when two differ or one is
 /// not a plain number.
 fn declared_length(headers: &HeaderMap) -> Result<(Option<u64>, bool), Malformed> {
-    let mut values = headers.get_all(CONTENT_LENGTH).iter();
-    let Some(first) = values.next() else { return Ok((None, false)) };
-    // The usual answer: one field, its value plain digits (at most 19: no overflow).
-    let digits = first.as_bytes();
-    if values.next().is_none() && !digits.is_empty() && digits.len() <= 19 {
-        let plain =
-            digits.iter().try_fold(0u64, |n, &b| b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0')));
-        if plain.is_some() {
-            return Ok((plain, false));
-        }
+    // The usual answer: one field, one plain number.
+    if let Some(length) = crate::headers::single_length(headers) {
+        return Ok((Some(length), false));
     }
     let (mut length, mut items) = (None, 0);
     for value in headers.get_all(CONTENT_LENGTH) {
