@@ -18,16 +18,26 @@
 //! Layout under `key_prefix`: `tokens/<credential>` (the sealed set),
 //! `lease/<credential>` (the holder's fencing number), `fence` (the counter),
 //! `generations` (each credential's last generation, for replicas that missed
-//! the news), `key-check` (a value sealed with the fleet's key), `budget/...`,
+//! the news), `key-fingerprint` and `key-check` (the fleet's key named, and a
+//! value sealed with it), `budget/...`,
 //! and the channel `news`. It stores bytes and counts under names it is given:
 //! it knows nothing of tokens or limits.
 //!
 //! Every operation answers [`FleetError::Unreachable`] while Redis is away; the
 //! caller then works alone, and comes back to the fleet once [`Fleet::run`]
-//! has reconnected. A replica whose `encryption_key` does not open the fleet's
-//! key check answers [`FleetError::Undecryptable`] to every token operation
-//! for its whole life (the key is a restart-only setting), so it never writes
-//! a set the others cannot open.
+//! has reconnected.
+//!
+//! The fleet's key is the one named by `key-fingerprint` (a digest that
+//! reveals nothing of it), seeded by the first replica to start. A replica
+//! whose key is another answers [`FleetError::Undecryptable`] to every token
+//! operation, so it never writes a set the others cannot open: the lease and
+//! write scripts compare the fingerprint in the same atomic step as the write.
+//! Redis can lose the fingerprint (a flush, an eviction, a restart without
+//! persistence); the replicas whose key it named seed it again at their next
+//! lease or poll (within [`news::POLL_EVERY`]), and a refused replica never
+//! seeds it, so it cannot take the fleet over. It reads the fingerprint at
+//! each poll and joins once it names its key. `key-check`, a value sealed
+//! with the key, is kept for replicas of earlier versions.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -101,6 +111,8 @@ pub struct Fleet {
     connection: OnceLock<ConnectionManager>,
     connected: AtomicBool,
     key: AtomicU8,
+    /// This replica's key, named ([`EncryptionKey::fingerprint`]).
+    fingerprint: String,
     news: broadcast::Sender<News>,
     metrics: Arc<Metrics>,
     /// This process among the replicas (its own throttle news is not news).
@@ -128,7 +140,9 @@ impl Fleet {
             .map_err(|_| "fleet.redis_url is not a usable redis:// or rediss:// URL".to_owned())?;
         metrics.fleet_connected.set(0);
         let (news, _) = broadcast::channel(256);
+        let fingerprint = settings.encryption_key.fingerprint();
         Ok(Arc::new(Fleet {
+            fingerprint,
             settings,
             client,
             connection: OnceLock::new(),
@@ -197,26 +211,57 @@ impl Fleet {
         Ok(())
     }
 
-    /// The fleet's key is the one its first replica sealed the key check with;
-    /// a replica whose key does not open it stays out of the fleet's tokens.
+    /// Compares this replica's key with the fleet's: the fingerprint, and the
+    /// sealed check replicas of earlier versions left. Both are seeded when
+    /// absent, unless the fleet refused this replica's key (a refused replica
+    /// must not name the fleet's key after Redis lost it). With nothing to
+    /// compare, the verdict stands.
     async fn check_key(&self) -> Result<(), FleetError> {
         let mut connection = self.connection()?;
         let at = format!("{}/key-check", self.settings.key_prefix);
+        let seed = if self.key.load(Ordering::Relaxed) == KEY_REFUSED { "" } else { "seed" };
         let mut invocation = scripts::scripts().key_check.prepare_invoke();
-        invocation.key(&at).arg(self.settings.encryption_key.seal(&at, KEY_CHECK));
-        let stored: Vec<u8> = self.call(invocation.invoke_async(&mut connection)).await?;
-        if self.settings.encryption_key.open(&at, &stored).as_deref() == Some(KEY_CHECK) {
-            self.key.store(KEY_ACCEPTED, Ordering::Relaxed);
-        } else {
-            self.key.store(KEY_REFUSED, Ordering::Relaxed);
+        invocation
+            .key(&at)
+            .key(self.fingerprint_key())
+            .arg(self.settings.encryption_key.seal(&at, KEY_CHECK))
+            .arg(&self.fingerprint)
+            .arg(seed);
+        let (sealed, fingerprint): (Option<Vec<u8>>, Option<String>) =
+            self.call(invocation.invoke_async(&mut connection)).await?;
+        let sealed_ours = sealed
+            .map(|sealed| self.settings.encryption_key.open(&at, &sealed).as_deref() == Some(KEY_CHECK));
+        let named_ours = fingerprint.map(|fingerprint| fingerprint == self.fingerprint);
+        match (sealed_ours, named_ours) {
+            (Some(false), _) | (_, Some(false)) => self.key_verdict(KEY_REFUSED),
+            (None, None) => {}
+            _ => self.key_verdict(KEY_ACCEPTED),
+        }
+        Ok(())
+    }
+
+    /// Records the key check's verdict; logs and counts only the changes.
+    fn key_verdict(&self, verdict: u8) {
+        let before = self.key.swap(verdict, Ordering::Relaxed);
+        if before == verdict {
+            return;
+        }
+        if verdict == KEY_REFUSED {
             self.metrics.fleet_undecryptable.inc();
             tracing::error!(
                 prefix = %self.settings.key_prefix,
                 "fleet: the fleet's tokens do not decrypt with this replica's encryption_key; \
                  this replica refreshes its tokens alone (give every replica the same key)"
             );
+        } else if before == KEY_REFUSED {
+            tracing::warn!(prefix = %self.settings.key_prefix, "fleet: the fleet's key is this replica's again; joining it");
         }
-        Ok(())
+    }
+
+    /// What a script's -1 means: the fleet's key is another.
+    fn refused_by_script(&self) -> FleetError {
+        self.key_verdict(KEY_REFUSED);
+        FleetError::Undecryptable
     }
 
     /// `Err(Undecryptable)` for a replica whose key the fleet refused.
@@ -278,6 +323,10 @@ impl Fleet {
 
     fn channel(&self) -> String {
         format!("{}/news", self.settings.key_prefix)
+    }
+
+    fn fingerprint_key(&self) -> String {
+        format!("{}/key-fingerprint", self.settings.key_prefix)
     }
 
     fn generations_key(&self) -> String {

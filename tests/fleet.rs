@@ -554,6 +554,93 @@ async fn a_replica_with_another_key_refuses_the_fleets_tokens_and_serves_alone()
     assert_eq!(first.metric("tallyfy_proxy_fleet_undecryptable_total").await, 0.0);
 }
 
+/// Redis losing the fleet's key (a flush, an eviction, a restart without
+/// persistence) does not hand the fleet to the next replica to start: a
+/// running replica names its key again within a poll, so a stranger starting
+/// then is refused, and a refused replica never names its own. A fingerprint
+/// naming another key refuses a running replica's lease (the script compares
+/// before it writes), and the replica serves alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_fleets_key_gets_it_back_from_its_replicas_never_from_a_stranger() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let mut first = Replica::start(&config, &redis.url(), KEY).await;
+    let mut connection = redis_connection(&redis).await;
+    let ours = fingerprint_of(KEY);
+    assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
+
+    // Redis loses everything; the running replica names its key again.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fleet_fingerprint(&mut connection).await.is_none() {
+        assert!(Instant::now() < deadline, "the running replica named the fleet's key again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
+    let stranger = Replica::start(&config, &redis.url(), [9; 32]).await;
+    assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    assert!(token_keys(&mut connection).await.is_empty(), "the stranger wrote nothing");
+
+    // Lost again with only the refused stranger running: it polls (runs the
+    // key check) and still names nothing.
+    first.kill();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+    let checks = script_calls(&mut connection).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while script_calls(&mut connection).await < checks + 1 {
+        assert!(Instant::now() < deadline, "the stranger polled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fleet_fingerprint(&mut connection).await, None, "a refused replica names no key");
+    let joined = Replica::start(&config, &redis.url(), KEY).await;
+    assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
+    assert_eq!(joined.metric("tallyfy_proxy_fleet_undecryptable_total").await, 0.0);
+    let sets = token_keys(&mut connection).await;
+    assert_eq!(sets.len(), 1, "the replica with the fleet's key shares its set: {sets:?}");
+
+    // Another key named under a running replica: its next lease is refused
+    // inside the script, and it serves alone.
+    let _: () = redis::cmd("SET")
+        .arg("test/fleet/key-fingerprint")
+        .arg(fingerprint_of([5; 32]))
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    let set: Vec<u8> = redis::cmd("GET").arg(&sets[0]).query_async(&mut connection).await.expect("get");
+    sandbox.revoke_all_tokens();
+    for replica in [&joined, &stranger] {
+        let response =
+            client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
+        assert_eq!(response.status(), 200, "{:#?}", replica.trouble());
+    }
+    assert_eq!(joined.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    assert_eq!(joined.logged("do not decrypt with this replica's encryption_key"), 1);
+    let now: Vec<u8> = redis::cmd("GET").arg(&sets[0]).query_async(&mut connection).await.expect("get");
+    assert_eq!(now, set, "nothing written under another key");
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
+/// The fingerprint a replica sealing with `key` names in Redis.
+fn fingerprint_of(key: [u8; 32]) -> String {
+    let text = base64::engine::general_purpose::STANDARD.encode(key);
+    tallyfy_proxy::fleet::EncryptionKey::from_base64(&text).expect("key").fingerprint()
+}
+
+async fn fleet_fingerprint(connection: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    redis::cmd("GET").arg("test/fleet/key-fingerprint").query_async(connection).await.expect("get")
+}
+
+/// How many scripts Redis has run (`EVALSHA` calls since it started).
+async fn script_calls(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(connection).await.expect("info");
+    info.lines()
+        .filter_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .filter_map(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn redis_connection(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(redis.url()).expect("url");
     client.get_multiplexed_async_connection().await.expect("connect")

@@ -121,9 +121,11 @@ impl Fleet {
         Err(FleetError::Unreachable("the subscription ended".into()))
     }
 
-    /// Reads every credential's current generation and passes each on as news
+    /// Compares the fleet's key again (seeding it when Redis lost it), then
+    /// reads every credential's current generation and passes each on as news
     /// (the refresher ignores the ones it holds).
     async fn poll(&self) {
+        let _ = self.check_key().await;
         let Ok(mut connection) = self.connection() else { return };
         let generations: Result<Vec<(String, u64)>, _> =
             self.call(redis::cmd("HGETALL").arg(self.generations_key()).query_async(&mut connection)).await;

@@ -2,12 +2,16 @@
 
 use redis::Script;
 
-/// KEYS: lease, fence counter. ARGV: lease ms. Draws the next fencing number
-/// and takes the lease with it unless held; answers the number, or 0. The
-/// numbers never go back, not even after a Redis restart that lost the
-/// counter: each is at least the server's clock in milliseconds (replicas take
-/// a set only when its number is above the one they hold).
+/// KEYS: lease, fence counter, key fingerprint. ARGV: lease ms, fingerprint.
+/// Answers -1 when the fleet's key is another (the fingerprint, seeded when
+/// Redis lost it, differs); otherwise draws the next fencing number and takes
+/// the lease with it unless held, answering the number, or 0. The numbers
+/// never go back, not even after a Redis restart that lost the counter: each
+/// is at least the server's clock in milliseconds (replicas take a set only
+/// when its number is above the one they hold).
 const ACQUIRE: &str = r"
+redis.call('SET', KEYS[3], ARGV[2], 'NX')
+if redis.call('GET', KEYS[3]) ~= ARGV[2] then return -1 end
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fence = redis.call('INCR', KEYS[2])
@@ -31,11 +35,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// KEYS: lease, token set, channel, generations. ARGV: fence, sealed set, TTL
-/// ms, news (empty: a quiet rewrite), credential. Writes the set only while
-/// the lease is held with `fence`; news is published and the credential's
-/// generation recorded (for replicas that missed the message).
+/// KEYS: lease, token set, channel, generations, key fingerprint. ARGV: fence,
+/// sealed set, TTL ms, news (empty: a quiet rewrite), credential, fingerprint.
+/// Answers -1 (nothing written) when the fleet's key is another; writes the
+/// set only while the lease is held with `fence`; news is published and the
+/// credential's generation recorded (for replicas that missed the message).
 const WRITE: &str = r"
+redis.call('SET', KEYS[5], ARGV[6], 'NX')
+if redis.call('GET', KEYS[5]) ~= ARGV[6] then return -1 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] ~= '' then
@@ -45,11 +52,16 @@ end
 return 1
 ";
 
-/// KEYS: key check. ARGV: a value sealed with this replica's key. Stores it
-/// unless one is there, and answers the one there.
+/// KEYS: key check, key fingerprint. ARGV: a value sealed with this
+/// replica's key, its fingerprint, and `seed` or not. Seeded, stores each
+/// unless one is there; answers the two there (`false` for one absent). The
+/// sealed check is what replicas before the fingerprint compare.
 const KEY_CHECK: &str = r"
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
-return redis.call('GET', KEYS[1])
+if ARGV[3] == 'seed' then
+  redis.call('SET', KEYS[1], ARGV[1], 'NX')
+  redis.call('SET', KEYS[2], ARGV[2], 'NX')
+end
+return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
 ";
 
 /// The scripts, each sent to Redis by its digest (`EVALSHA`, loaded on first use).

@@ -38,6 +38,18 @@ impl EncryptionKey {
         self.0[..].ct_eq(&other.0[..]).into()
     }
 
+    /// A name for this key that reveals nothing of it: the hex SHA-256 of the
+    /// key behind a label. Replicas compare it in Redis, inside the scripts
+    /// that take leases and write sets, so the comparison and the write are
+    /// one atomic step.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"tallyfy-proxy fleet key fingerprint\0");
+        hash.update(&self.0[..]);
+        hash.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
     /// Seals `plaintext` for the Redis key `at`: nonce, then ciphertext and tag.
     pub fn seal(&self, at: &str, plaintext: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
@@ -85,6 +97,14 @@ mod tests {
         *altered.last_mut().expect("bytes") ^= 1;
         assert_eq!(key(1).open("fleet/tokens/a", &altered), None, "altered");
         assert_ne!(key(1).seal("fleet/tokens/a", b"x"), key(1).seal("fleet/tokens/a", b"x"), "fresh nonces");
+    }
+
+    #[test]
+    fn fingerprints_tell_keys_apart_and_hold_no_key_bytes() {
+        assert_eq!(key(1).fingerprint(), key(1).fingerprint());
+        assert_ne!(key(1).fingerprint(), key(2).fingerprint());
+        assert_eq!(key(1).fingerprint().len(), 64);
+        assert!(!key(1).fingerprint().contains("01010101"), "not the key in hex");
     }
 
     #[test]

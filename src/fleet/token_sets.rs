@@ -62,9 +62,14 @@ impl Fleet {
         invocation
             .key(self.key("lease", credential))
             .key(format!("{}/fence", self.settings.key_prefix))
-            .arg(self.settings.lease.as_millis() as u64);
-        let fence: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
-        Ok((fence > 0).then_some(Fence(fence)))
+            .key(self.fingerprint_key())
+            .arg(self.settings.lease.as_millis() as u64)
+            .arg(&self.fingerprint);
+        let fence: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        if fence < 0 {
+            return Err(self.refused_by_script());
+        }
+        Ok((fence > 0).then_some(Fence(fence as u64)))
     }
 
     /// Whether a replica holds the credential's refresh lease now (a refresh
@@ -97,7 +102,8 @@ impl Fleet {
 
     /// Seals and writes the credential's set, living `ttl` in Redis, while the
     /// lease is held with `fence`; a new generation (numbered `fence`) is
-    /// announced. `false` (nothing written) when the lease is no longer held.
+    /// announced. `false` (nothing written) when the lease is no longer held;
+    /// `Undecryptable` (nothing written) when the fleet's key is now another.
     pub async fn write(
         &self,
         credential: &str,
@@ -121,12 +127,17 @@ impl Fleet {
             .key(&at)
             .key(self.channel())
             .key(self.generations_key())
+            .key(self.fingerprint_key())
             .arg(fence.0)
             .arg(sealed)
             .arg(ttl.as_millis().max(1) as u64)
             .arg(news)
-            .arg(credential);
-        let written: u64 = self.call(invocation.invoke_async(&mut connection)).await?;
+            .arg(credential)
+            .arg(&self.fingerprint);
+        let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        if written < 0 {
+            return Err(self.refused_by_script());
+        }
         Ok(written == 1)
     }
 }
