@@ -400,6 +400,7 @@ async fn an_older_set_back_in_redis_never_has_its_refresh_token_presented_again(
     let sets = token_keys(&mut connection).await;
     assert_eq!(sets.len(), 1, "{sets:?}");
     let old: Vec<u8> = redis::cmd("DUMP").arg(&sets[0]).query_async(&mut connection).await.expect("dump");
+    let older = old.clone();
     let get = || client().get(format!("http://{}{PATH}", replica.proxy)).send();
 
     // A dead token: the replica redeems the set's refresh token for a new set.
@@ -420,6 +421,26 @@ async fn an_older_set_back_in_redis_never_has_its_refresh_token_presented_again(
     assert_eq!(get().await.expect("answered").status(), 200, "{:#?}", replica.trouble());
     let grants: Vec<String> = sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
     assert_eq!(grants, ["password", "refresh_token", "password"], "a sign-in, not the spent token");
+    assert_eq!(sandbox.double_redemptions(), 0);
+
+    // A replica that installed nothing (a restart) meets the older set back
+    // again: the generation the fleet last announced is its floor, so it
+    // neither takes the set's dead token nor presents its refresh token.
+    drop(replicas);
+    let ttl: i64 = redis::cmd("PTTL").arg(&sets[0]).query_async(&mut connection).await.expect("pttl");
+    let _: () = redis::cmd("RESTORE")
+        .arg(&sets[0])
+        .arg(ttl.max(1000))
+        .arg(older)
+        .arg("REPLACE")
+        .query_async(&mut connection)
+        .await
+        .expect("restore");
+    let restarted = Replica::start(&config, &redis.url(), KEY).await;
+    let response = client().get(format!("http://{}{PATH}", restarted.proxy)).send().await.expect("answered");
+    assert_eq!(response.status(), 200, "{:#?}", restarted.trouble());
+    let grants: Vec<String> = sandbox.token_requests().iter().map(|t| t.grant.clone()).collect();
+    assert_eq!(grants, ["password", "refresh_token", "password", "password"], "a sign-in at start");
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 

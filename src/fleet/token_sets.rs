@@ -12,6 +12,9 @@ pub struct Stored {
     /// The opened set: its tokens in clear, never shown by `Debug`.
     pub plaintext: Vec<u8>,
     pub ttl: Duration,
+    /// The last generation the fleet announced for the credential (0: none
+    /// recorded). A set below it is an older one back in Redis.
+    pub announced: u64,
 }
 
 impl std::fmt::Debug for Stored {
@@ -19,6 +22,7 @@ impl std::fmt::Debug for Stored {
         f.debug_struct("Stored")
             .field("plaintext", &format_args!("[redacted, {} bytes]", self.plaintext.len()))
             .field("ttl", &self.ttl)
+            .field("announced", &self.announced)
             .finish()
     }
 }
@@ -33,14 +37,16 @@ pub enum Announce {
 }
 
 impl Fleet {
-    /// The credential's token set, opened; `None` when the fleet holds none.
+    /// The credential's token set, opened, with the generation last announced
+    /// for it; `None` when the fleet holds none.
     pub async fn read(&self, credential: &str) -> Result<Option<Stored>, FleetError> {
         self.key_accepted()?;
         let mut connection = self.connection()?;
         let at = self.key("tokens", credential);
         let mut pipe = redis::pipe();
-        pipe.atomic().get(&at).pttl(&at);
-        let (sealed, ttl_ms): (Option<Vec<u8>>, i64) = self.call(pipe.query_async(&mut connection)).await?;
+        pipe.atomic().get(&at).pttl(&at).hget(self.generations_key(), credential);
+        let (sealed, ttl_ms, announced): (Option<Vec<u8>>, i64, Option<u64>) =
+            self.call(pipe.query_async(&mut connection)).await?;
         let Some(sealed) = sealed.filter(|_| ttl_ms > 0) else { return Ok(None) };
         let Some(plaintext) = self.settings.encryption_key.open(&at, &sealed) else {
             self.metrics.fleet_undecryptable.inc();
@@ -50,7 +56,8 @@ impl Fleet {
             );
             return Err(FleetError::Undecryptable);
         };
-        Ok(Some(Stored { plaintext, ttl: Duration::from_millis(ttl_ms as u64) }))
+        let announced = announced.unwrap_or(0);
+        Ok(Some(Stored { plaintext, ttl: Duration::from_millis(ttl_ms as u64), announced }))
     }
 
     /// Takes the credential's refresh lease for [`Fleet::lease`]; `None` while
@@ -151,6 +158,7 @@ mod tests {
         let stored = Stored {
             plaintext: br#"{"access_token":"at-s3cret","refresh_token":"rt-s3cret"}"#.to_vec(),
             ttl: Duration::from_secs(60),
+            announced: 3,
         };
         let shown = format!("{stored:?} {:?}", Ok::<_, ()>(Some(&stored)));
         assert!(!shown.contains("s3cret"), "{shown}");

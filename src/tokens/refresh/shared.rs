@@ -77,6 +77,9 @@ impl Shared {
 struct Current {
     shared: Shared,
     remaining: Duration,
+    /// The generation the fleet last announced: a set below it is an older
+    /// one back in Redis (a value written back, a key restored).
+    announced: u64,
 }
 
 impl Current {
@@ -222,19 +225,29 @@ pub(super) async fn adopt(
     }
 }
 
-/// The fleet's set when it is newer than the `installed` generation (and
-/// alive: Redis keeps nothing past its token's life); otherwise what was read.
+/// The fleet's set when it is newer than the `installed` generation and not
+/// older than the one last announced (and alive: Redis keeps nothing past its
+/// token's life); otherwise what was read. An older set back in Redis is not
+/// taken: its access token died when its refresh token was redeemed.
 fn newer(current: Option<Current>, installed: u64) -> Result<Current, Option<Current>> {
     match current {
-        Some(current) if current.shared.generation > installed => Ok(current),
+        Some(current) if current.shared.generation > installed && !current.is_older() => Ok(current),
         other => Err(other),
+    }
+}
+
+impl Current {
+    /// Whether a later generation was announced: this set came back from
+    /// before it.
+    fn is_older(&self) -> bool {
+        self.shared.generation < self.announced
     }
 }
 
 async fn read(fleet: &Fleet, name: &str) -> Result<Option<Current>, FleetError> {
     let stored = fleet.read(name).await?;
-    Ok(stored.and_then(|Stored { plaintext, ttl }| {
-        Shared::decode(&plaintext).map(|shared| Current { shared, remaining: ttl })
+    Ok(stored.and_then(|Stored { plaintext, ttl, announced }| {
+        Shared::decode(&plaintext).map(|shared| Current { shared, remaining: ttl, announced })
     }))
 }
 
@@ -298,11 +311,12 @@ where
     };
     let refresh_token = match current {
         // Never the refresh token of a set older than the one this replica
-        // installed (a Redis that lost writes, or an old sealed value written
-        // back): it may have been spent since, and a spent one presented again
-        // has Tallyfy revoke the whole family. The holder signs in instead.
-        Some(Current { shared: Shared { generation, issued }, remaining })
-            if issued.refresh_token.is_some() && generation >= installed =>
+        // installed or the one the fleet last announced (a Redis that lost
+        // writes, or an old sealed value written back): it may have been
+        // spent since, and a spent one presented again has Tallyfy revoke the
+        // whole family. The holder signs in instead.
+        Some(Current { shared: Shared { generation, issued }, remaining, announced })
+            if issued.refresh_token.is_some() && generation >= installed.max(announced) =>
         {
             // Rewritten without it first: whatever happens next, no holder presents it again.
             let spent = Shared {
@@ -391,10 +405,32 @@ mod tests {
         assert_eq!(decoded.generation, 7);
         assert_eq!(decoded.issued.access_token.expose(), "access");
         assert_eq!(decoded.issued.refresh_token.as_ref().map(Secret::expose), Some("refresh"));
-        let obtained = Current { shared: decoded, remaining: Duration::from_secs(45) }.obtained();
+        let obtained =
+            Current { shared: decoded, remaining: Duration::from_secs(45), announced: 7 }.obtained();
         let age = Instant::now() - obtained.requested_at;
         assert!(age >= Duration::from_secs(15) && age < Duration::from_secs(16), "{age:?}");
         assert_eq!(obtained.source, Source::Fleet(7));
+    }
+
+    #[test]
+    fn a_set_is_taken_only_when_above_the_installed_one_and_not_below_the_announced_one() {
+        let current = |generation: u64, announced: u64| {
+            let issued = Issued {
+                access_token: Secret::new("access"),
+                refresh_token: None,
+                lifetime: Duration::from_secs(60),
+            };
+            Some(Current {
+                shared: Shared { generation, issued },
+                remaining: Duration::from_secs(30),
+                announced,
+            })
+        };
+        assert!(newer(current(5, 5), 0).is_ok(), "a replica that holds none takes the fleet's");
+        assert!(newer(current(5, 0), 4).is_ok(), "nothing announced (Redis lost it): by installed alone");
+        assert!(newer(current(5, 5), 5).is_err(), "the one it holds");
+        assert!(newer(current(4, 5), 0).is_err(), "an older set back in Redis, for a replica holding none");
+        assert!(newer(None, 0).is_err());
     }
 
     #[test]
