@@ -20,16 +20,26 @@ use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
-use crate::server::{self, ConnectionInfo, ConnectionLimits, ConnectionSlots};
+use crate::server::{self, ConnectionInfo, ConnectionLimits, ConnectionSlots, HeadBudget};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
 use crate::traffic::TrafficState;
 
 /// The proxy listener's connection limits: hyper's hard limits at twice the
 /// configured ones, so the pipeline's JSON 431 answers every request between
-/// the two.
-fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
+/// the two; long unfinished heads counted against the current generation's
+/// `server.max_buffered_bytes`.
+fn proxy_connection_limits(
+    server: &crate::config::Server,
+    current: &Arc<ArcSwap<Proxy>>,
+    metrics: &Metrics,
+) -> ConnectionLimits {
     let ceilings = server.header_ceilings();
+    let current = current.clone();
+    let head_budget = HeadBudget {
+        current: Arc::new(move || current.load().buffer_budget()),
+        over: metrics.heads_over_budget.clone(),
+    };
     ConnectionLimits {
         header_read_timeout: server.header_read_timeout,
         idle_timeout: server.idle_timeout,
@@ -39,6 +49,7 @@ fn proxy_connection_limits(server: &crate::config::Server) -> ConnectionLimits {
         max_header_fields: ceilings.fields,
         // Callers share addresses (a NAT, a node's sidecars): no cap per peer.
         per_peer: None,
+        head_budget: Some(head_budget),
     }
 }
 
@@ -274,9 +285,9 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let admin_current = current.clone();
 
     let proxy_server = ProxyServer {
+        limits: proxy_connection_limits(&config.server, &current, &metrics),
         current,
         tls: config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
-        limits: proxy_connection_limits(&config.server),
         counters: metrics.connections("proxy"),
         shutdown: shutdown.clone(),
         grace,
@@ -300,6 +311,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
             // connections alive with a request every few seconds (the timers
             // never fire) cannot take all 256.
             per_peer: Some(ADMIN_MAX_PER_PEER),
+            head_budget: None,
         },
         metrics.connections("admin"),
         move |_connection| {

@@ -15,7 +15,7 @@ mod prefixed;
 mod read;
 mod tracked;
 
-pub use budget::{Budget, held_forced};
+pub use budget::{Budget, Reservation, held_forced};
 pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
 pub use data_only::DataOnly;
 pub use finished::{Finish, Finished};

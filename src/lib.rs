@@ -150,7 +150,8 @@
 //!   `sniff.rs`, `conn_io.rs` (the byte stream: reads shown to the head tap,
 //!   small writes gathered), `head_tap.rs` (each HTTP/1 head's raw bytes, so a
 //!   `Content-Length` beside `chunked` is refused; where the next head stands
-//!   after a response), `activity.rs` (requests in flight, idleness, responses
+//!   after a response; a long head waiting for dispatch counted against
+//!   [`body::Budget`]), `activity.rs` (requests in flight, idleness, responses
 //!   that stall),
 //!   `watch.rs` (the connection's timers polled only when they fire),
 //!   `peers.rs` (connections per peer address, capped on the admin port).

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub links_rewritten: Counter,
     /// Bodies the buffer budget had no room for (refused, or streamed as they were).
     pub buffers_full: Counter,
+    /// HTTP/1 connections cut because their unfinished head found no room in the budget.
+    pub heads_over_budget: Counter,
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub connections_open: Family<ListenerLabel, Gauge>,
     pub connections_refused: Family<ListenerLabel, Counter>,
@@ -118,6 +120,7 @@ impl Metrics {
         let bodies_invalid = Counter::default();
         let links_rewritten = Counter::default();
         let buffers_full = Counter::default();
+        let heads_over_budget = Counter::default();
         let config_reloads = Family::default();
         let connections_open = Family::default();
         let connections_refused = Family::default();
@@ -213,6 +216,12 @@ impl Metrics {
              rewritten), or streamed as they were (one kept for a replay, an answer read for its links)",
             buffers_full.clone(),
         );
+        registry.register(
+            "heads_over_budget",
+            "HTTP/1 connections cut because their unfinished request head (past its first 8 KiB) found no \
+             room in server.max_buffered_bytes",
+            heads_over_budget.clone(),
+        );
         registry.register("config_reloads", "Configuration reloads by outcome", config_reloads.clone());
         registry.register("connections_open", "Connections open now, by listener", connections_open.clone());
         registry.register(
@@ -234,6 +243,7 @@ impl Metrics {
             bodies_invalid,
             links_rewritten,
             buffers_full,
+            heads_over_budget,
             config_reloads,
             connections_open,
             connections_refused,

@@ -149,6 +149,12 @@ impl Proxy {
         &self.shared.tokens
     }
 
+    /// What bodies (and long unfinished heads) held in memory are counted
+    /// against: `server.max_buffered_bytes`.
+    pub fn buffer_budget(&self) -> crate::body::Budget {
+        self.shared.limits.buffer_budget
+    }
+
     /// Handles one request to the end: Tallyfy's response or a JSON error.
     ///
     /// Not an `async fn`: the request's future would keep the request twice

@@ -69,6 +69,25 @@ pub struct ConnectionLimits {
     /// The most connections one peer address may hold open (the admin port);
     /// `None`: no cap but `slots`.
     pub per_peer: Option<usize>,
+    /// What HTTP/1 heads longer than the usual are counted against
+    /// (`head_tap.rs`); `None`: not counted (the admin port, whose heads and
+    /// connections are few and small).
+    pub head_budget: Option<HeadBudget>,
+}
+
+/// Where long unfinished HTTP/1 heads are counted: the budget current when a
+/// connection opens (`server.max_buffered_bytes` of the config generation
+/// then), and the count of connections cut for want of room in it.
+#[derive(Clone)]
+pub struct HeadBudget {
+    pub current: Arc<dyn Fn() -> crate::body::Budget + Send + Sync>,
+    pub over: prometheus_client::metrics::counter::Counter,
+}
+
+impl std::fmt::Debug for HeadBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadBudget").field("current", &(self.current)()).finish_non_exhaustive()
+    }
 }
 
 /// The places for open connections under a listener's `max_connections`: one

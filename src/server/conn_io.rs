@@ -72,8 +72,11 @@ impl<S: AsyncRead> AsyncRead for ConnIo<S> {
         } else {
             ready!(this.inner.poll_read(cx, buf))?;
         }
-        if let Some(tap) = this.tap {
-            tap.record(&buf.filled()[before..]);
+        if let Some(tap) = this.tap
+            && let Err(full) = tap.record(&buf.filled()[before..])
+        {
+            // Ends the connection: no room for more of its unfinished head.
+            return Poll::Ready(Err(io::Error::other(full)));
         }
         Poll::Ready(Ok(()))
     }
@@ -124,7 +127,7 @@ mod tests {
     #[tokio::test]
     async fn the_prefix_is_replayed_and_every_read_is_shown_to_the_tap() {
         let (mut client, server) = tokio::io::duplex(256);
-        let tap = Arc::new(HeadTap::new(1024));
+        let tap = Arc::new(HeadTap::new(1024, None));
         let mut io = ConnIo::new(server, Bytes::from_static(b"PO"), Some(tap.clone()));
         let rest = b"ST /api HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
         client.write_all(rest).await.expect("write");

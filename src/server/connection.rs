@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::activity::{Activity, Counted};
 use super::conn_io::ConnIo;
-use super::head_tap::HeadTap;
+use super::head_tap::{Counting, HeadTap};
 use super::peers::PeerPlace;
 use super::sniff::{Protocol, sniff};
 use super::watch::Watched;
@@ -151,7 +151,11 @@ async fn serve_io<M, S, F, B, I>(
     let limits = &shared.limits;
     match protocol {
         Protocol::Http1 => {
-            let tap = Arc::new(HeadTap::new(limits.max_head_bytes.max(8192)));
+            let counting = limits
+                .head_budget
+                .as_ref()
+                .map(|heads| Counting { budget: (heads.current)(), over: heads.over.clone() });
+            let tap = Arc::new(HeadTap::new(limits.max_head_bytes.max(8192), counting));
             let io = TokioIo::new(ConnIo::new(io, prefix, Some(tap.clone())));
             let service = Counted::new(service, activity.clone(), Some(tap));
             let connection = shared.http1.serve_connection(io, service);

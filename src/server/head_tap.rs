@@ -20,13 +20,34 @@
 //! the tap does not parse: a chunked request's connection is closed after its
 //! response (see [`super::activity`]). A chunked request whose head is not where
 //! the arithmetic puts it, starting with its request line, is refused.
+//!
+//! An unfinished head is held twice, in the tap and in hyper's read buffer.
+//! Past its first [`UNCOUNTED_HEAD`] bytes, both copies are counted against
+//! `server.max_buffered_bytes` (the [`Budget`] bodies are counted on) until
+//! the head is dispatched or the connection ends: many connections trickling
+//! long heads cannot take more memory than bodies may, and a read the budget
+//! has no room for ends the connection ([`HeadsFull`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use prometheus_client::metrics::counter::Counter;
+
+use crate::body::{Budget, Reservation};
+
 /// Capacity a cleared recording keeps for the next head; a larger buffer (after
 /// a big head) is released.
 const KEPT_CAPACITY: usize = 4 * 1024;
+
+/// Bytes of an unfinished head a connection holds without counting them (a
+/// head this long, or a body read with it, is the usual case: hyper's read
+/// buffer starts at 8 KiB).
+pub(super) const UNCOUNTED_HEAD: u64 = 8 * 1024;
+
+/// The budget had no room for more of an unfinished head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unfinished request heads hold all of server.max_buffered_bytes")]
+pub(super) struct HeadsFull;
 
 /// How a dispatched request's body is framed, as hyper read its head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +106,9 @@ struct Recording {
     next: Next,
     /// The request in flight, once dispatched.
     dispatched: Option<Dispatched>,
+    /// What the head being recorded holds of the budget (both copies of its
+    /// bytes past [`UNCOUNTED_HEAD`]); `None` until it holds any.
+    counted: Option<Reservation>,
 }
 
 /// A copy of the bytes an HTTP/1 connection reads while waiting for a request
@@ -94,32 +118,56 @@ pub(super) struct HeadTap {
     recording: AtomicBool,
     state: Mutex<Recording>,
     cap: usize,
+    /// What long unfinished heads are counted against; `None`: not counted.
+    counting: Option<Counting>,
+}
+
+/// The budget a connection's long unfinished heads are counted against, and
+/// the count of connections cut for want of room in it.
+#[derive(Debug)]
+pub(super) struct Counting {
+    pub budget: Budget,
+    pub over: Counter,
 }
 
 impl HeadTap {
-    pub fn new(cap: usize) -> HeadTap {
-        let state =
-            Recording { bytes: Vec::new(), dropped: 0, unrecorded: 0, next: Next::At(0), dispatched: None };
-        HeadTap { recording: AtomicBool::new(true), state: Mutex::new(state), cap }
+    pub fn new(cap: usize, counting: Option<Counting>) -> HeadTap {
+        let state = Recording {
+            bytes: Vec::new(),
+            dropped: 0,
+            unrecorded: 0,
+            next: Next::At(0),
+            dispatched: None,
+            counted: None,
+        };
+        HeadTap { recording: AtomicBool::new(true), state: Mutex::new(state), cap, counting }
     }
 
     fn state(&self) -> MutexGuard<'_, Recording> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes in what the connection just read.
-    pub fn record(&self, data: &[u8]) {
+    /// Takes in what the connection just read; `Err` when the head waiting
+    /// for dispatch has grown past what the budget has room for.
+    pub fn record(&self, data: &[u8]) -> Result<(), HeadsFull> {
         if data.is_empty() {
-            return;
+            return Ok(());
         }
         let recording = self.recording.load(Ordering::Acquire);
         let mut state = self.state();
-        if recording {
-            let kept = data.len().min(self.cap.saturating_sub(state.bytes.len()));
-            state.bytes.extend_from_slice(&data[..kept]);
-            state.dropped += (data.len() - kept) as u64;
-        } else {
+        if !recording {
             state.unrecorded += data.len() as u64;
+            return Ok(());
+        }
+        let kept = data.len().min(self.cap.saturating_sub(state.bytes.len()));
+        state.bytes.extend_from_slice(&data[..kept]);
+        state.dropped += (data.len() - kept) as u64;
+        let read = state.bytes.len() as u64 + state.dropped;
+        match &self.counting {
+            Some(counting) if read > UNCOUNTED_HEAD => state.count(counting.budget).inspect_err(|_| {
+                counting.over.inc();
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -155,6 +203,7 @@ impl HeadTap {
                 )
             };
         state.dispatched = Some(Dispatched { framing, past_head });
+        state.counted = None;
         state.unrecorded = 0;
         state.dropped = 0;
         state.bytes.clear();
@@ -176,6 +225,18 @@ impl HeadTap {
         };
         drop(state);
         self.recording.store(true, Ordering::Release);
+    }
+}
+
+impl Recording {
+    /// Counts both copies (the tap's, hyper's buffer) of the bytes read for
+    /// the head waiting for dispatch, past [`UNCOUNTED_HEAD`]: the tap's kept
+    /// bytes (at most its cap, hyper's buffer's limit too), twice.
+    fn count(&mut self, budget: Budget) -> Result<(), HeadsFull> {
+        let held = (self.bytes.len() as u64).saturating_sub(UNCOUNTED_HEAD) * 2;
+        let counted = self.counted.get_or_insert_with(|| budget.reserve());
+        let more = usize::try_from(held).unwrap_or(usize::MAX).saturating_sub(counted.bytes());
+        if counted.grow(more) { Ok(()) } else { Err(HeadsFull) }
     }
 }
 
@@ -233,37 +294,37 @@ mod tests {
     /// Records `reads` one by one, then dispatches a request.
     fn dispatch(tap: &HeadTap, reads: &[&[u8]], line: RequestLine<'_>, framing: Framing) -> bool {
         for read in reads {
-            tap.record(read);
+            tap.record(read).expect("not counted");
         }
         tap.finish_head(line, framing)
     }
 
     #[test]
     fn a_content_length_is_found_in_the_dispatched_head_only() {
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let both = b"POST /api/me HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\ncontent-LENGTH: 5\r\n\r\n0\r\n\r\n";
         assert!(dispatch(&tap, &[both], POST, Framing::Chunked));
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let bare_lf = b"POST /api/me HTTP/1.1\nContent-Length: 5\nTransfer-Encoding: chunked\n\n";
         assert!(dispatch(&tap, &[bare_lf], POST, Framing::Chunked));
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let in_the_body =
             b"POST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n14\r\nContent-Length: 5\r\n";
         assert!(!dispatch(&tap, &[in_the_body], POST, Framing::Chunked), "a body line is not a header");
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         assert!(dispatch(&tap, &[b"junk"], POST, Framing::Chunked), "not recorded: unknown");
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         assert!(!dispatch(&tap, &[b"junk"], POST, Framing::Empty), "only chunked requests are judged");
     }
 
     #[test]
     fn requests_one_after_another_are_each_checked_from_their_first_byte() {
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         assert!(!dispatch(&tap, &[b"GET /api/me HTTP/1.1\r\n\r\n"], GET, Framing::Empty));
         tap.resume();
         let with_length = b"POST /api/me HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel";
         assert!(!dispatch(&tap, &[with_length], POST, Framing::Length(5)));
-        tap.record(b"lo"); // the rest of its body, read as the handler takes it
+        tap.record(b"lo").expect("not counted"); // the rest of its body, read as the handler takes it
         tap.resume();
         let chunked = b"POST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
         assert!(
@@ -271,7 +332,7 @@ mod tests {
             "empty lines first are skipped"
         );
         let smuggling = b"POST /api/me HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         assert!(!dispatch(&tap, &[with_length, b"lo"], POST, Framing::Length(5)));
         tap.resume();
         assert!(dispatch(&tap, &[smuggling], POST, Framing::Chunked));
@@ -281,7 +342,7 @@ mod tests {
     fn nothing_after_a_chunked_request_is_trusted() {
         // Its connection is closed after the response; were it not, the end of
         // its body is not known without parsing the chunks.
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let chunked = b"POST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         assert!(!dispatch(&tap, &[chunked], POST, Framing::Chunked));
         tap.resume();
@@ -293,27 +354,27 @@ mod tests {
         // The second head arrives in two reads: the first with the GET, the
         // rest after its response. Its start was never recorded; what was
         // recorded looks like a head with no length.
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let first = b"GET /api/me HTTP/1.1\r\n\r\nPOST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\nX: ";
         assert!(!dispatch(&tap, &[first], GET, Framing::Empty));
         tap.resume();
         assert!(dispatch(&tap, &[b"POST /api/me HTTP/1.1\r\n\r\n0\r\n\r\n"], POST, Framing::Chunked));
         // The same after a body with a length, read while not recording.
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         assert!(!dispatch(
             &tap,
             &[b"POST /api/me HTTP/1.1\r\nContent-Length: 2\r\n\r\n"],
             POST,
             Framing::Length(2)
         ));
-        tap.record(b"abPOST /api/me HTTP/1.1\r\nContent-Length: 4\r\nX: ");
+        tap.record(b"abPOST /api/me HTTP/1.1\r\nContent-Length: 4\r\nX: ").expect("not counted");
         tap.resume();
         assert!(dispatch(&tap, &[b"POST /api/me HTTP/1.1\r\n\r\n0\r\n\r\n"], POST, Framing::Chunked));
     }
 
     #[test]
     fn a_head_whole_in_hypers_buffer_is_not_recorded_and_so_refused() {
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let both = b"GET /api/me HTTP/1.1\r\n\r\nPOST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert!(!dispatch(&tap, &[both], GET, Framing::Empty));
         tap.resume();
@@ -329,7 +390,7 @@ mod tests {
         let real = b"POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
         let head = b"POST /nope HTTP/1.1\r\nContent-Length: 62\r\n\r\n";
         let refused = |body: &[u8], next: &[u8], decoy_first: bool| {
-            let tap = HeadTap::new(1024);
+            let tap = HeadTap::new(1024, None);
             assert!(!dispatch(&tap, &[head], NOPE, Framing::Length(body.len() as u64)));
             tap.resume();
             let reads: [&[u8]; 2] = if decoy_first { [body, next] } else { [next, body] };
@@ -340,7 +401,7 @@ mod tests {
         assert!(!refused(b"hello", decoy, true), "a chunked head with no length behind the body passes");
         // A normalised target (hyper drops a `#fragment`) never matches the
         // line rebuilt from hyper's request, wherever a decoy stands.
-        let tap = HeadTap::new(1024);
+        let tap = HeadTap::new(1024, None);
         let fragment = b"POST /api/me#x HTTP/1.1\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n19\r\nPOST /api/me HTTP/1.1\r\n\r\n\r\n0\r\n\r\n";
         assert!(dispatch(&tap, &[fragment], POST, Framing::Chunked));
     }
@@ -350,7 +411,7 @@ mod tests {
         // A head longer than the cap, then the start of the next one: its
         // bytes were read but not kept, so the next head began before
         // recording did.
-        let tap = HeadTap::new(32);
+        let tap = HeadTap::new(32, None);
         let long = [
             &b"GET /api/me HTTP/1.1\r\nX: "[..],
             &[b'a'; 40],
@@ -366,11 +427,40 @@ mod tests {
             Framing::Chunked
         ));
         // And a head that ends past the cap is not read as a whole head.
-        let tap = HeadTap::new(32);
+        let tap = HeadTap::new(32, None);
         let smuggling =
             [&b"POST /api/me HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"[..], b"Content-Length: 4\r\n\r\n"]
                 .concat();
         assert!(dispatch(&tap, &[&smuggling], POST, Framing::Chunked));
+    }
+
+    #[test]
+    fn long_unfinished_heads_are_counted_twice_and_refused_when_the_budget_is_spent() {
+        let budget = Budget::alone(128 * 1024);
+        let over = Counter::default();
+        let tap = || HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
+        let head = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 32 * 1024 - 25]].concat();
+        let (short, rest) = head.split_at(UNCOUNTED_HEAD as usize);
+        let first = tap();
+        first.record(short).expect("the usual head is not counted");
+        assert_eq!(budget.used_here(), 0);
+        first.record(rest).expect("room");
+        let counted = 2 * (head.len() - UNCOUNTED_HEAD as usize);
+        assert_eq!(budget.used_here(), counted, "the tap's copy and hyper's");
+        let second = tap();
+        second.record(&head).expect("room for two");
+        let third = tap();
+        assert_eq!(third.record(&head), Err(HeadsFull), "no room for a third");
+        assert_eq!(over.get(), 1);
+        assert_eq!(budget.used_here(), 2 * counted, "the refused head holds nothing");
+
+        // A dispatched head gives its bytes back.
+        assert!(!first.finish_head(GET, Framing::Empty));
+        assert_eq!(budget.used_here(), counted);
+        drop(second);
+        assert_eq!(budget.used_here(), 0, "a connection's end gives its head's bytes back");
+        let fourth = tap();
+        fourth.record(&head).expect("room again");
     }
 
     #[test]

@@ -59,3 +59,52 @@ async fn a_spent_budget_refuses_bodies_that_must_be_read_whole_and_streams_answe
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A connection holding a long unfinished head holds it twice (the head tap's
+/// copy and hyper's read buffer): past its first 8 KiB, both count against
+/// `server.max_buffered_bytes`, so many connections trickling 60 KiB heads
+/// cannot take more memory than bodies may. With the total spent, such a head
+/// ends its connection, unanswered and unforwarded, while a usual head is
+/// served; with room again, the same long head is served.
+#[tokio::test]
+async fn a_long_unfinished_head_counts_against_the_budget_and_is_cut_when_it_is_spent() {
+    let (sandbox, proxy, _dir) = stack_with_identities([keyed_identity("narrow", "k")]).await;
+    let addr = proxy.proxy_addr();
+    let request = |padding: usize| {
+        format!(
+            "GET /api/organizations/{ORG_ID}/runs HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\n\
+             X-Padding: {}\r\nConnection: close\r\n\r\n",
+            "p".repeat(padding)
+        )
+    };
+    let long = request(20 * 1024);
+    let usual = request(1024);
+
+    // The proxy serves on this test's thread: bytes counted here past the
+    // total are felt by its connections.
+    let counter = tallyfy_proxy::body::Budget::unlimited();
+    let before = counter.used_here();
+    let mut held_elsewhere = counter.reserve();
+    held_elsewhere.force(1 << 40);
+    let cut = exchange(addr, long.as_bytes(), WAIT).await;
+    assert!(cut.closed && cut.bytes.is_empty(), "cut unanswered: {}", cut.text());
+    assert!(sandbox.received().is_empty(), "nothing forwarded");
+    let served = exchange(addr, usual.as_bytes(), WAIT).await;
+    assert_eq!(served.status(), 200, "a usual head is not counted: {}", served.text());
+    let metrics = crate::support::scrape(proxy.admin_addr()).await;
+    assert!(metrics.contains("tallyfy_proxy_heads_over_budget_total 1"), "{metrics}");
+
+    drop(held_elsewhere);
+    let served = exchange(addr, long.as_bytes(), WAIT).await;
+    assert_eq!(served.status(), 200, "room again: {}", served.text());
+    assert_eq!(sandbox.received().len(), 2);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while counter.used_here() != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} bytes still counted",
+            counter.used_here() - before
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
