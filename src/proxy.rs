@@ -212,11 +212,15 @@ impl Proxy {
         if let Some(spend) = &fleet_budgets {
             Box::pin(self.spend_fleet_wide(spend)).await?;
         }
+        let mut sent_with = lease.generation;
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
             log.throttle = Some("waited");
             let asleep = throttle::spread(admitted.delay, rand::random());
             Box::pin(tokio::time::sleep(asleep)).await;
+            if let Some(token) = self.token_since(credential, &mut sent_with) {
+                head.headers.insert(http::header::AUTHORIZATION, token);
+            }
         }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
@@ -225,16 +229,17 @@ impl Proxy {
         let tenant = Tenant(credential.index());
         let replay = kept.map(|body| Box::new(Replay::of(&head, body, tenant)));
         let mut first = Outbound::new(head, body, tenant);
-        let response = match self.send(&mut first, replay.as_deref(), &target, log, figures).await? {
-            Answer::Streaming(response) => response,
-            Answer::Read(response) => return Ok(response),
-        };
+        let response =
+            match self.send(&mut first, replay.as_deref(), &target, &mut sent_with, log, figures).await? {
+                Answer::Streaming(response) => response,
+                Answer::Read(response) => return Ok(response),
+            };
         if !shared.token_rules.dead_token_statuses.contains(&response.status())
             || !shared.tokens.is_refreshable(credential)
         {
             return self.response(response, &links_to).await;
         }
-        let rejected = Rejected { response, replay, credential, generation: lease.generation };
+        let rejected = Rejected { response, replay, credential, generation: sent_with };
         Box::pin(self.token_rejected(rejected, &links_to, log, figures)).await
     }
 

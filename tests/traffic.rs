@@ -332,6 +332,34 @@ async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more");
 }
 
+/// A request sent again after waiting out a 429 goes with the credential's
+/// token then: a refresh that ran during the wait (2-second tokens, renewed
+/// at 75-85 % of their life) spares it a 401 and a replay with the token it
+/// was first sent with, which expired meanwhile.
+#[tokio::test]
+async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhile() {
+    let lifetime = Duration::from_secs(2);
+    let sandbox = start_sandbox_with(SandboxConfig {
+        token_lifetime: lifetime,
+        user_token_lifetime: lifetime,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let user = Credential::fixture_user();
+    let config = TestConfig::new(&sandbox.base_url())
+        .identity(Identity::new("app", &user.name(), Match::Any))
+        .credential(user)
+        .set("upstream", "retry_429_max_wait_ms", 5000);
+    let (proxy, _dir) = proxy(config).await;
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(4) });
+    let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more, with no 401 between");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_replays_total{credential="user"}"#), 0.0, "{metrics}");
+    assert!(sandbox.token_requests().len() >= 2, "a refresh ran during the wait");
+}
+
 /// A request sent again after a short 429 that meets a second 429 passes it on,
 /// and the second is remembered and counted like the first: the next call is
 /// held back by the proxy instead of going straight to a throttling Tallyfy.

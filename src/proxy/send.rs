@@ -43,11 +43,15 @@ impl Proxy {
     /// Sends `first`; sends the `replay` again after a failure that cannot
     /// have done anything at Tallyfy, while `[upstream.retry]` and its budget
     /// allow; then remembers a 429 (see [`crate::traffic::throttle`]).
+    /// `sent_with` is the token generation the request goes with; a request
+    /// sent again after a wait goes with the credential's token then, and
+    /// `sent_with` follows.
     pub(super) async fn send(
         &self,
         first: &mut Outbound,
         replay: Option<&Replay>,
         target: &Target,
+        sent_with: &mut u64,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Answer, ProxyError> {
@@ -73,7 +77,8 @@ impl Proxy {
             // Boxed, as the other rare paths: the common one's future stays small.
             outcome = Box::pin(async {
                 tokio::time::sleep(delay).await;
-                self.send_once(&mut replay.outbound(None), log, figures).await
+                let token = self.token_since(target.credential, sent_with);
+                self.send_once(&mut replay.outbound(token), log, figures).await
             })
             .await;
         }
@@ -82,7 +87,19 @@ impl Proxy {
             traffic.answered(target.credential.index());
             return Ok(Answer::Streaming(response));
         }
-        Box::pin(self.throttled(response, replay, target, log, figures)).await
+        Box::pin(self.throttled(response, replay, target, sent_with, log, figures)).await
+    }
+
+    /// The credential's token now, when a refresh replaced the one of
+    /// generation `sent_with` (which then follows): a request sent again after
+    /// a wait goes with it rather than meet a 401 first. `None` keeps the
+    /// token the request holds (the same one, or none to be had).
+    pub(super) fn token_since(&self, credential: CredentialId, sent_with: &mut u64) -> Option<HeaderValue> {
+        let lease = self.shared.tokens.lease(credential, tokio::time::Instant::now()).ok()?;
+        (lease.generation != *sent_with).then(|| {
+            *sent_with = lease.generation;
+            lease.authorization
+        })
     }
 
     /// Tallyfy answered 429: remember it for the requests after this one, and
@@ -93,6 +110,7 @@ impl Proxy {
         response: Response<UpstreamBody>,
         replay: Option<&Replay>,
         target: &Target,
+        sent_with: &mut u64,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Answer, ProxyError> {
@@ -129,10 +147,11 @@ impl Proxy {
         {
             log.throttle = Some("absorbed");
             tokio::time::sleep(wait).await;
-            let response = self.send_once(&mut replay.outbound(None), log, figures).await?;
+            let token = self.token_since(target.credential, sent_with);
+            let response = self.send_once(&mut replay.outbound(token), log, figures).await?;
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 // Remembered, counted and told like the first; never waited out twice.
-                return Box::pin(self.throttled(response, None, target, log, figures)).await;
+                return Box::pin(self.throttled(response, None, target, sent_with, log, figures)).await;
             }
             traffic.answered(credential);
             return Ok(Answer::Streaming(response));
