@@ -5,7 +5,9 @@
 //! on another's connection), or shares the thread's HTTP/2 connection, when
 //! ALPN chose h2; an HTTP/1.1 connection goes back to that thread's pool when
 //! its response body ends. A body dropped before its end takes its connection with it, since
-//! the rest of that response is still on the wire.
+//! the rest of that response is still on the wire. Once Tallyfy has chosen h2,
+//! one request at a time dials the thread's next HTTP/2 connection, and the
+//! ones that find none meanwhile wait for it.
 //!
 //! HTTP/1.1 connections are spoken by the request's own task ([`super::http1`]);
 //! an HTTP/2 connection is hyper's, with a task of its own. What this saves
@@ -44,6 +46,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use thread_local::ThreadLocal;
+use tokio::sync::Notify;
+use tokio::sync::futures::OwnedNotified;
 use tokio::time::Instant;
 use tower_service::Service as _;
 
@@ -112,6 +116,8 @@ pub(super) struct Local {
     state: Mutex<State>,
     idle_timeout: Duration,
     max_idle: usize,
+    /// Wakes the requests waiting for the HTTP/2 connection another one is dialling.
+    dialled: Arc<Notify>,
 }
 
 struct State {
@@ -121,18 +127,33 @@ struct State {
     h2: Option<Shared>,
     /// Whether a task is closing connections idle for longer than the timeout.
     reaping: bool,
-    /// Whether a request is dialling the connection that replaces a full
-    /// HTTP/2 one.
+    /// Whether a request is dialling the thread's next HTTP/2 connection (in
+    /// place of a full one, or of one that closed).
     dialling: bool,
+    /// Whether Tallyfy's last handshake chose h2: a request that finds no
+    /// connection then waits for the one being dialled instead of dialling
+    /// its own (a closed connection under load would have every request in
+    /// flight on the thread open a TLS connection at once).
+    speaks_h2: bool,
+    /// Dials of the next HTTP/2 connection that failed, so far.
+    failed_dials: u64,
 }
 
-/// A dial under way for a full HTTP/2 connection: over when dropped, however
-/// the dial ends (a caller gone mid-dial included).
-struct Dialling<'a>(&'a Local);
+/// A dial under way for the thread's next HTTP/2 connection: over when
+/// dropped, however the dial ends (a caller gone mid-dial included), and the
+/// requests waiting for it woken.
+struct Dialling<'a> {
+    local: &'a Local,
+    failed: bool,
+}
 
 impl Drop for Dialling<'_> {
     fn drop(&mut self) {
-        self.0.lock().dialling = false;
+        let mut state = self.local.lock();
+        state.dialling = false;
+        state.failed_dials += u64::from(self.failed);
+        drop(state);
+        self.local.dialled.notify_waiters();
     }
 }
 
@@ -180,6 +201,12 @@ enum Found {
     Idle(Idle),
     /// An idle connection older than `pool_idle_timeout_ms`: closed, not used.
     Stale,
+    /// Tallyfy speaks h2 and the thread has no connection: this request dials
+    /// it (no other does meanwhile).
+    Dial,
+    /// Another request is dialling the thread's HTTP/2 connection: woken when
+    /// that dial ends; it had failed when the failed dials are no longer these.
+    Await(std::pin::Pin<Box<OwnedNotified>>, u64),
     Nothing,
 }
 
@@ -198,9 +225,17 @@ impl Pool {
     fn local(&self) -> &Arc<Local> {
         self.threads.get_or(|| {
             Arc::new(Local {
-                state: Mutex::new(State { idle: Vec::new(), h2: None, reaping: false, dialling: false }),
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    h2: None,
+                    reaping: false,
+                    dialling: false,
+                    speaks_h2: false,
+                    failed_dials: 0,
+                }),
                 idle_timeout: self.idle_timeout,
                 max_idle: self.max_idle,
+                dialled: Arc::new(Notify::new()),
             })
         })
     }
@@ -302,8 +337,10 @@ impl Pool {
                 }
                 Found::Full(mut h2, place) => {
                     let dialled = {
-                        let _dialling = Dialling(local);
-                        Box::pin(self.connect(local, tenant)).await
+                        let mut dialling = Dialling { local, failed: false };
+                        let dialled = Box::pin(self.connect(local, tenant)).await;
+                        dialling.failed = dialled.is_err();
+                        dialled
                     };
                     // The new connection takes the request (its place on the
                     // full one is given up); if none could be opened, the
@@ -326,6 +363,20 @@ impl Pool {
                     }
                 }
                 Found::Stale => {}
+                Found::Dial => {
+                    let mut dialling = Dialling { local, failed: false };
+                    let dialled = Box::pin(self.connect(local, tenant)).await;
+                    dialling.failed = dialled.is_err();
+                    return Ok((dialled?, false));
+                }
+                Found::Await(woken, failed_dials) => {
+                    // The dial is bounded by the connect timeout: so is the wait.
+                    let _ = tokio::time::timeout(self.connect_timeout, woken).await;
+                    if local.lock().failed_dials != failed_dials {
+                        let failed = "the connection to Tallyfy this request waited for could not be opened";
+                        return Err(SendError::Connect(failed.into()));
+                    }
+                }
                 Found::Nothing => break None,
             }
         };
@@ -368,6 +419,7 @@ impl Pool {
             let place = local.keep_h2(sender.clone());
             return Ok(Connection::Http2(sender, place));
         }
+        local.lock().speaks_h2 = false;
         Ok(Connection::Http1(Box::new(http1::Connection::new(TokioIo::new(io), tenant))))
     }
 }
@@ -401,14 +453,16 @@ impl Local {
         let place = StreamPlace::take(&open);
         let mut state = self.lock();
         state.h2 = Some(Shared { sender, last_used: Instant::now(), open });
+        state.speaks_h2 = true;
         self.reap_later(&mut state);
         place
     }
 
     /// What this thread's pool offers a request of `tenant` now: a place on
-    /// the HTTP/2 connection (the dial of the next one when it is full), else
-    /// the tenant's newest idle HTTP/1.1 connection (only the one taken is
-    /// checked for age: the reaper closes the rest).
+    /// the HTTP/2 connection (the dial of the next one when it is full, or
+    /// when there is none and Tallyfy speaks h2; a wait for it when another
+    /// request dials it), else the tenant's newest idle HTTP/1.1 connection
+    /// (only the one taken is checked for age: the reaper closes the rest).
     fn find(&self, tenant: Tenant) -> Found {
         let mut state = self.lock();
         let now = Instant::now();
@@ -425,6 +479,17 @@ impl Local {
             Some((h2, place, _)) => {
                 state.dialling = true;
                 Found::Full(h2, place)
+            }
+            None if state.speaks_h2 => {
+                state.h2 = None;
+                if !state.dialling {
+                    state.dialling = true;
+                    return Found::Dial;
+                }
+                // Registered before the lock is let go: the dial's end cannot slip by.
+                let mut woken = Box::pin(self.dialled.clone().notified_owned());
+                woken.as_mut().enable();
+                Found::Await(woken, state.failed_dials)
             }
             None => {
                 state.h2 = None;

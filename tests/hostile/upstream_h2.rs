@@ -476,3 +476,46 @@ async fn a_request_beyond_a_full_connection_goes_on_it_when_no_other_opens() {
         assert_eq!(request.await.expect("joined").expect("answered").status(), 200);
     }
 }
+
+/// When the thread's HTTP/2 connection closes (Tallyfy's GOAWAY on a deploy),
+/// the requests that find none wait for the one request that dials the next:
+/// 20 at once open one connection, not 20 TLS connections at once.
+#[tokio::test]
+async fn requests_that_find_no_connection_wait_for_the_one_being_dialled() {
+    let (base, ca_pem, accepted) = h2_upstream(|nth, mut connection| async move {
+        if nth == 1 {
+            // One answer, then a graceful close.
+            if let Some(Ok((_, mut respond))) = connection.accept().await {
+                let _ = respond.send_response(http::Response::new(()), true);
+            }
+            connection.graceful_shutdown();
+            while connection.accept().await.is_some() {}
+            return;
+        }
+        while let Some(Ok((_, mut respond))) = connection.accept().await {
+            tokio::spawn(async move {
+                let _ = respond.send_response(http::Response::new(()), true);
+            });
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base))
+        .set("upstream", "ca_file", "ca.pem")
+        .set("server", "idle_timeout_ms", 60_000);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    assert_eq!(support::client().get(&url).send().await.expect("answered").status(), 200);
+
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { support::client().get(url).send().await.expect("answered").status() })
+        })
+        .collect();
+    for answer in burst {
+        assert_eq!(answer.await.expect("request"), 200);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "one connection dialled for the 20");
+}
