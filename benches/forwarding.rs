@@ -83,7 +83,11 @@ fn prepare(c: &mut Criterion) {
     let tokens = refresher.configure(&reload::credential_set(&config), issuer).expect("credentials");
     let traffic = reload::traffic(&config, &TrafficState::new());
     let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics, traffic);
-    let peer = ConnectionInfo { peer: "127.0.0.1:40000".parse().expect("addr"), cert_names: Arc::from([]) };
+    let peer = ConnectionInfo {
+        peer: "127.0.0.1:40000".parse().expect("addr"),
+        local: "127.0.0.1:8080".parse().expect("addr"),
+        cert_names: Arc::from([]),
+    };
     c.bench_function("prepare/typical_get", |b| {
         b.iter_batched(
             || typical_request().into_parts().0,

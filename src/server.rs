@@ -106,6 +106,9 @@ impl ConnectionSlots {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub peer: SocketAddr,
+    /// The address the peer reached (the proxy's end of the connection): where
+    /// a caller that named no host is pointed back to.
+    pub local: SocketAddr,
     /// Names of the verified client certificate (URI SANs, DNS SANs, CN); empty
     /// for plain HTTP or a TLS client without a certificate.
     pub cert_names: Arc<[String]>,

@@ -51,7 +51,7 @@ impl Proxy {
         let unprefixed = shared.unprefixed && target::add_api_prefix(&mut head.uri)?;
         target::check(&head.method, head.version, &head.uri, shared.upstream.authority())?;
         let host = target::host(head.version, &head.uri, &head.headers)?;
-        let links_to = self.links_to(head, host, unprefixed);
+        let links_to = self.links_to(head, host, connection.local, unprefixed);
         headers::check_fields(&head.headers, shared.limits.max_headers, shared.limits.max_header_bytes)?;
         if declared_length(&head.headers).is_some_and(|n| n > shared.limits.max_request_body_bytes) {
             return Err(ProxyError::BodyTooLarge { limit: shared.limits.max_request_body_bytes });

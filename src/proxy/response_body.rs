@@ -19,10 +19,14 @@ impl Proxy {
     /// which [`crate::target::host`] has checked is a plain `host[:port]`. No
     /// string is built until a link is actually rewritten.
     /// `unprefixed`: the caller left out `/api`, so its links do too.
+    /// A caller that named no host (HTTP/1.0 without `Host`, HTTP/2 without
+    /// `:authority`) is pointed at the address it reached, `local`, as nginx
+    /// falls back to its own name: never left with Tallyfy's links.
     pub(super) fn links_to(
         &self,
         head: &http::request::Parts,
         host: Option<&str>,
+        local: std::net::SocketAddr,
         unprefixed: bool,
     ) -> LinksTo {
         let shared = &*self.shared;
@@ -31,7 +35,7 @@ impl Proxy {
         } else if shared.public_url.is_some() {
             Base::PublicUrl
         } else if host.is_none() {
-            Base::Nowhere
+            Base::Local(local)
         } else if head.version >= http::Version::HTTP_2
             && let Some(authority) = head.uri.authority()
         {
@@ -49,6 +53,7 @@ impl Proxy {
             Base::PublicUrl => return shared.public_url.clone(),
             Base::Host(value) => value.to_str().ok()?,
             Base::Authority(authority) => authority.as_str(),
+            Base::Local(local) => return Some(format!("{}://{local}", shared.listener_scheme)),
         };
         Some(format!("{}://{host}", shared.listener_scheme))
     }
@@ -237,8 +242,10 @@ pub(super) struct LinksTo {
 }
 
 enum Base {
-    /// Links are off, or the caller named no host.
+    /// Links are off.
     Nowhere,
+    /// The caller named no host: the address it reached.
+    Local(std::net::SocketAddr),
     /// `listen.public_url`.
     PublicUrl,
     /// The request's `Host`.

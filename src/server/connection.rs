@@ -83,7 +83,8 @@ pub(super) async fn connection<M, S, F, B>(
     let Some((protocol, prefix)) = sniff(&mut stream, deadline).await else {
         return tracing::debug!(%peer, "no request within the header read timeout");
     };
-    let info = ConnectionInfo { peer, cert_names: Arc::from([]) };
+    let Ok(local) = stream.local_addr() else { return };
+    let info = ConnectionInfo { peer, local, cert_names: Arc::from([]) };
     serve_io(&shared, stream, protocol, prefix, info).await
 }
 
@@ -102,6 +103,7 @@ async fn tls_connection<M, S, F, B>(
     B::Error: Into<BoxError>,
 {
     let deadline = shared.limits.header_read_timeout;
+    let Ok(local) = stream.local_addr() else { return };
     let mut stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -126,7 +128,7 @@ async fn tls_connection<M, S, F, B>(
             None => return tracing::debug!(%peer, "no request within the header read timeout"),
         },
     };
-    let info = ConnectionInfo { peer, cert_names: cert_names.into() };
+    let info = ConnectionInfo { peer, local, cert_names: cert_names.into() };
     serve_io(&shared, stream, protocol, prefix, info).await
 }
 

@@ -234,6 +234,31 @@ async fn a_rewritten_body_keeps_no_field_that_describes_tallyfys_bytes() {
     }
 }
 
+/// A caller that names no host (HTTP/1.0 without `Host`) gets links and a
+/// `Location` pointed at the address it reached, as nginx falls back to its
+/// own name: never Tallyfy's, where following one takes its key to Tallyfy.
+#[tokio::test]
+async fn a_caller_that_names_no_host_gets_links_to_the_address_it_reached() {
+    let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "200 OK")).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let answer = exchange(proxy.proxy_addr(), b"GET /api/runs HTTP/1.0\r\n\r\n", WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 200, "{text}");
+    let reached = format!(r#""next":"http://{}/api/runs?page=2""#, proxy.proxy_addr());
+    assert!(text.contains(&reached), "{reached} in {text}");
+
+    let recorder = Recorder::answering(|addr| {
+        let answer =
+            format!("HTTP/1.1 302 Found\r\nLocation: http://{addr}/api/me\r\nContent-Length: 0\r\n\r\n");
+        Box::leak(answer.into_bytes().into_boxed_slice())
+    })
+    .await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let answer = exchange(proxy.proxy_addr(), b"GET /api/me HTTP/1.0\r\n\r\n", WAIT).await;
+    let expected = format!("\r\nlocation: http://{}/api/me\r\n", proxy.proxy_addr());
+    assert!(answer.text().contains(&expected), "{}", answer.text());
+}
+
 #[tokio::test]
 async fn a_partial_answer_is_passed_on_as_it_came() {
     let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "206 Partial Content")).await;
