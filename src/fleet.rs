@@ -32,12 +32,15 @@
 //! whose key is another answers [`FleetError::Undecryptable`] to every token
 //! operation, so it never writes a set the others cannot open: the lease and
 //! write scripts compare the fingerprint in the same atomic step as the write.
-//! Redis can lose the fingerprint (a flush, an eviction, a restart without
-//! persistence); the replicas whose key it named seed it again at their next
-//! lease or poll (within [`news::POLL_EVERY`]), and a refused replica never
-//! seeds it, so it cannot take the fleet over. It reads the fingerprint at
-//! each poll and joins once it names its key. `key-check`, a value sealed
-//! with the key, is kept for replicas of earlier versions.
+//! The fingerprint decides whenever Redis holds one; `key-check`, a value
+//! sealed with the key that replicas of earlier versions compare, decides
+//! only without it, and a replica names the fingerprint beside a check only
+//! when its key opens that check. Redis can lose both (a flush, an eviction,
+//! a restart without persistence); the replicas whose key they named name it
+//! again at their next lease or poll ([`news::POLL_EVERY`], checked every
+//! second), and a refused replica names nothing, so it cannot take the fleet
+//! over. It reads the fingerprint at each poll, and its credentials rejoin
+//! the fleet once the fingerprint names its key.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -211,33 +214,57 @@ impl Fleet {
         Ok(())
     }
 
-    /// Compares this replica's key with the fleet's: the fingerprint, and the
-    /// sealed check replicas of earlier versions left. Both are seeded when
-    /// absent, unless the fleet refused this replica's key (a refused replica
-    /// must not name the fleet's key after Redis lost it). With nothing to
-    /// compare, the verdict stands.
+    /// Compares this replica's key with the fleet's: the fingerprint decides
+    /// when Redis holds one; without it, the sealed check replicas of earlier
+    /// versions left. What is absent is seeded (see the script), unless the
+    /// fleet refused this replica's key: a refused replica never names the
+    /// fleet's key after Redis lost it. With nothing to compare, the verdict
+    /// stands.
     async fn check_key(&self) -> Result<(), FleetError> {
-        let mut connection = self.connection()?;
         let at = format!("{}/key-check", self.settings.key_prefix);
-        let seed = if self.key.load(Ordering::Relaxed) == KEY_REFUSED { "" } else { "seed" };
+        let seed = self.key.load(Ordering::Relaxed) != KEY_REFUSED;
+        let (check, named) = self.key_check(&at, seed, &[]).await?;
+        let verdict = match (named, check) {
+            (Some(named), _) => named == self.fingerprint,
+            (None, Some(check)) => {
+                let opened = self.settings.encryption_key.open(&at, &check).as_deref() == Some(KEY_CHECK);
+                if opened && seed {
+                    // The fleet of earlier versions is this replica's: named beside
+                    // the check it opened (unless another took its place meanwhile).
+                    let (_, named) = self.key_check(&at, seed, &check).await?;
+                    named.is_none_or(|named| named == self.fingerprint)
+                } else {
+                    opened
+                }
+            }
+            (None, None) => return Ok(()),
+        };
+        self.key_verdict(if verdict { KEY_ACCEPTED } else { KEY_REFUSED });
+        Ok(())
+    }
+
+    /// One run of the key check script: the check and fingerprint Redis holds.
+    async fn key_check(
+        &self,
+        at: &str,
+        seed: bool,
+        opened: &[u8],
+    ) -> Result<(Option<Vec<u8>>, Option<String>), FleetError> {
+        let mut connection = self.connection()?;
         let mut invocation = scripts::scripts().key_check.prepare_invoke();
         invocation
-            .key(&at)
+            .key(at)
             .key(self.fingerprint_key())
-            .arg(self.settings.encryption_key.seal(&at, KEY_CHECK))
+            .arg(self.settings.encryption_key.seal(at, KEY_CHECK))
             .arg(&self.fingerprint)
-            .arg(seed);
-        let (sealed, fingerprint): (Option<Vec<u8>>, Option<String>) =
-            self.call(invocation.invoke_async(&mut connection)).await?;
-        let sealed_ours = sealed
-            .map(|sealed| self.settings.encryption_key.open(&at, &sealed).as_deref() == Some(KEY_CHECK));
-        let named_ours = fingerprint.map(|fingerprint| fingerprint == self.fingerprint);
-        match (sealed_ours, named_ours) {
-            (Some(false), _) | (_, Some(false)) => self.key_verdict(KEY_REFUSED),
-            (None, None) => {}
-            _ => self.key_verdict(KEY_ACCEPTED),
-        }
-        Ok(())
+            .arg(if seed { "seed" } else { "" })
+            .arg(opened);
+        self.call(invocation.invoke_async(&mut connection)).await
+    }
+
+    /// Whether the fleet's key is this replica's, as last checked.
+    pub fn key_is_accepted(&self) -> bool {
+        self.key.load(Ordering::Relaxed) == KEY_ACCEPTED
     }
 
     /// Records the key check's verdict; logs and counts only the changes.

@@ -643,6 +643,72 @@ async fn a_redis_that_lost_the_fleets_key_gets_it_back_from_its_replicas_never_f
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 
+/// The fingerprint decides whenever Redis holds one, and the sealed check of
+/// earlier versions only without it; neither is ever named by a replica the
+/// fleet refused. A fleet of earlier versions (a check, no fingerprint) gets
+/// its fingerprint from a replica whose key opens the check, not from a
+/// stranger; a check lost and then named by a stranger refuses no replica
+/// the fingerprint names; and a refused replica joins, and takes the fleet's
+/// set, once the fleet's key is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its_own() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let mut first = Replica::start(&config, &redis.url(), KEY).await;
+    let mut connection = redis_connection(&redis).await;
+    let (fingerprint, check) = ("test/fleet/key-fingerprint", "test/fleet/key-check");
+    let ours = fingerprint_of(KEY);
+
+    // As a fleet of earlier versions left Redis: a check, no fingerprint.
+    let _: () = redis::cmd("DEL").arg(fingerprint).query_async(&mut connection).await.expect("del");
+    let stranger = Replica::start(&config, &redis.url(), [9; 32]).await;
+    assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    let named = fleet_fingerprint(&mut connection).await;
+    assert!(named.is_none() || named.as_deref() == Some(&*ours), "the stranger named no key: {named:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fleet_fingerprint(&mut connection).await.is_none() {
+        assert!(Instant::now() < deadline, "the replica whose key opens the check named it");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
+
+    // The check lost, and a stranger starting first: refused by the
+    // fingerprint, it leaves the check to the fleet's replica.
+    let _: () = redis::cmd("DEL").arg(check).query_async(&mut connection).await.expect("del");
+    let other = Replica::start(&config, &redis.url(), [8; 32]).await;
+    assert_eq!(other.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let exists: bool =
+            redis::cmd("EXISTS").arg(check).query_async(&mut connection).await.expect("exists");
+        if exists {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fleet's replica sealed the check again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sealed: Vec<u8> = redis::cmd("GET").arg(check).query_async(&mut connection).await.expect("get");
+    let key = base64::engine::general_purpose::STANDARD.encode(KEY);
+    let key = tallyfy_proxy::fleet::EncryptionKey::from_base64(&key).expect("key");
+    assert!(key.open(check, &sealed).is_some(), "sealed with the fleet's key");
+    assert_eq!(first.metric("tallyfy_proxy_fleet_undecryptable_total").await, 0.0, "{:#?}", first.trouble());
+    drop(other);
+
+    // The stranger's key made the fleet's: it joins and takes the fleet's set.
+    first.kill();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+    let _peer = Replica::start(&config, &redis.url(), [9; 32]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stranger.metric("tallyfy_proxy_fleet_tokens_adopted_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "the stranger joined: {:#?}", stranger.trouble());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stranger.logged("the fleet's key is this replica's again"), 1);
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
 /// The fingerprint a replica sealing with `key` names in Redis.
 fn fingerprint_of(key: [u8; 32]) -> String {
     let text = base64::engine::general_purpose::STANDARD.encode(key);

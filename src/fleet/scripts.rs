@@ -53,15 +53,32 @@ return 1
 ";
 
 /// KEYS: key check, key fingerprint. ARGV: a value sealed with this
-/// replica's key, its fingerprint, and `seed` or not. Seeded, stores each
-/// unless one is there; answers the two there (`false` for one absent). The
-/// sealed check is what replicas before the fingerprint compare.
+/// replica's key, its fingerprint, `seed` or not, and the key check this
+/// replica opened (or empty). Answers the two there (`false` for one absent).
+/// The fingerprint, when there, decides; the sealed check is what replicas
+/// before the fingerprint compare, and decides only without it. Seeded:
+/// with neither there, both are stored; the check is stored again under a
+/// fingerprint that is this replica's; the fingerprint is stored beside a
+/// check this replica opened (still the one it opened), never beside another.
 const KEY_CHECK: &str = r"
+local check = redis.call('GET', KEYS[1])
+local named = redis.call('GET', KEYS[2])
 if ARGV[3] == 'seed' then
-  redis.call('SET', KEYS[1], ARGV[1], 'NX')
-  redis.call('SET', KEYS[2], ARGV[2], 'NX')
+  if not check and not named then
+    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('SET', KEYS[2], ARGV[2])
+    return {ARGV[1], ARGV[2]}
+  end
+  if not check and named == ARGV[2] then
+    redis.call('SET', KEYS[1], ARGV[1])
+    check = ARGV[1]
+  end
+  if not named and check and ARGV[4] ~= '' and check == ARGV[4] then
+    redis.call('SET', KEYS[2], ARGV[2])
+    named = ARGV[2]
+  end
 end
-return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2])}
+return {check, named}
 ";
 
 /// The scripts, each sent to Redis by its digest (`EVALSHA`, loaded on first use).

@@ -51,6 +51,12 @@ impl<S> ConnIo<S> {
 impl<S: AsyncRead> AsyncRead for ConnIo<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
+        if let Some(tap) = this.tap
+            && tap.is_over()
+        {
+            // What hyper holds of the next heads found no room in the budget.
+            return Poll::Ready(Err(io::Error::other(super::head_tap::HeadsFull)));
+        }
         let before = buf.filled().len();
         if this.prefix.has_remaining() {
             let n = this.prefix.len().min(buf.remaining());

@@ -26,7 +26,13 @@
 //! `server.max_buffered_bytes` (the [`Budget`] bodies are counted on) until
 //! the head is dispatched or the connection ends: many connections trickling
 //! long heads cannot take more memory than bodies may, and a read the budget
-//! has no room for ends the connection ([`HeadsFull`]).
+//! has no room for ends the connection ([`HeadsFull`]). Only the head counts:
+//! body bytes read with it are the body's. Bytes read past a dispatched head
+//! that are not its body (the next heads, pipelined or read with the body's
+//! end) wait in hyper's buffer: past [`UNCOUNTED_HEAD`] they are counted too,
+//! until the next head is dispatched, and when the budget has no room for
+//! them the connection ends at its next read, once the request in flight is
+//! answered.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -109,6 +115,13 @@ struct Recording {
     /// What the head being recorded holds of the budget (both copies of its
     /// bytes past [`UNCOUNTED_HEAD`]); `None` until it holds any.
     counted: Option<Reservation>,
+    /// How far the recording was searched for the end of the head being
+    /// recorded, and where it ends once found (only past [`UNCOUNTED_HEAD`]).
+    scanned: usize,
+    head_end: Option<usize>,
+    /// Bytes read past the dispatched head that are not its body, in hyper's
+    /// buffer, past [`UNCOUNTED_HEAD`]: counted until the next head is dispatched.
+    carried: Option<Reservation>,
 }
 
 /// A copy of the bytes an HTTP/1 connection reads while waiting for a request
@@ -120,6 +133,9 @@ pub(super) struct HeadTap {
     cap: usize,
     /// What long unfinished heads are counted against; `None`: not counted.
     counting: Option<Counting>,
+    /// The budget had no room for what hyper holds of the next heads: the
+    /// connection ends at its next read.
+    over: AtomicBool,
 }
 
 /// The budget a connection's long unfinished heads are counted against, and
@@ -139,8 +155,17 @@ impl HeadTap {
             next: Next::At(0),
             dispatched: None,
             counted: None,
+            scanned: 0,
+            head_end: None,
+            carried: None,
         };
-        HeadTap { recording: AtomicBool::new(true), state: Mutex::new(state), cap, counting }
+        HeadTap {
+            recording: AtomicBool::new(true),
+            state: Mutex::new(state),
+            cap,
+            counting,
+            over: AtomicBool::new(false),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, Recording> {
@@ -169,6 +194,12 @@ impl HeadTap {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Whether the connection must end before its next read: the budget had
+    /// no room for what hyper holds of its next heads.
+    pub fn is_over(&self) -> bool {
+        self.over.load(Ordering::Relaxed)
     }
 
     /// The request whose head starts with `request_line` has been dispatched:
@@ -202,8 +233,23 @@ impl HeadTap {
                     head.map(|(start, head)| (recorded.len() - start - head.len) as u64 + state.dropped),
                 )
             };
+        // Bytes read past this head that are not its body: the next heads.
+        let total = recorded.len() as u64 + state.dropped;
+        let carried = if self.counting.is_some() && total > UNCOUNTED_HEAD {
+            let past = start.and_then(|start| read_head(&recorded[start..]).map(|head| (start, head)));
+            let past = past.map(|(start, head)| (recorded.len() - start - head.len) as u64 + state.dropped);
+            not_body(framing, past, total)
+        } else {
+            0
+        };
         state.dispatched = Some(Dispatched { framing, past_head });
+        // The dispatched head left both copies; what it carried is the next
+        // head's, counted anew below.
         state.counted = None;
+        state.carried = None;
+        state.scanned = 0;
+        state.head_end = None;
+        self.carry(&mut state, carried);
         state.unrecorded = 0;
         state.dropped = 0;
         state.bytes.clear();
@@ -217,7 +263,18 @@ impl HeadTap {
     /// is left of this request's body before it.
     pub fn resume(&self) {
         let mut state = self.state();
-        state.next = match state.dispatched.take() {
+        let dispatched = state.dispatched.take();
+        if self.counting.is_some() && state.unrecorded > 0 {
+            // Read while the request was in flight, past its body: the next head.
+            let carried = match dispatched {
+                Some(Dispatched { framing, past_head }) => {
+                    not_body(framing, past_head.map(|past| past + state.unrecorded), state.unrecorded)
+                }
+                None => state.unrecorded,
+            };
+            self.carry(&mut state, carried);
+        }
+        state.next = match dispatched {
             Some(Dispatched { framing, past_head: Some(past) }) => {
                 next_head(framing, past + state.unrecorded)
             }
@@ -226,18 +283,85 @@ impl HeadTap {
         drop(state);
         self.recording.store(true, Ordering::Release);
     }
+
+    /// Counts hyper's copy of `bytes` of the next heads past
+    /// [`UNCOUNTED_HEAD`] (at least what is counted already); with no room,
+    /// the connection ends at its next read.
+    fn carry(&self, state: &mut Recording, bytes: u64) {
+        let Some(counting) = &self.counting else { return };
+        let held = usize::try_from(bytes.saturating_sub(UNCOUNTED_HEAD)).unwrap_or(usize::MAX);
+        if held == 0 {
+            return;
+        }
+        let carried = state.carried.get_or_insert_with(|| counting.budget.reserve());
+        if !carried.grow(held.saturating_sub(carried.bytes())) && !self.over.swap(true, Ordering::Relaxed) {
+            counting.over.inc();
+        }
+    }
+}
+
+/// Of the bytes read past a head (`past`, when known; else all `read`), those
+/// that are not its body: the next heads. A chunked body's end is not known,
+/// and its connection closes after the response: none.
+fn not_body(framing: Framing, past: Option<u64>, read: u64) -> u64 {
+    match (framing, past) {
+        (Framing::Chunked, _) => 0,
+        (_, None) => read,
+        (Framing::Empty, Some(past)) => past,
+        (Framing::Length(length), Some(past)) => past.saturating_sub(length),
+    }
 }
 
 impl Recording {
-    /// Counts both copies (the tap's, hyper's buffer) of the bytes read for
-    /// the head waiting for dispatch, past [`UNCOUNTED_HEAD`]: the tap's kept
-    /// bytes (at most its cap, hyper's buffer's limit too), twice.
+    /// Counts both copies (the tap's, hyper's buffer) of the head waiting for
+    /// dispatch, past [`UNCOUNTED_HEAD`]: its kept bytes up to its end (all
+    /// of them until the end is found), twice. Body bytes read with it are
+    /// not the head's.
     fn count(&mut self, budget: Budget) -> Result<(), HeadsFull> {
-        let held = (self.bytes.len() as u64).saturating_sub(UNCOUNTED_HEAD) * 2;
+        let head = self.head_len() as u64;
+        let held = head.saturating_sub(UNCOUNTED_HEAD) * 2;
         let counted = self.counted.get_or_insert_with(|| budget.reserve());
         let more = usize::try_from(held).unwrap_or(usize::MAX).saturating_sub(counted.bytes());
         if counted.grow(more) { Ok(()) } else { Err(HeadsFull) }
     }
+
+    /// The kept bytes of the head being recorded, up to its end once found
+    /// (searched from where the last search stopped: a head trickling in a
+    /// byte at a time is searched once). Where the head starts is not known
+    /// (`Next::Unknown`): all of them.
+    fn head_len(&mut self) -> usize {
+        if let Some(end) = self.head_end {
+            return end;
+        }
+        let Next::At(offset) = self.next else { return self.bytes.len() };
+        let Ok(offset) = usize::try_from(offset) else { return self.bytes.len() };
+        let Some(after) = self.bytes.get(offset..) else { return self.bytes.len() };
+        // Empty lines before a head are skipped, as hyper's parser does.
+        let start = offset + after.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+        if start == self.bytes.len() {
+            return self.bytes.len();
+        }
+        // An end split across reads is found: the search backs up two bytes.
+        let from = self.scanned.saturating_sub(2).max(start);
+        self.scanned = self.bytes.len();
+        match head_end(&self.bytes[from..]) {
+            Some(end) => {
+                self.head_end = Some(from + end);
+                from + end
+            }
+            None => self.bytes.len(),
+        }
+    }
+}
+
+/// Where the first head in `bytes` ends (just past its empty line: CR LF or a
+/// bare LF, as hyper's parser accepts), if it does.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes).find_map(|at| match &bytes[at + 1..] {
+        [b'\n', ..] => Some(at + 2),
+        [b'\r', b'\n', ..] => Some(at + 3),
+        _ => None,
+    })
 }
 
 /// Where the next head will stand in the recording, from how the request in
@@ -439,7 +563,7 @@ mod tests {
         let budget = Budget::alone(128 * 1024);
         let over = Counter::default();
         let tap = || HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
-        let head = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 32 * 1024 - 25]].concat();
+        let head = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 32 * 1024 - 29], b"\r\n\r\n"].concat();
         let (short, rest) = head.split_at(UNCOUNTED_HEAD as usize);
         let first = tap();
         first.record(short).expect("the usual head is not counted");
@@ -461,6 +585,70 @@ mod tests {
         assert_eq!(budget.used_here(), 0, "a connection's end gives its head's bytes back");
         let fourth = tap();
         fourth.record(&head).expect("room again");
+    }
+
+    #[test]
+    fn body_bytes_read_with_a_head_are_not_the_heads() {
+        let budget = Budget::alone(64 * 1024);
+        let mut spent = budget.reserve();
+        assert!(spent.grow(64 * 1024), "the whole budget held elsewhere");
+        let over = Counter::default();
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
+        let post = [&b"POST /api/me HTTP/1.1\r\nContent-Length: 20480\r\n\r\n"[..], &[b'x'; 20480]].concat();
+        let (first, rest) = post.split_at(9000);
+        tap.record(first).expect("a short head and its body: nothing counted");
+        tap.record(rest).expect("nor with more of the body");
+        assert!(!tap.finish_head(POST, Framing::Length(20480)));
+        tap.resume();
+        assert!(!tap.is_over(), "the body is no next head");
+        assert_eq!(over.get(), 0);
+    }
+
+    #[test]
+    fn the_next_heads_held_past_a_dispatched_one_are_counted_and_end_the_connection_without_room() {
+        let budget = Budget::alone(64 * 1024);
+        let over = Counter::default();
+        let get = b"GET /api/me HTTP/1.1\r\n\r\n";
+        let unfinished = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 30 * 1024]].concat();
+        // Pipelined in one read: the next head waits in hyper's buffer.
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
+        tap.record(&[&get[..], &unfinished].concat()).expect("the dispatched head is short");
+        assert!(!tap.finish_head(GET, Framing::Empty));
+        assert_eq!(budget.used_here(), unfinished.len() - UNCOUNTED_HEAD as usize, "hyper's copy");
+        assert!(!tap.is_over());
+        // With no room, the connection ends at its next read.
+        let mut spent = budget.reserve();
+        assert!(spent.grow(64 * 1024 - budget.used_here()));
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
+        tap.record(&[&get[..], &unfinished].concat()).expect("the dispatched head is short");
+        assert!(!tap.finish_head(GET, Framing::Empty), "the request in flight goes on");
+        assert!(tap.is_over());
+        assert_eq!(over.get(), 1);
+        drop(tap);
+        drop(spent);
+        // Read with a body's end while its request was in flight.
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
+        tap.record(b"POST /api/me HTTP/1.1\r\nContent-Length: 2\r\n\r\n").expect("short");
+        assert!(!tap.finish_head(POST, Framing::Length(2)));
+        let before = budget.used_here();
+        tap.record(&[&b"ab"[..], &unfinished].concat()).expect("not recording");
+        tap.resume();
+        assert_eq!(budget.used_here() - before, unfinished.len() - UNCOUNTED_HEAD as usize);
+    }
+
+    #[test]
+    fn a_heads_end_is_found_across_reads() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nbody"), Some(21));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
+        let budget = Budget::alone(1024 * 1024);
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: Counter::default() }));
+        let head = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 10 * 1024], b"\r\n\r\n"].concat();
+        for byte in head.chunks(1) {
+            tap.record(byte).expect("room");
+        }
+        tap.record(&[b'x'; 4096]).expect("room");
+        assert_eq!(budget.used_here(), 2 * (head.len() - UNCOUNTED_HEAD as usize), "the head alone");
     }
 
     #[test]

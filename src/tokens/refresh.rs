@@ -270,11 +270,17 @@ impl Refresher {
     }
 
     /// Another replica wrote a newer set: take it now rather than at this
-    /// slot's own refresh time (the fetch reads it from the fleet).
+    /// slot's own refresh time (the fetch reads it from the fleet). A slot
+    /// that left the fleet when its key was refused comes back once the
+    /// fleet's key is this replica's again.
     fn on_news(&mut self, news: &News) {
         let News::Tokens { credential, generation } = news else { return };
         let now = Instant::now();
+        let key_accepted = self.fleet.as_ref().is_some_and(|(fleet, _)| fleet.key_is_accepted());
         for slot in &mut self.slots {
+            if slot.outside_fleet && key_accepted && slot.fleet_name.as_deref() == Some(&**credential) {
+                slot.outside_fleet = false;
+            }
             if slot.fleet_name.as_deref() == Some(&**credential)
                 && slot.life == Life::Live
                 && !slot.fetching

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use tallyfy_sandbox::fixtures::ORG_ID;
 
-use super::{exchange, keyed_identity, stack_with_identities};
+use tokio::io::AsyncWriteExt;
+
+use super::{exchange, keyed_identity, read_response, read_until_closed, stack_with_identities};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -107,4 +109,46 @@ async fn a_long_unfinished_head_counts_against_the_budget_and_is_cut_when_it_is_
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Once a connection's read buffer has grown (a large upload earlier on it),
+/// one read can hold a short head with much of its body, or a head with the
+/// next one behind it. With the total spent: a short head whose body came
+/// with it is served (the body is not the head's); a head followed by a long
+/// unfinished one is answered, and the connection then ends (what hyper holds
+/// of the next head is counted, and found no room), before its header
+/// deadline could cut it.
+#[tokio::test]
+async fn on_a_grown_connection_body_bytes_do_not_count_as_head_and_a_pipelined_head_does() {
+    let (_sandbox, proxy, _dir) =
+        stack_with_identities([keyed_identity("narrow", "k").with("methods", vec!["GET", "POST"])]).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let upload = |length: usize| {
+        let head = format!(
+            "POST /api/organizations/{ORG_ID}/runs HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+        );
+        [head.as_bytes(), &vec![b'x'; length]].concat()
+    };
+    stream.write_all(&upload(300_000)).await.expect("write");
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 "), "{first}");
+
+    let counter = tallyfy_proxy::body::Budget::unlimited();
+    let mut held_elsewhere = counter.reserve();
+    held_elsewhere.force(1 << 40);
+    stream.write_all(&upload(20 * 1024)).await.expect("write");
+    let served = read_response(&mut stream).await;
+    assert!(served.starts_with("HTTP/1.1 "), "a short head with its body is served: {served}");
+
+    let get = format!("GET /api/organizations/{ORG_ID}/runs HTTP/1.1\r\nHost: a\r\nX-Api-Key: k\r\n\r\n");
+    let unfinished = format!("GET /api/me HTTP/1.1\r\nHost: a\r\nX-Padding: {}", "p".repeat(40 * 1024));
+    stream.write_all(format!("{get}{unfinished}").as_bytes()).await.expect("write");
+    let answered = read_response(&mut stream).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "the request in flight is answered: {answered}");
+    let rest = read_until_closed(&mut stream, WAIT).await;
+    assert!(rest.closed && rest.bytes.is_empty(), "then cut: {}", rest.text());
+    let metrics = crate::support::scrape(proxy.admin_addr()).await;
+    assert!(metrics.contains("tallyfy_proxy_heads_over_budget_total 1"), "{metrics}");
+    drop(held_elsewhere);
 }

@@ -32,7 +32,7 @@ pub(super) enum Source {
     /// Fetched by this replica for the fleet, or taken from it: this generation.
     Fleet(u64),
     /// The fleet refused this replica's key: it stays out of the fleet for
-    /// this credential (the key is a restart-only setting).
+    /// this credential until the fleet's key is its own again.
     Refused,
 }
 
