@@ -15,7 +15,14 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
         return Vec::new();
     };
     let mut names = Vec::new();
-    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+    let san = match parsed.subject_alternative_name() {
+        Ok(san) => san,
+        // A SAN extension that cannot be read (or is there twice) names nothing,
+        // and its CN does not stand in for it.
+        Err(_) => return names,
+    };
+    let has_san = san.is_some();
+    if let Some(san) = san {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
                 names.push((*uri).to_owned());
@@ -32,7 +39,11 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
             }
         }
     }
-    if names.is_empty() {
+    // Only a certificate with no SAN extension is named by its CN: one whose
+    // SANs are all of kinds no rule names (an IP address, an email) or were
+    // dropped above is not, or a CA that checks SANs but not CNs could issue
+    // a certificate passing for any CN-named identity.
+    if !has_san {
         for cn in parsed.subject().iter_common_name() {
             if let Ok(cn) = cn.as_str()
                 && !cn.contains([':', '/'])
@@ -69,6 +80,21 @@ mod tests {
         let spiffe = "spiffe://cluster.local/ns/billing/sa/app";
         assert_eq!(names(&certificate("app.example", &[spiffe, "app.internal"])), [spiffe, "app.internal"]);
         assert_eq!(names(&certificate("app.example", &[])), ["app.example"]);
+    }
+
+    #[test]
+    fn a_cn_never_stands_in_for_sans_no_rule_names() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "payments-app");
+        params.subject_alt_names = vec![
+            rcgen::SanType::IpAddress("10.9.9.9".parse().expect("ip")),
+            rcgen::SanType::Rfc822Name(rcgen::string::Ia5String::try_from("x@example.com").expect("ia5")),
+        ];
+        let only_ip_and_email = params.self_signed(&key).expect("certificate").der().clone();
+        assert!(names(&only_ip_and_email).is_empty(), "{:?}", names(&only_ip_and_email));
+        let dropped = certificate("payments-app", &["x/y"]);
+        assert!(names(&dropped).is_empty(), "a dropped DNS SAN does not let the CN in");
     }
 
     #[test]

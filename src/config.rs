@@ -30,6 +30,9 @@ pub use error::ConfigError;
 pub use secret_source::SecretSource;
 pub use sources::{Fingerprint, files, fingerprint};
 
+/// The most a config file may hold.
+const CONFIG_FILE_MAX: u64 = 16 * 1024 * 1024;
+
 // The domain types the file is translated into, under the names the file uses.
 pub use crate::identity::Identity;
 pub use crate::telemetry::LogFormat;
@@ -162,12 +165,19 @@ impl Config {
     /// folded unread into the fingerprint.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let read = || {
-            let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            let cannot = |message: String| ConfigError {
                 file: path.to_owned(),
                 line: None,
                 key: String::new(),
-                message: format!("cannot read: {e}"),
-            })?;
+                message,
+            };
+            let bytes = sources::read_regular(path, CONFIG_FILE_MAX)
+                .map_err(|e| cannot(format!("cannot read: {e}")))?;
+            if bytes.len() as u64 > CONFIG_FILE_MAX {
+                return Err(cannot("cannot read: larger than 16 MiB".into()));
+            }
+            let source =
+                String::from_utf8(bytes).map_err(|_| cannot("cannot read: not UTF-8 text".into()))?;
             Self::parse(&source, path, &|name| std::env::var(name).ok())
         };
         let loaded_from = files(&read()?).map(|files| fingerprint(&files));

@@ -125,6 +125,10 @@ struct Pki {
     client_key: String,
     /// Certificate and key: no SAN, the SPIFFE ID as its CN.
     cn_client: String,
+    /// Certificate and key: `payments-app` as its CN, no SAN.
+    payments_cn: String,
+    /// Certificate and key: `payments-app` as its CN, and only an IP address SAN.
+    payments_cn_ip_san: String,
 }
 
 fn pki() -> Pki {
@@ -148,6 +152,16 @@ fn pki() -> Pki {
     let mut cn_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     cn_params.distinguished_name.push(rcgen::DnType::CommonName, "spiffe://cluster.local/ns/billing/sa/app");
     let cn_client = cn_params.signed_by(&cn_key, &issuer).expect("CN-only client cert");
+    let payments = |sans: Vec<rcgen::SanType>| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "payments-app");
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &issuer).expect("client cert");
+        format!("{}{}", cert.pem(), key.serialize_pem())
+    };
+    let payments_cn = payments(Vec::new());
+    let payments_cn_ip_san = payments(vec![rcgen::SanType::IpAddress("10.9.9.9".parse().expect("ip"))]);
     Pki {
         ca: ca.pem(),
         server_cert: server.pem(),
@@ -155,6 +169,8 @@ fn pki() -> Pki {
         client_cert: client.pem(),
         client_key: client_key.serialize_pem(),
         cn_client: format!("{}{}", cn_client.pem(), cn_key.serialize_pem()),
+        payments_cn,
+        payments_cn_ip_san,
     }
 }
 
@@ -170,11 +186,10 @@ async fn mtls_client_certificates_identify_callers() {
     }
     let tls =
         table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
-    let config = ops_config(&sandbox.base_url()).set("listen", "tls", tls).identity(Identity::new(
-        "mesh",
-        "ops",
-        Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app"),
-    ));
+    let config = ops_config(&sandbox.base_url())
+        .set("listen", "tls", tls)
+        .identity(Identity::new("mesh", "ops", Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app")))
+        .identity(Identity::new("payments", "ops", Match::ClientCert("payments-app")));
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
 
@@ -200,8 +215,21 @@ async fn mtls_client_certificates_identify_callers() {
         "a SPIFFE ID in the CN of a certificate without SANs vouches for nothing"
     );
 
+    // A CN names a certificate only when it has no SAN extension: one whose
+    // SANs no rule names (an IP address) is not taken for its CN.
+    for (pem, expected) in [(&pki.payments_cn, 200), (&pki.payments_cn_ip_san, 401)] {
+        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
+        let client = reqwest::Client::builder()
+            .tls_certs_only([ca.clone()])
+            .identity(identity)
+            .build()
+            .expect("client");
+        let response = client.get(&url).send().await.expect("answered over mTLS");
+        assert_eq!(response.status(), expected);
+    }
+
     let without_cert = reqwest::Client::builder().tls_certs_only([ca]).build().expect("client");
     let response = without_cert.get(&url).send().await.expect("answered over TLS");
     assert_eq!(response.status(), 401, "TLS without a client certificate matches no identity");
-    assert_eq!(sandbox.received().len(), 1);
+    assert_eq!(sandbox.received().len(), 2);
 }

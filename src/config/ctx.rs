@@ -95,16 +95,18 @@ pub(super) fn millis(
 
 pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Result<Uri, ConfigError> {
     let text = value.get_ref();
-    let authority = text.split_once("://").map_or(text.as_str(), |(_, rest)| rest);
-    if authority.split(['/', '?', '#']).next().is_some_and(|authority| authority.contains('@')) {
-        // Checked first, and the URL never quoted: its user-info may be a password.
-        return Err(ctx.at(value, key, "must not carry credentials in the URL (its value is not shown)"));
+    if text.contains('@') {
+        // Checked first, and the URL never quoted: what comes before an `@`
+        // may be a password, whatever else the URL holds (a `/` in the
+        // password, `https://u:p/w@host`, would hide it from a check of the
+        // authority alone). Tallyfy's URLs hold none.
+        return Err(ctx.at(
+            value,
+            key,
+            "must not hold '@': no credentials in the URL (its value is not shown)",
+        ));
     }
-    // Quoted only when it holds no `@`: a misspelt scheme (`https:/u:pw@host`)
-    // hides user-info from the check above.
-    let shown = |text: &str| {
-        if text.contains('@') { "the value (not shown)".to_owned() } else { format!("{text:?}") }
-    };
+    let shown = |text: &str| format!("{text:?}");
     let uri: Uri =
         text.parse().map_err(|e| ctx.at(value, key, format!("{} is not a URL: {e}", shown(text))))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
@@ -192,5 +194,16 @@ pub(super) fn sha256_hex(
     for (i, byte) in digest.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
+    if digest == EMPTY_SHA256 {
+        // An empty key is no key (the proxy ignores an empty one), and an
+        // empty password lets anyone who knows the user name in.
+        return Err(ctx.err(Some(span), key, "is the digest of an empty value: pick a non-empty secret"));
+    }
     Ok(digest)
 }
+
+/// SHA-256 of the empty string.
+const EMPTY_SHA256: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27,
+    0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];

@@ -17,7 +17,7 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs(ctx, &raw.cert, "listen.tls.cert")?;
     let key_path = ctx.base_dir().join(raw.key.get_ref());
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+    let key = pem_file(&key_path).and_then(|pem| PrivateKeyDer::from_pem_slice(&pem)).map_err(|e| {
         ctx.at(
             &raw.key,
             "listen.tls.key",
@@ -78,10 +78,11 @@ fn read_certs(
     key: &str,
 ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let full = ctx.base_dir().join(path.get_ref());
-    let certs =
-        CertificateDer::pem_file_iter(&full).and_then(|iter| iter.collect::<Result<Vec<_>, _>>()).map_err(
-            |e| ctx.at(path, key, format!("cannot read PEM certificates from {}: {e}", full.display())),
-        )?;
+    let certs = pem_file(&full)
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            ctx.at(path, key, format!("cannot read PEM certificates from {}: {e}", full.display()))
+        })?;
     if certs.is_empty() {
         return Err(ctx.at(path, key, format!("{} holds no PEM certificate", full.display())));
     }
@@ -93,7 +94,21 @@ fn fingerprint(ctx: &Ctx<'_>, raw: &RawListenTls) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     for path in [Some(&raw.cert), Some(&raw.key), raw.client_ca.as_ref()].into_iter().flatten() {
-        hash.update(std::fs::read(ctx.base_dir().join(path.get_ref())).unwrap_or_default());
+        let path = ctx.base_dir().join(path.get_ref());
+        hash.update(super::sources::read_regular(&path, PEM_FILE_MAX).unwrap_or_default());
     }
     hash.finalize().into()
+}
+
+/// The most a PEM file (a certificate chain, a key, a CA bundle) may hold.
+pub(super) const PEM_FILE_MAX: u64 = 16 * 1024 * 1024;
+
+/// A PEM file's bytes, read as a regular file only (see [`super::sources::read_regular`]).
+pub(super) fn pem_file(path: &std::path::Path) -> Result<Vec<u8>, rustls_pki_types::pem::Error> {
+    let io = |e: std::io::Error| rustls_pki_types::pem::Error::Io(e);
+    let bytes = super::sources::read_regular(path, PEM_FILE_MAX).map_err(io)?;
+    if bytes.len() as u64 > PEM_FILE_MAX {
+        return Err(io(std::io::Error::other("larger than 16 MiB")));
+    }
+    Ok(bytes)
 }

@@ -71,20 +71,12 @@ pub const MAX_SECRET_FILE: u64 = 64 * 1024;
 /// A secret file's text: a regular file (not a FIFO or a device, which a
 /// reload would block on or read forever) of at most [`MAX_SECRET_FILE`] bytes.
 pub(crate) fn read_secret_file(path: &Path) -> Result<String, String> {
-    use std::io::Read;
     let cannot = |e: &dyn fmt::Display| format!("cannot read secret file {}: {e}", path.display());
-    let metadata = std::fs::metadata(path).map_err(|e| cannot(&e))?;
-    if !metadata.is_file() {
-        return Err(cannot(&"not a regular file"));
-    }
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_SECRET_FILE + 1).read_to_string(&mut text))
-        .map_err(|e| cannot(&e))?;
-    if text.len() as u64 > MAX_SECRET_FILE {
+    let bytes = super::sources::read_regular(path, MAX_SECRET_FILE).map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
         return Err(cannot(&format_args!("larger than {} KiB", MAX_SECRET_FILE / 1024)));
     }
-    Ok(text)
+    String::from_utf8(bytes).map_err(|_| cannot(&"not UTF-8 text"))
 }
 
 impl<'de> serde::Deserialize<'de> for SecretSource {

@@ -82,6 +82,11 @@ fn identity_rules_that_could_never_match_are_refused() {
         let error = parse(&(without_app.clone() + &rules)).expect_err("refused").to_string();
         assert!(error.contains(refused) && error.contains("can never match"), "{error}");
     }
+    let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    for rules in [rule("a", &keyed(empty)), rule("a", &basic(&empty.to_ascii_uppercase()))] {
+        let error = parse(&(without_app.clone() + &rules)).expect_err("refused").to_string();
+        assert!(error.contains("digest of an empty value"), "{error}");
+    }
     let other_password = key.replace('9', "8");
     for rules in [
         rule("a", &keyed(key)) + &rule("b", "{ any = true }"),
@@ -158,12 +163,14 @@ fn mistakes_are_refused_without_printing_a_secret() {
         (MINIMAL.replace("https://go.tallyfy.com", "https://app:S3CRET^@go.tallyfy.com"), "S3CRET"),
         (MINIMAL.replace("https://go.tallyfy.com", "https://app:S3CRET@go.tallyfy.com"), "S3CRET"),
         (MINIMAL.replace("https://go.tallyfy.com", "https:/app:S3CRET@go.tallyfy.com"), "S3CRET"),
+        // A `/` in the password: the authority alone ends before the `@`.
+        (MINIMAL.replace("https://go.tallyfy.com", "https://u:S3CRET/w0rd@go.tallyfy.com"), "S3CRET"),
         (MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", "\"\""), "inline value is empty"),
     ];
     for (source, hidden_or_said) in cases {
         let error = error_of(&source).to_string();
         if hidden_or_said == "S3CRET" {
-            assert!(!error.contains("S3CRET"), "{error}");
+            assert!(!error.contains("S3CRET") && !error.contains("w0rd"), "{error}");
         } else {
             assert!(error.contains(hidden_or_said), "{error}");
         }

@@ -37,8 +37,8 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
         None => (None, Vec::new()),
         Some(path) => {
             let full = ctx.base_dir().join(path.get_ref());
-            let certs = CertificateDer::pem_file_iter(&full)
-                .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            let certs = super::listen_tls::pem_file(&full)
+                .and_then(|pem| CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>())
                 .map_err(|e| {
                     ctx.at(
                         path,
