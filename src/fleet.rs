@@ -40,9 +40,11 @@
 //! again at their next lease or poll ([`news::POLL_EVERY`], checked every
 //! second), and a refused replica names nothing, so it cannot take the fleet
 //! over. It reads the fingerprint at each poll, and its credentials rejoin
-//! the fleet once the fingerprint names its key.
+//! the fleet once the fingerprint names its key ([`Fleet::rejoins`]). A lease
+//! or write that finds only the check (no fingerprint) leaves the naming to
+//! the key check.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -114,6 +116,8 @@ pub struct Fleet {
     connection: OnceLock<ConnectionManager>,
     connected: AtomicBool,
     key: AtomicU8,
+    /// Returns of the fleet's key to this replica's ([`Fleet::rejoins`]).
+    rejoins: AtomicU64,
     /// This replica's key, named ([`EncryptionKey::fingerprint`]).
     fingerprint: String,
     news: broadcast::Sender<News>,
@@ -151,6 +155,7 @@ impl Fleet {
             connection: OnceLock::new(),
             connected: AtomicBool::new(false),
             key: AtomicU8::new(KEY_UNCHECKED),
+            rejoins: AtomicU64::new(0),
             news,
             metrics,
             replica: rand::random(),
@@ -221,7 +226,7 @@ impl Fleet {
     /// fleet's key after Redis lost it. With nothing to compare, the verdict
     /// stands.
     async fn check_key(&self) -> Result<(), FleetError> {
-        let at = format!("{}/key-check", self.settings.key_prefix);
+        let at = self.key_check_key();
         let seed = self.key.load(Ordering::Relaxed) != KEY_REFUSED;
         let (check, named) = self.key_check(&at, seed, &[]).await?;
         let verdict = match (named, check) {
@@ -262,9 +267,11 @@ impl Fleet {
         self.call(invocation.invoke_async(&mut connection)).await
     }
 
-    /// Whether the fleet's key is this replica's, as last checked.
-    pub fn key_is_accepted(&self) -> bool {
-        self.key.load(Ordering::Relaxed) == KEY_ACCEPTED
+    /// How often the fleet's key has become this replica's again after
+    /// refusing it: credentials that left the fleet before the last such
+    /// return may come back.
+    pub fn rejoins(&self) -> u64 {
+        self.rejoins.load(Ordering::Relaxed)
     }
 
     /// Records the key check's verdict; logs and counts only the changes.
@@ -281,6 +288,7 @@ impl Fleet {
                  this replica refreshes its tokens alone (give every replica the same key)"
             );
         } else if before == KEY_REFUSED {
+            self.rejoins.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(prefix = %self.settings.key_prefix, "fleet: the fleet's key is this replica's again; joining it");
         }
     }
@@ -350,6 +358,10 @@ impl Fleet {
 
     fn channel(&self) -> String {
         format!("{}/news", self.settings.key_prefix)
+    }
+
+    fn key_check_key(&self) -> String {
+        format!("{}/key-check", self.settings.key_prefix)
     }
 
     fn fingerprint_key(&self) -> String {

@@ -39,7 +39,7 @@ use record::RequestRecord;
 use replay::Replay;
 use request_body::Outgoing;
 use response_body::LinksTo;
-use send::{Answer, Target};
+use send::{Answer, SentWith, Target};
 pub use settings::{RequestLimits, Settings};
 
 /// What callers receive: Tallyfy's body streamed (after any part read for link
@@ -212,7 +212,7 @@ impl Proxy {
         if let Some(spend) = &fleet_budgets {
             Box::pin(self.spend_fleet_wide(spend)).await?;
         }
-        let mut sent_with = lease.generation;
+        let mut sent_with = SentWith { generation: lease.generation, token: None };
         if !admitted.delay.is_zero() {
             // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
             log.throttle = Some("waited");
@@ -239,7 +239,7 @@ impl Proxy {
         {
             return self.response(response, &links_to).await;
         }
-        let rejected = Rejected { response, replay, credential, generation: sent_with };
+        let rejected = Rejected { response, replay, credential, generation: sent_with.generation };
         Box::pin(self.token_rejected(rejected, &links_to, log, figures)).await
     }
 

@@ -709,6 +709,63 @@ async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 
+/// A set that does not open while the fleet's key is this replica's (written
+/// by a replica of an earlier version with another key, or corrupted) sends
+/// its credential out of the fleet once: one sign-in alone, not one at every
+/// poll. And a check of earlier versions sealed with another key, with no
+/// fingerprint beside it, is never named over by a lease: the key check
+/// script decides, and refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_set_costs_one_sign_in_and_a_lease_never_names_a_key_beside_anothers_check() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let replica = Replica::start(&config, &redis.url(), KEY).await;
+    let mut connection = redis_connection(&redis).await;
+    let sets = token_keys(&mut connection).await;
+    assert_eq!(sets.len(), 1, "{sets:?}");
+    let credential = sets[0].rsplit('/').next().expect("name").to_owned();
+
+    let _: () = redis::cmd("SET")
+        .arg(&sets[0])
+        .arg("garbage")
+        .arg("KEEPTTL")
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    let _: () = redis::cmd("HINCRBY")
+        .arg("test/fleet/generations")
+        .arg(&credential)
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .expect("hincrby");
+    let before = sandbox.token_requests().len();
+    // Three polls: the first sends the credential out, the next two must not
+    // bring it back.
+    let polls = script_calls(&mut connection).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while script_calls(&mut connection).await < polls + 3 {
+        assert!(Instant::now() < deadline, "the replica polled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sandbox.token_requests().len(), before + 1, "one sign-in alone: {:#?}", replica.trouble());
+
+    // Earlier versions' check, sealed with another key, and no fingerprint.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+    let other = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    let other = tallyfy_proxy::fleet::EncryptionKey::from_base64(&other).expect("key");
+    let check = "test/fleet/key-check";
+    let sealed = other.seal(check, b"tallyfy-proxy fleet key check");
+    let _: () = redis::cmd("SET").arg(check).arg(sealed).query_async(&mut connection).await.expect("set");
+    sandbox.revoke_all_tokens();
+    let response = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
+    assert_eq!(response.status(), 200, "{:#?}", replica.trouble());
+    assert_eq!(fleet_fingerprint(&mut connection).await, None, "no key named beside another's check");
+    assert_eq!(sandbox.double_redemptions(), 0);
+}
+
 /// The fingerprint a replica sealing with `key` names in Redis.
 fn fingerprint_of(key: [u8; 32]) -> String {
     let text = base64::engine::general_purpose::STANDARD.encode(key);

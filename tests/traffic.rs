@@ -360,6 +360,36 @@ async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhil
     assert!(sandbox.token_requests().len() >= 2, "a refresh ran during the wait");
 }
 
+/// Every later send goes with the token the request last went with: a retry
+/// that took the token refreshed during its backoff is not followed by one
+/// with the token first sent (dead by then), which met a 401 blamed on the
+/// new token, and went to the caller when a forced refresh was not allowed.
+#[tokio::test]
+async fn a_second_retry_goes_with_the_token_the_first_took() {
+    let lifetime = Duration::from_secs(1);
+    let sandbox = start_sandbox_with(SandboxConfig {
+        token_lifetime: lifetime,
+        user_token_lifetime: lifetime,
+        ..SandboxConfig::default()
+    })
+    .await;
+    let user = Credential::fixture_user();
+    let retry = table([("attempts", 3.into()), ("backoff_ms", 2000.into())]);
+    let config = TestConfig::new(&sandbox.base_url())
+        .identity(Identity::new("app", &user.name(), Match::Any))
+        .credential(user)
+        .set("upstream", "retry", retry);
+    let (proxy, _dir) = proxy(config).await;
+    // The first token lives a second; the one its refresh brings, an hour.
+    sandbox.set_token_lifetime(Duration::from_secs(3600));
+    sandbox.fail_api("/api/me", 2, ApiFault::Status(503));
+    let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 200);
+    assert_eq!(sandbox.count("GET", "/api/me"), 3, "two 503s, then the answer: no 401 between");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_replays_total{credential="user"}"#), 0.0, "{metrics}");
+}
+
 /// A request sent again after a short 429 that meets a second 429 passes it on,
 /// and the second is remembered and counted like the first: the next call is
 /// held back by the proxy instead of going straight to a throttling Tallyfy.

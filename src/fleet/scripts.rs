@@ -2,16 +2,18 @@
 
 use redis::Script;
 
-/// KEYS: lease, fence counter, key fingerprint. ARGV: lease ms, fingerprint.
-/// Answers -1 when the fleet's key is another (the fingerprint, seeded when
-/// Redis lost it, differs); otherwise draws the next fencing number and takes
+/// KEYS: lease, fence counter, key fingerprint, key check. ARGV: lease ms,
+/// fingerprint. Answers -1 when the fleet's key is another (the fingerprint,
+/// seeded when Redis lost both, differs), -2 when only the key check is there
+/// (the key check script decides); otherwise draws the next fencing number and takes
 /// the lease with it unless held, answering the number, or 0. The numbers
 /// never go back, not even after a Redis restart that lost the counter: each
 /// is at least the server's clock in milliseconds (replicas take a set only
 /// when its number is above the one they hold).
 const ACQUIRE: &str = r"
-redis.call('SET', KEYS[3], ARGV[2], 'NX')
-if redis.call('GET', KEYS[3]) ~= ARGV[2] then return -1 end
+local named = redis.call('GET', KEYS[3])
+if not named and redis.call('EXISTS', KEYS[4]) == 1 then return -2 end
+if not named then redis.call('SET', KEYS[3], ARGV[2]) elseif named ~= ARGV[2] then return -1 end
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fence = redis.call('INCR', KEYS[2])
@@ -35,14 +37,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// KEYS: lease, token set, channel, generations, key fingerprint. ARGV: fence,
-/// sealed set, TTL ms, news (empty: a quiet rewrite), credential, fingerprint.
-/// Answers -1 (nothing written) when the fleet's key is another; writes the
+/// KEYS: lease, token set, channel, generations, key fingerprint, key check.
+/// ARGV: fence, sealed set, TTL ms, news (empty: a quiet rewrite), credential,
+/// fingerprint. Answers -1 (nothing written) when the fleet's key is another,
+/// -2 when only the key check is there (as ACQUIRE); writes the
 /// set only while the lease is held with `fence`; news is published and the
 /// credential's generation recorded (for replicas that missed the message).
 const WRITE: &str = r"
-redis.call('SET', KEYS[5], ARGV[6], 'NX')
-if redis.call('GET', KEYS[5]) ~= ARGV[6] then return -1 end
+local named = redis.call('GET', KEYS[5])
+if not named and redis.call('EXISTS', KEYS[6]) == 1 then return -2 end
+if not named then redis.call('SET', KEYS[5], ARGV[6]) elseif named ~= ARGV[6] then return -1 end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] ~= '' then

@@ -65,18 +65,21 @@ impl Fleet {
     pub async fn acquire(&self, credential: &str) -> Result<Option<Fence>, FleetError> {
         self.key_accepted()?;
         let mut connection = self.connection()?;
-        let mut invocation = scripts::scripts().acquire.prepare_invoke();
-        invocation
-            .key(self.key("lease", credential))
-            .key(format!("{}/fence", self.settings.key_prefix))
-            .key(self.fingerprint_key())
-            .arg(self.settings.lease.as_millis() as u64)
-            .arg(&self.fingerprint);
-        let fence: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
-        if fence < 0 {
-            return Err(self.refused_by_script());
+        let mut settled = false;
+        loop {
+            let mut invocation = scripts::scripts().acquire.prepare_invoke();
+            invocation
+                .key(self.key("lease", credential))
+                .key(format!("{}/fence", self.settings.key_prefix))
+                .key(self.fingerprint_key())
+                .key(self.key_check_key())
+                .arg(self.settings.lease.as_millis() as u64)
+                .arg(&self.fingerprint);
+            let fence: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+            if self.check_first(fence, &mut settled).await? {
+                return Ok((fence > 0).then_some(Fence(fence as u64)));
+            }
         }
-        Ok((fence > 0).then_some(Fence(fence as u64)))
     }
 
     /// Whether a replica holds the credential's refresh lease now (a refresh
@@ -128,24 +131,46 @@ impl Fleet {
             }
             Announce::Quietly => String::new(),
         };
-        let mut invocation = scripts::scripts().write.prepare_invoke();
-        invocation
-            .key(self.key("lease", credential))
-            .key(&at)
-            .key(self.channel())
-            .key(self.generations_key())
-            .key(self.fingerprint_key())
-            .arg(fence.0)
-            .arg(sealed)
-            .arg(ttl.as_millis().max(1) as u64)
-            .arg(news)
-            .arg(credential)
-            .arg(&self.fingerprint);
-        let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
-        if written < 0 {
-            return Err(self.refused_by_script());
+        let mut settled = false;
+        loop {
+            let mut invocation = scripts::scripts().write.prepare_invoke();
+            invocation
+                .key(self.key("lease", credential))
+                .key(&at)
+                .key(self.channel())
+                .key(self.generations_key())
+                .key(self.fingerprint_key())
+                .key(self.key_check_key())
+                .arg(fence.0)
+                .arg(&sealed)
+                .arg(ttl.as_millis().max(1) as u64)
+                .arg(&news)
+                .arg(credential)
+                .arg(&self.fingerprint);
+            let written: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+            if self.check_first(written, &mut settled).await? {
+                return Ok(written == 1);
+            }
         }
-        Ok(written == 1)
+    }
+
+    /// What a lease or write script's answer means: `true` to take it; -1,
+    /// the fleet's key is another; -2, only the key check of earlier versions
+    /// is there, so the key check script decides (and names the fingerprint
+    /// beside it when this replica's key opens it), then the script runs once
+    /// more.
+    async fn check_first(&self, answer: i64, settled: &mut bool) -> Result<bool, FleetError> {
+        match answer {
+            -2 if !*settled => {
+                *settled = true;
+                self.check_key().await?;
+                self.key_accepted()?;
+                Ok(false)
+            }
+            -2 => Err(FleetError::Unreachable("the fleet's key check is not settled".into())),
+            refused if refused < 0 => Err(self.refused_by_script()),
+            _ => Ok(true),
+        }
     }
 }
 

@@ -53,7 +53,7 @@ impl Proxy {
             Base::PublicUrl => return shared.public_url.clone(),
             Base::Host(value) => value.to_str().ok()?,
             Base::Authority(authority) => authority.as_str(),
-            Base::Local(local) => return Some(format!("{}://{local}", shared.listener_scheme)),
+            Base::Local(local) => return Some(local_base(shared.listener_scheme, *local)),
         };
         Some(format!("{}://{host}", shared.listener_scheme))
     }
@@ -180,6 +180,14 @@ impl Proxy {
     }
 }
 
+/// `scheme://address` for a caller that named no host. An IPv4 caller on a
+/// dual-stack socket reached `::ffff:a.b.c.d`: written as the IPv4 address it
+/// dialled. A link-local scope (`%2`) is no part of a URL's host: left out.
+fn local_base(scheme: &str, local: std::net::SocketAddr) -> String {
+    let local = std::net::SocketAddr::new(local.ip().to_canonical(), local.port());
+    format!("{scheme}://{local}")
+}
+
 /// A rewritten body is sent decoded, and is not the bytes Tallyfy's fields
 /// promise ([`drop_byte_promises`]).
 fn describe_rewritten(headers: &mut HeaderMap) {
@@ -252,4 +260,18 @@ enum Base {
     Host(HeaderValue),
     /// The HTTP/2 `:authority`.
     Authority(http::uri::Authority),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_naming_no_host_is_pointed_at_the_address_it_dialled() {
+        let base = |addr: &str| local_base("http", addr.parse().expect("address"));
+        assert_eq!(base("10.0.0.5:8080"), "http://10.0.0.5:8080");
+        assert_eq!(base("[::ffff:127.0.0.1]:8080"), "http://127.0.0.1:8080", "IPv4 on a dual-stack socket");
+        assert_eq!(base("[fe80::1%2]:8080"), "http://[fe80::1]:8080", "no scope in a URL");
+        assert_eq!(base("[2001:db8::1]:443"), "http://[2001:db8::1]:443");
+    }
 }

@@ -43,15 +43,15 @@ impl Proxy {
     /// Sends `first`; sends the `replay` again after a failure that cannot
     /// have done anything at Tallyfy, while `[upstream.retry]` and its budget
     /// allow; then remembers a 429 (see [`crate::traffic::throttle`]).
-    /// `sent_with` is the token generation the request goes with; a request
-    /// sent again after a wait goes with the credential's token then, and
-    /// `sent_with` follows.
+    /// `sent_with` is the token the request goes with; a request sent again
+    /// after a wait goes with the credential's token then, and `sent_with`
+    /// follows.
     pub(super) async fn send(
         &self,
         first: &mut Outbound,
         replay: Option<&Replay>,
         target: &Target,
-        sent_with: &mut u64,
+        sent_with: &mut SentWith,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Answer, ProxyError> {
@@ -90,16 +90,22 @@ impl Proxy {
         Box::pin(self.throttled(response, replay, target, sent_with, log, figures)).await
     }
 
-    /// The credential's token now, when a refresh replaced the one of
-    /// generation `sent_with` (which then follows): a request sent again after
-    /// a wait goes with it rather than meet a 401 first. `None` keeps the
-    /// token the request holds (the same one, or none to be had).
-    pub(super) fn token_since(&self, credential: CredentialId, sent_with: &mut u64) -> Option<HeaderValue> {
-        let lease = self.shared.tokens.lease(credential, tokio::time::Instant::now()).ok()?;
-        (lease.generation != *sent_with).then(|| {
-            *sent_with = lease.generation;
-            lease.authorization
-        })
+    /// The token a request sent again after a wait goes with: the
+    /// credential's token now, when a refresh replaced the one `sent_with`
+    /// names (which then follows), so it does not meet a 401 first; else the
+    /// one it last went with. `None`: the one it was first sent with.
+    pub(super) fn token_since(
+        &self,
+        credential: CredentialId,
+        sent_with: &mut SentWith,
+    ) -> Option<HeaderValue> {
+        if let Ok(lease) = self.shared.tokens.lease(credential, tokio::time::Instant::now())
+            && lease.generation != sent_with.generation
+        {
+            sent_with.generation = lease.generation;
+            sent_with.token = Some(lease.authorization);
+        }
+        sent_with.token.clone()
     }
 
     /// Tallyfy answered 429: remember it for the requests after this one, and
@@ -110,7 +116,7 @@ impl Proxy {
         response: Response<UpstreamBody>,
         replay: Option<&Replay>,
         target: &Target,
-        sent_with: &mut u64,
+        sent_with: &mut SentWith,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Answer, ProxyError> {
@@ -174,6 +180,13 @@ impl Proxy {
         }
         response
     }
+}
+
+/// The token a request last went with: its generation, and its value when
+/// it is not the one the request was first sent with.
+pub(super) struct SentWith {
+    pub generation: u64,
+    pub token: Option<HeaderValue>,
 }
 
 /// The failure a retry may mend, if this outcome is one.

@@ -115,8 +115,10 @@ struct Recording {
     /// What the head being recorded holds of the budget (both copies of its
     /// bytes past [`UNCOUNTED_HEAD`]); `None` until it holds any.
     counted: Option<Reservation>,
-    /// How far the recording was searched for the end of the head being
-    /// recorded, and where it ends once found (only past [`UNCOUNTED_HEAD`]).
+    /// Where the head being recorded starts (past the empty lines before
+    /// it), how far the recording was searched for its end, and where it ends
+    /// once found (only past [`UNCOUNTED_HEAD`]).
+    head_start: Option<usize>,
     scanned: usize,
     head_end: Option<usize>,
     /// Bytes read past the dispatched head that are not its body, in hyper's
@@ -155,6 +157,7 @@ impl HeadTap {
             next: Next::At(0),
             dispatched: None,
             counted: None,
+            head_start: None,
             scanned: 0,
             head_end: None,
             carried: None,
@@ -197,9 +200,10 @@ impl HeadTap {
     }
 
     /// Whether the connection must end before its next read: the budget had
-    /// no room for what hyper holds of its next heads.
+    /// no room for what hyper holds of its next heads. Only between requests
+    /// (a request in flight reads its body to its end, and is answered).
     pub fn is_over(&self) -> bool {
-        self.over.load(Ordering::Relaxed)
+        self.over.load(Ordering::Relaxed) && self.recording.load(Ordering::Acquire)
     }
 
     /// The request whose head starts with `request_line` has been dispatched:
@@ -243,13 +247,19 @@ impl HeadTap {
             0
         };
         state.dispatched = Some(Dispatched { framing, past_head });
-        // The dispatched head left both copies; what it carried is the next
-        // head's, counted anew below.
+        // The dispatched head left both copies. With nothing recorded since
+        // the last response, it came whole from hyper's buffer, which still
+        // holds whatever was counted behind it: that stays counted. Otherwise
+        // hyper read for it, so its buffer held no other head: what it carried
+        // was this head's, and what is carried now is counted anew.
         state.counted = None;
-        state.carried = None;
         state.scanned = 0;
+        state.head_start = None;
         state.head_end = None;
-        self.carry(&mut state, carried);
+        if total > 0 {
+            state.carried = None;
+            self.carry(&mut state, carried);
+        }
         state.unrecorded = 0;
         state.dropped = 0;
         state.bytes.clear();
@@ -301,12 +311,12 @@ impl HeadTap {
 }
 
 /// Of the bytes read past a head (`past`, when known; else all `read`), those
-/// that are not its body: the next heads. A chunked body's end is not known,
-/// and its connection closes after the response: none.
+/// that are not its body: the next heads. A chunked body's end is not known
+/// (and its connection closes after the response): all of them count.
 fn not_body(framing: Framing, past: Option<u64>, read: u64) -> u64 {
     match (framing, past) {
-        (Framing::Chunked, _) => 0,
         (_, None) => read,
+        (Framing::Chunked, Some(past)) => past,
         (Framing::Empty, Some(past)) => past,
         (Framing::Length(length), Some(past)) => past.saturating_sub(length),
     }
@@ -333,14 +343,22 @@ impl Recording {
         if let Some(end) = self.head_end {
             return end;
         }
-        let Next::At(offset) = self.next else { return self.bytes.len() };
-        let Ok(offset) = usize::try_from(offset) else { return self.bytes.len() };
-        let Some(after) = self.bytes.get(offset..) else { return self.bytes.len() };
-        // Empty lines before a head are skipped, as hyper's parser does.
-        let start = offset + after.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
-        if start == self.bytes.len() {
-            return self.bytes.len();
-        }
+        let start = match self.head_start {
+            Some(start) => start,
+            None => {
+                let Next::At(offset) = self.next else { return self.bytes.len() };
+                let Ok(offset) = usize::try_from(offset) else { return self.bytes.len() };
+                let Some(after) = self.bytes.get(offset..) else { return self.bytes.len() };
+                // Empty lines before a head are skipped, as hyper's parser does.
+                let start = offset + after.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+                if start == self.bytes.len() {
+                    // Only empty lines so far: looked at again past them.
+                    return self.bytes.len();
+                }
+                self.head_start = Some(start);
+                start
+            }
+        };
         // An end split across reads is found: the search backs up two bytes.
         let from = self.scanned.saturating_sub(2).max(start);
         self.scanned = self.bytes.len();
@@ -622,7 +640,9 @@ mod tests {
         let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: over.clone() }));
         tap.record(&[&get[..], &unfinished].concat()).expect("the dispatched head is short");
         assert!(!tap.finish_head(GET, Framing::Empty), "the request in flight goes on");
-        assert!(tap.is_over());
+        assert!(!tap.is_over(), "its body, if any, is read to its end");
+        tap.resume();
+        assert!(tap.is_over(), "then the connection ends");
         assert_eq!(over.get(), 1);
         drop(tap);
         drop(spent);
@@ -634,6 +654,26 @@ mod tests {
         tap.record(&[&b"ab"[..], &unfinished].concat()).expect("not recording");
         tap.resume();
         assert_eq!(budget.used_here() - before, unfinished.len() - UNCOUNTED_HEAD as usize);
+    }
+
+    #[test]
+    fn heads_hyper_dispatches_from_its_buffer_keep_what_is_counted_behind_them() {
+        let budget = Budget::alone(1024 * 1024);
+        let tap = HeadTap::new(64 * 1024, Some(Counting { budget, over: Counter::default() }));
+        let get = b"GET /api/me HTTP/1.1\r\n\r\n";
+        let unfinished = [&b"GET /api/me HTTP/1.1\r\nX: "[..], &[b'a'; 30 * 1024]].concat();
+        tap.record(&[&get[..], get, &unfinished].concat()).expect("room");
+        assert!(!tap.finish_head(GET, Framing::Empty));
+        let held = budget.used_here();
+        assert!(held > 0);
+        tap.resume();
+        // The second GET comes from hyper's buffer: nothing was read for it.
+        assert!(!tap.finish_head(GET, Framing::Empty));
+        assert_eq!(budget.used_here(), held, "the unfinished head is still held, and counted");
+        tap.resume();
+        tap.record(b"\r\n\r\n").expect("room");
+        assert!(!tap.finish_head(GET, Framing::Empty));
+        assert_eq!(budget.used_here(), 0, "read for and dispatched: given back");
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Refresher {
                 async move { fetch(&*issuer, &store, &kind, application, refresh_token).await }
             };
             let shared = match (&self.fleet, &slot.fleet_name) {
-                (Some((fleet, _)), Some(name)) if !slot.outside_fleet => {
+                (Some((fleet, _)), Some(name)) if slot.outside_fleet.is_none() => {
                     Some((fleet.clone(), self.metrics.clone(), name.clone(), slot.credential.name.clone()))
                 }
                 _ => None,
@@ -238,7 +238,7 @@ impl Refresher {
         let refreshable = slot.epoch == epoch
             && slot.life != Life::Gone
             && !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. });
-        let in_fleet = self.fleet.is_some() && slot.fleet_name.is_some() && !slot.outside_fleet;
+        let in_fleet = self.fleet.is_some() && slot.fleet_name.is_some() && slot.outside_fleet.is_none();
         if refreshable && current <= rejected.generation && recently_forced && in_fleet {
             // Another replica's refresh may have ended this token: take the
             // fleet's newer one if there is one, without forcing a refresh.
@@ -271,20 +271,23 @@ impl Refresher {
 
     /// Another replica wrote a newer set: take it now rather than at this
     /// slot's own refresh time (the fetch reads it from the fleet). A slot
-    /// that left the fleet when its key was refused comes back once the
-    /// fleet's key is this replica's again.
+    /// that left the fleet comes back once the fleet's key has become this
+    /// replica's again since (not for a set that merely did not open: that
+    /// would sign in again at every poll).
     fn on_news(&mut self, news: &News) {
         let News::Tokens { credential, generation } = news else { return };
         let now = Instant::now();
-        let key_accepted = self.fleet.as_ref().is_some_and(|(fleet, _)| fleet.key_is_accepted());
+        let rejoins = self.fleet.as_ref().map_or(0, |(fleet, _)| fleet.rejoins());
         for slot in &mut self.slots {
-            if slot.outside_fleet && key_accepted && slot.fleet_name.as_deref() == Some(&**credential) {
-                slot.outside_fleet = false;
+            if slot.outside_fleet.is_some_and(|left| left < rejoins)
+                && slot.fleet_name.as_deref() == Some(&**credential)
+            {
+                slot.outside_fleet = None;
             }
             if slot.fleet_name.as_deref() == Some(&**credential)
                 && slot.life == Life::Live
                 && !slot.fetching
-                && !slot.outside_fleet
+                && slot.outside_fleet.is_none()
                 && slot.shared_generation < *generation
             {
                 slot.due = Some(now);
@@ -357,7 +360,9 @@ impl Refresher {
         match source {
             Source::Alone => {}
             Source::Fleet(generation) => slot.shared_generation = generation,
-            Source::Refused => slot.outside_fleet = true,
+            Source::Refused => {
+                slot.outside_fleet = Some(self.fleet.as_ref().map_or(0, |(fleet, _)| fleet.rejoins()));
+            }
         }
         slot.due = (slot.life == Life::Live)
             .then(|| self.schedule.refresh_at(requested_at, issued.lifetime, jitter));

@@ -48,8 +48,10 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
-    /// The fleet's set did not decrypt here: fetch alone from now on.
-    pub(super) outside_fleet: bool,
+    /// The fleet's set did not decrypt here: fetch alone from now on, unless
+    /// the fleet's key becomes this replica's again (the fleet's count of
+    /// such returns, [`crate::fleet::Fleet::rejoins`], when it left).
+    pub(super) outside_fleet: Option<u64>,
     /// Fleet mode: the next fetch only looks for a newer set in the fleet (a
     /// rejection came too soon after a forced refresh to force another); the
     /// planned refresh time to go back to when there is none.
@@ -164,7 +166,7 @@ impl Refresher {
             awaiting_application: false,
             fleet_name: (due.is_some()).then(|| shared::fleet_name(credential, &self.upstream).into()),
             shared_generation: 0,
-            outside_fleet: false,
+            outside_fleet: None,
             adopt_only: None,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
