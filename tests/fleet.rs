@@ -709,31 +709,46 @@ async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 
-/// A set that does not open while the fleet's key is this replica's (written
-/// by a replica of an earlier version with another key, or corrupted) sends
-/// its credential out of the fleet once: one sign-in alone, not one at every
-/// poll. And a check of earlier versions sealed with another key, with no
-/// fingerprint beside it, is never named over by a lease: the key check
-/// script decides, and refuses.
+/// A lease that finds the check of earlier versions, sealed with another key,
+/// and no fingerprint beside it never names this replica's key there: the key
+/// check decides, and refuses. A set that does not open while the fleet's key
+/// is this replica's (written by an earlier version with another key, or
+/// corrupted) sends its credential out of the fleet with one sign-in alone,
+/// not one at every poll, and news of a newer set brings it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_set_costs_one_sign_in_and_a_lease_never_names_a_key_beside_anothers_check() {
+async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_costs_one_sign_in() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
     let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
-    let replica = Replica::start(&config, &redis.url(), KEY).await;
     let mut connection = redis_connection(&redis).await;
+    let get = |replica: &Replica| client().get(format!("http://{}{PATH}", replica.proxy)).send();
+
+    // Earlier versions' check, sealed with another key, and no fingerprint,
+    // under a replica in the fleet: its next lease asks the key check.
+    let mut first = Replica::start(&config, &redis.url(), KEY).await;
+    let other = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+    let other = tallyfy_proxy::fleet::EncryptionKey::from_base64(&other).expect("key");
+    let check = "test/fleet/key-check";
+    let sealed = other.seal(check, b"tallyfy-proxy fleet key check");
+    let _: () =
+        redis::cmd("DEL").arg("test/fleet/key-fingerprint").query_async(&mut connection).await.expect("del");
+    let _: () = redis::cmd("SET").arg(check).arg(sealed).query_async(&mut connection).await.expect("set");
+    sandbox.revoke_all_tokens();
+    assert_eq!(get(&first).await.expect("answered").status(), 200, "{:#?}", first.trouble());
+    assert_eq!(fleet_fingerprint(&mut connection).await, None, "no key named beside another's check");
+    assert_eq!(first.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
+    first.kill();
+
+    // A set that does not open, under a replica whose key is the fleet's.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+    let replica = Replica::start(&config, &redis.url(), KEY).await;
     let sets = token_keys(&mut connection).await;
     assert_eq!(sets.len(), 1, "{sets:?}");
     let credential = sets[0].rsplit('/').next().expect("name").to_owned();
-
-    let _: () = redis::cmd("SET")
-        .arg(&sets[0])
-        .arg("garbage")
-        .arg("KEEPTTL")
-        .query_async(&mut connection)
-        .await
-        .expect("set");
+    let mut garbage = redis::cmd("SET");
+    garbage.arg(&sets[0]).arg("garbage").arg("KEEPTTL");
+    let _: () = garbage.query_async(&mut connection).await.expect("set");
     let _: () = redis::cmd("HINCRBY")
         .arg("test/fleet/generations")
         .arg(&credential)
@@ -752,17 +767,14 @@ async fn an_unreadable_set_costs_one_sign_in_and_a_lease_never_names_a_key_besid
     }
     assert_eq!(sandbox.token_requests().len(), before + 1, "one sign-in alone: {:#?}", replica.trouble());
 
-    // Earlier versions' check, sealed with another key, and no fingerprint.
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
-    let other = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-    let other = tallyfy_proxy::fleet::EncryptionKey::from_base64(&other).expect("key");
-    let check = "test/fleet/key-check";
-    let sealed = other.seal(check, b"tallyfy-proxy fleet key check");
-    let _: () = redis::cmd("SET").arg(check).arg(sealed).query_async(&mut connection).await.expect("set");
-    sandbox.revoke_all_tokens();
-    let response = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
-    assert_eq!(response.status(), 200, "{:#?}", replica.trouble());
-    assert_eq!(fleet_fingerprint(&mut connection).await, None, "no key named beside another's check");
+    // A newer set, from a replica with the fleet's key: taken.
+    let _: () = redis::cmd("DEL").arg(&sets[0]).query_async(&mut connection).await.expect("del");
+    let _peer = Replica::start(&config, &redis.url(), KEY).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while replica.metric("tallyfy_proxy_fleet_tokens_adopted_total").await < 1.0 {
+        assert!(Instant::now() < deadline, "back in the fleet: {:#?}", replica.trouble());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 

@@ -311,12 +311,14 @@ impl HeadTap {
 }
 
 /// Of the bytes read past a head (`past`, when known; else all `read`), those
-/// that are not its body: the next heads. A chunked body's end is not known
-/// (and its connection closes after the response): all of them count.
+/// that are not its body: the next heads. After a chunked head, none: where
+/// its body ends is not known (counting it would count a whole upload), and
+/// its connection closes after the response, so hyper parses nothing past
+/// the body.
 fn not_body(framing: Framing, past: Option<u64>, read: u64) -> u64 {
     match (framing, past) {
+        (Framing::Chunked, _) => 0,
         (_, None) => read,
-        (Framing::Chunked, Some(past)) => past,
         (Framing::Empty, Some(past)) => past,
         (Framing::Length(length), Some(past)) => past.saturating_sub(length),
     }

@@ -38,7 +38,7 @@ use super::schedule::Schedule;
 use super::{CredentialKind, SlotId, Token, TokenStore};
 use fetch::{Outcome, fetch};
 use shared::{Obtained, Source};
-use slots::{Life, Slot};
+use slots::{Life, Outside, Slot};
 
 use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
@@ -272,16 +272,19 @@ impl Refresher {
     /// Another replica wrote a newer set: take it now rather than at this
     /// slot's own refresh time (the fetch reads it from the fleet). A slot
     /// that left the fleet comes back once the fleet's key has become this
-    /// replica's again since (not for a set that merely did not open: that
-    /// would sign in again at every poll).
+    /// replica's again since its fetch began or, when only one set did not
+    /// open, with news of a newer one: never at every poll (each would be a
+    /// sign-in alone).
     fn on_news(&mut self, news: &News) {
         let News::Tokens { credential, generation } = news else { return };
         let now = Instant::now();
         let rejoins = self.fleet.as_ref().map_or(0, |(fleet, _)| fleet.rejoins());
         for slot in &mut self.slots {
-            if slot.outside_fleet.is_some_and(|left| left < rejoins)
-                && slot.fleet_name.as_deref() == Some(&**credential)
-            {
+            if slot.fleet_name.as_deref() != Some(&**credential) {
+                continue;
+            }
+            slot.news_generation = slot.news_generation.max(*generation);
+            if slot.outside_fleet.is_some_and(|outside| outside.over(rejoins, *generation)) {
                 slot.outside_fleet = None;
             }
             if slot.fleet_name.as_deref() == Some(&**credential)
@@ -360,8 +363,9 @@ impl Refresher {
         match source {
             Source::Alone => {}
             Source::Fleet(generation) => slot.shared_generation = generation,
-            Source::Refused => {
-                slot.outside_fleet = Some(self.fleet.as_ref().map_or(0, |(fleet, _)| fleet.rejoins()));
+            Source::Refused(left) => {
+                let above = (!left.key_refused).then_some(slot.news_generation);
+                slot.outside_fleet = Some(Outside { rejoins: left.rejoins, above });
             }
         }
         slot.due = (slot.life == Life::Live)

@@ -31,9 +31,20 @@ pub(super) enum Source {
     Alone,
     /// Fetched by this replica for the fleet, or taken from it: this generation.
     Fleet(u64),
-    /// The fleet refused this replica's key: it stays out of the fleet for
-    /// this credential until the fleet's key is its own again.
-    Refused,
+    /// The fleet's set did not open here: this credential stays out of the
+    /// fleet for a while ([`Left`]).
+    Refused(Left),
+}
+
+/// Why a credential left the fleet, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Left {
+    /// [`Fleet::rejoins`] when its fetch began: a return of the key after
+    /// that brings it back.
+    pub(super) rejoins: u64,
+    /// The fleet refused this replica's key (else one set did not open, the
+    /// key accepted: a newer set may).
+    pub(super) key_refused: bool,
 }
 
 /// What a fetch yields: the token, when its life began, and where it came from.
@@ -142,12 +153,14 @@ where
     Fut: Future<Output = Result<Issued, FetchError>>,
 {
     let mut news = fleet.news();
+    let rejoins = fleet.rejoins();
+    let by_itself = |error: FleetError| alone(fleet, rejoins, metrics, error, &fetch);
     // However the holder fares, this replica fetches alone after this long.
     let deadline = Instant::now() + fleet.lease() * 2 + Duration::from_secs(1);
     loop {
         let current = match read(fleet, name).await {
             Ok(current) => current,
-            Err(error) => return alone(metrics, &error, &fetch).await,
+            Err(error) => return by_itself(error).await,
         };
         if let Ok(current) = newer(current, installed) {
             Metrics::credential(&metrics.fleet_adopted, credential);
@@ -155,16 +168,16 @@ where
         }
         let fence = match fleet.acquire(name).await {
             Ok(fence) => fence,
-            Err(error) => return alone(metrics, &error, &fetch).await,
+            Err(error) => return by_itself(error).await,
         };
         if let Some(fence) = fence {
             let held = Held { fleet: fleet.clone(), name: name.to_owned(), fence, released: false };
-            return refresh(held, metrics, credential, installed, &fetch).await;
+            return refresh(held, metrics, credential, installed, rejoins, &fetch).await;
         }
         // Another replica is refreshing: wait for its news, polling meanwhile.
         if Instant::now() >= deadline {
             let error = FleetError::Unreachable("the lease holder wrote nothing in time".into());
-            return alone(metrics, &error, &fetch).await;
+            return by_itself(error).await;
         }
         news_or_a_while(&mut news, name, installed).await;
     }
@@ -287,6 +300,7 @@ async fn refresh<F, Fut>(
     metrics: &Metrics,
     credential: &str,
     installed: u64,
+    rejoins: u64,
     fetch: &F,
 ) -> Result<Obtained, FetchError>
 where
@@ -298,7 +312,7 @@ where
         Ok(current) => current,
         Err(error) => {
             held.release().await;
-            return alone(metrics, &error, fetch).await;
+            return alone(&fleet, rejoins, metrics, error, fetch).await;
         }
     };
     let current = match newer(current, installed) {
@@ -367,7 +381,13 @@ where
 
 /// Fetches alone, counting why. Never presents a refresh token: one the fleet
 /// shared may be presented by a lease holder at the same time.
-async fn alone<F, Fut>(metrics: &Metrics, error: &FleetError, fetch: &F) -> Result<Obtained, FetchError>
+async fn alone<F, Fut>(
+    fleet: &Fleet,
+    rejoins: u64,
+    metrics: &Metrics,
+    error: FleetError,
+    fetch: &F,
+) -> Result<Obtained, FetchError>
 where
     F: Fn(Option<Secret>) -> Fut,
     Fut: Future<Output = Result<Issued, FetchError>>,
@@ -375,7 +395,11 @@ where
     Metrics::reason(&metrics.fleet_fallbacks, error.reason());
     let requested_at = Instant::now();
     let issued = fetch(None).await?;
-    let source = if *error == FleetError::Undecryptable { Source::Refused } else { Source::Alone };
+    let source = if error == FleetError::Undecryptable {
+        Source::Refused(Left { rejoins, key_refused: fleet.key_refused() })
+    } else {
+        Source::Alone
+    };
     Ok(Obtained { issued, requested_at, source })
 }
 
