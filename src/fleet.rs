@@ -147,7 +147,7 @@ impl Fleet {
             .map_err(|_| "fleet.redis_url is not a usable redis:// or rediss:// URL".to_owned())?;
         metrics.fleet_connected.set(0);
         let (news, _) = broadcast::channel(256);
-        let fingerprint = settings.encryption_key.fingerprint();
+        let fingerprint = settings.encryption_key.fingerprint(&settings.key_prefix);
         Ok(Arc::new(Fleet {
             fingerprint,
             settings,

@@ -781,7 +781,7 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_c
 /// The fingerprint a replica sealing with `key` names in Redis.
 fn fingerprint_of(key: [u8; 32]) -> String {
     let text = base64::engine::general_purpose::STANDARD.encode(key);
-    tallyfy_proxy::fleet::EncryptionKey::from_base64(&text).expect("key").fingerprint()
+    tallyfy_proxy::fleet::EncryptionKey::from_base64(&text).expect("key").fingerprint("test/fleet")
 }
 
 async fn fleet_fingerprint(connection: &mut redis::aio::MultiplexedConnection) -> Option<String> {

@@ -38,14 +38,17 @@ impl EncryptionKey {
         self.0[..].ct_eq(&other.0[..]).into()
     }
 
-    /// A name for this key that reveals nothing of it: the hex SHA-256 of the
-    /// key behind a label. Replicas compare it in Redis, inside the scripts
-    /// that take leases and write sets, so the comparison and the write are
-    /// one atomic step.
-    pub fn fingerprint(&self) -> String {
+    /// A name for this key in the fleet `prefix` that reveals nothing of it:
+    /// the hex SHA-256 of a label, the prefix and the key. Replicas compare it
+    /// in Redis, inside the scripts that take leases and write sets, so the
+    /// comparison and the write are one atomic step. The prefix is in it, so
+    /// two fleets sharing a key do not show it.
+    pub fn fingerprint(&self, prefix: &str) -> String {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         hash.update(b"tallyfy-proxy fleet key fingerprint\0");
+        hash.update((prefix.len() as u64).to_be_bytes());
+        hash.update(prefix.as_bytes());
         hash.update(&self.0[..]);
         hash.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
     }
@@ -101,10 +104,11 @@ mod tests {
 
     #[test]
     fn fingerprints_tell_keys_apart_and_hold_no_key_bytes() {
-        assert_eq!(key(1).fingerprint(), key(1).fingerprint());
-        assert_ne!(key(1).fingerprint(), key(2).fingerprint());
-        assert_eq!(key(1).fingerprint().len(), 64);
-        assert!(!key(1).fingerprint().contains("01010101"), "not the key in hex");
+        assert_eq!(key(1).fingerprint("a"), key(1).fingerprint("a"));
+        assert_ne!(key(1).fingerprint("a"), key(2).fingerprint("a"));
+        assert_ne!(key(1).fingerprint("a"), key(1).fingerprint("b"), "fleets sharing a key do not show it");
+        assert_eq!(key(1).fingerprint("a").len(), 64);
+        assert!(!key(1).fingerprint("a").contains("01010101"), "not the key in hex");
     }
 
     #[test]
