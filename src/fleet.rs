@@ -267,11 +267,6 @@ impl Fleet {
         self.call(invocation.invoke_async(&mut connection)).await
     }
 
-    /// Whether the fleet's key is, as last checked, not this replica's.
-    pub fn key_refused(&self) -> bool {
-        self.key.load(Ordering::Relaxed) == KEY_REFUSED
-    }
-
     /// How often the fleet's key has become this replica's again after
     /// refusing it: credentials that left the fleet before the last such
     /// return may come back.

@@ -49,12 +49,17 @@ impl Fleet {
             self.call(pipe.query_async(&mut connection)).await?;
         let Some(sealed) = sealed.filter(|_| ttl_ms > 0) else { return Ok(None) };
         let Some(plaintext) = self.settings.encryption_key.open(&at, &sealed) else {
+            // The fleet's key is this replica's (checked above): a set that does
+            // not open with it is corrupted, or was written by a replica of an
+            // earlier version with another key. It is no set: the next refresh
+            // takes the lease and writes a new one over it.
             self.metrics.fleet_undecryptable.inc();
             tracing::error!(
                 credential,
-                "fleet: a token set does not decrypt with this replica's encryption_key; refreshing alone"
+                "fleet: a token set does not open with the fleet's key (corrupted, or written by a replica \
+                 of an earlier version with another key); it is replaced under the lease"
             );
-            return Err(FleetError::Undecryptable);
+            return Ok(None);
         };
         let announced = announced.unwrap_or(0);
         Ok(Some(Stored { plaintext, ttl: Duration::from_millis(ttl_ms as u64), announced }))

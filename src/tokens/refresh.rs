@@ -38,7 +38,7 @@ use super::schedule::Schedule;
 use super::{CredentialKind, SlotId, Token, TokenStore};
 use fetch::{Outcome, fetch};
 use shared::{Obtained, Source};
-use slots::{Life, Outside, Slot};
+use slots::{Life, Slot};
 
 use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
@@ -178,6 +178,14 @@ impl Refresher {
                 let (issuer, store, kind) = (issuer.clone(), store.clone(), kind.clone());
                 async move { fetch(&*issuer, &store, &kind, application, refresh_token).await }
             };
+            // A credential out of the fleet tries it again at its own time
+            // once the key has returned since (news of it may never come: a
+            // credential no replica in the fleet writes).
+            if let (Some(left), Some((fleet, _))) = (slot.outside_fleet, &self.fleet)
+                && left < fleet.rejoins()
+            {
+                slot.outside_fleet = None;
+            }
             let shared = match (&self.fleet, &slot.fleet_name) {
                 (Some((fleet, _)), Some(name)) if slot.outside_fleet.is_none() => {
                     Some((fleet.clone(), self.metrics.clone(), name.clone(), slot.credential.name.clone()))
@@ -271,10 +279,9 @@ impl Refresher {
 
     /// Another replica wrote a newer set: take it now rather than at this
     /// slot's own refresh time (the fetch reads it from the fleet). A slot
-    /// that left the fleet comes back once the fleet's key has become this
-    /// replica's again since its fetch began or, when only one set did not
-    /// open, with news of a newer one: never at every poll (each would be a
-    /// sign-in alone).
+    /// that left the fleet when its key was refused comes back once the key
+    /// has become this replica's again since its fetch began (never at every
+    /// poll: each would be a sign-in alone).
     fn on_news(&mut self, news: &News) {
         let News::Tokens { credential, generation } = news else { return };
         let now = Instant::now();
@@ -283,8 +290,7 @@ impl Refresher {
             if slot.fleet_name.as_deref() != Some(&**credential) {
                 continue;
             }
-            slot.news_generation = slot.news_generation.max(*generation);
-            if slot.outside_fleet.is_some_and(|outside| outside.over(rejoins, *generation)) {
+            if slot.outside_fleet.is_some_and(|left| left < rejoins) {
                 slot.outside_fleet = None;
             }
             if slot.fleet_name.as_deref() == Some(&**credential)
@@ -363,10 +369,7 @@ impl Refresher {
         match source {
             Source::Alone => {}
             Source::Fleet(generation) => slot.shared_generation = generation,
-            Source::Refused(left) => {
-                let above = (!left.key_refused).then_some(slot.news_generation);
-                slot.outside_fleet = Some(Outside { rejoins: left.rejoins, above });
-            }
+            Source::Refused(rejoins) => slot.outside_fleet = Some(rejoins),
         }
         slot.due = (slot.life == Life::Live)
             .then(|| self.schedule.refresh_at(requested_at, issued.lifetime, jitter));

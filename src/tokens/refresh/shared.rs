@@ -31,20 +31,10 @@ pub(super) enum Source {
     Alone,
     /// Fetched by this replica for the fleet, or taken from it: this generation.
     Fleet(u64),
-    /// The fleet's set did not open here: this credential stays out of the
-    /// fleet for a while ([`Left`]).
-    Refused(Left),
-}
-
-/// Why a credential left the fleet, and when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Left {
-    /// [`Fleet::rejoins`] when its fetch began: a return of the key after
-    /// that brings it back.
-    pub(super) rejoins: u64,
-    /// The fleet refused this replica's key (else one set did not open, the
-    /// key accepted: a newer set may).
-    pub(super) key_refused: bool,
+    /// The fleet refused this replica's key: this credential stays out of
+    /// the fleet until the key returns after this many returns
+    /// ([`Fleet::rejoins`] when its fetch began).
+    Refused(u64),
 }
 
 /// What a fetch yields: the token, when its life began, and where it came from.
@@ -154,7 +144,7 @@ where
 {
     let mut news = fleet.news();
     let rejoins = fleet.rejoins();
-    let by_itself = |error: FleetError| alone(fleet, rejoins, metrics, error, &fetch);
+    let by_itself = |error: FleetError| alone(rejoins, metrics, error, &fetch);
     // However the holder fares, this replica fetches alone after this long.
     let deadline = Instant::now() + fleet.lease() * 2 + Duration::from_secs(1);
     loop {
@@ -312,7 +302,7 @@ where
         Ok(current) => current,
         Err(error) => {
             held.release().await;
-            return alone(&fleet, rejoins, metrics, error, fetch).await;
+            return alone(rejoins, metrics, error, fetch).await;
         }
     };
     let current = match newer(current, installed) {
@@ -382,7 +372,6 @@ where
 /// Fetches alone, counting why. Never presents a refresh token: one the fleet
 /// shared may be presented by a lease holder at the same time.
 async fn alone<F, Fut>(
-    fleet: &Fleet,
     rejoins: u64,
     metrics: &Metrics,
     error: FleetError,
@@ -395,11 +384,7 @@ where
     Metrics::reason(&metrics.fleet_fallbacks, error.reason());
     let requested_at = Instant::now();
     let issued = fetch(None).await?;
-    let source = if error == FleetError::Undecryptable {
-        Source::Refused(Left { rejoins, key_refused: fleet.key_refused() })
-    } else {
-        Source::Alone
-    };
+    let source = if error == FleetError::Undecryptable { Source::Refused(rejoins) } else { Source::Alone };
     Ok(Obtained { issued, requested_at, source })
 }
 

@@ -21,25 +21,6 @@ pub(super) enum Life {
     Gone,
 }
 
-/// A credential out of the fleet, and what brings it back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Outside {
-    /// The fleet's key becoming this replica's again after this many such
-    /// returns ([`crate::fleet::Fleet::rejoins`] when the fetch began).
-    pub(super) rejoins: u64,
-    /// A set newer than this generation (when the key was accepted and only
-    /// one set did not open): it may open. `None`: only the key's return.
-    pub(super) above: Option<u64>,
-}
-
-impl Outside {
-    /// Whether the fleet may be tried again, after `rejoins` returns of the
-    /// key, on news of `generation`.
-    pub(super) fn over(&self, rejoins: u64, generation: u64) -> bool {
-        self.rejoins < rejoins || self.above.is_some_and(|above| generation > above)
-    }
-}
-
 /// Refresh state of one slot.
 pub(super) struct Slot {
     pub(super) id: SlotId,
@@ -67,10 +48,10 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
-    /// The fleet's set did not decrypt here: fetch alone until it may again.
-    pub(super) outside_fleet: Option<Outside>,
-    /// The highest generation the fleet's news named for this credential.
-    pub(super) news_generation: u64,
+    /// The fleet refused this replica's key: fetch alone until the key
+    /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
+    /// when the fetch that left began).
+    pub(super) outside_fleet: Option<u64>,
     /// Fleet mode: the next fetch only looks for a newer set in the fleet (a
     /// rejection came too soon after a forced refresh to force another); the
     /// planned refresh time to go back to when there is none.
@@ -186,7 +167,6 @@ impl Refresher {
             fleet_name: (due.is_some()).then(|| shared::fleet_name(credential, &self.upstream).into()),
             shared_generation: 0,
             outside_fleet: None,
-            news_generation: 0,
             adopt_only: None,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
