@@ -594,11 +594,8 @@ async fn a_redis_that_lost_the_fleets_key_gets_it_back_from_its_replicas_never_f
 
     // Redis loses everything; the running replica names its key again.
     let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fleet_fingerprint(&mut connection).await.is_none() {
-        assert!(Instant::now() < deadline, "the running replica named the fleet's key again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let named = async || fleet_fingerprint(&mut connection).await.is_some();
+    eventually(Duration::from_secs(15), "the running replica named the fleet's key again", named).await;
     assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
     let stranger = Replica::start(&config, &redis.url(), [9; 32]).await;
     assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
@@ -609,11 +606,8 @@ async fn a_redis_that_lost_the_fleets_key_gets_it_back_from_its_replicas_never_f
     first.kill();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
     let checks = script_calls(&mut connection).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while script_calls(&mut connection).await < checks + 1 {
-        assert!(Instant::now() < deadline, "the stranger polled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let polled = async || script_calls(&mut connection).await > checks;
+    eventually(Duration::from_secs(15), "the stranger polled", polled).await;
     assert_eq!(fleet_fingerprint(&mut connection).await, None, "a refused replica names no key");
     let joined = Replica::start(&config, &redis.url(), KEY).await;
     assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
@@ -667,11 +661,8 @@ async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its
     assert_eq!(stranger.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
     let named = fleet_fingerprint(&mut connection).await;
     assert!(named.is_none() || named.as_deref() == Some(&*ours), "the stranger named no key: {named:?}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fleet_fingerprint(&mut connection).await.is_none() {
-        assert!(Instant::now() < deadline, "the replica whose key opens the check named it");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let named = async || fleet_fingerprint(&mut connection).await.is_some();
+    eventually(Duration::from_secs(15), "the replica whose key opens the check named it", named).await;
     assert_eq!(fleet_fingerprint(&mut connection).await.as_deref(), Some(&*ours));
 
     // The check lost, and a stranger starting first: refused by the
@@ -679,16 +670,12 @@ async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its
     let _: () = redis::cmd("DEL").arg(check).query_async(&mut connection).await.expect("del");
     let other = Replica::start(&config, &redis.url(), [8; 32]).await;
     assert_eq!(other.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let sealed_again = async || {
         let exists: bool =
             redis::cmd("EXISTS").arg(check).query_async(&mut connection).await.expect("exists");
-        if exists {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the fleet's replica sealed the check again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        exists
+    };
+    eventually(Duration::from_secs(15), "the fleet's replica sealed the check again", sealed_again).await;
     let sealed: Vec<u8> = redis::cmd("GET").arg(check).query_async(&mut connection).await.expect("get");
     let key = base64::engine::general_purpose::STANDARD.encode(KEY);
     let key = tallyfy_proxy::fleet::EncryptionKey::from_base64(&key).expect("key");
@@ -700,11 +687,8 @@ async fn the_fingerprint_decides_and_a_refused_replica_joins_once_the_key_is_its
     first.kill();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
     let _peer = Replica::start(&config, &redis.url(), [9; 32]).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stranger.metric("tallyfy_proxy_fleet_tokens_adopted_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "the stranger joined: {:#?}", stranger.trouble());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let joined = async || stranger.metric("tallyfy_proxy_fleet_tokens_adopted_total").await >= 1.0;
+    eventually(Duration::from_secs(20), "the stranger joined", joined).await;
     assert_eq!(stranger.logged("the fleet's key is this replica's again"), 1);
     assert_eq!(sandbox.double_redemptions(), 0);
 }
@@ -760,11 +744,8 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_i
     // Three polls: the first sends the credential out, the next two must not
     // bring it back.
     let polls = script_calls(&mut connection).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while script_calls(&mut connection).await < polls + 3 {
-        assert!(Instant::now() < deadline, "the replica polled");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let polled = async || script_calls(&mut connection).await >= polls + 3;
+    eventually(Duration::from_secs(30), "the replica polled", polled).await;
     assert_eq!(sandbox.token_requests().len(), before + 1, "one sign-in: {:#?}", replica.trouble());
     let set: Vec<u8> = redis::cmd("GET").arg(&sets[0]).query_async(&mut connection).await.expect("get");
     let key = tallyfy_proxy::fleet::EncryptionKey::from_base64(
@@ -776,6 +757,15 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_i
     let _peer = Replica::start(&config, &redis.url(), KEY).await;
     assert_eq!(sandbox.token_requests().len(), before + 1);
     assert_eq!(sandbox.double_redemptions(), 0);
+}
+
+/// Polls `holds` until it does, failing with `what` after `within`.
+async fn eventually(within: Duration, what: &str, mut holds: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !holds().await {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The fingerprint a replica sealing with `key` names in Redis.

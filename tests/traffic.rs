@@ -332,24 +332,32 @@ async fn a_short_429_is_waited_out_and_the_app_never_sees_it() {
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more");
 }
 
+/// The sandbox issuing tokens that live `lifetime`.
+async fn sandbox_with_tokens_of(lifetime: Duration) -> tallyfy_sandbox::Sandbox {
+    start_sandbox_with(SandboxConfig {
+        token_lifetime: lifetime,
+        user_token_lifetime: lifetime,
+        ..SandboxConfig::default()
+    })
+    .await
+}
+
+/// The fixture user (password grant: its requests are kept for replay) for any caller.
+fn user_config(sandbox: &tallyfy_sandbox::Sandbox) -> TestConfig {
+    let user = Credential::fixture_user();
+    TestConfig::new(&sandbox.base_url())
+        .identity(Identity::new("app", &user.name(), Match::Any))
+        .credential(user)
+}
+
 /// A request sent again after waiting out a 429 goes with the credential's
 /// token then: a refresh that ran during the wait (2-second tokens, renewed
 /// at 75-85 % of their life) spares it a 401 and a replay with the token it
 /// was first sent with, which expired meanwhile.
 #[tokio::test]
 async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhile() {
-    let lifetime = Duration::from_secs(2);
-    let sandbox = start_sandbox_with(SandboxConfig {
-        token_lifetime: lifetime,
-        user_token_lifetime: lifetime,
-        ..SandboxConfig::default()
-    })
-    .await;
-    let user = Credential::fixture_user();
-    let config = TestConfig::new(&sandbox.base_url())
-        .identity(Identity::new("app", &user.name(), Match::Any))
-        .credential(user)
-        .set("upstream", "retry_429_max_wait_ms", 5000);
+    let sandbox = sandbox_with_tokens_of(Duration::from_secs(2)).await;
+    let config = user_config(&sandbox).set("upstream", "retry_429_max_wait_ms", 5000);
     let (proxy, _dir) = proxy(config).await;
     sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(4) });
     let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
@@ -366,20 +374,9 @@ async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhil
 /// new token, and went to the caller when a forced refresh was not allowed.
 #[tokio::test]
 async fn a_second_retry_goes_with_the_token_the_first_took() {
-    let lifetime = Duration::from_secs(1);
-    let sandbox = start_sandbox_with(SandboxConfig {
-        token_lifetime: lifetime,
-        user_token_lifetime: lifetime,
-        ..SandboxConfig::default()
-    })
-    .await;
-    let user = Credential::fixture_user();
+    let sandbox = sandbox_with_tokens_of(Duration::from_secs(1)).await;
     let retry = table([("attempts", 3.into()), ("backoff_ms", 2000.into())]);
-    let config = TestConfig::new(&sandbox.base_url())
-        .identity(Identity::new("app", &user.name(), Match::Any))
-        .credential(user)
-        .set("upstream", "retry", retry);
-    let (proxy, _dir) = proxy(config).await;
+    let (proxy, _dir) = proxy(user_config(&sandbox).set("upstream", "retry", retry)).await;
     // The first token lives a second; the one its refresh brings, an hour.
     sandbox.set_token_lifetime(Duration::from_secs(3600));
     sandbox.fail_api("/api/me", 2, ApiFault::Status(503));
