@@ -30,9 +30,8 @@
 //! body bytes read with it are the body's. Bytes read past a dispatched head
 //! that are not its body (the next heads, pipelined or read with the body's
 //! end) wait in hyper's buffer: past [`UNCOUNTED_HEAD`] they are counted too,
-//! until the next head is dispatched, and when the budget has no room for
-//! them the connection ends at its next read, once the request in flight is
-//! answered.
+//! until hyper reads for a head again, and when the budget has no room for
+//! them the connection ends at its next read between requests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -122,7 +121,7 @@ struct Recording {
     scanned: usize,
     head_end: Option<usize>,
     /// Bytes read past the dispatched head that are not its body, in hyper's
-    /// buffer, past [`UNCOUNTED_HEAD`]: counted until the next head is dispatched.
+    /// buffer, past [`UNCOUNTED_HEAD`]: counted until hyper reads for a head again.
     carried: Option<Reservation>,
 }
 
@@ -223,29 +222,30 @@ impl HeadTap {
                 .filter(|&start| request_line.starts(&recorded[start..])),
             Next::Unknown => None,
         };
+        let total = recorded.len() as u64 + state.dropped;
+        // Bytes past this head that are not its body (the next heads) are
+        // counted when there are more than the uncounted share: then the
+        // head is parsed for where it ends.
+        let counts_carried = self.counting.is_some() && total > UNCOUNTED_HEAD;
         // The usual request, a head with no body read in one piece, is not
         // parsed: kept bytes that start with the request line and end a head
         // hold that head and, if more, whole heads read past it (which leave
         // nothing to record of the next, so it is refused if chunked).
-        let (ambiguous, past_head) =
-            if framing == Framing::Empty && start == Some(0) && state.dropped == 0 && ends_a_head(recorded) {
-                (false, Some(0))
-            } else {
-                let head = start.and_then(|start| read_head(&recorded[start..]).map(|head| (start, head)));
-                (
-                    framing == Framing::Chunked && head.is_none_or(|(_, head)| head.content_length),
-                    head.map(|(start, head)| (recorded.len() - start - head.len) as u64 + state.dropped),
-                )
-            };
-        // Bytes read past this head that are not its body: the next heads.
-        let total = recorded.len() as u64 + state.dropped;
-        let carried = if self.counting.is_some() && total > UNCOUNTED_HEAD {
-            let past = start.and_then(|start| read_head(&recorded[start..]).map(|head| (start, head)));
-            let past = past.map(|(start, head)| (recorded.len() - start - head.len) as u64 + state.dropped);
-            not_body(framing, past, total)
+        let (ambiguous, past_head) = if !counts_carried
+            && framing == Framing::Empty
+            && start == Some(0)
+            && state.dropped == 0
+            && ends_a_head(recorded)
+        {
+            (false, Some(0))
         } else {
-            0
+            let head = start.and_then(|start| read_head(&recorded[start..]).map(|head| (start, head)));
+            (
+                framing == Framing::Chunked && head.is_none_or(|(_, head)| head.content_length),
+                head.map(|(start, head)| (recorded.len() - start - head.len) as u64 + state.dropped),
+            )
         };
+        let carried = if counts_carried { not_body(framing, past_head, total) } else { 0 };
         state.dispatched = Some(Dispatched { framing, past_head });
         // The dispatched head left both copies. With nothing recorded since
         // the last response, it came whole from hyper's buffer, which still

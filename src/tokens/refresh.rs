@@ -181,10 +181,8 @@ impl Refresher {
             // A credential out of the fleet tries it again at its own time
             // once the key has returned since (news of it may never come: a
             // credential no replica in the fleet writes).
-            if let (Some(left), Some((fleet, _))) = (slot.outside_fleet, &self.fleet)
-                && left < fleet.rejoins()
-            {
-                slot.outside_fleet = None;
+            if let Some((fleet, _)) = &self.fleet {
+                slot.back_in_fleet_after(fleet.rejoins());
             }
             let shared = match (&self.fleet, &slot.fleet_name) {
                 (Some((fleet, _)), Some(name)) if slot.outside_fleet.is_none() => {
@@ -290,11 +288,8 @@ impl Refresher {
             if slot.fleet_name.as_deref() != Some(&**credential) {
                 continue;
             }
-            if slot.outside_fleet.is_some_and(|left| left < rejoins) {
-                slot.outside_fleet = None;
-            }
-            if slot.fleet_name.as_deref() == Some(&**credential)
-                && slot.life == Life::Live
+            slot.back_in_fleet_after(rejoins);
+            if slot.life == Life::Live
                 && !slot.fetching
                 && slot.outside_fleet.is_none()
                 && slot.shared_generation < *generation

@@ -336,12 +336,7 @@ impl Pool {
                     local.forget_h2(&place);
                 }
                 Found::Full(mut h2, place) => {
-                    let dialled = {
-                        let mut dialling = Dialling { local, failed: false };
-                        let dialled = Box::pin(self.connect(local, tenant)).await;
-                        dialling.failed = dialled.is_err();
-                        dialled
-                    };
+                    let dialled = Box::pin(self.dial_next(local, tenant)).await;
                     // The new connection takes the request (its place on the
                     // full one is given up); if none could be opened, the
                     // full one, still working, takes it after all.
@@ -363,12 +358,7 @@ impl Pool {
                     }
                 }
                 Found::Stale => {}
-                Found::Dial => {
-                    let mut dialling = Dialling { local, failed: false };
-                    let dialled = Box::pin(self.connect(local, tenant)).await;
-                    dialling.failed = dialled.is_err();
-                    return Ok((dialled?, false));
-                }
+                Found::Dial => return Ok((Box::pin(self.dial_next(local, tenant)).await?, false)),
                 Found::Await(woken, failed_dials) => {
                     // The dial is bounded by the connect timeout: so is the wait.
                     let _ = tokio::time::timeout(self.connect_timeout, woken).await;
@@ -386,6 +376,16 @@ impl Pool {
             // every request's future, copied at each `.await`, kilobytes larger.
             None => Ok((Box::pin(self.connect(local, tenant)).await?, false)),
         }
+    }
+
+    /// Dials the thread's next HTTP/2 connection, the one dial [`Found::Full`]
+    /// or [`Found::Dial`] handed this request: its end (and whether it failed)
+    /// wakes the requests waiting for it.
+    async fn dial_next(&self, local: &Arc<Local>, tenant: Tenant) -> Result<Connection, SendError> {
+        let mut dialling = Dialling { local, failed: false };
+        let dialled = self.connect(local, tenant).await;
+        dialling.failed = dialled.is_err();
+        dialled
     }
 
     /// Dials Tallyfy and speaks the protocol ALPN chose, within

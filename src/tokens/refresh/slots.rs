@@ -58,6 +58,16 @@ pub(super) struct Slot {
     pub(super) adopt_only: Option<Option<Instant>>,
 }
 
+impl Slot {
+    /// Back in the fleet when its key has returned (`rejoins` returns so far)
+    /// since the fetch that left it began.
+    pub(super) fn back_in_fleet_after(&mut self, rejoins: u64) {
+        if self.outside_fleet.is_some_and(|left| left < rejoins) {
+            self.outside_fleet = None;
+        }
+    }
+}
+
 impl Refresher {
     /// Maps `config`'s credentials onto slots, creating the new ones (personal
     /// tokens are published at once; OAuth ones are due now) and retiring the
