@@ -86,12 +86,13 @@
 //! - the refresher ([`tokens::refresh`]) writes the [`tokens::TokenStore`]
 //!   snapshot for the life of the process: schedules, backoff, single flight,
 //!   and the mapping of each generation's credentials onto slots, so a reload
-//!   keeps unchanged credentials' tokens; in fleet mode
+//!   keeps unchanged credentials' tokens and a changed one serves with its
+//!   previous token until it has its own; in fleet mode
 //!   (`tokens/refresh/shared.rs`) it takes a newer token set from the
 //!   [`fleet`], or refreshes under the credential's Redis lease and shares the
 //!   result, and hears of the other replicas' sets on the fleet's channel;
 //! - the reloader ([`reload`]) writes the current generation, on SIGHUP or when a
-//!   file it reads changes;
+//!   file it reads changes, as soon as it is loaded (nothing in it waits);
 //! - [`admin`] answers `/livez`, `/readyz` and `/metrics` on its own listener.
 //!
 //! Threads: the binary runs one single-threaded tokio runtime per CPU, each with

@@ -7,8 +7,9 @@
 //! The process has one refresher; a reload asks it to map the new credentials
 //! onto slots ([`RefreshHandle::reconfigure`]): unchanged credentials keep their
 //! tokens, any refresh already running and the requests waiting on it; changed
-//! ones the running generation has a token for are fetched before the new
-//! generation serves (for at most [`READY_WAIT`]). An invalid config is logged
+//! ones are fetched at once, and serve with their previous token meanwhile. The
+//! new generation serves as soon as it is built: nothing in it waits for a
+//! token. An invalid config is logged
 //! in one line, counted, and the old one keeps running; the load is tried
 //! again every [`RETRY_REJECTED`] until it succeeds (a ConfigMap naming a secret whose Secret volume has not been
 //! updated yet succeeds a moment later, and that file may be one no event
@@ -36,13 +37,6 @@ use crate::traffic::{Traffic, TrafficState};
 use crate::upstream::Upstream;
 
 pub use watch::Trigger;
-
-/// How long a reload waits for changed credentials' first tokens before the new
-/// config serves anyway (callers of a credential still without a token get 503).
-pub const READY_WAIT: Duration = Duration::from_secs(10);
-
-/// How often that wait looks at the credentials it waits for.
-const READY_POLL: Duration = Duration::from_millis(25);
 
 /// A burst of file events (an editor's save, a Kubernetes symlink swap) is one
 /// reload: it happens once the files have been quiet this long...
@@ -284,14 +278,14 @@ impl Reloader {
             };
             let files_changed = self.watcher.as_mut().is_some_and(watch::Watcher::changed);
             if signalled || files_changed {
-                self.reload(&shutdown, retrying).await;
+                self.reload(retrying).await;
             } else {
                 tracing::debug!("files near the config changed, but not the config or its files: no reload");
             }
         }
     }
 
-    async fn reload(&mut self, shutdown: &CancellationToken, retrying: bool) {
+    async fn reload(&mut self, retrying: bool) {
         let outcome = |metrics: &Metrics, outcome: &str| {
             metrics.config_reloads.get_or_create(&OutcomeLabel { outcome: outcome.to_owned() }).inc();
         };
@@ -343,48 +337,14 @@ impl Reloader {
         let proxy = Proxy::new(
             proxy_settings(&new),
             clients.upstream,
-            tokens.clone(),
+            tokens,
             self.refresher.clone(),
             self.metrics.clone(),
             traffic(&new, &self.traffic),
         );
-        // Changed credentials are fetched before the new config serves. Meanwhile
-        // the old generation serves on with the tokens it holds. Only those the
-        // old generation could serve with are waited for: a credential it did
-        // not have, or had no token for, gains nothing by the wait, and the rest
-        // of the new config (a removed API key, a narrowed policy) must not wait
-        // on it. A shutdown does not wait for this.
-        let served_before: Vec<Arc<str>> = {
-            let before = self.current.load();
-            let unready = before.tokens().not_ready(tokio::time::Instant::now());
-            before
-                .tokens()
-                .expiries()
-                .into_iter()
-                .map(|(name, _)| name)
-                .filter(|name| !unready.contains(name))
-                .collect()
-        };
-        let awaited = |now| {
-            let mut names = tokens.not_ready(now);
-            names.retain(|name| served_before.contains(name));
-            names
-        };
-        if !awaited(tokio::time::Instant::now()).is_empty() {
-            let settled = async {
-                while !awaited(tokio::time::Instant::now()).is_empty() {
-                    tokio::time::sleep(READY_POLL).await;
-                }
-            };
-            tokio::select! {
-                () = settled => {}
-                () = tokio::time::sleep(READY_WAIT) => {
-                    let waiting = awaited(tokio::time::Instant::now()).join(", ");
-                    tracing::warn!(credentials = %waiting, "reloaded config serves before these credentials have a token");
-                }
-                () = shutdown.cancelled() => {}
-            }
-        }
+        // Nothing waits: a changed credential's new slot serves with its
+        // previous token until it has its own (see `tokens::refresh`), so the
+        // rest of the reload (a removed API key, a narrowed policy) applies now.
         self.current.store(Arc::new(proxy));
         self.swapped.send_modify(|generation| *generation += 1);
         self.watcher = watcher;

@@ -305,3 +305,37 @@ async fn a_removed_key_stops_at_once_beside_a_new_credential_without_a_token() {
     assert_ne!(status("k2").await, 200, "the removed key no longer serves");
     assert_eq!(status("k3").await, 503, "the new credential's callers wait for its token");
 }
+
+/// A rotated secret Tallyfy refuses, in the same reload as a removed API key:
+/// the removed key stops at once, and the credential goes on with the token it
+/// had, however often the new secret is refused. The reload used to wait
+/// 10 s for the new secret's token (the removed key serving all along), then
+/// answer the credential's callers 503 with a valid token in hand.
+#[tokio::test]
+async fn a_mistyped_secret_rotation_keeps_the_old_token_serving_and_the_rest_applies_at_once() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
+    let two_keys =
+        config(&sandbox.base_url(), "k1").identity(Identity::new("second", "app", Match::ApiKey("k2")));
+    two_keys.write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    assert_eq!((mint_status(&proxy, "k1").await, mint_status(&proxy, "k2").await), (200, 200));
+    let refusals = || {
+        sandbox
+            .token_requests()
+            .iter()
+            .filter(|t| t.grant == "client_credentials" && t.answered == 401)
+            .count()
+    };
+    assert_eq!(refusals(), 0);
+
+    std::fs::write(dir.path().join("secrets/app_secret"), "mistyped").expect("rotate");
+    config(&sandbox.base_url(), "k1").write(&dir.path().join("proxy.toml"));
+    let written = Instant::now();
+    wait_for("the reload applies", async || mint_status(&proxy, "k2").await == 401).await;
+    assert!(written.elapsed() < Duration::from_secs(5), "applied after {:?}", written.elapsed());
+    wait_for("the new secret is refused twice", async || refusals() >= 2).await;
+    assert_eq!(mint_status(&proxy, "k1").await, 200, "the previous token still serves");
+    let ready = client().get(format!("http://{}/readyz", proxy.admin_addr())).send().await.expect("answered");
+    assert_eq!(ready.status(), 200, "and the proxy stays ready");
+}

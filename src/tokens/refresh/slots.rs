@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use tokio::time::Instant;
 
 use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token, TokenSource};
-use super::{CredentialSet, RETIRED_GRACE, Refresher, shared};
+use super::{CredentialSet, PRINCIPAL_CHANGE_GRACE, RETIRED_GRACE, Refresher, shared};
 use crate::secret::Secret;
 use std::sync::Arc;
 
@@ -128,7 +128,13 @@ impl Refresher {
                 });
                 let id = match reusable {
                     Some(slot) => slot.id,
-                    None => self.create(credential, application, statics[index].take(), now),
+                    None => {
+                        let first = match statics[index].take() {
+                            Some(token) => First::Static(token),
+                            None => self.stand_in(credential, now).map_or(First::Fetch, First::StandIn),
+                        };
+                        self.create(credential, application, first, now)
+                    }
                 };
                 kept.insert(id);
                 assigned[index] = Some(id);
@@ -147,20 +153,45 @@ impl Refresher {
         Ok(CredentialTokens::new(self.store.clone(), slots, refreshable))
     }
 
+    /// What the new slot of a changed `credential` serves with until it
+    /// obtains its own token: the token of the slot it replaces (same name, same
+    /// upstream), while valid, and for at most [`PRINCIPAL_CHANGE_GRACE`] when
+    /// the change names another principal ([`shared::fleet_name`] compares the
+    /// settings that say who a token acts as, secrets aside). A slot that
+    /// still stands in passes on what it holds, cap included.
+    fn stand_in(&self, credential: &Credential, now: Instant) -> Option<Token> {
+        let previous = self.slots.iter().find(|slot| {
+            slot.life == Life::Live && slot.epoch == self.epoch && slot.credential.name == credential.name
+        })?;
+        let token = self.store.token(previous.id).filter(|token| token.is_valid_at(now))?;
+        let same_principal = shared::fleet_name(&previous.credential, &self.upstream)
+            == shared::fleet_name(credential, &self.upstream);
+        tracing::info!(
+            credential = %credential.name,
+            secret_only = same_principal,
+            "credential changed: its previous token serves until the new settings obtain one"
+        );
+        Some(if same_principal { token } else { token.lasting_until(now + PRINCIPAL_CHANGE_GRACE) })
+    }
+
     pub(super) fn create(
         &mut self,
         credential: &Credential,
         application: Option<SlotId>,
-        token: Option<Token>,
+        first: First,
         now: Instant,
     ) -> SlotId {
         let id = self.store.add_slot(&credential.name);
-        let due = match token {
-            Some(token) => {
+        let due = match first {
+            First::Static(token) => {
                 self.store.publish(id, token);
                 None
             }
-            None => Some(now),
+            First::StandIn(token) => {
+                self.store.publish(id, token);
+                Some(now)
+            }
+            First::Fetch => Some(now),
         };
         self.slots.push(Slot {
             id,
@@ -182,6 +213,17 @@ impl Refresher {
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
         id
     }
+}
+
+/// What a new slot starts with.
+pub(super) enum First {
+    /// A personal token: published, never fetched.
+    Static(Token),
+    /// The previous settings' token ([`Refresher::stand_in`]), published
+    /// while the first fetch runs.
+    StandIn(Token),
+    /// Nothing: callers wait for the first fetch.
+    Fetch,
 }
 
 /// Whether `slot` was made for the very same credential settings (secrets

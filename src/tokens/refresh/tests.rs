@@ -464,8 +464,9 @@ async fn a_reconfigure_keeps_unchanged_credentials_and_forgets_retired_slots_aft
     let changed = running.handle.reconfigure(set(vec![scoped]), Source(fake.clone())).await.expect("changed");
     let new = changed.slot(CredentialId::new(0));
     assert_ne!(new, old, "a changed credential gets a new slot");
-    changed.ready().await;
-    assert_eq!(fake.calls().len(), 2);
+    fake.wait_for_calls(2).await;
+    let own = changed.lease(CredentialId::new(0), Instant::now()).expect("its own token");
+    assert_eq!((own.authorization.to_str().ok(), own.generation), (Some("Bearer t2"), 2));
 
     let store = running.tokens.store();
     tokio::time::sleep(RETIRED_GRACE - Duration::from_secs(1)).await;
@@ -476,5 +477,86 @@ async fn a_reconfigure_keeps_unchanged_credentials_and_forgets_retired_slots_aft
         fake.calls().len(),
         2,
         "the retired slot was never refreshed (its token outlived the grace: 15 min < 45)"
+    );
+}
+
+/// The credential `app` with client secret `secret`.
+fn application_with_secret(secret: &str) -> Credential {
+    Credential {
+        name: "app".into(),
+        kind: CredentialKind::ClientCredentials {
+            client: OAuthClient { id: "client".into(), secret: Secret::new(secret) },
+            scope: None,
+        },
+    }
+}
+
+/// Whether the credential's token at `at` is the `Bearer` of `token`.
+fn serves(tokens: &CredentialTokens, token: &str, at: Instant) -> bool {
+    tokens.lease(CredentialId::new(0), at).is_ok_and(|lease| lease.authorization == format!("Bearer {token}"))
+}
+
+/// A rotated secret that Tallyfy refuses never stops the traffic: the
+/// previous token serves until its own expiry while the new settings are
+/// tried again with backoff. The reload used to wait 10 s, then serve 503s.
+#[tokio::test(start_paused = true)]
+async fn a_rotated_secret_serves_with_the_previous_token_until_its_own_even_when_refused() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    let expires_at = running.tokens.expires_at(CredentialId::new(0)).expect("expiry");
+    let refused = FetchError::Refused { status: 401, code: "invalid_client".into() };
+    fake.fail_next(std::iter::repeat_n(refused, 1000));
+
+    let rotated = running
+        .handle
+        .reconfigure(set(vec![application_with_secret("mistyped")]), Source(fake.clone()))
+        .await
+        .expect("reconfigured");
+    assert_ne!(rotated.slot(CredentialId::new(0)), running.slot(0), "new settings, new slot");
+    assert!(serves(&rotated, "t1", Instant::now()), "the previous token, at once");
+    fake.wait_for_calls(3).await;
+    assert!(rotated.not_ready(Instant::now()).is_empty(), "ready: readiness does not flap");
+    tokio::time::sleep_until(expires_at - Duration::from_millis(1)).await;
+    assert!(serves(&rotated, "t1", Instant::now()), "until the previous token's own expiry");
+    assert!(fake.calls().len() >= 8, "the new secret is tried again: {} calls", fake.calls().len());
+    tokio::time::sleep_until(expires_at).await;
+    assert_eq!(rotated.lease(CredentialId::new(0), Instant::now()), Err(crate::tokens::Unavailable::Expired));
+}
+
+/// A credential that now acts as another principal (here a scope) goes on
+/// with the previous token only while the new one is fetched, for at most
+/// `PRINCIPAL_CHANGE_GRACE`; settings for another upstream never take a token
+/// of the old one.
+#[tokio::test(start_paused = true)]
+async fn another_principal_goes_on_with_the_previous_token_for_the_grace_and_another_upstream_never() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application()]).await;
+    fake.fail_next(std::iter::repeat_n(FetchError::ServerError { status: 503 }, 1000));
+    let mut scoped = application();
+    scoped.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("read".into()) };
+    let changed = running.handle.reconfigure(set(vec![scoped]), Source(fake.clone())).await.expect("changed");
+    let began = Instant::now();
+    assert!(serves(&changed, "t1", began + PRINCIPAL_CHANGE_GRACE - Duration::from_millis(1)));
+    assert_eq!(
+        changed.lease(CredentialId::new(0), began + PRINCIPAL_CHANGE_GRACE),
+        Err(crate::tokens::Unavailable::Expired),
+        "not one moment past the grace, whatever the previous token's own expiry"
+    );
+
+    // A reload during the grace passes on the capped token, never a fresh grace.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut again = application();
+    again.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("write".into()) };
+    let twice = running.handle.reconfigure(set(vec![again]), Source(fake.clone())).await.expect("changed");
+    assert!(serves(&twice, "t1", began + PRINCIPAL_CHANGE_GRACE - Duration::from_millis(1)));
+    assert!(twice.lease(CredentialId::new(0), began + PRINCIPAL_CHANGE_GRACE).is_err());
+
+    let mut elsewhere = set(vec![application()]);
+    elsewhere.upstream = "another".into();
+    let moved = running.handle.reconfigure(elsewhere, Source(fake.clone())).await.expect("moved");
+    assert_eq!(
+        moved.lease(CredentialId::new(0), Instant::now()),
+        Err(crate::tokens::Unavailable::NeverObtained),
+        "a token never crosses to another upstream"
     );
 }
