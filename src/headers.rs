@@ -119,12 +119,14 @@ fn hop_by_hop(name: &str) -> bool {
 
 /// Turns the caller's headers into the upstream request's headers, in one pass
 /// over the names the caller sent.
-pub fn to_upstream(headers: &mut HeaderMap, authorization: HeaderValue, client_header: &HeaderValue) {
+pub fn to_upstream(headers: &mut HeaderMap, authorization: Option<HeaderValue>, client_header: &HeaderValue) {
     // The request id is the proxy's own, set before the caller's headers are
     // cleaned: no `Connection` list of the caller's removes it.
     remove_named(headers, not_forwarded, Some(&X_REQUEST_ID));
-    debug_assert!(authorization.is_sensitive(), "tokens are stored as sensitive values");
-    headers.insert(AUTHORIZATION, authorization);
+    if let Some(authorization) = authorization {
+        debug_assert!(authorization.is_sensitive(), "tokens are stored as sensitive values");
+        headers.insert(AUTHORIZATION, authorization);
+    }
     headers.insert(X_TALLYFY_CLIENT, client_header.clone());
     if !headers.contains_key(ACCEPT) {
         headers.insert(ACCEPT, APPLICATION_JSON);
@@ -328,7 +330,7 @@ mod tests {
             ("content-type", "application/json"),
             ("x-request-id", "r-1"),
         ]);
-        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        to_upstream(&mut headers, Some(bearer()), &HeaderValue::from_static("APIClient"));
         assert_eq!(headers["authorization"], "Bearer tallyfy-token");
         assert_eq!(headers.get_all("authorization").iter().count(), 1);
         assert_eq!(headers["x-tallyfy-client"], "APIClient");
@@ -369,7 +371,7 @@ mod tests {
             ("x-forwarded.for", "1.2.3.4"),
             ("x-custom", "kept"),
         ]);
-        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        to_upstream(&mut headers, Some(bearer()), &HeaderValue::from_static("APIClient"));
         let mut names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "authorization", "x-custom", "x-tallyfy-client"]);
@@ -386,7 +388,7 @@ mod tests {
             ("upgrade", "websocket"),
             ("accept", "text/csv"),
         ]);
-        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        to_upstream(&mut headers, Some(bearer()), &HeaderValue::from_static("APIClient"));
         for gone in ["connection", "keep-alive", "x-secret-hop", "te", "transfer-encoding", "upgrade"] {
             assert!(!headers.contains_key(gone), "{gone}");
         }
@@ -397,7 +399,7 @@ mod tests {
     fn names_listed_beside_a_byte_above_0x7f_are_dropped_too() {
         let mut headers = map(&[("x-secret-hop", "1"), ("accept", "text/csv")]);
         headers.insert(CONNECTION, HeaderValue::from_bytes(b"X-Secret-Hop, \xff").expect("obs-text value"));
-        to_upstream(&mut headers, bearer(), &HeaderValue::from_static("APIClient"));
+        to_upstream(&mut headers, Some(bearer()), &HeaderValue::from_static("APIClient"));
         assert!(!headers.contains_key("x-secret-hop"));
         assert_eq!(headers["accept"], "text/csv");
     }

@@ -209,6 +209,14 @@ impl Proxy {
         let credential = identity.credential;
         // The rare paths are boxed (here and below): a future has room for its
         // largest await, and every request's future is allocated and moved whole.
+        let lease = match lease {
+            Some(lease) => lease,
+            None => {
+                let lease = Box::pin(self.first_token(credential)).await?;
+                head.headers.insert(http::header::AUTHORIZATION, lease.authorization.clone());
+                lease
+            }
+        };
         if let Some(spend) = &fleet_budgets {
             Box::pin(self.spend_fleet_wide(spend)).await?;
         }
@@ -243,6 +251,20 @@ impl Proxy {
         Box::pin(self.token_rejected(rejected, &links_to, log, figures)).await
     }
 
+    /// The credential's first token, once its first fetch ends with one (a
+    /// 503 when it fails, or takes longer than a refresh may).
+    async fn first_token(&self, credential: CredentialId) -> Result<tokens::Lease, ProxyError> {
+        let shared = &*self.shared;
+        let slot = shared.tokens.slot(credential);
+        let wait = shared.token_rules.refresh_wait();
+        shared
+            .tokens
+            .store()
+            .newer_than(slot, 0, 0, wait)
+            .await
+            .ok_or_else(|| self.token_unavailable(credential))
+    }
+
     /// Tallyfy rejected the token. One refresh runs however many requests saw it;
     /// a kept request waits for it and goes again, a streamed one cannot.
     async fn token_rejected(
@@ -263,9 +285,8 @@ impl Proxy {
         };
         let credential_name = shared.tokens.name(credential);
         Metrics::credential(&shared.metrics.single_flight_waiters, &credential_name);
-        // One refresh may take up to three calls (refresh, then password; or mint,
-        // provision, mint). A failed or declined refresh releases the wait at once.
-        let wait = shared.token_rules.fetch_timeout * 3 + Duration::from_secs(1);
+        // A failed or declined refresh releases the wait at once.
+        let wait = shared.token_rules.refresh_wait();
         let Some(fresh) = store.newer_than(slot, generation, settled, wait).await else {
             return self.response(response, links_to).await;
         };

@@ -339,3 +339,55 @@ async fn a_mistyped_secret_rotation_keeps_the_old_token_serving_and_the_rest_app
     let ready = client().get(format!("http://{}/readyz", proxy.admin_addr())).send().await.expect("answered");
     assert_eq!(ready.status(), 200, "and the proxy stays ready");
 }
+
+/// A credential changed to act as another user (a personal token replaced by
+/// a user token the application mints for sam): its callers wait for the
+/// first token of the new settings, slow as it is here, and are served as the
+/// new user; never as the old one, never a 503 while the fetch runs.
+#[tokio::test]
+async fn a_credential_acting_as_another_user_is_waited_for_never_served_as_the_old_one() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
+    std::fs::write(dir.path().join("secrets/ops_token"), tallyfy_sandbox::fixtures::PERSONAL_TOKEN)
+        .expect("write");
+    let with_user = |user: Credential| {
+        config(&sandbox.base_url(), "k-app").credential(user).identity(Identity::new(
+            "one",
+            "user",
+            Match::ApiKey("k1"),
+        ))
+    };
+    with_user(Credential::personal("user", Secret::File("secrets/ops_token")))
+        .write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    let me = format!("http://{}/api/me", proxy.proxy_addr());
+    let whom = async || {
+        let response = client().get(&me).header("x-api-key", "k1").send().await.expect("answered");
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        (status, body["data"]["email"].as_str().unwrap_or_default().to_owned())
+    };
+    let (status, before) = whom().await;
+    assert_eq!(status, 200);
+    assert_ne!(before, APP_USER_EMAIL);
+
+    sandbox.set_token_fault(Some(tallyfy_sandbox::TokenFault::Slow(Duration::from_millis(600))));
+    with_user(Credential::application_user("user", "app", ORG_ID, APP_USER_EMAIL))
+        .write(&dir.path().join("proxy.toml"));
+    wait_for("the reload applies", async || reloads(&proxy, "applied") >= 1).await;
+    let applied = Instant::now();
+    let answers = futures_util::future::join_all((0..5).map(|_| whom())).await;
+    assert!(applied.elapsed() >= Duration::from_millis(200), "the first mint was still under way");
+    for (status, email) in answers {
+        assert_eq!(
+            (status, email.as_str()),
+            (200, APP_USER_EMAIL),
+            "waited for, and served as, the new user"
+        );
+    }
+    assert_eq!(
+        sandbox.token_requests().iter().filter(|t| t.grant == "user_token").count(),
+        1,
+        "one mint for all of them"
+    );
+}

@@ -15,7 +15,7 @@ use crate::method_override;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::server::ConnectionInfo;
-use crate::tokens::Lease;
+use crate::tokens::{CredentialId, Lease, Unavailable};
 use crate::traffic::{Admitted, FleetSpend, Refused, clock};
 use crate::{framing, target};
 
@@ -24,7 +24,10 @@ pub struct Prepared<'p> {
     pub identity: &'p Identity,
     /// The identity's place in the generation's identities.
     pub index: usize,
-    pub lease: Lease,
+    /// The token the head now carries; `None` while the credential's first
+    /// token is still being fetched (a credential new or changed by a reload):
+    /// the request waits for it ([`Proxy::first_token`]).
+    pub lease: Option<Lease>,
     /// Where this caller's links should point.
     pub(super) links_to: LinksTo,
     /// What the local limits decided: the place held, the rule counted, any
@@ -79,11 +82,11 @@ impl Proxy {
         }
         // One clock read for the token's freshness and the limits.
         let now = tokio::time::Instant::now();
-        let lease =
-            shared.tokens.lease(identity.credential, now).map_err(|_| ProxyError::TokenUnavailable {
-                credential: shared.tokens.name(identity.credential).to_string(),
-                retry_after: TOKEN_RETRY_AFTER,
-            })?;
+        let lease = match shared.tokens.lease(identity.credential, now) {
+            Ok(lease) => Some(lease),
+            Err(Unavailable::NeverObtained) if shared.tokens.first_pending(identity.credential) => None,
+            Err(_) => return Err(self.token_unavailable(identity.credential)),
+        };
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
             None => None,
@@ -97,8 +100,17 @@ impl Proxy {
             .filter(|spend| !spend.budgets.is_empty()),
         };
         head.uri = shared.upstream.uri_for(&head.uri)?;
-        headers::to_upstream(&mut head.headers, lease.authorization.clone(), shared.upstream.client_header());
+        let authorization = lease.as_ref().map(|lease| lease.authorization.clone());
+        headers::to_upstream(&mut head.headers, authorization, shared.upstream.client_header());
         Ok(Prepared { identity, index, lease, links_to, admitted, fleet_budgets })
+    }
+
+    /// The refusal of a request whose credential holds no valid token.
+    pub(super) fn token_unavailable(&self, credential: CredentialId) -> ProxyError {
+        ProxyError::TokenUnavailable {
+            credential: self.shared.tokens.name(credential).to_string(),
+            retry_after: TOKEN_RETRY_AFTER,
+        }
     }
 
     /// The local limits' verdict ([`crate::traffic`]), counted in the metrics

@@ -11,13 +11,13 @@
 //! A config reload is a [`RefreshHandle::reconfigure`]: credentials whose
 //! settings did not change keep their slot (token, refresh token, schedule, a
 //! fetch already running, the requests waiting on it); changed ones get a new
-//! slot, fetched at once, which goes on with the previous slot's token until it
-//! obtains its own: while that token lasts when only a secret changed (a
-//! rotation, even one Tallyfy refuses, never stops the traffic), for at most
-//! [`PRINCIPAL_CHANGE_GRACE`] when the credential now acts as another principal
-//! (client, user, org, scope or kind). Slots no config uses any more stop being
-//! refreshed and are forgotten after [`RETIRED_GRACE`], once requests of the old
-//! config are long done.
+//! slot, fetched at once. When only a secret changed (a rotation), the new slot
+//! goes on with the previous slot's token until it obtains its own, so a
+//! rotated secret Tallyfy refuses stops no traffic before that token expires;
+//! a credential now acting as another principal (client, user, org, scope,
+//! kind, application) starts empty, and its callers wait for its first token.
+//! Slots no config uses any more stop being refreshed and are forgotten after
+//! [`RETIRED_GRACE`], once requests of the old config are long done.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -52,12 +52,6 @@ use handle::{Reconfigure, Rejected};
 /// How long a slot no config uses keeps its token, for requests of the old
 /// config still in flight (a replay after a dead-token 401 needs it).
 pub const RETIRED_GRACE: Duration = Duration::from_secs(15 * 60);
-
-/// How long a credential that now acts as another principal (see
-/// [`RefreshHandle::reconfigure`]) goes on with its previous token while its
-/// first own one is fetched: as long as a new cluster warms in Envoy, and
-/// never for good when the new settings cannot sign in.
-pub const PRINCIPAL_CHANGE_GRACE: Duration = Duration::from_secs(10);
 
 pub struct Refresher {
     store: Arc<TokenStore>,
@@ -417,6 +411,13 @@ impl Refresher {
         );
         if settle {
             self.store.settle(id);
+            // User tokens this application mints have no first token to wait
+            // for either, until it has one.
+            for dependent in &self.slots {
+                if dependent.application == Some(id) && self.store.first_pending(dependent.id) {
+                    self.store.settle(dependent.id);
+                }
+            }
         }
     }
 }

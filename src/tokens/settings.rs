@@ -21,3 +21,12 @@ pub struct Settings {
     /// A rejection forces at most one refresh per credential in this interval.
     pub min_forced_refresh_interval: Duration,
 }
+
+impl Settings {
+    /// The longest one fetch for a slot may take: up to three calls (refresh,
+    /// then password; or mint, provision, mint), and a second to spare. How
+    /// long a request waits for a token being fetched for it.
+    pub fn refresh_wait(&self) -> Duration {
+        self.fetch_timeout * 3 + Duration::from_secs(1)
+    }
+}

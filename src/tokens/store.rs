@@ -84,6 +84,14 @@ impl TokenStore {
         self.current.load().entries[slot.index()].name.clone()
     }
 
+    /// Whether `slot` has never held a token and no attempt for it has ended
+    /// yet: its first fetch is still under way, worth waiting for.
+    pub fn first_pending(&self, slot: SlotId) -> bool {
+        let snapshot = self.current.load();
+        let entry = &snapshot.entries[slot.index()];
+        entry.token.is_none() && entry.settled == 0
+    }
+
     /// How many attempts for `slot` have settled so far.
     pub fn settled(&self, slot: SlotId) -> u64 {
         self.current.load().entries[slot.index()].settled

@@ -42,12 +42,6 @@ impl Token {
     pub fn expires_at(&self) -> Option<Instant> {
         self.expires_at
     }
-
-    /// The same token, valid no later than `at`.
-    pub(super) fn lasting_until(self, at: Instant) -> Token {
-        let expires_at = Some(self.expires_at.map_or(at, |expiry| expiry.min(at)));
-        Token { expires_at, ..self }
-    }
 }
 
 impl fmt::Debug for Token {

@@ -95,10 +95,17 @@ impl Current {
 }
 
 /// The name a credential goes by in the fleet: its own name and a digest of
-/// its non-secret settings and upstream, so a changed credential never takes
-/// the set of the one it replaced. Secrets stay out of it: the digest of a
-/// password would be guessable.
-pub(super) fn fleet_name(credential: &Credential, upstream: &str) -> String {
+/// its non-secret settings and upstream (for a minted user token, its
+/// application's too), so a credential acting as another principal never
+/// takes the set of the one it replaced. Secrets stay out of it: the digest
+/// of a password would be guessable. Equal names are what a reload calls the
+/// same principal (a rotated secret).
+pub(super) fn fleet_name(
+    credential: &Credential,
+    application: Option<&Credential>,
+    upstream: &str,
+) -> String {
+    let minted_by = application.map(|application| fleet_name(application, None, upstream));
     let mut digest = Sha256::new();
     let mut part = |text: &str| {
         digest.update((text.len() as u64).to_be_bytes());
@@ -120,6 +127,7 @@ pub(super) fn fleet_name(credential: &Credential, upstream: &str) -> String {
         CredentialKind::ApplicationUser { org, email, .. } => {
             part(org);
             part(email);
+            part(minted_by.as_deref().unwrap_or_default());
         }
     }
     let digest = digest.finalize();
@@ -453,15 +461,15 @@ mod tests {
                 scope: None,
             },
         };
-        let name = fleet_name(&credential("s1", "a@example.com"), "https://go.tallyfy.com");
+        let name = fleet_name(&credential("s1", "a@example.com"), None, "https://go.tallyfy.com");
         assert!(name.starts_with("user."), "{name}");
         assert_eq!(
             name,
-            fleet_name(&credential("s2", "a@example.com"), "https://go.tallyfy.com"),
+            fleet_name(&credential("s2", "a@example.com"), None, "https://go.tallyfy.com"),
             "secrets do not count"
         );
-        assert_ne!(name, fleet_name(&credential("s1", "b@example.com"), "https://go.tallyfy.com"));
-        assert_ne!(name, fleet_name(&credential("s1", "a@example.com"), "http://127.0.0.1:9"));
+        assert_ne!(name, fleet_name(&credential("s1", "b@example.com"), None, "https://go.tallyfy.com"));
+        assert_ne!(name, fleet_name(&credential("s1", "a@example.com"), None, "http://127.0.0.1:9"));
         assert!(!name.contains("hunter2") && !name.contains("s1"));
     }
 }

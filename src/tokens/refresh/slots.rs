@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use tokio::time::Instant;
 
 use super::super::{Credential, CredentialKind, CredentialTokens, SlotId, Token, TokenSource};
-use super::{CredentialSet, PRINCIPAL_CHANGE_GRACE, RETIRED_GRACE, Refresher, shared};
+use super::{CredentialSet, RETIRED_GRACE, Refresher, shared};
 use crate::secret::Secret;
 use std::sync::Arc;
 
@@ -131,7 +131,9 @@ impl Refresher {
                     None => {
                         let first = match statics[index].take() {
                             Some(token) => First::Static(token),
-                            None => self.stand_in(credential, now).map_or(First::Fetch, First::StandIn),
+                            None => self
+                                .stand_in(credential, application, now)
+                                .map_or(First::Fetch, First::StandIn),
                         };
                         self.create(credential, application, first, now)
                     }
@@ -154,24 +156,31 @@ impl Refresher {
     }
 
     /// What the new slot of a changed `credential` serves with until it
-    /// obtains its own token: the token of the slot it replaces (same name, same
-    /// upstream), while valid, and for at most [`PRINCIPAL_CHANGE_GRACE`] when
-    /// the change names another principal ([`shared::fleet_name`] compares the
-    /// settings that say who a token acts as, secrets aside). A slot that
-    /// still stands in passes on what it holds, cap included.
-    fn stand_in(&self, credential: &Credential, now: Instant) -> Option<Token> {
+    /// obtains its own token: the token of the slot it replaces, while valid,
+    /// when only a secret changed (the same principal: same name, upstream,
+    /// kind, client id, user, org, scope and application, compared by
+    /// [`shared::fleet_name`]). A credential now acting as another principal
+    /// takes nothing: a token never acts for settings other than its own, and
+    /// its callers wait for the first one (`Proxy::first_token`).
+    fn stand_in(&self, credential: &Credential, application: Option<SlotId>, now: Instant) -> Option<Token> {
+        let principal = self.principal(credential, application);
         let previous = self.slots.iter().find(|slot| {
-            slot.life == Life::Live && slot.epoch == self.epoch && slot.credential.name == credential.name
+            slot.life == Life::Live
+                && slot.epoch == self.epoch
+                && slot.fleet_name.as_deref() == Some(principal.as_str())
         })?;
         let token = self.store.token(previous.id).filter(|token| token.is_valid_at(now))?;
-        let same_principal = shared::fleet_name(&previous.credential, &self.upstream)
-            == shared::fleet_name(credential, &self.upstream);
         tracing::info!(
             credential = %credential.name,
-            secret_only = same_principal,
-            "credential changed: its previous token serves until the new settings obtain one"
+            "credential's secret changed: its previous token serves until the new one obtains a token"
         );
-        Some(if same_principal { token } else { token.lasting_until(now + PRINCIPAL_CHANGE_GRACE) })
+        Some(token)
+    }
+
+    /// Who `credential`'s tokens act as, secrets aside: its name in the fleet.
+    fn principal(&self, credential: &Credential, application: Option<SlotId>) -> String {
+        let application = application.map(|id| &self.slots[id.index()].credential);
+        shared::fleet_name(credential, application, &self.upstream)
     }
 
     pub(super) fn create(
@@ -205,7 +214,7 @@ impl Refresher {
             fetching: false,
             last_forced: None,
             awaiting_application: false,
-            fleet_name: (due.is_some()).then(|| shared::fleet_name(credential, &self.upstream).into()),
+            fleet_name: (due.is_some()).then(|| self.principal(credential, application).into()),
             shared_generation: 0,
             outside_fleet: None,
             adopt_only: None,

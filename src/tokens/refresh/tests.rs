@@ -466,7 +466,7 @@ async fn a_reconfigure_keeps_unchanged_credentials_and_forgets_retired_slots_aft
     assert_ne!(new, old, "a changed credential gets a new slot");
     fake.wait_for_calls(2).await;
     let own = changed.lease(CredentialId::new(0), Instant::now()).expect("its own token");
-    assert_eq!((own.authorization.to_str().ok(), own.generation), (Some("Bearer t2"), 2));
+    assert_eq!((own.authorization.to_str().ok(), own.generation), (Some("Bearer t2"), 1));
 
     let store = running.tokens.store();
     tokio::time::sleep(RETIRED_GRACE - Duration::from_secs(1)).await;
@@ -523,40 +523,86 @@ async fn a_rotated_secret_serves_with_the_previous_token_until_its_own_even_when
     assert_eq!(rotated.lease(CredentialId::new(0), Instant::now()), Err(crate::tokens::Unavailable::Expired));
 }
 
-/// A credential that now acts as another principal (here a scope) goes on
-/// with the previous token only while the new one is fetched, for at most
-/// `PRINCIPAL_CHANGE_GRACE`; settings for another upstream never take a token
-/// of the old one.
+/// A credential that now acts as another principal (here a scope) takes no
+/// token of the previous settings: its first own one is awaited (and a
+/// failed first fetch ends that wait); settings for another upstream neither.
 #[tokio::test(start_paused = true)]
-async fn another_principal_goes_on_with_the_previous_token_for_the_grace_and_another_upstream_never() {
-    let fake = Fake::new(HOUR);
+async fn another_principal_or_upstream_starts_without_a_token_and_its_first_fetch_is_awaited() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
     let running = Running::start(&fake, vec![application()]).await;
-    fake.fail_next(std::iter::repeat_n(FetchError::ServerError { status: 503 }, 1000));
+    fake.fail_next([FetchError::ServerError { status: 503 }]);
     let mut scoped = application();
     scoped.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("read".into()) };
     let changed = running.handle.reconfigure(set(vec![scoped]), Source(fake.clone())).await.expect("changed");
-    let began = Instant::now();
-    assert!(serves(&changed, "t1", began + PRINCIPAL_CHANGE_GRACE - Duration::from_millis(1)));
-    assert_eq!(
-        changed.lease(CredentialId::new(0), began + PRINCIPAL_CHANGE_GRACE),
-        Err(crate::tokens::Unavailable::Expired),
-        "not one moment past the grace, whatever the previous token's own expiry"
-    );
-
-    // A reload during the grace passes on the capped token, never a fresh grace.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut again = application();
-    again.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("write".into()) };
-    let twice = running.handle.reconfigure(set(vec![again]), Source(fake.clone())).await.expect("changed");
-    assert!(serves(&twice, "t1", began + PRINCIPAL_CHANGE_GRACE - Duration::from_millis(1)));
-    assert!(twice.lease(CredentialId::new(0), began + PRINCIPAL_CHANGE_GRACE).is_err());
+    let credential = CredentialId::new(0);
+    assert_eq!(changed.lease(credential, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
+    assert!(changed.first_pending(credential), "its first fetch is worth waiting for");
+    // Each call takes 300 ms; a failed one is tried again 200 ms or more later.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!changed.first_pending(credential), "a failed first fetch ends the wait");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(serves(&changed, "t3", Instant::now()), "its own token, after the backoff");
 
     let mut elsewhere = set(vec![application()]);
     elsewhere.upstream = "another".into();
     let moved = running.handle.reconfigure(elsewhere, Source(fake.clone())).await.expect("moved");
     assert_eq!(
-        moved.lease(CredentialId::new(0), Instant::now()),
+        moved.lease(credential, Instant::now()),
         Err(crate::tokens::Unavailable::NeverObtained),
         "a token never crosses to another upstream"
     );
+}
+
+/// A minted user token's principal includes its application: a rotated
+/// application secret keeps both tokens serving; another application
+/// client leaves the user token to be minted anew (by the new application).
+#[tokio::test(start_paused = true)]
+async fn a_user_token_stands_in_only_while_its_application_is_the_same_principal() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let user = CredentialId::new(1);
+    let (first_app, first_user) = (running.lease(0).expect("app"), running.lease(1).expect("user"));
+
+    let rotated = running
+        .handle
+        .reconfigure(set(vec![application_with_secret("rotated"), minted(None)]), Source(fake.clone()))
+        .await
+        .expect("rotated");
+    assert_eq!(
+        rotated.lease(CredentialId::new(0), Instant::now()).map(|l| l.authorization),
+        Ok(first_app.authorization)
+    );
+    assert_eq!(
+        rotated.lease(user, Instant::now()).map(|l| l.authorization),
+        Ok(first_user.authorization.clone())
+    );
+
+    tokio::time::sleep(Duration::from_secs(2)).await; // the rotated settings' own tokens
+    let other = Credential {
+        name: "app".into(),
+        kind: CredentialKind::ClientCredentials {
+            client: OAuthClient { id: "another-client".into(), secret: Secret::new("s") },
+            scope: None,
+        },
+    };
+    fake.fail_next([FetchError::ServerError { status: 503 }]);
+    let moved = running
+        .handle
+        .reconfigure(set(vec![other, minted(None)]), Source(fake.clone()))
+        .await
+        .expect("moved");
+    assert_eq!(moved.lease(user, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
+    assert!(moved.first_pending(user));
+    // Each call takes 300 ms; a failed one is tried again 200 ms or more later.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!moved.first_pending(user), "the application's failed fetch ends the user token's wait too");
+    assert_eq!(moved.lease(user, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
+    // The new application's token after the backoff, then the user's, minted with it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = fake.calls();
+    assert_eq!(calls[calls.len() - 3..], [Call::ClientCredentials, Call::ClientCredentials, Call::Mint]);
+    let minted = moved.lease(user, Instant::now()).expect("minted anew");
+    assert_ne!(minted.authorization, first_user.authorization);
 }
