@@ -256,6 +256,7 @@ impl Proxy {
     async fn first_token(&self, credential: CredentialId) -> Result<tokens::Lease, ProxyError> {
         let shared = &*self.shared;
         let slot = shared.tokens.slot(credential);
+        Metrics::credential(&shared.metrics.single_flight_waiters, &shared.tokens.name(credential));
         let wait = shared.token_rules.refresh_wait();
         shared
             .tokens

@@ -84,7 +84,7 @@ impl Proxy {
         let now = tokio::time::Instant::now();
         let lease = match shared.tokens.lease(identity.credential, now) {
             Ok(lease) => Some(lease),
-            Err(Unavailable::NeverObtained) if shared.tokens.first_pending(identity.credential) => None,
+            Err(Unavailable::FirstPending) => None,
             Err(_) => return Err(self.token_unavailable(identity.credential)),
         };
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;

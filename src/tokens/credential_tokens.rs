@@ -40,12 +40,6 @@ impl CredentialTokens {
         self.store.lease(self.slot(credential), now)
     }
 
-    /// Whether the credential's first token is still being fetched (see
-    /// [`TokenStore::first_pending`]).
-    pub fn first_pending(&self, credential: CredentialId) -> bool {
-        self.store.first_pending(self.slot(credential))
-    }
-
     pub fn name(&self, credential: CredentialId) -> Arc<str> {
         self.store.name(self.slot(credential))
     }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -155,6 +156,7 @@ impl Refresher {
 
     fn start_due(&mut self, now: Instant, fetches: &mut JoinSet<Outcome>) {
         let Some(issuer) = self.issuer.clone() else { return };
+        let mut waiting_for: SmallVec<[SlotId; 2]> = SmallVec::new();
         for slot in &mut self.slots {
             if slot.fetching || slot.life == Life::Gone || slot.due.is_none_or(|due| due > now) {
                 continue;
@@ -165,6 +167,7 @@ impl Refresher {
                 // Minting needs the application's token: wait for it to be published
                 // (which makes this slot due again), with a slow poll as a fallback.
                 slot.due = Some(now + self.schedule.backoff_max);
+                waiting_for.push(application);
                 continue;
             }
             slot.fetching = true;
@@ -226,6 +229,12 @@ impl Refresher {
                 });
                 Outcome { slot: id, result, application_generation }
             });
+        }
+        // An application between attempts (backing off) will not publish soon.
+        for application in waiting_for {
+            if !self.slots[application.index()].fetching {
+                self.no_first_mint(application);
+            }
         }
     }
 
@@ -411,12 +420,22 @@ impl Refresher {
         );
         if settle {
             self.store.settle(id);
-            // User tokens this application mints have no first token to wait
-            // for either, until it has one.
-            for dependent in &self.slots {
-                if dependent.application == Some(id) && self.store.first_pending(dependent.id) {
-                    self.store.settle(dependent.id);
-                }
+            if !still_valid {
+                self.no_first_mint(id);
+            }
+        }
+    }
+
+    /// The application `id` has no token and none is being fetched: the user
+    /// tokens it would mint first, and whose mint has not begun, will not come
+    /// before its next attempt, so their callers stop waiting.
+    fn no_first_mint(&self, id: SlotId) {
+        for dependent in &self.slots {
+            if dependent.application == Some(id)
+                && !dependent.fetching
+                && self.store.first_pending(dependent.id)
+            {
+                self.store.settle(dependent.id);
             }
         }
     }

@@ -56,11 +56,13 @@ impl TokenStore {
     /// atomic load and a reference-count bump; no lock, no allocation, no `.await`.
     pub fn lease(&self, slot: SlotId, now: Instant) -> Result<Lease, Unavailable> {
         let snapshot = self.current.load();
-        match &snapshot.entries[slot.index()].token {
+        let entry = &snapshot.entries[slot.index()];
+        match &entry.token {
             Some(token) if token.is_valid_at(now) => {
                 Ok(Lease { authorization: token.authorization.clone(), generation: token.generation })
             }
             Some(_) => Err(Unavailable::Expired),
+            None if entry.settled == 0 => Err(Unavailable::FirstPending),
             None => Err(Unavailable::NeverObtained),
         }
     }
@@ -207,7 +209,9 @@ mod tests {
         let store = TokenStore::new();
         let slot = store.add_slot("ops");
         let now = Instant::now();
-        assert_eq!(store.lease(slot, now), Err(Unavailable::NeverObtained));
+        assert_eq!(store.lease(slot, now), Err(Unavailable::FirstPending));
+        store.settle(slot);
+        assert_eq!(store.lease(slot, now), Err(Unavailable::NeverObtained), "an attempt ended");
         store.publish(slot, token("abc", None));
         let lease = store.lease(slot, now).expect("published");
         assert_eq!(lease.generation, 1);

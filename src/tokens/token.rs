@@ -61,7 +61,10 @@ pub struct InvalidToken;
 /// Why a request could not get a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
-    /// Nothing was ever obtained for this credential.
+    /// Nothing obtained yet, and the first attempt is still under way: worth
+    /// waiting for.
+    FirstPending,
+    /// Nothing was ever obtained for this credential, and an attempt ended.
     NeverObtained,
     /// The last token has expired and no new one arrived yet.
     Expired,

@@ -536,11 +536,18 @@ async fn another_principal_or_upstream_starts_without_a_token_and_its_first_fetc
     scoped.kind = CredentialKind::ClientCredentials { client: client(), scope: Some("read".into()) };
     let changed = running.handle.reconfigure(set(vec![scoped]), Source(fake.clone())).await.expect("changed");
     let credential = CredentialId::new(0);
-    assert_eq!(changed.lease(credential, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
-    assert!(changed.first_pending(credential), "its first fetch is worth waiting for");
+    assert_eq!(
+        changed.lease(credential, Instant::now()),
+        Err(crate::tokens::Unavailable::FirstPending),
+        "its first fetch is worth waiting for"
+    );
     // Each call takes 300 ms; a failed one is tried again 200 ms or more later.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(!changed.first_pending(credential), "a failed first fetch ends the wait");
+    assert_eq!(
+        changed.lease(credential, Instant::now()),
+        Err(crate::tokens::Unavailable::NeverObtained),
+        "a failed first fetch ends the wait"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(serves(&changed, "t3", Instant::now()), "its own token, after the backoff");
 
@@ -549,7 +556,7 @@ async fn another_principal_or_upstream_starts_without_a_token_and_its_first_fetc
     let moved = running.handle.reconfigure(elsewhere, Source(fake.clone())).await.expect("moved");
     assert_eq!(
         moved.lease(credential, Instant::now()),
-        Err(crate::tokens::Unavailable::NeverObtained),
+        Err(crate::tokens::Unavailable::FirstPending),
         "a token never crosses to another upstream"
     );
 }
@@ -593,16 +600,74 @@ async fn a_user_token_stands_in_only_while_its_application_is_the_same_principal
         .reconfigure(set(vec![other, minted(None)]), Source(fake.clone()))
         .await
         .expect("moved");
-    assert_eq!(moved.lease(user, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
-    assert!(moved.first_pending(user));
+    assert_eq!(moved.lease(user, Instant::now()), Err(crate::tokens::Unavailable::FirstPending));
     // Each call takes 300 ms; a failed one is tried again 200 ms or more later.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(!moved.first_pending(user), "the application's failed fetch ends the user token's wait too");
-    assert_eq!(moved.lease(user, Instant::now()), Err(crate::tokens::Unavailable::NeverObtained));
+    assert_eq!(
+        moved.lease(user, Instant::now()),
+        Err(crate::tokens::Unavailable::NeverObtained),
+        "the application's failed fetch ends the user token's wait too"
+    );
     // The new application's token after the backoff, then the user's, minted with it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = fake.calls();
     assert_eq!(calls[calls.len() - 3..], [Call::ClientCredentials, Call::ClientCredentials, Call::Mint]);
     let minted = moved.lease(user, Instant::now()).expect("minted anew");
     assert_ne!(minted.authorization, first_user.authorization);
+}
+
+/// jane, at another address: another principal, so a new user token to mint.
+fn minted_for(email: &str) -> Credential {
+    let mut credential = minted(None);
+    if let CredentialKind::ApplicationUser { email: e, .. } = &mut credential.kind {
+        *e = email.into();
+    }
+    credential
+}
+
+/// A failed refresh of an application that still holds a valid token does
+/// not end the wait of a user token whose first mint is under way with it.
+#[tokio::test(start_paused = true)]
+async fn an_application_refresh_failing_with_a_valid_token_leaves_a_first_mint_awaited() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let app = running.lease(0).expect("app");
+    fake.fail_next([FetchError::ServerError { status: 503 }]);
+    running.handle.token_rejected(running.slot(0), app.generation); // refresh: fails at +300 ms
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let changed = running
+        .handle
+        .reconfigure(set(vec![application(), minted_for("jane.doe@example.com")]), Source(fake.clone()))
+        .await
+        .expect("changed"); // the first mint: done at +400 ms
+    let user = CredentialId::new(1);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(running.lease(0).is_ok(), "the application's token still serves");
+    assert_eq!(changed.lease(user, Instant::now()), Err(crate::tokens::Unavailable::FirstPending));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(changed.lease(user, Instant::now()).is_ok(), "minted");
+}
+
+/// A user token whose application has no token and is backing off will not
+/// be minted before the application's next attempt: its callers are not
+/// kept waiting for it.
+#[tokio::test(start_paused = true)]
+async fn a_first_mint_behind_an_application_without_a_token_is_not_awaited() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let expires_at = running.tokens.expires_at(CredentialId::new(0)).expect("expiry");
+    fake.fail_next(std::iter::repeat_n(FetchError::ServerError { status: 503 }, 1000));
+    tokio::time::sleep_until(expires_at + Duration::from_secs(1)).await;
+    assert!(running.lease(0).is_err(), "the application lost its token");
+    let changed = running
+        .handle
+        .reconfigure(set(vec![application(), minted_for("jane.doe@example.com")]), Source(fake.clone()))
+        .await
+        .expect("changed");
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        changed.lease(CredentialId::new(1), Instant::now()),
+        Err(crate::tokens::Unavailable::NeverObtained)
+    );
 }
