@@ -373,6 +373,7 @@ impl Refresher {
             return self.failed(id, now, jitter, &error, true);
         };
         slot.failures = 0;
+        slot.stands_in_for = None;
         slot.refresh_token = issued.refresh_token;
         match source {
             Source::Alone => {}
@@ -387,6 +388,14 @@ impl Refresher {
             refresh_in_ms = slot.due.map_or(0, |d| d.saturating_duration_since(now).as_millis() as u64),
             "token obtained"
         );
+        // A refresh of a replaced slot that was under way at the reload: the
+        // slot standing in for it goes on with the new token (the old one may
+        // have been revoked by that refresh).
+        for successor in &self.slots {
+            if successor.stands_in_for == Some(id) {
+                self.store.publish(successor.id, token.clone());
+            }
+        }
         self.store.publish(id, token);
         // Mints waiting for this application token can go now.
         for dependent in &mut self.slots {

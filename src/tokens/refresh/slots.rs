@@ -52,6 +52,10 @@ pub(super) struct Slot {
     /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
     /// when the fetch that left began).
     pub(super) outside_fleet: Option<u64>,
+    /// Serves with the token of this slot (the one it replaced) until it
+    /// obtains its own ([`Refresher::stand_in`]); a refresh of that slot
+    /// still under way at the reload is passed on.
+    pub(super) stands_in_for: Option<SlotId>,
     /// Fleet mode: the next fetch only looks for a newer set in the fleet (a
     /// rejection came too soon after a forced refresh to force another); the
     /// planned refresh time to go back to when there is none.
@@ -162,7 +166,12 @@ impl Refresher {
     /// [`shared::fleet_name`]). A credential now acting as another principal
     /// takes nothing: a token never acts for settings other than its own, and
     /// its callers wait for the first one (`Proxy::first_token`).
-    fn stand_in(&self, credential: &Credential, application: Option<SlotId>, now: Instant) -> Option<Token> {
+    fn stand_in(
+        &self,
+        credential: &Credential,
+        application: Option<SlotId>,
+        now: Instant,
+    ) -> Option<(SlotId, Token)> {
         let principal = self.principal(credential, application);
         let previous = self.slots.iter().find(|slot| {
             slot.life == Life::Live
@@ -174,7 +183,7 @@ impl Refresher {
             credential = %credential.name,
             "credential's secret changed: its previous token serves until the new one obtains a token"
         );
-        Some(token)
+        Some((previous.id, token))
     }
 
     /// Who `credential`'s tokens act as, secrets aside: its name in the fleet.
@@ -191,13 +200,15 @@ impl Refresher {
         now: Instant,
     ) -> SlotId {
         let id = self.store.add_slot(&credential.name);
+        let mut stands_in_for = None;
         let due = match first {
             First::Static(token) => {
                 self.store.publish(id, token);
                 None
             }
-            First::StandIn(token) => {
+            First::StandIn((previous, token)) => {
                 self.store.publish(id, token);
+                stands_in_for = Some(previous);
                 Some(now)
             }
             First::Fetch => Some(now),
@@ -217,6 +228,7 @@ impl Refresher {
             fleet_name: (due.is_some()).then(|| self.principal(credential, application).into()),
             shared_generation: 0,
             outside_fleet: None,
+            stands_in_for,
             adopt_only: None,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
@@ -228,9 +240,9 @@ impl Refresher {
 pub(super) enum First {
     /// A personal token: published, never fetched.
     Static(Token),
-    /// The previous settings' token ([`Refresher::stand_in`]), published
-    /// while the first fetch runs.
-    StandIn(Token),
+    /// The previous settings' slot and token ([`Refresher::stand_in`]),
+    /// published while the first fetch runs.
+    StandIn((SlotId, Token)),
     /// Nothing: callers wait for the first fetch.
     Fetch,
 }
