@@ -371,7 +371,7 @@ async fn a_credential_acting_as_another_user_is_waited_for_never_served_as_the_o
     assert_eq!(status, 200);
     assert_ne!(before, APP_USER_EMAIL);
 
-    sandbox.set_token_fault(Some(tallyfy_sandbox::TokenFault::Slow(Duration::from_millis(600))));
+    sandbox.set_token_fault(Some(tallyfy_sandbox::TokenFault::Slow(Duration::from_millis(1500))));
     with_user(Credential::application_user("user", "app", ORG_ID, APP_USER_EMAIL))
         .write(&dir.path().join("proxy.toml"));
     wait_for("the reload applies", async || reloads(&proxy, "applied") >= 1).await;

@@ -389,17 +389,32 @@ impl Refresher {
             "token obtained"
         );
         // A refresh of a replaced slot that was under way at the reload: the
-        // slot standing in for it goes on with the new token (the old one may
-        // have been revoked by that refresh).
-        for successor in &self.slots {
-            if successor.stands_in_for == Some(id) {
-                self.store.publish(successor.id, token.clone());
+        // slots standing in for it, directly or through rotations since whose
+        // slots have no token of their own yet, go on with the new token (the
+        // old one may have been revoked by that refresh). A successor is
+        // always created after the slot it stands in for.
+        let mut reached: SmallVec<[SlotId; 4]> = smallvec::smallvec![id];
+        for successor in &self.slots[id.index() + 1..] {
+            if successor.life != Life::Gone && successor.stands_in_for.is_some_and(|s| reached.contains(&s)) {
+                reached.push(successor.id);
             }
         }
+        for &slot in &reached[1..] {
+            self.store.publish(slot, token.clone());
+        }
         self.store.publish(id, token);
-        // Mints waiting for this application token can go now.
+        for application in reached {
+            self.wake_mints(application, now);
+        }
+    }
+
+    /// Mints waiting for the application token of `application` can go now.
+    fn wake_mints(&mut self, application: SlotId, now: Instant) {
         for dependent in &mut self.slots {
-            if dependent.application != Some(id) || dependent.fetching || dependent.life == Life::Gone {
+            if dependent.application != Some(application)
+                || dependent.fetching
+                || dependent.life == Life::Gone
+            {
                 continue;
             }
             if dependent.awaiting_application || self.store.lease(dependent.id, now).is_err() {

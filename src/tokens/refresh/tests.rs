@@ -674,26 +674,46 @@ async fn a_first_mint_behind_an_application_without_a_token_is_not_awaited() {
 
 /// A refresh of the replaced slot that is under way at the reload (Tallyfy
 /// revokes the access token it replaces) is passed on to the slot standing in
-/// for it: a rotated password that is refused does not leave it the revoked token.
+/// for it, through a second rotation too: a rotated password that is refused
+/// does not leave it the revoked token.
 #[tokio::test(start_paused = true)]
-async fn a_refresh_under_way_at_a_rotation_is_passed_on_to_the_slot_standing_in() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
-    let running = Running::start(&fake, vec![user()]).await;
-    let first = running.lease(0).expect("t1");
-    running.handle.token_rejected(running.slot(0), first.generation); // refresh: t2 at +300 ms
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut rotated = user();
-    if let CredentialKind::Password { password, .. } = &mut rotated.kind {
-        *password = Secret::new("mistyped");
+async fn a_refresh_under_way_at_rotations_is_passed_on_to_the_slots_standing_in() {
+    for rotations in [1, 2] {
+        let mut fake = Fake::new(HOUR);
+        Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+        let running = Running::start(&fake, vec![user()]).await;
+        let first = running.lease(0).expect("t1");
+        running.handle.token_rejected(running.slot(0), first.generation); // refresh: t2 at +300 ms
+        let mut latest = None;
+        for rotation in 0..rotations {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut rotated = user();
+            if let CredentialKind::Password { password, .. } = &mut rotated.kind {
+                *password = Secret::new(format!("mistyped-{rotation}"));
+            }
+            let changed =
+                running.handle.reconfigure(set(vec![rotated]), Source(fake.clone())).await.expect("rotated");
+            assert!(serves(&changed, "t1", Instant::now()), "the previous token, at once");
+            latest = Some(changed);
+        }
+        let latest = latest.expect("rotated");
+        tokio::time::sleep_until(first_call_end(&fake) + Duration::from_millis(50)).await;
+        let refused = FetchError::Refused { status: 400, code: "invalid_grant".into() };
+        fake.fail_next(std::iter::repeat_n(refused, rotations));
+        assert!(serves(&latest, "t2", Instant::now()), "{rotations}: the refreshed token, passed on");
+        // The sign-ins end by +500 ms; a retry comes 200 ms or more after one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut expected = vec![Call::Refresh("r1".into())];
+        expected.extend(std::iter::repeat_n(Call::Password, rotations));
+        assert_eq!(fake.calls()[1..], expected);
+        assert!(
+            serves(&latest, "t2", Instant::now()),
+            "{rotations}: kept when the new passwords are refused"
+        );
     }
-    let changed =
-        running.handle.reconfigure(set(vec![rotated]), Source(fake.clone())).await.expect("rotated");
-    assert!(serves(&changed, "t1", Instant::now()), "the previous token, at once");
-    tokio::time::sleep(Duration::from_millis(250)).await; // the refresh ended; the sign-in has not
-    fake.fail_next([FetchError::Refused { status: 400, code: "invalid_grant".into() }]);
-    assert!(serves(&changed, "t2", Instant::now()), "the replaced slot's refreshed token, passed on");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(fake.calls()[1..], [Call::Refresh("r1".into()), Call::Password]);
-    assert!(serves(&changed, "t2", Instant::now()), "and kept when the new password is refused");
+}
+
+/// When the refresh (the second call) ends: it began then and takes the latency.
+fn first_call_end(fake: &Fake) -> Instant {
+    fake.call_times()[1] + fake.latency
 }
