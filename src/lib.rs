@@ -86,8 +86,8 @@
 //! - the refresher ([`tokens::refresh`]) writes the [`tokens::TokenStore`]
 //!   snapshot for the life of the process: schedules, backoff, single flight,
 //!   and the mapping of each generation's credentials onto slots, so a reload
-//!   keeps unchanged credentials' tokens and a changed one serves with its
-//!   previous token until it has its own; in fleet mode
+//!   keeps unchanged credentials' tokens and one changed only in its secrets
+//!   serves with its previous token until it has its own; in fleet mode
 //!   (`tokens/refresh/shared.rs`) it takes a newer token set from the
 //!   [`fleet`], or refreshes under the credential's Redis lease and shares the
 //!   result, and hears of the other replicas' sets on the fleet's channel;

@@ -7,7 +7,8 @@
 //! The process has one refresher; a reload asks it to map the new credentials
 //! onto slots ([`RefreshHandle::reconfigure`]): unchanged credentials keep their
 //! tokens, any refresh already running and the requests waiting on it; changed
-//! ones are fetched at once, and serve with their previous token meanwhile. The
+//! ones are fetched at once, those changed only in their secrets serving with
+//! their previous token meanwhile, the others' callers waiting for it. The
 //! new generation serves as soon as it is built: nothing in it waits for a
 //! token. An invalid config is logged
 //! in one line, counted, and the old one keeps running; the load is tried

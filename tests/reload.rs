@@ -195,9 +195,8 @@ async fn in_flight_requests_finish_on_the_config_they_started_with() {
 }
 
 /// A reload that removes an identity applies at once, even while another
-/// credential still has no token: waiting for that credential gains nothing
-/// (the old generation has none either), and the removed key used to keep
-/// working with a real token for the whole 10-second wait.
+/// credential still has no token (reloads once waited up to 10 s for such
+/// tokens, the removed key working all along).
 #[tokio::test]
 async fn a_removed_key_stops_at_once_while_another_credential_has_no_token() {
     let sandbox = start_sandbox().await;
@@ -273,7 +272,8 @@ async fn a_secret_linked_into_another_directory_is_watched_there() {
 }
 
 /// The same when the credential without a token is new in the reloaded file:
-/// the running config never had it, so nothing waits for its first token.
+/// the reload applies at once, and the new credential's callers get 503 once
+/// its first fetch is refused.
 #[tokio::test]
 async fn a_removed_key_stops_at_once_beside_a_new_credential_without_a_token() {
     let sandbox = start_sandbox().await;

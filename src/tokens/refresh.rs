@@ -4,9 +4,10 @@
 //! is created, then refreshes it at the time [`Schedule::refresh_at`] picks; a
 //! failed fetch is retried after [`Schedule::backoff`], forever, while the old
 //! token keeps serving until its real expiry. Requests never wait for it, except
-//! after Tallyfy rejected their token: they report the rejected generation
-//! through a [`RefreshHandle`], and however many report the same token, one fetch
-//! runs and all of them wait for its result ([`TokenStore::newer_than`]).
+//! for a credential's first token (`Proxy::first_token`), and after Tallyfy
+//! rejected their token: they report the rejected generation through a
+//! [`RefreshHandle`], and however many report the same token, one fetch runs and
+//! all of them wait for its result ([`TokenStore::newer_than`]).
 //!
 //! A config reload is a [`RefreshHandle::reconfigure`]: credentials whose
 //! settings did not change keep their slot (token, refresh token, schedule, a

@@ -718,3 +718,33 @@ async fn a_refresh_under_way_at_rotations_is_passed_on_to_the_slots_standing_in(
 fn first_call_end(fake: &Fake) -> Instant {
     fake.call_times()[1] + fake.latency
 }
+
+/// A slot that obtained its own token stands in for nothing any more: a later
+/// refresh of the slot it replaced reaches neither it nor the slot standing in
+/// for it since.
+#[tokio::test(start_paused = true)]
+async fn a_slot_with_its_own_token_is_not_reached_by_its_predecessors_refresh() {
+    let mut fake = Fake::new(HOUR);
+    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let running = Running::start(&fake, vec![user()]).await; // t1
+    let rotation = |password: &str| {
+        let mut rotated = user();
+        if let CredentialKind::Password { password: p, .. } = &mut rotated.kind {
+            *p = Secret::new(password);
+        }
+        set(vec![rotated])
+    };
+    let second = running.handle.reconfigure(rotation("second"), Source(fake.clone())).await.expect("second");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(serves(&second, "t2", Instant::now()), "its own token");
+    fake.fail_next([FetchError::Refused { status: 400, code: "invalid_grant".into() }]);
+    let third = running.handle.reconfigure(rotation("mistyped"), Source(fake.clone())).await.expect("third");
+    tokio::time::sleep(Duration::from_millis(400)).await; // its sign-in refused
+    running.handle.token_rejected(running.slot(0), 1); // the first slot refreshes: t4
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(fake.calls()[1..4], [Call::Password, Call::Password, Call::Refresh("r1".into())]);
+    assert!(serves(&running.tokens, "t4", Instant::now()), "the first slot refreshed");
+    let now = Instant::now();
+    assert!(serves(&second, "t2", now), "the second slot keeps its own token");
+    assert!(!serves(&third, "t4", now), "the third stands in for the second: not reached either");
+}
