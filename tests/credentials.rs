@@ -415,3 +415,21 @@ async fn a_date_rewritten_body_is_replayed_as_rewritten() {
         assert_eq!(post.headers["content-length"], post.body.len().to_string().as_str());
     }
 }
+
+/// Requests that arrive while the proxy fetches its first tokens wait for
+/// them instead of a 503: here the token endpoint and the mint take 1.5 s each.
+#[tokio::test]
+async fn requests_before_the_first_tokens_wait_for_them() {
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+    sandbox.set_token_fault(Some(TokenFault::Slow(Duration::from_millis(1500))));
+    let setup = Setup::start_with(sandbox, None, false).await;
+    let began = Instant::now();
+    let (user, minted) = tokio::join!(setup.get("user-caller", ME), setup.get("minted-caller", ME));
+    assert_eq!((user.status().as_u16(), minted.status().as_u16()), (200, 200), "waited for, then served");
+    assert!(began.elapsed() >= Duration::from_millis(1000), "they did wait: {:?}", began.elapsed());
+    let waiters = |credential: &str| {
+        let label = tallyfy_proxy::metrics::CredentialLabel { credential: credential.to_owned() };
+        setup.proxy.metrics().single_flight_waiters.get_or_create(&label).get()
+    };
+    assert_eq!((waiters("user"), waiters("minted")), (1, 1));
+}
