@@ -32,6 +32,13 @@ struct Entry {
     settled: u64,
 }
 
+impl Entry {
+    /// No token yet, and no attempt for one has ended.
+    fn first_pending(&self) -> bool {
+        self.token.is_none() && self.settled == 0
+    }
+}
+
 /// One consistent view of all tokens, indexed by [`SlotId`].
 #[derive(Debug, Clone, Default)]
 struct Snapshot {
@@ -62,7 +69,7 @@ impl TokenStore {
                 Ok(Lease { authorization: token.authorization.clone(), generation: token.generation })
             }
             Some(_) => Err(Unavailable::Expired),
-            None if entry.settled == 0 => Err(Unavailable::FirstPending),
+            None if entry.first_pending() => Err(Unavailable::FirstPending),
             None => Err(Unavailable::NeverObtained),
         }
     }
@@ -89,9 +96,7 @@ impl TokenStore {
     /// Whether `slot` has never held a token and no attempt for it has ended
     /// yet: its first fetch is still under way, worth waiting for.
     pub fn first_pending(&self, slot: SlotId) -> bool {
-        let snapshot = self.current.load();
-        let entry = &snapshot.entries[slot.index()];
-        entry.token.is_none() && entry.settled == 0
+        self.current.load().entries[slot.index()].first_pending()
     }
 
     /// How many attempts for `slot` have settled so far.

@@ -55,6 +55,13 @@ impl Fake {
         })
     }
 
+    /// A fake whose every answer takes `latency`.
+    fn answering_in(lifetime: Duration, latency: Duration) -> Arc<Fake> {
+        let mut fake = Fake::new(lifetime);
+        Arc::get_mut(&mut fake).expect("unshared").latency = latency;
+        fake
+    }
+
     fn fail_next(&self, errors: impl IntoIterator<Item = FetchError>) {
         self.failures.lock().expect("lock").extend(errors);
     }
@@ -283,8 +290,7 @@ async fn a_failing_endpoint_backs_off_exponentially_and_the_old_token_serves_unt
 /// new user token, and the application is not renewed a second time.
 #[tokio::test(start_paused = true)]
 async fn a_mint_refused_with_an_application_token_since_replaced_mints_again_at_once() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let minted = minted(None);
     let running = Running::start(&fake, vec![application(), minted]).await;
     let (app, user) = (running.slot(0), running.slot(1));
@@ -329,8 +335,7 @@ async fn a_storm_of_one_credentials_rejections_never_drowns_anothers() {
 
 #[tokio::test(start_paused = true)]
 async fn a_hundred_rejections_of_one_token_make_one_fetch_and_every_waiter_gets_its_successor() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let running = Running::start(&fake, vec![application()]).await;
     let slot = running.slot(0);
     let store = running.tokens.store().clone();
@@ -528,8 +533,7 @@ async fn a_rotated_secret_serves_with_the_previous_token_until_its_own_even_when
 /// failed first fetch ends that wait); settings for another upstream neither.
 #[tokio::test(start_paused = true)]
 async fn another_principal_or_upstream_starts_without_a_token_and_its_first_fetch_is_awaited() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let running = Running::start(&fake, vec![application()]).await;
     fake.fail_next([FetchError::ServerError { status: 503 }]);
     let mut scoped = application();
@@ -566,8 +570,7 @@ async fn another_principal_or_upstream_starts_without_a_token_and_its_first_fetc
 /// client leaves the user token to be minted anew (by the new application).
 #[tokio::test(start_paused = true)]
 async fn a_user_token_stands_in_only_while_its_application_is_the_same_principal() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let running = Running::start(&fake, vec![application(), minted(None)]).await;
     let user = CredentialId::new(1);
     let (first_app, first_user) = (running.lease(0).expect("app"), running.lease(1).expect("user"));
@@ -629,8 +632,7 @@ fn minted_for(email: &str) -> Credential {
 /// not end the wait of a user token whose first mint is under way with it.
 #[tokio::test(start_paused = true)]
 async fn an_application_refresh_failing_with_a_valid_token_leaves_a_first_mint_awaited() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let running = Running::start(&fake, vec![application(), minted(None)]).await;
     let app = running.lease(0).expect("app");
     fake.fail_next([FetchError::ServerError { status: 503 }]);
@@ -679,8 +681,7 @@ async fn a_first_mint_behind_an_application_without_a_token_is_not_awaited() {
 #[tokio::test(start_paused = true)]
 async fn a_refresh_under_way_at_rotations_is_passed_on_to_the_slots_standing_in() {
     for rotations in [1, 2] {
-        let mut fake = Fake::new(HOUR);
-        Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+        let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
         let running = Running::start(&fake, vec![user()]).await;
         let first = running.lease(0).expect("t1");
         running.handle.token_rejected(running.slot(0), first.generation); // refresh: t2 at +300 ms
@@ -724,8 +725,7 @@ fn first_call_end(fake: &Fake) -> Instant {
 /// for it since.
 #[tokio::test(start_paused = true)]
 async fn a_slot_with_its_own_token_is_not_reached_by_its_predecessors_refresh() {
-    let mut fake = Fake::new(HOUR);
-    Arc::get_mut(&mut fake).expect("unshared").latency = Duration::from_millis(300);
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
     let running = Running::start(&fake, vec![user()]).await; // t1
     let rotation = |password: &str| {
         let mut rotated = user();
