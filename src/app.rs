@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::server::CallerBody;
 use arc_swap::ArcSwap;
 use http::Request;
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -121,7 +121,7 @@ impl ProxyServer {
             move |connection: ConnectionInfo| {
                 let current = current.clone();
                 let connection = Arc::new(connection);
-                move |request: Request<Incoming>| {
+                move |request: Request<CallerBody>| {
                     // One load per request: it finishes on the generation it started with.
                     let proxy = Proxy::clone(&current.load());
                     proxy.handle(request, connection.clone())
@@ -316,7 +316,7 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         metrics.connections("admin"),
         move |_connection| {
             let admin = admin.clone();
-            move |request: Request<Incoming>| std::future::ready(admin.handle(&request))
+            move |request: Request<CallerBody>| std::future::ready(admin.handle(&request))
         },
         shutdown.clone(),
         grace,

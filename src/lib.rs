@@ -37,9 +37,8 @@
 //!    identity's token with one lock-free `ArcSwap` load (503 when there is none);
 //!    [`traffic::Traffic::admit`] applies the identity's `rate_limit` and
 //!    `max_in_flight`, the `[[limits]]` rules and Tallyfy's remembered 429s
-//!    (429 / 503, nothing sent); in fleet mode the budgets it passed are then
-//!    spent fleet-wide in one Redis round trip ([`fleet`], this replica's
-//!    verdict standing when Redis cannot answer);
+//!    (429 / 503, nothing sent; a request refused after this, before it is
+//!    sent, gives its counts back);
 //!    [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
 //!    upstream head: Tallyfy's host with the caller's path and query byte for
 //!    byte, the caller's credentials and untrusted headers dropped, the bearer
@@ -47,7 +46,13 @@
 //! 4. **Body out** (`proxy/request_body.rs`): read whole when [`dates`] must be
 //!    rewritten (byte-preserving) or a body `_method` judged; kept when small
 //!    enough to replay; otherwise streamed, size-capped, multipart uploads
-//!    through the override screen. [`body`] holds the plumbing: content kinds and
+//!    through the override screen. The caller's body is a
+//!    [`server::CallerBody`]: an HTTP/2 one ends only once its stream is known
+//!    not to be reset. A request that waited (for its body, a remembered 429)
+//!    takes the credential's token again (503 when none is valid now); in fleet
+//!    mode the budgets it passed are then spent fleet-wide in one Redis round
+//!    trip ([`fleet`], this replica's verdict standing when Redis cannot
+//!    answer). [`body`] holds the plumbing: content kinds and
 //!    encodings, bounded reads counted against `server.max_buffered_bytes`
 //!    ([`body::Budget`], handed to each thread in slabs: 503 `buffers_full` for a
 //!    body that must be read whole when it is spent), the [`body::Prefixed`],
@@ -153,7 +158,8 @@
 //!   `Content-Length` beside `chunked` is refused; where the next head stands
 //!   after a response; a long head waiting for dispatch counted against
 //!   [`body::Budget`]), `activity.rs` (requests in flight, idleness, responses
-//!   that stall),
+//!   that stall), `caller_body.rs` (the request body handed to the handler: an
+//!   HTTP/2 body's end held until the request's future shows no reset),
 //!   `watch.rs` (the connection's timers polled only when they fire),
 //!   `peers.rs` (connections per peer address, capped on the admin port).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.

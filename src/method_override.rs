@@ -200,12 +200,17 @@ impl Visitor for TopLevel {
     type Ctx = Depth;
 
     fn key(&mut self, body: &[u8], object: Depth, key: StrToken) -> Depth {
+        // An object as the value: no method (as an array is not).
+        self.unreadable |= object == Depth::Override;
         let is_override = object == Depth::Root
             && decode(key.raw(body), key.escaped).is_some_and(|name| name.as_bytes() == PARAM);
         if is_override { Depth::Override } else { Depth::Other }
     }
 
-    fn element(&mut self, _array: Depth) -> Depth {
+    fn element(&mut self, array: Depth) -> Depth {
+        // `["DELETE"]`: Laravel reads no method from an array; neither is it
+        // judged as one here.
+        self.unreadable |= array == Depth::Override;
         Depth::Other
     }
 
@@ -257,6 +262,9 @@ mod tests {
         assert_eq!(in_urlencoded(b"title=my+method&x=1"), Ok(vec![]));
         assert_eq!(in_urlencoded(b"methods=1&a_method=DELETE"), Ok(vec![]));
         assert!(in_urlencoded(b"_method[]=DELETE").is_err(), "an array is unreadable");
+        assert!(in_json(br#"{"_method":["DELETE"]}"#).is_err(), "in JSON too");
+        assert!(in_json(br#"{"_method":{"m":"DELETE"}}"#).is_err(), "and an object");
+        assert_eq!(in_json(br#"{"a":{"_method":"DELETE"},"b":["_method"]}"#), Ok(vec![]), "not at the top");
         assert!(in_urlencoded(b"_method=DEL%20ETE").is_err(), "letters only");
         assert!(in_urlencoded(b"_method=").is_err());
     }

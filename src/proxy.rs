@@ -6,10 +6,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::server::CallerBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::body::Finished;
 use crate::body::Prefixed;
@@ -163,7 +163,7 @@ impl Proxy {
     /// is done here, before the future is made.
     pub fn handle(
         self,
-        mut request: Request<Incoming>,
+        mut request: Request<CallerBody>,
         connection: Arc<ConnectionInfo>,
     ) -> impl Future<Output = Response<Finished<ProxyBody, RequestRecord>>> + Send + 'static {
         headers::mark_sensitive(request.headers_mut());
@@ -195,7 +195,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<CallerBody>,
         connection: &ConnectionInfo,
         log: &mut RequestRecord,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -207,32 +207,53 @@ impl Proxy {
         log.place = admitted.place;
         let figures = shared.identity_metrics(index);
         let credential = identity.credential;
-        // The rare paths are boxed (here and below): a future has room for its
-        // largest await, and every request's future is allocated and moved whole.
-        let lease = match lease {
-            Some(lease) => lease,
-            None => {
-                let lease = Box::pin(self.first_token(credential)).await?;
-                head.headers.insert(http::header::AUTHORIZATION, lease.authorization.clone());
-                lease
-            }
-        };
-        if let Some(spend) = &fleet_budgets {
-            Box::pin(self.spend_fleet_wide(spend)).await?;
-        }
-        let mut sent_with = SentWith { generation: lease.generation, token: None };
-        if !admitted.delay.is_zero() {
-            // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
-            log.throttle = Some("waited");
-            let asleep = throttle::spread(admitted.delay, rand::random());
-            Box::pin(tokio::time::sleep(asleep)).await;
-            if let Some(token) = self.token_since(credential, &mut sent_with) {
-                head.headers.insert(http::header::AUTHORIZATION, token);
-            }
-        }
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
-        let Outgoing { body, kept } = self.request_body(&mut head, body, identity).await?;
+        // Until it is sent, a refusal gives back what the limits counted.
+        let ready = async {
+            // The rare paths are boxed (here and below): a future has room for its
+            // largest await, and every request's future is allocated and moved whole.
+            let lease = match lease {
+                Some(lease) => lease,
+                None => {
+                    let lease = Box::pin(self.first_token(credential)).await?;
+                    head.headers.insert(http::header::AUTHORIZATION, lease.authorization.clone());
+                    lease
+                }
+            };
+            let mut sent_with = SentWith { generation: lease.generation, token: None };
+            if !admitted.delay.is_zero() {
+                // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
+                log.throttle = Some("waited");
+                let asleep = throttle::spread(admitted.delay, rand::random());
+                Box::pin(tokio::time::sleep(asleep)).await;
+            }
+            let outgoing = self.request_body(&mut head, body, identity).await?;
+            if !admitted.delay.is_zero() || outgoing.waited {
+                // Time passed: the token may have been replaced, or have expired.
+                if let Some(token) = self.token_since(credential, &mut sent_with)? {
+                    head.headers.insert(http::header::AUTHORIZATION, token);
+                }
+            }
+            if let Some(spend) = &fleet_budgets {
+                Box::pin(self.spend_fleet_wide(spend)).await?;
+            }
+            Ok((outgoing, sent_with))
+        };
+        let (Outgoing { body, kept, .. }, mut sent_with) = match ready.await {
+            Ok(ready) => ready,
+            Err(refused) => {
+                let counted = match fleet_budgets {
+                    Some(spend) => spend.counted,
+                    None => {
+                        let path = shared.upstream.received_path(&target.uri);
+                        shared.traffic.counted(index, credential.index(), &target.method, path, admitted.at)
+                    }
+                };
+                shared.traffic.give_back(&counted);
+                return Err(refused);
+            }
+        };
         // Boxed: only kept (OAuth) requests have one, and this future is copied whole.
         let tenant = Tenant(credential.index());
         let replay = kept.map(|body| Box::new(Replay::of(&head, body, tenant)));
@@ -247,8 +268,8 @@ impl Proxy {
         {
             return self.response(response, &links_to).await;
         }
-        let rejected = Rejected { response, replay, credential, generation: sent_with.generation };
-        Box::pin(self.token_rejected(rejected, &links_to, log, figures)).await
+        let rejected = Rejected { response, replay, generation: sent_with.generation };
+        Box::pin(self.token_rejected(rejected, &target, &links_to, log, figures)).await
     }
 
     /// The credential's first token, once its first fetch ends with one (a
@@ -271,12 +292,14 @@ impl Proxy {
     async fn token_rejected(
         &self,
         rejected: Rejected,
+        target: &Target,
         links_to: &LinksTo,
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
-        let Rejected { response, replay, credential, generation } = rejected;
+        let Rejected { response, replay, generation } = rejected;
+        let credential = target.credential;
         let slot = shared.tokens.slot(credential);
         let store = shared.tokens.store();
         let settled = store.settled(slot);
@@ -294,8 +317,15 @@ impl Proxy {
         drop(response);
         log.replayed = true;
         Metrics::credential(&shared.metrics.replays, &credential_name);
-        let response = self.send_once(&mut replay.outbound(Some(fresh.authorization)), log, figures).await?;
-        self.response(response, links_to).await
+        // Sent as any request is: retried, and a 429 remembered, as
+        // `[upstream.retry]` and Tallyfy's limits say; a second dead-token
+        // answer is passed on.
+        let mut sent_with = SentWith { generation: fresh.generation, token: Some(fresh.authorization) };
+        let mut outbound = replay.outbound(sent_with.token.clone());
+        match self.deliver(&mut outbound, Some(&replay), target, &mut sent_with, log, figures).await? {
+            Answer::Streaming(response) => self.response(response, links_to).await,
+            Answer::Read(response) => Ok(response),
+        }
     }
 }
 
@@ -303,7 +333,6 @@ impl Proxy {
 struct Rejected {
     response: Response<UpstreamBody>,
     replay: Option<Box<Replay>>,
-    credential: CredentialId,
     /// The token generation the request was sent with.
     generation: u64,
 }

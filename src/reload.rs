@@ -128,10 +128,13 @@ pub fn credential_set(config: &Config) -> CredentialSet {
 }
 
 /// The traffic control of `config`'s generation: its limits, counting on in
-/// `state` where they did not change.
+/// `state` where they did not change (Tallyfy's 429s, while each credential
+/// acts as the same principal).
 pub fn traffic(config: &Config, state: &TrafficState) -> Traffic {
     let identities: Vec<_> = config.identities.iter().map(|i| (i.name.as_str(), i.limits)).collect();
-    let credentials: Vec<_> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+    let principals = credential_set(config).principals();
+    let credentials: Vec<_> =
+        config.credentials.iter().zip(&principals).map(|(c, p)| (c.name.as_str(), p.as_str())).collect();
     state.generation(&config.traffic, &identities, &credentials)
 }
 

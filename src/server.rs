@@ -22,6 +22,7 @@
 //! so tests bind `127.0.0.1:0` and decide when to stop.
 
 mod activity;
+mod caller_body;
 mod conn_io;
 mod connection;
 mod head_tap;
@@ -35,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ConnectionCounters;
 pub use activity::Guarded;
+pub use caller_body::CallerBody;
 use connection::{Listener, OpenConnection, connection};
 
 pub use crate::error::BoxError;
@@ -128,7 +129,7 @@ pub async fn serve<M, S, F, B>(
     grace: Duration,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    S: Fn(Request<CallerBody>) -> F + Send + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,

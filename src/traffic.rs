@@ -87,21 +87,31 @@ pub struct Admitted {
     pub place: Option<Place>,
     pub rule: Option<usize>,
     pub delay: Duration,
+    /// When it was counted.
+    pub at: Nanos,
 }
 
-/// Fleet mode: what a request spends fleet-wide (its budgets, by limit name),
-/// and what it counted locally, to give back when the fleet refuses it.
+/// What a request let through counted locally: given back when the request is
+/// refused before it is sent ([`Traffic::give_back`]), so the limits count
+/// only requests that went to Tallyfy.
 #[derive(Debug, Default)]
-pub struct FleetSpend {
-    pub budgets: Vec<(Arc<str>, Spend)>,
+pub struct Counted {
     identity: usize,
     credential: usize,
-    /// When the local counts were taken.
-    counted: Nanos,
+    /// When the counts were taken.
+    at: Nanos,
     /// Whether the identity's bucket was taken.
     bucket: bool,
     /// The windows counted: by rule, the organisation's key (lower case).
     windows: SmallVec<[(usize, String); 2]>,
+}
+
+/// Fleet mode: what a request spends fleet-wide (its budgets, by limit name),
+/// and what it counted locally.
+#[derive(Debug, Default)]
+pub struct FleetSpend {
+    pub budgets: Vec<(Arc<str>, Spend)>,
+    pub counted: Counted,
 }
 
 /// The name under which Tallyfy's own limits are reported.
@@ -139,7 +149,7 @@ impl Traffic {
         path: &str,
         now: Nanos,
     ) -> Result<Admitted, Refused> {
-        let mut admitted = Admitted::default();
+        let mut admitted = Admitted { at: now, ..Admitted::default() };
         let (throttle, credential_name) = &self.throttles[credential];
         // Segments are decoded only when a rule or a remembered cap needs them.
         let mut segments: Option<SmallVec<[std::borrow::Cow<'_, str>; 12]>> = None;
@@ -206,61 +216,78 @@ impl Traffic {
         Ok(admitted)
     }
 
+    /// What [`Traffic::admit`] counted of a request it let through at `at`:
+    /// the identity's bucket, and the window of each `[[limits]]` rule that
+    /// matches, under its organisation. Worked out again from the request
+    /// (only for a refusal or a fleet spend), not kept on the hot path.
+    pub fn counted(
+        &self,
+        identity: usize,
+        credential: usize,
+        method: &Method,
+        path: &str,
+        at: Nanos,
+    ) -> Counted {
+        let bucket = self.gates[identity].bucket.is_some();
+        let mut counted = Counted { identity, credential, at, bucket, windows: SmallVec::new() };
+        let mut matching = self.rules.candidates(path);
+        if matching.is_empty() {
+            return counted;
+        }
+        let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
+            target::segments(path).filter_map(Result::ok).collect();
+        matching.retain(|i| self.rules.get(*i).applies(method, &segments));
+        for i in matching {
+            counted.windows.push((i, self.rules.get(i).org(&segments).to_ascii_lowercase()));
+        }
+        counted
+    }
+
     /// Fleet mode: the budgets (by limit name) a request [`Traffic::admit`]
-    /// let through at `counted` spends fleet-wide before it is sent, in one
-    /// Redis round trip, with what it counted locally. Empty outside fleet
-    /// mode, and for requests no limit counts.
+    /// let through at `at` spends fleet-wide before it is sent, in one Redis
+    /// round trip, with what it counted locally. Empty outside fleet mode,
+    /// and for requests no limit counts.
     pub fn fleet_budgets(
         &self,
         identity: usize,
         credential: usize,
         method: &Method,
         path: &str,
-        counted: Nanos,
+        at: Nanos,
     ) -> FleetSpend {
-        let mut spend = FleetSpend { identity, credential, counted, ..FleetSpend::default() };
-        let budgets = &mut spend.budgets;
+        let counted = self.counted(identity, credential, method, path, at);
+        let mut budgets = Vec::new();
         if self.fleet.is_none() {
-            return spend;
+            return FleetSpend { budgets, counted };
         }
         if let Some((_, name, rate)) = &self.gates[identity].bucket {
             let key = format!("rate/{name}/{}-{}", rate.per_second, rate.burst);
             budgets.push((name.clone(), Spend::Rate { key, per_second: rate.per_second, burst: rate.burst }));
-            spend.bucket = true;
         }
-        let mut matching = self.rules.candidates(path);
-        if matching.is_empty() {
-            return spend;
-        }
-        let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
-            target::segments(path).filter_map(Result::ok).collect();
-        matching.retain(|i| self.rules.get(*i).applies(method, &segments));
         let credential_name = &self.throttles[credential].1;
-        for i in matching {
-            let rule = self.rules.get(i);
+        for (i, org) in &counted.windows {
+            let rule = self.rules.get(*i);
             let RuleSettings { max, per, .. } = rule.settings;
-            let org = rule.org(&segments).to_ascii_lowercase();
             let key = format!("limit/{}/{max}-{}/{org}/{credential_name}", rule.name, per.as_millis());
             budgets.push((rule.name.clone(), Spend::Window { key, max, per }));
-            spend.windows.push((i, org));
         }
-        spend
+        FleetSpend { budgets, counted }
     }
 
-    /// Fleet mode: the fleet refused a request this replica had counted
-    /// ([`Traffic::fleet_budgets`]); its local counts are given back, so this
-    /// replica's windows and bucket hold only requests that were sent (a
-    /// refused request spends nothing), and do not refuse on after the
-    /// fleet's window has closed.
-    pub fn give_back(&self, spend: &FleetSpend) {
-        if spend.bucket
-            && let Some((bucket, _, _)) = &self.gates[spend.identity].bucket
+    /// A request [`Traffic::admit`] let through was refused before it was
+    /// sent (by the fleet's budgets, its body, its token): its local counts are
+    /// given back, so the windows and buckets hold only requests that went to
+    /// Tallyfy (a refused request spends nothing), and in fleet mode this
+    /// replica does not refuse on after the fleet's window has closed.
+    pub fn give_back(&self, counted: &Counted) {
+        if counted.bucket
+            && let Some((bucket, _, _)) = &self.gates[counted.identity].bucket
         {
             bucket.give_back();
         }
-        let credential_name = &self.throttles[spend.credential].1;
-        for (rule, org) in &spend.windows {
-            self.rules.get(*rule).windows.give_back(org, credential_name, spend.counted);
+        let credential_name = &self.throttles[counted.credential].1;
+        for (rule, org) in &counted.windows {
+            self.rules.get(*rule).windows.give_back(org, credential_name, counted.at);
         }
     }
 
@@ -360,7 +387,8 @@ pub struct TrafficState {
     /// By identity name alone: a changed `max_in_flight` keeps the count.
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
     windows: Mutex<HashMap<RuleSettings, Arc<Windows>>>,
-    throttles: Mutex<HashMap<String, Arc<Throttle>>>,
+    /// By credential name, with the principal it acted as.
+    throttles: Mutex<HashMap<String, (String, Arc<Throttle>)>>,
     budget: Arc<Budget>,
     fleet: Option<Arc<Fleet>>,
 }
@@ -380,19 +408,20 @@ impl TrafficState {
     /// Answers whether the credential is one this process knows.
     pub fn learn(&self, throttled: &Throttled, now: Nanos) -> bool {
         let throttles = lock(&self.throttles);
-        let Some(throttle) = throttles.get(&throttled.credential) else { return false };
+        let Some((_, throttle)) = throttles.get(&throttled.credential) else { return false };
         throttle.remember(Some(throttled.wait), throttled.hourly, &throttled.org, &throttled.limit, now);
         true
     }
 
     /// The traffic control of a generation with these identities (name and
-    /// limits, in order) and credentials (names, in order). State for settings
-    /// the previous generation had is carried over; the rest is dropped.
+    /// limits, in order) and credentials (name and the principal its tokens
+    /// act as, in order). State for settings the previous generation had is
+    /// carried over; the rest is dropped.
     pub fn generation(
         &self,
         settings: &Settings,
         identities: &[(&str, IdentityLimits)],
-        credentials: &[&str],
+        credentials: &[(&str, &str)],
     ) -> Traffic {
         let mut buckets = lock(&self.buckets);
         let mut in_flight = lock(&self.in_flight);
@@ -429,13 +458,18 @@ impl TrafficState {
             })
             .collect::<Vec<_>>();
         *windows = kept_windows;
-        // Tallyfy's 429s are about the credential, whatever else changed.
+        // Tallyfy's 429s are about whom the credential acts as: kept while it
+        // is the same principal (a rotated secret), dropped when it is another
+        // (Tallyfy's throttle is per user, and did not meet that one).
         let mut kept_throttles = HashMap::new();
         let throttles_now = credentials
             .iter()
-            .map(|&name| {
-                let throttle = throttles.remove(name).unwrap_or_default();
-                kept_throttles.insert(name.to_owned(), throttle.clone());
+            .map(|&(name, principal)| {
+                let throttle = throttles
+                    .remove(name)
+                    .filter(|(was, _)| was == principal)
+                    .map_or_else(Arc::default, |(_, throttle)| throttle);
+                kept_throttles.insert(name.to_owned(), (principal.to_owned(), throttle.clone()));
                 (throttle, Arc::from(name))
             })
             .collect();

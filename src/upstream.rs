@@ -14,11 +14,11 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::server::CallerBody;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Response, Uri};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::{DataOnly, Prefixed, Progress, Tracked};
@@ -37,7 +37,7 @@ pub use returning::UpstreamBody;
 /// The caller's body streamed: what was already read, then the rest (its
 /// trailers dropped), cut off at the size limit and screened for method
 /// overrides when the identity needs it.
-pub type StreamedBody = Prefixed<Screened<Limited<DataOnly<Incoming>>>>;
+pub type StreamedBody = Prefixed<Screened<Limited<DataOnly<CallerBody>>>>;
 
 /// The body sent upstream: a kept (replayable) body, or the caller's body streamed.
 pub type RequestBody = Either<Full<Bytes>, StreamedBody>;

@@ -914,3 +914,27 @@ async fn a_request_the_fleet_refuses_spends_nothing_locally() {
     );
     assert_eq!(sandbox.count("POST", &guests), 2);
 }
+
+/// A request the proxy refuses once its body is read (here a JSON body too
+/// large to rewrite its dates in) never reached Tallyfy: it spends nothing,
+/// neither its replica's count nor the fleet's budget in Redis. Two refused,
+/// one on each replica, leave a fleet-wide cap of one whole for a request that
+/// goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_for_its_body_spends_no_fleet_budget() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let (guests, config) = guest_invites(&sandbox, 1, 60);
+    let replicas = fleet(2, &config.set("dates", "max_body_bytes", 1024), &redis).await;
+    let http = client();
+    let too_large = serde_json::json!({ "email": "guest@example.com", "deadline": "2026-01-01 10:00:00", "pad": "x".repeat(2000) });
+    for replica in &replicas {
+        let refused = http.post(format!("http://{}{guests}", replica.proxy)).json(&too_large).send().await;
+        assert_eq!(refused.expect("answered").status(), 413);
+    }
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let sent = http.post(format!("http://{}{guests}", replicas[0].proxy)).json(&body).send().await;
+    assert_ne!(sent.expect("answered").status(), 429, "the fleet's one is still there");
+    assert_eq!(sandbox.count("POST", &guests), 1);
+}

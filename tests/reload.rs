@@ -391,3 +391,45 @@ async fn a_credential_acting_as_another_user_is_waited_for_never_served_as_the_o
         "one mint for all of them"
     );
 }
+
+/// Tallyfy's 429 is about whom a credential acts as. A reload that leaves the
+/// credential the same principal keeps the remembered 429 (its callers are
+/// still held back); one that makes it act as another user drops it: that
+/// user's calls go to Tallyfy, which never throttled them.
+#[tokio::test]
+async fn a_remembered_429_is_kept_for_the_same_principal_and_dropped_for_another() {
+    let sandbox = start_sandbox().await;
+    let dir = config_dir(&sandbox.base_url(), APP_CLIENT_SECRET);
+    std::fs::write(dir.path().join("secrets/ops_token"), tallyfy_sandbox::fixtures::PERSONAL_TOKEN)
+        .expect("write");
+    let with_user = |user: Credential, key: &'static str| {
+        config(&sandbox.base_url(), key).credential(user).identity(Identity::new(
+            "one",
+            "user",
+            Match::ApiKey("k1"),
+        ))
+    };
+    let personal = || Credential::personal("user", Secret::File("secrets/ops_token"));
+    with_user(personal(), "k-app").write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    let me = format!("http://{}/api/me", proxy.proxy_addr());
+    let status =
+        async || client().get(&me).header("x-api-key", "k1").send().await.expect("answered").status();
+    sandbox.fail_api("/api/me", 1, tallyfy_sandbox::ApiFault::Throttled { retry_after: Some(120) });
+    assert_eq!(status().await, 429, "Tallyfy's");
+    assert_eq!(status().await, 429, "remembered");
+    assert_eq!(sandbox.count("GET", "/api/me"), 1);
+
+    // Another identity's key: the credential is the same principal.
+    with_user(personal(), "k-other").write(&dir.path().join("proxy.toml"));
+    wait_for("the first reload applies", async || reloads(&proxy, "applied") >= 1).await;
+    assert_eq!(status().await, 429, "still remembered");
+    assert_eq!(sandbox.count("GET", "/api/me"), 1);
+
+    // The credential now acts as sam, minted by the application.
+    with_user(Credential::application_user("user", "app", ORG_ID, APP_USER_EMAIL), "k-other")
+        .write(&dir.path().join("proxy.toml"));
+    wait_for("the second reload applies", async || reloads(&proxy, "applied") >= 2).await;
+    assert_eq!(status().await, 200, "sam was never throttled");
+    assert_eq!(sandbox.count("GET", "/api/me"), 2);
+}

@@ -364,7 +364,7 @@ async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhil
     assert_eq!(response.status(), 200);
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more, with no 401 between");
     let metrics = scrape(proxy.admin_addr()).await;
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_replays_total{credential="user"}"#), 0.0, "{metrics}");
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), 0.0, "{metrics}");
     assert!(sandbox.token_requests().len() >= 2, "a refresh ran during the wait");
 }
 
@@ -384,7 +384,7 @@ async fn a_second_retry_goes_with_the_token_the_first_took() {
     assert_eq!(response.status(), 200);
     assert_eq!(sandbox.count("GET", "/api/me"), 3, "two 503s, then the answer: no 401 between");
     let metrics = scrape(proxy.admin_addr()).await;
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_replays_total{credential="user"}"#), 0.0, "{metrics}");
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), 0.0, "{metrics}");
 }
 
 /// A request sent again after a short 429 that meets a second 429 passes it on,
@@ -625,4 +625,127 @@ async fn a_reload_keeps_an_unchanged_window_and_restarts_a_changed_one() {
     reload(text(2, "v2: a new limit"), 2).await;
     assert_ne!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "a changed rule counts afresh");
     assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 2);
+}
+
+/// A request the proxy refuses after the limits counted it (here a body whose
+/// `_method` cannot be read, a 400 found only once the body is read) never
+/// reached Tallyfy: it gives its count back. Two refused requests leave a
+/// 2-per-minute cap whole for two that go; the third is 429.
+#[tokio::test]
+async fn requests_refused_before_sending_spend_no_limit() {
+    let sandbox = start_sandbox().await;
+    let narrow = |id: Identity| id.with("methods", vec!["GET", "POST"]);
+    let config = with_limits(
+        config(&sandbox.base_url(), narrow),
+        vec![limit("guest-invites", "POST", "/api/organizations/{org}/guests", 2, 60)],
+    );
+    let (proxy, _dir) = proxy(config).await;
+    let http = client();
+    for _ in 0..2 {
+        let unreadable = serde_json::json!({ "email": "guest@example.com", "_method": "1" });
+        let response =
+            http.post(url(&proxy, &guests(ORG_ID))).json(&unreadable).send().await.expect("answered");
+        assert_eq!(response.status(), 400, "an override that names no method");
+    }
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 201, "the refused spent nothing");
+    // Tallyfy's own answer (the guest exists now), not the cap's.
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 422);
+    assert_eq!(post_guest(&http, &proxy, ORG_ID).await.status(), 429, "two went: the cap is reached");
+    assert_eq!(sandbox.count("POST", &guests(ORG_ID)), 2);
+}
+
+/// A request that waits out a short 429 goes with the credential's token at
+/// the end of its wait, or not at all: when the token expired meanwhile (its
+/// refreshes failing), the caller gets 503 `token_unavailable` and Tallyfy
+/// sees nothing, as for a request that arrives then. Both waits: the one that
+/// met the 429 (absorbed) and one that arrived while it was remembered.
+#[tokio::test]
+async fn a_request_whose_token_expired_while_it_waited_is_not_sent_with_it() {
+    let sandbox = sandbox_with_tokens_of(Duration::from_secs(2)).await;
+    let config = user_config(&sandbox).set("upstream", "retry_429_max_wait_ms", 5000);
+    let (proxy, _dir) = proxy(config).await;
+    sandbox.set_token_fault(Some(tallyfy_sandbox::TokenFault::ServerError));
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(3) });
+    let http = client();
+    let absorbed = http.get(url(&proxy, "/api/me")).send();
+    let waited = async {
+        // Arrives once the 429 is remembered: it waits too.
+        while sandbox.count("GET", "/api/me") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        http.get(url(&proxy, "/api/me")).send().await
+    };
+    let (absorbed, waited) = tokio::join!(absorbed, waited);
+    for response in [absorbed, waited] {
+        let response = response.expect("answered");
+        assert_eq!(response.status(), 503);
+        let body: serde_json::Value = response.json().await.expect("JSON");
+        assert_eq!(body["error"]["code"], "token_unavailable", "{body}");
+    }
+    assert_eq!(sandbox.count("GET", "/api/me"), 1, "only the first send, before the token expired");
+}
+
+/// A request replayed with a fresh token after a dead one that meets a 429 is
+/// sent as any request is: the 429 is remembered and counted, and the next
+/// call is answered by the proxy instead of going to a throttling Tallyfy.
+#[tokio::test]
+async fn a_429_to_a_replay_after_a_dead_token_is_remembered() {
+    let sandbox = start_sandbox().await;
+    let (proxy, _dir) = proxy(user_config(&sandbox)).await;
+    sandbox.fail_api("/api/me", 1, ApiFault::Status(401));
+    sandbox.fail_api("/api/me", 1, ApiFault::Throttled { retry_after: Some(30) });
+    let http = client();
+    let response = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(response.status(), 429, "the replay's answer");
+    assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent, then replayed once");
+    let metrics = scrape(proxy.admin_addr()).await;
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, r#"tallyfy_proxy_upstream_429_total{credential="user"}"#), 1.0, "{metrics}");
+    let next = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(next.status(), 429, "held back by the proxy");
+    assert!(next.headers()["retry-after"].to_str().expect("text").parse::<u64>().expect("seconds") <= 30);
+    assert_eq!(sandbox.count("GET", "/api/me"), 2, "Tallyfy did not see it");
+}
+
+/// An upstream whose first answer is a 429 (`Retry-After: 30`) that promises
+/// 100 bytes and sends none; it counts the requests it gets.
+async fn stalling_429_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = requests.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            if matches!(stream.read(&mut head).await, Ok(n) if n > 0) {
+                count.fetch_add(1, Ordering::SeqCst);
+                let answer =
+                    "HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\ncontent-length: 100\r\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+            held.push(stream);
+        }
+    });
+    (addr, requests)
+}
+
+/// A 429 whose body stalls is still remembered (as a burst throttle: its
+/// body could not tell an hourly cap), and passed on, empty, once the request
+/// timeout ends the wait for its body.
+#[tokio::test]
+async fn a_429_whose_body_stalls_is_remembered_all_the_same() {
+    let (upstream, requests) = stalling_429_upstream().await;
+    let config = config(&format!("http://{upstream}"), |id| id).set("upstream", "request_timeout_ms", 300);
+    let (proxy, _dir) = proxy(config).await;
+    let http = client();
+    let first = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(first.status(), 429);
+    assert_eq!(first.headers()["content-length"], "0", "its body could not be read");
+    let next = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(next.status(), 429, "remembered");
+    let body: serde_json::Value = next.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "the second never reached Tallyfy");
 }

@@ -112,6 +112,8 @@ pub struct ReceivedRequest {
     pub body: bytes::Bytes,
     /// The full body length (what arrived before the body ended or failed).
     pub body_len: u64,
+    /// The body ended as its framing says (not cut off by a reset or a close).
+    pub body_complete: bool,
     /// Trailer fields sent after the body (empty when none came).
     pub trailers: http::HeaderMap,
 }
@@ -138,6 +140,7 @@ impl fmt::Debug for ReceivedRequest {
             .field("version", &self.version)
             .field("headers", &headers)
             .field("body_len", &self.body_len)
+            .field("body_complete", &self.body_complete)
             .field("trailers", &self.trailers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }

@@ -62,6 +62,7 @@ pub(super) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
         headers: parts.headers.clone(),
         body: body.prefix.clone(),
         body_len: body.len,
+        body_complete: !body.failed,
         trailers: body.trailers.clone(),
     });
     let request_id = parts.headers.get("x-request-id").cloned().unwrap_or_else(|| {

@@ -32,6 +32,12 @@ pub fn kind(headers: &HeaderMap) -> Option<Kind> {
         })
     };
     let essence = &value[..value.iter().position(|b| b";, ".contains(b)).unwrap_or(value.len())];
+    // The usual answer (`application/json; charset=utf-8`) is told by its
+    // essence alone, without a look at every window of its parameters.
+    let tail = essence.last_chunk::<5>();
+    if tail.is_some_and(|tail| tail.eq_ignore_ascii_case(b"/json") || tail.eq_ignore_ascii_case(b"+json")) {
+        return Some(Kind::Json);
+    }
     if essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
         Some(if says_json(false) { Kind::Json } else { Kind::Form })
     } else {

@@ -87,6 +87,8 @@ impl Proxy {
             Err(Unavailable::FirstPending) => None,
             Err(_) => return Err(self.token_unavailable(identity.credential)),
         };
+        // Made before the limits count the request: nothing after them refuses it.
+        let upstream_uri = shared.upstream.uri_for(&head.uri)?;
         let admitted = self.admit(index, identity, &head.method, head.uri.path(), clock::nanos(now))?;
         let fleet_budgets = match shared.traffic.fleet() {
             None => None,
@@ -99,7 +101,7 @@ impl Proxy {
             )))
             .filter(|spend| !spend.budgets.is_empty()),
         };
-        head.uri = shared.upstream.uri_for(&head.uri)?;
+        head.uri = upstream_uri;
         let authorization = lease.as_ref().map(|lease| lease.authorization.clone());
         headers::to_upstream(&mut head.headers, authorization, shared.upstream.client_header());
         Ok(Prepared { identity, index, lease, links_to, admitted, fleet_budgets })
@@ -150,7 +152,8 @@ impl Proxy {
 impl Proxy {
     /// Fleet mode: spends the request's budgets fleet-wide (one Redis round
     /// trip). When Redis cannot answer, this replica's own counts (already
-    /// passed) stand.
+    /// passed) stand. A refusal is a refusal before sending: the caller gives
+    /// this replica's counts back.
     pub(super) async fn spend_fleet_wide(&self, spend: &FleetSpend) -> Result<(), ProxyError> {
         let shared = &*self.shared;
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
@@ -160,7 +163,6 @@ impl Proxy {
             // The refused budget's index comes from Redis: one out of range is
             // an answer this replica cannot use, like no answer.
             Ok(Some((refused, retry_after))) if refused < budgets.len() => {
-                shared.traffic.give_back(spend);
                 let limit = budgets[refused].0.clone();
                 shared.metrics.limit_rejected(&limit);
                 Err(ProxyError::RateLimited { limit, retry_after })

@@ -3,13 +3,13 @@
 //! replay after a token refresh, streamed otherwise (multipart bodies of
 //! identities with a `methods` rule through the override [`Screen`]).
 
+use crate::server::CallerBody;
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::request::Parts;
 use http::{HeaderValue, Method};
 use http_body::Body as _;
 use http_body_util::{Either, Full, Limited};
-use hyper::body::Incoming;
 
 use super::Proxy;
 use super::prepare::judge_overrides;
@@ -25,6 +25,8 @@ use crate::upstream::{RequestBody, StreamedBody};
 pub(super) struct Outgoing {
     pub body: RequestBody,
     pub kept: Option<Bytes>,
+    /// The proxy waited for (some of) the body before sending: time passed.
+    pub waited: bool,
 }
 
 /// What must be read in a body the proxy reads whole.
@@ -39,7 +41,7 @@ impl Proxy {
     pub(super) async fn request_body(
         &self,
         head: &mut Parts,
-        body: Incoming,
+        body: CallerBody,
         identity: &Identity,
     ) -> Result<Outgoing, ProxyError> {
         let shared = &*self.shared;
@@ -51,6 +53,7 @@ impl Proxy {
             return Ok(Outgoing {
                 body: Either::Left(Full::new(Bytes::new())),
                 kept: replayable.then(Bytes::new),
+                waited: false,
             });
         }
         let judged = identity.policy.restricts_methods() && head.method == Method::POST;
@@ -67,7 +70,8 @@ impl Proxy {
             }
             let allowed = identity.policy.methods.clone().unwrap_or_default();
             let screen = Screen::new(boundary, allowed);
-            return Ok(Outgoing { body: Either::Right(self.streamed(None, body, Some(screen))), kept: None });
+            let body = Either::Right(self.streamed(None, body, Some(screen)));
+            return Ok(Outgoing { body, kept: None, waited: false });
         }
         let reading = Reading {
             dates: identity
@@ -87,15 +91,20 @@ impl Proxy {
             return match Box::pin(self.read_start(body, replay_max)).await? {
                 BodyStart::Complete(bytes) => {
                     whole_as_declared(&bytes, declared)?;
-                    Ok(Outgoing { body: Either::Left(Full::new(bytes.clone())), kept: Some(bytes) })
+                    Ok(Outgoing {
+                        body: Either::Left(Full::new(bytes.clone())),
+                        kept: Some(bytes),
+                        waited: true,
+                    })
                 }
                 // Too large to keep, or no room to: it streams, and is not replayed.
                 BodyStart::Over(prefix, rest) | BodyStart::Unbudgeted(prefix, rest) => {
-                    Ok(Outgoing { body: Either::Right(self.streamed(Some(prefix), rest, None)), kept: None })
+                    let body = Either::Right(self.streamed(Some(prefix), rest, None));
+                    Ok(Outgoing { body, kept: None, waited: true })
                 }
             };
         }
-        Ok(Outgoing { body: Either::Right(self.streamed(None, body, None)), kept: None })
+        Ok(Outgoing { body: Either::Right(self.streamed(None, body, None)), kept: None, waited: false })
     }
 
     /// Reads a body whole (up to `dates.max_body_bytes`) to judge its override
@@ -103,7 +112,7 @@ impl Proxy {
     async fn read_whole(
         &self,
         head: &mut Parts,
-        body: Incoming,
+        body: CallerBody,
         reading: &Reading<'_>,
         identity: &Identity,
         replayable: bool,
@@ -139,6 +148,7 @@ impl Proxy {
                 return Ok(Outgoing {
                     body: Either::Right(self.streamed(Some(prefix), rest, None)),
                     kept: None,
+                    waited: true,
                 });
             }
         };
@@ -164,12 +174,12 @@ impl Proxy {
         }
         let kept = (replayable && bytes.len() as u64 <= shared.token_rules.replay_max_body_bytes)
             .then(|| bytes.clone());
-        Ok(Outgoing { body: Either::Left(Full::new(bytes)), kept })
+        Ok(Outgoing { body: Either::Left(Full::new(bytes)), kept, waited: true })
     }
 
     /// Reads up to `max` bytes of the caller's body, within the upstream request
     /// timeout (a slow caller may not hold a task forever).
-    async fn read_start(&self, body: Incoming, max: u64) -> Result<BodyStart<Incoming>, ProxyError> {
+    async fn read_start(&self, body: CallerBody, max: u64) -> Result<BodyStart<CallerBody>, ProxyError> {
         let limit = self.shared.upstream.request_timeout();
         body::within(limit, body::read_up_to(body, max, self.shared.limits.buffer_budget))
             .await
@@ -178,7 +188,7 @@ impl Proxy {
     }
 
     /// The rest of the caller's body, streamed, within the overall size limit.
-    fn streamed(&self, prefix: Option<Bytes>, rest: Incoming, screen: Option<Screen>) -> StreamedBody {
+    fn streamed(&self, prefix: Option<Bytes>, rest: CallerBody, screen: Option<Screen>) -> StreamedBody {
         let max = self.shared.limits.max_request_body_bytes;
         let already = prefix.as_ref().map_or(0, |p| p.len() as u64);
         let remaining = usize::try_from(max.saturating_sub(already)).unwrap_or(usize::MAX);

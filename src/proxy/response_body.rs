@@ -77,6 +77,8 @@ impl Proxy {
         }
         let headers = response.headers();
         let encoding = body::encoding(headers);
+        // The one length the head reader left (it restates a repeated one).
+        let declared = headers::single_length(headers);
         // A part of a body (206) is never rewritten: its `Content-Range`
         // counts Tallyfy's bytes, and a link may straddle its ends.
         let whole = !matches!(
@@ -87,7 +89,7 @@ impl Proxy {
             && whole
             && body::kind(headers) == Some(Kind::Json)
             && encoding.is_some()
-            && super::prepare::declared_length(headers).is_none_or(|n| n <= shared.links.max_body_bytes);
+            && declared.is_none_or(|n| n <= shared.links.max_body_bytes);
         if links_to.head_request && read_for_links {
             // The `GET`'s body may be rewritten: like nginx's body filters, the
             // `HEAD` answer then names no length and describes no bytes.
@@ -127,7 +129,7 @@ impl Proxy {
             let total: usize = chunks.iter().map(Bytes::len).sum();
             // Tallyfy's own length is kept when it is exactly that (a new header
             // value would cost an allocation on every request).
-            if headers::single_length(&parts.headers) != Some(total as u64) {
+            if declared != Some(total as u64) {
                 parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(total));
             }
             return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, ended))));

@@ -55,11 +55,25 @@ impl Proxy {
         log: &mut RequestRecord,
         figures: &IdentityMetrics,
     ) -> Result<Answer, ProxyError> {
+        self.shared.traffic.sent(now());
+        log.request_body = Some(first.progress().clone());
+        self.deliver(first, replay, target, sent_with, log, figures).await
+    }
+
+    /// [`Proxy::send`] past what counts a request once: also how a request
+    /// replayed after a dead token is sent.
+    pub(super) async fn deliver(
+        &self,
+        first: &mut Outbound,
+        replay: Option<&Replay>,
+        target: &Target,
+        sent_with: &mut SentWith,
+        log: &mut RequestRecord,
+        figures: &IdentityMetrics,
+    ) -> Result<Answer, ProxyError> {
         let shared = &*self.shared;
         let traffic = &shared.traffic;
         let retry = &traffic.settings.retry;
-        traffic.sent(now());
-        log.request_body = Some(first.progress().clone());
         let mut outcome = self.send_once(first, log, figures).await;
         while let Some(failure) = retryable(&outcome) {
             let Some(replay) =
@@ -77,7 +91,7 @@ impl Proxy {
             // Boxed, as the other rare paths: the common one's future stays small.
             outcome = Box::pin(async {
                 tokio::time::sleep(delay).await;
-                let token = self.token_since(target.credential, sent_with);
+                let token = self.token_since(target.credential, sent_with)?;
                 self.send_once(&mut replay.outbound(token), log, figures).await
             })
             .await;
@@ -90,22 +104,28 @@ impl Proxy {
         Box::pin(self.throttled(response, replay, target, sent_with, log, figures)).await
     }
 
-    /// The token a request sent again after a wait goes with: the
-    /// credential's token now, when a refresh replaced the one `sent_with`
-    /// names (which then follows), so it does not meet a 401 first; else the
-    /// one it last went with. `None`: the one it was first sent with.
+    /// The token a request sent after a wait goes with: the credential's
+    /// token now, when a refresh replaced the one `sent_with` names (which
+    /// then follows), so it does not meet a 401 first; else the one it last
+    /// went with (`None`: the one it was first sent with). When the
+    /// credential holds no valid token now (it expired during the wait, its
+    /// refreshes failing), nothing goes: 503, as for a request that arrives
+    /// then.
     pub(super) fn token_since(
         &self,
         credential: CredentialId,
         sent_with: &mut SentWith,
-    ) -> Option<HeaderValue> {
-        if let Ok(lease) = self.shared.tokens.lease(credential, tokio::time::Instant::now())
-            && lease.generation != sent_with.generation
-        {
+    ) -> Result<Option<HeaderValue>, ProxyError> {
+        let lease = self
+            .shared
+            .tokens
+            .lease(credential, tokio::time::Instant::now())
+            .map_err(|_| self.token_unavailable(credential))?;
+        if lease.generation != sent_with.generation {
             sent_with.generation = lease.generation;
             sent_with.token = Some(lease.authorization);
         }
-        sent_with.token.clone()
+        Ok(sent_with.token.clone())
     }
 
     /// Tallyfy answered 429: remember it for the requests after this one, and
@@ -124,10 +144,13 @@ impl Proxy {
         let traffic = &shared.traffic;
         let retry_after = throttle::retry_after(response.headers(), unix_now());
         let (parts, answer) = response.into_parts();
+        // A body that stalls past the request timeout, breaks or runs long is
+        // no reason to forget the 429: it is read as an empty one (a burst throttle).
         let limit = shared.upstream.request_timeout();
         let bytes = tokio::time::timeout(limit, Limited::new(answer, MAX_429_BODY).collect())
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout(limit))?
+            .ok()
+            .and_then(Result::ok)
             .map(|collected| collected.to_bytes())
             .unwrap_or_default();
         // Read as Tallyfy coded it (a caller asking for gzip gets a gzipped
@@ -153,7 +176,7 @@ impl Proxy {
         {
             log.throttle = Some("absorbed");
             tokio::time::sleep(wait).await;
-            let token = self.token_since(target.credential, sent_with);
+            let token = self.token_since(target.credential, sent_with)?;
             let response = self.send_once(&mut replay.outbound(token), log, figures).await?;
             if response.status() == StatusCode::TOO_MANY_REQUESTS {
                 // Remembered, counted and told like the first; never waited out twice.

@@ -13,15 +13,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use super::caller_body::{CallerBody, StreamEnd};
 use super::head_tap::{Framing, HeadTap, RequestLine};
 use crate::framing::AmbiguousLength;
 
@@ -179,7 +180,7 @@ impl<S> Counted<S> {
 
 impl<S, F, B> hyper::service::Service<Request<Incoming>> for Counted<S>
 where
-    S: Fn(Request<Incoming>) -> F,
+    S: Fn(Request<CallerBody>) -> F,
     F: Future<Output = Response<B>>,
 {
     type Response = Response<Guarded<B>>;
@@ -205,9 +206,20 @@ where
             }
         }
         let in_flight = InFlight { activity: self.activity.clone(), tap: self.tap.clone(), moved: None };
+        // An HTTP/2 body not ended with its head: its end is the caller's only
+        // once confirmed (see [`super::caller_body`]).
+        let end = (request.version() == Version::HTTP_2 && !request.body().is_end_stream())
+            .then(|| Arc::new(StreamEnd::default()));
+        let (head, body) = request.into_parts();
+        let request = Request::from_parts(head, CallerBody::new(body, end.clone()));
         // Boxed per request: hyper keeps a slot for the service's future on every
         // connection, and an idle one should not hold room for a whole request.
-        CountedFuture { inner: Box::pin((self.handler)(request)), in_flight: Some(in_flight), close }
+        CountedFuture {
+            inner: Box::pin((self.handler)(request)),
+            in_flight: Some(in_flight),
+            close,
+            end: end.map(EndWatch),
+        }
     }
 }
 
@@ -242,6 +254,17 @@ pin_project! {
         in_flight: Option<InFlight>,
         // The response closes the connection (`Connection: close`).
         close: bool,
+        end: Option<EndWatch>,
+    }
+}
+
+/// Tells an HTTP/2 body's [`StreamEnd`] of its request future's polls, and
+/// that the future is done or dropped.
+struct EndWatch(Arc<StreamEnd>);
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        self.0.finished();
     }
 }
 
@@ -253,7 +276,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut response = ready!(this.inner.poll(cx));
+        if let Some(EndWatch(end)) = this.end.as_ref() {
+            end.polling();
+        }
+        let Poll::Ready(mut response) = this.inner.poll(cx) else {
+            if let Some(EndWatch(end)) = this.end.as_ref() {
+                end.pending(cx);
+            }
+            return Poll::Pending;
+        };
+        this.end.take();
         if *this.close {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulConnection;
@@ -26,7 +25,7 @@ use super::head_tap::{Counting, HeadTap};
 use super::peers::PeerPlace;
 use super::sniff::{Protocol, sniff};
 use super::watch::Watched;
-use super::{BoxError, ConnectionInfo, ConnectionLimits};
+use super::{BoxError, CallerBody, ConnectionInfo, ConnectionLimits};
 use crate::client_cert;
 
 /// Everything a connection task needs, shared by all of a listener's connections.
@@ -68,7 +67,7 @@ pub(super) async fn connection<M, S, F, B>(
     _open: OpenConnection,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    S: Fn(Request<CallerBody>) -> F + Send + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -96,7 +95,7 @@ async fn tls_connection<M, S, F, B>(
     peer: SocketAddr,
 ) where
     M: Fn(ConnectionInfo) -> S + Send + Sync + 'static,
-    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    S: Fn(Request<CallerBody>) -> F + Send + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -140,7 +139,7 @@ async fn serve_io<M, S, F, B, I>(
     info: ConnectionInfo,
 ) where
     M: Fn(ConnectionInfo) -> S,
-    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    S: Fn(Request<CallerBody>) -> F + Send + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Data: Send,

@@ -194,3 +194,189 @@ async fn a_body_reset_before_its_announced_length_is_never_sent() {
         assert_eq!(api[0].method, http::Method::GET);
     }
 }
+
+/// HPACK for `POST http://a/api/me` with this `content-type`, and no length.
+fn post_me_of(content_type: &str) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86, 0x04, 7];
+    block.extend_from_slice(b"/api/me");
+    block.extend_from_slice(&[0x01, 1, b'a', 0x00, 12]);
+    block.extend_from_slice(b"content-type");
+    block.push(content_type.len() as u8);
+    block.extend_from_slice(content_type.as_bytes());
+    block
+}
+
+/// A caller that streams part of a body of no announced length and resets its
+/// stream with NO_ERROR: HEADERS without END_STREAM, DATA `hello` without
+/// END_STREAM, and 200 ms later RST_STREAM(NO_ERROR). hyper reads the reset as
+/// the body's end; the proxy used to write the chunked body's last chunk (or,
+/// for a body read whole, send it with its length on a pooled connection), and
+/// Tallyfy got a request the caller abandoned as a complete one. It must not be
+/// finished upstream, whether the body streams (Tallyfy over HTTP/1.1 or
+/// HTTP/2) or is read whole to judge a `_method` (a narrow identity's form). A
+/// body the caller does end goes whole, as the control after each shows.
+#[tokio::test]
+async fn a_body_of_no_length_reset_mid_way_is_never_finished_upstream() {
+    use crate::support::{Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, start_proxy};
+    const DATA: u8 = 0x0;
+    let narrow = Identity::new("narrow", "ops", Match::Any).with("methods", vec!["GET", "POST"]);
+    let caller = Identity::new("caller", "ops", Match::Any);
+    let cases = [
+        ("streamed to Tallyfy over HTTP/1.1", "text/plain", false, caller.clone()),
+        ("streamed to Tallyfy over HTTP/2", "text/plain", true, caller),
+        ("read whole to judge _method", "application/x-www-form-urlencoded", false, narrow),
+    ];
+    for (name, content_type, h2_upstream, identity) in cases {
+        // Tallyfy over HTTP/1.1: a server of the test's own, which sees every
+        // request as its bytes arrive (the sandbox drops a request whose
+        // connection closes). Over HTTP/2: the sandbox, which records a stream
+        // reset before its end as an incomplete body.
+        let (upstream, dir, base) = if h2_upstream {
+            let (sandbox, dir, base) = crate::support::tls_sandbox(&[b"h2"]).await;
+            (Upstream::Sandbox(sandbox), dir, base)
+        } else {
+            let (base, requests) = answering_recorder().await;
+            (Upstream::Recorder(requests), tempfile::tempdir().expect("dir"), base)
+        };
+        let mut config =
+            TestConfig::new(&base).credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)));
+        if h2_upstream {
+            config = config.set("upstream", "ca_file", "ca.pem");
+        }
+        let proxy = start_proxy(&config.identity(identity).parse(dir.path())).await;
+        // A connection to Tallyfy is pooled, as on a busy proxy.
+        let warm = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await;
+        assert!(warm.expect("answered").status().as_u16() < 500, "{name}");
+
+        let mut tcp = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+        let mut attack = H2_PREFACE_AND_SETTINGS.to_vec();
+        attack.extend(frame(HEADERS, END_HEADERS, 1, &post_me_of(content_type)));
+        attack.extend(frame(DATA, 0, 1, b"hello"));
+        tcp.write_all(&attack).await.expect("sent");
+        // The part reaches Tallyfy before the reset, as a slow upload's would.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tcp.write_all(&frame(RST_STREAM, 0, 1, &0u32.to_be_bytes())).await.expect("reset");
+        // Once the proxy has answered another caller after the reset, the
+        // abandoned request's upstream connection or stream is gone: a request
+        // begun upstream is recorded by then, complete or not.
+        let after = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await;
+        assert!(after.expect("answered").status().as_u16() < 500, "{name}: the proxy serves on");
+        let settled = upstream.posts_settled().await;
+        assert!(settled.iter().all(|complete| !complete), "{name}: finished upstream: {settled:?}");
+        drop(tcp);
+
+        // The control: the same body, ended by the caller, goes whole.
+        let mut sender = h2c(proxy.proxy_addr()).await;
+        let mut request = http::Request::post("http://a/api/me").body(()).expect("request");
+        request.headers_mut().insert("content-type", http::HeaderValue::from_static(content_type));
+        let (response, mut body) = sender.send_request(request, false).expect("sent");
+        body.send_data(bytes::Bytes::from_static(b"hello"), false).expect("data");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        body.send_data(bytes::Bytes::new(), true).expect("end");
+        let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("answered");
+        assert_eq!(response.expect("answered").status(), 404, "{name}: Tallyfy's answer (no POST /api/me)");
+        let settled = upstream.posts_settled().await;
+        assert_eq!(settled.iter().filter(|complete| **complete).count(), 1, "{name}: the ended body went");
+    }
+}
+
+/// Where the test sees what reached Tallyfy.
+enum Upstream {
+    Sandbox(tallyfy_sandbox::Sandbox),
+    Recorder(Recorded),
+}
+
+impl Upstream {
+    /// Whether each `POST` that reached Tallyfy came whole, once none is still
+    /// arriving (waiting up to a second for one in flight to settle).
+    async fn posts_settled(&self) -> Vec<bool> {
+        for _ in 0..40 {
+            let posts: Vec<Option<bool>> = match self {
+                Upstream::Sandbox(sandbox) => sandbox
+                    .received()
+                    .into_iter()
+                    .filter(|r| r.method == http::Method::POST)
+                    .map(|r| Some(r.body_complete))
+                    .collect(),
+                Upstream::Recorder(requests) => requests
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .filter(|(head, _)| head.starts_with(b"POST"))
+                    .map(|(_, complete)| *complete)
+                    .collect(),
+            };
+            if posts.iter().all(Option::is_some) {
+                return posts.into_iter().flatten().collect();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("a request to Tallyfy never settled");
+    }
+}
+
+/// An HTTP/1.1 upstream that answers every whole request `404` with an empty
+/// body, and records each request's head as it arrives, then whether its body
+/// (chunked, or of a `content-length`) came whole before its connection closed.
+async fn answering_recorder() -> (String, Recorded) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let requests = Recorded::default();
+    let record = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut current: Option<usize> = None;
+                loop {
+                    let whole = buffer.windows(4).position(|w| w == b"\r\n\r\n").and_then(|end| {
+                        let mut requests = record.lock().expect("not poisoned");
+                        let at = *current.get_or_insert_with(|| {
+                            requests.push((buffer[..end].to_vec(), None));
+                            requests.len() - 1
+                        });
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                        let body = &buffer[end + 4..];
+                        let done = if head.contains("transfer-encoding: chunked") {
+                            body.windows(5).position(|w| w == b"0\r\n\r\n").map(|at| at + 5)
+                        } else {
+                            let length = head
+                                .lines()
+                                .find_map(|line| line.strip_prefix("content-length:"))
+                                .map_or(0, |n| n.trim().parse::<usize>().expect("a length"));
+                            (body.len() >= length).then_some(length)
+                        }?;
+                        requests[at].1 = Some(true);
+                        Some(end + 4 + done)
+                    });
+                    if let Some(used) = whole {
+                        buffer.drain(..used);
+                        current = None;
+                        let answer = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buffer.extend_from_slice(&chunk[..n]),
+                        _ => {
+                            if let Some(at) = current {
+                                record.lock().expect("not poisoned")[at].1 = Some(false);
+                            }
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (base, requests)
+}
+
+/// The heads an [`answering_recorder`] saw, each with whether its body came
+/// whole (`None` while it is still arriving).
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, Option<bool>)>>>;

@@ -3,7 +3,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::super::{Credential, CredentialTokens, Settings, SlotId, TokenSource, TokenStore};
+use super::super::{Credential, CredentialKind, CredentialTokens, Settings, SlotId, TokenSource, TokenStore};
 use crate::upstream;
 use std::sync::Arc;
 
@@ -31,6 +31,24 @@ impl CredentialSet {
             upstream.token_url, upstream.scheme, upstream.authority, upstream.path_prefix
         );
         CredentialSet { credentials, settings, upstream }
+    }
+
+    /// Whom each credential's tokens act as, secrets aside (its name in the
+    /// fleet), in order: a credential that keeps its principal across a
+    /// reload is the same to Tallyfy.
+    pub fn principals(&self) -> Vec<String> {
+        self.credentials
+            .iter()
+            .map(|credential| {
+                let application = match &credential.kind {
+                    CredentialKind::ApplicationUser { application, .. } => {
+                        self.credentials.get(application.index())
+                    }
+                    _ => None,
+                };
+                super::shared::fleet_name(credential, application, &self.upstream)
+            })
+            .collect()
     }
 }
 

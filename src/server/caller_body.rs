@@ -1,0 +1,220 @@
+//! The caller's request body as the handler reads it: hyper's, except that on
+//! HTTP/2 its end means the caller ended it.
+//!
+//! hyper reads an HTTP/2 stream reset with `NO_ERROR` as the end of the
+//! request body (RFC 9113 §8.1 lets a *server* stop a request that way once it
+//! has answered; from a caller it means the upload was abandoned). A request
+//! the caller abandoned must never reach Tallyfy framed as complete: a
+//! truncated upload (a file, a multipart form with no closing boundary) would
+//! be committed with the proxy's token. hyper does look for a reset each time
+//! the request's future is pending, and drops the future when it finds one. So
+//! an HTTP/2 body's end is held ([`StreamEnd`]) until the request's future has
+//! been pending once after the end was seen, and then polled again: hyper found
+//! no reset. A future dropped (or finished) before that leaves the end an error,
+//! and the request is never finished upstream (its upstream connection or
+//! stream is dropped half-sent, as for any caller that goes away).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::error::BoxError;
+
+/// The caller's request body.
+#[derive(Debug)]
+pub struct CallerBody {
+    inner: Incoming,
+    /// HTTP/2 bodies not ended with their head: where their end is confirmed.
+    end: Option<Arc<StreamEnd>>,
+    /// hyper's body ended (it is not polled again).
+    inner_ended: bool,
+}
+
+impl CallerBody {
+    pub(super) fn new(inner: Incoming, end: Option<Arc<StreamEnd>>) -> Self {
+        CallerBody { inner, end, inner_ended: false }
+    }
+}
+
+impl Body for CallerBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if !this.inner_ended {
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(frame) => return Poll::Ready(Some(frame.map_err(BoxError::from))),
+                None => this.inner_ended = true,
+            }
+        }
+        match &this.end {
+            None => Poll::Ready(None),
+            Some(end) => end.body_ended(cx).map(|settled| match settled {
+                Ok(()) => None,
+                Err(Abandoned) => {
+                    Some(Err("the caller reset its HTTP/2 stream before its body ended".into()))
+                }
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // An HTTP/2 body is over only once its end is confirmed.
+        self.inner.is_end_stream() && self.end.as_ref().is_none_or(|end| end.confirmed())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The end of an HTTP/2 request body, between the body (which sees it) and the
+/// request's future (whose polls tell whether hyper found a reset).
+#[derive(Debug, Default)]
+pub(super) struct StreamEnd {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The body saw hyper's end.
+    seen: bool,
+    /// The request's future was pending after `seen`: hyper looked for a reset.
+    looked: bool,
+    settled: Option<Result<(), Abandoned>>,
+    /// The request's future, woken when the end is seen (the body may be read
+    /// on another task: an HTTP/2 connection to Tallyfy reads it on its own).
+    service: Option<Waker>,
+    /// The body's reader, woken when the end is settled.
+    body: Option<Waker>,
+}
+
+/// The request's future ended (dropped, or done) before the body's end was
+/// confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Abandoned;
+
+impl StreamEnd {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn confirmed(&self) -> bool {
+        self.state().settled == Some(Ok(()))
+    }
+
+    /// The body saw hyper's end: ready once settled.
+    fn body_ended(&self, cx: &mut Context<'_>) -> Poll<Result<(), Abandoned>> {
+        let mut state = self.state();
+        if let Some(settled) = state.settled {
+            return Poll::Ready(settled);
+        }
+        state.seen = true;
+        state.body = Some(cx.waker().clone());
+        if let Some(service) = state.service.take() {
+            service.wake();
+        }
+        Poll::Pending
+    }
+
+    /// The request's future is about to be polled: if it was pending since the
+    /// end was seen, hyper found no reset, and the end is the caller's.
+    pub(super) fn polling(&self) {
+        let mut state = self.state();
+        if state.seen && state.looked && state.settled.is_none() {
+            state.settled = Some(Ok(()));
+            if let Some(body) = state.body.take() {
+                body.wake();
+            }
+        }
+    }
+
+    /// The request's future is pending (hyper now looks for a reset): when
+    /// the end was seen, it is polled again at once to confirm it.
+    pub(super) fn pending(&self, cx: &mut Context<'_>) {
+        let mut state = self.state();
+        if state.settled.is_some() {
+            return;
+        }
+        if state.seen {
+            state.looked = true;
+            cx.waker().wake_by_ref();
+        } else if !state.service.as_ref().is_some_and(|service| service.will_wake(cx.waker())) {
+            state.service = Some(cx.waker().clone());
+        }
+    }
+
+    /// The request's future is done or dropped: an end not yet confirmed is
+    /// an abandoned request's.
+    pub(super) fn finished(&self) {
+        let mut state = self.state();
+        if state.settled.is_none() {
+            state.settled = Some(Err(Abandoned));
+            if let Some(body) = state.body.take() {
+                body.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn waker() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn an_end_is_the_callers_only_after_a_pending_and_a_poll_past_it() {
+        let end = StreamEnd::default();
+        let (service_wakes, service) = waker();
+        let (body_wakes, body) = waker();
+        end.pending(&mut Context::from_waker(&service));
+        assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending(), "held");
+        assert_eq!(service_wakes.0.load(Ordering::Relaxed), 1, "the request's future is told");
+        end.polling();
+        assert!(!end.confirmed(), "not pending since the end: hyper has not looked for a reset");
+        end.pending(&mut Context::from_waker(&service));
+        assert_eq!(service_wakes.0.load(Ordering::Relaxed), 2, "polled again at once");
+        end.polling();
+        assert!(end.confirmed());
+        assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1, "the reader is told");
+        assert_eq!(end.body_ended(&mut Context::from_waker(&body)), Poll::Ready(Ok(())));
+        end.finished();
+        assert!(end.confirmed(), "a confirmed end stays confirmed");
+    }
+
+    #[test]
+    fn a_future_dropped_before_the_end_is_confirmed_leaves_it_abandoned() {
+        let end = StreamEnd::default();
+        let (body_wakes, body) = waker();
+        let (_, service) = waker();
+        assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending());
+        end.pending(&mut Context::from_waker(&service));
+        // hyper found the reset and dropped the future here.
+        end.finished();
+        assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1);
+        assert_eq!(end.body_ended(&mut Context::from_waker(&body)), Poll::Ready(Err(Abandoned)));
+        end.polling();
+        assert!(!end.confirmed());
+    }
+}
