@@ -37,8 +37,8 @@
 //!    identity's token with one lock-free `ArcSwap` load (503 when there is none);
 //!    [`traffic::Traffic::admit`] applies the identity's `rate_limit` and
 //!    `max_in_flight`, the `[[limits]]` rules and Tallyfy's remembered 429s
-//!    (429 / 503, nothing sent; a request refused after this, before it is
-//!    sent, gives its counts back);
+//!    (429 / 503, nothing sent; a request refused after this, or dropped with
+//!    its caller, before it is sent gives its counts back: [`traffic::Unsent`]);
 //!    [`upstream::Upstream::uri_for`] and [`headers::to_upstream`] write the
 //!    upstream head: Tallyfy's host with the caller's path and query byte for
 //!    byte, the caller's credentials and untrusted headers dropped, the bearer
@@ -159,7 +159,8 @@
 //!   after a response; a long head waiting for dispatch counted against
 //!   [`body::Budget`]), `activity.rs` (requests in flight, idleness, responses
 //!   that stall), `caller_body.rs` (the request body handed to the handler: an
-//!   HTTP/2 body's end held until the request's future shows no reset),
+//!   HTTP/2 body's end held until the request's future, or its response body,
+//!   shows no reset),
 //!   `watch.rs` (the connection's timers polled only when they fire),
 //!   `peers.rs` (connections per peer address, capped on the admin port).
 //! - [`policy`]: orgs, methods, paths and the org alias of an identity.

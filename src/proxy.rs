@@ -209,51 +209,45 @@ impl Proxy {
         let credential = identity.credential;
         let target =
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
-        // Until it is sent, a refusal gives back what the limits counted.
-        let ready = async {
-            // The rare paths are boxed (here and below): a future has room for its
-            // largest await, and every request's future is allocated and moved whole.
-            let lease = match lease {
-                Some(lease) => lease,
-                None => {
-                    let lease = Box::pin(self.first_token(credential)).await?;
-                    head.headers.insert(http::header::AUTHORIZATION, lease.authorization.clone());
-                    lease
-                }
-            };
-            let mut sent_with = SentWith { generation: lease.generation, token: None };
-            if !admitted.delay.is_zero() {
-                // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
-                log.throttle = Some("waited");
-                let asleep = throttle::spread(admitted.delay, rand::random());
-                Box::pin(tokio::time::sleep(asleep)).await;
-            }
-            let outgoing = self.request_body(&mut head, body, identity).await?;
-            if !admitted.delay.is_zero() || outgoing.waited {
-                // Time passed: the token may have been replaced, or have expired.
-                if let Some(token) = self.token_since(credential, &mut sent_with)? {
-                    head.headers.insert(http::header::AUTHORIZATION, token);
-                }
-            }
-            if let Some(spend) = &fleet_budgets {
-                Box::pin(self.spend_fleet_wide(spend)).await?;
-            }
-            Ok((outgoing, sent_with))
-        };
-        let (Outgoing { body, kept, .. }, mut sent_with) = match ready.await {
-            Ok(ready) => ready,
-            Err(refused) => {
-                let counted = match fleet_budgets {
-                    Some(spend) => spend.counted,
-                    None => {
-                        let path = shared.upstream.received_path(&target.uri);
-                        shared.traffic.counted(index, credential.index(), &target.method, path, admitted.at)
-                    }
-                };
-                shared.traffic.give_back(&counted);
-                return Err(refused);
+        // Until it is sent, a refusal (or the caller's going away) gives back
+        // what the limits counted.
+        let path = shared.upstream.received_path(&target.uri);
+        let unsent = shared.traffic.unsent(
+            index,
+            credential.index(),
+            &target.method,
+            path,
+            admitted.at,
+            fleet_budgets.as_deref(),
+        );
+        // The rare paths are boxed (here and below): a future has room for its
+        // largest await, and every request's future is allocated and moved whole.
+        let lease = match lease {
+            Some(lease) => lease,
+            None => {
+                let lease = Box::pin(self.first_token(credential)).await?;
+                head.headers.insert(http::header::AUTHORIZATION, lease.authorization.clone());
+                lease
             }
         };
+        let mut sent_with = SentWith { generation: lease.generation, token: None };
+        if !admitted.delay.is_zero() {
+            // Tallyfy's last 429 for this credential lifts within upstream.retry_429_max_wait_ms.
+            log.throttle = Some("waited");
+            let asleep = throttle::spread(admitted.delay, rand::random());
+            Box::pin(tokio::time::sleep(asleep)).await;
+        }
+        let Outgoing { body, kept, waited } = self.request_body(&mut head, body, identity).await?;
+        if !admitted.delay.is_zero() || waited {
+            // Time passed: the token may have been replaced, or have expired.
+            if let Some(token) = self.token_since(credential, &mut sent_with)? {
+                head.headers.insert(http::header::AUTHORIZATION, token);
+            }
+        }
+        if let Some(spend) = &fleet_budgets {
+            Box::pin(self.spend_fleet_wide(spend)).await?;
+        }
+        unsent.sent();
         // Boxed: only kept (OAuth) requests have one, and this future is copied whole.
         let tenant = Tenant(credential.index());
         let replay = kept.map(|body| Box::new(Replay::of(&head, body, tenant)));

@@ -106,6 +106,43 @@ pub struct Counted {
     windows: SmallVec<[(usize, String); 2]>,
 }
 
+/// A request the limits let through that has not been sent: when this drops
+/// before [`Unsent::sent`] (the request refused on its way, or dropped with its
+/// caller), what it counted is given back ([`Traffic::give_back`]).
+pub struct Unsent<'t> {
+    traffic: &'t Traffic,
+    request: Option<UnsentRequest<'t>>,
+}
+
+struct UnsentRequest<'t> {
+    identity: usize,
+    credential: usize,
+    method: &'t Method,
+    path: &'t str,
+    at: Nanos,
+    fleet: Option<&'t FleetSpend>,
+}
+
+impl Unsent<'_> {
+    /// The request is being sent: its counts stand, whatever comes of it.
+    pub fn sent(mut self) {
+        self.request = None;
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        let Some(request) = self.request.take() else { return };
+        match request.fleet {
+            Some(spend) => self.traffic.give_back(&spend.counted),
+            None => {
+                let UnsentRequest { identity, credential, method, path, at, .. } = request;
+                self.traffic.give_back(&self.traffic.counted(identity, credential, method, path, at));
+            }
+        }
+    }
+}
+
 /// Fleet mode: what a request spends fleet-wide (its budgets, by limit name),
 /// and what it counted locally.
 #[derive(Debug, Default)]
@@ -274,11 +311,30 @@ impl Traffic {
         FleetSpend { budgets, counted }
     }
 
+    /// A request [`Traffic::admit`] let through at `at`, not sent yet: what it
+    /// counted is given back unless [`Unsent::sent`] says it went. `path` is the
+    /// one it was admitted on; `fleet`, in fleet mode, what it spends there.
+    pub fn unsent<'t>(
+        &'t self,
+        identity: usize,
+        credential: usize,
+        method: &'t Method,
+        path: &'t str,
+        at: Nanos,
+        fleet: Option<&'t FleetSpend>,
+    ) -> Unsent<'t> {
+        Unsent {
+            traffic: self,
+            request: Some(UnsentRequest { identity, credential, method, path, at, fleet }),
+        }
+    }
+
     /// A request [`Traffic::admit`] let through was refused before it was
-    /// sent (by the fleet's budgets, its body, its token): its local counts are
-    /// given back, so the windows and buckets hold only requests that went to
-    /// Tallyfy (a refused request spends nothing), and in fleet mode this
-    /// replica does not refuse on after the fleet's window has closed.
+    /// sent (by the fleet's budgets, its body, its token), or its caller went
+    /// away first: its local counts are given back, so the windows and buckets
+    /// hold only requests that went to Tallyfy (a refused request spends
+    /// nothing), and in fleet mode this replica does not refuse on after the
+    /// fleet's window has closed.
     pub fn give_back(&self, counted: &Counted) {
         if counted.bucket
             && let Some((bucket, _, _)) = &self.gates[counted.identity].bucket

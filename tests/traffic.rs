@@ -670,7 +670,8 @@ async fn a_request_whose_token_expired_while_it_waited_is_not_sent_with_it() {
     let absorbed = http.get(url(&proxy, "/api/me")).send();
     let waited = async {
         // Arrives once the 429 is remembered: it waits too.
-        while sandbox.count("GET", "/api/me") == 0 {
+        let series = r#"tallyfy_proxy_upstream_429_total{credential="user"}"#;
+        while sample(&scrape(proxy.admin_addr()).await, series) < 1.0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         http.get(url(&proxy, "/api/me")).send().await

@@ -281,11 +281,10 @@ where
         }
         let Poll::Ready(mut response) = this.inner.poll(cx) else {
             if let Some(EndWatch(end)) = this.end.as_ref() {
-                end.pending(cx);
+                end.yielded(cx, true);
             }
             return Poll::Pending;
         };
-        this.end.take();
         if *this.close {
             response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -293,17 +292,20 @@ where
         if let Some(in_flight) = &mut in_flight {
             in_flight.sending();
         }
-        Poll::Ready(Ok(response.map(|inner| Guarded { inner, in_flight })))
+        let end = this.end.take();
+        Poll::Ready(Ok(response.map(|inner| Guarded { inner, in_flight, end })))
     }
 }
 
 pin_project! {
     /// A response body that holds its request's count until it is dropped,
-    /// and counts the frames it gives.
+    /// and counts the frames it gives; on HTTP/2, its polls also confirm the
+    /// end of a request body still being read ([`StreamEnd`]).
     pub struct Guarded<B> {
         #[pin]
         inner: B,
         in_flight: Option<InFlight>,
+        end: Option<EndWatch>,
     }
 }
 
@@ -316,7 +318,13 @@ impl<B: Body> Body for Guarded<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
+        if let Some(EndWatch(end)) = this.end.as_ref() {
+            end.polling();
+        }
         let frame = this.inner.poll_frame(cx);
+        if let Some(EndWatch(end)) = this.end.as_ref() {
+            end.yielded(cx, frame.is_pending());
+        }
         if let (Poll::Ready(Some(_)), Some(in_flight)) = (&frame, this.in_flight.as_mut()) {
             in_flight.moved();
         }

@@ -10,9 +10,12 @@
 //! the request's future is pending, and drops the future when it finds one. So
 //! an HTTP/2 body's end is held ([`StreamEnd`]) until the request's future has
 //! been pending once after the end was seen, and then polled again: hyper found
-//! no reset. A future dropped (or finished) before that leaves the end an error,
-//! and the request is never finished upstream (its upstream connection or
-//! stream is dropped half-sent, as for any caller that goes away).
+//! no reset. Once the future has answered, its response body's polls tell the
+//! same (hyper looks for a reset before each; Tallyfy over HTTP/2 may answer
+//! before an upload ends). A future dropped unanswered, or a response body
+//! dropped, before that leaves the end an error, and the request is never
+//! finished upstream (its upstream connection or stream is dropped half-sent,
+//! as for any caller that goes away).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -125,8 +128,10 @@ impl StreamEnd {
         Poll::Pending
     }
 
-    /// The request's future is about to be polled: if it was pending since the
-    /// end was seen, hyper found no reset, and the end is the caller's.
+    /// The request's future (or, once it answered, its response body) is
+    /// about to be polled: if it gave hyper the hand since the end was seen,
+    /// hyper looked for a reset in between and found none, and the end is the
+    /// caller's.
     pub(super) fn polling(&self) {
         let mut state = self.state();
         if state.seen && state.looked && state.settled.is_none() {
@@ -137,23 +142,28 @@ impl StreamEnd {
         }
     }
 
-    /// The request's future is pending (hyper now looks for a reset): when
-    /// the end was seen, it is polled again at once to confirm it.
-    pub(super) fn pending(&self, cx: &mut Context<'_>) {
+    /// The request's future, or its response body, gave hyper the hand
+    /// (`pending`: it waits). hyper looks for a reset before it polls either
+    /// again: when the end was seen, that poll confirms it (and comes at once).
+    pub(super) fn yielded(&self, cx: &mut Context<'_>, pending: bool) {
         let mut state = self.state();
         if state.settled.is_some() {
             return;
         }
         if state.seen {
             state.looked = true;
-            cx.waker().wake_by_ref();
-        } else if !state.service.as_ref().is_some_and(|service| service.will_wake(cx.waker())) {
+            if pending {
+                cx.waker().wake_by_ref();
+            }
+        } else if pending && !state.service.as_ref().is_some_and(|service| service.will_wake(cx.waker())) {
             state.service = Some(cx.waker().clone());
         }
     }
 
-    /// The request's future is done or dropped: an end not yet confirmed is
-    /// an abandoned request's.
+    /// The request's future ended without an answer, or its response body
+    /// is dropped: an end not yet confirmed is an abandoned request's (once
+    /// the answer is whole, Tallyfy has answered, and what it did not read of
+    /// the upload is cut as for a caller gone).
     pub(super) fn finished(&self) {
         let mut state = self.state();
         if state.settled.is_none() {
@@ -188,12 +198,12 @@ mod tests {
         let end = StreamEnd::default();
         let (service_wakes, service) = waker();
         let (body_wakes, body) = waker();
-        end.pending(&mut Context::from_waker(&service));
+        end.yielded(&mut Context::from_waker(&service), true);
         assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending(), "held");
         assert_eq!(service_wakes.0.load(Ordering::Relaxed), 1, "the request's future is told");
         end.polling();
         assert!(!end.confirmed(), "not pending since the end: hyper has not looked for a reset");
-        end.pending(&mut Context::from_waker(&service));
+        end.yielded(&mut Context::from_waker(&service), true);
         assert_eq!(service_wakes.0.load(Ordering::Relaxed), 2, "polled again at once");
         end.polling();
         assert!(end.confirmed());
@@ -209,7 +219,7 @@ mod tests {
         let (body_wakes, body) = waker();
         let (_, service) = waker();
         assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending());
-        end.pending(&mut Context::from_waker(&service));
+        end.yielded(&mut Context::from_waker(&service), true);
         // hyper found the reset and dropped the future here.
         end.finished();
         assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1);

@@ -124,7 +124,7 @@ async fn a_continuation_flood_is_cut_before_it_ends_and_nothing_is_forwarded() {
 }
 
 /// An h2c connection to `addr`, driven in the background.
-async fn h2c(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+pub(super) async fn h2c(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
     tokio::spawn(connection);
@@ -197,8 +197,14 @@ async fn a_body_reset_before_its_announced_length_is_never_sent() {
 
 /// HPACK for `POST http://a/api/me` with this `content-type`, and no length.
 fn post_me_of(content_type: &str) -> Vec<u8> {
-    let mut block = vec![0x83, 0x86, 0x04, 7];
-    block.extend_from_slice(b"/api/me");
+    post_of("/api/me", content_type)
+}
+
+/// HPACK for `POST http://a{path}` (under 127 bytes) with this `content-type`,
+/// and no length.
+fn post_of(path: &str, content_type: &str) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path.as_bytes());
     block.extend_from_slice(&[0x01, 1, b'a', 0x00, 12]);
     block.extend_from_slice(b"content-type");
     block.push(content_type.len() as u8);
@@ -255,12 +261,25 @@ async fn a_body_of_no_length_reset_mid_way_is_never_finished_upstream() {
         tcp.write_all(&attack).await.expect("sent");
         // The part reaches Tallyfy before the reset, as a slow upload's would.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        let streamed = content_type == "text/plain";
+        if streamed && matches!(upstream, Upstream::Recorder(_)) {
+            assert_eq!(upstream.posts(), [None], "{name}: the upload is under way at Tallyfy");
+        }
         tcp.write_all(&frame(RST_STREAM, 0, 1, &0u32.to_be_bytes())).await.expect("reset");
         // Once the proxy has answered another caller after the reset, the
         // abandoned request's upstream connection or stream is gone: a request
         // begun upstream is recorded by then, complete or not.
         let after = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send().await;
         assert!(after.expect("answered").status().as_u16() < 500, "{name}: the proxy serves on");
+        if !streamed {
+            // Nothing was under way: give a request wrongly sent the time to show.
+            for _ in 0..20 {
+                if !upstream.posts().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
         let settled = upstream.posts_settled().await;
         assert!(settled.iter().all(|complete| !complete), "{name}: finished upstream: {settled:?}");
         drop(tcp);
@@ -287,25 +306,31 @@ enum Upstream {
 }
 
 impl Upstream {
+    /// Each `POST` that reached Tallyfy: whether it came whole, `None` while
+    /// it is arriving (the sandbox shows a request only once it settled).
+    fn posts(&self) -> Vec<Option<bool>> {
+        match self {
+            Upstream::Sandbox(sandbox) => sandbox
+                .received()
+                .into_iter()
+                .filter(|r| r.method == http::Method::POST)
+                .map(|r| Some(r.body_complete))
+                .collect(),
+            Upstream::Recorder(requests) => requests
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .filter(|(head, _)| head.starts_with(b"POST"))
+                .map(|(_, complete)| *complete)
+                .collect(),
+        }
+    }
+
     /// Whether each `POST` that reached Tallyfy came whole, once none is still
     /// arriving (waiting up to a second for one in flight to settle).
     async fn posts_settled(&self) -> Vec<bool> {
         for _ in 0..40 {
-            let posts: Vec<Option<bool>> = match self {
-                Upstream::Sandbox(sandbox) => sandbox
-                    .received()
-                    .into_iter()
-                    .filter(|r| r.method == http::Method::POST)
-                    .map(|r| Some(r.body_complete))
-                    .collect(),
-                Upstream::Recorder(requests) => requests
-                    .lock()
-                    .expect("not poisoned")
-                    .iter()
-                    .filter(|(head, _)| head.starts_with(b"POST"))
-                    .map(|(_, complete)| *complete)
-                    .collect(),
-            };
+            let posts = self.posts();
             if posts.iter().all(Option::is_some) {
                 return posts.into_iter().flatten().collect();
             }
@@ -380,3 +405,45 @@ async fn answering_recorder() -> (String, Recorded) {
 /// The heads an [`answering_recorder`] saw, each with whether its body came
 /// whole (`None` while it is still arriving).
 type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(Vec<u8>, Option<bool>)>>>;
+
+/// An upload its caller abandons with RST_STREAM(NO_ERROR) while the proxy
+/// reads it (a narrow identity's form, read to judge its `_method`) never
+/// reaches Tallyfy, and spends nothing of a `[[limits]]` cap: hyper drops the
+/// request when it finds the reset, and what the limits counted goes back.
+#[tokio::test]
+async fn an_upload_abandoned_while_it_is_read_spends_no_limit() {
+    use crate::support::{
+        Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, start_proxy, start_sandbox, table,
+    };
+    const DATA: u8 = 0x0;
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let guests = format!("/api/organizations/{}/guests", tallyfy_sandbox::fixtures::ORG_ID);
+    let cap = table([
+        ("name", "guest-invites".into()),
+        ("methods", toml::Value::from(vec!["POST"])),
+        ("path", "/api/organizations/{org}/guests".into()),
+        ("max", 1.into()),
+        ("per_seconds", 3600.into()),
+    ]);
+    let config = TestConfig::new(&sandbox.base_url())
+        .credential(Credential::personal("ops", Secret::Env(TOKEN_ENV)))
+        .identity(Identity::new("narrow", "ops", Match::Any).with("methods", vec!["GET", "POST"]))
+        .limit(cap);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let _ = super::access_log();
+    let mut tcp = TcpStream::connect(proxy.proxy_addr()).await.expect("connect");
+    let mut attack = H2_PREFACE_AND_SETTINGS.to_vec();
+    attack.extend(frame(HEADERS, END_HEADERS, 1, &post_of(&guests, "application/x-www-form-urlencoded")));
+    attack.extend(frame(DATA, 0, 1, b"email=a"));
+    tcp.write_all(&attack).await.expect("sent");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tcp.write_all(&frame(RST_STREAM, 0, 1, &0u32.to_be_bytes())).await.expect("reset");
+    // The abandoned request's line: it is over.
+    let line = super::access_line(&format!("path=\"{guests}\" status=499")).await;
+    assert!(line.contains("identity=\"narrow\""), "{line}");
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let sent = client().post(format!("http://{}{guests}", proxy.proxy_addr())).json(&body).send().await;
+    assert_eq!(sent.expect("answered").status(), 201, "the cap's one is still there");
+    assert_eq!(sandbox.count("POST", &guests), 1);
+}

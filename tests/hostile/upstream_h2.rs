@@ -519,3 +519,66 @@ async fn requests_that_find_no_connection_wait_for_the_one_being_dialled() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "one connection dialled for the 20");
 }
+
+/// Tallyfy over HTTP/2 may answer before an upload ends (its head and a first
+/// part at once, the rest once the upload is in). An HTTP/2 caller's body end
+/// is confirmed by its response's polls then: the upload still ends whole at
+/// Tallyfy (END_STREAM, not a reset), and the answer comes whole.
+#[tokio::test]
+async fn an_answer_begun_before_the_upload_ends_lets_both_end_whole() {
+    let uploads = Arc::new(Mutex::new(Vec::new()));
+    let record = uploads.clone();
+    let (base, ca_pem, _) = h2_upstream(move |_, mut connection| {
+        let record = record.clone();
+        async move {
+            while let Some(Ok((request, mut respond))) = connection.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let Ok(mut answer) = respond.send_response(http::Response::new(()), false) else {
+                        return;
+                    };
+                    let _ = answer.send_data(bytes::Bytes::from_static(b"early "), false);
+                    let mut body = request.into_body();
+                    let mut got = Vec::new();
+                    let outcome = loop {
+                        match body.data().await {
+                            Some(Ok(data)) => {
+                                let _ = body.flow_control().release_capacity(data.len());
+                                got.extend_from_slice(&data);
+                            }
+                            Some(Err(error)) => break format!("reset: {error}"),
+                            None => break format!("ended: {}", String::from_utf8_lossy(&got)),
+                        }
+                    };
+                    record.lock().expect("record").push(outcome);
+                    let _ = answer.send_data(bytes::Bytes::from_static(b"done"), true);
+                });
+            }
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let mut sender = super::http2::h2c(proxy.proxy_addr()).await;
+    let mut request = http::Request::post("http://a/api/me").body(()).expect("request");
+    request.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain"));
+    let (response, mut upload) = sender.send_request(request, false).expect("sent");
+    upload.send_data(bytes::Bytes::from_static(b"hello "), false).expect("data");
+    let response =
+        tokio::time::timeout(Duration::from_secs(5), response).await.expect("head").expect("answered");
+    assert_eq!(response.status(), 200);
+    let mut answer = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), answer.data()).await.expect("first part");
+    assert_eq!(&first.expect("data").expect("data")[..], b"early ");
+    upload.send_data(bytes::Bytes::from_static(b"world"), true).expect("the upload's end");
+    let mut rest = Vec::new();
+    while let Some(data) =
+        tokio::time::timeout(Duration::from_secs(5), answer.data()).await.expect("the rest")
+    {
+        rest.extend_from_slice(&data.expect("the answer streams on"));
+    }
+    assert_eq!(rest, b"done", "the answer came whole");
+    assert_eq!(*uploads.lock().expect("record"), ["ended: hello world"], "the upload ended whole at Tallyfy");
+}
