@@ -22,7 +22,7 @@ use crate::request_id;
 use crate::server::ConnectionInfo;
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
-use crate::traffic::{Traffic, throttle};
+use crate::traffic::{CountedRequest, Traffic, throttle};
 use crate::upstream::{Outbound, Tenant, Upstream, UpstreamBody};
 use crate::{dates, links, tokens};
 
@@ -211,15 +211,14 @@ impl Proxy {
             Target { method: head.method.clone(), uri: head.uri.clone(), rule: admitted.rule, credential };
         // Until it is sent, a refusal (or the caller's going away) gives back
         // what the limits counted.
-        let path = shared.upstream.received_path(&target.uri);
-        let unsent = shared.traffic.unsent(
-            index,
-            credential.index(),
-            &target.method,
-            path,
-            admitted.at,
-            fleet_budgets.as_deref(),
-        );
+        let unsent = shared.traffic.unsent(CountedRequest {
+            identity: index,
+            credential: credential.index(),
+            method: &target.method,
+            path: shared.upstream.received_path(&target.uri),
+            at: admitted.at,
+            fleet: fleet_budgets.as_deref(),
+        });
         // The rare paths are boxed (here and below): a future has room for its
         // largest await, and every request's future is allocated and moved whole.
         let lease = match lease {

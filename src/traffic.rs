@@ -111,16 +111,20 @@ pub struct Counted {
 /// caller), what it counted is given back ([`Traffic::give_back`]).
 pub struct Unsent<'t> {
     traffic: &'t Traffic,
-    request: Option<UnsentRequest<'t>>,
+    request: Option<CountedRequest<'t>>,
 }
 
-struct UnsentRequest<'t> {
-    identity: usize,
-    credential: usize,
-    method: &'t Method,
-    path: &'t str,
-    at: Nanos,
-    fleet: Option<&'t FleetSpend>,
+/// A request [`Traffic::admit`] let through, as the limits counted it.
+pub struct CountedRequest<'t> {
+    pub identity: usize,
+    pub credential: usize,
+    pub method: &'t Method,
+    /// The path it was admitted on.
+    pub path: &'t str,
+    /// When it was counted ([`Admitted::at`]).
+    pub at: Nanos,
+    /// Fleet mode: what it spends fleet-wide (and counted here).
+    pub fleet: Option<&'t FleetSpend>,
 }
 
 impl Unsent<'_> {
@@ -136,7 +140,7 @@ impl Drop for Unsent<'_> {
         match request.fleet {
             Some(spend) => self.traffic.give_back(&spend.counted),
             None => {
-                let UnsentRequest { identity, credential, method, path, at, .. } = request;
+                let CountedRequest { identity, credential, method, path, at, .. } = request;
                 self.traffic.give_back(&self.traffic.counted(identity, credential, method, path, at));
             }
         }
@@ -311,22 +315,10 @@ impl Traffic {
         FleetSpend { budgets, counted }
     }
 
-    /// A request [`Traffic::admit`] let through at `at`, not sent yet: what it
-    /// counted is given back unless [`Unsent::sent`] says it went. `path` is the
-    /// one it was admitted on; `fleet`, in fleet mode, what it spends there.
-    pub fn unsent<'t>(
-        &'t self,
-        identity: usize,
-        credential: usize,
-        method: &'t Method,
-        path: &'t str,
-        at: Nanos,
-        fleet: Option<&'t FleetSpend>,
-    ) -> Unsent<'t> {
-        Unsent {
-            traffic: self,
-            request: Some(UnsentRequest { identity, credential, method, path, at, fleet }),
-        }
+    /// A request [`Traffic::admit`] let through, not sent yet: what it counted
+    /// is given back unless [`Unsent::sent`] says it went.
+    pub fn unsent<'t>(&'t self, request: CountedRequest<'t>) -> Unsent<'t> {
+        Unsent { traffic: self, request: Some(request) }
     }
 
     /// A request [`Traffic::admit`] let through was refused before it was
