@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::server::CallerBody;
 use arc_swap::ArcSwap;
 use http::Request;
 use tokio::net::TcpListener;
@@ -20,7 +19,7 @@ use crate::fleet::{Fleet, News};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{self, Clients, RefresherTask, ReloadHandle, Reloader};
-use crate::server::{self, ConnectionInfo, ConnectionLimits, ConnectionSlots, HeadBudget};
+use crate::server::{self, CallerBody, ConnectionInfo, ConnectionLimits, ConnectionSlots, HeadBudget};
 use crate::tokens::refresh::Refresher;
 use crate::tokens::{CredentialTokens, TokenStore};
 use crate::traffic::TrafficState;

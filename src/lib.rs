@@ -26,7 +26,8 @@
 //!    is not one plain number and codings other than `chunked`; with
 //!    `listen.unprefixed`, [`target::add_api_prefix`] reads `/me` as `/api/me`;
 //!    [`target::check`] lets only `/api/*` out and refuses `CONNECT`, `TRACE`,
-//!    lower-case methods, foreign absolute-form targets, ambiguous decoded
+//!    lower-case methods, foreign absolute-form targets (or ones with user
+//!    information), ambiguous decoded
 //!    segments and `/api/oauth` in any spelling; [`target::host`] wants one plain
 //!    `Host`; [`headers::check_fields`] gives 431 past the header limits and 400
 //!    for a value with white space at either end (HTTP/2), the declared length 413;

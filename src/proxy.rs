@@ -6,7 +6,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::server::CallerBody;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{Either, Full};
@@ -19,7 +18,7 @@ use crate::identity::Identities;
 use crate::links::{ApiLocation, LinkScan};
 use crate::metrics::{IdentityMetrics, Metrics};
 use crate::request_id;
-use crate::server::ConnectionInfo;
+use crate::server::{CallerBody, ConnectionInfo};
 use crate::tokens::refresh::RefreshHandle;
 use crate::tokens::{CredentialId, CredentialTokens};
 use crate::traffic::{CountedRequest, Traffic, throttle};

@@ -52,6 +52,11 @@ pub fn check(method: &Method, version: Version, uri: &Uri, upstream: &Authority)
         if !web_scheme.is_some_and(|scheme| canonical_authority(scheme, authority) == *upstream) {
             return Err(ProxyError::BadRequest("absolute-form targets naming another host are refused"));
         }
+        // RFC 9110 §4.2.4: user information in an http(s) URI is an error
+        // (a credential in the target, or a host spoofed in front of an `@`).
+        if authority.as_str().contains('@') {
+            return Err(ProxyError::BadRequest("a target with user information (user@host) is refused"));
+        }
     }
     let path = uri.path();
     if !path.starts_with(API_PREFIX) {
@@ -307,6 +312,13 @@ mod tests {
             Err(ProxyError::BadRequest(_))
         ));
         assert!(check_h1(Method::GET, "https://go.tallyfy.com/api/me").is_ok());
+        assert!(
+            matches!(
+                check_h1(Method::GET, "https://u:p@go.tallyfy.com/api/me"),
+                Err(ProxyError::BadRequest(_))
+            ),
+            "user information"
+        );
         // The upstream's host however spelled, its scheme's default port written or not.
         assert!(check_h1(Method::GET, "https://Go.Tallyfy.COM:443/api/me").is_ok());
         for other_port in ["https://go.tallyfy.com:8443/api/me", "http://go.tallyfy.com:443/api/me"] {

@@ -92,10 +92,11 @@ pub struct Admitted {
 }
 
 /// What a request let through counted locally: given back when the request is
-/// refused before it is sent ([`Traffic::give_back`]), so the limits count
-/// only requests that went to Tallyfy.
+/// refused, or dropped with its caller, before it is sent ([`Unsent`],
+/// [`Traffic::give_back`]), so the limits count only requests that went to
+/// Tallyfy.
 #[derive(Debug, Default)]
-pub struct Counted {
+pub struct Counts {
     identity: usize,
     credential: usize,
     /// When the counts were taken.
@@ -138,7 +139,7 @@ impl Drop for Unsent<'_> {
     fn drop(&mut self) {
         let Some(request) = self.request.take() else { return };
         match request.fleet {
-            Some(spend) => self.traffic.give_back(&spend.counted),
+            Some(spend) => self.traffic.give_back(&spend.counts),
             None => {
                 let CountedRequest { identity, credential, method, path, at, .. } = request;
                 self.traffic.give_back(&self.traffic.counted(identity, credential, method, path, at));
@@ -152,7 +153,7 @@ impl Drop for Unsent<'_> {
 #[derive(Debug, Default)]
 pub struct FleetSpend {
     pub budgets: Vec<(Arc<str>, Spend)>,
-    pub counted: Counted,
+    pub counts: Counts,
 }
 
 /// The name under which Tallyfy's own limits are reported.
@@ -268,20 +269,20 @@ impl Traffic {
         method: &Method,
         path: &str,
         at: Nanos,
-    ) -> Counted {
+    ) -> Counts {
         let bucket = self.gates[identity].bucket.is_some();
-        let mut counted = Counted { identity, credential, at, bucket, windows: SmallVec::new() };
+        let mut counts = Counts { identity, credential, at, bucket, windows: SmallVec::new() };
         let mut matching = self.rules.candidates(path);
         if matching.is_empty() {
-            return counted;
+            return counts;
         }
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
         matching.retain(|i| self.rules.get(*i).applies(method, &segments));
         for i in matching {
-            counted.windows.push((i, self.rules.get(i).org(&segments).to_ascii_lowercase()));
+            counts.windows.push((i, self.rules.get(i).org(&segments).to_ascii_lowercase()));
         }
-        counted
+        counts
     }
 
     /// Fleet mode: the budgets (by limit name) a request [`Traffic::admit`]
@@ -296,23 +297,23 @@ impl Traffic {
         path: &str,
         at: Nanos,
     ) -> FleetSpend {
-        let counted = self.counted(identity, credential, method, path, at);
+        let counts = self.counted(identity, credential, method, path, at);
         let mut budgets = Vec::new();
         if self.fleet.is_none() {
-            return FleetSpend { budgets, counted };
+            return FleetSpend { budgets, counts };
         }
         if let Some((_, name, rate)) = &self.gates[identity].bucket {
             let key = format!("rate/{name}/{}-{}", rate.per_second, rate.burst);
             budgets.push((name.clone(), Spend::Rate { key, per_second: rate.per_second, burst: rate.burst }));
         }
         let credential_name = &self.throttles[credential].1;
-        for (i, org) in &counted.windows {
+        for (i, org) in &counts.windows {
             let rule = self.rules.get(*i);
             let RuleSettings { max, per, .. } = rule.settings;
             let key = format!("limit/{}/{max}-{}/{org}/{credential_name}", rule.name, per.as_millis());
             budgets.push((rule.name.clone(), Spend::Window { key, max, per }));
         }
-        FleetSpend { budgets, counted }
+        FleetSpend { budgets, counts }
     }
 
     /// A request [`Traffic::admit`] let through, not sent yet: what it counted
@@ -327,15 +328,15 @@ impl Traffic {
     /// hold only requests that went to Tallyfy (a refused request spends
     /// nothing), and in fleet mode this replica does not refuse on after the
     /// fleet's window has closed.
-    pub fn give_back(&self, counted: &Counted) {
-        if counted.bucket
-            && let Some((bucket, _, _)) = &self.gates[counted.identity].bucket
+    pub fn give_back(&self, counts: &Counts) {
+        if counts.bucket
+            && let Some((bucket, _, _)) = &self.gates[counts.identity].bucket
         {
             bucket.give_back();
         }
-        let credential_name = &self.throttles[counted.credential].1;
-        for (rule, org) in &counted.windows {
-            self.rules.get(*rule).windows.give_back(org, credential_name, counted.at);
+        let credential_name = &self.throttles[counts.credential].1;
+        for (rule, org) in &counts.windows {
+            self.rules.get(*rule).windows.give_back(org, credential_name, counts.at);
         }
     }
 

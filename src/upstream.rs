@@ -14,7 +14,6 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::server::CallerBody;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Response, Uri};
@@ -24,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use crate::body::{DataOnly, Prefixed, Progress, Tracked};
 use crate::error::ProxyError;
 use crate::method_override::multipart::{Refused, Screened};
+use crate::server::CallerBody;
 
 mod http1;
 mod outbound;

@@ -363,8 +363,6 @@ async fn a_request_sent_again_after_a_429_goes_with_the_token_refreshed_meanwhil
     let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
     assert_eq!(response.status(), 200);
     assert_eq!(sandbox.count("GET", "/api/me"), 2, "sent once more, with no 401 between");
-    let metrics = scrape(proxy.admin_addr()).await;
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), 0.0, "{metrics}");
     assert!(sandbox.token_requests().len() >= 2, "a refresh ran during the wait");
 }
 
@@ -383,8 +381,6 @@ async fn a_second_retry_goes_with_the_token_the_first_took() {
     let response = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
     assert_eq!(response.status(), 200);
     assert_eq!(sandbox.count("GET", "/api/me"), 3, "two 503s, then the answer: no 401 between");
-    let metrics = scrape(proxy.admin_addr()).await;
-    assert_eq!(sample(&metrics, r#"tallyfy_proxy_token_replays_total{credential="user"}"#), 0.0, "{metrics}");
 }
 
 /// A request sent again after a short 429 that meets a second 429 passes it on,

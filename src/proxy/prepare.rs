@@ -152,8 +152,8 @@ impl Proxy {
 impl Proxy {
     /// Fleet mode: spends the request's budgets fleet-wide (one Redis round
     /// trip). When Redis cannot answer, this replica's own counts (already
-    /// passed) stand. A refusal is a refusal before sending: the caller gives
-    /// this replica's counts back.
+    /// passed) stand. A refusal is a refusal before sending: `forward`'s
+    /// [`crate::traffic::Unsent`] gives this replica's counts back.
     pub(super) async fn spend_fleet_wide(&self, spend: &FleetSpend) -> Result<(), ProxyError> {
         let shared = &*self.shared;
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };

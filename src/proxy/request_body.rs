@@ -3,7 +3,6 @@
 //! replay after a token refresh, streamed otherwise (multipart bodies of
 //! identities with a `methods` rule through the override [`Screen`]).
 
-use crate::server::CallerBody;
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::request::Parts;
@@ -19,6 +18,7 @@ use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::method_override::multipart::{Screen, Screened};
 use crate::method_override::{self, BodyKind};
+use crate::server::CallerBody;
 use crate::upstream::{RequestBody, StreamedBody};
 
 /// The body to send, and a copy when it may be sent again.

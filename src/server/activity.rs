@@ -1,7 +1,8 @@
 //! What a connection is doing: requests in flight and requests started, so an
 //! idle connection can be closed; responses being sent and the frames they
 //! gave, so one that stalls can be cut; and the service wrapper that keeps
-//! count.
+//! count, and hands the handler a [`CallerBody`] (on HTTP/2, its future's and
+//! its response body's polls are watched to confirm the body's end).
 //!
 //! The count ends when the response body is dropped (sent, or abandoned), not
 //! when the handler returns: a long download is a connection at work, as long
@@ -22,7 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
-use super::caller_body::{CallerBody, StreamEnd};
+use super::caller_body::{CallerBody, EndWatch, StreamEnd};
 use super::head_tap::{Framing, HeadTap, RequestLine};
 use crate::framing::AmbiguousLength;
 
@@ -163,8 +164,9 @@ impl Drop for InFlight {
     }
 }
 
-/// The per-connection service: counts requests, and on HTTP/1 checks each
-/// chunked request's head for a `Content-Length` hyper removed. Called by
+/// The per-connection service: counts requests, on HTTP/1 checks each
+/// chunked request's head for a `Content-Length` hyper removed, and on HTTP/2
+/// watches an unfinished body's end ([`super::caller_body`]). Called by
 /// reference (hyper's own service trait), so nothing is cloned per request.
 pub(super) struct Counted<S> {
     handler: S,
@@ -218,7 +220,7 @@ where
             inner: Box::pin((self.handler)(request)),
             in_flight: Some(in_flight),
             close,
-            end: end.map(EndWatch),
+            end: end.map(EndWatch::new),
         }
     }
 }
@@ -258,16 +260,6 @@ pin_project! {
     }
 }
 
-/// Tells an HTTP/2 body's [`StreamEnd`] of its request future's polls, and
-/// that the future is done or dropped.
-struct EndWatch(Arc<StreamEnd>);
-
-impl Drop for EndWatch {
-    fn drop(&mut self) {
-        self.0.finished();
-    }
-}
-
 impl<F, B> Future for CountedFuture<F>
 where
     F: Future<Output = Response<B>>,
@@ -276,11 +268,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Some(EndWatch(end)) = this.end.as_ref() {
+        if let Some(end) = this.end.as_ref() {
             end.polling();
         }
         let Poll::Ready(mut response) = this.inner.poll(cx) else {
-            if let Some(EndWatch(end)) = this.end.as_ref() {
+            if let Some(end) = this.end.as_ref() {
                 end.yielded(cx, true);
             }
             return Poll::Pending;
@@ -318,11 +310,11 @@ impl<B: Body> Body for Guarded<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.project();
-        if let Some(EndWatch(end)) = this.end.as_ref() {
+        if let Some(end) = this.end.as_ref() {
             end.polling();
         }
         let frame = this.inner.poll_frame(cx);
-        if let Some(EndWatch(end)) = this.end.as_ref() {
+        if let Some(end) = this.end.as_ref() {
             end.yielded(cx, frame.is_pending());
         }
         if let (Poll::Ready(Some(_)), Some(in_flight)) = (&frame, this.in_flight.as_mut()) {

@@ -79,8 +79,38 @@ impl Body for CallerBody {
     }
 }
 
+/// Tells an HTTP/2 body's [`StreamEnd`] of the polls of its request's future,
+/// then (once it answered) of its response body's; when dropped (the future
+/// dropped unanswered, or the response body dropped), that an end not yet
+/// confirmed is an abandoned request's.
+#[derive(Debug)]
+pub(super) struct EndWatch(Arc<StreamEnd>);
+
+impl EndWatch {
+    pub(super) fn new(end: Arc<StreamEnd>) -> Self {
+        EndWatch(end)
+    }
+
+    /// The watched future or body is about to be polled.
+    pub(super) fn polling(&self) {
+        self.0.polling();
+    }
+
+    /// The watched future or body gave hyper the hand (`pending`: it waits).
+    pub(super) fn yielded(&self, cx: &mut Context<'_>, pending: bool) {
+        self.0.yielded(cx, pending);
+    }
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        self.0.released();
+    }
+}
+
 /// The end of an HTTP/2 request body, between the body (which sees it) and the
-/// request's future (whose polls tell whether hyper found a reset).
+/// request's future or, once it answered, its response body (whose polls tell
+/// whether hyper found a reset).
 #[derive(Debug, Default)]
 pub(super) struct StreamEnd {
     state: Mutex<State>,
@@ -90,18 +120,20 @@ pub(super) struct StreamEnd {
 struct State {
     /// The body saw hyper's end.
     seen: bool,
-    /// The request's future was pending after `seen`: hyper looked for a reset.
+    /// The request's future was pending, or its response body was polled,
+    /// after `seen`: hyper looks for a reset before the next poll.
     looked: bool,
     settled: Option<Result<(), Abandoned>>,
-    /// The request's future, woken when the end is seen (the body may be read
-    /// on another task: an HTTP/2 connection to Tallyfy reads it on its own).
+    /// The task of the request's future (and of its response body: hyper's
+    /// stream task), woken when the end is seen (the body may be read on
+    /// another task: an HTTP/2 connection to Tallyfy reads it on its own).
     service: Option<Waker>,
     /// The body's reader, woken when the end is settled.
     body: Option<Waker>,
 }
 
-/// The request's future ended (dropped, or done) before the body's end was
-/// confirmed.
+/// The request's future was dropped unanswered, or its response body dropped,
+/// before the body's end was confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Abandoned;
 
@@ -132,7 +164,7 @@ impl StreamEnd {
     /// about to be polled: if it gave hyper the hand since the end was seen,
     /// hyper looked for a reset in between and found none, and the end is the
     /// caller's.
-    pub(super) fn polling(&self) {
+    fn polling(&self) {
         let mut state = self.state();
         if state.seen && state.looked && state.settled.is_none() {
             state.settled = Some(Ok(()));
@@ -145,7 +177,7 @@ impl StreamEnd {
     /// The request's future, or its response body, gave hyper the hand
     /// (`pending`: it waits). hyper looks for a reset before it polls either
     /// again: when the end was seen, that poll confirms it (and comes at once).
-    pub(super) fn yielded(&self, cx: &mut Context<'_>, pending: bool) {
+    fn yielded(&self, cx: &mut Context<'_>, pending: bool) {
         let mut state = self.state();
         if state.settled.is_some() {
             return;
@@ -164,7 +196,7 @@ impl StreamEnd {
     /// is dropped: an end not yet confirmed is an abandoned request's (once
     /// the answer is whole, Tallyfy has answered, and what it did not read of
     /// the upload is cut as for a caller gone).
-    pub(super) fn finished(&self) {
+    fn released(&self) {
         let mut state = self.state();
         if state.settled.is_none() {
             state.settled = Some(Err(Abandoned));
@@ -209,8 +241,23 @@ mod tests {
         assert!(end.confirmed());
         assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1, "the reader is told");
         assert_eq!(end.body_ended(&mut Context::from_waker(&body)), Poll::Ready(Ok(())));
-        end.finished();
+        end.released();
         assert!(end.confirmed(), "a confirmed end stays confirmed");
+    }
+
+    #[test]
+    fn a_response_body_polled_past_the_end_confirms_it() {
+        let end = StreamEnd::default();
+        let (_, task) = waker();
+        let (body_wakes, body) = waker();
+        assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending());
+        // The response body gave a frame: hyper looks for a reset before the next poll.
+        end.polling();
+        end.yielded(&mut Context::from_waker(&task), false);
+        assert!(!end.confirmed(), "not before that poll");
+        end.polling();
+        assert!(end.confirmed());
+        assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -221,7 +268,7 @@ mod tests {
         assert!(end.body_ended(&mut Context::from_waker(&body)).is_pending());
         end.yielded(&mut Context::from_waker(&service), true);
         // hyper found the reset and dropped the future here.
-        end.finished();
+        end.released();
         assert_eq!(body_wakes.0.load(Ordering::Relaxed), 1);
         assert_eq!(end.body_ended(&mut Context::from_waker(&body)), Poll::Ready(Err(Abandoned)));
         end.polling();

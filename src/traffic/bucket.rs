@@ -63,8 +63,8 @@ impl Bucket {
         }
     }
 
-    /// Gives one taken place back (a request the fleet refused after it was
-    /// taken here): the arrival time moves back one interval.
+    /// Gives one taken place back (a request refused, by the fleet or on its
+    /// way, before it was sent): the arrival time moves back one interval.
     pub fn give_back(&self) {
         let interval = self.rate.interval();
         let _ = self

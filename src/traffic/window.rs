@@ -105,7 +105,8 @@ impl Windows {
 
 impl Windows {
     /// Takes back one request of `credential` for `org` counted at `counted`
-    /// (one the fleet then refused): from the window it was counted in, if that
+    /// (one refused, by the fleet or on its way, before it was sent): from the
+    /// window it was counted in, if that
     /// one is still kept; a window it leaves empty is dropped, as if never opened.
     pub fn give_back(&self, org: &str, credential: &str, counted: Nanos) {
         let mut buffer = SmallVec::new();

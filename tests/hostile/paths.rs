@@ -131,6 +131,22 @@ async fn other_request_target_forms_never_leave_the_proxy() {
     assert!(trace.text().to_ascii_lowercase().contains("allow: get"), "405 names what is allowed");
 }
 
+/// An absolute-form target naming Tallyfy with user information (`u:p@`) is
+/// refused (RFC 9110 §4.2.4); it used to be served, the user information dropped.
+#[tokio::test]
+async fn an_absolute_form_target_with_user_information_is_refused() {
+    let stack = stack().await;
+    let addr = stack.proxy.proxy_addr();
+    let authority = stack.sandbox.base_url().trim_start_matches("http://").to_owned();
+    let request =
+        |target: &str| format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    let answer = exchange(addr, request(&format!("http://u:p@{authority}/api/me")).as_bytes(), WAIT).await;
+    assert_eq!(answer.status(), 400, "{}", answer.text());
+    let plain = exchange(addr, request(&format!("http://{authority}/api/me")).as_bytes(), WAIT).await;
+    assert_eq!(plain.status(), 200, "the same target without it: {}", plain.text());
+    assert_eq!(stack.sandbox.received().len(), 1, "only the plain one reached Tallyfy");
+}
+
 #[tokio::test]
 async fn oversized_targets_and_header_floods_are_refused_before_forwarding() {
     let stack = stack().await;
