@@ -89,7 +89,8 @@ pub fn parse_method(value: &[u8]) -> Result<Method, Unreadable> {
 /// A request variable's name as PHP registers it (`php_register_variable_ex`):
 /// cut at a NUL, leading spaces skipped, ` ` and `.` turned into `_` up to the
 /// first `[`. Returns the name and whether it is an array (`name[...]`); an
-/// unclosed `[` becomes `_` and the rest is kept as written.
+/// unclosed `[` becomes `_`, and so does every ` `, `.` and `[` after it (PHP 8:
+/// `external[date.creation` is `external_date_creation`).
 pub fn php_name(raw: &[u8]) -> (Cow<'_, [u8]>, bool) {
     let raw = raw.split(|&b| b == 0).next().unwrap_or_default();
     let start = raw.iter().position(|&b| b != b' ').unwrap_or(raw.len());
@@ -102,7 +103,9 @@ pub fn php_name(raw: &[u8]) -> (Cow<'_, [u8]>, bool) {
         Some(at) => {
             let mut name = fold(&raw[..at], needs_fold).into_owned();
             name.push(b'_');
-            name.extend_from_slice(&raw[at + 1..]);
+            name.extend(
+                raw[at + 1..].iter().map(|&b| if matches!(b, b' ' | b'.' | b'[') { b'_' } else { b }),
+            );
             (Cow::Owned(name), false)
         }
         None => (fold(raw, needs_fold), false),
@@ -242,6 +245,10 @@ mod tests {
         assert_eq!(&*php_name(b"_method\0junk").0, b"_method", "cut at NUL");
         assert_eq!(php_name(b"_method[]"), (Cow::Borrowed(&b"_method"[..]), true));
         assert_eq!(&*php_name(b"_method[").0, b"_method_", "an unclosed [ becomes _");
+        // PHP 8 folds what follows an unclosed [ too.
+        for name in [&b"external[date.creation"[..], b"external[date creation", b"external[date[creation"] {
+            assert_eq!(php_name(name), (Cow::Borrowed(&b"external_date_creation"[..]), false));
+        }
         assert_eq!(&*php_name(b" method").0, b"method");
     }
 

@@ -32,6 +32,50 @@ impl Write for Captured {
 }
 
 const API_KEY: &str = "legacy-api-key-5f1e9a";
+/// Letters and digits only, as a Passport client secret is.
+const ECHOED_SECRET: &str = "EchoedSecret7Kq2Xw9Lm4Np6Rt8Vz1Bc3Df5Gh0Jk";
+
+/// A token endpoint answering every call `400 {"error":"<the client_secret
+/// the call sent>"}`, and how many calls it answered.
+async fn echoing_token_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/oauth/token", listener.local_addr().expect("addr"));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // The head and the form (it is small): read until the secret's field is whole.
+                let secret = loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(at) = text.find("client_secret=") {
+                        let value: String =
+                            text[at + 14..].chars().take_while(char::is_ascii_alphanumeric).collect();
+                        if value.len() == ECHOED_SECRET.len() {
+                            break value;
+                        }
+                    }
+                };
+                let body = format!(r#"{{"error":"{secret}"}}"#);
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+    });
+    (url, answered)
+}
 const BASIC_PASSWORD: &str = "basic-password-8c2d";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,6 +154,24 @@ async fn no_secret_reaches_the_log_at_trace_level() {
     assert_eq!(upload.expect("answered").status(), 201);
     proxy.shutdown().await;
 
+    // A token endpoint that echoes the client secret it got as its error code
+    // (a shape a secret shares with OAuth's codes): refused, retried, logged.
+    let (echo_url, echoed) = echoing_token_endpoint().await;
+    std::fs::write(dir.path().join("echoed_secret"), ECHOED_SECRET).expect("write");
+    let config = TestConfig::new(&sandbox.base_url())
+        .set("upstream", "token_url", echo_url.as_str())
+        .set("tokens", "retry_min_ms", 50)
+        .set("tokens", "retry_max_ms", 100)
+        .credential(Credential::client_credentials("echoed", "1001", Secret::File("echoed_secret")))
+        .identity(Identity::new("any", "echoed", Match::Any));
+    let echoing = support::start_proxy_unready(&config.parse(dir.path())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while echoed.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the echoing endpoint was asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echoing.shutdown().await;
+
     let mut log = String::from_utf8_lossy(&captured.0.lock().expect("not poisoned")).into_owned();
     log.push_str(&String::from_utf8_lossy(&access.lock().expect("not poisoned")));
     assert!(
@@ -134,7 +196,9 @@ async fn no_secret_reaches_the_log_at_trace_level() {
         "{upload_line}"
     );
     let basic_header = base64::engine::general_purpose::STANDARD.encode(format!("reports:{BASIC_PASSWORD}"));
+    assert!(log.contains("token fetch failed credential=echoed"), "the echoed refusal was logged");
     let forbidden = [
+        ECHOED_SECRET,
         PERSONAL_TOKEN,
         APP_CLIENT_SECRET,
         USER_CLIENT_SECRET,

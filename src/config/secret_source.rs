@@ -115,6 +115,15 @@ impl<'de> Visitor<'de> for SourceVisitor {
         Err(unquoted())
     }
 
+    // Integers past 64 bits (`token = 12345678901234567890123`) come here.
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<SecretSource, E> {
+        Err(unquoted())
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<SecretSource, E> {
+        Err(unquoted())
+    }
+
     fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretSource, E> {
         Err(unquoted())
     }

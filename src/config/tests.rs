@@ -224,7 +224,18 @@ fn plain_text_secrets_work_with_a_warning_that_hides_them() {
 
 #[test]
 fn a_secret_written_unquoted_is_refused_without_its_value() {
-    for value in ["48151623", "-48151623", "18446744073709551615", "4815.1623", "true"] {
+    // Past 64 bits too: TOML hands those to 128-bit visitors.
+    for value in [
+        "48151623",
+        "-48151623",
+        "18446744073709551615",
+        "4815.1623",
+        "true",
+        "48151623481516234815162",
+        "-48151623481516234815162",
+        "+48151623481516234815162",
+        "4815_1623_4815_1623_4815_1623",
+    ] {
         let source = MINIMAL.replace("{ env = \"TALLYFY_TOKEN\" }", value);
         let error = error_of(&source);
         assert!(error.key.ends_with(".token"), "{error}");

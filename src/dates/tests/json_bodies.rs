@@ -150,6 +150,17 @@ fn form_names_are_read_as_php_registers_them() {
     );
     assert_eq!(form("%20prerun[f]=2025-03-04"), ("%20prerun[f]=2025-04-03+00%3A00%3A00".to_owned(), 1));
     assert_eq!(form("dead_line=2025-03-04&deadlinex=2025-03-04").1, 0, "other names stay");
+    // After an unclosed `[`, PHP 8 folds ` `, `.` and `[` too: each is
+    // `external_date_creation`.
+    for name in [
+        "external[date.creation",
+        "external[date+creation",
+        "external[date[creation",
+        "external%5Bdate.creation",
+    ] {
+        let (rewritten, count) = form(&format!("{name}=2024-11-05+08%3A30%3A00"));
+        assert_eq!((rewritten, count), (format!("{name}=2024-05-11+08%3A30%3A00"), 1), "{name}");
+    }
 }
 
 #[test]

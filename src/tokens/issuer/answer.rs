@@ -115,19 +115,45 @@ pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Re
     })
 }
 
-/// A non-2xx answer -> the error, keeping only the OAuth error code of its body.
+/// The error codes a refusal is logged with: OAuth's (RFC 6749 §4.1.2.1 and
+/// §5.2, RFC 6750 §3.1) and Tallyfy's own. Any other is logged as the status
+/// alone: a code is the body's word, and an endpoint (or something in front of
+/// it) that echoes what it got would put a client secret, a password or a
+/// refresh token there, shaped just like a code.
+const KNOWN_CODES: [&str; 15] = [
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "access_denied",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+    "invalid_token",
+    "insufficient_scope",
+    "ENDPOINT_NOT_FOUND",
+    "SEAT_POOL_EXHAUSTED",
+    "RATE_LIMIT_EXCEEDED",
+];
+
+/// A non-2xx answer -> the error, keeping only the known error code of its
+/// body ([`KNOWN_CODES`]).
 pub fn refusal(status: StatusCode, body: &[u8]) -> FetchError {
     if status.is_server_error() {
         return FetchError::ServerError { status: status.as_u16() };
     }
     let code = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|json| match &json["error"] {
-            serde_json::Value::String(code) => Some(code.clone()),
-            serde_json::Value::Object(inner) => inner.get("code").and_then(|c| c.as_str()).map(str::to_owned),
-            _ => None,
+        .and_then(|json| {
+            let code = match &json["error"] {
+                serde_json::Value::String(code) => Some(code.as_str()),
+                serde_json::Value::Object(inner) => inner.get("code").and_then(|c| c.as_str()),
+                _ => None,
+            }?;
+            KNOWN_CODES.iter().find(|known| **known == code).map(|known| (*known).to_owned())
         })
-        .filter(|code| code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
         .unwrap_or_else(|| format!("http_{}", status.as_u16()));
     FetchError::Refused { status: status.as_u16(), code }
 }
@@ -219,5 +245,16 @@ mod tests {
             FetchError::Refused { status: 400, code: "http_400".into() },
             "free text never passes"
         );
+        // An endpoint that echoes a secret it got, shaped like a code.
+        for echoed in [
+            &br#"{"error":"CCSECRETxyz222aBcD0123456789aBcD0123456789"}"#[..],
+            br#"{"error":{"code":"correcthorsebatterystaple"}}"#,
+        ] {
+            assert_eq!(
+                refusal(StatusCode::BAD_REQUEST, echoed),
+                FetchError::Refused { status: 400, code: "http_400".into() },
+                "only known codes are kept"
+            );
+        }
     }
 }
