@@ -81,7 +81,8 @@ fn prepare(c: &mut Criterion) {
     let (mut refresher, handle) = Refresher::new(TokenStore::new(), metrics.clone());
     let Clients { upstream, issuer } = reload::clients(&config).expect("upstream and issuer");
     let tokens = refresher.configure(&reload::credential_set(&config), issuer).expect("credentials");
-    let traffic = reload::traffic(&config, &TrafficState::new());
+    let principals = reload::credential_set(&config).principals();
+    let traffic = reload::traffic(&config, &principals, &TrafficState::new());
     let proxy = Proxy::new(reload::proxy_settings(&config), upstream, tokens, handle, metrics, traffic);
     let peer = ConnectionInfo {
         peer: "127.0.0.1:40000".parse().expect("addr"),

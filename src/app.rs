@@ -261,16 +261,15 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
         tokio::spawn(learn_throttles(fleet.news(), traffic.clone(), metrics.clone(), shutdown.clone()));
     }
     let Clients { upstream, issuer } = reload::clients(config)?;
-    let tokens = refresher
-        .configure(&reload::credential_set(config), issuer)
-        .map_err(reload::BuildError::Credential)?;
+    let set = reload::credential_set(config);
+    let tokens = refresher.configure(&set, issuer).map_err(reload::BuildError::Credential)?;
     let proxy = Proxy::new(
         reload::proxy_settings(config),
         upstream,
         tokens,
         refresh_handle.clone(),
         metrics.clone(),
-        reload::traffic(config, &traffic),
+        reload::traffic(config, &set.principals(), &traffic),
     );
     let refresher = RefresherTask::spawn(refresher);
     let current = Arc::new(ArcSwap::from_pointee(proxy));

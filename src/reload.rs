@@ -129,12 +129,11 @@ pub fn credential_set(config: &Config) -> CredentialSet {
 
 /// The traffic control of `config`'s generation: its limits, counting on in
 /// `state` where they did not change (Tallyfy's 429s, while each credential
-/// acts as the same principal).
-pub fn traffic(config: &Config, state: &TrafficState) -> Traffic {
+/// acts as the same principal: `principals`, its [`CredentialSet::principals`]).
+pub fn traffic(config: &Config, principals: &[String], state: &TrafficState) -> Traffic {
     let identities: Vec<_> = config.identities.iter().map(|i| (i.name.as_str(), i.limits)).collect();
-    let principals = credential_set(config).principals();
     let credentials: Vec<_> =
-        config.credentials.iter().zip(&principals).map(|(c, p)| (c.name.as_str(), p.as_str())).collect();
+        config.credentials.iter().zip(principals).map(|(c, p)| (c.name.as_str(), p.as_str())).collect();
     state.generation(&config.traffic, &identities, &credentials)
 }
 
@@ -318,7 +317,9 @@ impl Reloader {
                 );
             }
         };
-        let tokens = match self.refresher.reconfigure(credential_set(&new), clients.issuer).await {
+        let set = credential_set(&new);
+        let principals = set.principals();
+        let tokens = match self.refresher.reconfigure(set, clients.issuer).await {
             Ok(tokens) => tokens,
             Err(error) => {
                 return self.failed(
@@ -344,7 +345,7 @@ impl Reloader {
             tokens,
             self.refresher.clone(),
             self.metrics.clone(),
-            traffic(&new, &self.traffic),
+            traffic(&new, &principals, &self.traffic),
         );
         // Nothing waits: a changed credential's new slot serves with its
         // previous token until it has its own (see `tokens::refresh`), so the
