@@ -16,9 +16,9 @@ mod read;
 mod tracked;
 
 pub use budget::{Budget, Reservation, held_forced};
-pub use content::{Decoded, Encoding, Kind, decode, encoding, kind};
+pub use content::{Decoded, Encoding, Kind, decode, encoding, kind, request_kind};
 pub use data_only::DataOnly;
 pub use finished::{Finish, Finished};
 pub use prefixed::Prefixed;
-pub use read::{BodyStart, ChunkStart, Chunks, read_chunks, read_up_to, within};
+pub use read::{BodyStart, ChunkStart, Chunks, Unread, read_chunks, read_up_to, within};
 pub use tracked::{BodyFailure, Progress, Tracked};

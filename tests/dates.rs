@@ -178,6 +178,27 @@ async fn bodies_and_names_as_laravel_reads_them_are_rewritten() {
     );
 }
 
+/// Symfony reads a `PUT`, `PATCH` or `DELETE` body as a form when its
+/// content type only starts with `application/x-www-form-urlencoded`: its
+/// dates are Tallyfy's to read, and were sent unconverted.
+#[tokio::test]
+async fn a_put_patch_or_delete_form_known_by_the_start_of_its_type_is_rewritten() {
+    let stack = Stack::start().await;
+    let task = stack.url(&format!("/api/organizations/{ORG_ID}/tasks/t1"));
+    for method in [reqwest::Method::PUT, reqwest::Method::PATCH, reqwest::Method::DELETE] {
+        stack
+            .client
+            .request(method.clone(), task.clone())
+            .header("content-type", "application/x-www-form-urlencodedUTF8")
+            .body("deadline=2025-03-04+10%3A00%3A00")
+            .send()
+            .await
+            .expect("answered");
+        let sent = stack.sandbox.received().last().expect("forwarded").body.clone();
+        assert_eq!(String::from_utf8_lossy(&sent), "deadline=2025-04-03+10%3A00%3A00", "{method}");
+    }
+}
+
 #[tokio::test]
 async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
     let stack = Stack::start().await;
@@ -192,6 +213,29 @@ async fn bodies_without_dates_and_invalid_json_pass_as_the_very_same_bytes() {
     }
     let metrics = support::scrape(stack.proxy.admin_addr()).await;
     assert!(metrics.contains("tallyfy_proxy_bodies_invalid_total 1"), "{metrics}");
+}
+
+/// A deflate body with bytes after its stream is not one body: it goes as it
+/// came (as a gzip body with bytes after its member does). It used to be
+/// rewritten from its stream alone and sent decoded, the bytes after it dropped.
+#[tokio::test]
+async fn a_deflate_body_with_bytes_after_its_stream_goes_as_it_came() {
+    let stack = Stack::start().await;
+    let mut deflate = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    deflate.write_all(br#"{"title":"T","deadline":"2025-09-30T17:00:00Z"}"#).expect("deflate");
+    let sent = [deflate.finish().expect("deflate").as_slice(), br#"{"deadline":"2025-03-04"}"#].concat();
+    stack
+        .client
+        .post(stack.url(&format!("/api/organizations/{ORG_ID}/tasks")))
+        .header("content-type", "application/json")
+        .header("content-encoding", "deflate")
+        .body(sent.clone())
+        .send()
+        .await
+        .expect("answered");
+    let forwarded = stack.sandbox.received().last().expect("forwarded").clone();
+    assert_eq!(forwarded.body, sent, "the very same bytes");
+    assert_eq!(forwarded.headers.get("content-encoding").map(|v| v.as_bytes()), Some(&b"deflate"[..]));
 }
 
 #[tokio::test]

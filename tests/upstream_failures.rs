@@ -74,6 +74,48 @@ async fn a_json_answer_that_stalls_mid_body_is_a_504() {
     holder.abort();
 }
 
+/// The timeout bounds each wait for the body's next bytes, not the whole
+/// read: a JSON answer read for its links that keeps coming, slower in all
+/// than the request timeout, is passed on whole with its links pointed at the
+/// proxy (it used to be a 504 at 300 ms, Tallyfy's answer lost).
+#[tokio::test]
+async fn a_json_answer_that_arrives_slowly_but_steadily_is_passed_on_rewritten() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    let body =
+        format!(r#"{{"data":[],"links":{{"next":"http://{upstream}/api/organizations/org/runs?page=2"}}}}"#);
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let _ = read_head(&mut stream).await;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes()).await.expect("head");
+        // 100 ms between pieces, about 1.2 s in all against a 300 ms timeout.
+        for piece in body.as_bytes().chunks(body.len().div_ceil(12)) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut stream, piece).await.expect("piece");
+        }
+        stream
+    });
+    let dir = tempfile::tempdir().expect("dir");
+    let config = TestConfig::personal_any(&format!("http://{upstream}"))
+        .set("upstream", "request_timeout_ms", 300)
+        .parse(dir.path());
+    let proxy = start_proxy(&config).await;
+    let began = std::time::Instant::now();
+    let asked = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send();
+    let response =
+        tokio::time::timeout(Duration::from_secs(10), asked).await.expect("in time").expect("answered");
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.expect("the body");
+    assert!(began.elapsed() > Duration::from_millis(900), "the body came slowly: {:?}", began.elapsed());
+    let proxy_link = format!("http://{}/api/organizations/org/runs?page=2", proxy.proxy_addr());
+    assert_eq!(text, format!(r#"{{"data":[],"links":{{"next":"{proxy_link}"}}}}"#));
+    drop(server.await.expect("upstream"));
+}
+
 /// An upstream that reads each request head, writes `first` (nothing: it
 /// never answers) and holds the connection open.
 async fn holding_upstream(first: &'static [u8]) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {

@@ -45,6 +45,24 @@ pub fn kind(headers: &HeaderMap) -> Option<Kind> {
     }
 }
 
+/// [`kind`] for a request sent as `method`. Symfony (`Request::createFromGlobals`)
+/// also reads a `PUT`, `PATCH` or `DELETE` body as a form when its content
+/// type only starts with `application/x-www-form-urlencoded` (`str_starts_with`:
+/// case as written), where PHP fills `$_POST` for an exact essence alone.
+pub fn request_kind(method: &http::Method, headers: &HeaderMap) -> Option<Kind> {
+    let kind = kind(headers);
+    let symfony_form = || {
+        matches!(*method, http::Method::PUT | http::Method::PATCH | http::Method::DELETE)
+            && headers.get(CONTENT_TYPE).is_some_and(|value| {
+                value.as_bytes().trim_ascii().starts_with(b"application/x-www-form-urlencoded")
+            })
+    };
+    if kind.is_none() && symfony_form() {
+        return Some(Kind::Form);
+    }
+    kind
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     Identity,
@@ -88,6 +106,16 @@ impl Decoded<'_> {
     }
 }
 
+/// A deflate stream read whole (`n` bytes out of `consumed` in) must be all of
+/// `bytes`: bytes after its end make the body corrupt, as bytes after a gzip
+/// member do, so a body rewritten from its stream never drops them.
+fn ended_there(n: usize, consumed: u64, bytes: &[u8], limit: u64) -> std::io::Result<usize> {
+    if n as u64 <= limit && consumed < bytes.len() as u64 {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bytes after the deflate stream"));
+    }
+    Ok(n)
+}
+
 /// Decodes `bytes`, never inflating past `limit` bytes (a zip bomb is
 /// [`Decoded::TooLarge`]). A cut-off input (the start of a larger body) decodes
 /// as far as it goes, as [`Decoded::Corrupt`].
@@ -104,11 +132,14 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded<'_> {
         Encoding::Gzip => flate2::read::MultiGzDecoder::new(bytes).take(limit + 1).read_to_end(&mut out),
         // "deflate" is zlib-wrapped per RFC 9110, though some senders use raw deflate.
         Encoding::Deflate => {
-            match flate2::read::ZlibDecoder::new(bytes).take(limit + 1).read_to_end(&mut out) {
-                Ok(n) => Ok(n),
+            let mut zlib = flate2::read::ZlibDecoder::new(bytes);
+            match zlib.by_ref().take(limit + 1).read_to_end(&mut out) {
+                Ok(n) => ended_there(n, zlib.total_in(), bytes, limit),
                 Err(_) => {
                     out.clear();
-                    flate2::read::DeflateDecoder::new(bytes).take(limit + 1).read_to_end(&mut out)
+                    let mut raw = flate2::read::DeflateDecoder::new(bytes);
+                    let read = raw.by_ref().take(limit + 1).read_to_end(&mut out);
+                    read.and_then(|n| ended_there(n, raw.total_in(), bytes, limit))
                 }
             }
         }
@@ -169,6 +200,22 @@ mod tests {
     }
 
     #[test]
+    fn symfony_reads_a_put_patch_or_delete_form_by_the_start_of_its_type() {
+        use http::Method;
+        let odd = headers(&[("content-type", "application/x-www-form-urlencodedx")]);
+        for method in [Method::PUT, Method::PATCH, Method::DELETE] {
+            assert_eq!(request_kind(&method, &odd), Some(Kind::Form), "{method}");
+        }
+        assert_eq!(request_kind(&Method::POST, &odd), None, "PHP's $_POST wants the essence");
+        let upper = headers(&[("content-type", "APPLICATION/X-WWW-FORM-URLENCODEDX")]);
+        assert_eq!(request_kind(&Method::PUT, &upper), None, "str_starts_with is case-sensitive");
+        let json = headers(&[("content-type", "application/x-www-form-urlencodedx/json")]);
+        assert_eq!(request_kind(&Method::PUT, &json), Some(Kind::Json), "isJson first");
+        let plain = headers(&[("content-type", "application/x-www-form-urlencoded; charset=utf-8")]);
+        assert_eq!(request_kind(&Method::GET, &plain), Some(Kind::Form));
+    }
+
+    #[test]
     fn gzip_and_deflate_decode_within_the_limit() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         gz.write_all(b"{\"deadline\":\"x\"}").expect("write");
@@ -186,6 +233,16 @@ mod tests {
         zlib.write_all(b"abc").expect("write");
         let zlib = zlib.finish().expect("finish");
         assert!(matches!(decode(&zlib, Encoding::Deflate, 100), Decoded::Whole(abc) if *abc == *b"abc"));
+        let mut raw = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        raw.write_all(b"abc").expect("write");
+        let raw = raw.finish().expect("finish");
+        assert!(matches!(decode(&raw, Encoding::Deflate, 100), Decoded::Whole(abc) if *abc == *b"abc"));
+        // Bytes after the stream: corrupt (the body then goes as it came), never dropped.
+        for stream in [&zlib, &raw] {
+            let trailed = [stream.as_slice(), b"&deadline=2025-03-04"].concat();
+            assert!(matches!(decode(&trailed, Encoding::Deflate, 100), Decoded::Corrupt(_)));
+            assert!(matches!(decode(&trailed, Encoding::Deflate, 2), Decoded::TooLarge(_)), "over first");
+        }
         assert!(
             matches!(decode(b"abc", Encoding::Identity, 3), Decoded::Whole(Cow::Borrowed(b"abc"))),
             "not copied"

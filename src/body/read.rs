@@ -1,6 +1,6 @@
 //! Reading the start of a body: whole when it fits a limit, else what was read
 //! and the rest (for bodies the proxy may rewrite); and the time such a read may
-//! take.
+//! take (in all, or between two pieces).
 
 use std::future::Future;
 use std::pin::pin;
@@ -93,11 +93,30 @@ const KEPT_CHUNKS: usize = 16;
 /// `limit / SMALL_CHUNK` of them fit in a body read whole.
 const SMALL_CHUNK: usize = 4 * 1024;
 
+/// Why a read gave no start of the body.
+#[derive(Debug)]
+pub enum Unread<E> {
+    /// The body failed.
+    Failed(E),
+    /// No piece came for the read's `quiet` limit.
+    Quiet,
+}
+
 /// Reads `body` as chunks until it ends or passes `limit` bytes (or finds the
 /// budget spent): the first [`KEPT_CHUNKS`], and any of [`SMALL_CHUNK`] or
 /// more, as they came (nothing copied); smaller ones after those gathered in
 /// order. Trailers are dropped.
-pub async fn read_chunks<B>(mut body: B, limit: u64, budget: Budget) -> Result<ChunkStart<B>, B::Error>
+///
+/// A body may take as long as it keeps coming: the read gives up only when no
+/// piece comes for `quiet` (like nginx's `proxy_read_timeout`, measured between
+/// two reads), so a large answer that arrives slowly but steadily is read whole.
+/// As with [`within`], no timer is armed for a piece that is there at once.
+pub async fn read_chunks<B>(
+    mut body: B,
+    limit: u64,
+    budget: Budget,
+    quiet: Duration,
+) -> Result<ChunkStart<B>, Unread<B::Error>>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -120,8 +139,8 @@ where
         }
     };
     while !body.is_end_stream() {
-        let Some(frame) = body.frame().await else { break };
-        if let Ok(data) = frame?.into_data() {
+        let Some(frame) = within(quiet, body.frame()).await.ok_or(Unread::Quiet)? else { break };
+        if let Ok(data) = frame.map_err(Unread::Failed)?.into_data() {
             // The limit first, as in `read_up_to`.
             if total + data.len() as u64 > limit {
                 reservation.force(data.len());
@@ -151,6 +170,9 @@ where
 mod tests {
     use super::*;
 
+    /// No quiet limit that a test's in-memory body could meet.
+    const FOREVER: Duration = Duration::from_secs(3600);
+
     /// `pieces` one-byte frames of `x`.
     fn trickle(
         pieces: usize,
@@ -165,19 +187,21 @@ mod tests {
     #[tokio::test]
     async fn a_body_in_tiny_chunks_is_held_in_a_few() {
         let Ok(ChunkStart::Complete(chunks, _)) =
-            read_chunks(trickle(10_000), 1 << 20, Budget::unlimited()).await
+            read_chunks(trickle(10_000), 1 << 20, Budget::unlimited(), FOREVER).await
         else {
             panic!("the whole body fits");
         };
         assert_eq!(chunks.len(), KEPT_CHUNKS + 1, "the first as they came, the rest gathered");
         assert_eq!(chunks.concat(), vec![b'x'; 10_000]);
-        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(trickle(10_000), 5_000, Budget::unlimited()).await
+        let Ok(ChunkStart::Over(chunks, _)) =
+            read_chunks(trickle(10_000), 5_000, Budget::unlimited(), FOREVER).await
         else {
             panic!("past the limit");
         };
         assert_eq!(chunks.len(), KEPT_CHUNKS + 1);
         assert_eq!(chunks.concat().len(), 5_001, "read until one past the limit");
-        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(trickle(3), 10, Budget::unlimited()).await
+        let Ok(ChunkStart::Complete(chunks, _)) =
+            read_chunks(trickle(3), 10, Budget::unlimited(), FOREVER).await
         else {
             panic!("fits")
         };
@@ -208,7 +232,9 @@ mod tests {
         assert_eq!([prefix, rest].concat(), whole, "every byte, in order");
         assert_eq!(budget.used_here(), 0, "all given back");
 
-        let Ok(ChunkStart::Unbudgeted(chunks, rest)) = read_chunks(counting(), 1 << 20, budget).await else {
+        let Ok(ChunkStart::Unbudgeted(chunks, rest)) =
+            read_chunks(counting(), 1 << 20, budget, FOREVER).await
+        else {
             panic!("no room past two slabs");
         };
         assert_eq!(budget.used_here(), 2 * SLAB);
@@ -230,7 +256,7 @@ mod tests {
         assert_eq!(prefix.len(), SLAB + SLAB / 4);
         drop(prefix);
         assert_eq!(budget.used_here(), 0);
-        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(counting(), limit, budget).await else {
+        let Ok(ChunkStart::Over(chunks, _)) = read_chunks(counting(), limit, budget, FOREVER).await else {
             panic!("over")
         };
         assert_eq!(chunks.concat().len(), SLAB + SLAB / 4);
@@ -250,13 +276,45 @@ mod tests {
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(
             pieces.into_iter().map(|piece| Ok::<_, std::convert::Infallible>(http_body::Frame::data(piece))),
         ));
-        let Ok(ChunkStart::Complete(chunks, _)) = read_chunks(body, 1 << 20, Budget::unlimited()).await
+        let Ok(ChunkStart::Complete(chunks, _)) =
+            read_chunks(body, 1 << 20, Budget::unlimited(), FOREVER).await
         else {
             panic!("fits");
         };
         let sizes: Vec<usize> = chunks.iter().map(Bytes::len).collect();
         assert_eq!(sizes, [vec![1; KEPT_CHUNKS], vec![4, 5_000, 3]].concat());
         assert_eq!(chunks.concat(), whole, "in order");
+    }
+
+    /// Ten one-byte pieces, each `gap` after the last.
+    fn paced(gap: Duration) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let pieces = futures_util::stream::unfold(0u8, move |sent| async move {
+            if sent == 10 {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            Some((Ok(http_body::Frame::data(Bytes::from(vec![b'0' + sent]))), sent + 1))
+        });
+        http_body_util::StreamBody::new(Box::pin(pieces))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_is_read_as_long_as_it_keeps_coming_and_given_up_when_it_stops() {
+        let began = tokio::time::Instant::now();
+        let quiet = Duration::from_secs(5);
+        // 40 s in all, never 5 s without a piece: read whole.
+        let Ok(ChunkStart::Complete(chunks, _)) =
+            read_chunks(paced(Duration::from_secs(4)), 1 << 20, Budget::unlimited(), quiet).await
+        else {
+            panic!("a body that keeps coming is read whole");
+        };
+        assert_eq!(chunks.concat(), b"0123456789");
+        assert_eq!(began.elapsed(), Duration::from_secs(40));
+        // 6 s before its first piece: given up at 5 s.
+        let began = tokio::time::Instant::now();
+        let stopped = read_chunks(paced(Duration::from_secs(6)), 1 << 20, Budget::unlimited(), quiet).await;
+        assert!(matches!(stopped, Err(Unread::Quiet)));
+        assert_eq!(began.elapsed(), quiet, "given up at the quiet limit");
     }
 
     #[tokio::test(start_paused = true)]

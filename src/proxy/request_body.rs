@@ -77,7 +77,7 @@ impl Proxy {
             dates: identity
                 .dates
                 .as_deref()
-                .zip(body::kind(&head.headers))
+                .zip(body::request_kind(&head.method, &head.headers))
                 .zip(body::encoding(&head.headers))
                 .map(|((rules, kind), encoding)| (rules, kind, encoding)),
             overrides: overrides.filter(|kind| *kind != BodyKind::Opaque),

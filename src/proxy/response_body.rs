@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::{Proxy, ProxyBody};
-use crate::body::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed};
+use crate::body::{self, ChunkStart, Decoded, Encoding, Kind, Prefixed, Unread};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::links::LinkRewriter;
@@ -107,10 +107,17 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
         let budget = shared.limits.buffer_budget;
-        let start = body::within(limit, body::read_chunks(body, shared.links.max_body_bytes, budget))
-            .await
-            .ok_or(ProxyError::UpstreamTimeout(limit))?
-            .map_err(|e| ProxyError::UpstreamBroken(format!("reading the response body: {e}")))?;
+        // Read as long as it keeps coming: only a body that stops for the
+        // request timeout is a 504 (Tallyfy's answer is never cut for being slow).
+        let start =
+            body::read_chunks(body, shared.links.max_body_bytes, budget, limit).await.map_err(|unread| {
+                match unread {
+                    Unread::Quiet => ProxyError::UpstreamTimeout(limit),
+                    Unread::Failed(e) => {
+                        ProxyError::UpstreamBroken(format!("reading the response body: {e}"))
+                    }
+                }
+            })?;
         let (chunks, ended) = match start {
             ChunkStart::Over(chunks, rest) => {
                 return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, rest))));
