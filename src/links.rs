@@ -131,7 +131,7 @@ impl LinkRewriter {
             return Ok(LinkRewrite::default());
         }
         let mut visitor = LinkVisitor { rewriter: self, edits: Vec::new() };
-        json_scan::scan(json_scan::Reader::Serde, body, (), &mut visitor).map_err(|_| InvalidJson)?;
+        json_scan::scan(json_scan::Reader::AnyCaller, body, (), &mut visitor).map_err(|_| InvalidJson)?;
         Ok(LinkRewrite { links_rewritten: visitor.edits.len(), body: splice(body, &visitor.edits) })
     }
 

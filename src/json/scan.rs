@@ -9,7 +9,8 @@
 //! Validation follows the reader the body is for ([`Reader`]): UTF-8, string escapes (including
 //! surrogate pairing), control characters, the number grammar, literals, structure and trailing
 //! bytes as `serde_json::from_slice::<serde_json::Value>` checks them (and PHP's `json_decode`);
-//! the nesting limit and numbers overflowing f64 as that reader takes them.
+//! the nesting limit and numbers overflowing f64 as that reader takes them (none and infinity, for a
+//! reader standing for any caller's).
 
 use std::ops::Range;
 
@@ -20,9 +21,12 @@ pub(crate) struct Invalid;
 /// Whose reading of JSON a scan agrees with, where readers differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Reader {
-    /// serde_json's (and most callers' libraries'), for Tallyfy's answers: at
-    /// most 127 containers nested, numbers within f64.
-    Serde,
+    /// Whatever a caller's library may read, for Tallyfy's answers: no
+    /// nesting limit (JavaScript's `JSON.parse`, Python's `json`) and a number
+    /// beyond f64 read as infinity. A scan that refused an answer some
+    /// caller reads would leave Tallyfy's links in it; one that accepts an
+    /// answer a stricter caller refuses only rewrites links in vain.
+    AnyCaller,
     /// PHP's `json_decode` as Laravel calls it on a request body: 511
     /// containers nested, a number beyond f64 read as infinity. A body Tallyfy
     /// reads must be read as Tallyfy reads it: one it reads and the scan
@@ -34,7 +38,8 @@ impl Reader {
     /// The most containers nested.
     pub(crate) const fn max_depth(self) -> usize {
         match self {
-            Reader::Serde => 127,
+            // Bounded by the body itself: the stack is on the heap.
+            Reader::AnyCaller => usize::MAX,
             // Laravel's depth, 512, counts the innermost value as a level too.
             Reader::Php => 511,
         }
@@ -126,7 +131,7 @@ pub(crate) fn scan<V: Visitor>(
                 i = end;
             }
             Some(b'-' | b'0'..=b'9') => {
-                let end = scan_number(body, i, reader)?;
+                let end = scan_number(body, i)?;
                 visitor.number(body, ctx, i..end);
                 i = end;
             }
@@ -285,8 +290,8 @@ pub(crate) fn hex4(body: &[u8], at: usize) -> Option<u16> {
     Some(n)
 }
 
-fn scan_number(body: &[u8], start: usize, reader: Reader) -> Result<usize, Invalid> {
-    let (mut i, mut exponent) = (start, false);
+fn scan_number(body: &[u8], start: usize) -> Result<usize, Invalid> {
+    let mut i = start;
     let digits = |body: &[u8], mut i: usize| {
         while body.get(i).is_some_and(u8::is_ascii_digit) {
             i += 1;
@@ -316,15 +321,9 @@ fn scan_number(body: &[u8], start: usize, reader: Reader) -> Result<usize, Inval
             return Err(Invalid);
         }
         i = digits(body, i);
-        exponent = true;
     }
-    // Like serde_json, reject numbers that overflow f64 (`1e309`); only long or exponent forms can.
-    if reader == Reader::Serde && (exponent || i - start > 308) {
-        let text = std::str::from_utf8(&body[start..i]).map_err(|_| Invalid)?;
-        if text.parse::<f64>().map_or(true, f64::is_infinite) {
-            return Err(Invalid);
-        }
-    }
+    // Every reader takes a number overflowing f64 (`1e309`) as infinity, or
+    // in full: only the grammar is checked.
     Ok(i)
 }
 
@@ -410,7 +409,7 @@ mod tests {
                 fn string(&mut self, _: &[u8], _: (), _: StrToken) {}
                 fn number(&mut self, _: &[u8], _: (), _: Range<usize>) {}
             }
-            let ours = scan(Reader::Serde, body.as_bytes(), (), &mut Ignore).is_ok();
+            let ours = scan(Reader::AnyCaller, body.as_bytes(), (), &mut Ignore).is_ok();
             let serde = serde_json::from_str::<serde_json::Value>(&body).is_ok();
             prop_assert_eq!(ours, serde, "{:?}", body);
         }

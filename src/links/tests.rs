@@ -54,6 +54,21 @@ fn nested_and_escaped_host() {
     assert_eq!(rewrite(body), (expected.to_owned(), 2));
 }
 
+/// An answer some caller reads keeps no upstream link, whatever serde_json
+/// would refuse: JavaScript's `JSON.parse` and Python's `json` read any
+/// nesting, and a number beyond f64 as infinity. Both used to pass unrewritten.
+#[test]
+fn answers_past_serde_json_s_limits_are_rewritten_too() {
+    let deep = format!("{}\"https://go.tallyfy.com/api/x\"{}", "[".repeat(200), "]".repeat(200));
+    let expected = format!("{}\"http://127.0.0.1:8080/api/x\"{}", "[".repeat(200), "]".repeat(200));
+    assert_eq!(rewrite(&deep), (expected, 1), "200 arrays deep");
+    let huge = r#"{"total":1e400,"n":-1e99999,"next":"https://go.tallyfy.com/api/runs?page=2"}"#;
+    let expected = r#"{"total":1e400,"n":-1e99999,"next":"http://127.0.0.1:8080/api/runs?page=2"}"#;
+    assert_eq!(rewrite(huge), (expected.to_owned(), 1), "numbers past f64");
+    let bad = br#"[1e400,01,"https://go.tallyfy.com/api/x"]"#;
+    assert_eq!(rewriter().rewrite_json(bad), Err(InvalidJson), "the grammar still holds");
+}
+
 #[test]
 fn invalid_json_only_when_scanned() {
     let r = rewriter();

@@ -234,6 +234,33 @@ async fn a_rewritten_body_keeps_no_field_that_describes_tallyfys_bytes() {
     }
 }
 
+/// An answer serde_json would refuse (200 arrays deep, a number past f64)
+/// but JavaScript's `JSON.parse` reads: its link is pointed at the proxy all
+/// the same (it used to pass as Tallyfy's, for a caller to follow with its key).
+#[tokio::test]
+async fn an_answer_past_serde_json_s_limits_keeps_no_link_to_tallyfy() {
+    let recorder = Recorder::answering(|addr| {
+        let body = format!(
+            r#"{{"total":1e400,"deep":{}{},"next":"http://{addr}/api/runs?page=2"}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Box::leak(answer.into_bytes().into_boxed_slice())
+    })
+    .await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 200, "{text}");
+    assert!(text.contains(r#""next":"http://a/api/runs?page=2""#), "the link was rewritten: {text}");
+    assert!(text.contains(r#"{"total":1e400,"deep":[[["#), "the rest as it came: {text}");
+}
+
 /// A caller that names no host (HTTP/1.0 without `Host`) gets links and a
 /// `Location` pointed at the address it reached, as nginx falls back to its
 /// own name: never Tallyfy's, where following one takes its key to Tallyfy.
