@@ -6,6 +6,8 @@ mod support;
 
 use std::io::Write;
 
+use futures_util::StreamExt as _;
+
 use support::{Credential, Identity, Match, Secret, Stack, TOKEN_ENV, TestConfig, client};
 use tallyfy_sandbox::fixtures::{
     CHECKLIST_ID, ORG_ID, PRERUN_DATE_FIELD, PRERUN_TEXT_FIELD, STEP_IDS, TASK_DATE_FIELD, TASK_TEXT_FIELD,
@@ -179,23 +181,32 @@ async fn bodies_and_names_as_laravel_reads_them_are_rewritten() {
 }
 
 /// Symfony reads a `PUT`, `PATCH` or `DELETE` body as a form when its
-/// content type only starts with `application/x-www-form-urlencoded`: its
-/// dates are Tallyfy's to read, and were sent unconverted.
+/// content type only starts with `application/x-www-form-urlencoded` (and
+/// Laravel as JSON only for a lower-case `/json` or `+json`): its dates are
+/// Tallyfy's to read, and were sent unconverted.
 #[tokio::test]
 async fn a_put_patch_or_delete_form_known_by_the_start_of_its_type_is_rewritten() {
     let stack = Stack::start().await;
     let task = stack.url(&format!("/api/organizations/{ORG_ID}/tasks/t1"));
-    for method in [reqwest::Method::PUT, reqwest::Method::PATCH, reqwest::Method::DELETE] {
+    let types = ["application/x-www-form-urlencodedUTF8", "application/x-www-form-urlencoded-v2+JSON"];
+    for (method, content_type) in [reqwest::Method::PUT, reqwest::Method::PATCH, reqwest::Method::DELETE]
+        .into_iter()
+        .zip(types.iter().cycle())
+    {
         stack
             .client
             .request(method.clone(), task.clone())
-            .header("content-type", "application/x-www-form-urlencodedUTF8")
+            .header("content-type", *content_type)
             .body("deadline=2025-03-04+10%3A00%3A00")
             .send()
             .await
             .expect("answered");
         let sent = stack.sandbox.received().last().expect("forwarded").body.clone();
-        assert_eq!(String::from_utf8_lossy(&sent), "deadline=2025-04-03+10%3A00%3A00", "{method}");
+        assert_eq!(
+            String::from_utf8_lossy(&sent),
+            "deadline=2025-04-03+10%3A00%3A00",
+            "{method} {content_type}"
+        );
     }
 }
 
@@ -269,6 +280,35 @@ async fn a_body_too_large_to_rewrite_is_refused_only_when_it_holds_dates() {
         .await
         .expect("answered");
     assert_eq!(response.status(), 413, "a gzip body that inflates past the limit");
+    assert!(stack.sandbox.received().is_empty(), "nothing half-sent");
+
+    // Deflate in stored blocks: past the limit on the wire too, its start
+    // (a zlib stream cut off) decodes as far as it goes. It used to decode as
+    // nothing, and the form went with its date unconverted.
+    // In small stored blocks (twice its size: the start read inflates to less
+    // than the limit), sent in two parts so the proxy reads a start just
+    // past its limit.
+    let mut stored = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::none());
+    let form = format!("deadline=2025-09-30T17%3A00%3A00Z&notes={padding}");
+    for piece in form.as_bytes().chunks(16) {
+        stored.write_all(piece).expect("deflate");
+        stored.flush().expect("a block of its own");
+    }
+    let stored = bytes::Bytes::from(stored.finish().expect("deflate"));
+    let (start, rest) = (stored.slice(..1100), stored.slice(1100..));
+    let parts = futures_util::stream::iter([(start, 0), (rest, 300)]).then(|(part, after_ms)| async move {
+        tokio::time::sleep(std::time::Duration::from_millis(after_ms)).await;
+        Ok::<_, std::io::Error>(part)
+    });
+    let response = http
+        .put(file.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "deflate")
+        .body(reqwest::Body::wrap_stream(parts))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(response.status(), 413, "a deflate body past the limit as it came");
     assert!(stack.sandbox.received().is_empty(), "nothing half-sent");
 
     let without = format!(r#"{{"title":"big","notes":"{padding}"}}"#);

@@ -24,13 +24,7 @@ pub enum Kind {
 /// rewritten in vain.
 pub fn kind(headers: &HeaderMap) -> Option<Kind> {
     let value = headers.get(CONTENT_TYPE)?.as_bytes().trim_ascii();
-    let says_json = |any_case: bool| {
-        value.windows(b"/json".len()).any(|window| {
-            [b"/json", b"+json"]
-                .iter()
-                .any(|json| if any_case { window.eq_ignore_ascii_case(*json) } else { window == *json })
-        })
-    };
+    let says_json = |any_case: bool| says_json(value, any_case);
     let essence = &value[..value.iter().position(|b| b";, ".contains(b)).unwrap_or(value.len())];
     // The usual answer (`application/json; charset=utf-8`) is told by its
     // essence alone, without a look at every window of its parameters.
@@ -45,22 +39,30 @@ pub fn kind(headers: &HeaderMap) -> Option<Kind> {
     }
 }
 
+/// Whether a content type says `/json` or `+json` anywhere (Laravel's
+/// `isJson` reads it case-sensitively).
+fn says_json(value: &[u8], any_case: bool) -> bool {
+    value.windows(b"/json".len()).any(|window| {
+        [b"/json", b"+json"]
+            .iter()
+            .any(|json| if any_case { window.eq_ignore_ascii_case(*json) } else { window == *json })
+    })
+}
+
 /// [`kind`] for a request sent as `method`. Symfony (`Request::createFromGlobals`)
 /// also reads a `PUT`, `PATCH` or `DELETE` body as a form when its content
 /// type only starts with `application/x-www-form-urlencoded` (`str_starts_with`:
 /// case as written), where PHP fills `$_POST` for an exact essence alone.
+/// Such a form is JSON only as `isJson` says (case-sensitively), as for a
+/// form known by its essence.
 pub fn request_kind(method: &http::Method, headers: &HeaderMap) -> Option<Kind> {
-    let kind = kind(headers);
-    let symfony_form = || {
-        matches!(*method, http::Method::PUT | http::Method::PATCH | http::Method::DELETE)
-            && headers.get(CONTENT_TYPE).is_some_and(|value| {
-                value.as_bytes().trim_ascii().starts_with(b"application/x-www-form-urlencoded")
-            })
-    };
-    if kind.is_none() && symfony_form() {
-        return Some(Kind::Form);
+    if matches!(*method, http::Method::PUT | http::Method::PATCH | http::Method::DELETE)
+        && let Some(value) = headers.get(CONTENT_TYPE).map(|value| value.as_bytes().trim_ascii())
+        && value.starts_with(b"application/x-www-form-urlencoded")
+    {
+        return Some(if says_json(value, false) { Kind::Json } else { Kind::Form });
     }
-    kind
+    kind(headers)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,15 +133,24 @@ pub fn decode(bytes: &[u8], encoding: Encoding, limit: u64) -> Decoded<'_> {
         // Several gzip members in a row are one body (RFC 1952).
         Encoding::Gzip => flate2::read::MultiGzDecoder::new(bytes).take(limit + 1).read_to_end(&mut out),
         // "deflate" is zlib-wrapped per RFC 9110, though some senders use raw deflate.
+        // Read as raw deflate only when zlib fails; when both fail, what
+        // decoded furthest is kept (a zlib stream cut off is the start of a
+        // larger body, whose dates must still be seen).
         Encoding::Deflate => {
             let mut zlib = flate2::read::ZlibDecoder::new(bytes);
             match zlib.by_ref().take(limit + 1).read_to_end(&mut out) {
                 Ok(n) => ended_there(n, zlib.total_in(), bytes, limit),
-                Err(_) => {
-                    out.clear();
+                Err(zlib_error) => {
+                    let mut raw_out = Vec::new();
                     let mut raw = flate2::read::DeflateDecoder::new(bytes);
-                    let read = raw.by_ref().take(limit + 1).read_to_end(&mut out);
-                    read.and_then(|n| ended_there(n, raw.total_in(), bytes, limit))
+                    let read = raw.by_ref().take(limit + 1).read_to_end(&mut raw_out);
+                    let read = read.and_then(|n| ended_there(n, raw.total_in(), bytes, limit));
+                    if read.is_ok() || raw_out.len() > out.len() {
+                        out = raw_out;
+                        read
+                    } else {
+                        Err(zlib_error)
+                    }
                 }
             }
         }
@@ -211,6 +222,11 @@ mod tests {
         assert_eq!(request_kind(&Method::PUT, &upper), None, "str_starts_with is case-sensitive");
         let json = headers(&[("content-type", "application/x-www-form-urlencodedx/json")]);
         assert_eq!(request_kind(&Method::PUT, &json), Some(Kind::Json), "isJson first");
+        for upper in ["application/x-www-form-urlencodedx/JSON", "application/x-www-form-urlencoded-v2+JSON"]
+        {
+            let upper = headers(&[("content-type", upper)]);
+            assert_eq!(request_kind(&Method::PATCH, &upper), Some(Kind::Form), "isJson is case-sensitive");
+        }
         let plain = headers(&[("content-type", "application/x-www-form-urlencoded; charset=utf-8")]);
         assert_eq!(request_kind(&Method::GET, &plain), Some(Kind::Form));
     }
@@ -237,6 +253,18 @@ mod tests {
         raw.write_all(b"abc").expect("write");
         let raw = raw.finish().expect("finish");
         assert!(matches!(decode(&raw, Encoding::Deflate, 100), Decoded::Whole(abc) if *abc == *b"abc"));
+        // Cut off (the start of a larger body): as far as it goes, zlib or raw.
+        let mut stored = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::none());
+        stored.write_all(&[b"deadline=2025-07-15&pad=".as_slice(), &[b'a'; 3000]].concat()).expect("write");
+        let stored = stored.finish().expect("finish");
+        let Decoded::Corrupt(start) = decode(&stored[..1000], Encoding::Deflate, 10_000) else {
+            panic!("cut off")
+        };
+        assert!(start.starts_with(b"deadline=2025-07-15&pad=aaa"), "{:?}", String::from_utf8_lossy(&start));
+        let Decoded::Corrupt(start) = decode(&raw[..raw.len() - 1], Encoding::Deflate, 100) else {
+            panic!("cut off")
+        };
+        assert!(b"abc".starts_with(&start));
         // Bytes after the stream: corrupt (the body then goes as it came), never dropped.
         for stream in [&zlib, &raw] {
             let trailed = [stream.as_slice(), b"&deadline=2025-03-04"].concat();

@@ -81,6 +81,8 @@ pub enum ChunkStart<B> {
     Over(Chunks, B),
     /// The budget could not hold the next chunk: what was read, and the rest.
     Unbudgeted(Chunks, B),
+    /// Still coming after the read's time: what was read, and the rest.
+    Late(Chunks, B),
 }
 
 /// Chunks kept as they came whatever their size; past this many, small ones
@@ -107,15 +109,17 @@ pub enum Unread<E> {
 /// more, as they came (nothing copied); smaller ones after those gathered in
 /// order. Trailers are dropped.
 ///
-/// A body may take as long as it keeps coming: the read gives up only when no
-/// piece comes for `quiet` (like nginx's `proxy_read_timeout`, measured between
-/// two reads), so a large answer that arrives slowly but steadily is read whole.
-/// As with [`within`], no timer is armed for a piece that is there at once.
+/// `time` bounds the read two ways. No piece for that long is a body that
+/// stopped ([`Unread::Quiet`], as nginx's `proxy_read_timeout` counts between
+/// two reads); a piece that comes after that long in all ends the read
+/// ([`ChunkStart::Late`]: a body slow but steady is not lost, and is not held
+/// back from its caller either). As with [`within`], a piece that is there at
+/// once arms no timer and reads no clock.
 pub async fn read_chunks<B>(
     mut body: B,
     limit: u64,
     budget: Budget,
-    quiet: Duration,
+    time: Duration,
 ) -> Result<ChunkStart<B>, Unread<B::Error>>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -138,8 +142,18 @@ where
             chunks.push(held(gathered.split().freeze(), own));
         }
     };
+    // When the read first waited: its time counts from there.
+    let mut waited_from = None;
     while !body.is_end_stream() {
-        let Some(frame) = within(quiet, body.frame()).await.ok_or(Unread::Quiet)? else { break };
+        let mut next = pin!(body.frame());
+        let frame = match std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                waited_from.get_or_insert_with(tokio::time::Instant::now);
+                tokio::time::timeout(time, next).await.map_err(|_| Unread::Quiet)?
+            }
+        };
+        let Some(frame) = frame else { break };
         if let Ok(data) = frame.map_err(Unread::Failed)?.into_data() {
             // The limit first, as in `read_up_to`.
             if total + data.len() as u64 > limit {
@@ -160,6 +174,9 @@ where
             }
             if total > limit {
                 return Ok(ChunkStart::Over(finish(chunks, gathered, reservation), body));
+            }
+            if waited_from.is_some_and(|from| from.elapsed() >= time) && !body.is_end_stream() {
+                return Ok(ChunkStart::Late(finish(chunks, gathered, reservation), body));
             }
         }
     }
@@ -299,22 +316,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_body_is_read_as_long_as_it_keeps_coming_and_given_up_when_it_stops() {
+    async fn a_slow_body_is_late_and_one_that_stops_is_given_up() {
+        let time = Duration::from_secs(5);
+        // A piece every 4 s, within 5 s of each other: the read ends at the
+        // first piece past 5 s in all, with the rest still to come.
         let began = tokio::time::Instant::now();
-        let quiet = Duration::from_secs(5);
-        // 40 s in all, never 5 s without a piece: read whole.
-        let Ok(ChunkStart::Complete(chunks, _)) =
-            read_chunks(paced(Duration::from_secs(4)), 1 << 20, Budget::unlimited(), quiet).await
+        let Ok(ChunkStart::Late(chunks, rest)) =
+            read_chunks(paced(Duration::from_secs(4)), 1 << 20, Budget::unlimited(), time).await
         else {
-            panic!("a body that keeps coming is read whole");
+            panic!("a body still coming after its time is late");
+        };
+        assert_eq!(chunks.concat(), b"01");
+        assert_eq!(began.elapsed(), Duration::from_secs(8));
+        let rest = rest.collect().await.expect("the rest").to_bytes();
+        assert_eq!(rest, &b"23456789"[..], "nothing lost");
+        // Ten pieces 400 ms apart: whole within its time.
+        let Ok(ChunkStart::Complete(chunks, _)) =
+            read_chunks(paced(Duration::from_millis(400)), 1 << 20, Budget::unlimited(), time).await
+        else {
+            panic!("whole in 4 s");
         };
         assert_eq!(chunks.concat(), b"0123456789");
-        assert_eq!(began.elapsed(), Duration::from_secs(40));
         // 6 s before its first piece: given up at 5 s.
         let began = tokio::time::Instant::now();
-        let stopped = read_chunks(paced(Duration::from_secs(6)), 1 << 20, Budget::unlimited(), quiet).await;
+        let stopped = read_chunks(paced(Duration::from_secs(6)), 1 << 20, Budget::unlimited(), time).await;
         assert!(matches!(stopped, Err(Unread::Quiet)));
-        assert_eq!(began.elapsed(), quiet, "given up at the quiet limit");
+        assert_eq!(began.elapsed(), time, "given up at its time");
     }
 
     #[tokio::test(start_paused = true)]

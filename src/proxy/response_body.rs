@@ -67,7 +67,7 @@ impl Proxy {
         links_to: &LinksTo,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let shared = &*self.shared;
-        refuse_unframeable(&response)?;
+        // (Its framing was checked as it came: [`refuse_unframeable`].)
         headers::to_caller(response.headers_mut());
         // Looked at only where a `Location` means something to follow (no
         // lookup on a plain 200).
@@ -107,8 +107,9 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let limit = shared.upstream.request_timeout();
         let budget = shared.limits.buffer_budget;
-        // Read as long as it keeps coming: only a body that stops for the
-        // request timeout is a 504 (Tallyfy's answer is never cut for being slow).
+        // A body that stops for the request timeout is a 504 (nothing of it
+        // sent yet); one still coming after that long streams on as it is
+        // (Tallyfy's answer is never lost, or held back, for being slow).
         let start =
             body::read_chunks(body, shared.links.max_body_bytes, budget, limit).await.map_err(|unread| {
                 match unread {
@@ -119,7 +120,9 @@ impl Proxy {
                 }
             })?;
         let (chunks, ended) = match start {
-            ChunkStart::Over(chunks, rest) => {
+            // Too large to hold, or still coming after the request timeout:
+            // it streams on as it is, links unrewritten.
+            ChunkStart::Over(chunks, rest) | ChunkStart::Late(chunks, rest) => {
                 return Ok(Response::from_parts(parts, Either::Left(Prefixed::chunks(chunks, rest))));
             }
             // No room to hold it: it streams as it is, links unrewritten, as
@@ -227,11 +230,11 @@ fn weaken_etag(headers: &mut HeaderMap) {
     }
 }
 
-/// Responses the proxy cannot pass on safely (502): one declaring both
-/// `Content-Length` and `Transfer-Encoding`, whose length an intermediary must
+/// Responses the proxy cannot pass on safely (502), checked on every answer as
+/// it comes ([`Proxy::send_once`]): one declaring both `Content-Length` and `Transfer-Encoding`, whose length an intermediary must
 /// not forward (RFC 9112 §6.3) and which nginx and Envoy refuse too; and a
 /// `101 Switching Protocols`, since the proxy does not tunnel upgrades.
-fn refuse_unframeable(response: &Response<UpstreamBody>) -> Result<(), ProxyError> {
+pub(super) fn refuse_unframeable(response: &Response<UpstreamBody>) -> Result<(), ProxyError> {
     let headers = response.headers();
     if headers.contains_key(TRANSFER_ENCODING) && headers.contains_key(CONTENT_LENGTH) {
         return Err(ProxyError::UpstreamBroken(

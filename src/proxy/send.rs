@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 
 use super::record::RequestRecord;
 use super::replay::Replay;
+use super::response_body::refuse_unframeable;
 use super::{Proxy, ProxyBody};
 use crate::body;
 use crate::error::ProxyError;
@@ -188,7 +189,9 @@ impl Proxy {
         Ok(Answer::Read(passed_on(parts, bytes)))
     }
 
-    /// One send, timed for the identity's upstream latency.
+    /// One send, timed for the identity's upstream latency. An answer the
+    /// proxy cannot pass on safely is a broken one here, before anything of
+    /// it is read or remembered (a 429's body is).
     pub(super) async fn send_once(
         &self,
         outbound: &mut Outbound,
@@ -196,12 +199,11 @@ impl Proxy {
         figures: &IdentityMetrics,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let sent = Instant::now();
-        let response = self.shared.upstream.send(outbound).await;
-        if let Ok(response) = &response {
-            figures.upstream(sent.elapsed());
-            log.upstream_status = Some(response.status());
-        }
-        response
+        let response = self.shared.upstream.send(outbound).await?;
+        figures.upstream(sent.elapsed());
+        log.upstream_status = Some(response.status());
+        refuse_unframeable(&response)?;
+        Ok(response)
     }
 }
 

@@ -88,6 +88,41 @@ async fn a_response_with_both_length_and_chunking_is_502_never_a_second_response
     }
 }
 
+/// A length that is no length is never forwarded (RFC 9110 §8.6; nginx:
+/// 502), on an answer with no body too: a `HEAD`'s passed it on as it came,
+/// and its connection was used again.
+#[tokio::test]
+async fn a_head_answer_with_a_length_that_is_no_length_is_502() {
+    for length in ["5, 7", "abc", "-1"] {
+        let answer =
+            format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {length}\r\n\r\n");
+        let recorder = Recorder::start(Box::leak(answer.into_bytes().into_boxed_slice())).await;
+        let (proxy, _dir) = proxy_to(&recorder).await;
+        let request = b"HEAD /api/me HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+        assert_eq!(answer.status(), 502, "{length}: {}", answer.text());
+        assert!(!answer.text().contains(length), "{}", answer.text());
+    }
+}
+
+/// A 429 framed both ways is refused like any such answer: its body was read
+/// and passed on, and the 429 remembered against the credential.
+#[tokio::test]
+async fn a_429_framed_both_ways_is_502_and_not_remembered() {
+    const BOTH: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n\
+        Retry-After: 60\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+    let recorder = Recorder::start(BOTH).await;
+    let (proxy, _dir) = proxy_to(&recorder).await;
+    let request = b"POST /api/me HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    assert_eq!(answer.status(), 502, "{}", answer.text());
+    assert!(answer.text().contains("upstream_error"), "{}", answer.text());
+    // Not remembered: the next request goes to Tallyfy (and meets the same answer).
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    assert_eq!(answer.status(), 502, "sent, not held as throttled: {}", answer.text());
+    assert_eq!(recorder.heads().len(), 2, "both reached the upstream");
+}
+
 #[tokio::test]
 async fn a_response_under_a_transfer_coding_other_than_chunked_is_502() {
     // `gzip, chunked`: de-chunked, the body is still gzip, and the caller

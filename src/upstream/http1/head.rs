@@ -186,8 +186,10 @@ fn body_framing(
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        // No body, so no framing to refuse; a repeated length is still restated.
-        if let Ok((Some(length), true)) = declared_length(headers) {
+        // No body, so no framing to refuse; but a length that is no length
+        // is refused as on any answer (RFC 9110 §8.6: never forwarded; nginx:
+        // 502), and a repeated one is restated.
+        if let (Some(length), true) = declared_length(headers)? {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         return Ok((Decoder::Done, status != StatusCode::SWITCHING_PROTOCOLS));
