@@ -141,14 +141,30 @@ fn is_param(decoded_name: &[u8]) -> Option<bool> {
     (&*name == PARAM).then_some(array)
 }
 
-/// Every `_method` value in urlencoded data (a query string or a form body).
+/// Every `_method` value in a form body, whose pairs PHP always splits at `&`.
 pub fn in_urlencoded(data: &[u8]) -> Result<Vec<Method>, Unreadable> {
+    in_pairs(data, |b| b == b'&')
+}
+
+/// Every `_method` value in a query string, read both ways PHP may split it:
+/// at `&` (`arg_separator.input`'s default), and at `&` or `;` (a setting older
+/// hosts use, which would make `?x=1;_method=DELETE` a `DELETE`). Either
+/// reading's method is judged, and either one unreadable is refused.
+pub fn in_query(query: &[u8]) -> Result<Vec<Method>, Unreadable> {
+    let mut methods = in_urlencoded(query)?;
+    if query.contains(&b';') {
+        methods.extend(in_pairs(query, |b| b == b'&' || b == b';')?);
+    }
+    Ok(methods)
+}
+
+fn in_pairs(data: &[u8], separator: impl Fn(u8) -> bool) -> Result<Vec<Method>, Unreadable> {
     // Fast path: no `method` (in any spelling) means no override.
     if memmem::find(data, b"method").is_none() && !data.contains(&b'%') {
         return Ok(Vec::new());
     }
     let mut methods = Vec::new();
-    for pair in data.split(|&b| b == b'&') {
+    for pair in data.split(|&b| separator(b)) {
         let (name, value) = match pair.iter().position(|&b| b == b'=') {
             Some(eq) => (&pair[..eq], &pair[eq + 1..]),
             None => (pair, &b""[..]),
@@ -274,6 +290,15 @@ mod tests {
         assert_eq!(in_json(br#"{"a":{"_method":"DELETE"},"b":["_method"]}"#), Ok(vec![]), "not at the top");
         assert!(in_urlencoded(b"_method=DEL%20ETE").is_err(), "letters only");
         assert!(in_urlencoded(b"_method=").is_err());
+    }
+
+    #[test]
+    fn a_query_is_read_at_semicolons_too_and_a_form_is_not() {
+        assert_eq!(in_query(b"x=1;_method=DELETE"), Ok(vec![Method::DELETE]));
+        assert_eq!(in_urlencoded(b"x=1;_method=DELETE"), Ok(vec![]), "a form body: `&` alone");
+        assert_eq!(in_query(b"_method=PUT&x=1"), Ok(vec![Method::PUT]), "once, with no `;`");
+        assert!(in_query(b"_method=PUT;x").is_err(), "`PUT;x` read at `&` alone is no method");
+        assert_eq!(in_query(b"a=1;b=2"), Ok(vec![]));
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Proxy {
                 .map_err(|denied| ProxyError::Forbidden(denied.reason()))?;
             if identity.policy.restricts_methods() && head.method == Method::POST {
                 let query = head.uri.query().unwrap_or_default().as_bytes();
-                judge_overrides(&identity.policy, method_override::in_urlencoded(query))?;
+                judge_overrides(&identity.policy, method_override::in_query(query))?;
             }
         }
         // One clock read for the token's freshness and the limits.
