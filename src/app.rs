@@ -102,7 +102,7 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::n
 #[derive(Clone)]
 struct ProxyServer {
     current: Arc<ArcSwap<Proxy>>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<server::Tls>,
     limits: ConnectionLimits,
     counters: crate::metrics::ConnectionCounters,
     shutdown: CancellationToken,
@@ -285,7 +285,11 @@ pub async fn start(config: &Config, listeners: Listeners) -> Result<Running, Sta
     let proxy_server = ProxyServer {
         limits: proxy_connection_limits(&config.server, &current, &metrics),
         current,
-        tls: config.listen.tls.as_ref().map(|tls| tls.server_config.clone()),
+        tls: config
+            .listen
+            .tls
+            .as_ref()
+            .map(|tls| server::Tls { config: tls.server_config.clone(), anchors: tls.anchors.clone() }),
         counters: metrics.connections("proxy"),
         shutdown: shutdown.clone(),
         grace,

@@ -1,19 +1,72 @@
 //! The names a verified client certificate vouches for: URI SANs (SPIFFE IDs) and
 //! DNS SANs; the subject CN only when the certificate has no SAN at all (as RFC
 //! 6125 treats CNs), and never a CN that could be read as a URI (one holding
-//! `:` or `/`), so a CN cannot impersonate a SPIFFE ID. `client_cert` identity
-//! rules match against them.
+//! `:` or `/`), so a CN cannot impersonate a SPIFFE ID. A URI SAN is a URI
+//! only with a scheme (`spiffe:`), so it cannot pass for a DNS name either.
+//! `client_cert` identity rules match against them.
+//!
+//! Under a CA that carries name constraints, only DNS SANs name a certificate:
+//! they are the one form the verifier (webpki) holds to those constraints. A
+//! CN is checked against none, and a URI against none that limits DNS names,
+//! so a sub-CA confined to `billing.internal` could otherwise issue a
+//! certificate naming any identity.
+
+use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// Names in the certificate; empty when it cannot be parsed (rustls has already
-/// verified it, so that would be a certificate no rule can name anyway).
-pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
-    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+/// What the configured client CAs (`listen.tls.client_ca`) say about the names
+/// they vouch for: the subjects of those that carry name constraints, read
+/// once when the config is loaded.
+#[derive(Debug, Clone, Default)]
+pub struct Anchors {
+    constrained_subjects: Arc<[Box<[u8]>]>,
+}
+
+impl Anchors {
+    pub fn new(roots: &[CertificateDer<'_>]) -> Self {
+        let constrained_subjects = roots
+            .iter()
+            .filter_map(|root| X509Certificate::from_der(root.as_ref()).ok())
+            .filter(|(_, root)| constrains_names(root))
+            .map(|(_, root)| root.subject().as_raw().into())
+            .collect();
+        Anchors { constrained_subjects }
+    }
+}
+
+/// Whether a CA certificate carries a name constraints extension (one that
+/// cannot be read counts: the verifier would have refused what it limits).
+fn constrains_names(ca: &X509Certificate<'_>) -> bool {
+    !matches!(ca.name_constraints(), Ok(None))
+}
+
+/// Names the leaf of a verified `chain` vouches for (the leaf, then the
+/// intermediates the caller presented); empty when it cannot be parsed
+/// (rustls has already verified it, so that would be a certificate no rule
+/// can name anyway).
+pub fn names(chain: &[CertificateDer<'_>], anchors: &Anchors) -> Vec<String> {
+    let Some(Ok((_, parsed))) = chain.first().map(|leaf| X509Certificate::from_der(leaf.as_ref())) else {
         return Vec::new();
     };
+    // Constrained when an intermediate presented (or one that cannot be
+    // read), or the anchor that issued the top of the chain, carries name
+    // constraints (the anchor matched by name: any anchor of that name counts).
+    let intermediates: Vec<_> = chain[1..]
+        .iter()
+        .map(|cert| X509Certificate::from_der(cert.as_ref()).map(|(_, cert)| cert))
+        .collect();
+    let top_issuer = match intermediates.last() {
+        None => parsed.issuer().as_raw(),
+        Some(Ok(top)) => top.issuer().as_raw(),
+        Some(Err(_)) => &[],
+    };
+    let constrained = intermediates.iter().any(|cert| match cert {
+        Ok(cert) => constrains_names(cert),
+        Err(_) => true,
+    }) || anchors.constrained_subjects.iter().any(|subject| **subject == *top_issuer);
     let mut names = Vec::new();
     let san = match parsed.subject_alternative_name() {
         Ok(san) => san,
@@ -24,7 +77,10 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
     let has_san = san.is_some();
     if let Some(san) = san {
         for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
+            if let GeneralName::URI(uri) = name
+                && !constrained
+                && has_scheme(uri)
+            {
                 names.push((*uri).to_owned());
             }
         }
@@ -43,7 +99,7 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
     // SANs are all of kinds no rule names (an IP address, an email) or were
     // dropped above is not, or a CA that checks SANs but not CNs could issue
     // a certificate passing for any CN-named identity.
-    if !has_san {
+    if !has_san && !constrained {
         for cn in parsed.subject().iter_common_name() {
             if let Ok(cn) = cn.as_str()
                 && !cn.contains([':', '/'])
@@ -53,6 +109,15 @@ pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
         }
     }
     names
+}
+
+/// Whether `uri` starts with a scheme and its `:` (RFC 3986: a letter, then
+/// letters, digits, `+`, `-` or `.`).
+fn has_scheme(uri: &str) -> bool {
+    let Some((scheme, _)) = uri.split_once(':') else { return false };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|first| first.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 #[cfg(test)]
@@ -78,8 +143,11 @@ mod tests {
     #[test]
     fn sans_are_named_and_a_cn_only_without_them() {
         let spiffe = "spiffe://cluster.local/ns/billing/sa/app";
-        assert_eq!(names(&certificate("app.example", &[spiffe, "app.internal"])), [spiffe, "app.internal"]);
-        assert_eq!(names(&certificate("app.example", &[])), ["app.example"]);
+        assert_eq!(
+            names(&[certificate("app.example", &[spiffe, "app.internal"])], &Anchors::default()),
+            [spiffe, "app.internal"]
+        );
+        assert_eq!(names(&[certificate("app.example", &[])], &Anchors::default()), ["app.example"]);
     }
 
     #[test]
@@ -92,9 +160,13 @@ mod tests {
             rcgen::SanType::Rfc822Name(rcgen::string::Ia5String::try_from("x@example.com").expect("ia5")),
         ];
         let only_ip_and_email = params.self_signed(&key).expect("certificate").der().clone();
-        assert!(names(&only_ip_and_email).is_empty(), "{:?}", names(&only_ip_and_email));
+        let named = names(&[only_ip_and_email], &Anchors::default());
+        assert!(named.is_empty(), "{named:?}");
         let dropped = certificate("payments-app", &["x/y"]);
-        assert!(names(&dropped).is_empty(), "a dropped DNS SAN does not let the CN in");
+        assert!(
+            names(&[dropped], &Anchors::default()).is_empty(),
+            "a dropped DNS SAN does not let the CN in"
+        );
     }
 
     #[test]
@@ -106,13 +178,75 @@ mod tests {
             .map(|dns| rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(dns).expect("ia5")))
             .collect();
         let cert = params.self_signed(&key).expect("certificate").der().clone();
-        assert_eq!(names(&cert), ["app.internal"]);
+        assert_eq!(names(&[cert], &Anchors::default()), ["app.internal"]);
     }
 
     #[test]
     fn a_cn_shaped_like_a_uri_names_nothing() {
         for cn in ["spiffe://cluster.local/ns/billing/sa/app", "urn:x", "a/b"] {
-            assert!(names(&certificate(cn, &[])).is_empty(), "{cn}");
+            assert!(names(&[certificate(cn, &[])], &Anchors::default()).is_empty(), "{cn}");
         }
+    }
+
+    /// A root, a sub-CA under it confined to `billing.internal`, and a leaf
+    /// the sub-CA issued with `cn` and `sans` (as [`certificate`] reads them).
+    fn under_a_confined_ca(cn: &str, sans: &[&str]) -> [CertificateDer<'static>; 3] {
+        let root_key = rcgen::KeyPair::generate().expect("key");
+        let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = root_params.self_signed(&root_key).expect("root");
+        let root_issuer = rcgen::Issuer::new(root_params, root_key);
+        let sub_key = rcgen::KeyPair::generate().expect("key");
+        let mut sub_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        sub_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        sub_params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("billing.internal".to_owned())],
+            excluded_subtrees: Vec::new(),
+        });
+        let sub = sub_params.signed_by(&sub_key, &root_issuer).expect("sub-CA");
+        let sub_issuer = rcgen::Issuer::new(sub_params, sub_key);
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let mut leaf_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf_params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        leaf_params.subject_alt_names = sans
+            .iter()
+            .map(|san| match san.contains(':') {
+                true => rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).expect("ia5")),
+                false => rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*san).expect("ia5")),
+            })
+            .collect();
+        let leaf = leaf_params.signed_by(&leaf_key, &sub_issuer).expect("leaf");
+        [leaf.der().clone(), sub.der().clone(), root.der().clone()]
+    }
+
+    #[test]
+    fn under_a_ca_that_constrains_names_only_dns_names_name_a_certificate() {
+        let spiffe = "spiffe://cluster.local/ns/payments/sa/app";
+        let [leaf, sub, _] = under_a_confined_ca("payments.internal", &[spiffe, "billing.internal"]);
+        let none = Anchors::default();
+        assert_eq!(names(&[leaf.clone(), sub.clone()], &none), ["billing.internal"], "the sub-CA presented");
+        assert_eq!(
+            names(std::slice::from_ref(&leaf), &Anchors::new(&[sub])),
+            ["billing.internal"],
+            "the sub-CA an anchor"
+        );
+        let [cn_only, sub, root] = under_a_confined_ca("payments.internal", &[]);
+        assert!(names(&[cn_only.clone(), sub.clone()], &none).is_empty(), "no CN under constraints");
+        assert!(names(&[cn_only, sub], &Anchors::new(&[root])).is_empty());
+        // An unconstrained chain: as before.
+        let plain = certificate("payments.internal", &[spiffe]);
+        assert_eq!(names(&[plain], &none), [spiffe]);
+    }
+
+    #[test]
+    fn a_uri_san_without_a_scheme_names_nothing() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = ["payments.internal", "1x:y", "spiffe://a/b", "urn:x"]
+            .into_iter()
+            .map(|uri| rcgen::SanType::URI(rcgen::string::Ia5String::try_from(uri).expect("ia5")))
+            .collect();
+        let cert = params.self_signed(&key).expect("certificate").der().clone();
+        assert_eq!(names(&[cert], &Anchors::default()), ["spiffe://a/b", "urn:x"]);
     }
 }

@@ -100,6 +100,8 @@ pub struct ListenTls {
     pub client_cert_required: bool,
     /// Whether client certificates are verified at all (`client_ca` given).
     pub verifies_client_certs: bool,
+    /// Which of the client CAs constrain the names they vouch for.
+    pub anchors: crate::client_cert::Anchors,
     /// SHA-256 over the certificate, key and client CA files, to notice changes.
     pub fingerprint: [u8; 32],
     /// Those files (as written: relative to the config file's directory),

@@ -115,13 +115,21 @@ pub struct ConnectionInfo {
     pub cert_names: Arc<[String]>,
 }
 
+/// TLS on a listener: its rustls config, and what its client CAs say about
+/// the names they vouch for.
+#[derive(Clone)]
+pub struct Tls {
+    pub config: Arc<rustls::ServerConfig>,
+    pub anchors: crate::client_cert::Anchors,
+}
+
 /// Serves connections from `listener` (over TLS when `tls` is given) until
 /// `shutdown` fires, then stops accepting (the listener is closed, so new
 /// connections are refused), lets in-flight requests finish for at most `grace`,
 /// and returns.
 pub async fn serve<M, S, F, B>(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Tls>,
     limits: ConnectionLimits,
     counters: ConnectionCounters,
     make_service: M,
@@ -147,8 +155,10 @@ pub async fn serve<M, S, F, B>(
         .keep_alive_timeout(ping);
     let permits = limits.slots.0.clone();
     let peers = limits.per_peer.map(peers::PeerPlaces::new);
+    let anchors = tls.as_ref().map(|tls| tls.anchors.clone()).unwrap_or_default();
     let shared = Arc::new(Listener {
-        tls: tls.map(TlsAcceptor::from),
+        tls: tls.map(|tls| TlsAcceptor::from(tls.config)),
+        anchors,
         limits,
         http1,
         http2,

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::{
     Credential, Identity, Match, Secret, TOKEN_ENV, TestConfig, client, start_proxy, start_sandbox, table,
 };
@@ -129,6 +131,9 @@ struct Pki {
     payments_cn: String,
     /// Certificate and key: `payments-app` as its CN, and only an IP address SAN.
     payments_cn_ip_san: String,
+    /// Certificate and key: the SPIFFE URI SAN, valid for three seconds from
+    /// when the PKI was made.
+    short_lived: String,
 }
 
 fn pki() -> Pki {
@@ -160,6 +165,13 @@ fn pki() -> Pki {
         let cert = params.signed_by(&key, &issuer).expect("client cert");
         format!("{}{}", cert.pem(), key.serialize_pem())
     };
+    let short_key = rcgen::KeyPair::generate().expect("key");
+    let mut short_params = client_params.clone();
+    let unix_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+    short_params.not_before =
+        rcgen::date_time_ymd(1970, 1, 1) + unix_now.saturating_sub(Duration::from_secs(60));
+    short_params.not_after = rcgen::date_time_ymd(1970, 1, 1) + unix_now + Duration::from_secs(3);
+    let short = short_params.signed_by(&short_key, &issuer).expect("short-lived client cert");
     let payments_cn = payments(Vec::new());
     let payments_cn_ip_san = payments(vec![rcgen::SanType::IpAddress("10.9.9.9".parse().expect("ip"))]);
     Pki {
@@ -171,6 +183,7 @@ fn pki() -> Pki {
         cn_client: format!("{}{}", cn_client.pem(), cn_key.serialize_pem()),
         payments_cn,
         payments_cn_ip_san,
+        short_lived: format!("{}{}", short.pem(), short_key.serialize_pem()),
     }
 }
 
@@ -232,4 +245,126 @@ async fn mtls_client_certificates_identify_callers() {
     let response = without_cert.get(&url).send().await.expect("answered over TLS");
     assert_eq!(response.status(), 401, "TLS without a client certificate matches no identity");
     assert_eq!(sandbox.received().len(), 2);
+}
+
+/// A TLS session is never resumed where client certificates name identities:
+/// a resumed session carried the certificate it began with, unchecked, so a
+/// certificate that expired since went on naming its identity (and its
+/// Tallyfy credential), ticket after ticket.
+#[tokio::test]
+async fn a_client_certificate_that_expired_cannot_resume_its_session() {
+    let began = std::time::Instant::now();
+    let pki = pki();
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    for (file, pem) in
+        [("ca.pem", &pki.ca), ("server.pem", &pki.server_cert), ("server.key", &pki.server_key)]
+    {
+        std::fs::write(dir.path().join(file), pem).expect("write");
+    }
+    let tls =
+        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
+    let config = ops_config(&sandbox.base_url()).set("listen", "tls", tls).identity(Identity::new(
+        "mesh",
+        "ops",
+        Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app"),
+    ));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(pki.ca.as_bytes()).expect("CA");
+    let identity = reqwest::Identity::from_pem(pki.short_lived.as_bytes()).expect("identity");
+    // A new connection per request, with the client's session cache kept.
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .identity(identity)
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let response = client.get(&url).send().await.expect("answered over mTLS");
+    assert_eq!(response.status(), 200, "valid for three seconds");
+    assert!(began.elapsed() < Duration::from_secs(3), "the first request came in time");
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(began.elapsed())).await;
+    let expired = client.get(&url).send().await;
+    assert!(
+        expired.as_ref().map_or(true, |response| response.status() != 200),
+        "an expired certificate names no identity: {expired:?}"
+    );
+    assert_eq!(sandbox.received().len(), 1, "only the request made in time reached Tallyfy");
+}
+
+/// A sub-CA confined to `billing.internal` (name constraints) cannot issue a
+/// certificate naming another identity: neither a CN (which the verifier
+/// holds to no constraint) nor a URI SAN (none that limits DNS names; and one
+/// with no scheme passed for a DNS name). Both passed as `payments`.
+#[tokio::test]
+async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
+    let root_key = rcgen::KeyPair::generate().expect("key");
+    let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key).expect("root");
+    let root_issuer = rcgen::Issuer::new(root_params, root_key);
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &root_issuer)
+        .expect("server cert");
+    let sub_key = rcgen::KeyPair::generate().expect("key");
+    let mut sub_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    sub_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    sub_params.name_constraints = Some(rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("billing.internal".to_owned())],
+        excluded_subtrees: Vec::new(),
+    });
+    let sub = sub_params.signed_by(&sub_key, &root_issuer).expect("sub-CA");
+    let sub_issuer = rcgen::Issuer::new(sub_params, sub_key);
+    // Leaf, key and the sub-CA, as a caller presents them.
+    let leaf = |cn: &str, sans: Vec<rcgen::SanType>| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &sub_issuer).expect("leaf");
+        format!("{}{}{}", cert.pem(), sub.pem(), key.serialize_pem())
+    };
+    let ia5 = |text: &str| rcgen::string::Ia5String::try_from(text).expect("ia5");
+
+    let sandbox = start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let server_pem = server.pem();
+    let server_key_pem = server_key.serialize_pem();
+    let root_pem = root.pem();
+    for (file, pem) in [("ca.pem", &root_pem), ("server.pem", &server_pem), ("server.key", &server_key_pem)] {
+        std::fs::write(dir.path().join(file), pem).expect("write");
+    }
+    let tls =
+        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
+    let config = ops_config(&sandbox.base_url())
+        .set("listen", "tls", tls)
+        .identity(Identity::new("billing", "ops", Match::ClientCert("billing.internal")))
+        .identity(Identity::new("payments", "ops", Match::ClientCert("payments.internal")));
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = reqwest::Certificate::from_pem(root_pem.as_bytes()).expect("CA");
+    let cases = [
+        (
+            "a DNS name the sub-CA may issue",
+            leaf("x", vec![rcgen::SanType::DnsName(ia5("billing.internal"))]),
+            200,
+        ),
+        ("a URI SAN with no scheme", leaf("x", vec![rcgen::SanType::URI(ia5("payments.internal"))]), 401),
+        ("a CN alone", leaf("payments.internal", Vec::new()), 401),
+    ];
+    for (case, pem, expected) in cases {
+        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
+        let client = reqwest::Client::builder()
+            .tls_certs_only([ca.clone()])
+            .identity(identity)
+            .build()
+            .expect("client");
+        let response = client.get(&url).send().await.expect("answered over mTLS");
+        assert_eq!(response.status(), expected, "{case}");
+    }
+    assert_eq!(sandbox.received().len(), 1, "only the certificate the sub-CA may issue reached Tallyfy");
 }

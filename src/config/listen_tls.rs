@@ -38,6 +38,7 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ctx.at(spanned, "listen.tls", e.to_string()))?;
+    let mut anchors = crate::client_cert::Anchors::default();
     let builder = match &raw.client_ca {
         None if client_cert_required => {
             return Err(ctx.at(spanned, "listen.tls.client_auth", "\"required\" needs client_ca"));
@@ -45,7 +46,9 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in read_certs(ctx, ca, "listen.tls.client_ca")? {
+            let certs = read_certs(ctx, ca, "listen.tls.client_ca")?;
+            anchors = crate::client_cert::Anchors::new(&certs);
+            for cert in certs {
                 roots.add(cert).map_err(|e| ctx.at(ca, "listen.tls.client_ca", e.to_string()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
@@ -59,10 +62,19 @@ pub(super) fn validate(ctx: &Ctx<'_>, spanned: &Spanned<RawListenTls>) -> Result
         .with_single_cert(certs, key)
         .map_err(|e| ctx.at(&raw.cert, "listen.tls.cert", format!("certificate and key do not fit: {e}")))?;
     server_config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if raw.client_ca.is_some() {
+        // No session is resumed where client certificates name identities: a
+        // resumed session carries the certificate it began with, unchecked,
+        // so one expired (or no longer trusted) since would go on naming its
+        // identity, ticket after ticket. Each connection verifies its own.
+        server_config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server_config.send_tls13_tickets = 0;
+    }
     Ok(ListenTls {
         server_config: Arc::new(server_config),
         client_cert_required,
         verifies_client_certs: raw.client_ca.is_some(),
+        anchors,
         fingerprint: fingerprint(ctx, raw),
         files: [Some(&raw.cert), Some(&raw.key), raw.client_ca.as_ref()]
             .into_iter()

@@ -31,6 +31,7 @@ use crate::client_cert;
 /// Everything a connection task needs, shared by all of a listener's connections.
 pub(super) struct Listener<M> {
     pub tls: Option<TlsAcceptor>,
+    pub anchors: client_cert::Anchors,
     pub limits: ConnectionLimits,
     pub http1: http1::Builder,
     pub http2: http2::Builder<TokioExecutor>,
@@ -111,8 +112,7 @@ async fn tls_connection<M, S, F, B>(
     let session = stream.get_ref().1;
     let cert_names = session
         .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(client_cert::names)
+        .map(|chain| client_cert::names(chain, &shared.anchors))
         .unwrap_or_default();
     let (protocol, prefix) = match session.alpn_protocol() {
         // The preface must still come within the deadline: a peer that agreed
