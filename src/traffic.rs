@@ -173,6 +173,9 @@ pub struct Traffic {
     gates: Box<[Gate]>,
     /// By credential index, with the credential's name (windows count by it).
     throttles: Box<[(Arc<Throttle>, Arc<str>)]>,
+    /// By credential index: the principal its tokens act as (told with a 429,
+    /// so a replica where the name is another user's does not take it).
+    principals: Box<[Arc<str>]>,
     rules: Rules,
     pub settings: Settings,
     budget: Arc<Budget>,
@@ -357,7 +360,8 @@ impl Traffic {
         let (org, limit) = self.limit_key(method, &segments, rule);
         let (throttle, name) = &self.throttles[credential];
         let wait = throttle.remember(said.retry_after, said.hourly, &org, &limit, now);
-        Throttled { credential: name.to_string(), wait, hourly: said.hourly, org, limit }
+        let principal = Some(self.principals[credential].to_string());
+        Throttled { credential: name.to_string(), principal, wait, hourly: said.hourly, org, limit }
     }
 
     /// The organisation and limit a remembered hourly cap is kept under: the
@@ -453,11 +457,17 @@ impl TrafficState {
         Arc::new(TrafficState { fleet, ..TrafficState::default() })
     }
 
-    /// Another replica met Tallyfy's 429: remember it as if this one had.
-    /// Answers whether the credential is one this process knows.
+    /// Another replica met Tallyfy's 429: remember it as if this one had,
+    /// when the credential of that name acts as the same principal here (a
+    /// replica where the name is another user's, mid-rollout or sharing the
+    /// prefix, was not throttled). Answers whether it was taken.
     pub fn learn(&self, throttled: &Throttled, now: Nanos) -> bool {
         let throttles = lock(&self.throttles);
-        let Some((_, throttle)) = throttles.get(&throttled.credential) else { return false };
+        let Some((principal, throttle)) = throttles.get(&throttled.credential) else { return false };
+        // A replica of an earlier version names no principal: taken by name, as it was.
+        if throttled.principal.as_ref().is_some_and(|told| told != principal) {
+            return false;
+        }
         throttle.remember(Some(throttled.wait), throttled.hourly, &throttled.org, &throttled.limit, now);
         true
     }
@@ -526,6 +536,7 @@ impl TrafficState {
         Traffic {
             gates,
             throttles: throttles_now,
+            principals: credentials.iter().map(|&(_, principal)| Arc::from(principal)).collect(),
             rules: Rules::new(rules),
             settings: settings.clone(),
             budget: self.budget.clone(),

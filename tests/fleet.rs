@@ -56,7 +56,7 @@ impl Replica {
             .env("TALLYFY_PROXY_REDIS_URL", redis)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped());
-        for name in ["APP_SECRET", "USER_SECRET", "USER_PASSWORD"] {
+        for name in ["APP_SECRET", "USER_SECRET", "USER_PASSWORD", support::TOKEN_ENV] {
             command.env(name, support::env(name).expect("fixture secret"));
         }
         let mut child = command.spawn().expect("the binary runs");
@@ -850,6 +850,42 @@ async fn a_limit_of_30_across_three_replicas_admits_30_in_all_and_429s_are_share
         assert!((25..=30).contains(&retry_after), "{retry_after}");
     }
     assert_eq!(sandbox.count("GET", runs), before, "answered by the replicas, not by Tallyfy");
+}
+
+/// A 429 is told with the principal it was met as: a replica where the
+/// credential of that name acts as another user (mid-rollout, or fleets
+/// sharing a prefix) does not take it. It did, and held that user back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_learned_only_where_the_credential_acts_as_the_same_user() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let same = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 10_000);
+    let replicas = fleet(2, &same, &redis).await;
+    // `user` here is a personal token: another principal under the same name.
+    let other = fleet_config(
+        &sandbox,
+        Credential::personal("user", support::Secret::Env(support::TOKEN_ENV)),
+        40_000,
+        10_000,
+    );
+    let elsewhere = Replica::start(&other, &redis.url(), KEY).await;
+    let http = client();
+    sandbox.fail_api(PATH, 1, tallyfy_sandbox::ApiFault::Throttled { retry_after: Some(30) });
+    let first = http.get(format!("http://{}{PATH}", replicas[0].proxy)).send().await.expect("answered");
+    assert_eq!(first.status(), 429, "Tallyfy's own");
+    eventually(Duration::from_secs(5), "the same user's replica heard of it", async || {
+        replicas[1].metric("tallyfy_proxy_fleet_throttles_learned_total").await >= 1.0
+    })
+    .await;
+    let held = http.get(format!("http://{}{PATH}", replicas[1].proxy)).send().await.expect("answered");
+    assert_eq!(held.status(), 429, "held back for the same user");
+    // Told at the same time: the other replica has had it too, and not taken it.
+    let before = sandbox.count("GET", PATH);
+    let served = http.get(format!("http://{}{PATH}", elsewhere.proxy)).send().await.expect("answered");
+    assert_eq!(served.status(), 200, "another user is not held back");
+    assert_eq!(sandbox.count("GET", PATH), before + 1, "sent to Tallyfy");
+    assert_eq!(elsewhere.metric("tallyfy_proxy_fleet_throttles_learned_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

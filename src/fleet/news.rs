@@ -27,6 +27,9 @@ pub enum News {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Throttled {
     pub credential: String,
+    /// The principal the credential acts as (its fleet name); `None` from a
+    /// replica of an earlier version.
+    pub principal: Option<String>,
     pub wait: Duration,
     pub hourly: bool,
     pub org: String,
@@ -42,6 +45,7 @@ impl News {
             News::Throttled(t) => serde_json::json!({
                 "from": from,
                 "throttled": t.credential,
+                "principal": t.principal,
                 "wait_ms": t.wait.as_millis() as u64,
                 "hourly": t.hourly,
                 "org": t.org,
@@ -61,6 +65,7 @@ impl News {
         }
         let throttled = Throttled {
             credential: value["throttled"].as_str()?.to_owned(),
+            principal: value["principal"].as_str().map(str::to_owned),
             wait: Duration::from_millis(value["wait_ms"].as_u64()?),
             hourly: value["hourly"].as_bool()?,
             org: value["org"].as_str()?.to_owned(),
@@ -155,6 +160,7 @@ mod tests {
         assert_eq!(News::decode(&tokens.encode(7)), Some((7, tokens)));
         let throttled = News::Throttled(Throttled {
             credential: "user".into(),
+            principal: Some("user.0011".into()),
             wait: Duration::from_secs(30),
             hourly: true,
             org: "abc".into(),
