@@ -546,6 +546,42 @@ async fn redis_away_for_ten_seconds_fails_no_request_and_one_refresher_returns()
     assert_eq!(sandbox.double_redemptions(), 0);
 }
 
+/// A Redis that refuses writes (out of memory under `noeviction`, or a
+/// read-only replica after a failover) while its polls still announce a
+/// generation no replica can take: a replica signs in alone once for that
+/// news, not at every poll (it signed in every 5 s, for as long as it lasted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_refusing_writes_costs_one_sign_in_not_one_per_poll() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 1_000);
+    let first = Replica::start(&config, &redis.url(), KEY).await;
+    let mut connection = redis_connection(&redis).await;
+    // Its set gone (as when its TTL ends), its generation still announced.
+    let keys = token_keys(&mut connection).await;
+    assert!(!keys.is_empty(), "the first replica stored its set");
+    let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut connection).await.expect("del");
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .expect("config");
+    }
+    let before = sandbox.token_requests().len();
+    let second = Replica::start(&config, &redis.url(), KEY).await;
+    // Three polls (every 5 s) after its own first sign-in.
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let fetched = sandbox.token_requests().len() - before;
+    assert!(fetched <= 2, "{fetched} sign-ins: one of its own, and at most one for the news");
+    let answer = client().get(format!("http://{}{PATH}", second.proxy)).send().await.expect("answered");
+    assert_eq!(answer.status(), 200, "it serves with its own token");
+    drop(first);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_another_key_refuses_the_fleets_tokens_and_serves_alone() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;

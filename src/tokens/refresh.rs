@@ -306,8 +306,9 @@ impl Refresher {
             if slot.life == Life::Live
                 && !slot.fetching
                 && slot.outside_fleet.is_none()
-                && slot.shared_generation < *generation
+                && slot.shared_generation.max(slot.news_heeded) < *generation
             {
+                slot.news_heeded = *generation;
                 slot.due = Some(now);
             }
         }

@@ -48,6 +48,12 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
+    /// The highest fleet generation news has made this slot fetch for: the
+    /// same news makes it fetch once. When the fleet's set cannot be taken
+    /// (Redis refusing writes, or reads, for memory or as a read-only
+    /// replica), the fetch signs in alone and the poll goes on announcing
+    /// that generation: heeded each time, it was a sign-in every poll.
+    pub(super) news_heeded: u64,
     /// The fleet refused this replica's key: fetch alone until the key
     /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
     /// when the fetch that left began).
@@ -227,6 +233,7 @@ impl Refresher {
             awaiting_application: false,
             fleet_name: (due.is_some()).then(|| self.principal(credential, application).into()),
             shared_generation: 0,
+            news_heeded: 0,
             outside_fleet: None,
             stands_in_for,
             adopt_only: None,
