@@ -343,6 +343,18 @@ impl Traffic {
         }
     }
 
+    /// Fleet mode: the fleet admitted a request, so its windows are the
+    /// fleet's to hold, and this replica's give it back (they count only
+    /// while Redis cannot answer). A replica's own window opens at its own
+    /// first request, not the fleet's: holding the count too, it refused on
+    /// after the fleet's window had closed, with the fleet's budget unspent.
+    pub fn fleet_admitted(&self, counts: &Counts) {
+        let credential_name = &self.throttles[counts.credential].1;
+        for (rule, org) in &counts.windows {
+            self.rules.get(*rule).windows.give_back(org, credential_name, counts.at);
+        }
+    }
+
     /// Tallyfy answered 429 to a request of `credential` for `path`: remember it
     /// (see [`throttle`]). Returns what was remembered, as the other replicas
     /// of a fleet are told it.

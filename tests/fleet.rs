@@ -987,6 +987,39 @@ async fn a_request_the_fleet_refuses_spends_nothing_locally() {
     assert_eq!(sandbox.count("POST", &guests), 2);
 }
 
+/// A replica's own window opens at its own first request, not the fleet's:
+/// holding its admitted requests' count too, it refused (with its own
+/// `Retry-After`) after the fleet's window had closed and its budget was
+/// unspent. The fleet's windows hold what the fleet admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refuses_nothing_the_fleet_s_new_window_admits() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(SandboxConfig::default()).await;
+    let (guests, config) = guest_invites(&sandbox, 5, 3);
+    let replicas = fleet(2, &config, &redis).await;
+    let http = client();
+    let body = serde_json::json!({ "email": "guest@example.com" });
+    let post = |replica: &Replica| http.post(format!("http://{}{guests}", replica.proxy)).json(&body).send();
+    // Replica 1 opens the fleet's window; it closes by t0 + 3 s.
+    let t0 = Instant::now();
+    assert_ne!(post(&replicas[1]).await.expect("answered").status(), 429);
+    // Replica 0 spends the other four a second and a half later: its own
+    // window would open then, and close only at t0 + 4.5 s.
+    tokio::time::sleep_until((t0 + Duration::from_millis(1500)).into()).await;
+    for _ in 0..4 {
+        assert_ne!(post(&replicas[0]).await.expect("answered").status(), 429, "within the fleet's five");
+    }
+    assert_eq!(post(&replicas[1]).await.expect("answered").status(), 429, "the fleet's five are spent");
+    // The fleet's window has closed: five more, all on replica 0.
+    tokio::time::sleep_until((t0 + Duration::from_millis(3300)).into()).await;
+    for i in 0..5 {
+        let status = post(&replicas[0]).await.expect("answered").status();
+        assert_ne!(status, 429, "request {i} of the fleet's new window");
+    }
+    assert_eq!(sandbox.count("POST", &guests), 10);
+}
+
 /// A request the proxy refuses once its body is read (here a JSON body too
 /// large to rewrite its dates in) never reached Tallyfy: it spends nothing,
 /// neither its replica's count nor the fleet's budget in Redis. Two refused,
