@@ -120,9 +120,7 @@ async fn policy_violations_are_403_and_never_forwarded() {
 /// SPIFFE URI SAN and one with no SAN and the SPIFFE ID as its CN, all fresh
 /// for the test. Returns PEM texts.
 struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
+    root: Root,
     client_cert: String,
     client_key: String,
     /// Certificate and key: no SAN, the SPIFFE ID as its CN.
@@ -136,7 +134,15 @@ struct Pki {
     short_lived: String,
 }
 
-fn pki() -> Pki {
+/// A fresh CA, and a server certificate for 127.0.0.1 it signed (PEM).
+struct Root {
+    ca: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    server_cert: String,
+    server_key: String,
+}
+
+fn root() -> Root {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -147,22 +153,52 @@ fn pki() -> Pki {
         .expect("params")
         .signed_by(&server_key, &issuer)
         .expect("server cert");
+    Root { ca: ca.pem(), issuer, server_cert: server.pem(), server_key: server_key.serialize_pem() }
+}
+
+/// A proxy on TLS with `root`'s server certificate, verifying client
+/// certificates against its CA, with `identities` (credential `ops`); its
+/// `/api/me` URL, and the client rustls needs.
+async fn mtls_proxy(
+    sandbox: &str,
+    root: &Root,
+    identities: Vec<Identity>,
+) -> (tallyfy_proxy::app::Running, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("dir");
+    for (file, pem) in
+        [("ca.pem", &root.ca), ("server.pem", &root.server_cert), ("server.key", &root.server_key)]
+    {
+        std::fs::write(dir.path().join(file), pem).expect("write");
+    }
+    let tls =
+        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
+    let config =
+        identities.into_iter().fold(ops_config(sandbox).set("listen", "tls", tls), TestConfig::identity);
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    (proxy, dir, url)
+}
+
+fn pki() -> Pki {
+    let root = root();
+    let issuer = &root.issuer;
     let client_key = rcgen::KeyPair::generate().expect("key");
     let mut client_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     client_params.subject_alt_names = vec![rcgen::SanType::URI(
         rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/billing/sa/app").expect("ia5"),
     )];
-    let client = client_params.signed_by(&client_key, &issuer).expect("client cert");
+    let client = client_params.signed_by(&client_key, issuer).expect("client cert");
     let cn_key = rcgen::KeyPair::generate().expect("key");
     let mut cn_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     cn_params.distinguished_name.push(rcgen::DnType::CommonName, "spiffe://cluster.local/ns/billing/sa/app");
-    let cn_client = cn_params.signed_by(&cn_key, &issuer).expect("CN-only client cert");
+    let cn_client = cn_params.signed_by(&cn_key, issuer).expect("CN-only client cert");
     let payments = |sans: Vec<rcgen::SanType>| {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(rcgen::DnType::CommonName, "payments-app");
         params.subject_alt_names = sans;
-        let cert = params.signed_by(&key, &issuer).expect("client cert");
+        let cert = params.signed_by(&key, issuer).expect("client cert");
         format!("{}{}", cert.pem(), key.serialize_pem())
     };
     let short_key = rcgen::KeyPair::generate().expect("key");
@@ -171,13 +207,11 @@ fn pki() -> Pki {
     short_params.not_before =
         rcgen::date_time_ymd(1970, 1, 1) + unix_now.saturating_sub(Duration::from_secs(60));
     short_params.not_after = rcgen::date_time_ymd(1970, 1, 1) + unix_now + Duration::from_secs(3);
-    let short = short_params.signed_by(&short_key, &issuer).expect("short-lived client cert");
+    let short = short_params.signed_by(&short_key, issuer).expect("short-lived client cert");
     let payments_cn = payments(Vec::new());
     let payments_cn_ip_san = payments(vec![rcgen::SanType::IpAddress("10.9.9.9".parse().expect("ip"))]);
     Pki {
-        ca: ca.pem(),
-        server_cert: server.pem(),
-        server_key: server_key.serialize_pem(),
+        root,
         client_cert: client.pem(),
         client_key: client_key.serialize_pem(),
         cn_client: format!("{}{}", cn_client.pem(), cn_key.serialize_pem()),
@@ -190,24 +224,14 @@ fn pki() -> Pki {
 #[tokio::test]
 async fn mtls_client_certificates_identify_callers() {
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
     let pki = pki();
-    for (file, pem) in
-        [("ca.pem", &pki.ca), ("server.pem", &pki.server_cert), ("server.key", &pki.server_key)]
-    {
-        std::fs::write(dir.path().join(file), pem).expect("write");
-    }
-    let tls =
-        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
-    let config = ops_config(&sandbox.base_url())
-        .set("listen", "tls", tls)
-        .identity(Identity::new("mesh", "ops", Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app")))
-        .identity(Identity::new("payments", "ops", Match::ClientCert("payments-app")));
-    let proxy = start_proxy(&config.parse(dir.path())).await;
-    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
+    let identities = vec![
+        Identity::new("mesh", "ops", Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app")),
+        Identity::new("payments", "ops", Match::ClientCert("payments-app")),
+    ];
+    let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &pki.root, identities).await;
 
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(pki.ca.as_bytes()).expect("CA");
+    let ca = reqwest::Certificate::from_pem(pki.root.ca.as_bytes()).expect("CA");
     let identity = reqwest::Identity::from_pem(format!("{}{}", pki.client_cert, pki.client_key).as_bytes())
         .expect("identity");
     let with_cert =
@@ -256,23 +280,9 @@ async fn a_client_certificate_that_expired_cannot_resume_its_session() {
     let began = std::time::Instant::now();
     let pki = pki();
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    for (file, pem) in
-        [("ca.pem", &pki.ca), ("server.pem", &pki.server_cert), ("server.key", &pki.server_key)]
-    {
-        std::fs::write(dir.path().join(file), pem).expect("write");
-    }
-    let tls =
-        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
-    let config = ops_config(&sandbox.base_url()).set("listen", "tls", tls).identity(Identity::new(
-        "mesh",
-        "ops",
-        Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app"),
-    ));
-    let proxy = start_proxy(&config.parse(dir.path())).await;
-    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(pki.ca.as_bytes()).expect("CA");
+    let mesh = Identity::new("mesh", "ops", Match::ClientCert("spiffe://cluster.local/ns/billing/sa/app"));
+    let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &pki.root, vec![mesh]).await;
+    let ca = reqwest::Certificate::from_pem(pki.root.ca.as_bytes()).expect("CA");
     let identity = reqwest::Identity::from_pem(pki.short_lived.as_bytes()).expect("identity");
     // A new connection per request, with the client's session cache kept.
     let client = reqwest::Client::builder()
@@ -299,16 +309,7 @@ async fn a_client_certificate_that_expired_cannot_resume_its_session() {
 /// with no scheme passed for a DNS name). Both passed as `payments`.
 #[tokio::test]
 async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
-    let root_key = rcgen::KeyPair::generate().expect("key");
-    let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let root = root_params.self_signed(&root_key).expect("root");
-    let root_issuer = rcgen::Issuer::new(root_params, root_key);
-    let server_key = rcgen::KeyPair::generate().expect("key");
-    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .expect("params")
-        .signed_by(&server_key, &root_issuer)
-        .expect("server cert");
+    let root = root();
     let sub_key = rcgen::KeyPair::generate().expect("key");
     let mut sub_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     sub_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -316,7 +317,7 @@ async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
         permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("billing.internal".to_owned())],
         excluded_subtrees: Vec::new(),
     });
-    let sub = sub_params.signed_by(&sub_key, &root_issuer).expect("sub-CA");
+    let sub = sub_params.signed_by(&sub_key, &root.issuer).expect("sub-CA");
     let sub_issuer = rcgen::Issuer::new(sub_params, sub_key);
     // Leaf, key and the sub-CA, as a caller presents them.
     let leaf = |cn: &str, sans: Vec<rcgen::SanType>| {
@@ -330,23 +331,12 @@ async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
     let ia5 = |text: &str| rcgen::string::Ia5String::try_from(text).expect("ia5");
 
     let sandbox = start_sandbox().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let server_pem = server.pem();
-    let server_key_pem = server_key.serialize_pem();
-    let root_pem = root.pem();
-    for (file, pem) in [("ca.pem", &root_pem), ("server.pem", &server_pem), ("server.key", &server_key_pem)] {
-        std::fs::write(dir.path().join(file), pem).expect("write");
-    }
-    let tls =
-        table([("cert", "server.pem".into()), ("key", "server.key".into()), ("client_ca", "ca.pem".into())]);
-    let config = ops_config(&sandbox.base_url())
-        .set("listen", "tls", tls)
-        .identity(Identity::new("billing", "ops", Match::ClientCert("billing.internal")))
-        .identity(Identity::new("payments", "ops", Match::ClientCert("payments.internal")));
-    let proxy = start_proxy(&config.parse(dir.path())).await;
-    let url = format!("https://127.0.0.1:{}/api/me", proxy.proxy_addr().port());
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = reqwest::Certificate::from_pem(root_pem.as_bytes()).expect("CA");
+    let identities = vec![
+        Identity::new("billing", "ops", Match::ClientCert("billing.internal")),
+        Identity::new("payments", "ops", Match::ClientCert("payments.internal")),
+    ];
+    let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &root, identities).await;
+    let ca = reqwest::Certificate::from_pem(root.ca.as_bytes()).expect("CA");
     let cases = [
         (
             "a DNS name the sub-CA may issue",

@@ -99,15 +99,7 @@ async fn a_json_answer_that_arrives_slowly_but_steadily_is_passed_on_whole() {
         }
         stream
     });
-    let dir = tempfile::tempdir().expect("dir");
-    let config = TestConfig::personal_any(&format!("http://{upstream}"))
-        .set("upstream", "request_timeout_ms", 300)
-        .parse(dir.path());
-    let proxy = start_proxy(&config).await;
-    let began = std::time::Instant::now();
-    let asked = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send();
-    let response =
-        tokio::time::timeout(Duration::from_secs(10), asked).await.expect("in time").expect("answered");
+    let (response, _proxy, began) = get_me_with_a_300_ms_timeout(upstream).await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.expect("the body");
     assert!(began.elapsed() > Duration::from_millis(900), "the body came slowly: {:?}", began.elapsed());
@@ -133,8 +125,11 @@ async fn holding_upstream(first: &'static [u8]) -> (std::net::SocketAddr, tokio:
 }
 
 /// `GET /api/me` through a proxy with a 300 ms request timeout in front of
-/// `upstream`: a 504 `upstream_timeout`, neither early nor late.
-async fn answers_504_after_the_300_ms_timeout(upstream: std::net::SocketAddr) {
+/// `upstream`, answered within 10 s: the answer, the proxy (and its
+/// config's directory), and when it was asked.
+async fn get_me_with_a_300_ms_timeout(
+    upstream: std::net::SocketAddr,
+) -> (reqwest::Response, (tallyfy_proxy::app::Running, tempfile::TempDir), std::time::Instant) {
     let dir = tempfile::tempdir().expect("dir");
     let config = TestConfig::personal_any(&format!("http://{upstream}"))
         .set("upstream", "request_timeout_ms", 300)
@@ -143,7 +138,13 @@ async fn answers_504_after_the_300_ms_timeout(upstream: std::net::SocketAddr) {
     let began = std::time::Instant::now();
     let asked = client().get(format!("http://{}/api/me", proxy.proxy_addr())).send();
     let response =
-        tokio::time::timeout(Duration::from_secs(5), asked).await.expect("in time").expect("answered");
+        tokio::time::timeout(Duration::from_secs(10), asked).await.expect("in time").expect("answered");
+    (response, (proxy, dir), began)
+}
+
+/// [`get_me_with_a_300_ms_timeout`]: a 504 `upstream_timeout`, neither early nor late.
+async fn answers_504_after_the_300_ms_timeout(upstream: std::net::SocketAddr) {
+    let (response, _proxy, began) = get_me_with_a_300_ms_timeout(upstream).await;
     assert_eq!(response.status(), 504);
     assert_eq!(error_code(response).await, "upstream_timeout");
     let took = began.elapsed();
