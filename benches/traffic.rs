@@ -32,7 +32,7 @@ fn limits(c: &mut Criterion) {
     let rate = Rate { per_second: 1_000_000, burst: 1_000_000_000 };
     let identity = IdentityLimits { rate: Some(rate), max_in_flight: None };
     let settings = Settings { rules: rules(), ..Settings::default() };
-    let traffic = state.generation(&settings, &[("billing", identity)], &[("ops", "ops")]);
+    let traffic = state.generation(&settings, &[("billing", identity)], &[("ops", Some("ops"))]);
     let untouched = format!("/api/organizations/{ORG}/runs");
     let counted = format!("/api/organizations/{ORG}/things-42");
 
@@ -49,8 +49,11 @@ fn limits(c: &mut Criterion) {
             black_box(traffic.admit(0, 0, &Method::GET, black_box(&counted), now)).expect("admitted");
         })
     });
-    let plain =
-        state.generation(&Settings::default(), &[("app", IdentityLimits::default())], &[("ops", "ops")]);
+    let plain = state.generation(
+        &Settings::default(),
+        &[("app", IdentityLimits::default())],
+        &[("ops", Some("ops"))],
+    );
     group.bench_function("admit/no_limits", |b| {
         b.iter(|| {
             let now = clock::nanos(Instant::now());

@@ -52,21 +52,22 @@ pub fn names(chain: &[CertificateDer<'_>], anchors: &Anchors) -> Vec<String> {
         return Vec::new();
     };
     // Constrained when an intermediate presented (or one that cannot be
-    // read), or the anchor that issued the top of the chain, carries name
-    // constraints (the anchor matched by name: any anchor of that name counts).
+    // read) carries name constraints, or any certificate presented was issued
+    // by an anchor that does (matched by name: any anchor of that name
+    // counts). The verified path is a part of what was presented, whatever
+    // else a caller adds or however it orders it, so every path through a
+    // constrained CA is caught.
     let intermediates: Vec<_> = chain[1..]
         .iter()
         .map(|cert| X509Certificate::from_der(cert.as_ref()).map(|(_, cert)| cert))
         .collect();
-    let top_issuer = match intermediates.last() {
-        None => parsed.issuer().as_raw(),
-        Some(Ok(top)) => top.issuer().as_raw(),
-        Some(Err(_)) => &[],
-    };
-    let constrained = intermediates.iter().any(|cert| match cert {
-        Ok(cert) => constrains_names(cert),
-        Err(_) => true,
-    }) || anchors.constrained_subjects.iter().any(|subject| **subject == *top_issuer);
+    let by_constrained_anchor =
+        |issuer: &[u8]| anchors.constrained_subjects.iter().any(|subject| **subject == *issuer);
+    let constrained = by_constrained_anchor(parsed.issuer().as_raw())
+        || intermediates.iter().any(|cert| match cert {
+            Ok(cert) => constrains_names(cert) || by_constrained_anchor(cert.issuer().as_raw()),
+            Err(_) => true,
+        });
     let mut names = Vec::new();
     let san = match parsed.subject_alternative_name() {
         Ok(san) => san,
@@ -225,11 +226,16 @@ mod tests {
         let [leaf, sub, _] = under_a_confined_ca("payments.internal", &[spiffe, "billing.internal"]);
         let none = Anchors::default();
         assert_eq!(names(&[leaf.clone(), sub.clone()], &none), ["billing.internal"], "the sub-CA presented");
+        let anchors = Anchors::new(std::slice::from_ref(&sub));
         assert_eq!(
-            names(std::slice::from_ref(&leaf), &Anchors::new(&[sub])),
+            names(std::slice::from_ref(&leaf), &anchors),
             ["billing.internal"],
             "the sub-CA an anchor"
         );
+        // Anything else presented after the leaf changes nothing.
+        let junk = certificate("junk", &[]);
+        assert_eq!(names(&[leaf.clone(), junk.clone()], &anchors), ["billing.internal"], "junk after it");
+        assert_eq!(names(&[leaf.clone(), junk, sub], &anchors), ["billing.internal"], "and the sub-CA too");
         let [cn_only, sub, root] = under_a_confined_ca("payments.internal", &[]);
         assert!(names(&[cn_only.clone(), sub.clone()], &none).is_empty(), "no CN under constraints");
         assert!(names(&[cn_only, sub], &Anchors::new(&[root])).is_empty());

@@ -132,8 +132,17 @@ pub fn credential_set(config: &Config) -> CredentialSet {
 /// acts as the same principal: `principals`, its [`CredentialSet::principals`]).
 pub fn traffic(config: &Config, principals: &[String], state: &TrafficState) -> Traffic {
     let identities: Vec<_> = config.identities.iter().map(|i| (i.name.as_str(), i.limits)).collect();
-    let credentials: Vec<_> =
-        config.credentials.iter().zip(principals).map(|(c, p)| (c.name.as_str(), p.as_str())).collect();
+    // A personal token's principal tells no user apart (the token is the user,
+    // and no part of it goes into a name): its 429s stay this replica's.
+    let credentials: Vec<_> = config
+        .credentials
+        .iter()
+        .zip(principals)
+        .map(|(c, p)| {
+            let tells_users_apart = !matches!(c.kind, crate::tokens::CredentialKind::PersonalToken { .. });
+            (c.name.as_str(), tells_users_apart.then_some(p.as_str()))
+        })
+        .collect();
     state.generation(&config.traffic, &identities, &credentials)
 }
 

@@ -174,8 +174,10 @@ pub struct Traffic {
     /// By credential index, with the credential's name (windows count by it).
     throttles: Box<[(Arc<Throttle>, Arc<str>)]>,
     /// By credential index: the principal its tokens act as (told with a 429,
-    /// so a replica where the name is another user's does not take it).
-    principals: Box<[Arc<str>]>,
+    /// so a replica where the name is another user's does not take it);
+    /// `None` for one whose principal tells no user apart (a personal token:
+    /// the token is the user), whose 429s are neither told nor learned.
+    principals: Box<[Option<Arc<str>>]>,
     rules: Rules,
     pub settings: Settings,
     budget: Arc<Budget>,
@@ -232,6 +234,13 @@ impl Traffic {
             retry_after: wait,
             remembered: false,
         };
+        // Fleet mode with Redis answering: the fleet's windows decide (spent
+        // just before sending). This replica's own, opened at its own first
+        // request and not the fleet's, count on without refusing (a replica
+        // refused after the fleet's window had closed with its budget
+        // unspent), and decide only while Redis cannot answer.
+        let fleet_decides =
+            !matching.is_empty() && self.fleet.as_ref().is_some_and(|fleet| fleet.is_connected());
         let segs = segments.as_deref().unwrap_or_default();
         let matching = || {
             matching.iter().map(|&i| {
@@ -239,7 +248,7 @@ impl Traffic {
                 (rule, rule.org(segs))
             })
         };
-        for (rule, org) in matching() {
+        for (rule, org) in matching().filter(|_| !fleet_decides) {
             let settings = &rule.settings;
             rule.windows
                 .peek(&org, credential_name, now, settings.max, settings.per)
@@ -254,8 +263,9 @@ impl Traffic {
         }
         for (rule, org) in matching() {
             let settings = &rule.settings;
+            let max = if fleet_decides { None } else { Some(settings.max) };
             rule.windows
-                .count(&org, credential_name, now, settings.max, settings.per)
+                .count(&org, credential_name, now, max, settings.per)
                 .map_err(|w| refused(rule, w))?;
         }
         Ok(admitted)
@@ -343,21 +353,9 @@ impl Traffic {
         }
     }
 
-    /// Fleet mode: the fleet admitted a request, so its windows are the
-    /// fleet's to hold, and this replica's give it back (they count only
-    /// while Redis cannot answer). A replica's own window opens at its own
-    /// first request, not the fleet's: holding the count too, it refused on
-    /// after the fleet's window had closed, with the fleet's budget unspent.
-    pub fn fleet_admitted(&self, counts: &Counts) {
-        let credential_name = &self.throttles[counts.credential].1;
-        for (rule, org) in &counts.windows {
-            self.rules.get(*rule).windows.give_back(org, credential_name, counts.at);
-        }
-    }
-
     /// Tallyfy answered 429 to a request of `credential` for `path`: remember it
     /// (see [`throttle`]). Returns what was remembered, as the other replicas
-    /// of a fleet are told it.
+    /// of a fleet are told it (`None`: not told, see [`Traffic::principals`]).
     pub fn remember_429(
         &self,
         credential: usize,
@@ -366,14 +364,14 @@ impl Traffic {
         rule: Option<usize>,
         said: Said,
         now: Nanos,
-    ) -> Throttled {
+    ) -> Option<Throttled> {
         let segments: SmallVec<[std::borrow::Cow<'_, str>; 12]> =
             target::segments(path).filter_map(Result::ok).collect();
         let (org, limit) = self.limit_key(method, &segments, rule);
         let (throttle, name) = &self.throttles[credential];
         let wait = throttle.remember(said.retry_after, said.hourly, &org, &limit, now);
-        let principal = Some(self.principals[credential].to_string());
-        Throttled { credential: name.to_string(), principal, wait, hourly: said.hourly, org, limit }
+        let principal = Some(self.principals[credential].as_deref()?.to_owned());
+        Some(Throttled { credential: name.to_string(), principal, wait, hourly: said.hourly, org, limit })
     }
 
     /// The organisation and limit a remembered hourly cap is kept under: the
@@ -443,6 +441,10 @@ fn org_of<S: AsRef<str>>(segments: &[S]) -> &str {
 /// Key of an identity's bucket: its name and settings.
 type IdentityKey<T> = (String, T);
 
+/// A credential's remembered 429s, and the principal it acted as when they
+/// were met (`None`: one that tells no user apart, a personal token).
+type KeptThrottle = (Option<String>, Arc<Throttle>);
+
 /// The process-wide traffic state, across config generations. Only the
 /// reloader (and start-up) builds generations, so its maps take a lock there
 /// and nowhere else.
@@ -453,7 +455,7 @@ pub struct TrafficState {
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
     windows: Mutex<HashMap<RuleSettings, Arc<Windows>>>,
     /// By credential name, with the principal it acted as.
-    throttles: Mutex<HashMap<String, (String, Arc<Throttle>)>>,
+    throttles: Mutex<HashMap<String, KeptThrottle>>,
     budget: Arc<Budget>,
     fleet: Option<Arc<Fleet>>,
 }
@@ -476,7 +478,9 @@ impl TrafficState {
     pub fn learn(&self, throttled: &Throttled, now: Nanos) -> bool {
         let throttles = lock(&self.throttles);
         let Some((principal, throttle)) = throttles.get(&throttled.credential) else { return false };
-        // A replica of an earlier version names no principal: taken by name, as it was.
+        // One here that tells no user apart learns nothing; a replica of an
+        // earlier version names no principal: taken by name, as it was.
+        let Some(principal) = principal else { return false };
         if throttled.principal.as_ref().is_some_and(|told| told != principal) {
             return false;
         }
@@ -492,7 +496,7 @@ impl TrafficState {
         &self,
         settings: &Settings,
         identities: &[(&str, IdentityLimits)],
-        credentials: &[(&str, &str)],
+        credentials: &[(&str, Option<&str>)],
     ) -> Traffic {
         let mut buckets = lock(&self.buckets);
         let mut in_flight = lock(&self.in_flight);
@@ -538,9 +542,9 @@ impl TrafficState {
             .map(|&(name, principal)| {
                 let throttle = throttles
                     .remove(name)
-                    .filter(|(was, _)| was == principal)
+                    .filter(|(was, _)| was.as_deref() == principal)
                     .map_or_else(Arc::default, |(_, throttle)| throttle);
-                kept_throttles.insert(name.to_owned(), (principal.to_owned(), throttle.clone()));
+                kept_throttles.insert(name.to_owned(), (principal.map(str::to_owned), throttle.clone()));
                 (throttle, Arc::from(name))
             })
             .collect();
@@ -548,7 +552,7 @@ impl TrafficState {
         Traffic {
             gates,
             throttles: throttles_now,
-            principals: credentials.iter().map(|&(_, principal)| Arc::from(principal)).collect(),
+            principals: credentials.iter().map(|&(_, principal)| principal.map(Arc::from)).collect(),
             rules: Rules::new(rules),
             settings: settings.clone(),
             budget: self.budget.clone(),

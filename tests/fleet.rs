@@ -922,6 +922,17 @@ async fn a_429_is_learned_only_where_the_credential_acts_as_the_same_user() {
     assert_eq!(served.status(), 200, "another user is not held back");
     assert_eq!(sandbox.count("GET", PATH), before + 1, "sent to Tallyfy");
     assert_eq!(elsewhere.metric("tallyfy_proxy_fleet_throttles_learned_total").await, 0.0);
+    // A personal token's principal tells no user apart (the token is the
+    // user): its 429s are neither told nor learned, so another replica's
+    // personal token (perhaps another user's) is not held back.
+    let beside = Replica::start(&other, &redis.url(), KEY).await;
+    sandbox.fail_api(PATH, 1, tallyfy_sandbox::ApiFault::Throttled { retry_after: Some(30) });
+    let met = http.get(format!("http://{}{PATH}", elsewhere.proxy)).send().await.expect("answered");
+    assert_eq!(met.status(), 429, "Tallyfy's own");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let served = http.get(format!("http://{}{PATH}", beside.proxy)).send().await.expect("answered");
+    assert_eq!(served.status(), 200, "not told, not held back");
+    assert_eq!(beside.metric("tallyfy_proxy_fleet_throttles_learned_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1018,6 +1029,16 @@ async fn a_replica_refuses_nothing_the_fleet_s_new_window_admits() {
         assert_ne!(status, 429, "request {i} of the fleet's new window");
     }
     assert_eq!(sandbox.count("POST", &guests), 10);
+    // Redis gone mid-window: this replica's own counts decide again, and its
+    // window holds what it sent in this one (it gave them back and admitted
+    // a fresh five, twice the cap).
+    let mut redis = redis;
+    redis.stop();
+    for i in 0..5 {
+        let status = post(&replicas[0]).await.expect("answered").status();
+        assert_eq!(status, 429, "request {i}: the window's five went from here");
+    }
+    assert_eq!(sandbox.count("POST", &guests), 10, "none past the cap");
 }
 
 /// A request the proxy refuses once its body is read (here a JSON body too

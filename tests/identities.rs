@@ -143,9 +143,18 @@ struct Root {
 }
 
 fn root() -> Root {
+    root_confined_to(None)
+}
+
+/// [`root`], its CA confined to DNS names under `dns` when given.
+fn root_confined_to(dns: Option<&str>) -> Root {
     let ca_key = rcgen::KeyPair::generate().expect("key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.name_constraints = dns.map(|dns| rcgen::NameConstraints {
+        permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(dns.to_owned())],
+        excluded_subtrees: Vec::new(),
+    });
     let ca = ca_params.self_signed(&ca_key).expect("CA");
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let server_key = rcgen::KeyPair::generate().expect("key");
@@ -357,4 +366,42 @@ async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
         assert_eq!(response.status(), expected, "{case}");
     }
     assert_eq!(sandbox.received().len(), 1, "only the certificate the sub-CA may issue reached Tallyfy");
+}
+
+/// A client CA that is itself confined (an anchor with name constraints): a
+/// CN-only certificate it issued names nothing, however the caller pads the
+/// chain (an unrelated certificate after the leaf hid the anchor, and the CN
+/// passed as `payments.internal`).
+#[tokio::test]
+async fn a_confined_client_ca_names_no_cn_whatever_follows_the_leaf() {
+    // The server certificate names 127.0.0.1: an IP address, which the DNS
+    // constraint does not limit.
+    let root = root_confined_to(Some("billing.internal"));
+    let sandbox = start_sandbox().await;
+    let payments = Identity::new("payments", "ops", Match::ClientCert("payments.internal"));
+    let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &root, vec![payments]).await;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "payments.internal");
+    let leaf = params.signed_by(&key, &root.issuer).expect("CN-only leaf");
+    let junk_key = rcgen::KeyPair::generate().expect("key");
+    let mut junk_params = rcgen::CertificateParams::new(vec!["junk.example".to_owned()]).expect("params");
+    // A name of its own (rcgen gives every certificate the same one by default).
+    junk_params.distinguished_name.push(rcgen::DnType::CommonName, "junk.example");
+    let junk = junk_params.self_signed(&junk_key).expect("junk");
+    let ca = reqwest::Certificate::from_pem(root.ca.as_bytes()).expect("CA");
+    for (case, pem) in [
+        ("the leaf alone", format!("{}{}", leaf.pem(), key.serialize_pem())),
+        ("an unrelated certificate after it", format!("{}{}{}", leaf.pem(), junk.pem(), key.serialize_pem())),
+    ] {
+        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
+        let client = reqwest::Client::builder()
+            .tls_certs_only([ca.clone()])
+            .identity(identity)
+            .build()
+            .expect("client");
+        let response = client.get(&url).send().await.expect("answered over mTLS");
+        assert_eq!(response.status(), 401, "{case}");
+    }
+    assert!(sandbox.received().is_empty());
 }

@@ -151,20 +151,15 @@ impl Proxy {
 
 impl Proxy {
     /// Fleet mode: spends the request's budgets fleet-wide (one Redis round
-    /// trip). Admitted, the fleet's windows hold its count and this
-    /// replica's give theirs back ([`crate::traffic::Traffic::fleet_admitted`]);
-    /// when Redis cannot answer, this replica's own counts (already passed)
-    /// stand. A refusal is a refusal before sending: `forward`'s
+    /// trip). When Redis cannot answer, this replica's own counts (already
+    /// passed) stand. A refusal is a refusal before sending: `forward`'s
     /// [`crate::traffic::Unsent`] gives this replica's counts back.
     pub(super) async fn spend_fleet_wide(&self, spend: &FleetSpend) -> Result<(), ProxyError> {
         let shared = &*self.shared;
         let Some(fleet) = shared.traffic.fleet() else { return Ok(()) };
         let budgets = &spend.budgets;
         match fleet.spend(budgets.iter().map(|(_, spend)| spend)).await {
-            Ok(None) => {
-                shared.traffic.fleet_admitted(&spend.counts);
-                Ok(())
-            }
+            Ok(None) => Ok(()),
             // The refused budget's index comes from Redis: one out of range is
             // an answer this replica cannot use, like no answer.
             Ok(Some((refused, retry_after))) if refused < budgets.len() => {

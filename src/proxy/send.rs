@@ -164,7 +164,7 @@ impl Proxy {
         let path = shared.upstream.received_path(&target.uri);
         let said = Said { retry_after, hourly };
         let remembered = traffic.remember_429(credential, &target.method, path, target.rule, said, now());
-        if let Some(fleet) = traffic.fleet() {
+        if let (Some(fleet), Some(remembered)) = (traffic.fleet(), remembered) {
             let fleet = fleet.clone();
             tokio::spawn(async move { fleet.tell_throttled(remembered).await });
         }

@@ -32,8 +32,11 @@ fn guests_path(org: &str) -> String {
 #[test]
 fn an_identity_without_limits_passes_with_nothing_held() {
     let state = TrafficState::new();
-    let traffic =
-        state.generation(&Settings::default(), &[("app", IdentityLimits::default())], &[("ops", "ops")]);
+    let traffic = state.generation(
+        &Settings::default(),
+        &[("app", IdentityLimits::default())],
+        &[("ops", Some("ops"))],
+    );
     let admitted = traffic.admit(0, 0, &Method::GET, "/api/me", SECOND).expect("admitted");
     assert!(admitted.place.is_none() && admitted.rule.is_none() && admitted.delay.is_zero());
 }
@@ -42,8 +45,11 @@ fn an_identity_without_limits_passes_with_nothing_held() {
 fn a_burst_over_the_rate_is_refused_with_the_wait_and_the_limit_named() {
     let state = TrafficState::new();
     let rate = Rate { per_second: 2, burst: 3 };
-    let traffic =
-        state.generation(&Settings::default(), &[("billing", limited(Some(rate), None))], &[("ops", "ops")]);
+    let traffic = state.generation(
+        &Settings::default(),
+        &[("billing", limited(Some(rate), None))],
+        &[("ops", Some("ops"))],
+    );
     let results: Vec<_> = (0..5).map(|_| traffic.admit(0, 0, &Method::GET, "/api/me", SECOND)).collect();
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 3);
     let Err(Refused::RateLimited { limit, retry_after, remembered }) = &results[3] else {
@@ -58,8 +64,11 @@ fn a_burst_over_the_rate_is_refused_with_the_wait_and_the_limit_named() {
 #[test]
 fn open_requests_are_capped_until_their_places_are_given_back() {
     let state = TrafficState::new();
-    let traffic =
-        state.generation(&Settings::default(), &[("billing", limited(None, Some(2)))], &[("ops", "ops")]);
+    let traffic = state.generation(
+        &Settings::default(),
+        &[("billing", limited(None, Some(2)))],
+        &[("ops", Some("ops"))],
+    );
     let a = traffic.admit(0, 0, &Method::GET, "/api/me", 0).expect("first");
     let _b = traffic.admit(0, 0, &Method::GET, "/api/me", 0).expect("second");
     assert_eq!(traffic.admit(0, 0, &Method::GET, "/api/me", 0).err(), Some(Refused::InFlight { max: 2 }));
@@ -73,12 +82,18 @@ fn open_requests_are_capped_until_their_places_are_given_back() {
 #[test]
 fn a_changed_max_in_flight_counts_the_requests_already_open() {
     let state = TrafficState::new();
-    let first =
-        state.generation(&Settings::default(), &[("billing", limited(None, Some(4)))], &[("ops", "ops")]);
+    let first = state.generation(
+        &Settings::default(),
+        &[("billing", limited(None, Some(4)))],
+        &[("ops", Some("ops"))],
+    );
     let held: Vec<_> =
         (0..3).map(|_| first.admit(0, 0, &Method::GET, "/api/me", SECOND).expect("open")).collect();
-    let lowered =
-        state.generation(&Settings::default(), &[("billing", limited(None, Some(2)))], &[("ops", "ops")]);
+    let lowered = state.generation(
+        &Settings::default(),
+        &[("billing", limited(None, Some(2)))],
+        &[("ops", Some("ops"))],
+    );
     assert!(lowered.admit(0, 0, &Method::GET, "/api/me", SECOND).is_err(), "three open fill two");
     drop(held);
     assert!(lowered.admit(0, 0, &Method::GET, "/api/me", SECOND).is_ok());
@@ -88,8 +103,11 @@ fn a_changed_max_in_flight_counts_the_requests_already_open() {
 fn an_hourly_cap_counts_per_org_and_credential_and_reopens_with_the_window() {
     let state = TrafficState::new();
     let identities = [("a", IdentityLimits::default()), ("b", IdentityLimits::default())];
-    let traffic =
-        state.generation(&settings(vec![guests(2)]), &identities, &[("app", "app"), ("user", "user")]);
+    let traffic = state.generation(
+        &settings(vec![guests(2)]),
+        &identities,
+        &[("app", Some("app")), ("user", Some("user"))],
+    );
     let post = |identity, credential, org: &str, at| {
         traffic.admit(identity, credential, &Method::POST, &guests_path(org), at)
     };
@@ -119,15 +137,15 @@ fn a_reload_keeps_unchanged_limits_counting_and_starts_changed_ones_afresh() {
     let state = TrafficState::new();
     let rate = Rate { per_second: 1, burst: 1 };
     let identities = [("billing", limited(Some(rate), None))];
-    let first = state.generation(&settings(vec![guests(1)]), &identities, &[("app", "app")]);
+    let first = state.generation(&settings(vec![guests(1)]), &identities, &[("app", Some("app"))]);
     assert!(first.admit(0, 0, &Method::POST, &guests_path(ORG), 0).is_ok());
 
-    let same = state.generation(&settings(vec![guests(1)]), &identities, &[("app", "app")]);
+    let same = state.generation(&settings(vec![guests(1)]), &identities, &[("app", Some("app"))]);
     assert!(same.admit(0, 0, &Method::POST, &guests_path(ORG), 5 * SECOND).is_err(), "the window survived");
     assert!(same.admit(0, 0, &Method::GET, "/api/me", 5 * SECOND).is_ok());
     assert!(same.admit(0, 0, &Method::GET, "/api/me", 5 * SECOND).is_err(), "and the bucket");
 
-    let changed = state.generation(&settings(vec![guests(5)]), &identities, &[("app", "app")]);
+    let changed = state.generation(&settings(vec![guests(5)]), &identities, &[("app", Some("app"))]);
     assert!(
         changed.admit(0, 0, &Method::POST, &guests_path(ORG), 6 * SECOND).is_ok(),
         "a changed rule starts afresh"
@@ -139,7 +157,7 @@ fn a_remembered_429_answers_locally_until_retry_after_and_a_short_one_is_waited_
     let state = TrafficState::new();
     let mut with_wait = settings(vec![guests(30)]);
     with_wait.retry_429_max_wait = Duration::from_secs(2);
-    let traffic = state.generation(&with_wait, &[("a", IdentityLimits::default())], &[("app", "app")]);
+    let traffic = state.generation(&with_wait, &[("a", IdentityLimits::default())], &[("app", Some("app"))]);
 
     // A burst throttle: the whole credential waits.
     let burst = Said { retry_after: Some(Duration::from_secs(10)), hourly: false };

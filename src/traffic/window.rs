@@ -76,20 +76,21 @@ impl Windows {
     }
 
     /// Counts a request of `credential` for `org`, or refuses it with the time
-    /// until the window closes.
+    /// until the window closes. With no `max` (the fleet decides), it counts
+    /// past any.
     pub fn count(
         &self,
         org: &str,
         credential: &str,
         now: Nanos,
-        max: u32,
+        max: Option<u32>,
         per: Duration,
     ) -> Result<(), Duration> {
         let mut buffer = SmallVec::new();
         let key = key(&mut buffer, org, credential);
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let known = open.get_mut(key);
-        let window = count(known.as_deref().copied(), now, max, per)?;
+        let window = count(known.as_deref().copied(), now, max.unwrap_or(u32::MAX), per)?;
         match known {
             Some(known) => *known = window,
             None => {
@@ -159,13 +160,16 @@ mod tests {
     fn a_request_given_back_leaves_no_trace_and_a_later_window_is_left_alone() {
         let windows = Windows::default();
         let per = Duration::from_secs(2);
-        assert_eq!(windows.count("Org", "app", 10 * SECOND, 1, per), Ok(()));
-        assert!(windows.count("org", "app", 11 * SECOND, 1, per).is_err(), "full");
+        assert_eq!(windows.count("Org", "app", 10 * SECOND, Some(1), per), Ok(()));
+        assert!(windows.count("org", "app", 11 * SECOND, Some(1), per).is_err(), "full");
         windows.give_back("ORG", "app", 10 * SECOND);
         assert_eq!(windows.open.lock().expect("lock").len(), 0, "the emptied window is dropped");
-        assert_eq!(windows.count("org", "app", 11 * SECOND, 1, per), Ok(()), "counted afresh");
+        assert_eq!(windows.count("org", "app", 11 * SECOND, Some(1), per), Ok(()), "counted afresh");
         windows.give_back("org", "app", 10 * SECOND);
-        assert!(windows.count("org", "app", 12 * SECOND, 1, per).is_err(), "the later window kept its count");
+        assert!(
+            windows.count("org", "app", 12 * SECOND, Some(1), per).is_err(),
+            "the later window kept its count"
+        );
     }
 
     #[test]
@@ -173,28 +177,36 @@ mod tests {
         let windows = Windows::default();
         let start = 5 * SECOND;
         for i in 0..30 {
-            assert_eq!(windows.count("org", "app", start + i * SECOND, 30, HOUR), Ok(()), "request {i}");
+            assert_eq!(
+                windows.count("org", "app", start + i * SECOND, Some(30), HOUR),
+                Ok(()),
+                "request {i}"
+            );
         }
-        let refused = windows.count("org", "app", start + 600 * SECOND, 30, HOUR);
+        let refused = windows.count("org", "app", start + 600 * SECOND, Some(30), HOUR);
         assert_eq!(refused, Err(Duration::from_secs(3000)), "the window closes an hour after it opened");
-        assert_eq!(windows.count("org", "app", start + 3600 * SECOND, 30, HOUR), Ok(()), "a new window");
+        assert_eq!(
+            windows.count("org", "app", start + 3600 * SECOND, Some(30), HOUR),
+            Ok(()),
+            "a new window"
+        );
     }
 
     #[test]
     fn organisations_and_credentials_count_apart() {
         let windows = Windows::default();
-        assert_eq!(windows.count("a", "app", 0, 1, HOUR), Ok(()));
-        assert!(windows.count("a", "app", 1, 1, HOUR).is_err());
-        assert_eq!(windows.count("b", "app", 1, 1, HOUR), Ok(()), "another org");
-        assert_eq!(windows.count("a", "user", 1, 1, HOUR), Ok(()), "another credential");
-        assert!(windows.count("A", "app", 2, 1, HOUR).is_err(), "org IDs are case-insensitive");
+        assert_eq!(windows.count("a", "app", 0, Some(1), HOUR), Ok(()));
+        assert!(windows.count("a", "app", 1, Some(1), HOUR).is_err());
+        assert_eq!(windows.count("b", "app", 1, Some(1), HOUR), Ok(()), "another org");
+        assert_eq!(windows.count("a", "user", 1, Some(1), HOUR), Ok(()), "another credential");
+        assert!(windows.count("A", "app", 2, Some(1), HOUR).is_err(), "org IDs are case-insensitive");
     }
 
     #[test]
     fn callers_naming_endless_orgs_cannot_grow_the_map_without_bound() {
         let windows = Windows::default();
         for i in 0..(MAX_KEYS as u64 + 500) {
-            assert_eq!(windows.count(&format!("org-{i}"), "app", i, 1, HOUR), Ok(()));
+            assert_eq!(windows.count(&format!("org-{i}"), "app", i, Some(1), HOUR), Ok(()));
         }
         assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
     }
@@ -220,14 +232,14 @@ mod tests {
     fn fresh_windows_elsewhere_do_not_empty_a_full_one() {
         let windows = Windows::default();
         for i in 0..30 {
-            assert_eq!(windows.count("target", "app", i, 30, HOUR), Ok(()));
+            assert_eq!(windows.count("target", "app", i, Some(30), HOUR), Ok(()));
         }
-        assert!(windows.count("target", "app", 30, 30, HOUR).is_err());
+        assert!(windows.count("target", "app", 30, Some(30), HOUR).is_err());
         // Fresh windows, one request each, past the map's size, all within the hour.
         for i in 0..(2 * MAX_KEYS as u64) {
-            assert_eq!(windows.count(&format!("org-{i}"), "app", 100 + i, 30, HOUR), Ok(()));
+            assert_eq!(windows.count(&format!("org-{i}"), "app", 100 + i, Some(30), HOUR), Ok(()));
         }
         assert!(windows.open.lock().expect("lock").len() <= MAX_KEYS);
-        assert!(windows.count("target", "app", 200_000, 30, HOUR).is_err(), "still full");
+        assert!(windows.count("target", "app", 200_000, Some(30), HOUR).is_err(), "still full");
     }
 }
