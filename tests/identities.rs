@@ -189,6 +189,15 @@ async fn mtls_proxy(
     (proxy, dir, url)
 }
 
+/// The status of `GET url` from a client that trusts `root`'s CA and presents
+/// `pem` (its certificate, any more certificates, and its key).
+async fn status_over_mtls(root: &Root, pem: &str, url: &str) -> reqwest::StatusCode {
+    let ca = reqwest::Certificate::from_pem(root.ca.as_bytes()).expect("CA");
+    let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
+    let client = reqwest::Client::builder().tls_certs_only([ca]).identity(identity).build().expect("client");
+    client.get(url).send().await.expect("answered over mTLS").status()
+}
+
 fn pki() -> Pki {
     let root = root();
     let issuer = &root.issuer;
@@ -240,23 +249,10 @@ async fn mtls_client_certificates_identify_callers() {
     ];
     let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &pki.root, identities).await;
 
-    let ca = reqwest::Certificate::from_pem(pki.root.ca.as_bytes()).expect("CA");
-    let identity = reqwest::Identity::from_pem(format!("{}{}", pki.client_cert, pki.client_key).as_bytes())
-        .expect("identity");
-    let with_cert =
-        reqwest::Client::builder().tls_certs_only([ca.clone()]).identity(identity).build().expect("client");
-    let response = with_cert.get(&url).send().await.expect("answered over mTLS");
-    assert_eq!(response.status(), 200);
-
-    let cn_identity = reqwest::Identity::from_pem(pki.cn_client.as_bytes()).expect("identity");
-    let cn_only = reqwest::Client::builder()
-        .tls_certs_only([ca.clone()])
-        .identity(cn_identity)
-        .build()
-        .expect("client");
-    let response = cn_only.get(&url).send().await.expect("answered over mTLS");
+    let with_cert = format!("{}{}", pki.client_cert, pki.client_key);
+    assert_eq!(status_over_mtls(&pki.root, &with_cert, &url).await, 200);
     assert_eq!(
-        response.status(),
+        status_over_mtls(&pki.root, &pki.cn_client, &url).await,
         401,
         "a SPIFFE ID in the CN of a certificate without SANs vouches for nothing"
     );
@@ -264,16 +260,10 @@ async fn mtls_client_certificates_identify_callers() {
     // A CN names a certificate only when it has no SAN extension: one whose
     // SANs no rule names (an IP address) is not taken for its CN.
     for (pem, expected) in [(&pki.payments_cn, 200), (&pki.payments_cn_ip_san, 401)] {
-        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
-        let client = reqwest::Client::builder()
-            .tls_certs_only([ca.clone()])
-            .identity(identity)
-            .build()
-            .expect("client");
-        let response = client.get(&url).send().await.expect("answered over mTLS");
-        assert_eq!(response.status(), expected);
+        assert_eq!(status_over_mtls(&pki.root, pem, &url).await, expected);
     }
 
+    let ca = reqwest::Certificate::from_pem(pki.root.ca.as_bytes()).expect("CA");
     let without_cert = reqwest::Client::builder().tls_certs_only([ca]).build().expect("client");
     let response = without_cert.get(&url).send().await.expect("answered over TLS");
     assert_eq!(response.status(), 401, "TLS without a client certificate matches no identity");
@@ -345,7 +335,6 @@ async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
         Identity::new("payments", "ops", Match::ClientCert("payments.internal")),
     ];
     let (_proxy, _dir, url) = mtls_proxy(&sandbox.base_url(), &root, identities).await;
-    let ca = reqwest::Certificate::from_pem(root.ca.as_bytes()).expect("CA");
     let cases = [
         (
             "a DNS name the sub-CA may issue",
@@ -356,14 +345,7 @@ async fn a_confined_sub_ca_names_only_what_its_constraints_allow() {
         ("a CN alone", leaf("payments.internal", Vec::new()), 401),
     ];
     for (case, pem, expected) in cases {
-        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
-        let client = reqwest::Client::builder()
-            .tls_certs_only([ca.clone()])
-            .identity(identity)
-            .build()
-            .expect("client");
-        let response = client.get(&url).send().await.expect("answered over mTLS");
-        assert_eq!(response.status(), expected, "{case}");
+        assert_eq!(status_over_mtls(&root, &pem, &url).await, expected, "{case}");
     }
     assert_eq!(sandbox.received().len(), 1, "only the certificate the sub-CA may issue reached Tallyfy");
 }
@@ -389,19 +371,11 @@ async fn a_confined_client_ca_names_no_cn_whatever_follows_the_leaf() {
     // A name of its own (rcgen gives every certificate the same one by default).
     junk_params.distinguished_name.push(rcgen::DnType::CommonName, "junk.example");
     let junk = junk_params.self_signed(&junk_key).expect("junk");
-    let ca = reqwest::Certificate::from_pem(root.ca.as_bytes()).expect("CA");
     for (case, pem) in [
         ("the leaf alone", format!("{}{}", leaf.pem(), key.serialize_pem())),
         ("an unrelated certificate after it", format!("{}{}{}", leaf.pem(), junk.pem(), key.serialize_pem())),
     ] {
-        let identity = reqwest::Identity::from_pem(pem.as_bytes()).expect("identity");
-        let client = reqwest::Client::builder()
-            .tls_certs_only([ca.clone()])
-            .identity(identity)
-            .build()
-            .expect("client");
-        let response = client.get(&url).send().await.expect("answered over mTLS");
-        assert_eq!(response.status(), 401, "{case}");
+        assert_eq!(status_over_mtls(&root, &pem, &url).await, 401, "{case}");
     }
     assert!(sandbox.received().is_empty());
 }

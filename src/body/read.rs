@@ -100,7 +100,7 @@ const SMALL_CHUNK: usize = 4 * 1024;
 pub enum Unread<E> {
     /// The body failed.
     Failed(E),
-    /// No piece came for the read's `quiet` limit.
+    /// No piece came for the read's `time`.
     Quiet,
 }
 

@@ -190,8 +190,8 @@ impl Proxy {
     }
 
     /// One send, timed for the identity's upstream latency. An answer the
-    /// proxy cannot pass on safely is a broken one here, before anything of
-    /// it is read or remembered (a 429's body is).
+    /// proxy cannot pass on safely is refused here, as it comes: before
+    /// anything reads its body (a 429's is read) or remembers it.
     pub(super) async fn send_once(
         &self,
         outbound: &mut Outbound,
