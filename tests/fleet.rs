@@ -1007,23 +1007,23 @@ async fn a_replica_refuses_nothing_the_fleet_s_new_window_admits() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
     let redis = RedisServer::start().await;
     let sandbox = start_sandbox_with(SandboxConfig::default()).await;
-    let (guests, config) = guest_invites(&sandbox, 5, 3);
+    let (guests, config) = guest_invites(&sandbox, 5, 6);
     let replicas = fleet(2, &config, &redis).await;
     let http = client();
     let body = serde_json::json!({ "email": "guest@example.com" });
     let post = |replica: &Replica| http.post(format!("http://{}{guests}", replica.proxy)).json(&body).send();
-    // Replica 1 opens the fleet's window; it closes by t0 + 3 s.
+    // Replica 1 opens the fleet's window; it closes by t0 + 6 s.
     let t0 = Instant::now();
     assert_ne!(post(&replicas[1]).await.expect("answered").status(), 429);
-    // Replica 0 spends the other four a second and a half later: its own
-    // window would open then, and close only at t0 + 4.5 s.
-    tokio::time::sleep_until((t0 + Duration::from_millis(1500)).into()).await;
+    // Replica 0 spends the other four three seconds later: its own window
+    // opens then, and closes only at t0 + 9 s.
+    tokio::time::sleep_until((t0 + Duration::from_millis(3000)).into()).await;
     for _ in 0..4 {
         assert_ne!(post(&replicas[0]).await.expect("answered").status(), 429, "within the fleet's five");
     }
     assert_eq!(post(&replicas[1]).await.expect("answered").status(), 429, "the fleet's five are spent");
     // The fleet's window has closed: five more, all on replica 0.
-    tokio::time::sleep_until((t0 + Duration::from_millis(3300)).into()).await;
+    tokio::time::sleep_until((t0 + Duration::from_millis(6300)).into()).await;
     for i in 0..5 {
         let status = post(&replicas[0]).await.expect("answered").status();
         assert_ne!(status, 429, "request {i} of the fleet's new window");
@@ -1034,6 +1034,11 @@ async fn a_replica_refuses_nothing_the_fleet_s_new_window_admits() {
     // a fresh five, twice the cap).
     let mut redis = redis;
     redis.stop();
+    eventually(Duration::from_secs(2), "the replica noticed Redis gone", async || {
+        replicas[0].metric("tallyfy_proxy_fleet_connected").await == 0.0
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(9), "still in replica 0's own window");
     for i in 0..5 {
         let status = post(&replicas[0]).await.expect("answered").status();
         assert_eq!(status, 429, "request {i}: the window's five went from here");
