@@ -143,3 +143,24 @@ fn sigterm_stops_a_running_proxy_with_exit_0() {
     assert!(status.success());
     assert_eq!(child.wait().expect("exits").code(), Some(0));
 }
+
+/// A `ca_file` in PEM armour whose certificate the TLS client cannot read
+/// passed `check` and made `run` exit 1 at start; both now refuse it as a
+/// config mistake (64), naming the key.
+#[test]
+fn a_ca_file_the_tls_client_cannot_use_fails_check_and_run_with_64() {
+    let dir = tempfile::tempdir().expect("dir");
+    let example =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml")).expect("example");
+    let garbage = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [0x5au8; 300]);
+    let pem = format!("-----BEGIN CERTIFICATE-----\n{garbage}\n-----END CERTIFICATE-----\n");
+    std::fs::write(dir.path().join("badca.pem"), pem).expect("write");
+    let config = example.replacen("[upstream]", "[upstream]\nca_file = \"badca.pem\"", 1);
+    std::fs::write(dir.path().join("p.toml"), config).expect("write");
+    for command in ["check", "run"] {
+        let output = proxy(&[command, "--config", "p.toml"], dir.path());
+        assert_eq!(output.status.code(), Some(64), "{command}: {}", text(&output.stderr));
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("upstream.ca_file: certificate 1 in"), "{command}: {stderr}");
+    }
+}

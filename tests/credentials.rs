@@ -103,6 +103,18 @@ async fn each_credential_kind_works_end_to_end() {
     for grant in ["client_credentials", "password", "user_token"] {
         assert!(grants.iter().any(|g| g == grant), "{grant} in {grants:?}");
     }
+    // Every call to Tallyfy carries the client header, the token endpoint's too.
+    let received = setup.sandbox.received();
+    let token_calls = received.iter().filter(|r| r.uri.ends_with("/oauth/token")).count();
+    assert!(token_calls >= 2, "the grants were seen: {token_calls}");
+    for request in &received {
+        assert_eq!(
+            request.headers.get("x-tallyfy-client").map(|v| v.as_bytes()),
+            Some(&b"APIClient"[..]),
+            "{}",
+            request.uri
+        );
+    }
     let app = setup
         .http
         .post(format!(

@@ -433,3 +433,95 @@ async fn a_remembered_429_is_kept_for_the_same_principal_and_dropped_for_another
     assert_eq!(status().await, 200, "sam was never throttled");
     assert_eq!(sandbox.count("GET", "/api/me"), 2);
 }
+
+/// An API that reports each request's `Authorization` on the returned channel;
+/// the first request is held until `release` fires, then answered 401 (its
+/// token dead), every later one 200.
+async fn api_rejecting_the_first_token_once_released()
+-> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>, tokio::sync::oneshot::Sender<()>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = std::sync::Arc::new(tokio::sync::Mutex::new(Some(released)));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (seen, released) = (seen.clone(), released.clone());
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let authorization =
+                            request.headers().get("authorization").map(|v| v.to_str().unwrap_or("?"));
+                        let _ = seen.send(authorization.unwrap_or("none").to_owned());
+                        let released = released.clone();
+                        async move {
+                            let first = released.lock().await.take();
+                            let status = match first {
+                                Some(wait) => {
+                                    let _ = wait.await;
+                                    401
+                                }
+                                None => 200,
+                            };
+                            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                            let mut response = hyper::Response::new(body);
+                            *response.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx, release)
+}
+
+/// A request in flight when a reload removes its credential, whose token
+/// Tallyfy then rejects, gets that 401: the removed credential's secret makes
+/// no grant after the reload (it refreshed the token and sent the request
+/// again with it).
+#[tokio::test]
+async fn a_credential_a_reload_removed_makes_no_grant_for_its_requests_in_flight() {
+    let sandbox = start_sandbox().await;
+    let (api, mut seen, release) = api_rejecting_the_first_token_once_released().await;
+    let dir = config_dir(&format!("http://{api}"), APP_CLIENT_SECRET);
+    std::fs::write(dir.path().join("secrets/ops_token"), "a-personal-token").expect("write");
+    let with = |app: bool| {
+        let config = TestConfig::new(&format!("http://{api}"))
+            .set("upstream", "token_url", sandbox.token_url())
+            .credential(Credential::personal("ops", Secret::File("secrets/ops_token")))
+            .identity(Identity::new("ops", "ops", Match::ApiKey("k-ops")));
+        if app {
+            config
+                .credential(Credential::client_credentials(
+                    "app",
+                    APP_CLIENT_ID,
+                    Secret::File("secrets/app_secret"),
+                ))
+                .identity(Identity::new("caller", "app", Match::ApiKey("k1")))
+        } else {
+            config
+        }
+    };
+    with(true).write(&dir.path().join("proxy.toml"));
+    let proxy = start_proxy(&load(&dir.path().join("proxy.toml"))).await;
+    let url = format!("http://{}/api/me", proxy.proxy_addr());
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { client().get(url).header("x-api-key", "k1").send().await }
+    });
+    let first = seen.recv().await.expect("the request reached the API");
+    assert_ne!(first, "none", "sent with the app's token");
+    let granted = sandbox.token_requests().len();
+
+    with(false).write(&dir.path().join("proxy.toml"));
+    wait_for("the reload is applied", async || reloads(&proxy, "applied") >= 1).await;
+    release.send(()).expect("released");
+    let response = in_flight.await.expect("task").expect("answered");
+    assert_eq!(response.status(), 401, "Tallyfy's answer, not a replay with a new token");
+    assert_eq!(sandbox.token_requests().len(), granted, "no grant after the removal");
+    assert!(seen.try_recv().is_err(), "sent once");
+}

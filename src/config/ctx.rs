@@ -110,14 +110,33 @@ pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Res
     let uri: Uri =
         text.parse().map_err(|e| ctx.at(value, key, format!("{} is not a URL: {e}", shown(text))))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);
-    if !scheme_ok || uri.authority().is_none() {
+    if !scheme_ok || !uri.authority().is_some_and(reachable) {
         return Err(ctx.at(
             value,
             key,
-            format!("{} must start with http:// or https:// and name a host", shown(text)),
+            format!(
+                "{} must start with http:// or https:// and name a host (and a port from 1 to 65535, if any)",
+                shown(text)
+            ),
         ));
     }
     Ok(uri)
+}
+
+/// Whether `authority` (holding no user-info: `http_url` refuses an `@`) names
+/// a host, and a port a connection can go to when it names one: `http://:80`,
+/// `http://host:` and `http://host:65536` parse as URLs, and would start a
+/// proxy whose every request fails.
+fn reachable(authority: &http::uri::Authority) -> bool {
+    let host = authority.host();
+    let port = authority.as_str().strip_prefix(host).unwrap_or(":");
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => {
+            digits.bytes().all(|b| b.is_ascii_digit()) && digits.parse::<u16>().is_ok_and(|port| port != 0)
+        }
+    };
+    !host.is_empty() && host != "[]" && port_ok
 }
 
 /// A list of HTTP methods (`["GET", "post"]`), uppercased: the methods

@@ -99,6 +99,10 @@ fn one(
     dates: &Dates,
 ) -> Result<Identity, ConfigError> {
     let name = name(ctx, &raw.name, &format!("{key}.name"))?;
+    if name == "-" {
+        // The label of requests no identity matched, in access lines and metrics.
+        return Err(ctx.at(&raw.name, format!("{key}.name"), "\"-\" names requests no identity matched"));
+    }
     let wanted = raw.credential.get_ref();
     let credential =
         credentials.iter().position(|c| &c.name == wanted).map(CredentialId::new).ok_or_else(|| {

@@ -461,3 +461,65 @@ fn fleet_mistakes_name_the_key_and_never_quote_a_secret() {
     let typo = error_of(&with_fleet("redis_uri = \"redis://127.0.0.1\""));
     assert!(typo.key.contains("redis_uri"), "{typo}");
 }
+
+/// What `check` passed and `run` could not use, or used wrongly: a URL no
+/// connection can go to, a base path that ends in `/api` spelt another way, an
+/// HTTPS upstream whose secrets would go to a plain-HTTP token endpoint, two
+/// listeners on one socket, an identity named as the unmatched are.
+#[test]
+fn what_run_cannot_use_fails_check() {
+    for url in [
+        "http://127.0.0.1:65536",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://:48760",
+        "http://127.0.0.1:",
+        "http://127.0.0.1:+80",
+        "http://[]:80",
+    ] {
+        let error = error_of(&MINIMAL.replace("https://go.tallyfy.com", url));
+        assert_eq!(error.key, "upstream.base_url", "{url}: {error}");
+        assert!(error.message.contains("name a host"), "{url}: {error}");
+        let token = MINIMAL.replace("[upstream]", &format!("[upstream]\ntoken_url = \"{url}\""));
+        assert_eq!(error_of(&token.replace("https://go", "http://go")).key, "upstream.token_url", "{url}");
+    }
+    for fine in ["http://127.0.0.1:65535", "http://[::1]:8080", "http://[::1]", "https://go.tallyfy.com:443"]
+    {
+        parse(&MINIMAL.replace("https://go.tallyfy.com", fine)).unwrap_or_else(|e| panic!("{fine}: {e}"));
+    }
+
+    for path in ["/API", "/ap%69", "/Api/", "/api/.", "/x/../api", "/x/%2e%2e/api", "/gateway/api"] {
+        let error = error_of(&MINIMAL.replace("go.tallyfy.com", &format!("go.tallyfy.com{path}")));
+        assert_eq!(error.key, "upstream.base_url", "{path}: {error}");
+    }
+    let prefixed = parse(&MINIMAL.replace("go.tallyfy.com", "egress.internal/tallyfy/")).expect("a prefix");
+    assert_eq!(prefixed.upstream.path_prefix, "/tallyfy");
+
+    let plain =
+        MINIMAL.replace("[upstream]", "[upstream]\ntoken_url = \"http://go.tallyfy.com/api/oauth/token\"");
+    let error = error_of(&plain);
+    assert_eq!(
+        (error.key.as_str(), error.message.as_str()),
+        ("upstream.token_url", "must be https:// when base_url is")
+    );
+    parse(&plain.replace("https://go", "http://go")).expect("plain HTTP both ways, for local testing");
+
+    for (proxy, admin) in [
+        ("127.0.0.1:8080", "[::ffff:127.0.0.1]:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),
+        ("[::1]:8080", "[::]:8080"),
+    ] {
+        let source = MINIMAL.replace("127.0.0.1:8080", proxy).replace("127.0.0.1:9901", admin);
+        assert_eq!(error_of(&source).key, "listen.admin", "{proxy} {admin}");
+    }
+    for (proxy, admin) in
+        [("0.0.0.0:8080", "[::1]:8080"), ("127.0.0.1:8080", "127.0.0.2:8080"), ("127.0.0.1:0", "127.0.0.1:0")]
+    {
+        let source = MINIMAL.replace("127.0.0.1:8080", proxy).replace("127.0.0.1:9901", admin);
+        parse(&source).unwrap_or_else(|e| panic!("{proxy} {admin}: {e}"));
+    }
+
+    let dash = error_of(&MINIMAL.replace("name = \"app\"", "name = \"-\""));
+    assert_eq!(dash.key, "identities[0].name", "{dash}");
+}

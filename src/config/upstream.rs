@@ -18,7 +18,15 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
         return Err(ctx.at(&raw.base_url, "upstream.base_url", "must not have a query string"));
     }
     let path_prefix = base.path().trim_end_matches('/').to_owned();
-    if path_prefix.ends_with("/api") {
+    // Read as Tallyfy reads a path (a caller's is refused for the same), and
+    // its last word in any case, percent-decoded (`/API`, `/ap%69`, `/api/.`).
+    let mut last = None;
+    for segment in crate::target::segments(&path_prefix).filter(|_| !path_prefix.is_empty()) {
+        last = Some(
+            segment.map_err(|why| ctx.at(&raw.base_url, "upstream.base_url", format!("its path: {why}")))?,
+        );
+    }
+    if last.is_some_and(|last| last.eq_ignore_ascii_case("api")) {
         return Err(ctx.at(&raw.base_url, "upstream.base_url", "must not end in /api (\"https://go.tallyfy.com\"): the caller's /api/... path is appended as received"));
     }
     let scheme = base.scheme().cloned().expect("http_url checked the scheme");
@@ -28,7 +36,15 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
         base.authority().expect("http_url checked the authority"),
     );
     let token_url = match &raw.token_url {
-        Some(url) => http_url(ctx, url, "upstream.token_url")?,
+        Some(url) => {
+            let token_url = http_url(ctx, url, "upstream.token_url")?;
+            if scheme == http::uri::Scheme::HTTPS && token_url.scheme() != Some(&http::uri::Scheme::HTTPS) {
+                // Client secrets and passwords would go in clear beside an
+                // upstream that is spoken to over TLS: a typo, not a choice.
+                return Err(ctx.at(url, "upstream.token_url", "must be https:// when base_url is"));
+            }
+            token_url
+        }
         None => format!("{scheme}://{authority}{path_prefix}{DEFAULT_TOKEN_PATH}").parse().map_err(|e| {
             ctx.at(&raw.base_url, "upstream.token_url", format!("cannot derive from base_url: {e}"))
         })?,
@@ -52,6 +68,22 @@ pub(super) fn validate(ctx: &Ctx<'_>, raw: &RawUpstream) -> Result<Upstream, Con
                     "upstream.ca_file",
                     format!("{} holds no PEM certificate", full.display()),
                 ));
+            }
+            // Read as the upstream's TLS client will read them: a certificate
+            // it cannot use fails here, not when `run` builds that client.
+            let mut roots = rustls::RootCertStore::empty();
+            for (index, cert) in certs.iter().enumerate() {
+                roots.add(cert.clone()).map_err(|e| {
+                    ctx.at(
+                        path,
+                        "upstream.ca_file",
+                        format!(
+                            "certificate {} in {} is not a usable CA certificate: {e}",
+                            index + 1,
+                            full.display()
+                        ),
+                    )
+                })?;
             }
             (Some(full), certs)
         }

@@ -1,6 +1,7 @@
 //! Raw file types -> validated [`Config`]: each section's validator in turn,
 //! then the checks that span sections.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use super::ctx::{Ctx, http_url, socket_addr};
@@ -34,8 +35,8 @@ pub fn parse(source: &str, file: &Path, env: &dyn Fn(&str) -> Option<String>) ->
         },
         unprefixed: raw.listen.unprefixed.unwrap_or(false),
     };
-    if listen.proxy == listen.admin && listen.proxy.port() != 0 {
-        return Err(ctx.at(&raw.listen.admin, "listen.admin", "must differ from listen.proxy"));
+    if overlap(listen.proxy, listen.admin) {
+        return Err(ctx.at(&raw.listen.admin, "listen.admin", "must not take listen.proxy's address"));
     }
     let upstream = upstream::validate(&ctx, &raw.upstream)?;
     let server = server::validate(&ctx, &raw.server)?;
@@ -175,4 +176,18 @@ fn readable_key(path: &str, source: &str) -> String {
 
 fn first_line(message: &str) -> String {
     message.lines().next().unwrap_or_default().trim().to_owned()
+}
+
+/// Whether two listen addresses would take the same socket: the same port (not
+/// 0: each gets its own) and the same address, an IPv4-mapped one as the IPv4
+/// address it maps, or a wildcard that covers the other (`0.0.0.0` every IPv4
+/// address; `[::]` every address, as Linux binds it dual-stack).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wide: IpAddr, other: IpAddr| match wide {
+        IpAddr::V6(v6) if v6.is_unspecified() => true,
+        IpAddr::V4(v4) if v4.is_unspecified() => other.is_ipv4(),
+        _ => false,
+    };
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() == b.port() && a.port() != 0 && (x == y || covers(x, y) || covers(y, x))
 }

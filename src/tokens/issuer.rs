@@ -158,8 +158,13 @@ impl Issuer {
     }
 
     async fn grant(&self, form: &[(&str, &str)]) -> Result<Issued, FetchError> {
-        let request =
-            self.http.post(&self.token_url).header(http::header::ACCEPT, "application/json").form(form);
+        // `X-Tallyfy-Client` too: Tallyfy documents it as mandatory on every call.
+        let request = self
+            .http
+            .post(&self.token_url)
+            .header(X_TALLYFY_CLIENT, self.client_header.clone())
+            .header(http::header::ACCEPT, "application/json")
+            .form(form);
         self.token_from(request.send().await).await
     }
 

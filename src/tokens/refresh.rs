@@ -17,8 +17,10 @@
 //! rotated secret Tallyfy refuses stops no traffic before that token expires;
 //! a credential now acting as another principal (client, user, org, scope,
 //! kind, application) starts empty, and its callers wait for its first token.
-//! Slots no config uses any more stop being refreshed and are forgotten after
-//! [`RETIRED_GRACE`], once requests of the old config are long done.
+//! Slots no config uses any more are never fetched again, not even for a
+//! request of the old config whose token Tallyfy rejects (a reload that removed
+//! a credential makes no grant with its secrets after it), and are forgotten
+//! after [`RETIRED_GRACE`], once requests of the old config are long done.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -159,7 +161,10 @@ impl Refresher {
         let Some(issuer) = self.issuer.clone() else { return };
         let mut waiting_for: SmallVec<[SlotId; 2]> = SmallVec::new();
         for slot in &mut self.slots {
-            if slot.fetching || slot.life == Life::Gone || slot.due.is_none_or(|due| due > now) {
+            // Only a slot the current config uses is fetched: a retired one's
+            // settings were removed or replaced (a secret revoked, say), and
+            // no grant is made with them any more.
+            if slot.fetching || slot.life != Life::Live || slot.due.is_none_or(|due| due > now) {
                 continue;
             }
             if let Some(application) = slot.application
@@ -243,7 +248,8 @@ impl Refresher {
     /// unless a refresh is already running (its end wakes the waiters), a newer
     /// token exists, the backoff after failures owns the schedule, or a rejection
     /// forced a refresh less than `min_forced_refresh_interval` ago (a caller whose
-    /// requests draw 401s for other reasons must not hammer the token endpoint).
+    /// requests draw 401s for other reasons must not hammer the token endpoint),
+    /// or no config uses the slot any more (its requests get Tallyfy's answer).
     fn on_rejected(&mut self, rejected: Rejected) {
         let now = Instant::now();
         let id = rejected.slot;
@@ -256,7 +262,7 @@ impl Refresher {
         let recently_forced =
             slot.last_forced.is_some_and(|at| now.duration_since(at) < self.min_forced_interval);
         let refreshable = slot.epoch == epoch
-            && slot.life != Life::Gone
+            && slot.life == Life::Live
             && !matches!(slot.credential.kind, CredentialKind::PersonalToken { .. });
         let in_fleet = self.fleet.is_some() && slot.fleet_name.is_some() && slot.outside_fleet.is_none();
         if refreshable && current <= rejected.generation && recently_forced && in_fleet {
@@ -276,7 +282,7 @@ impl Refresher {
             }
             return;
         }
-        if slot.awaiting_application {
+        if slot.awaiting_application && refreshable {
             // A mint waits for its application's new token: its waiters are kept for it.
             return;
         }
@@ -356,7 +362,7 @@ impl Refresher {
                         self.metrics.refresh_failed(&slot.credential.name, error.reason());
                         return;
                     }
-                    let renewable = application.life != Life::Gone
+                    let renewable = application.life == Life::Live
                         && application.last_forced.is_none_or(|at| now.duration_since(at) >= min_forced);
                     if renewable {
                         application.last_forced = Some(now);
@@ -415,7 +421,7 @@ impl Refresher {
         for dependent in &mut self.slots {
             if dependent.application != Some(application)
                 || dependent.fetching
-                || dependent.life == Life::Gone
+                || dependent.life != Life::Live
             {
                 continue;
             }

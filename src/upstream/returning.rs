@@ -67,7 +67,17 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = match &mut self.0 {
-            Inner::Http2 { body, .. } => return Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Http2 { body, .. } => {
+                return Pin::new(&mut *body).poll_frame(cx).map(|frame| match frame {
+                    // hyper ends a body at a `RST_STREAM(NO_ERROR)` (or a
+                    // graceful `GOAWAY` that left the stream out) as at its
+                    // `END_STREAM`: short of its length, that is a cut answer.
+                    None if body.size_hint().exact().is_some_and(|left| left > 0) => {
+                        Some(Err("Tallyfy's HTTP/2 answer ended before its Content-Length".into()))
+                    }
+                    frame => frame.map(|frame| frame.map_err(Into::into)),
+                });
+            }
             // Ended (its connection given back), or failed: a failed body
             // never reads as one that ended.
             Inner::Http1 { connection: None, decoder, .. } if decoder.is_done() => return Poll::Ready(None),

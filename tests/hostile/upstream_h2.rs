@@ -582,3 +582,55 @@ async fn an_answer_begun_before_the_upload_ends_lets_both_end_whole() {
     assert_eq!(rest, b"done", "the answer came whole");
     assert_eq!(*uploads.lock().expect("record"), ["ended: hello world"], "the upload ended whole at Tallyfy");
 }
+
+/// Tallyfy's HTTP/2 answer cut short of its `Content-Length` by a
+/// `RST_STREAM(NO_ERROR)`, which hyper reads as the body's end: never passed on
+/// as whole. A JSON answer read for its links was restated with the length of
+/// the 9 bytes that came (a clean 200 to HTTP/2 callers); one streamed on
+/// ended cleanly where Tallyfy's stopped.
+#[tokio::test]
+async fn an_http2_answer_reset_short_of_its_length_is_never_whole() {
+    let (base, ca_pem, _) = h2_upstream(|_, mut connection| async move {
+        while let Some(Ok((request, mut respond))) = connection.accept().await {
+            let json = request.uri().path().ends_with("/json");
+            tokio::spawn(async move {
+                let head = http::Response::builder()
+                    .header(
+                        "content-type",
+                        if json { "application/json" } else { "application/octet-stream" },
+                    )
+                    .header("content-length", "100")
+                    .body(())
+                    .expect("head");
+                let Ok(mut body) = respond.send_response(head, false) else { return };
+                let part: &'static [u8] = if json { br#"{"part":""# } else { b"PARTIAL" };
+                let _ = body.send_data(bytes::Bytes::from_static(part), false);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                body.send_reset(h2::Reason::NO_ERROR);
+            });
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let proxy = start_proxy(&config.parse(dir.path())).await;
+    let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
+    let http1 = support::client(); // (installs the TLS provider reqwest needs)
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    for (caller, http) in [("HTTP/1.1", http1), ("HTTP/2", h2c)] {
+        let json = http.get(url("/api/json")).send().await.expect("answered");
+        assert_eq!(json.status(), 502, "{caller}: a cut JSON answer is Tallyfy's failure");
+        let body = json.text().await.expect("the proxy's error, whole");
+        assert!(body.contains("upstream_"), "{caller}: {body}");
+
+        match http.get(url("/api/octet")).send().await {
+            Err(cut) => assert!(!cut.is_status(), "{caller}: {cut}"),
+            Ok(streamed) => {
+                assert_eq!(streamed.status(), 200, "{caller}: the head went before the cut");
+                let read = streamed.bytes().await;
+                assert!(read.is_err(), "{caller}: the cut shows to the caller, not a whole body: {read:?}");
+            }
+        }
+    }
+}

@@ -97,9 +97,15 @@ pub fn parse_token(body: &[u8], default_lifetime: Duration, now_unix: u64) -> Re
     if access_token.len() > MAX_TOKEN_BYTES {
         return Err(FetchError::Malformed("access_token is longer than 16 KiB"));
     }
+    // A number, or a number in a string (`"3600"`, `"-5"`, `"0.5"`: read alike);
+    // a negative or fractional one is a lifetime that ends at once.
+    let seconds = |f: f64| f.max(0.0) as u64;
     let expires_in = match parsed.expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
-        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(seconds)),
+        Some(serde_json::Value::String(s)) => {
+            let s = s.trim();
+            s.parse().ok().or_else(|| s.parse::<f64>().ok().filter(|f| f.is_finite()).map(seconds))
+        }
         _ => None,
     };
     let lifetime = schedule::lifetime(expires_in, jwt::expiry(&access_token), now_unix, default_lifetime);
@@ -187,10 +193,20 @@ mod tests {
             parse_token(br#"{"access_token":"abc","expires_in":0}"#, HOUR, 0),
             Err(FetchError::Malformed(_))
         ));
-        assert!(matches!(
-            parse_token(br#"{"access_token":"abc","expires_in":-5}"#, HOUR, 0),
-            Err(FetchError::Malformed(_))
-        ));
+        for expires_in in ["-5", "0.5", r#""-5""#, r#""0.5""#, r#"" -1e3 ""#] {
+            let body = format!(r#"{{"access_token":"abc","expires_in":{expires_in}}}"#);
+            assert!(
+                matches!(parse_token(body.as_bytes(), HOUR, 0), Err(FetchError::Malformed(_))),
+                "{expires_in}: expires at once, as a number or in a string"
+            );
+        }
+        let unreadable = |expires_in: &str| {
+            let body = format!(r#"{{"access_token":"abc","expires_in":"{expires_in}"}}"#);
+            parse_token(body.as_bytes(), HOUR, 0).map(|issued| issued.lifetime)
+        };
+        assert_eq!(unreadable("NaN").ok(), Some(HOUR), "no number: the default lifetime");
+        assert_eq!(unreadable("inf").ok(), Some(HOUR));
+        assert_eq!(unreadable("1800.9").ok(), Some(Duration::from_secs(1800)));
         let expired_jwt = format!(
             "eyJhbGciOiJub25lIn0.{}.c2ln",
             base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"exp":100}"#)

@@ -15,7 +15,8 @@ use std::sync::Arc;
 pub(super) enum Life {
     /// Used by the current config.
     Live,
-    /// Used only by older configs: no scheduled refresh; forgotten at this time.
+    /// Used only by older configs: never fetched again (its token serves
+    /// their requests still in flight); forgotten at this time.
     Retired { forget_at: Instant },
     /// Forgotten: its token is cleared.
     Gone,

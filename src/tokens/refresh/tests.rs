@@ -34,7 +34,8 @@ enum Call {
 struct Fake {
     lifetime: Duration,
     /// How long each answer takes.
-    latency: Duration,
+    /// How long each answer takes from now on (read when a call begins).
+    latency: Mutex<Duration>,
     failures: Mutex<VecDeque<FetchError>>,
     calls: Mutex<Vec<(Call, Instant)>>,
     /// Whether the minted user exists yet (a mint for a missing one is a 404).
@@ -47,7 +48,7 @@ impl Fake {
     fn new(lifetime: Duration) -> Arc<Fake> {
         Arc::new(Fake {
             lifetime,
-            latency: Duration::ZERO,
+            latency: Mutex::new(Duration::ZERO),
             failures: Mutex::default(),
             calls: Mutex::default(),
             user_exists: Mutex::new(true),
@@ -57,9 +58,17 @@ impl Fake {
 
     /// A fake whose every answer takes `latency`.
     fn answering_in(lifetime: Duration, latency: Duration) -> Arc<Fake> {
-        let mut fake = Fake::new(lifetime);
-        Arc::get_mut(&mut fake).expect("unshared").latency = latency;
+        let fake = Fake::new(lifetime);
+        fake.answer_in(latency);
         fake
+    }
+
+    fn answer_in(&self, latency: Duration) {
+        *self.latency.lock().expect("lock") = latency;
+    }
+
+    fn latency(&self) -> Duration {
+        *self.latency.lock().expect("lock")
     }
 
     fn fail_next(&self, errors: impl IntoIterator<Item = FetchError>) {
@@ -87,7 +96,7 @@ impl Fake {
             calls.push((call, Instant::now()));
             calls.len()
         };
-        tokio::time::sleep(self.latency).await;
+        tokio::time::sleep(self.latency()).await;
         if let Some(error) = self.failures.lock().expect("lock").pop_front() {
             return Err(error);
         }
@@ -125,7 +134,7 @@ impl TokenSource for Source {
         Box::pin(async move {
             if *self.0.mint_refused.lock().expect("lock") {
                 self.0.calls.lock().expect("lock").push((Call::Mint, Instant::now()));
-                tokio::time::sleep(self.0.latency).await;
+                tokio::time::sleep(self.0.latency()).await;
                 return Err(FetchError::Refused { status: 401, code: "http_401".into() });
             }
             if !*self.0.user_exists.lock().expect("lock") {
@@ -428,7 +437,7 @@ async fn a_missing_user_is_provisioned_then_minted_with_the_application_token() 
 async fn a_mint_tallyfy_always_refuses_backs_off_instead_of_looping() {
     let fake = Arc::new(Fake {
         lifetime: HOUR,
-        latency: Duration::from_millis(10),
+        latency: Mutex::new(Duration::from_millis(10)),
         failures: Mutex::default(),
         calls: Mutex::default(),
         user_exists: Mutex::new(true),
@@ -483,6 +492,47 @@ async fn a_reconfigure_keeps_unchanged_credentials_and_forgets_retired_slots_aft
         2,
         "the retired slot was never refreshed (its token outlived the grace: 15 min < 45)"
     );
+}
+
+/// A request of the old config whose token Tallyfy rejects after a reload
+/// removed its credential gets no new token: no grant is made with settings
+/// the reload took away (a revoked secret), and its wait ends at once.
+#[tokio::test(start_paused = true)]
+async fn a_removed_credentials_rejected_token_is_not_refreshed_and_its_waiters_go_at_once() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application(), user()]).await;
+    let removed = running.slot(1);
+    let rejected = running.lease(1).expect("the user's token").generation;
+    running.handle.reconfigure(set(vec![application()]), Source(fake.clone())).await.expect("reloaded");
+
+    let store = running.tokens.store().clone();
+    let settled = store.settled(removed);
+    let waited = Instant::now();
+    running.handle.token_rejected(removed, rejected);
+    let newer = store.newer_than(removed, rejected, settled, Duration::from_secs(30)).await;
+    assert!(newer.is_none(), "no token after the removal: {newer:?}");
+    assert_eq!(waited.elapsed(), Duration::ZERO, "released at once, not at the timeout");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(fake.calls().len(), 2, "the two first fetches, no grant since: {:?}", fake.calls());
+}
+
+/// A mint under way at a reload that removed both the user token and its
+/// application, refused by Tallyfy, renews no application token: that renewal
+/// would be a grant with the removed application's secret.
+#[tokio::test(start_paused = true)]
+async fn a_mint_refused_after_its_application_was_removed_renews_nothing() {
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let minted_generation = running.lease(1).expect("the user token").generation;
+    *fake.mint_refused.lock().expect("lock") = true;
+    running.handle.token_rejected(running.slot(1), minted_generation); // a mint, refused at +300 ms
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.handle.reconfigure(set(vec![user()]), Source(fake.clone())).await.expect("reloaded");
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let calls = fake.calls();
+    let count = |call: Call| calls.iter().filter(|made| **made == call).count();
+    assert_eq!(count(Call::ClientCredentials), 1, "the application's first token only: {calls:?}");
+    assert_eq!(count(Call::Mint), 2, "the first mint and the one under way at the reload: {calls:?}");
 }
 
 /// The credential `app` with client secret `secret`.
@@ -717,12 +767,12 @@ async fn a_refresh_under_way_at_rotations_is_passed_on_to_the_slots_standing_in(
 
 /// When the refresh (the second call) ends: it began then and takes the latency.
 fn first_call_end(fake: &Fake) -> Instant {
-    fake.call_times()[1] + fake.latency
+    fake.call_times()[1] + fake.latency()
 }
 
-/// A slot that obtained its own token stands in for nothing any more: a later
-/// refresh of the slot it replaced reaches neither it nor the slot standing in
-/// for it since.
+/// A slot that obtained its own token stands in for nothing any more: a
+/// refresh of the slot it replaced, under way at the reload and ended after
+/// that token came, reaches neither it nor the slot standing in for it since.
 #[tokio::test(start_paused = true)]
 async fn a_slot_with_its_own_token_is_not_reached_by_its_predecessors_refresh() {
     let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
@@ -734,17 +784,19 @@ async fn a_slot_with_its_own_token_is_not_reached_by_its_predecessors_refresh() 
         }
         set(vec![rotated])
     };
+    running.handle.token_rejected(running.slot(0), 1); // the first slot refreshes: t2 at +300 ms
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fake.answer_in(Duration::from_millis(10));
     let second = running.handle.reconfigure(rotation("second"), Source(fake.clone())).await.expect("second");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(serves(&second, "t2", Instant::now()), "its own token");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(serves(&second, "t3", Instant::now()), "its own token");
     fake.fail_next([FetchError::Refused { status: 400, code: "invalid_grant".into() }]);
     let third = running.handle.reconfigure(rotation("mistyped"), Source(fake.clone())).await.expect("third");
-    tokio::time::sleep(Duration::from_millis(400)).await; // its sign-in refused
-    running.handle.token_rejected(running.slot(0), 1); // the first slot refreshes: t4
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(fake.calls()[1..4], [Call::Password, Call::Password, Call::Refresh("r1".into())]);
-    assert!(serves(&running.tokens, "t4", Instant::now()), "the first slot refreshed");
+    fake.answer_in(Duration::from_secs(2)); // its sign-in's retry ends after what follows
+    tokio::time::sleep(Duration::from_millis(250)).await; // the first slot's refresh has ended
+    assert_eq!(fake.calls()[1..4], [Call::Refresh("r1".into()), Call::Password, Call::Password]);
+    assert!(serves(&running.tokens, "t2", Instant::now()), "the first slot refreshed");
     let now = Instant::now();
-    assert!(serves(&second, "t2", now), "the second slot keeps its own token");
-    assert!(!serves(&third, "t4", now), "the third stands in for the second: not reached either");
+    assert!(serves(&second, "t3", now), "the second slot keeps its own token");
+    assert!(serves(&third, "t3", now), "the third stands in for the second: not reached either");
 }
