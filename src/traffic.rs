@@ -521,6 +521,10 @@ impl TrafficState {
             })
             .collect();
         *buckets = kept_buckets;
+        // A count this generation does not use is kept while requests hold
+        // places in it: a later reload that sets the identity's limit again
+        // counts them (a fresh count let `max` more in beside them).
+        kept_in_flight.extend(in_flight.drain().filter(|(_, count)| count.open() > 0));
         *in_flight = kept_in_flight;
         let mut kept_windows = HashMap::new();
         let rules = settings

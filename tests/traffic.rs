@@ -746,3 +746,110 @@ async fn a_429_whose_body_stalls_is_remembered_all_the_same() {
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     assert_eq!(requests.load(Ordering::SeqCst), 1, "the second never reached Tallyfy");
 }
+
+/// An API that holds each request until `together` have come, then answers
+/// them all 429 without `Retry-After` (Tallyfy throttling a burst that was in
+/// flight at once); the requests it got are counted.
+async fn throttling_all_at_once(together: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(tokio::sync::Barrier::new(together));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (count, barrier) = (count.clone(), barrier.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request| {
+                    let (count, barrier) = (count.clone(), barrier.clone());
+                    async move {
+                        if count.fetch_add(1, Ordering::SeqCst) < together {
+                            barrier.wait().await;
+                        }
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                        let mut response = hyper::Response::new(body);
+                        *response.status_mut() = hyper::StatusCode::TOO_MANY_REQUESTS;
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// Seven requests in flight when Tallyfy began throttling, answered 429
+/// without `Retry-After`, are one episode: the credential is held back the
+/// first wait (1 s), not doubled for each (they held it back for 60 s).
+#[tokio::test]
+async fn the_429s_of_requests_in_flight_together_hold_back_for_one_wait() {
+    let (upstream, received) = throttling_all_at_once(7).await;
+    let (proxy, _dir) = proxy(config(&format!("http://{upstream}"), |id| id)).await;
+    let http = client();
+    let burst = (0..7).map(|n| {
+        let (http, url) = (http.clone(), url(&proxy, &format!("/api/organizations/{ORG_ID}/runs?n={n}")));
+        tokio::spawn(async move { http.get(url).send().await.expect("answered").status() })
+    });
+    for sent in futures_util::future::join_all(burst).await {
+        assert_eq!(sent.expect("task"), 429, "Tallyfy's 429, passed on");
+    }
+    assert_eq!(received.load(Ordering::SeqCst), 7);
+    let after = http.get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(after.status(), 429, "held back by the proxy");
+    assert_eq!(after.headers()["retry-after"], "1", "the first wait, not one doubled per request");
+    assert_eq!(received.load(Ordering::SeqCst), 7, "nothing sent meanwhile");
+}
+
+/// Two requests open under `max_in_flight = 2`, a reload that lifts the
+/// limit, one that sets it again: the two still count, and a third is
+/// refused. The limit set again counted from zero: four were open at once.
+#[tokio::test]
+async fn max_in_flight_set_again_by_a_reload_counts_the_requests_still_open() {
+    let (upstream, accepted) = silent_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("proxy.toml");
+    std::fs::write(dir.path().join("token"), PERSONAL_TOKEN).expect("write");
+    let text = |max: Option<i64>, comment: &str| {
+        let identity = Identity::new("billing", "ops", Match::Any);
+        let identity = match max {
+            Some(max) => identity.with("max_in_flight", max),
+            None => identity,
+        };
+        let config = TestConfig::new(&format!("http://{upstream}"))
+            .set("upstream", "request_timeout_ms", 30_000)
+            .credential(Credential::personal("ops", Secret::File("token")))
+            .identity(identity);
+        format!("# {comment}\n{}", config.text())
+    };
+    std::fs::write(&file, text(Some(2), "v0")).expect("write");
+    let loaded =
+        tallyfy_proxy::config::Config::parse(&text(Some(2), "v0"), &file, &support::env).expect("valid");
+    let proxy = start_proxy(&loaded).await;
+    let applied = || {
+        let label = tallyfy_proxy::metrics::OutcomeLabel { outcome: "applied".to_owned() };
+        proxy.metrics().config_reloads.get_or_create(&label).get()
+    };
+    let wait_until = async |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(client().get(url(&proxy, "/api/me")).send())).collect();
+    wait_until("both requests reached the upstream", &|| accepted.load(Ordering::SeqCst) == 2).await;
+
+    std::fs::write(&file, text(None, "v1: no limit")).expect("write");
+    wait_until("the limit is lifted", &|| applied() >= 1).await;
+    std::fs::write(&file, text(Some(2), "v2: the limit again")).expect("write");
+    wait_until("the limit is set again", &|| applied() >= 2).await;
+
+    let refused = client().get(url(&proxy, "/api/me")).send().await.expect("answered");
+    assert_eq!(refused.status(), 503, "the two still open fill the limit");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "nothing more reached the upstream");
+    held.iter().for_each(tokio::task::JoinHandle::abort);
+}

@@ -119,7 +119,8 @@ impl Refresher {
                 .iter()
                 .filter(|slot| !slot.fetching) // its outcome wakes the loop
                 .filter_map(|slot| match slot.life {
-                    Life::Retired { forget_at } => Some(slot.due.map_or(forget_at, |due| due.min(forget_at))),
+                    // Never fetched again: only its forgetting is due.
+                    Life::Retired { forget_at } => Some(forget_at),
                     Life::Live => slot.due,
                     Life::Gone => None,
                 })
@@ -330,9 +331,15 @@ impl Refresher {
             Ok(obtained) => obtained,
             Err(FetchError::NothingNewer) => {
                 // Nothing newer: back to the plan, and the waiters get Tallyfy's answer.
-                slot.due = planned.flatten();
+                slot.due = planned.flatten().filter(|_| slot.life == Life::Live);
                 self.store.settle(id);
                 return;
+            }
+            Err(error) if slot.life != Life::Live => {
+                // Retired while it fetched: it is not fetched again (no mint
+                // awaits a new application token), and its waiters go at once.
+                slot.awaiting_application = false;
+                return self.failed(id, now, jitter, &error, true);
             }
             Err(error) => {
                 if let (Some(application), FetchError::Refused { status: 401, .. }) =

@@ -99,6 +99,28 @@ fn a_changed_max_in_flight_counts_the_requests_already_open() {
     assert!(lowered.admit(0, 0, &Method::GET, "/api/me", SECOND).is_ok());
 }
 
+/// A reload that lifts `max_in_flight`, then one that sets it again, count
+/// the requests still open from before: the count was dropped with the limit,
+/// and the limit set again let `max` more in beside them.
+#[test]
+fn a_max_in_flight_lifted_then_set_again_counts_the_requests_still_open() {
+    let state = TrafficState::new();
+    let generation = |max| {
+        state.generation(&Settings::default(), &[("billing", limited(None, max))], &[("ops", Some("ops"))])
+    };
+    let first = generation(Some(2));
+    let held: Vec<_> =
+        (0..2).map(|_| first.admit(0, 0, &Method::GET, "/api/me", SECOND).expect("open")).collect();
+    let lifted = generation(None);
+    assert!(lifted.admit(0, 0, &Method::GET, "/api/me", SECOND).is_ok(), "no limit");
+    let again = generation(Some(2));
+    assert!(again.admit(0, 0, &Method::GET, "/api/me", SECOND).is_err(), "the two still open fill it");
+    drop(held);
+    assert!(again.admit(0, 0, &Method::GET, "/api/me", SECOND).is_ok());
+    let _ = generation(None);
+    assert!(lock(&state.in_flight).is_empty(), "a count no request holds is not kept");
+}
+
 #[test]
 fn an_hourly_cap_counts_per_org_and_credential_and_reopens_with_the_window() {
     let state = TrafficState::new();

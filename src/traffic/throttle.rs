@@ -107,6 +107,12 @@ impl Throttle {
     /// Tallyfy answered 429: remember it. `retry_after` as Tallyfy gave it;
     /// `hourly` for a `RATE_LIMIT_EXCEEDED` body, which holds back only `org`
     /// and `limit`. Returns the wait remembered.
+    ///
+    /// Without `Retry-After`, a 429 that comes while the wait it would join
+    /// still runs answers a request sent before that wait began (the requests
+    /// after it are held back or refused): one episode with the 429 that began
+    /// it, not one more in a row. Counted in a row, seven requests in flight
+    /// when Tallyfy began throttling held the credential back for a minute.
     pub fn remember(
         &self,
         retry_after: Option<Duration>,
@@ -115,24 +121,36 @@ impl Throttle {
         limit: &str,
         now: Nanos,
     ) -> Duration {
-        let wait = retry_after
-            .unwrap_or_else(|| backoff(self.streak.fetch_add(1, Ordering::Relaxed) + 1))
-            .min(MAX_REMEMBERED);
-        let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let wait_from = |running: Option<Nanos>| {
+            match (retry_after, running.filter(|&until| until > now)) {
+                (Some(wait), _) => wait,
+                (None, Some(until)) => Duration::from_nanos(until - now),
+                (None, None) => backoff(self.streak.fetch_add(1, Ordering::Relaxed) + 1),
+            }
+            .min(MAX_REMEMBERED)
+        };
+        let until_after =
+            |wait: Duration| now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
         if hourly {
             let mut capped = self.capped.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let key = (org.to_ascii_lowercase(), limit.to_owned());
+            let wait = wait_from(capped.get(&key).copied());
+            let until = until_after(wait);
             if capped.len() >= MAX_CAPPED {
                 capped.retain(|_, &mut until| until > now);
             }
             if capped.len() < MAX_CAPPED {
-                capped.insert((org.to_ascii_lowercase(), limit.to_owned()), until);
+                let kept = capped.entry(key).or_insert(until);
+                *kept = (*kept).max(until);
                 self.capped_until.fetch_max(until, Ordering::Relaxed);
             }
             self.capped_len.store(capped.len(), Ordering::Relaxed);
+            wait
         } else {
-            self.until.fetch_max(until, Ordering::Relaxed);
+            let wait = wait_from(Some(self.until.load(Ordering::Relaxed)));
+            self.until.fetch_max(until_after(wait), Ordering::Relaxed);
+            wait
         }
-        wait
     }
 
     /// Tallyfy answered something else: a run of 429s without `Retry-After` is over.
@@ -164,9 +182,45 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
         let throttle = Throttle::default();
         assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(1));
-        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(2));
+        assert_eq!(
+            throttle.remember(None, false, "", "", SECOND),
+            Duration::from_secs(2),
+            "the next in a row"
+        );
         throttle.answered();
-        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(1), "a success resets it");
+        assert_eq!(
+            throttle.remember(None, false, "", "", 3 * SECOND),
+            Duration::from_secs(1),
+            "a success resets it"
+        );
+    }
+
+    /// 429s to requests that were in flight when the first came (they come
+    /// while its wait runs) are that one episode: the wait is not doubled for
+    /// each, for the burst throttle and for an hourly cap alike.
+    #[test]
+    fn the_429s_of_requests_sent_before_a_wait_began_are_one_episode() {
+        let throttle = Throttle::default();
+        assert_eq!(throttle.remember(None, false, "", "", 0), Duration::from_secs(1));
+        for at in [1, 2, 6] {
+            let wait = throttle.remember(None, false, "", "", at * SECOND / 10);
+            assert_eq!(wait, Duration::from_secs(1) - Duration::from_millis(at * 100), "what is left of it");
+        }
+        assert_eq!(throttle.wait(SECOND, || (String::new(), String::new())), None, "lifted at 1 s");
+        assert_eq!(
+            throttle.remember(None, false, "", "", SECOND),
+            Duration::from_secs(2),
+            "then one more in a row"
+        );
+
+        let capped = Throttle::default();
+        assert_eq!(capped.remember(None, true, "Org", "invites", 0), Duration::from_secs(1));
+        assert_eq!(capped.remember(None, true, "org", "invites", SECOND / 2), Duration::from_millis(500));
+        assert_eq!(
+            capped.remember(None, true, "org", "comments", SECOND / 2),
+            Duration::from_secs(2),
+            "another cap"
+        );
     }
 
     #[test]

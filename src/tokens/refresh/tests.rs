@@ -535,6 +535,37 @@ async fn a_mint_refused_after_its_application_was_removed_renews_nothing() {
     assert_eq!(count(Call::Mint), 2, "the first mint and the one under way at the reload: {calls:?}");
 }
 
+/// A mint refused while its application's token was being replaced, whose
+/// credential a reload removed meanwhile, is not tried again, and its waiters
+/// get Tallyfy's answer at once. It used to be left due: the refresher spun on
+/// it (a core) until it was forgotten, 15 minutes on, and its waiters waited
+/// for their timeout. On the real clock: a spinning refresher never lets a
+/// paused one advance, so the old behaviour would hang the test, not fail it.
+#[tokio::test]
+async fn a_removed_mint_refused_beside_an_application_renewal_releases_its_waiters() {
+    let fake = Fake::answering_in(HOUR, Duration::from_millis(300));
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let (app, user) = (running.slot(0), running.slot(1));
+    let store = running.tokens.store().clone();
+    *fake.mint_refused.lock().expect("lock") = true;
+    running.handle.token_rejected(app, running.lease(0).expect("app").generation); // renewed at +300 ms
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rejected = running.lease(1).expect("the user token").generation;
+    let settled = store.settled(user);
+    running.handle.token_rejected(user, rejected); // a mint with the old application token, refused at +320 ms
+    let waiter = tokio::spawn({
+        let store = store.clone();
+        async move { store.newer_than(user, rejected, settled, Duration::from_secs(30)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    running.handle.reconfigure(set(vec![application()]), Source(fake.clone())).await.expect("reloaded");
+    let released = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    let newer = released.expect("released when the mint was refused, not at its timeout").expect("waiter");
+    assert!(newer.is_none(), "no token for a removed credential: {newer:?}");
+    let mints = fake.calls().iter().filter(|call| **call == Call::Mint).count();
+    assert_eq!(mints, 2, "the first mint and the refused one, none since");
+}
+
 /// The credential `app` with client secret `secret`.
 fn application_with_secret(secret: &str) -> Credential {
     Credential {
