@@ -157,6 +157,13 @@ impl Refresher {
             if slot.life == Life::Live && !kept.contains(&slot.id) {
                 slot.life = Life::Retired { forget_at: now + RETIRED_GRACE };
                 slot.due = None;
+                slot.awaiting_application = false;
+                if !slot.fetching {
+                    // No token will come for it: the requests waiting for one
+                    // (a first token, or one after Tallyfy's 401) go at once.
+                    // A fetch under way settles them as it ends.
+                    self.store.settle(slot.id);
+                }
             }
         }
         let slots: Vec<SlotId> =

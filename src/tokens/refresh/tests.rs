@@ -566,6 +566,56 @@ async fn a_removed_mint_refused_beside_an_application_renewal_releases_its_waite
     assert_eq!(mints, 2, "the first mint and the refused one, none since");
 }
 
+/// A user token's first-token waiters, waiting behind its application's
+/// first token, go at once when a reload removes the user token: no token
+/// will come for it (they waited for their timeout, 31 s by default).
+#[tokio::test(start_paused = true)]
+async fn first_token_waiters_of_a_removed_credential_go_at_the_reload() {
+    let fake = Fake::answering_in(HOUR, Duration::from_secs(5));
+    let (mut refresher, handle) = Refresher::new(TokenStore::new(), Arc::new(Metrics::new()));
+    let tokens = refresher
+        .configure(&set(vec![application(), minted(None)]), Source(fake.clone()))
+        .expect("configured");
+    let stop = CancellationToken::new();
+    tokio::spawn(refresher.run(stop.clone()));
+    let (user, store) = (tokens.slot(CredentialId::new(1)), tokens.store().clone());
+    let waiter = tokio::spawn(async move { store.newer_than(user, 0, 0, Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    handle.reconfigure(set(vec![application()]), Source(fake.clone())).await.expect("reloaded");
+    let reloaded = Instant::now();
+    assert!(waiter.await.expect("waiter").is_none(), "no token for a removed credential");
+    assert_eq!(reloaded.elapsed(), Duration::ZERO, "released at the reload");
+    stop.cancel();
+}
+
+/// A mint refused while its application's token is being renewed waits for
+/// that token; a reload that removes the user token meanwhile lets its
+/// waiters go at once (the renewal's end no longer wakes a removed mint).
+#[tokio::test(start_paused = true)]
+async fn waiters_of_a_mint_awaiting_its_application_go_when_a_reload_removes_it() {
+    let fake = Fake::new(HOUR);
+    let running = Running::start(&fake, vec![application(), minted(None)]).await;
+    let (app, user) = (running.slot(0), running.slot(1));
+    let store = running.tokens.store().clone();
+    fake.answer_in(Duration::from_secs(1));
+    running.handle.token_rejected(app, running.lease(0).expect("app").generation); // renewed at +1 s
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    fake.answer_in(Duration::from_millis(10));
+    *fake.mint_refused.lock().expect("lock") = true;
+    let rejected = running.lease(1).expect("the user token").generation;
+    let settled = store.settled(user);
+    running.handle.token_rejected(user, rejected); // refused at +20 ms, the renewal still running
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.newer_than(user, rejected, settled, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(90)).await;
+    running.handle.reconfigure(set(vec![application()]), Source(fake.clone())).await.expect("reloaded");
+    let reloaded = Instant::now();
+    assert!(waiter.await.expect("waiter").is_none(), "no token for a removed credential");
+    assert_eq!(reloaded.elapsed(), Duration::ZERO, "released at the reload");
+}
+
 /// The credential `app` with client secret `secret`.
 fn application_with_secret(secret: &str) -> Credential {
     Credential {
