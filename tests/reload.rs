@@ -439,43 +439,25 @@ async fn a_remembered_429_is_kept_for_the_same_principal_and_dropped_for_another
 /// token dead), every later one 200.
 async fn api_rejecting_the_first_token_once_released()
 -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>, tokio::sync::oneshot::Sender<()>) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let (seen, rx) = tokio::sync::mpsc::unbounded_channel();
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let released = std::sync::Arc::new(tokio::sync::Mutex::new(Some(released)));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (seen, released) = (seen.clone(), released.clone());
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let authorization =
-                            request.headers().get("authorization").map(|v| v.to_str().unwrap_or("?"));
-                        let _ = seen.send(authorization.unwrap_or("none").to_owned());
-                        let released = released.clone();
-                        async move {
-                            let first = released.lock().await.take();
-                            let status = match first {
-                                Some(wait) => {
-                                    let _ = wait.await;
-                                    401
-                                }
-                                None => 200,
-                            };
-                            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
-                            let mut response = hyper::Response::new(body);
-                            *response.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-                            Ok::<_, std::convert::Infallible>(response)
-                        }
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    let addr = support::api(move |request| {
+        let authorization = request.headers().get("authorization").map(|v| v.to_str().unwrap_or("?"));
+        let _ = seen.send(authorization.unwrap_or("none").to_owned());
+        let released = released.clone();
+        async move {
+            let first = released.lock().await.take();
+            match first {
+                Some(wait) => {
+                    let _ = wait.await;
+                    support::answer(401, b"{}")
+                }
+                None => support::answer(200, b"{}"),
+            }
         }
-    });
+    })
+    .await;
     (addr, rx, release)
 }
 

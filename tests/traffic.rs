@@ -751,34 +751,19 @@ async fn a_429_whose_body_stalls_is_remembered_all_the_same() {
 /// them all 429 without `Retry-After` (Tallyfy throttling a burst that was in
 /// flight at once); the requests it got are counted.
 async fn throttling_all_at_once(together: usize) -> (SocketAddr, Arc<AtomicUsize>) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let received = Arc::new(AtomicUsize::new(0));
     let barrier = Arc::new(tokio::sync::Barrier::new(together));
     let count = received.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (count, barrier) = (count.clone(), barrier.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request| {
-                    let (count, barrier) = (count.clone(), barrier.clone());
-                    async move {
-                        if count.fetch_add(1, Ordering::SeqCst) < together {
-                            barrier.wait().await;
-                        }
-                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
-                        let mut response = hyper::Response::new(body);
-                        *response.status_mut() = hyper::StatusCode::TOO_MANY_REQUESTS;
-                        Ok::<_, std::convert::Infallible>(response)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    let addr = support::api(move |_request| {
+        let (count, barrier) = (count.clone(), barrier.clone());
+        async move {
+            if count.fetch_add(1, Ordering::SeqCst) < together {
+                barrier.wait().await;
+            }
+            support::answer(429, b"{}")
         }
-    });
+    })
+    .await;
     (addr, received)
 }
 

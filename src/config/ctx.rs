@@ -107,6 +107,10 @@ pub(super) fn http_url(ctx: &Ctx<'_>, value: &Spanned<String>, key: &str) -> Res
         ));
     }
     let shown = |text: &str| format!("{text:?}");
+    if text.contains('#') {
+        // The URL parser drops a fragment; the text kept for links would not.
+        return Err(ctx.at(value, key, format!("{} must not hold a '#' fragment", shown(text))));
+    }
     let uri: Uri =
         text.parse().map_err(|e| ctx.at(value, key, format!("{} is not a URL: {e}", shown(text))))?;
     let scheme_ok = uri.scheme() == Some(&Scheme::HTTP) || uri.scheme() == Some(&Scheme::HTTPS);

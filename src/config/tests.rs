@@ -520,6 +520,17 @@ fn what_run_cannot_use_fails_check() {
         parse(&source).unwrap_or_else(|e| panic!("{proxy} {admin}: {e}"));
     }
 
+    for public_url in ["http://gw.example/#x", "http://gw.example#x", "http://gw.example#"] {
+        let source = MINIMAL.replace(
+            "admin = \"127.0.0.1:9901\"",
+            &format!("admin = \"127.0.0.1:9901\"\npublic_url = \"{public_url}\""),
+        );
+        let error = error_of(&source);
+        assert_eq!(error.key, "listen.public_url", "{public_url}: {error}");
+        assert!(error.message.contains("fragment"), "{public_url}: {error}");
+    }
+    assert_eq!(error_of(&MINIMAL.replace("go.tallyfy.com", "go.tallyfy.com/#api")).key, "upstream.base_url");
+
     let dash = error_of(&MINIMAL.replace("name = \"app\"", "name = \"-\""));
     assert_eq!(dash.key, "identities[0].name", "{dash}");
 }

@@ -26,6 +26,10 @@ pub(crate) enum Reader {
     /// beyond f64 read as infinity. A scan that refused an answer some
     /// caller reads would leave Tallyfy's links in it; one that accepts an
     /// answer a stricter caller refuses only rewrites links in vain.
+    /// Also a lone surrogate escape (`"\ud800"`, which both read) and a
+    /// leading UTF-8 byte order mark (Python's `json.loads` of bytes, and
+    /// JavaScript's `Response.json()`, skip it; a stray one in a PHP file
+    /// puts it before an answer).
     AnyCaller,
     /// PHP's `json_decode` as Laravel calls it on a request body: 511
     /// containers nested, a number beyond f64 read as infinity. A body Tallyfy
@@ -101,7 +105,10 @@ pub(crate) fn scan<V: Visitor>(
         return Err(Invalid);
     }
     let mut stack: Vec<Frame<V::Ctx>> = Vec::with_capacity(16);
-    let mut i = 0;
+    let mut i = match reader {
+        Reader::AnyCaller if body.starts_with(b"\xEF\xBB\xBF") => 3,
+        _ => 0,
+    };
     let mut ctx = root;
     'value: loop {
         i = skip_ws(body, i);
@@ -118,7 +125,7 @@ pub(crate) fn scan<V: Visitor>(
                     stack.pop();
                     i += 1;
                 } else if object {
-                    (i, ctx) = read_key(body, i, ctx, visitor)?;
+                    (i, ctx) = read_key(body, i, ctx, visitor, reader)?;
                     continue 'value;
                 } else {
                     ctx = visitor.element(ctx);
@@ -126,7 +133,7 @@ pub(crate) fn scan<V: Visitor>(
                 }
             }
             Some(b'"') => {
-                let (end, escaped) = scan_string(body, i)?;
+                let (end, escaped) = scan_string(body, i, reader)?;
                 visitor.string(body, ctx, StrToken { start: i, end, escaped });
                 i = end;
             }
@@ -148,7 +155,7 @@ pub(crate) fn scan<V: Visitor>(
             };
             match (body.get(i).copied(), frame.object) {
                 (Some(b','), true) => {
-                    (i, ctx) = read_key(body, skip_ws(body, i + 1), frame.ctx, visitor)?;
+                    (i, ctx) = read_key(body, skip_ws(body, i + 1), frame.ctx, visitor, reader)?;
                     continue 'value;
                 }
                 (Some(b','), false) => {
@@ -167,11 +174,17 @@ pub(crate) fn scan<V: Visitor>(
 }
 
 /// Reads `"key"` `:` at `i`; returns the position after the colon and the value's context.
-fn read_key<V: Visitor>(body: &[u8], i: usize, obj: V::Ctx, v: &mut V) -> Result<(usize, V::Ctx), Invalid> {
+fn read_key<V: Visitor>(
+    body: &[u8],
+    i: usize,
+    obj: V::Ctx,
+    v: &mut V,
+    reader: Reader,
+) -> Result<(usize, V::Ctx), Invalid> {
     if body.get(i) != Some(&b'"') {
         return Err(Invalid);
     }
-    let (end, escaped) = scan_string(body, i)?;
+    let (end, escaped) = scan_string(body, i, reader)?;
     let ctx = v.key(body, obj, StrToken { start: i, end, escaped });
     let colon = skip_ws(body, end);
     if body.get(colon) != Some(&b':') {
@@ -202,7 +215,7 @@ const STRING_STOP: [bool; 256] = {
 };
 
 /// Scans the string starting with the quote at `i`; returns (index after the closing quote, escaped?).
-pub(crate) fn scan_string(body: &[u8], i: usize) -> Result<(usize, bool), Invalid> {
+pub(crate) fn scan_string(body: &[u8], i: usize, reader: Reader) -> Result<(usize, bool), Invalid> {
     let mut i = i + 1;
     let mut escaped = false;
     loop {
@@ -211,7 +224,7 @@ pub(crate) fn scan_string(body: &[u8], i: usize) -> Result<(usize, bool), Invali
             Some(b'"') => return Ok((i + 1, escaped)),
             Some(b'\\') => {
                 escaped = true;
-                i = scan_escape(body, i)?;
+                i = scan_escape(body, i, reader)?;
             }
             _ => return Err(Invalid), // end of input or a raw control character
         }
@@ -259,9 +272,11 @@ pub(crate) fn skip_unescaped<const LOG: bool>(body: &[u8], mut i: usize) -> usiz
 }
 
 /// Validates the escape whose backslash is at `i`; returns the index after it.
-fn scan_escape(body: &[u8], i: usize) -> Result<usize, Invalid> {
+fn scan_escape(body: &[u8], i: usize, reader: Reader) -> Result<usize, Invalid> {
     match body.get(i + 1) {
         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(i + 2),
+        // Any code unit, a surrogate alone too: read as it is.
+        Some(b'u') if reader == Reader::AnyCaller => hex4(body, i + 2).map(|_| i + 6).ok_or(Invalid),
         Some(b'u') => match hex4(body, i + 2).ok_or(Invalid)? {
             0xD800..=0xDBFF => {
                 // A high surrogate must be followed by an escaped low surrogate.
@@ -383,6 +398,44 @@ mod tests {
         }
     }
 
+    /// What JavaScript's `JSON.parse` and Python's `json` read and PHP's
+    /// `json_decode` refuses: a lone surrogate escape, and (for Python's
+    /// bytes reader and `Response.json()`) a leading byte order mark.
+    #[test]
+    fn any_callers_reader_takes_lone_surrogates_and_a_leading_bom() {
+        struct Strings(Vec<Range<usize>>);
+        impl Visitor for Strings {
+            type Ctx = ();
+            fn key(&mut self, _: &[u8], _: (), _: StrToken) {}
+            fn element(&mut self, _: ()) {}
+            fn string(&mut self, _: &[u8], _: (), token: StrToken) {
+                self.0.push(token.content());
+            }
+            fn number(&mut self, _: &[u8], _: (), _: Range<usize>) {}
+        }
+        for body in [&br#"{"s":"\ud800","t":"\udc00x","u":"\ud800\ud800"}"#[..], b"\xEF\xBB\xBF{\"s\":\"x\"}"]
+        {
+            assert!(scan(Reader::AnyCaller, body, (), &mut Strings(Vec::new())).is_ok(), "{body:?}");
+            assert!(scan(Reader::Php, body, (), &mut Strings(Vec::new())).is_err(), "PHP refuses {body:?}");
+        }
+        let mut strings = Strings(Vec::new());
+        scan(Reader::AnyCaller, b"\xEF\xBB\xBF[\"ab\"]", (), &mut strings).expect("valid");
+        assert_eq!(
+            (strings.0.len(), strings.0.first().cloned()),
+            (1, Some(5..7)),
+            "spans count the mark's bytes"
+        );
+        for broken in [
+            &br#""\ud8""#[..],
+            br#""\u12G4""#,
+            b"\xEF\xBB\xBF",
+            b"\xEF\xBB\xBF\xEF\xBB\xBF[]",
+            b" \xEF\xBB\xBF[]",
+        ] {
+            assert!(scan(Reader::AnyCaller, broken, (), &mut Strings(Vec::new())).is_err(), "{broken:?}");
+        }
+    }
+
     #[test]
     fn two_stops_in_one_word_give_the_first() {
         assert_eq!(skip_plain(b"ab\"c\\def", 0), 2);
@@ -409,9 +462,11 @@ mod tests {
                 fn string(&mut self, _: &[u8], _: (), _: StrToken) {}
                 fn number(&mut self, _: &[u8], _: (), _: Range<usize>) {}
             }
-            let ours = scan(Reader::AnyCaller, body.as_bytes(), (), &mut Ignore).is_ok();
+            let ours = scan(Reader::Php, body.as_bytes(), (), &mut Ignore).is_ok();
             let serde = serde_json::from_str::<serde_json::Value>(&body).is_ok();
             prop_assert_eq!(ours, serde, "{:?}", body);
+            // Any caller's reader takes all serde_json takes (and lone surrogates).
+            prop_assert!(!serde || scan(Reader::AnyCaller, body.as_bytes(), (), &mut Ignore).is_ok());
         }
     }
 }

@@ -256,11 +256,7 @@ fn json_answer_with_a_link(addr: SocketAddr, status: &str) -> &'static [u8] {
 #[tokio::test]
 async fn a_rewritten_body_keeps_no_field_that_describes_tallyfys_bytes() {
     let recorder = Recorder::answering(|addr| json_answer_with_a_link(addr, "200 OK")).await;
-    let (proxy, _dir) = proxy_to(&recorder).await;
-    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
-    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
-    let text = answer.text();
-    assert_eq!(answer.status(), 200, "{text}");
+    let text = runs_page(&recorder).await;
     assert!(text.contains(r#""next":"http://a/api/runs?page=2""#), "the link was rewritten: {text}");
     let head = text.to_ascii_lowercase();
     assert!(head.contains("\r\netag: w/\"v1\"\r\n"), "a strong ETag promises Tallyfy's bytes: {text}");
@@ -269,31 +265,62 @@ async fn a_rewritten_body_keeps_no_field_that_describes_tallyfys_bytes() {
     }
 }
 
+/// What a caller gets, head and body, for `GET /api/runs` (`Host: a`) through a
+/// proxy to `recorder`; a 200.
+async fn runs_page(recorder: &Recorder) -> String {
+    let (proxy, _dir) = proxy_to(recorder).await;
+    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
+    let text = answer.text();
+    assert_eq!(answer.status(), 200, "{text}");
+    text
+}
+
+/// A 200 answer with the JSON `body` and its length, as the recorder sends it.
+fn json_200(body: String) -> &'static [u8] {
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(answer.into_bytes().into_boxed_slice())
+}
+
 /// An answer serde_json would refuse (200 arrays deep, a number past f64)
 /// but JavaScript's `JSON.parse` reads: its link is pointed at the proxy all
 /// the same (it used to pass as Tallyfy's, for a caller to follow with its key).
 #[tokio::test]
 async fn an_answer_past_serde_json_s_limits_keeps_no_link_to_tallyfy() {
     let recorder = Recorder::answering(|addr| {
-        let body = format!(
+        json_200(format!(
             r#"{{"total":1e400,"deep":{}{},"next":"http://{addr}/api/runs?page=2"}}"#,
             "[".repeat(200),
             "]".repeat(200)
-        );
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        Box::leak(answer.into_bytes().into_boxed_slice())
+        ))
     })
     .await;
-    let (proxy, _dir) = proxy_to(&recorder).await;
-    let request = b"GET /api/runs HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
-    let answer = exchange(proxy.proxy_addr(), request, WAIT).await;
-    let text = answer.text();
-    assert_eq!(answer.status(), 200, "{text}");
+    let text = runs_page(&recorder).await;
     assert!(text.contains(r#""next":"http://a/api/runs?page=2""#), "the link was rewritten: {text}");
     assert!(text.contains(r#"{"total":1e400,"deep":[[["#), "the rest as it came: {text}");
+}
+
+/// Answers JavaScript's `JSON.parse` or Python's `json` read and PHP's
+/// `json_decode` refuses, a lone surrogate escape, or a byte order mark before
+/// the JSON (a stray one in a PHP file): their links are pointed at the proxy
+/// too (they passed as Tallyfy's), and every other byte stays as it came.
+#[tokio::test]
+async fn answers_with_a_lone_surrogate_or_a_byte_order_mark_keep_no_link_to_tallyfy() {
+    for (prefix, extra) in [("", r#","s":"\ud800""#), ("\u{feff}", "")] {
+        let recorder = Recorder::answering(move |addr| {
+            json_200(format!(r#"{prefix}{{"next":"http://{addr}/api/runs?page=2"{extra}}}"#))
+        })
+        .await;
+        let text = runs_page(&recorder).await;
+        let expected = format!(r#"{prefix}{{"next":"http://a/api/runs?page=2"{extra}}}"#);
+        assert!(
+            text.ends_with(&format!("\r\n\r\n{expected}")),
+            "{prefix:?}{extra}: rewritten, the rest as it came: {text}"
+        );
+    }
 }
 
 /// A caller that names no host (HTTP/1.0 without `Host`) gets links and a

@@ -74,6 +74,14 @@ where
     (base, ca_pem, accepted)
 }
 
+/// The proxy's config for an upstream at `base` with the short timers, and a
+/// directory holding its CA (`ca_pem`) as `ca.pem`, which the config trusts.
+fn trusting(base: &str, ca_pem: String) -> (TestConfig, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
+    (super::short_timers(TestConfig::personal_any(base)).set("upstream", "ca_file", "ca.pem"), dir)
+}
+
 fn download(file: &str, bytes: u64, extra: &str) -> String {
     let org = tallyfy_sandbox::fixtures::ORG_ID;
     format!("/api/organizations/{org}/file/{file}/dl?bytes={bytes}{extra}")
@@ -187,12 +195,9 @@ async fn a_connection_whose_far_end_hangs_is_found_and_replaced() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base))
-        .set("upstream", "ca_file", "ca.pem")
-        .set("upstream", "request_timeout_ms", 120_000)
-        .set("server", "idle_timeout_ms", 120_000);
+    let (config, dir) = trusting(&base, ca_pem);
+    let config =
+        config.set("upstream", "request_timeout_ms", 120_000).set("server", "idle_timeout_ms", 120_000);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
     let status =
@@ -257,9 +262,7 @@ async fn a_stream_tallyfy_refused_unprocessed_goes_again() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let (config, dir) = trusting(&base, ca_pem);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
     let http = support::client();
@@ -308,11 +311,8 @@ async fn an_idle_http2_connection_is_closed_after_the_pool_idle_timeout() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base))
-        .set("upstream", "ca_file", "ca.pem")
-        .set("upstream", "pool_idle_timeout_ms", 300);
+    let (config, dir) = trusting(&base, ca_pem);
+    let config = config.set("upstream", "pool_idle_timeout_ms", 300);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
     assert_eq!(support::client().get(&url).send().await.expect("answered").status(), 200);
@@ -340,9 +340,7 @@ async fn a_large_answer_head_passes_over_http2_as_over_http1() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let (config, dir) = trusting(&base, ca_pem);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let response = support::client()
         .get(format!("http://{}/api/me", proxy.proxy_addr()))
@@ -499,11 +497,8 @@ async fn requests_that_find_no_connection_wait_for_the_one_being_dialled() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base))
-        .set("upstream", "ca_file", "ca.pem")
-        .set("server", "idle_timeout_ms", 60_000);
+    let (config, dir) = trusting(&base, ca_pem);
+    let config = config.set("server", "idle_timeout_ms", 60_000);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = format!("http://{}/api/me", proxy.proxy_addr());
     assert_eq!(support::client().get(&url).send().await.expect("answered").status(), 200);
@@ -557,9 +552,7 @@ async fn an_answer_begun_before_the_upload_ends_lets_both_end_whole() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let (config, dir) = trusting(&base, ca_pem);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let mut sender = super::http2::h2c(proxy.proxy_addr()).await;
     let mut request = http::Request::post("http://a/api/me").body(()).expect("request");
@@ -611,9 +604,7 @@ async fn an_http2_answer_reset_short_of_its_length_is_never_whole() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().expect("dir");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("write CA");
-    let config = super::short_timers(TestConfig::personal_any(&base)).set("upstream", "ca_file", "ca.pem");
+    let (config, dir) = trusting(&base, ca_pem);
     let proxy = start_proxy(&config.parse(dir.path())).await;
     let url = |path: &str| format!("http://{}{path}", proxy.proxy_addr());
     let http1 = support::client(); // (installs the TLS provider reqwest needs)

@@ -141,26 +141,23 @@ pub fn closed_port() -> ClosedPort {
     ClosedPort { addr: socket.local_addr().expect("addr"), _bound: socket }
 }
 
-/// An upstream that reports each request on the returned channel, then answers
-/// `{"ok":true}` after `delay`. For drains and in-flight tests.
-pub async fn slow_upstream(
-    delay: std::time::Duration,
-) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+/// An HTTP/1.1 and HTTP/2 server on a loopback port, answering every request
+/// with `answer`; its address. For the tests' own stand-ins for Tallyfy.
+pub async fn api<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let (arrived, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let arrived = arrived.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request| {
-                    let _ = arrived.send(());
-                    async move {
-                        tokio::time::sleep(delay).await;
-                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{\"ok\":true}"));
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                    }
+                let service = hyper::service::service_fn(move |request| {
+                    let answered = answer(request);
+                    async move { Ok::<_, std::convert::Infallible>(answered.await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -168,6 +165,30 @@ pub async fn slow_upstream(
             });
         }
     });
+    addr
+}
+
+/// A response with `status` and a JSON body of `{}`-like `body`.
+pub fn answer(status: u16, body: &'static [u8]) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
+    response
+}
+
+/// An upstream that reports each request on the returned channel, then answers
+/// `{"ok":true}` after `delay`. For drains and in-flight tests.
+pub async fn slow_upstream(
+    delay: std::time::Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let (arrived, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = api(move |_request| {
+        let _ = arrived.send(());
+        async move {
+            tokio::time::sleep(delay).await;
+            answer(200, b"{\"ok\":true}")
+        }
+    })
+    .await;
     (addr, rx)
 }
 
