@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::ConfigError;
+pub use fleet::unverified_tls;
 pub use secret_source::SecretSource;
 pub use sources::{Fingerprint, files, fingerprint};
 

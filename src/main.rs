@@ -72,6 +72,7 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_pages_small();
+    keep_secrets_out_of_core_dumps();
     let cli = Cli::parse();
     let runtime = match single_threaded_runtime() {
         Ok(runtime) => runtime,
@@ -99,6 +100,20 @@ fn main() -> ExitCode {
 fn keep_pages_small() {
     #[cfg(target_os = "linux")]
     let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
+/// Makes the process leave no core dump and refuse ptrace by other processes
+/// of its user, before any secret is read: a core holds every token, client
+/// secret, password and key in clear (container runtimes often allow cores of
+/// any size), and another container running as the same user could read them
+/// live. Where it cannot be asked, nothing else changes.
+fn keep_secrets_out_of_core_dumps() {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{DumpableBehavior, Resource, Rlimit, set_dumpable_behavior, setrlimit};
+        let _ = setrlimit(Resource::Core, Rlimit { current: Some(0), maximum: Some(0) });
+        let _ = set_dumpable_behavior(DumpableBehavior::NotDumpable);
+    }
 }
 
 /// How many runtime threads serve the proxy port: one per CPU the process may
@@ -192,7 +207,12 @@ fn check(path: &Path) -> ExitCode {
     print_traffic(&config);
     if let Some(fleet) = &config.fleet {
         // The URL may hold a password: only its scheme is shown.
-        let tls = if fleet.redis_url.expose().starts_with("rediss://") { "rediss, TLS" } else { "redis" };
+        let url = fleet.redis_url.expose();
+        let tls = match url.starts_with("rediss://") {
+            true if tallyfy_proxy::config::unverified_tls(url) => "rediss, TLS without a certificate check",
+            true => "rediss, TLS",
+            false => "redis",
+        };
         println!(
             "  fleet         {} ({tls}), lease {} ms, tokens sealed with AES-256-GCM; budgets count fleet-wide",
             fleet.key_prefix,

@@ -76,14 +76,57 @@ fn the_gateways_fleet_component_passes_check_and_keeps_the_gateways_config() {
     }
     std::fs::write(pod.path().join("fleet/fleet_key"), "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n")
         .expect("write");
+    std::fs::write(pod.path().join("fleet/redis_url"), "redis://:pw-in-url@redis:6379/0\n").expect("write");
     let output = Command::new(env!("CARGO_BIN_EXE_tallyfy-proxy"))
         .args(["check", "--config", "config/proxy.toml"])
         .current_dir(pod.path())
-        .env("TALLYFY_PROXY_REDIS_URL", "redis://:pw-in-url@redis:6379/0")
         .output()
         .expect("runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("fleet         tallyfy-proxy/gateway"), "{stdout}");
     assert!(!stdout.contains("pw-in-url"), "check never prints the URL's password");
+}
+
+/// Each example names its own ConfigMap and Secrets: applied into one
+/// namespace, the second no longer replaces the first's config and
+/// credentials (the running gateway, reloading live, took the sidecar's
+/// `any = true` identity and served its user's token to callers without a key).
+#[test]
+fn the_examples_share_no_config_or_secret_name() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let names = |example: &str| -> Vec<String> {
+        let mut names = Vec::new();
+        let mut files = vec![root.join(example)];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files
+                    .extend(std::fs::read_dir(&path).expect("dir").map(|entry| entry.expect("entry").path()));
+                continue;
+            }
+            if path.extension().is_none_or(|ext| ext != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            let kinds = ["kind: ConfigMap", "kind: Secret", "configMapGenerator:", "secretGenerator:"];
+            if !kinds.iter().any(|kind| text.contains(kind)) {
+                continue;
+            }
+            // `metadata: name:` of a Secret or ConfigMap, `- name:` of a generator.
+            let lines: Vec<&str> = text.lines().collect();
+            for (at, line) in lines.iter().enumerate() {
+                let generated = line.starts_with("  - name: ") && text.contains("Generator:");
+                let declared = at > 0 && lines[at - 1] == "metadata:" && line.starts_with("  name: ");
+                if generated || (declared && !text.contains("kind: Deployment")) {
+                    names.push(line.rsplit(": ").next().expect("a name").trim().to_owned());
+                }
+            }
+        }
+        names
+    };
+    let (sidecar, gateway) = (names("sidecar"), names("gateway"));
+    assert!(sidecar.len() >= 2 && gateway.len() >= 3, "{sidecar:?} {gateway:?}");
+    for name in &sidecar {
+        assert!(!gateway.contains(name), "{name} is in both examples");
+    }
 }

@@ -777,11 +777,14 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_i
         .await
         .expect("hincrby");
     let before = sandbox.token_requests().len();
-    // Three polls: the first sends the credential out, the next two must not
-    // bring it back.
-    let polls = script_calls(&mut connection).await;
-    let polled = async || script_calls(&mut connection).await >= polls + 3;
-    eventually(Duration::from_secs(30), "the replica polled", polled).await;
+    // Two polls announce the generation: news is a hint, and a set that does
+    // not open is nothing to take, so the replica goes on with its own token.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(sandbox.token_requests().len(), before, "no sign-in for news: {:#?}", replica.trouble());
+    assert_eq!(get(&replica).await.expect("answered").status(), 200);
+    // The next fetch finds no set it can open: it signs in under the lease
+    // and writes one over it.
+    let _fetching = Replica::start(&config, &redis.url(), KEY).await;
     assert_eq!(sandbox.token_requests().len(), before + 1, "one sign-in: {:#?}", replica.trouble());
     let set: Vec<u8> = redis::cmd("GET").arg(&sets[0]).query_async(&mut connection).await.expect("get");
     let key = tallyfy_proxy::fleet::EncryptionKey::from_base64(
@@ -1068,4 +1071,90 @@ async fn a_request_refused_for_its_body_spends_no_fleet_budget() {
     let sent = http.post(format!("http://{}{guests}", replicas[0].proxy)).json(&body).send().await;
     assert_ne!(sent.expect("answered").status(), 429, "the fleet's one is still there");
     assert_eq!(sandbox.count("POST", &guests), 1);
+}
+
+/// What anyone who can write to the fleet's Redis (or publish on its channel)
+/// could do to the replicas, none of which leaks a token but each of which
+/// cost Tallyfy calls or held the fleet down:
+/// - news of a generation the fleet's set is not at made a replica refresh,
+///   once a message (each refresh rotating the credential's tokens), whether
+///   published or written into the polled generations;
+/// - news of a 429 naming a megabytes-long organisation was kept for an hour
+///   (here a burst throttle: the whole credential held back);
+/// - a fence past 2^53 was written back as `1e+17`, which no holder's fence
+///   matched: nothing was shared again;
+/// - a token set of megabytes was read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 1_000);
+    let mut connection = redis_connection(&redis).await;
+    // A fence no exact number holds, before any lease is taken.
+    let _: () = redis::cmd("SET")
+        .arg("test/fleet/fence")
+        .arg("99999999999999999")
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    let replica = Replica::start(&config, &redis.url(), KEY).await;
+    let keys = token_keys(&mut connection).await;
+    assert_eq!(keys.len(), 1, "the first token was shared under the lease: {keys:?}");
+    let name = keys[0].rsplit("tokens/").next().expect("the credential's fleet name").to_owned();
+
+    let grants = sandbox.token_requests().len();
+    for generation in [u64::MAX, u64::MAX - 1, 1 << 60] {
+        let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": generation }).to_string();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("test/fleet/news")
+            .arg(news)
+            .query_async(&mut connection)
+            .await
+            .expect("publish");
+    }
+    let _: i64 = redis::cmd("HSET")
+        .arg("test/fleet/generations")
+        .arg(&name)
+        .arg(u64::MAX - 2)
+        .query_async(&mut connection)
+        .await
+        .expect("hset");
+    let principal = name.clone();
+    let throttled = serde_json::json!({
+        "from": 1, "throttled": "user", "principal": principal, "wait_ms": 3_600_000u64,
+        "hourly": false, "org": "x".repeat(1 << 20), "limit": "GET /api/me",
+    });
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("test/fleet/news")
+        .arg(throttled.to_string())
+        .query_async(&mut connection)
+        .await
+        .expect("publish");
+    // Past a poll of the generations (every 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(sandbox.token_requests().len(), grants, "news is a hint: no grant for it");
+    let answer = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
+    assert_eq!(answer.status(), 200, "nothing learned from the oversized 429");
+
+    // A token set of megabytes under the key: not read, replaced under the lease.
+    let _: () = redis::cmd("SET")
+        .arg(&keys[0])
+        .arg(vec![0u8; 4 << 20])
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    let second = Replica::start(&config, &redis.url(), KEY).await;
+    assert_eq!(second.metric("tallyfy_proxy_fleet_undecryptable_total").await, 0.0, "never opened: not read");
+    let length: usize =
+        redis::cmd("STRLEN").arg(&keys[0]).query_async(&mut connection).await.expect("strlen");
+    assert!(length < 64 * 1024, "a real set replaced it: {length} bytes");
+    assert!(
+        replica.trouble().is_empty() && second.trouble().is_empty(),
+        "{:?} {:?}",
+        replica.trouble(),
+        second.trouble()
+    );
 }

@@ -113,6 +113,23 @@ async fn sighup_reloads_the_config() {
     assert!(reloaded, "a SIGHUP reload was logged");
 }
 
+/// The running proxy may leave no core dump: one would hold its tokens and
+/// secrets in clear. (It is also not dumpable, which ptrace and a same-user
+/// reader of its memory respect; that shows only to a process that is not root.)
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_running_proxy_leaves_no_core_dump() {
+    let sandbox = support::start_sandbox().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut child, _addr, _lines) = run_binary(dir.path(), &sandbox.base_url());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits");
+    signal(&child, "TERM");
+    let _ = child.wait();
+    let core = limits.lines().find(|line| line.starts_with("Max core file size")).expect("a core limit");
+    let values: Vec<&str> = core.split_whitespace().skip(4).take(2).collect();
+    assert_eq!(values, ["0", "0"], "soft and hard limits: {core}");
+}
+
 /// Access lines of this run seen on standard output so far.
 fn access_lines(lines: &std::sync::mpsc::Receiver<String>, wait: Duration) -> usize {
     let mut seen = 0;

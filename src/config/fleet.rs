@@ -29,6 +29,13 @@ pub(super) fn validate(
         // The value may hold a password: the message never quotes it.
         return Err(ctx.at(url_source, "fleet.redis_url", "must be a redis:// or rediss:// URL"));
     }
+    if unverified_tls(redis_url.expose()) {
+        warnings.push(
+            "fleet.redis_url: '#insecure' turns off the check of Redis's certificate: anyone on the path \
+             can read Redis's password and tamper with leases and budgets (tokens stay sealed)"
+                .to_owned(),
+        );
+    }
     let key_prefix = fleet.key_prefix.as_ref().ok_or_else(|| missing("key_prefix"))?;
     let prefix = key_prefix.get_ref().trim();
     if prefix.is_empty() || prefix.len() > 200 || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -65,4 +72,10 @@ fn secret<'v>(
     let key = format!("fleet.{field}");
     let source = value.as_ref().ok_or_else(|| ctx.at(raw, &key, "is required in [fleet]"))?;
     Ok((ctx.secret(source, &key, warnings)?, source))
+}
+
+/// Whether a Redis URL asks for TLS without checking the server's certificate
+/// (redis-rs reads a `rediss://` URL's `#insecure` fragment so).
+pub fn unverified_tls(url: &str) -> bool {
+    url.starts_with("rediss://") && url.rsplit_once('#').is_some_and(|(_, fragment)| fragment == "insecure")
 }

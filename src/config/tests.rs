@@ -462,6 +462,26 @@ fn fleet_mistakes_name_the_key_and_never_quote_a_secret() {
     assert!(typo.key.contains("redis_uri"), "{typo}");
 }
 
+/// A `rediss://` URL whose `#insecure` turns off the certificate check is said
+/// so: it was shown as plain "TLS" and passed without a word.
+#[test]
+fn redis_tls_without_a_certificate_check_warns() {
+    assert!(super::fleet::unverified_tls("rediss://:pw@redis:6379/0#insecure"));
+    for checked in ["rediss://:pw@redis:6379/0", "redis://redis#insecure", "rediss://redis/0#insecurex"] {
+        assert!(!super::fleet::unverified_tls(checked), "{checked}");
+    }
+    let source = with_fleet(&format!(
+        "redis_url = \"rediss://:pw@redis:6379/0#insecure\"\nkey_prefix = \"p\"\nencryption_key = \"{KEY_B64}\""
+    ));
+    let config = parse(&source).expect("valid: an in-cluster Redis has no public certificate");
+    assert!(
+        config.warnings.iter().any(|w| w.contains("'#insecure' turns off the check")),
+        "{:?}",
+        config.warnings
+    );
+    assert!(!config.warnings.iter().any(|w| w.contains("pw@")), "the password never shows");
+}
+
 /// What `check` passed and `run` could not use, or used wrongly: a URL no
 /// connection can go to, a base path that ends in `/api` spelt another way, an
 /// HTTPS upstream whose secrets would go to a plain-HTTP token endpoint, two

@@ -13,6 +13,15 @@ use super::{CALL_TIMEOUT, Fleet, FleetError};
 /// lost while the subscription was down is made up for.
 pub const POLL_EVERY: Duration = Duration::from_secs(5);
 
+/// The most bytes a message of the channel may hold.
+const MAX_NEWS_BYTES: usize = 4096;
+/// The longest organisation a 429's news names: the traffic key's 64 bytes, or
+/// `sha256:` and a digest for a longer one.
+const LONGEST_ORG_KEY: usize = 71;
+/// The longest limit a 429's news names: a rule's name, or a method and a
+/// path of at most 512 bytes (or its digest).
+const LONGEST_LIMIT_KEY: usize = 1024;
+
 /// What the fleet's channel carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum News {
@@ -57,6 +66,12 @@ impl News {
 
     /// The news and the replica it came from.
     pub(super) fn decode(text: &str) -> Option<(u64, News)> {
+        // Real news is a few hundred bytes (an organisation and a limit are
+        // bounded as keys are): a larger message is no replica's, and each
+        // learned 429 is kept for up to an hour.
+        if text.len() > MAX_NEWS_BYTES {
+            return None;
+        }
         let value: serde_json::Value = serde_json::from_str(text).ok()?;
         let from = value["from"].as_u64()?;
         if let Some(credential) = value["tokens"].as_str() {
@@ -68,8 +83,8 @@ impl News {
             principal: value["principal"].as_str().map(str::to_owned),
             wait: Duration::from_millis(value["wait_ms"].as_u64()?),
             hourly: value["hourly"].as_bool()?,
-            org: value["org"].as_str()?.to_owned(),
-            limit: value["limit"].as_str()?.to_owned(),
+            org: value["org"].as_str().filter(|org| org.len() <= LONGEST_ORG_KEY)?.to_owned(),
+            limit: value["limit"].as_str().filter(|limit| limit.len() <= LONGEST_LIMIT_KEY)?.to_owned(),
         };
         Some((from, News::Throttled(throttled)))
     }

@@ -17,12 +17,26 @@ if not named then redis.call('SET', KEYS[3], ARGV[2]) elseif named ~= ARGV[2] th
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fence = redis.call('INCR', KEYS[2])
-if fence < floor then
+-- Past 2^53 a fence is no exact number, and Redis writes it as '1e+17', which
+-- no holder's fence compares equal to: taken back to the clock's.
+if fence < floor or fence >= 9007199254740992 then
   fence = floor
   redis.call('SET', KEYS[2], fence)
 end
 if redis.call('SET', KEYS[1], fence, 'NX', 'PX', ARGV[1]) then return fence end
 return 0
+";
+
+/// KEYS: token set, generations. ARGV: the most bytes a set may hold, the
+/// credential. Answers the set (empty when there is none, or when it is longer
+/// than a set can be: read whole, a value written there by anyone with Redis
+/// access could take the replica's memory), its TTL in ms, and the
+/// credential's generation.
+const READ: &str = r"
+local ttl = redis.call('PTTL', KEYS[1])
+local announced = redis.call('HGET', KEYS[2], ARGV[2])
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return {'', ttl, announced} end
+return {redis.call('GET', KEYS[1]) or '', ttl, announced}
 ";
 
 /// KEYS: lease. ARGV: fence, lease ms. Extends the lease if still held with `fence`.
@@ -87,6 +101,7 @@ return {check, named}
 
 /// The scripts, each sent to Redis by its digest (`EVALSHA`, loaded on first use).
 pub struct Scripts {
+    pub read: Script,
     pub acquire: Script,
     pub extend: Script,
     pub release: Script,
@@ -97,6 +112,7 @@ pub struct Scripts {
 
 pub fn scripts() -> &'static Scripts {
     static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+        read: Script::new(READ),
         acquire: Script::new(ACQUIRE),
         extend: Script::new(EXTEND),
         release: Script::new(RELEASE),

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use super::{Fence, Fleet, FleetError, News, scripts};
 
+/// The most bytes a sealed set read from Redis may hold: a set holds tokens of
+/// answers the issuer reads up to 64 KiB, so a longer value is none of the
+/// fleet's, and is not read.
+const MAX_SEALED_BYTES: usize = 256 * 1024;
+
 /// What [`Fleet::read`] found: the opened set and how long Redis keeps it
 /// (its token's remaining life, on Redis's clock, whatever the replicas' say).
 pub struct Stored {
@@ -43,11 +48,13 @@ impl Fleet {
         self.key_accepted()?;
         let mut connection = self.connection()?;
         let at = self.key("tokens", credential);
-        let mut pipe = redis::pipe();
-        pipe.atomic().get(&at).pttl(&at).hget(self.generations_key(), credential);
-        let (sealed, ttl_ms, announced): (Option<Vec<u8>>, i64, Option<u64>) =
-            self.call(pipe.query_async(&mut connection)).await?;
-        let Some(sealed) = sealed.filter(|_| ttl_ms > 0) else { return Ok(None) };
+        let mut invocation = scripts::scripts().read.prepare_invoke();
+        invocation.key(&at).key(self.generations_key()).arg(MAX_SEALED_BYTES).arg(credential);
+        let (sealed, ttl_ms, announced): (Vec<u8>, i64, Option<u64>) =
+            self.call(invocation.invoke_async(&mut connection)).await?;
+        let Some(sealed) = Some(sealed).filter(|sealed| !sealed.is_empty() && ttl_ms > 0) else {
+            return Ok(None);
+        };
         let Some(plaintext) = self.settings.encryption_key.open(&at, &sealed) else {
             // The fleet's key is this replica's (checked above): a set that does
             // not open with it is corrupted, or was written by a replica of an

@@ -269,8 +269,7 @@ impl Refresher {
         if refreshable && current <= rejected.generation && recently_forced && in_fleet {
             // Another replica's refresh may have ended this token: take the
             // fleet's newer one if there is one, without forcing a refresh.
-            slot.adopt_only = Some(slot.due);
-            slot.due = Some(now);
+            slot.adopt_soon(now);
             return;
         }
         if current > rejected.generation {
@@ -293,11 +292,15 @@ impl Refresher {
         }
         tracing::info!(credential = %slot.credential.name, "Tallyfy rejected the token; refreshing now");
         slot.last_forced = Some(now);
+        slot.adopt_only = None; // a refresh, not only a look at the fleet's set
         slot.due = Some(now);
     }
 
     /// Another replica wrote a newer set: take it now rather than at this
-    /// slot's own refresh time (the fetch reads it from the fleet). A slot
+    /// slot's own refresh time (only a read of the fleet's set: news is a hint
+    /// anyone who can publish on the channel, or write the generations, can
+    /// give, and a refresh for each message rotated the credential's tokens
+    /// under every replica, once a message). A slot
     /// that left the fleet when its key was refused comes back once the key
     /// has become this replica's again since its fetch began (never at every
     /// poll: each would be a sign-in alone).
@@ -316,7 +319,7 @@ impl Refresher {
                 && slot.shared_generation.max(slot.news_heeded) < *generation
             {
                 slot.news_heeded = *generation;
-                slot.due = Some(now);
+                slot.adopt_soon(now);
             }
         }
     }
@@ -331,6 +334,10 @@ impl Refresher {
             Ok(obtained) => obtained,
             Err(FetchError::NothingNewer) => {
                 // Nothing newer: back to the plan, and the waiters get Tallyfy's answer.
+                // News of a generation the fleet's set is not at is heard again
+                // (one heard for ever, a forged one at u64::MAX, left the slot
+                // deaf to the fleet's real news until a restart).
+                slot.news_heeded = slot.shared_generation;
                 slot.due = planned.flatten().filter(|_| slot.life == Life::Live);
                 self.store.settle(id);
                 return;

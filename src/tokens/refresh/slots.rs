@@ -49,11 +49,11 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
-    /// The highest fleet generation news has made this slot fetch for: the
-    /// same news makes it fetch once. When the fleet's set cannot be taken
-    /// (Redis refusing writes, or reads, for memory or as a read-only
-    /// replica), the fetch signs in alone and the poll goes on announcing
-    /// that generation: heeded each time, it was a sign-in every poll.
+    /// The highest fleet generation news has made this slot read the fleet's
+    /// set for: the same news is heard once while that read is under way or
+    /// took a set. Reset when the set read was not newer, so news of a
+    /// generation the set never reaches (a forged one) costs a read a poll,
+    /// and leaves the slot hearing the fleet's real news.
     pub(super) news_heeded: u64,
     /// The fleet refused this replica's key: fetch alone until the key
     /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
@@ -70,6 +70,15 @@ pub(super) struct Slot {
 }
 
 impl Slot {
+    /// Reads the fleet's set soon and takes it only if it is newer; the
+    /// slot's own plan (its refresh time) stays as it was.
+    pub(super) fn adopt_soon(&mut self, now: Instant) {
+        if self.adopt_only.is_none() {
+            self.adopt_only = Some(self.due);
+        }
+        self.due = Some(now);
+    }
+
     /// Back in the fleet when its key has returned (`rejoins` returns so far)
     /// since the fetch that left it began.
     pub(super) fn back_in_fleet_after(&mut self, rejoins: u64) {
