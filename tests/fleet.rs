@@ -781,6 +781,8 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_i
     // not open is nothing to take, so the replica goes on with its own token.
     tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(sandbox.token_requests().len(), before, "no sign-in for news: {:#?}", replica.trouble());
+    // Read once, not once a poll (an error line each).
+    assert_eq!(replica.metric("tallyfy_proxy_fleet_undecryptable_total").await, 1.0);
     assert_eq!(get(&replica).await.expect("answered").status(), 200);
     // The next fetch finds no set it can open: it signs in under the lease
     // and writes one over it.
@@ -1091,10 +1093,10 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
     let config = fleet_config(&sandbox, Credential::fixture_user(), 40_000, 1_000);
     let mut connection = redis_connection(&redis).await;
-    // A fence no exact number holds, before any lease is taken.
+    // A fence INCR cannot go past, before any lease is taken.
     let _: () = redis::cmd("SET")
         .arg("test/fleet/fence")
-        .arg("99999999999999999")
+        .arg("9223372036854775807")
         .query_async(&mut connection)
         .await
         .expect("set");
@@ -1137,7 +1139,14 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     let answer = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
     assert_eq!(answer.status(), 200, "nothing learned from the oversized 429");
 
-    // A token set of megabytes under the key: not read, replaced under the lease.
+    // A fence no exact number holds (written back as `1e+17`), and a token set
+    // of megabytes under the key: not read, replaced under the lease.
+    let _: () = redis::cmd("SET")
+        .arg("test/fleet/fence")
+        .arg("99999999999999999")
+        .query_async(&mut connection)
+        .await
+        .expect("set");
     let _: () = redis::cmd("SET")
         .arg(&keys[0])
         .arg(vec![0u8; 4 << 20])
@@ -1157,4 +1166,35 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         replica.trouble(),
         second.trouble()
     );
+
+    // News of u64::MAX left a replica deaf to the fleet's real news: after
+    // another replica's refresh (which ends the token it held), its next
+    // request, one that cannot be sent twice, went with the dead token.
+    let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": u64::MAX }).to_string();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("test/fleet/news")
+        .arg(news)
+        .query_async(&mut connection)
+        .await
+        .expect("publish");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let obtained = replica.logged("token obtained");
+    sandbox.revoke_all_tokens();
+    let refreshed = client().get(format!("http://{}{PATH}", second.proxy)).send().await.expect("answered");
+    assert_eq!(refreshed.status(), 200, "the second replica refreshed for the fleet");
+    let heard = async || replica.logged("token obtained") > obtained;
+    eventually(Duration::from_secs(5), "the first replica took the fleet's new set from its news", heard)
+        .await;
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"chunk"))]);
+    let streamed = client()
+        .post(format!(
+            "http://{}/api/organizations/{}/file",
+            replica.proxy,
+            tallyfy_sandbox::fixtures::ORG_ID
+        ))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("answered");
+    assert_ne!(streamed.status(), 401, "sent with the fleet's new token");
 }

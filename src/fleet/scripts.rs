@@ -9,20 +9,25 @@ use redis::Script;
 /// the lease with it unless held, answering the number, or 0. The numbers
 /// never go back, not even after a Redis restart that lost the counter: each
 /// is at least the server's clock in milliseconds (replicas take a set only
-/// when its number is above the one they hold).
+/// when its number is above the one they hold). Only a counter no whole
+/// number below 2^53 holds (written there by someone else) goes back, to the
+/// clock's.
 const ACQUIRE: &str = r"
 local named = redis.call('GET', KEYS[3])
 if not named and redis.call('EXISTS', KEYS[4]) == 1 then return -2 end
 if not named then redis.call('SET', KEYS[3], ARGV[2]) elseif named ~= ARGV[2] then return -1 end
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fence = redis.call('INCR', KEYS[2])
--- Past 2^53 a fence is no exact number, and Redis writes it as '1e+17', which
--- no holder's fence compares equal to: taken back to the clock's.
-if fence < floor or fence >= 9007199254740992 then
-  fence = floor
-  redis.call('SET', KEYS[2], fence)
+-- The next fence: one past the last, and never behind the clock's ms. A
+-- counter no whole number below 2^53 holds (Redis writes such a fence as
+-- '1e+17', which no holder's fence then matches, and INCR fails at 2^63) is
+-- taken back to the clock's.
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local fence = floor
+if last and last >= 0 and last == math.floor(last) and last + 1 < 9007199254740992 and last + 1 > floor then
+  fence = last + 1
 end
+redis.call('SET', KEYS[2], fence)
 if redis.call('SET', KEYS[1], fence, 'NX', 'PX', ARGV[1]) then return fence end
 return 0
 ";

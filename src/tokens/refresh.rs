@@ -316,7 +316,8 @@ impl Refresher {
             if slot.life == Life::Live
                 && !slot.fetching
                 && slot.outside_fleet.is_none()
-                && slot.shared_generation.max(slot.news_heeded) < *generation
+                && slot.shared_generation < *generation
+                && slot.news_heeded != *generation
             {
                 slot.news_heeded = *generation;
                 slot.adopt_soon(now);
@@ -334,10 +335,6 @@ impl Refresher {
             Ok(obtained) => obtained,
             Err(FetchError::NothingNewer) => {
                 // Nothing newer: back to the plan, and the waiters get Tallyfy's answer.
-                // News of a generation the fleet's set is not at is heard again
-                // (one heard for ever, a forged one at u64::MAX, left the slot
-                // deaf to the fleet's real news until a restart).
-                slot.news_heeded = slot.shared_generation;
                 slot.due = planned.flatten().filter(|_| slot.life == Life::Live);
                 self.store.settle(id);
                 return;

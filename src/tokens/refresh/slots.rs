@@ -49,11 +49,12 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
-    /// The highest fleet generation news has made this slot read the fleet's
-    /// set for: the same news is heard once while that read is under way or
-    /// took a set. Reset when the set read was not newer, so news of a
-    /// generation the set never reaches (a forged one) costs a read a poll,
-    /// and leaves the slot hearing the fleet's real news.
+    /// The fleet generation news last made this slot read the fleet's set
+    /// for: news of that generation again (the poll repeats the generations
+    /// every 5 s) is not heard, so a generation the fleet's set never reaches
+    /// (Redis refusing writes, a set that does not open, a forged number)
+    /// costs one read, not one a poll. Only that one generation: a highest
+    /// one heard, forged at u64::MAX, left the slot deaf to the real ones.
     pub(super) news_heeded: u64,
     /// The fleet refused this replica's key: fetch alone until the key
     /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
