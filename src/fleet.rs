@@ -124,6 +124,9 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     /// This process among the replicas (its own throttle news is not news).
     replica: u64,
+    /// The last set under each key that did not open, as a digest: the same
+    /// one read again is not reported again.
+    unopened: std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -159,6 +162,7 @@ impl Fleet {
             news,
             metrics,
             replica: rand::random(),
+            unopened: std::sync::Mutex::default(),
         }))
     }
 

@@ -1122,6 +1122,11 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         .query_async(&mut connection)
         .await
         .expect("hset");
+    // Another type under the set's key: no set, and no error (an error marked
+    // Redis away, budgets skipping it, at every poll).
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query_async(&mut connection).await.expect("del");
+    let _: i64 =
+        redis::cmd("HSET").arg(&keys[0]).arg("x").arg("y").query_async(&mut connection).await.expect("hset");
     let principal = name.clone();
     let throttled = serde_json::json!({
         "from": 1, "throttled": "user", "principal": principal, "wait_ms": 3_600_000u64,
@@ -1136,6 +1141,7 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     // Past a poll of the generations (every 5 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(sandbox.token_requests().len(), grants, "news is a hint: no grant for it");
+    assert_eq!(replica.logged("unreachable"), 0, "{:?}", replica.trouble());
     let answer = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
     assert_eq!(answer.status(), 200, "nothing learned from the oversized 429");
 
@@ -1167,16 +1173,25 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         second.trouble()
     );
 
-    // News of u64::MAX left a replica deaf to the fleet's real news: after
-    // another replica's refresh (which ends the token it held), its next
-    // request, one that cannot be sent twice, went with the dead token.
-    let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": u64::MAX }).to_string();
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg("test/fleet/news")
-        .arg(news)
-        .query_async(&mut connection)
-        .await
-        .expect("publish");
+    // News of the very generation the fleet's next refresh will write (the
+    // next fence, which a Redis writer sets), heard before that refresh and
+    // found not written yet, or news of u64::MAX, once left a replica deaf to
+    // the real news: after another replica's refresh (which ends the token it
+    // held), its next request, one that cannot be sent twice, went with the
+    // dead token.
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut connection).await.expect("time");
+    let ahead = seconds * 1000 + micros / 1000 + 100_000_000;
+    let _: () =
+        redis::cmd("SET").arg("test/fleet/fence").arg(ahead).query_async(&mut connection).await.expect("set");
+    for generation in [ahead + 1, u64::MAX] {
+        let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": generation }).to_string();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("test/fleet/news")
+            .arg(news)
+            .query_async(&mut connection)
+            .await
+            .expect("publish");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let obtained = replica.logged("token obtained");
     sandbox.revoke_all_tokens();

@@ -33,15 +33,18 @@ return 0
 ";
 
 /// KEYS: token set, generations. ARGV: the most bytes a set may hold, the
-/// credential. Answers the set (empty when there is none, or when it is longer
-/// than a set can be: read whole, a value written there by anyone with Redis
-/// access could take the replica's memory), its TTL in ms, and the
-/// credential's generation.
+/// credential. Answers the set (empty when there is none, when the key holds
+/// another type, or when it is longer than a set can be: read whole, a value
+/// written there by anyone with Redis access could take the replica's
+/// memory), its TTL in ms, and the credential's generation. Another type
+/// under either key is no error (an error marks Redis away).
 const READ: &str = r"
 local ttl = redis.call('PTTL', KEYS[1])
-local announced = redis.call('HGET', KEYS[2], ARGV[2])
+local announced = false
+if redis.call('TYPE', KEYS[2]).ok == 'hash' then announced = redis.call('HGET', KEYS[2], ARGV[2]) end
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return {'', ttl, announced} end
 if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return {'', ttl, announced} end
-return {redis.call('GET', KEYS[1]) or '', ttl, announced}
+return {redis.call('GET', KEYS[1]), ttl, announced}
 ";
 
 /// KEYS: lease. ARGV: fence, lease ms. Extends the lease if still held with `fence`.

@@ -42,6 +42,16 @@ pub enum Announce {
 }
 
 impl Fleet {
+    /// Whether `sealed`, under `at`, is not the set that last failed to open
+    /// there (and remembers it, a digest of it, as that set).
+    fn first_unopened(&self, at: &str, sealed: &[u8]) -> bool {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(sealed).into();
+        let mut unopened = self.unopened.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded by the credentials: one key each.
+        unopened.insert(at.to_owned(), digest) != Some(digest)
+    }
+
     /// The credential's token set, opened, with the generation last announced
     /// for it; `None` when the fleet holds none.
     pub async fn read(&self, credential: &str) -> Result<Option<Stored>, FleetError> {
@@ -59,7 +69,11 @@ impl Fleet {
             // The fleet's key is this replica's (checked above): a set that does
             // not open with it is corrupted, or was written by a replica of an
             // earlier version with another key. It is no set: the next refresh
-            // takes the lease and writes a new one over it.
+            // takes the lease and writes a new one over it. Said once for the
+            // same value: news of its generation has it read at every poll.
+            if !self.first_unopened(&at, &sealed) {
+                return Ok(None);
+            }
             self.metrics.fleet_undecryptable.inc();
             tracing::error!(
                 credential,

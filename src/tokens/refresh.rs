@@ -317,9 +317,10 @@ impl Refresher {
                 && !slot.fetching
                 && slot.outside_fleet.is_none()
                 && slot.shared_generation < *generation
-                && slot.news_heeded != *generation
             {
-                slot.news_heeded = *generation;
+                // At most a read a message or poll: one of a generation the
+                // set does not reach yet (a blip, a forged number, a set that
+                // does not open) is made again at the next, never lost.
                 slot.adopt_soon(now);
             }
         }

@@ -49,13 +49,6 @@ pub(super) struct Slot {
     pub(super) fleet_name: Option<Arc<str>>,
     /// The fleet generation this slot holds (0: none yet).
     pub(super) shared_generation: u64,
-    /// The fleet generation news last made this slot read the fleet's set
-    /// for: news of that generation again (the poll repeats the generations
-    /// every 5 s) is not heard, so a generation the fleet's set never reaches
-    /// (Redis refusing writes, a set that does not open, a forged number)
-    /// costs one read, not one a poll. Only that one generation: a highest
-    /// one heard, forged at u64::MAX, left the slot deaf to the real ones.
-    pub(super) news_heeded: u64,
     /// The fleet refused this replica's key: fetch alone until the key
     /// returns after this many returns ([`crate::fleet::Fleet::rejoins`]
     /// when the fetch that left began).
@@ -251,7 +244,6 @@ impl Refresher {
             awaiting_application: false,
             fleet_name: (due.is_some()).then(|| self.principal(credential, application).into()),
             shared_generation: 0,
-            news_heeded: 0,
             outside_fleet: None,
             stands_in_for,
             adopt_only: None,
