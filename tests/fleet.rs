@@ -798,6 +798,22 @@ async fn a_lease_never_names_a_key_beside_anothers_check_and_an_unreadable_set_i
     let _peer = Replica::start(&config, &redis.url(), KEY).await;
     assert_eq!(sandbox.token_requests().len(), before + 1);
     assert_eq!(sandbox.double_redemptions(), 0);
+    // The first replica took the good set from its news; the same garbage
+    // again is a new breakage, reported again.
+    eventually(Duration::from_secs(10), "the good set taken", async || replica.logged("token obtained") >= 2)
+        .await;
+    let mut garbage = redis::cmd("SET");
+    garbage.arg(&sets[0]).arg("garbage").arg("KEEPTTL");
+    let _: () = garbage.query_async(&mut connection).await.expect("set");
+    let _: () = redis::cmd("HINCRBY")
+        .arg("test/fleet/generations")
+        .arg(&credential)
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .expect("hincrby");
+    let reported = async || replica.metric("tallyfy_proxy_fleet_undecryptable_total").await >= 2.0;
+    eventually(Duration::from_secs(10), "the new breakage reported", reported).await;
 }
 
 /// Polls `holds` until it does, failing with `what` after `within`.
@@ -1127,6 +1143,14 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     let _: () = redis::cmd("DEL").arg(&keys[0]).query_async(&mut connection).await.expect("del");
     let _: i64 =
         redis::cmd("HSET").arg(&keys[0]).arg("x").arg("y").query_async(&mut connection).await.expect("hset");
+    // A generation that is no number, beside the credential's: skipped, no error.
+    let _: i64 = redis::cmd("HSET")
+        .arg("test/fleet/generations")
+        .arg("someone-else")
+        .arg("notanumber")
+        .query_async(&mut connection)
+        .await
+        .expect("hset");
     let principal = name.clone();
     let throttled = serde_json::json!({
         "from": 1, "throttled": "user", "principal": principal, "wait_ms": 3_600_000u64,
@@ -1173,6 +1197,16 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         second.trouble()
     );
 
+    // The generations of another type: no news at a poll, and no error.
+    let _: () = redis::cmd("SET")
+        .arg("test/fleet/generations")
+        .arg("x")
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(replica.logged("unreachable") + second.logged("unreachable"), 0, "{:?}", replica.trouble());
+
     // News of the very generation the fleet's next refresh will write (the
     // next fence, which a Redis writer sets), heard before that refresh and
     // found not written yet, or news of u64::MAX, once left a replica deaf to
@@ -1212,4 +1246,42 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         .await
         .expect("answered");
     assert_ne!(streamed.status(), 401, "sent with the fleet's new token");
+}
+
+/// A dead-token 401 that comes while a replica looks at the fleet's set (news
+/// of it, here forged, while a lease is held) is judged once that look ends:
+/// finding nothing newer, it refreshes, and the request goes again with the
+/// new token. The look used to release it with Tallyfy's 401, no refresh
+/// forced (a flood of forged news made that happen to live traffic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_during_a_look_at_the_fleets_set_still_refreshes() {
+    let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
+    let redis = RedisServer::start().await;
+    let sandbox = start_sandbox_with(sandbox_config(Duration::from_secs(3600))).await;
+    let config = fleet_config(&sandbox, Credential::fixture_user(), 4_000, 1_000);
+    let replica = Replica::start(&config, &redis.url(), KEY).await;
+    let mut connection = redis_connection(&redis).await;
+    let keys = token_keys(&mut connection).await;
+    let name = keys[0].rsplit("tokens/").next().expect("the credential's fleet name").to_owned();
+    // A lease someone else holds for 1.5 s, and news: the replica's look at
+    // the set waits for that holder's set (up to a third of the lease).
+    let _: () = redis::cmd("SET")
+        .arg(format!("test/fleet/lease/{name}"))
+        .arg("1")
+        .arg("PX")
+        .arg(1_500)
+        .query_async(&mut connection)
+        .await
+        .expect("set");
+    let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": u64::MAX - 7 }).to_string();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("test/fleet/news")
+        .arg(news)
+        .query_async(&mut connection)
+        .await
+        .expect("publish");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sandbox.revoke_all_tokens();
+    let answer = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
+    assert_eq!(answer.status(), 200, "refreshed once the look ended: {:#?}", replica.trouble());
 }

@@ -147,9 +147,17 @@ impl Fleet {
     async fn poll(&self) {
         let _ = self.check_key().await;
         let Ok(mut connection) = self.connection() else { return };
-        let generations: Result<Vec<(String, u64)>, _> =
+        // Whatever else someone wrote there is no news, and no error (an error
+        // marks Redis away, budgets skipping it, at every poll).
+        let kind: Result<String, _> =
+            self.call(redis::cmd("TYPE").arg(self.generations_key()).query_async(&mut connection)).await;
+        if kind.as_deref() != Ok("hash") {
+            return;
+        }
+        let generations: Result<Vec<(String, String)>, _> =
             self.call(redis::cmd("HGETALL").arg(self.generations_key()).query_async(&mut connection)).await;
         for (credential, generation) in generations.unwrap_or_default() {
+            let Ok(generation) = generation.parse() else { continue };
             let _ = self.news.send(News::Tokens { credential: credential.into(), generation });
         }
     }

@@ -72,6 +72,8 @@ if not named then redis.call('SET', KEYS[5], ARGV[6]) elseif named ~= ARGV[6] th
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 if ARGV[4] ~= '' then
+  -- The generations are a hash: anything else written there is replaced.
+  if redis.call('TYPE', KEYS[4]).ok ~= 'hash' then redis.call('DEL', KEYS[4]) end
   redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
   redis.call('PUBLISH', KEYS[3], ARGV[4])
 end

@@ -60,12 +60,19 @@ impl Fleet {
         let at = self.key("tokens", credential);
         let mut invocation = scripts::scripts().read.prepare_invoke();
         invocation.key(&at).key(self.generations_key()).arg(MAX_SEALED_BYTES).arg(credential);
-        let (sealed, ttl_ms, announced): (Vec<u8>, i64, Option<u64>) =
+        let (sealed, ttl_ms, announced): (Vec<u8>, i64, Option<String>) =
             self.call(invocation.invoke_async(&mut connection)).await?;
+        // A generation that is no number (someone else's write) is none.
+        let announced: Option<u64> = announced.and_then(|announced| announced.parse().ok());
         let Some(sealed) = Some(sealed).filter(|sealed| !sealed.is_empty() && ttl_ms > 0) else {
             return Ok(None);
         };
-        let Some(plaintext) = self.settings.encryption_key.open(&at, &sealed) else {
+        let opened = self.settings.encryption_key.open(&at, &sealed);
+        if opened.is_some() {
+            // A set that breaks again later, the same bytes as before, is news.
+            self.unopened.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&at);
+        }
+        let Some(plaintext) = opened else {
             // The fleet's key is this replica's (checked above): a set that does
             // not open with it is corrupted, or was written by a replica of an
             // earlier version with another key. It is no set: the next refresh

@@ -178,7 +178,10 @@ impl Refresher {
                 continue;
             }
             slot.fetching = true;
-            Metrics::credential(&self.metrics.refresh_attempts, &slot.credential.name);
+            if slot.adopt_only.is_none() {
+                // A look at the fleet's set (news of it) is no refresh.
+                Metrics::credential(&self.metrics.refresh_attempts, &slot.credential.name);
+            }
             // Taken, not copied: a refresh token is presented at most once, whatever
             // the outcome (a timed-out redemption may still have rotated it).
             let refresh_token = slot.refresh_token.take();
@@ -258,6 +261,9 @@ impl Refresher {
         let epoch = self.epoch;
         let slot = &mut self.slots[id.index()];
         if slot.fetching {
+            if slot.adopt_only.is_some() {
+                slot.rejected_meanwhile = slot.rejected_meanwhile.max(Some(rejected.generation));
+            }
             return;
         }
         let recently_forced =
@@ -318,26 +324,50 @@ impl Refresher {
                 && slot.outside_fleet.is_none()
                 && slot.shared_generation < *generation
             {
-                // At most a read a message or poll: one of a generation the
-                // set does not reach yet (a blip, a forged number, a set that
-                // does not open) is made again at the next, never lost.
+                // At most one look at the fleet's set (its lease, then the
+                // set) a message or poll: one for a generation the set does
+                // not reach yet (a blip, a forged number, a set that does not
+                // open) is made again at the next, never lost.
                 slot.adopt_soon(now);
             }
         }
     }
 
     fn on_outcome(&mut self, Outcome { slot: id, result, application_generation }: Outcome) {
-        let now = Instant::now();
-        let jitter: f64 = rand::random();
         let slot = &mut self.slots[id.index()];
         slot.fetching = false;
         let planned = slot.adopt_only.take();
+        if let Some(generation) = slot.rejected_meanwhile.take() {
+            // Judged as it would have been had it come after this outcome
+            // (a newer token published lets its waiters go with it).
+            self.settle_outcome(id, result, application_generation, planned, true);
+            return self.on_rejected(Rejected { slot: id, generation });
+        }
+        self.settle_outcome(id, result, application_generation, planned, false);
+    }
+
+    /// The rest of [`Refresher::on_outcome`]: `judged_next` when a rejection
+    /// is judged right after (the waiters of a look that found nothing newer
+    /// are then left to it).
+    fn settle_outcome(
+        &mut self,
+        id: SlotId,
+        result: Result<Obtained, FetchError>,
+        application_generation: Option<u64>,
+        planned: Option<Option<Instant>>,
+        judged_next: bool,
+    ) {
+        let now = Instant::now();
+        let jitter: f64 = rand::random();
+        let slot = &mut self.slots[id.index()];
         let Obtained { issued, requested_at, source } = match result {
             Ok(obtained) => obtained,
             Err(FetchError::NothingNewer) => {
                 // Nothing newer: back to the plan, and the waiters get Tallyfy's answer.
                 slot.due = planned.flatten().filter(|_| slot.life == Life::Live);
-                self.store.settle(id);
+                if !judged_next {
+                    self.store.settle(id);
+                }
                 return;
             }
             Err(error) if slot.life != Life::Live => {

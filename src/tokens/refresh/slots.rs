@@ -61,6 +61,11 @@ pub(super) struct Slot {
     /// rejection came too soon after a forced refresh to force another); the
     /// planned refresh time to go back to when there is none.
     pub(super) adopt_only: Option<Option<Instant>>,
+    /// A dead-token rejection (its generation) that came while a look at
+    /// the fleet's set was under way: judged once that look has ended (a
+    /// look that finds nothing newer would otherwise release its waiters with
+    /// Tallyfy's 401, no refresh forced).
+    pub(super) rejected_meanwhile: Option<u64>,
 }
 
 impl Slot {
@@ -247,6 +252,7 @@ impl Refresher {
             outside_fleet: None,
             stands_in_for,
             adopt_only: None,
+            rejected_meanwhile: None,
         });
         debug_assert_eq!(self.slots.len(), id.index() + 1, "slots and store entries share indexes");
         id
