@@ -548,8 +548,9 @@ async fn redis_away_for_ten_seconds_fails_no_request_and_one_refresher_returns()
 
 /// A Redis that refuses writes (out of memory under `noeviction`, or a
 /// read-only replica after a failover) while its polls still announce a
-/// generation no replica can take: a replica signs in alone once for that
-/// news, not at every poll (it signed in every 5 s, for as long as it lasted).
+/// generation no replica can take: a replica signs in alone once, for its
+/// own first token, and that news costs it no sign-in (it signed in every
+/// 5 s, for as long as it lasted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_refusing_writes_costs_one_sign_in_not_one_per_poll() {
     let _alone = ONE_SCENARIO_AT_A_TIME.lock().await;
@@ -863,6 +864,26 @@ fn guest_invites(sandbox: &Sandbox, max: i64, per_seconds: i64) -> (String, Test
     (guests, fleet_config(sandbox, Credential::fixture_user(), 40_000, 10_000).limit(cap))
 }
 
+/// The credential's name in the fleet, from its token set's key.
+fn fleet_name(set_key: &str) -> String {
+    set_key.rsplit("tokens/").next().expect("the credential's fleet name").to_owned()
+}
+
+/// News of a set of generation `generation` for `name`, as a replica sends it.
+fn tokens_news(name: &str, generation: u64) -> String {
+    serde_json::json!({ "from": 1, "tokens": name, "generation": generation }).to_string()
+}
+
+/// Publishes `message` on the fleet's channel, as anyone able to could.
+async fn publish(connection: &mut redis::aio::MultiplexedConnection, message: String) {
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("test/fleet/news")
+        .arg(message)
+        .query_async(connection)
+        .await
+        .expect("publish");
+}
+
 /// The sealed token sets' keys.
 async fn token_keys(connection: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     redis::cmd("KEYS").arg("*/tokens/*").query_async(connection).await.expect("keys")
@@ -1119,17 +1140,11 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     let replica = Replica::start(&config, &redis.url(), KEY).await;
     let keys = token_keys(&mut connection).await;
     assert_eq!(keys.len(), 1, "the first token was shared under the lease: {keys:?}");
-    let name = keys[0].rsplit("tokens/").next().expect("the credential's fleet name").to_owned();
+    let name = fleet_name(&keys[0]);
 
     let grants = sandbox.token_requests().len();
     for generation in [u64::MAX, u64::MAX - 1, 1 << 60] {
-        let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": generation }).to_string();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg("test/fleet/news")
-            .arg(news)
-            .query_async(&mut connection)
-            .await
-            .expect("publish");
+        publish(&mut connection, tokens_news(&name, generation)).await;
     }
     let _: i64 = redis::cmd("HSET")
         .arg("test/fleet/generations")
@@ -1156,12 +1171,7 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
         "from": 1, "throttled": "user", "principal": principal, "wait_ms": 3_600_000u64,
         "hourly": false, "org": "x".repeat(1 << 20), "limit": "GET /api/me",
     });
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg("test/fleet/news")
-        .arg(throttled.to_string())
-        .query_async(&mut connection)
-        .await
-        .expect("publish");
+    publish(&mut connection, throttled.to_string()).await;
     // Past a poll of the generations (every 5 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(sandbox.token_requests().len(), grants, "news is a hint: no grant for it");
@@ -1218,13 +1228,7 @@ async fn a_redis_writer_makes_no_replica_refresh_learn_megabytes_or_stop_sharing
     let _: () =
         redis::cmd("SET").arg("test/fleet/fence").arg(ahead).query_async(&mut connection).await.expect("set");
     for generation in [ahead + 1, u64::MAX] {
-        let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": generation }).to_string();
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg("test/fleet/news")
-            .arg(news)
-            .query_async(&mut connection)
-            .await
-            .expect("publish");
+        publish(&mut connection, tokens_news(&name, generation)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let obtained = replica.logged("token obtained");
@@ -1262,7 +1266,7 @@ async fn a_401_during_a_look_at_the_fleets_set_still_refreshes() {
     let replica = Replica::start(&config, &redis.url(), KEY).await;
     let mut connection = redis_connection(&redis).await;
     let keys = token_keys(&mut connection).await;
-    let name = keys[0].rsplit("tokens/").next().expect("the credential's fleet name").to_owned();
+    let name = fleet_name(&keys[0]);
     // A lease someone else holds for 1.5 s, and news: the replica's look at
     // the set waits for that holder's set (up to a third of the lease).
     let _: () = redis::cmd("SET")
@@ -1273,13 +1277,7 @@ async fn a_401_during_a_look_at_the_fleets_set_still_refreshes() {
         .query_async(&mut connection)
         .await
         .expect("set");
-    let news = serde_json::json!({ "from": 1, "tokens": &name, "generation": u64::MAX - 7 }).to_string();
-    let _: i64 = redis::cmd("PUBLISH")
-        .arg("test/fleet/news")
-        .arg(news)
-        .query_async(&mut connection)
-        .await
-        .expect("publish");
+    publish(&mut connection, tokens_news(&name, u64::MAX - 7)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     sandbox.revoke_all_tokens();
     let answer = client().get(format!("http://{}{PATH}", replica.proxy)).send().await.expect("answered");
