@@ -133,15 +133,11 @@ impl Proxy {
             }
             ChunkStart::Complete(chunks, ended) => (chunks, ended),
         };
-        let total: usize = chunks.iter().map(Bytes::len).sum();
-        if declared.is_some_and(|declared| declared != total as u64) {
-            // Its reader holds the body to its length (a cut one fails there):
-            // an answer that says otherwise is never restated as whole.
-            return Err(ProxyError::UpstreamBroken("the response body is not its Content-Length".into()));
-        }
         // The common case: no upstream link can be in it. The chunks go out as
-        // they came, uncopied, with the length of the bytes sent.
+        // they came, uncopied, with the length of the bytes sent. (A body short
+        // of its length fails as it is read: the upstream body holds it to it.)
         if encoding == Encoding::Identity && !shared.link_scan.may_need_rewrite_chunks(&chunks) {
+            let total: usize = chunks.iter().map(Bytes::len).sum();
             // Tallyfy's own length is kept when it is exactly that (a new header
             // value would cost an allocation on every request).
             if declared != Some(total as u64) {
